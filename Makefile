@@ -1,0 +1,47 @@
+# Synapse: `make demo` to see it run, `make test` to check everything.
+SHELL := /bin/bash
+ENV := source scripts/env.sh &&
+
+.PHONY: setup build install up down demo test test-unit test-pg test-e2e lint fmt
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	@$(ENV) cargo build --workspace --exclude synapse_pg
+	@$(ENV) cargo build -p synapse_pg
+
+# Installs the extension into the private Postgres under .synapse/.
+install: setup
+	@$(ENV) cargo pgrx install -p synapse_pg --pg-config "$$PG_CONFIG" >/dev/null
+	@echo "installed the synapse extension"
+
+up: install
+	@scripts/stack.sh up
+
+down:
+	@scripts/stack.sh down
+
+demo: up
+	@scripts/demo.sh
+
+lint: setup
+	@$(ENV) cargo fmt --all -- --check
+	@$(ENV) cargo clippy --workspace --all-targets -- -D warnings
+
+test-unit: setup
+	@$(ENV) cargo test -p synapse_worker
+
+# #[pg_test]s: a throwaway cluster started by cargo-pgrx (as postgres when root).
+test-pg: setup
+	@$(ENV) mkdir -p "$$SYNAPSE_HOME/pgrx-test" && \
+	  if [ "$$(id -u)" -eq 0 ]; then chown postgres "$$SYNAPSE_HOME/pgrx-test"; \
+	    RUNAS="--runas postgres --pgdata $$SYNAPSE_HOME/pgrx-test/data"; fi; \
+	  cargo pgrx test pg15 -p synapse_pg $$RUNAS
+
+# End-to-end: each test starts its own cluster and Redis on free ports.
+test-e2e: install
+	@$(ENV) cargo test -p synapse_e2e -- --test-threads 2
+
+test: lint test-unit test-pg test-e2e
+	@echo "all tests passed"

@@ -1,0 +1,385 @@
+//! The forwarder against a real cluster and a real Redis: events reach Redis
+//! with their exact payloads at commit, survive Redis and Postgres outages,
+//! and the timers fire on their deadlines.
+use postgres::fallible_iterator::FallibleIterator;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use synapse_e2e::{brpop, postgres, redis, wait_until, Stack, ONE_STEP};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn submit_plan(client: &mut postgres::Client, blueprint: &str) -> i64 {
+    client
+        .query_one("SELECT synapse.submit_plan($1::text::jsonb)", &[&blueprint])
+        .expect("submit_plan")
+        .get(0)
+}
+
+fn task_id(client: &mut postgres::Client, goal_id: i64, step: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT id FROM synapse.tasks WHERE goal_id = $1 AND step = $2",
+            &[&goal_id, &step],
+        )
+        .expect("task row")
+        .get(0)
+}
+
+#[test]
+fn committed_events_reach_redis_with_their_exact_payloads() {
+    let stack = Stack::start("payloads", &[]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+
+    let goal = client
+        .query_one("SELECT synapse.submit_goal('triage incident 7')", &[])
+        .unwrap()
+        .get::<_, i64>(0);
+    let planned =
+        brpop(&mut redis, "synapse:planner", WAIT).expect("goal.submitted in the planner list");
+    assert_eq!(
+        planned,
+        format!(r#"{{"v":1,"event":"goal.submitted","goal_id":{goal}}}"#)
+    );
+
+    let plan = submit_plan(&mut client, ONE_STEP);
+    let task = task_id(&mut client, plan, "only");
+    let queued =
+        brpop(&mut redis, "synapse:queue:default", WAIT).expect("task.queued in its queue");
+    assert_eq!(
+        queued,
+        format!(
+            r#"{{"v":1,"event":"task.queued","goal_id":{plan},"task_id":{task},"step":"only","queue":"default","attempt":1}}"#
+        )
+    );
+
+    // Every event, dispatched or not, is in the stream, in commit order.
+    let entries: Vec<String> = wait_until("three events in the stream", WAIT, || {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg("synapse:events")
+            .arg("-")
+            .arg("+")
+            .query(&mut redis)
+            .unwrap();
+        let payloads: Vec<String> = reply
+            .ids
+            .iter()
+            .map(|entry| entry.get::<String>("payload").expect("payload field"))
+            .collect();
+        (payloads.len() == 3).then_some(payloads)
+    });
+    let events: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["goal.submitted", "goal.running", "task.queued"]);
+
+    // Nothing left behind, and the status says so.
+    let status = wait_until("the outbox to drain", WAIT, || {
+        let status = stack.forwarder_status(&mut client);
+        (status["pending"] == 0).then_some(status)
+    });
+    assert_eq!(status["running"], true);
+    assert_eq!(status["redis_connected"], true);
+    assert_eq!(status["forwarded_total"], 3);
+    assert!(status["last_forward_at"].is_string());
+    assert!(status["last_error"].is_null());
+}
+
+#[test]
+fn a_rolled_back_transaction_sends_nothing() {
+    let stack = Stack::start("rollback", &[]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    let mut transaction = client.transaction().unwrap();
+    transaction
+        .execute("SELECT synapse.submit_goal('never')", &[])
+        .unwrap();
+    transaction.rollback().unwrap();
+    let committed = client
+        .query_one("SELECT synapse.submit_goal('kept')", &[])
+        .unwrap()
+        .get::<_, i64>(0);
+    let first = brpop(&mut redis, "synapse:planner", WAIT).unwrap();
+    assert_eq!(
+        first,
+        format!(r#"{{"v":1,"event":"goal.submitted","goal_id":{committed}}}"#)
+    );
+    let len: i64 = redis::cmd("LLEN")
+        .arg("synapse:planner")
+        .query(&mut redis)
+        .unwrap();
+    assert_eq!(len, 0);
+}
+
+#[test]
+fn a_listener_sees_each_event_as_a_notification() {
+    let stack = Stack::start("notify", &[]);
+    let mut listener = stack.pg();
+    listener.batch_execute("LISTEN synapse_events").unwrap();
+    let mut client = stack.pg();
+    let goal = client
+        .query_one("SELECT synapse.submit_goal('hello')", &[])
+        .unwrap()
+        .get::<_, i64>(0);
+
+    {
+        let mut notifications = listener.notifications();
+        let note = notifications
+            .timeout_iter(WAIT)
+            .next()
+            .unwrap()
+            .expect("a notification");
+        assert_eq!(note.channel(), "synapse_events");
+        assert_eq!(
+            note.payload(),
+            format!(r#"{{"v":1,"event":"goal.submitted","goal_id":{goal}}}"#)
+        );
+    }
+
+    // With synapse.notify off the event still reaches Redis, without a NOTIFY.
+    client.batch_execute("SET synapse.notify = off").unwrap();
+    let quiet = client
+        .query_one("SELECT synapse.submit_goal('quiet')", &[])
+        .unwrap()
+        .get::<_, i64>(0);
+    let mut redis = stack.redis();
+    let _first = brpop(&mut redis, "synapse:planner", WAIT).unwrap();
+    let second = brpop(&mut redis, "synapse:planner", WAIT).unwrap();
+    assert!(second.contains(&format!("\"goal_id\":{quiet}")), "{second}");
+    let mut notifications = listener.notifications();
+    assert!(notifications
+        .timeout_iter(Duration::from_millis(300))
+        .next()
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn events_wait_while_redis_is_down_and_all_arrive_once_it_is_back() {
+    let stack = Stack::start("redis-down", &[]);
+    let mut client = stack.pg();
+    stack.stop_redis();
+
+    let mut expected = BTreeSet::new();
+    for i in 0..50 {
+        let id: i64 = client
+            .query_one("SELECT synapse.submit_goal($1)", &[&format!("goal {i}")])
+            .unwrap()
+            .get(0);
+        expected.insert(id);
+    }
+    let status = wait_until("the forwarder to report the outage", WAIT, || {
+        let status = stack.forwarder_status(&mut client);
+        (status["redis_connected"] == false && status["last_error"].is_string()).then_some(status)
+    });
+    assert_eq!(status["pending"], 50, "{status}");
+    let error = status["last_error"].as_str().unwrap();
+    assert!(error.starts_with("redis"), "{error}");
+    assert!(
+        !error.contains("redis://"),
+        "the URL must not leak: {error}"
+    );
+
+    stack.start_redis();
+    let mut redis = stack.redis();
+    let mut seen = Vec::new();
+    while seen.len() < expected.len() {
+        let payload = brpop(&mut redis, "synapse:planner", WAIT).expect("every goal arrives");
+        let event: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        seen.push(event["goal_id"].as_i64().unwrap());
+    }
+    let unique: BTreeSet<i64> = seen.iter().copied().collect();
+    assert_eq!(unique, expected);
+    assert_eq!(seen.len(), unique.len(), "no duplicates");
+    let status = wait_until("the status to recover", WAIT, || {
+        let status = stack.forwarder_status(&mut client);
+        (status["redis_connected"] == true && status["pending"] == 0).then_some(status)
+    });
+    assert!(status["last_error"].is_null(), "{status}");
+}
+
+#[test]
+fn the_forwarder_comes_back_after_a_postgres_crash_and_delivers() {
+    let stack = Stack::start("pg-crash", &[]);
+    let mut client = stack.pg();
+    stack.stop_redis();
+    let mut expected = BTreeSet::new();
+    for i in 0..20 {
+        let id: i64 = client
+            .query_one("SELECT synapse.submit_goal($1)", &[&format!("goal {i}")])
+            .unwrap()
+            .get(0);
+        expected.insert(id);
+    }
+    drop(client);
+    stack.crash_and_restart_postgres();
+    stack.start_redis();
+    // Redis came back empty and the forwarder may be in its backoff: a new
+    // commit must not be needed for the waiting events to go out.
+    let mut redis = stack.redis();
+    let mut seen = BTreeSet::new();
+    while seen.len() < expected.len() {
+        let payload = brpop(&mut redis, "synapse:planner", WAIT)
+            .expect("events committed before the crash arrive");
+        let event: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        assert!(
+            seen.insert(event["goal_id"].as_i64().unwrap()),
+            "duplicate {payload}"
+        );
+    }
+    assert_eq!(seen, expected);
+    let mut client = stack.pg();
+    let after: i64 = client
+        .query_one("SELECT synapse.submit_goal('after')", &[])
+        .unwrap()
+        .get(0);
+    let payload = brpop(&mut redis, "synapse:planner", WAIT).unwrap();
+    assert!(payload.contains(&format!("\"goal_id\":{after}")));
+}
+
+/// Puts a freshly planned task into `running` with a lease, as a worker's claim would.
+fn claim(client: &mut postgres::Client, task: i64, lease: &str) {
+    client
+        .execute(
+            "UPDATE synapse.tasks SET status = 'running', attempts = attempts + 1,
+                    lease_expires_at = clock_timestamp() + $2::text::interval, leased_by = 'test'
+              WHERE id = $1 AND status = 'queued'",
+            &[&task, &lease],
+        )
+        .unwrap();
+}
+
+#[test]
+fn a_retry_is_queued_by_its_timer_when_run_at_arrives() {
+    // The sweep is an hour away: only the run_at timer can queue the retry.
+    let stack = Stack::start("retry-timer", &["synapse.sweep_interval = '1h'"]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    let goal = submit_plan(&mut client, ONE_STEP);
+    let task = task_id(&mut client, goal, "only");
+    brpop(&mut redis, "synapse:queue:default", WAIT).expect("first dispatch");
+    claim(&mut client, task, "1h");
+    let run_at: std::time::SystemTime = client
+        .query_one(
+            "UPDATE synapse.tasks SET status = 'retrying', error = 'boom', run_at = clock_timestamp() + interval '300 ms'
+              WHERE id = $1 RETURNING run_at",
+            &[&task],
+        )
+        .unwrap()
+        .get(0);
+    let payload =
+        brpop(&mut redis, "synapse:queue:default", WAIT).expect("the retry is dispatched");
+    assert!(payload.contains(r#""attempt":2"#), "{payload}");
+    let row = client
+        .query_one(
+            "SELECT status, queued_at >= $2 FROM synapse.tasks WHERE id = $1",
+            &[&task, &run_at],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "queued");
+    assert!(row.get::<_, bool>(1), "queued before its run_at");
+}
+
+#[test]
+fn an_expired_lease_is_requeued() {
+    let stack = Stack::start("lease", &["synapse.sweep_interval = '1h'"]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    let goal = submit_plan(&mut client, ONE_STEP);
+    let task = task_id(&mut client, goal, "only");
+    brpop(&mut redis, "synapse:queue:default", WAIT).expect("first dispatch");
+    claim(&mut client, task, "200 ms");
+    let payload =
+        brpop(&mut redis, "synapse:queue:default", WAIT).expect("re-dispatched after the lease");
+    assert!(payload.contains(r#""attempt":2"#), "{payload}");
+    let row = client
+        .query_one(
+            "SELECT status, error, attempts FROM synapse.tasks WHERE id = $1",
+            &[&task],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "queued");
+    assert_eq!(
+        row.get::<_, &str>(1),
+        "lease of attempt 1 expired (worker test)"
+    );
+    assert_eq!(row.get::<_, i32>(2), 1);
+}
+
+#[test]
+fn the_sweep_redispatches_work_a_flushed_redis_lost() {
+    let stack = Stack::start("sweep", &["synapse.sweep_interval = '1s'"]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    let goal = submit_plan(&mut client, ONE_STEP);
+    let task = task_id(&mut client, goal, "only");
+    wait_until("the first dispatch", WAIT, || {
+        let len: i64 = redis::cmd("LLEN")
+            .arg("synapse:queue:default")
+            .query(&mut redis)
+            .unwrap();
+        (len == 1).then_some(())
+    });
+    redis::cmd("FLUSHALL").query::<()>(&mut redis).unwrap();
+    let payload =
+        brpop(&mut redis, "synapse:queue:default", WAIT).expect("the sweep dispatches it again");
+    assert!(
+        payload.contains(&format!("\"task_id\":{task}")),
+        "{payload}"
+    );
+    assert!(payload.contains(r#""attempt":1"#), "{payload}");
+}
+
+#[test]
+fn an_idle_stack_runs_no_sql_and_sends_nothing_to_redis() {
+    let stack = Stack::start("idle", &[]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    let goal = submit_plan(&mut client, ONE_STEP);
+    brpop(&mut redis, "synapse:queue:default", WAIT).expect("dispatch");
+    client
+        .execute("SELECT synapse.cancel_goal($1)", &[&goal])
+        .unwrap();
+    wait_until("the outbox to drain", WAIT, || {
+        (stack.forwarder_status(&mut client)["pending"] == 0).then_some(())
+    });
+
+    let forwarder_calls = |client: &mut postgres::Client| -> i64 {
+        client
+            .query_one(
+                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
+                  WHERE query LIKE '%synapse.outbox%' OR query LIKE '%synapse._run_timers%'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let redis_writes = |redis: &mut redis::Connection| -> String {
+        let info: String = redis::cmd("INFO").arg("commandstats").query(redis).unwrap();
+        info.lines()
+            .filter(|line| line.starts_with("cmdstat_lpush") || line.starts_with("cmdstat_xadd"))
+            .map(|line| line.split(',').next().unwrap_or_default().to_owned())
+            .collect::<Vec<_>>()
+            .join(";")
+    };
+    let sql_before = forwarder_calls(&mut client);
+    let redis_before = redis_writes(&mut redis);
+    // Nothing announces "nothing happened": observe a quiet window.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        forwarder_calls(&mut client),
+        sql_before,
+        "the forwarder ran SQL while idle"
+    );
+    assert_eq!(
+        redis_writes(&mut redis),
+        redis_before,
+        "the forwarder wrote to Redis while idle"
+    );
+}

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# A local Postgres cluster (synapse preloaded) and a local Redis, on their own
+# ports, in their own folder. `make up`/`make down` use the defaults; tests run
+# their own stacks by setting SYNAPSE_STACK_DIR and the ports.
+#
+#   stack.sh up | down | status | pg-start | pg-stop [fast|immediate] | redis-start | redis-stop
+set -euo pipefail
+. "$(dirname "$0")/env.sh"
+
+STACK_DIR="${SYNAPSE_STACK_DIR:-$SYNAPSE_HOME/stack}"
+PGPORT="${SYNAPSE_PGPORT:-55432}"
+REDIS_PORT="${SYNAPSE_REDIS_PORT:-56379}"
+DATABASE="${SYNAPSE_DATABASE:-synapse}"
+DATA="$STACK_DIR/pgdata"
+# Extra postgresql.conf lines, e.g. "synapse.sweep_interval = '2s'".
+EXTRA_CONF="${SYNAPSE_PG_CONF:-}"
+
+# initdb refuses to run as root: run the cluster as postgres then.
+as_pg() {
+    if [ "$(id -u)" -eq 0 ]; then sudo -u postgres env -u PGDATA "$@"; else "$@"; fi
+}
+psql_admin() { PGOPTIONS="-c client_min_messages=warning" "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PGPORT" -U postgres "$@"; }
+
+pg_start() {
+    if [ ! -f "$DATA/PG_VERSION" ]; then
+        mkdir -p "$STACK_DIR"
+        [ "$(id -u)" -eq 0 ] && chown postgres "$STACK_DIR"
+        rm -rf "$DATA.tmp"
+        as_pg "$PG_BIN/initdb" -D "$DATA.tmp" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
+        cat >>"$DATA.tmp/postgresql.conf" <<CONF
+# synapse
+port = $PGPORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = ''
+shared_preload_libraries = 'synapse,pg_stat_statements'
+synapse.database = '$DATABASE'
+synapse.redis_url = 'redis://127.0.0.1:$REDIS_PORT/0'
+max_connections = 200
+log_min_messages = warning
+$EXTRA_CONF
+CONF
+        mv "$DATA.tmp" "$DATA"
+    fi
+    if ! as_pg "$PG_BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
+        as_pg env RUST_BACKTRACE=0 "$PG_BIN/pg_ctl" -D "$DATA" -l "$STACK_DIR/postgres.log" -w -t 60 start >/dev/null
+    fi
+    if ! psql_admin -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$DATABASE'" | grep -q 1; then
+        psql_admin -d postgres -c "CREATE DATABASE $DATABASE"
+    fi
+    psql_admin -d "$DATABASE" -c "CREATE EXTENSION IF NOT EXISTS synapse; CREATE EXTENSION IF NOT EXISTS pg_stat_statements;"
+}
+
+pg_stop() {
+    local mode="${1:-fast}"
+    if [ -f "$DATA/PG_VERSION" ] && as_pg "$PG_BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
+        as_pg "$PG_BIN/pg_ctl" -D "$DATA" -m "$mode" -w stop >/dev/null
+    fi
+}
+
+redis_start() {
+    mkdir -p "$STACK_DIR/redis"
+    if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+        redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --daemonize yes --save '' --appendonly no \
+            --dir "$STACK_DIR/redis" --pidfile "$STACK_DIR/redis/redis.pid" \
+            --logfile "$STACK_DIR/redis/redis.log" >/dev/null
+        for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && return 0; sleep 0.05; done
+        echo "redis did not start; see $STACK_DIR/redis/redis.log" >&2
+        return 1
+    fi
+}
+
+redis_stop() {
+    redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+    for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 || return 0; sleep 0.05; done
+}
+
+case "${1:-}" in
+    up)
+        redis_start
+        pg_start
+        echo "postgres: postgresql://postgres@127.0.0.1:$PGPORT/$DATABASE"
+        echo "redis:    redis://127.0.0.1:$REDIS_PORT/0"
+        ;;
+    down) pg_stop fast; redis_stop ;;
+    status)
+        as_pg "$PG_BIN/pg_ctl" -D "$DATA" status || true
+        redis-cli -p "$REDIS_PORT" ping || true
+        ;;
+    pg-start) pg_start ;;
+    pg-stop) pg_stop "${2:-fast}" ;;
+    redis-start) redis_start ;;
+    redis-stop) redis_stop ;;
+    *) echo "usage: $0 up|down|status|pg-start|pg-stop [mode]|redis-start|redis-stop" >&2; exit 2 ;;
+esac

@@ -1,0 +1,86 @@
+-- The part of the SQL API that is plain SQL. The rest (submit_plan,
+-- validate_blueprint, add_template, goal_graph, forwarder_status) is Rust.
+
+CREATE FUNCTION synapse.submit_goal(
+    goal text,
+    input jsonb DEFAULT '{}',
+    planner text DEFAULT 'template',
+    idempotency_key text DEFAULT NULL
+) RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    new_id bigint;
+BEGIN
+    IF goal IS NULL OR btrim(goal) = '' THEN
+        RAISE EXCEPTION 'goal must be a non-empty text' USING ERRCODE = '22023';
+    END IF;
+    IF length(goal) > 10000 THEN
+        RAISE EXCEPTION 'goal is % characters; the limit is 10000', length(goal) USING ERRCODE = '22023';
+    END IF;
+    IF input IS NULL THEN
+        RAISE EXCEPTION 'input must be JSON, not NULL (use ''{}'')' USING ERRCODE = '22023';
+    END IF;
+    IF planner IS NULL OR planner !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+        RAISE EXCEPTION 'planner must be a planner name like ''template'', got %', coalesce(quote_literal(planner), 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO synapse.goals AS g (goal, input, planner, idempotency_key)
+    VALUES (submit_goal.goal, submit_goal.input, submit_goal.planner, submit_goal.idempotency_key)
+    ON CONFLICT ON CONSTRAINT goals_idempotency_key_key DO NOTHING
+    RETURNING g.id INTO new_id;
+    IF new_id IS NULL THEN
+        SELECT g.id INTO new_id FROM synapse.goals AS g WHERE g.idempotency_key = submit_goal.idempotency_key;
+    END IF;
+    RETURN new_id;
+END $$;
+COMMENT ON FUNCTION synapse.submit_goal(text, jsonb, text, text) IS 'Records a goal for a planner; returns its id. The same idempotency key returns the same id.';
+
+CREATE FUNCTION synapse.goal_status(goal_id bigint) RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    status jsonb;
+BEGIN
+    SELECT jsonb_build_object(
+        'id', g.id, 'goal', g.goal, 'status', g.status, 'error', g.error, 'result', g.result,
+        'planner', g.planner, 'template', g.template, 'input', g.input, 'params', g.params,
+        'created_at', g.created_at, 'started_at', g.started_at, 'finished_at', g.finished_at,
+        'tasks', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'step', t.step, 'action', t.action, 'status', t.status, 'attempts', t.attempts,
+                       'result', t.result, 'error', t.error, 'started_at', t.started_at,
+                       'finished_at', t.finished_at, 'queue', t.queue, 'run_at', t.run_at)
+                   ORDER BY t.id)
+              FROM synapse.tasks AS t WHERE t.goal_id = g.id), '[]'),
+        'edges', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'from', e.from_step, 'to', e.to_step, 'when', e.when_expr, 'on', e.on_outcome,
+                       'state', e.state, 'error', e.error)
+                   ORDER BY e.position)
+              FROM synapse.edges AS e WHERE e.goal_id = g.id), '[]'))
+      INTO status
+      FROM synapse.goals AS g
+     WHERE g.id = goal_status.goal_id;
+    IF status IS NULL THEN
+        RAISE EXCEPTION 'goal % does not exist', goal_status.goal_id USING ERRCODE = 'P0002';
+    END IF;
+    RETURN status;
+END $$;
+COMMENT ON FUNCTION synapse.goal_status(bigint) IS 'The goal, its tasks and its edges (with how each resolved) as JSON.';
+
+CREATE FUNCTION synapse.cancel_goal(goal_id bigint) RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    current_status text;
+BEGIN
+    SELECT g.status INTO current_status FROM synapse.goals AS g WHERE g.id = cancel_goal.goal_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'goal % does not exist', cancel_goal.goal_id USING ERRCODE = 'P0002';
+    END IF;
+    IF current_status IN ('succeeded', 'failed', 'cancelled') THEN
+        RETURN false;
+    END IF;
+    -- Running tasks are marked too: their worker sees it at its next heartbeat and stops.
+    UPDATE synapse.tasks AS t SET status = 'cancelled', error = 'goal cancelled'
+     WHERE t.goal_id = cancel_goal.goal_id AND t.status IN ('pending', 'queued', 'running', 'retrying');
+    UPDATE synapse.goals AS g SET status = 'cancelled', error = 'cancelled by ' || session_user
+     WHERE g.id = cancel_goal.goal_id;
+    RETURN true;
+END $$;
+COMMENT ON FUNCTION synapse.cancel_goal(bigint) IS 'Cancels what has not finished; false if the goal had already finished.';

@@ -1,0 +1,193 @@
+-- Synapse schema: goals, the tasks and edges they are planned into, planner
+-- templates, the action catalogue, and the outbox the forwarder drains.
+--
+-- Every state change of a goal or task goes through the BEFORE triggers below:
+-- they reject transitions that are not in the state machine, keep the
+-- timestamps honest, and write one outbox row per change (plus an optional
+-- NOTIFY). Users read these tables; they change them only through the API.
+
+CREATE TABLE synapse.goals (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    goal            text        NOT NULL CHECK (length(goal) BETWEEN 1 AND 10000),
+    input           jsonb       NOT NULL DEFAULT '{}',
+    params          jsonb       NOT NULL DEFAULT '{}',
+    planner         text,
+    template        text,
+    blueprint       jsonb,
+    status          text        NOT NULL DEFAULT 'submitted'
+                    CHECK (status IN ('submitted', 'planning', 'running', 'succeeded', 'failed', 'cancelled')),
+    error           text,
+    result          jsonb,
+    idempotency_key text        UNIQUE,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    started_at      timestamptz,
+    finished_at     timestamptz,
+    CHECK ((status IN ('succeeded', 'failed', 'cancelled')) = (finished_at IS NOT NULL)),
+    CHECK (status <> 'running' OR blueprint IS NOT NULL),
+    CHECK (status <> 'failed' OR error IS NOT NULL)
+);
+COMMENT ON TABLE synapse.goals IS 'A high-level goal and the workflow it was planned into. One row per synapse.submit_goal / submit_plan call.';
+COMMENT ON COLUMN synapse.goals.id IS 'Goal id returned by submit_goal / submit_plan.';
+COMMENT ON COLUMN synapse.goals.goal IS 'The goal text as submitted; the template planner matches it against template patterns.';
+COMMENT ON COLUMN synapse.goals.input IS 'Caller-supplied JSON, visible to expressions as goal.input.';
+COMMENT ON COLUMN synapse.goals.params IS 'Named captures of the matching template pattern, visible as goal.params.';
+COMMENT ON COLUMN synapse.goals.planner IS 'Planner that turns the goal into a blueprint (e.g. template); NULL when the blueprint was given (submit_plan).';
+COMMENT ON COLUMN synapse.goals.template IS 'Name of the template the planner chose, if any.';
+COMMENT ON COLUMN synapse.goals.blueprint IS 'The plan blueprint (DAG of steps); NULL until planned.';
+COMMENT ON COLUMN synapse.goals.status IS 'submitted: waiting for a planner. planning: a worker is planning it. running: tasks exist and run. succeeded / failed / cancelled: finished.';
+COMMENT ON COLUMN synapse.goals.error IS 'Why the goal failed: planning or validation problems, or the failed steps.';
+COMMENT ON COLUMN synapse.goals.result IS 'The blueprint output expression evaluated, or the results of the succeeded leaf steps.';
+COMMENT ON COLUMN synapse.goals.idempotency_key IS 'Optional caller key: submitting again with the same key returns the same goal.';
+COMMENT ON COLUMN synapse.goals.created_at IS 'When the goal was submitted.';
+COMMENT ON COLUMN synapse.goals.started_at IS 'When the goal started running (its plan was installed).';
+COMMENT ON COLUMN synapse.goals.finished_at IS 'When the goal reached succeeded, failed or cancelled.';
+
+CREATE TABLE synapse.tasks (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    goal_id          bigint      NOT NULL REFERENCES synapse.goals (id) ON DELETE CASCADE,
+    step             text        NOT NULL,
+    action           text        NOT NULL,
+    params           jsonb       NOT NULL DEFAULT '{}',
+    input_expr       text,
+    input            jsonb,
+    queue            text        NOT NULL DEFAULT 'default',
+    join_mode        text        NOT NULL DEFAULT 'any' CHECK (join_mode IN ('any', 'all')),
+    max_attempts     integer     NOT NULL DEFAULT 1 CHECK (max_attempts BETWEEN 1 AND 101),
+    backoff_ms       bigint      NOT NULL DEFAULT 1000 CHECK (backoff_ms > 0),
+    timeout_ms       bigint      NOT NULL DEFAULT 300000 CHECK (timeout_ms > 0),
+    status           text        NOT NULL DEFAULT 'pending'
+                     CHECK (status IN ('pending', 'queued', 'running', 'retrying', 'succeeded', 'failed', 'skipped', 'cancelled')),
+    attempts         integer     NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    run_at           timestamptz,
+    queued_at        timestamptz,
+    lease_expires_at timestamptz,
+    leased_by        text,
+    result           jsonb,
+    error            text,
+    started_at       timestamptz,
+    finished_at      timestamptz,
+    UNIQUE (goal_id, step),
+    CHECK (step ~ '^[a-z][a-z0-9_]{0,62}$'),
+    CHECK (status <> 'retrying' OR run_at IS NOT NULL),
+    CHECK (status <> 'running' OR lease_expires_at IS NOT NULL),
+    CHECK (status <> 'queued' OR queued_at IS NOT NULL),
+    CHECK ((status IN ('succeeded', 'failed', 'skipped', 'cancelled')) = (finished_at IS NOT NULL))
+);
+COMMENT ON TABLE synapse.tasks IS 'One row per step of a planned goal: its configuration, state, attempts and outcome.';
+COMMENT ON COLUMN synapse.tasks.id IS 'Task id, carried in task.* events and Redis queue messages.';
+COMMENT ON COLUMN synapse.tasks.goal_id IS 'The goal whose blueprint this step belongs to.';
+COMMENT ON COLUMN synapse.tasks.step IS 'Step id from the blueprint, unique within the goal.';
+COMMENT ON COLUMN synapse.tasks.action IS 'Action a worker runs for this step (noop, http, sql, ... or a registered custom action).';
+COMMENT ON COLUMN synapse.tasks.params IS 'Action parameters from the blueprint.';
+COMMENT ON COLUMN synapse.tasks.input_expr IS 'CEL expression computing the step input when it is queued; NULL means the default mapping.';
+COMMENT ON COLUMN synapse.tasks.input IS 'The evaluated input the action receives.';
+COMMENT ON COLUMN synapse.tasks.queue IS 'Redis queue the task is dispatched to ({prefix}:queue:{queue}).';
+COMMENT ON COLUMN synapse.tasks.join_mode IS 'any: runs if at least one inbound edge was taken. all: runs only if every inbound edge was taken.';
+COMMENT ON COLUMN synapse.tasks.max_attempts IS 'retries + 1.';
+COMMENT ON COLUMN synapse.tasks.backoff_ms IS 'Base retry delay; doubles per attempt, with jitter.';
+COMMENT ON COLUMN synapse.tasks.timeout_ms IS 'Limit of one attempt.';
+COMMENT ON COLUMN synapse.tasks.status IS 'pending: waiting for its inbound edges. queued: runnable, dispatched to Redis. running: claimed by a worker holding a lease. retrying: failed, waits for run_at. succeeded / failed / skipped / cancelled: finished.';
+COMMENT ON COLUMN synapse.tasks.attempts IS 'Attempts started so far. The current attempt number is the fencing token: only the worker holding it may record the outcome.';
+COMMENT ON COLUMN synapse.tasks.run_at IS 'retrying: when the forwarder queues the next attempt.';
+COMMENT ON COLUMN synapse.tasks.queued_at IS 'When the task was last queued or re-dispatched; the sweep re-dispatches tasks queued longer than synapse.sweep_interval.';
+COMMENT ON COLUMN synapse.tasks.lease_expires_at IS 'running: the claim lapses at this time unless the worker heartbeats; the forwarder then re-queues the task.';
+COMMENT ON COLUMN synapse.tasks.leased_by IS 'Identity of the worker holding the lease.';
+COMMENT ON COLUMN synapse.tasks.result IS 'Action result (JSON) of the succeeded attempt.';
+COMMENT ON COLUMN synapse.tasks.error IS 'Error of the last failed attempt, or why the step was skipped or cancelled.';
+COMMENT ON COLUMN synapse.tasks.started_at IS 'When the current or last attempt started.';
+COMMENT ON COLUMN synapse.tasks.finished_at IS 'When the task reached succeeded, failed, skipped or cancelled.';
+
+-- The timers' hot paths: each is a partial index over the few rows in that state.
+CREATE INDEX tasks_retry_due ON synapse.tasks (run_at) WHERE status = 'retrying';
+CREATE INDEX tasks_lease_due ON synapse.tasks (lease_expires_at) WHERE status = 'running';
+CREATE INDEX tasks_queued_since ON synapse.tasks (queued_at) WHERE status = 'queued';
+
+CREATE TABLE synapse.edges (
+    goal_id     bigint      NOT NULL,
+    position    integer     NOT NULL,
+    from_step   text        NOT NULL,
+    to_step     text        NOT NULL,
+    when_expr   text,
+    on_outcome  text        NOT NULL DEFAULT 'success' CHECK (on_outcome IN ('success', 'failure', 'always')),
+    state       text        NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'taken', 'not_taken', 'error')),
+    error       text,
+    resolved_at timestamptz,
+    PRIMARY KEY (goal_id, from_step, to_step),
+    FOREIGN KEY (goal_id, from_step) REFERENCES synapse.tasks (goal_id, step) ON DELETE CASCADE,
+    FOREIGN KEY (goal_id, to_step) REFERENCES synapse.tasks (goal_id, step) ON DELETE CASCADE,
+    CHECK (from_step <> to_step),
+    CHECK ((state = 'pending') = (resolved_at IS NULL)),
+    CHECK (state <> 'error' OR error IS NOT NULL)
+);
+COMMENT ON TABLE synapse.edges IS 'Edges of a goal''s DAG and how each resolved: why a step ran or was skipped.';
+COMMENT ON COLUMN synapse.edges.goal_id IS 'The goal the edge belongs to.';
+COMMENT ON COLUMN synapse.edges.position IS 'Position of the edge in the blueprint (1-based).';
+COMMENT ON COLUMN synapse.edges.from_step IS 'Step whose outcome resolves the edge.';
+COMMENT ON COLUMN synapse.edges.to_step IS 'Step the edge leads to.';
+COMMENT ON COLUMN synapse.edges.when_expr IS 'CEL condition over the from step (result, error, status, input), goal and steps; NULL means true.';
+COMMENT ON COLUMN synapse.edges.on_outcome IS 'Outcome of the from step the edge follows: success, failure or always.';
+COMMENT ON COLUMN synapse.edges.state IS 'pending: from step not finished. taken / not_taken: resolved. error: the condition failed to evaluate (see error).';
+COMMENT ON COLUMN synapse.edges.error IS 'Why the condition could not be evaluated.';
+COMMENT ON COLUMN synapse.edges.resolved_at IS 'When the edge resolved.';
+CREATE INDEX edges_to_step ON synapse.edges (goal_id, to_step);
+
+CREATE TABLE synapse.templates (
+    name        text        PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 200),
+    pattern     text        NOT NULL,
+    blueprint   jsonb       NOT NULL,
+    description text,
+    priority    integer     NOT NULL DEFAULT 0,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE synapse.templates IS 'Templates of the template planner: the first whose pattern matches a goal (highest priority, then name) gives its blueprint.';
+COMMENT ON COLUMN synapse.templates.name IS 'Unique template name.';
+COMMENT ON COLUMN synapse.templates.pattern IS 'Case-insensitive regular expression matched against the goal text; named captures become goal.params.';
+COMMENT ON COLUMN synapse.templates.blueprint IS 'The plan blueprint the goal gets.';
+COMMENT ON COLUMN synapse.templates.description IS 'What the template is for.';
+COMMENT ON COLUMN synapse.templates.priority IS 'Higher priorities are tried first.';
+COMMENT ON COLUMN synapse.templates.created_at IS 'When the template was first added.';
+COMMENT ON COLUMN synapse.templates.updated_at IS 'When the template was last replaced.';
+
+CREATE TABLE synapse.actions (
+    name          text        PRIMARY KEY CHECK (name ~ '^[a-z][a-z0-9_.-]{0,62}$'),
+    description   text,
+    params_schema jsonb,
+    builtin       boolean     NOT NULL DEFAULT false,
+    registered_by text,
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE synapse.actions IS 'Catalogue of actions steps may use: the built-ins and those workers register when they start.';
+COMMENT ON COLUMN synapse.actions.name IS 'Action name used in a step''s action field.';
+COMMENT ON COLUMN synapse.actions.description IS 'What the action does.';
+COMMENT ON COLUMN synapse.actions.params_schema IS 'Optional JSON schema of the step params.';
+COMMENT ON COLUMN synapse.actions.builtin IS 'Shipped with every worker.';
+COMMENT ON COLUMN synapse.actions.registered_by IS 'Worker identity that last registered the action.';
+COMMENT ON COLUMN synapse.actions.updated_at IS 'When the action was last registered.';
+
+INSERT INTO synapse.actions (name, description, builtin) VALUES
+    ('noop', 'Result is the input.', true),
+    ('sleep', 'Waits params.ms milliseconds; result is the input.', true),
+    ('fail', 'Fails with params.message.', true),
+    ('transform', 'Evaluates the CEL expression params.expr over input.', true),
+    ('http', 'HTTP request (method, url, headers, body); result {status, headers, body}; non-2xx fails.', true),
+    ('exec', 'Runs params.argv with the input as JSON on stdin; result is the JSON on stdout. Only programs the worker allows.', true),
+    ('sql', 'Runs params.query with $1... bound from params.args (a CEL list); result {rows}.', true);
+
+CREATE TABLE synapse.outbox (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event      text        NOT NULL,
+    goal_id    bigint      NOT NULL,
+    task_id    bigint,
+    dispatch   text,
+    payload    text        NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE synapse.outbox IS 'Events committed but not yet acknowledged by Redis. The forwarder deletes rows only after Redis acknowledged them.';
+COMMENT ON COLUMN synapse.outbox.id IS 'Forwarding order.';
+COMMENT ON COLUMN synapse.outbox.event IS 'Event name, e.g. task.queued.';
+COMMENT ON COLUMN synapse.outbox.goal_id IS 'Goal the event concerns.';
+COMMENT ON COLUMN synapse.outbox.task_id IS 'Task the event concerns, for task.* events.';
+COMMENT ON COLUMN synapse.outbox.dispatch IS 'Redis list (without prefix) the payload is also pushed to: planner or queue:<name>; NULL for observe-only events.';
+COMMENT ON COLUMN synapse.outbox.payload IS 'Compact JSON payload, schema version first.';
+COMMENT ON COLUMN synapse.outbox.created_at IS 'When the event was recorded.';

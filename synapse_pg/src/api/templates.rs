@@ -1,0 +1,59 @@
+//! Planner templates.
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+use crate::error::{Error, Result};
+
+/// Adds or replaces a template of the template planner.
+#[pg_extern]
+fn add_template(
+    name: Option<&str>,
+    pattern: Option<&str>,
+    blueprint: Option<JsonB>,
+    description: default!(Option<&str>, "NULL"),
+    priority: default!(Option<i32>, "0"),
+) -> std::result::Result<(), ErrorReport> {
+    Ok(upsert(
+        name,
+        pattern,
+        blueprint.map(|b| b.0),
+        description,
+        priority.unwrap_or(0),
+    )?)
+}
+
+fn upsert(
+    name: Option<&str>,
+    pattern: Option<&str>,
+    blueprint: Option<serde_json::Value>,
+    description: Option<&str>,
+    priority: i32,
+) -> Result<()> {
+    let name = name
+        .filter(|n| !n.trim().is_empty() && n.len() <= 200)
+        .ok_or_else(|| {
+            Error::InvalidParameter(
+                "name must be a non-empty text of at most 200 characters".into(),
+            )
+        })?;
+    let pattern =
+        pattern.ok_or_else(|| Error::InvalidParameter("pattern must not be NULL".into()))?;
+    // The worker matches with the same engine and flags.
+    synapse_worker::template::compile_pattern(pattern).map_err(|reason| Error::InvalidPattern {
+        name: name.to_owned(),
+        reason,
+    })?;
+    let doc =
+        blueprint.ok_or_else(|| Error::InvalidParameter("blueprint must not be NULL".into()))?;
+    super::plan::check(&doc)?;
+    Spi::run_with_args(
+        "INSERT INTO synapse.templates AS t (name, pattern, blueprint, description, priority)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (name) DO UPDATE
+            SET pattern = excluded.pattern, blueprint = excluded.blueprint,
+                description = excluded.description, priority = excluded.priority, updated_at = now()",
+        &[name.into(), pattern.into(), JsonB(doc).into(), description.into(), priority.into()],
+    )?;
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! The forwarder: a background worker that moves committed outbox rows to
+//! Redis and owns the task timers (retries, leases, sweep).
+//!
+//! It sleeps on its latch. Committing transactions that wrote events set that
+//! latch (see `events.rs`); the timers set the latch timeout to the next
+//! deadline stored in the tables. Idle means no SQL, no Redis traffic.
+use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::Duration;
+
+mod redis_sink;
+mod worker;
+
+/// The name the worker has in `pg_stat_activity.backend_type`.
+pub const BACKEND_TYPE: &str = "synapse forwarder";
+
+const ERROR_CAPACITY: usize = 512;
+
+/// What the forwarder reports through `synapse.forwarder_status()`.
+#[derive(Clone, Copy)]
+pub struct ForwarderState {
+    /// The last Redis round trip succeeded.
+    pub redis_connected: bool,
+    /// Events acknowledged by Redis since the server started.
+    pub forwarded_total: u64,
+    /// `TimestampTz` of the last forwarded batch; 0 when none yet.
+    pub last_forward_at: i64,
+    last_error: [u8; ERROR_CAPACITY],
+    last_error_len: usize,
+}
+
+impl ForwarderState {
+    const fn new() -> Self {
+        Self {
+            redis_connected: false,
+            forwarded_total: 0,
+            last_forward_at: 0,
+            last_error: [0; ERROR_CAPACITY],
+            last_error_len: 0,
+        }
+    }
+
+    /// The last error, if the last attempt failed.
+    pub fn last_error(&self) -> Option<String> {
+        (self.last_error_len > 0)
+            .then(|| String::from_utf8_lossy(&self.last_error[..self.last_error_len]).into_owned())
+    }
+
+    fn set_last_error(&mut self, error: Option<&str>) {
+        let bytes = error.unwrap_or_default().as_bytes();
+        let mut len = bytes.len().min(ERROR_CAPACITY);
+        // Never cut a UTF-8 character in half.
+        while len > 0 && !error.unwrap_or_default().is_char_boundary(len) {
+            len -= 1;
+        }
+        self.last_error[..len].copy_from_slice(&bytes[..len]);
+        self.last_error_len = len;
+    }
+}
+
+// SAFETY: plain data, no pointers.
+unsafe impl PGRXSharedMemory for ForwarderState {}
+
+static STATE: PgLwLock<ForwarderState> = unsafe { PgLwLock::new(c"synapse_forwarder_state") };
+/// `pgprocno` of the running forwarder, or -1: whose latch a commit sets.
+static LATCH_OWNER: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"synapse_forwarder_procno") };
+
+/// Set in the postmaster by `_PG_init` and inherited by every backend it forks:
+/// shared memory exists only when the library was preloaded.
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+/// Set in the forwarder process itself, whose own commits need no wake-up.
+static IS_FORWARDER: AtomicBool = AtomicBool::new(false);
+
+/// Registers shared memory and the background worker; only while preloading.
+pub fn register() {
+    pg_shmem_init!(STATE = ForwarderState::new());
+    pg_shmem_init!(LATCH_OWNER = AtomicI32::new(-1));
+    PRELOADED.store(true, Ordering::Relaxed);
+    BackgroundWorkerBuilder::new(BACKEND_TYPE)
+        .set_type(BACKEND_TYPE)
+        .set_library("synapse")
+        .set_function("synapse_forwarder_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+/// Whether shared memory and the forwarder exist in this server.
+pub fn is_preloaded() -> bool {
+    PRELOADED.load(Ordering::Relaxed)
+}
+
+/// Whether this process is the forwarder.
+pub fn is_forwarder_process() -> bool {
+    IS_FORWARDER.load(Ordering::Relaxed)
+}
+
+/// Sets the forwarder's latch. Safe to call from a commit callback: no
+/// allocation, no lock, no error path.
+pub fn wake() {
+    if !is_preloaded() {
+        return;
+    }
+    let procno = LATCH_OWNER.get().load(Ordering::Acquire);
+    if procno < 0 {
+        return;
+    }
+    // SAFETY: `procno` was published by the forwarder from its own PGPROC and
+    // indexes the fixed-size `allProcs` array; setting a latch of a process
+    // that has since exited is harmless (latches live as long as the array).
+    unsafe {
+        let proc_global = pg_sys::ProcGlobal;
+        if proc_global.is_null() {
+            return;
+        }
+        let proc = (*proc_global).allProcs.add(procno as usize);
+        pg_sys::SetLatch(&raw mut (*proc).procLatch);
+    }
+}
+
+/// A copy of the shared state, when preloaded.
+pub fn state() -> Option<ForwarderState> {
+    is_preloaded().then(|| *STATE.share())
+}
+
+fn update_state(f: impl FnOnce(&mut ForwarderState)) {
+    f(&mut STATE.exclusive());
+}

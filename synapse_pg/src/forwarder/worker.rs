@@ -1,0 +1,191 @@
+//! The forwarder's main loop.
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::redis_sink::{Event, RedisSink};
+use super::{update_state, IS_FORWARDER, LATCH_OWNER};
+use crate::gucs;
+
+/// Events per transaction and per Redis round trip.
+const BATCH_SIZE: i64 = 5000;
+/// First and longest pause after a Redis failure.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Entry point of the `synapse forwarder` background worker.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn synapse_forwarder_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = gucs::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    IS_FORWARDER.store(true, Ordering::Relaxed);
+    // SAFETY: MyProc is this process's PGPROC, valid for its lifetime.
+    let procno = unsafe { (*pg_sys::MyProc).pgprocno };
+    LATCH_OWNER.get().store(procno, Ordering::Release);
+    log!("synapse forwarder started for database \"{database}\"");
+
+    let mut forwarder = Forwarder::new();
+    // Run once at start: events committed while no forwarder ran wait in the outbox.
+    let mut timeout = Some(Duration::ZERO);
+    while BackgroundWorker::wait_latch(timeout) {
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: called from the main loop, outside any transaction.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        timeout = forwarder.run();
+    }
+    LATCH_OWNER.get().store(-1, Ordering::Release);
+    log!("synapse forwarder stopped");
+}
+
+struct Forwarder {
+    sink: RedisSink,
+    installed: bool,
+    /// While Redis is failing: when to try again, and the pause after that.
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+enum Drain {
+    /// Everything committed so far is in Redis.
+    Done,
+    /// A full batch went out; there may be more.
+    More,
+    /// Redis refused; the batch stays in the outbox.
+    Failed(String),
+}
+
+impl Forwarder {
+    fn new() -> Self {
+        Self {
+            sink: RedisSink::new(gucs::redis_url()),
+            installed: false,
+            retry_at: None,
+            backoff: BACKOFF_MIN,
+        }
+    }
+
+    /// One wake-up: timers, then drain. Returns how long to sleep at most.
+    fn run(&mut self) -> Option<Duration> {
+        let url = gucs::redis_url();
+        if !self.sink.url_is(&url) {
+            self.sink = RedisSink::new(url);
+            self.retry_at = None;
+        }
+        if let Some(retry_at) = self.retry_at {
+            let now = Instant::now();
+            if now < retry_at {
+                // Commits keep waking us while Redis is down; keep the pace.
+                return Some(retry_at - now);
+            }
+        }
+        if !self.installed {
+            self.installed = BackgroundWorker::transaction(|| {
+                Spi::get_one::<bool>(
+                    "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'synapse')",
+                )
+                .ok()
+                .flatten()
+                .unwrap_or(false)
+            });
+            if !self.installed {
+                // CREATE EXTENSION wakes us when it is done.
+                return None;
+            }
+        }
+        let next_due = run_timers();
+        loop {
+            match self.drain_batch() {
+                Drain::More => continue,
+                Drain::Done => {
+                    if self.retry_at.take().is_some() {
+                        log!("synapse forwarder: redis reachable again");
+                    }
+                    self.backoff = BACKOFF_MIN;
+                    return next_due;
+                }
+                Drain::Failed(error) => {
+                    if self.retry_at.is_none() {
+                        warning!("synapse forwarder: {error}; events wait in synapse.outbox");
+                    }
+                    update_state(|state| {
+                        state.redis_connected = false;
+                        state.set_last_error(Some(&error));
+                    });
+                    let pause = self.backoff;
+                    self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                    self.retry_at = Some(Instant::now() + pause);
+                    return Some(next_due.map_or(pause, |due| due.min(pause)));
+                }
+            }
+        }
+    }
+
+    /// Forwards the oldest committed batch and deletes it once Redis acknowledged.
+    fn drain_batch(&mut self) -> Drain {
+        let sink = std::panic::AssertUnwindSafe(&mut self.sink);
+        BackgroundWorker::transaction(move || {
+            let sink = sink;
+            let (ids, events) = read_batch();
+            if ids.is_empty() {
+                return Drain::Done;
+            }
+            if let Err(error) = sink.0.send(&gucs::key_prefix(), &events) {
+                return Drain::Failed(error);
+            }
+            Spi::run_with_args(
+                "DELETE FROM synapse.outbox WHERE id = ANY($1)",
+                &[ids.clone().into()],
+            )
+            .expect("deleting forwarded outbox rows");
+            let now = unsafe { pg_sys::GetCurrentTimestamp() };
+            update_state(|state| {
+                state.redis_connected = true;
+                state.forwarded_total += ids.len() as u64;
+                state.last_forward_at = now;
+                state.set_last_error(None);
+            });
+            if ids.len() as i64 == BATCH_SIZE {
+                Drain::More
+            } else {
+                Drain::Done
+            }
+        })
+    }
+}
+
+fn read_batch() -> (Vec<i64>, Vec<Event>) {
+    Spi::connect(|client| {
+        let rows = client
+            .select(
+                "SELECT id, dispatch, payload FROM synapse.outbox ORDER BY id LIMIT $1",
+                None,
+                &[BATCH_SIZE.into()],
+            )
+            .expect("reading synapse.outbox");
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            ids.push(row.get::<i64>(1).ok().flatten().unwrap_or_default());
+            events.push(Event {
+                dispatch: row.get::<String>(2).ok().flatten(),
+                payload: row.get::<String>(3).ok().flatten().unwrap_or_default(),
+            });
+        }
+        (ids, events)
+    })
+}
+
+/// Queues due retries, re-queues expired leases, re-dispatches stale queued
+/// work; returns the time until the next of those deadlines, if any.
+fn run_timers() -> Option<Duration> {
+    let sweep_seconds = gucs::sweep_interval().as_secs() as i32;
+    let millis = BackgroundWorker::transaction(move || {
+        Spi::get_one_with_args::<f64>("SELECT synapse._run_timers($1)", &[sweep_seconds.into()])
+            .expect("running synapse timers")
+    })?;
+    Some(Duration::from_secs_f64((millis / 1000.0).max(0.0)))
+}

@@ -1,0 +1,92 @@
+//! Every `synapse.*` setting, defined in one place with typed getters.
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+use std::time::Duration;
+
+/// Database the forwarder connects to (needs a restart to change).
+static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Redis the forwarder pushes to; may hold a password, so it is never logged.
+static REDIS_URL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"redis://127.0.0.1:6379/0"));
+/// Prefix of every Redis key.
+static KEY_PREFIX: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"synapse"));
+/// Seconds a task may stay queued and unclaimed before it is dispatched again.
+static SWEEP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(30);
+/// Whether events are also sent with `pg_notify`.
+static NOTIFY: GucSetting<bool> = GucSetting::<bool>::new(true);
+
+/// Defines the GUCs and reserves the `synapse` prefix.
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"synapse.database",
+        c"Database the Synapse forwarder serves.",
+        c"The forwarder background worker connects to this database at start.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"synapse.redis_url",
+        c"Redis URL the forwarder pushes events to.",
+        c"redis:// or rediss://, with an optional password; never logged.",
+        &REDIS_URL,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"synapse.key_prefix",
+        c"Prefix of every Redis key Synapse uses.",
+        c"Lists {prefix}:planner and {prefix}:queue:<name>, stream {prefix}:events.",
+        &KEY_PREFIX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"synapse.sweep_interval",
+        c"Re-dispatch tasks queued but unclaimed for this long.",
+        c"A safety net for lost Redis messages (e.g. a flushed Redis).",
+        &SWEEP_INTERVAL_S,
+        1,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"synapse.notify",
+        c"Also pg_notify('synapse_events', payload) for each event.",
+        c"Off saves the commit-time NOTIFY lock when nobody LISTENs.",
+        &NOTIFY,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"synapse".as_ptr()) };
+}
+
+fn string(setting: &GucSetting<Option<CString>>, default: &str) -> String {
+    setting
+        .get()
+        .and_then(|value| value.into_string().ok())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+/// `synapse.database`.
+pub fn database() -> String {
+    string(&DATABASE, "postgres")
+}
+
+/// `synapse.redis_url`.
+pub fn redis_url() -> String {
+    string(&REDIS_URL, "redis://127.0.0.1:6379/0")
+}
+
+/// `synapse.key_prefix`.
+pub fn key_prefix() -> String {
+    string(&KEY_PREFIX, "synapse")
+}
+
+/// `synapse.sweep_interval`.
+pub fn sweep_interval() -> Duration {
+    Duration::from_secs(SWEEP_INTERVAL_S.get().max(1) as u64)
+}

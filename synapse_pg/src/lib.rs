@@ -1,0 +1,61 @@
+//! Synapse Postgres extension: schema, SQL API, event triggers and the
+//! background worker that forwards committed events to Redis.
+// pgrx's ErrorReport is the error type that carries a SQLSTATE across the FFI
+// edge; its size does not matter there.
+#![allow(clippy::result_large_err)]
+use pgrx::prelude::*;
+
+mod api;
+mod error;
+mod events;
+mod forwarder;
+mod gucs;
+
+::pgrx::pg_module_magic!();
+
+extension_sql_file!("../../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!(
+    "../../sql/events.sql",
+    name = "events",
+    requires = ["schema", events::wake_forwarder_at_commit]
+);
+extension_sql_file!("../../sql/api.sql", name = "api", requires = ["events"]);
+extension_sql_file!(
+    "../../sql/timers.sql",
+    name = "timers",
+    requires = ["events"],
+    finalize
+);
+
+/// Called when the library is loaded: defines the GUCs and, when preloaded,
+/// registers the forwarder background worker and its shared memory.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // pg_upgrade loads libraries in binary-upgrade mode: start nothing then.
+    if unsafe { pg_sys::IsBinaryUpgrade } {
+        return;
+    }
+    gucs::init();
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        forwarder::register();
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
+
+/// Used by `cargo pgrx test` to configure the test cluster.
+#[cfg(test)]
+pub mod pg_test {
+    /// Runs once before the tests.
+    pub fn setup(_options: Vec<&str>) {}
+
+    /// Lines appended to the test cluster's postgresql.conf.
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'synapse'",
+            "synapse.database = 'pgrx_tests'",
+        ]
+    }
+}

@@ -1,0 +1,546 @@
+//! `#[pg_test]`s: the SQL API, triggers and timers inside a real Postgres.
+//! Each test runs in a transaction that is rolled back.
+
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+    use pgrx::spi::quote_literal;
+    use pgrx::JsonB;
+    use serde_json::{json, Value};
+
+    const EXAMPLE: &str = r#"{
+      "name": "triage",
+      "steps": [
+        {"id": "fetch", "action": "sql", "params": {"query": "select 5 as priority"}, "retries": 2},
+        {"id": "classify", "action": "transform",
+         "params": {"expr": "{'severity': input.rows[0].priority > 3 ? 'high' : 'low'}"},
+         "input": "steps.fetch.result"},
+        {"id": "page", "action": "http", "params": {"method": "POST", "url": "http://127.0.0.1:9/page"}},
+        {"id": "backlog", "action": "noop"},
+        {"id": "close", "action": "noop", "join": "any"}
+      ],
+      "edges": [
+        {"from": "fetch", "to": "classify"},
+        {"from": "classify", "to": "page", "when": "result.severity == 'high'"},
+        {"from": "classify", "to": "backlog", "when": "result.severity != 'high'"},
+        {"from": "page", "to": "close"}, {"from": "backlog", "to": "close"}
+      ],
+      "output": "{'closed': steps.close.status == 'succeeded'}"
+    }"#;
+
+    fn one<T: FromDatum + IntoDatum>(sql: &str) -> T {
+        Spi::get_one::<T>(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .unwrap_or_else(|| panic!("{sql}: NULL"))
+    }
+
+    fn json_of(sql: &str) -> Value {
+        one::<JsonB>(sql).0
+    }
+
+    fn count(sql_from: &str) -> i64 {
+        one::<i64>(&format!("SELECT count(*) FROM {sql_from}"))
+    }
+
+    /// Runs `sql` in a subtransaction and checks it fails with `sqlstate` and a
+    /// message containing `fragment`.
+    fn expect_error(sql: &str, sqlstate: &str, fragment: &str) {
+        Spi::run(&format!(
+            "DO $do$
+             DECLARE state text; message text;
+             BEGIN
+                 BEGIN
+                     EXECUTE {sql};
+                 EXCEPTION WHEN OTHERS THEN
+                     GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE, message = MESSAGE_TEXT;
+                 END;
+                 IF state IS DISTINCT FROM {state} OR position({fragment} in coalesce(message, '')) = 0 THEN
+                     RAISE EXCEPTION 'expected SQLSTATE % containing %, got % %', {state}, {fragment}, state, message;
+                 END IF;
+             END $do$",
+            sql = quote_literal(sql),
+            state = quote_literal(sqlstate),
+            fragment = quote_literal(fragment),
+        ))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    fn submit_example() -> i64 {
+        one::<i64>(&format!(
+            "SELECT synapse.submit_plan({}::jsonb, '{{\"x\": 1}}')",
+            quote_literal(EXAMPLE)
+        ))
+    }
+
+    fn payloads() -> Vec<String> {
+        Spi::connect(|client| {
+            client
+                .select("SELECT payload FROM synapse.outbox ORDER BY id", None, &[])
+                .unwrap()
+                .map(|row| row.get::<String>(1).unwrap().unwrap())
+                .collect()
+        })
+    }
+
+    #[pg_test]
+    fn submit_goal_records_the_goal_and_one_event_for_the_planner() {
+        let id =
+            one::<i64>("SELECT synapse.submit_goal('triage incident 42', '{\"urgent\": true}')");
+        assert_eq!(
+            one::<String>(&format!("SELECT status FROM synapse.goals WHERE id = {id}")),
+            "submitted"
+        );
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT planner FROM synapse.goals WHERE id = {id}"
+            )),
+            "template"
+        );
+        assert_eq!(
+            payloads(),
+            [format!(
+                r#"{{"v":1,"event":"goal.submitted","goal_id":{id}}}"#
+            )]
+        );
+        assert_eq!(
+            one::<String>("SELECT dispatch FROM synapse.outbox"),
+            "planner"
+        );
+    }
+
+    #[pg_test]
+    fn submit_goal_with_the_same_idempotency_key_returns_the_same_goal() {
+        let first = one::<i64>("SELECT synapse.submit_goal('a', '{}', 'template', 'key-1')");
+        let second = one::<i64>("SELECT synapse.submit_goal('a', '{}', 'template', 'key-1')");
+        let other = one::<i64>("SELECT synapse.submit_goal('a', '{}', 'template', 'key-2')");
+        assert_eq!(first, second);
+        assert_ne!(first, other);
+        assert_eq!(count("synapse.goals"), 2);
+        assert_eq!(count("synapse.outbox"), 2);
+    }
+
+    #[pg_test]
+    fn submit_goal_rejects_bad_input_and_writes_nothing() {
+        expect_error(
+            "SELECT synapse.submit_goal('  ')",
+            "22023",
+            "goal must be a non-empty text",
+        );
+        expect_error(
+            "SELECT synapse.submit_goal(NULL)",
+            "22023",
+            "goal must be a non-empty text",
+        );
+        expect_error(
+            "SELECT synapse.submit_goal('g', NULL)",
+            "22023",
+            "input must be JSON",
+        );
+        expect_error(
+            "SELECT synapse.submit_goal('g', '{}', 'No Such')",
+            "22023",
+            "planner must be",
+        );
+        expect_error(
+            "SELECT synapse.submit_goal('g', '{bad')",
+            "22P02",
+            "invalid input syntax for type json",
+        );
+        assert_eq!(count("synapse.goals"), 0);
+        assert_eq!(count("synapse.outbox"), 0);
+    }
+
+    #[pg_test]
+    fn submit_plan_installs_tasks_and_edges_and_queues_the_roots() {
+        let id = submit_example();
+        assert_eq!(
+            one::<String>(&format!("SELECT status FROM synapse.goals WHERE id = {id}")),
+            "running"
+        );
+        let tasks = json_of(&format!(
+            "SELECT jsonb_agg(jsonb_build_object('step', step, 'status', status, 'input', input,
+                    'max_attempts', max_attempts, 'join', join_mode, 'timeout_ms', timeout_ms) ORDER BY id)
+               FROM synapse.tasks WHERE goal_id = {id}"
+        ));
+        assert_eq!(
+            tasks,
+            json!([
+                {"step": "fetch", "status": "queued", "input": {"x": 1}, "max_attempts": 3, "join": "any", "timeout_ms": 300000},
+                {"step": "classify", "status": "pending", "input": null, "max_attempts": 1, "join": "any", "timeout_ms": 300000},
+                {"step": "page", "status": "pending", "input": null, "max_attempts": 1, "join": "any", "timeout_ms": 300000},
+                {"step": "backlog", "status": "pending", "input": null, "max_attempts": 1, "join": "any", "timeout_ms": 300000},
+                {"step": "close", "status": "pending", "input": null, "max_attempts": 1, "join": "any", "timeout_ms": 300000},
+            ])
+        );
+        assert_eq!(
+            count(&format!(
+                "synapse.edges WHERE goal_id = {id} AND state = 'pending'"
+            )),
+            5
+        );
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT when_expr FROM synapse.edges WHERE goal_id = {id} AND to_step = 'page'"
+            )),
+            "result.severity == 'high'"
+        );
+        let fetch = one::<i64>(&format!(
+            "SELECT id FROM synapse.tasks WHERE goal_id = {id} AND step = 'fetch'"
+        ));
+        assert_eq!(
+            payloads(),
+            [
+                format!(r#"{{"v":1,"event":"goal.running","goal_id":{id}}}"#),
+                format!(
+                    r#"{{"v":1,"event":"task.queued","goal_id":{id},"task_id":{fetch},"step":"fetch","queue":"default","attempt":1}}"#
+                ),
+            ]
+        );
+        assert_eq!(
+            one::<String>("SELECT dispatch FROM synapse.outbox WHERE task_id IS NOT NULL"),
+            "queue:default"
+        );
+    }
+
+    #[pg_test]
+    fn a_root_input_expression_is_evaluated_at_submit() {
+        let id = one::<i64>(
+            r#"SELECT synapse.submit_plan('{"steps":[{"id":"a","action":"noop","input":"{''n'': goal.input.x + 1, ''id'': goal.id}"}]}', '{"x": 41}')"#,
+        );
+        assert_eq!(
+            json_of("SELECT input FROM synapse.tasks"),
+            json!({"n": 42, "id": id})
+        );
+    }
+
+    #[pg_test]
+    fn submit_plan_rejects_an_invalid_blueprint_naming_every_problem_and_writes_nothing() {
+        expect_error(
+            r#"SELECT synapse.submit_plan('{"steps":[{"id":"a","action":"nope"},{"id":"a","action":"noop"}]}')"#,
+            "22023",
+            r#"invalid blueprint: $.steps[0].action: unknown action "nope""#,
+        );
+        expect_error(
+            r#"SELECT synapse.submit_plan('{"steps":[{"id":"a","action":"noop"},{"id":"b","action":"noop"}],
+                 "edges":[{"from":"a","to":"b"},{"from":"b","to":"a"}]}')"#,
+            "22023",
+            "cycle",
+        );
+        expect_error(
+            r#"SELECT synapse.submit_plan('{"steps":[]}')"#,
+            "22023",
+            "$.steps",
+        );
+        expect_error(
+            "SELECT synapse.submit_plan(NULL)",
+            "22023",
+            "blueprint must not be NULL",
+        );
+        expect_error(
+            r#"SELECT synapse.submit_plan('{"steps":[{"id":"a","action":"noop","input":"goal.input.missing"}]}')"#,
+            "22023",
+            "$.steps[0].input: cannot evaluate the input of root step \"a\"",
+        );
+        expect_error(
+            r#"SELECT synapse.submit_plan('{"steps":[{"id":"a","action":"noop"}]}', NULL)"#,
+            "22023",
+            "input",
+        );
+        assert_eq!(count("synapse.goals"), 0);
+        assert_eq!(count("synapse.tasks"), 0);
+        assert_eq!(count("synapse.edges"), 0);
+        assert_eq!(count("synapse.outbox"), 0);
+    }
+
+    #[pg_test]
+    fn submit_plan_is_idempotent_by_key() {
+        let sql =
+            r#"SELECT synapse.submit_plan('{"steps":[{"id":"a","action":"noop"}]}', '{}', 'k')"#;
+        assert_eq!(one::<i64>(sql), one::<i64>(sql));
+        assert_eq!(count("synapse.goals"), 1);
+        assert_eq!(count("synapse.tasks"), 1);
+    }
+
+    #[pg_test]
+    fn actions_registered_in_the_catalogue_become_valid() {
+        let plan = r#"'{"steps":[{"id":"a","action":"resize_image"}]}'"#;
+        assert_eq!(
+            json_of(&format!("SELECT synapse.validate_blueprint({plan})"))[0]["path"],
+            "$.steps[0].action"
+        );
+        Spi::run("INSERT INTO synapse.actions (name, description) VALUES ('resize_image', 'test')")
+            .unwrap();
+        assert_eq!(
+            json_of(&format!("SELECT synapse.validate_blueprint({plan})")),
+            json!([])
+        );
+    }
+
+    #[pg_test]
+    fn validate_blueprint_lists_problems_as_json() {
+        assert_eq!(
+            json_of(&format!(
+                "SELECT synapse.validate_blueprint({})",
+                quote_literal(EXAMPLE)
+            )),
+            json!([])
+        );
+        let problems = json_of(
+            r#"SELECT synapse.validate_blueprint('{"steps":[{"id":"Bad","action":"noop","retires":1}],"edges":[{"from":"x","to":"Bad","when":"result >"}]}')"#,
+        );
+        let paths: Vec<&str> = problems
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["path"].as_str().unwrap())
+            .collect();
+        assert!(paths.contains(&"$.steps[0].id"), "{problems}");
+        assert!(paths.contains(&"$.steps[0].retires"), "{problems}");
+        assert!(paths.contains(&"$.edges[0].from"), "{problems}");
+        assert!(paths.contains(&"$.edges[0].when"), "{problems}");
+        assert_eq!(
+            json_of("SELECT synapse.validate_blueprint(NULL)")[0]["message"],
+            "blueprint must not be NULL"
+        );
+    }
+
+    #[pg_test]
+    fn add_template_upserts_and_rejects_bad_patterns_and_blueprints() {
+        let blueprint = r#"'{"steps":[{"id":"a","action":"noop"}]}'"#;
+        Spi::run(&format!(
+            "SELECT synapse.add_template('triage', 'triage (?P<id>\\d+)', {blueprint}, 'first')"
+        ))
+        .unwrap();
+        Spi::run(&format!("SELECT synapse.add_template('triage', 'incident (?P<id>\\d+)', {blueprint}, 'second', 5)"))
+            .unwrap();
+        assert_eq!(count("synapse.templates"), 1);
+        assert_eq!(
+            one::<String>("SELECT pattern FROM synapse.templates"),
+            "incident (?P<id>\\d+)"
+        );
+        assert_eq!(one::<i32>("SELECT priority FROM synapse.templates"), 5);
+        expect_error(
+            &format!("SELECT synapse.add_template('bad', 'triage (', {blueprint})"),
+            "2201B",
+            "invalid pattern for template \"bad\"",
+        );
+        expect_error(
+            r#"SELECT synapse.add_template('bad', 'x', '{"steps":[{"id":"a","action":"nope"}]}')"#,
+            "22023",
+            "$.steps[0].action",
+        );
+        expect_error(
+            &format!("SELECT synapse.add_template('', 'x', {blueprint})"),
+            "22023",
+            "name must be",
+        );
+        assert_eq!(count("synapse.templates WHERE name = 'bad'"), 0);
+    }
+
+    #[pg_test]
+    fn goal_status_shows_the_goal_its_tasks_and_its_edges() {
+        let id = submit_example();
+        let status = json_of(&format!("SELECT synapse.goal_status({id})"));
+        assert_eq!(status["id"], id);
+        assert_eq!(status["status"], "running");
+        assert_eq!(status["tasks"].as_array().unwrap().len(), 5);
+        assert_eq!(status["tasks"][0]["step"], "fetch");
+        assert_eq!(status["tasks"][0]["status"], "queued");
+        assert_eq!(status["tasks"][0]["attempts"], 0);
+        assert_eq!(
+            status["edges"][1],
+            json!({"from": "classify", "to": "page", "when": "result.severity == 'high'", "on": "success",
+                   "state": "pending", "error": null})
+        );
+        expect_error(
+            "SELECT synapse.goal_status(-1)",
+            "P0002",
+            "goal -1 does not exist",
+        );
+    }
+
+    #[pg_test]
+    fn goal_graph_draws_mermaid_and_dot() {
+        let id = submit_example();
+        let mermaid = one::<String>(&format!("SELECT synapse.goal_graph({id})"));
+        assert!(mermaid.contains("flowchart TD"), "{mermaid}");
+        assert!(
+            mermaid.contains("fetch[\"<b>fetch</b><br/>sql · queued\"]:::queued"),
+            "{mermaid}"
+        );
+        assert!(
+            mermaid.contains("classify -->|\"result.severity == 'high'\"| page"),
+            "{mermaid}"
+        );
+        let dot = one::<String>(&format!("SELECT synapse.goal_graph({id}, 'dot')"));
+        assert!(dot.starts_with("digraph synapse {"), "{dot}");
+        assert!(dot.contains("\"page\" -> \"close\""), "{dot}");
+        expect_error(
+            &format!("SELECT synapse.goal_graph({id}, 'svg')"),
+            "22023",
+            "unknown graph format \"svg\"",
+        );
+        expect_error(
+            "SELECT synapse.goal_graph(-1)",
+            "P0002",
+            "goal -1 does not exist",
+        );
+    }
+
+    #[pg_test]
+    fn cancel_goal_cancels_what_has_not_finished() {
+        let id = submit_example();
+        Spi::run("DELETE FROM synapse.outbox").unwrap();
+        assert!(one::<bool>(&format!("SELECT synapse.cancel_goal({id})")));
+        assert_eq!(
+            one::<String>(&format!("SELECT status FROM synapse.goals WHERE id = {id}")),
+            "cancelled"
+        );
+        assert_eq!(
+            count(&format!(
+                "synapse.tasks WHERE goal_id = {id} AND status = 'cancelled'"
+            )),
+            5
+        );
+        let events: Vec<String> = payloads();
+        assert_eq!(
+            events
+                .iter()
+                .filter(|p| p.contains("\"task.cancelled\""))
+                .count(),
+            5
+        );
+        assert!(events.last().unwrap().contains("\"goal.cancelled\""));
+        assert!(!one::<bool>(&format!("SELECT synapse.cancel_goal({id})")));
+        expect_error(
+            "SELECT synapse.cancel_goal(-1)",
+            "P0002",
+            "goal -1 does not exist",
+        );
+    }
+
+    #[pg_test]
+    fn the_state_machines_refuse_impossible_transitions() {
+        let id = submit_example();
+        expect_error(
+            &format!("UPDATE synapse.tasks SET status = 'succeeded' WHERE goal_id = {id} AND step = 'close'"),
+            "55000",
+            "status cannot change from pending to succeeded",
+        );
+        expect_error(
+            &format!("UPDATE synapse.goals SET status = 'submitted' WHERE id = {id}"),
+            "55000",
+            "status cannot change from running to submitted",
+        );
+        expect_error(
+            &format!("UPDATE synapse.tasks SET status = 'retrying' WHERE goal_id = {id} AND step = 'fetch'"),
+            "55000",
+            "from queued to retrying",
+        );
+    }
+
+    #[pg_test]
+    fn the_timers_queue_due_retries_and_expired_leases_and_report_the_next_deadline() {
+        assert_eq!(
+            Spi::get_one::<f64>("SELECT synapse._run_timers(30)").unwrap(),
+            None
+        );
+        let id = submit_example();
+        Spi::run(&format!(
+            "UPDATE synapse.tasks SET status = 'running', attempts = 1, lease_expires_at = now() - interval '1 s',
+                    leased_by = 'w1' WHERE goal_id = {id} AND step = 'fetch'"
+        ))
+        .unwrap();
+        Spi::run("DELETE FROM synapse.outbox").unwrap();
+        // The queued task is due for the sweep 30 s after now(); nothing else waits.
+        let millis = one::<f64>("SELECT synapse._run_timers(30)");
+        let fetch = json_of(&format!(
+            "SELECT to_jsonb(t) FROM synapse.tasks t WHERE goal_id = {id} AND step = 'fetch'"
+        ));
+        assert_eq!(fetch["status"], "queued");
+        assert_eq!(fetch["error"], "lease of attempt 1 expired (worker w1)");
+        assert_eq!(payloads().len(), 1);
+        assert!(
+            payloads()[0].contains(r#""event":"task.queued""#)
+                && payloads()[0].contains(r#""attempt":2"#)
+        );
+        assert!(millis > 0.0 && millis <= 30_000.0, "{millis}");
+
+        Spi::run(&format!(
+            "UPDATE synapse.tasks SET status = 'running', attempts = 2, lease_expires_at = now() + interval '1 h'
+              WHERE goal_id = {id} AND step = 'fetch';
+             UPDATE synapse.tasks SET status = 'retrying', run_at = now() - interval '1 ms'
+              WHERE goal_id = {id} AND step = 'fetch'"
+        ))
+        .unwrap();
+        Spi::run("SELECT synapse._run_timers(30)").unwrap();
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT status FROM synapse.tasks WHERE goal_id = {id} AND step = 'fetch'"
+            )),
+            "queued"
+        );
+    }
+
+    #[pg_test]
+    fn forwarder_status_reports_pending_events() {
+        Spi::run("SELECT synapse.submit_goal('x')").unwrap();
+        let status = json_of("SELECT synapse.forwarder_status()");
+        for key in [
+            "running",
+            "redis_connected",
+            "pending",
+            "forwarded_total",
+            "last_error",
+            "last_forward_at",
+        ] {
+            assert!(status.get(key).is_some(), "{key} missing from {status}");
+        }
+        // Uncommitted events are visible to this transaction only.
+        assert_eq!(status["pending"], 1);
+    }
+
+    #[pg_test]
+    fn install_plan_plans_a_submitted_goal_or_fails_it_listing_every_problem() {
+        let good = one::<i64>("SELECT synapse.submit_goal('resize 3 images')");
+        let problems = json_of(&format!(
+            r#"SELECT synapse._install_plan({good}, '{{"steps":[{{"id":"a","action":"noop","input":"goal.params"}}]}}', 'resize', '{{"n": "3"}}')"#
+        ));
+        assert_eq!(problems, json!([]));
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT status FROM synapse.goals WHERE id = {good}"
+            )),
+            "running"
+        );
+        assert_eq!(
+            json_of("SELECT input FROM synapse.tasks"),
+            json!({"n": "3"})
+        );
+
+        let bad = one::<i64>("SELECT synapse.submit_goal('resize 3 images')");
+        let problems = json_of(&format!(
+            r#"SELECT synapse._install_plan({bad}, '{{"steps":[{{"id":"a","action":"nope"}}]}}', 'resize')"#
+        ));
+        assert_eq!(problems[0]["path"], "$.steps[0].action");
+        let goal = json_of(&format!(
+            "SELECT to_jsonb(g) FROM synapse.goals g WHERE id = {bad}"
+        ));
+        assert_eq!(goal["status"], "failed");
+        assert!(
+            goal["error"]
+                .as_str()
+                .unwrap()
+                .contains("$.steps[0].action: unknown action"),
+            "{goal}"
+        );
+        assert_eq!(count(&format!("synapse.tasks WHERE goal_id = {bad}")), 0);
+        expect_error(
+            &format!(
+                r#"SELECT synapse._install_plan({good}, '{{"steps":[{{"id":"a","action":"noop"}}]}}', 't')"#
+            ),
+            "22023",
+            "is not waiting for a plan",
+        );
+    }
+}

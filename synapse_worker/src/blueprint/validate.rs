@@ -1,0 +1,1592 @@
+//! Blueprint validation: walks the JSON document field by field and reports every problem
+//! with its JSON path, then deserializes the [`Blueprint`] once nothing is wrong.
+//!
+//! Serde alone would stop at the first error and could not check cross-references
+//! (edges naming steps, cycles) or CEL, so the walk mirrors the model by hand; its rules
+//! are kept in step with the serde attributes in `mod.rs` (e.g. `null` is accepted exactly
+//! where the model has an `Option`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::sync::LazyLock;
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::duration::{format_duration, parse_duration};
+use super::{cel, Blueprint, BUILTIN_ACTIONS};
+
+/// The most steps a blueprint may have.
+pub const MAX_STEPS: usize = 10_000;
+
+/// The largest blueprint accepted, measured as compact JSON.
+pub const MAX_BLUEPRINT_BYTES: usize = 1 << 20;
+
+/// Longest accepted `name`, in characters.
+const MAX_NAME_CHARS: usize = 200;
+
+/// Most `retries` a step may ask for.
+const MAX_RETRIES: u64 = 100;
+
+/// Longest `sleep` (24 h), in milliseconds.
+const MAX_SLEEP_MS: u64 = 86_400_000;
+
+/// Shortest and longest accepted `backoff` and `timeout`.
+const MIN_DURATION: std::time::Duration = std::time::Duration::from_millis(1);
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// A pathological document can have millions of problems; a list that long helps no one
+/// and would make an enormous Postgres error message.
+const MAX_PROBLEMS: usize = 1_000;
+
+const TOP_FIELDS: &[&str] = &["name", "steps", "edges", "output"];
+const STEP_FIELDS: &[&str] = &[
+    "id", "action", "params", "input", "queue", "retries", "backoff", "timeout", "join",
+];
+const EDGE_FIELDS: &[&str] = &["from", "to", "when", "on"];
+const HTTP_METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"];
+
+const STEP_ID_PATTERN: &str = "^[a-z][a-z0-9_]{0,62}$";
+const QUEUE_PATTERN: &str = "^[A-Za-z0-9_.:-]{1,64}$";
+
+static STEP_ID_RE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(STEP_ID_PATTERN).expect("valid step id pattern"));
+static QUEUE_RE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(QUEUE_PATTERN).expect("valid queue pattern"));
+static PLAIN_KEY_RE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new("^[A-Za-z_][A-Za-z0-9_]*$").expect("valid key pattern"));
+
+/// One thing wrong with a blueprint: where (a JSONPath-like `path` from the document root,
+/// e.g. `$.steps[2].id`) and what.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// Where the problem is: `$`, `$.steps`, `$.steps[2].id`, `$.edges[0].when`, ...
+    pub path: String,
+    /// What is wrong, as a sentence for people.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Checks a blueprint document and returns the [`Blueprint`] it describes, or every problem
+/// found (never just the first).
+///
+/// `is_known_action` says whether a non-built-in action is registered (in
+/// `synapse.actions`); built-in actions are always known.
+pub fn validate(
+    doc: &Value,
+    is_known_action: &dyn Fn(&str) -> bool,
+) -> Result<Blueprint, Vec<Problem>> {
+    let mut checker = Checker {
+        problems: Vec::new(),
+        dropped: 0,
+        is_known_action,
+    };
+    checker.document(doc);
+    if checker.dropped > 0 {
+        checker.problems.push(Problem {
+            path: "$".to_owned(),
+            message: format!(
+                "{} more problems were found; only the first {MAX_PROBLEMS} are listed",
+                checker.dropped
+            ),
+        });
+    }
+    if !checker.problems.is_empty() {
+        return Err(checker.problems);
+    }
+    // The walk above accepts only what the model accepts, so this is not expected to fail;
+    // if the two ever disagree, the serde error still comes back as a problem.
+    Blueprint::deserialize(doc).map_err(|e| {
+        vec![Problem {
+            path: "$".to_owned(),
+            message: e.to_string(),
+        }]
+    })
+}
+
+/// `path` followed by an object key, as `.key` or, for keys that are not identifiers,
+/// `["key"]`.
+fn key_path(path: &str, key: &str) -> String {
+    if PLAIN_KEY_RE.is_match(key) {
+        format!("{path}.{key}")
+    } else {
+        let quoted = serde_json::to_string(key).unwrap_or_else(|_| format!("\"{key}\""));
+        format!("{path}[{quoted}]")
+    }
+}
+
+/// `path` followed by an array index.
+fn index_path(path: &str, index: usize) -> String {
+    format!("{path}[{index}]")
+}
+
+/// The kind of a JSON value, with its article, for "expected X, got Y" messages.
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Length of the compact JSON text of `doc`, without building the string.
+fn json_len(doc: &Value) -> usize {
+    struct Counter(usize);
+    impl io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Serializing a `Value` into an infallible writer cannot fail.
+    let _ = serde_json::to_writer(&mut counter, doc);
+    counter.0
+}
+
+/// What the step walk learned that the edge and cycle checks need.
+struct StepIndex {
+    /// Every step id that is a string, valid or not, with its first index: an edge naming
+    /// a step whose id is malformed should not also be reported as naming an unknown step.
+    ids: HashMap<String, usize>,
+}
+
+struct Checker<'a> {
+    problems: Vec<Problem>,
+    dropped: usize,
+    is_known_action: &'a dyn Fn(&str) -> bool,
+}
+
+impl Checker<'_> {
+    fn report(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push(Problem {
+                path: path.into(),
+                message: message.into(),
+            });
+        } else {
+            self.dropped += 1;
+        }
+    }
+
+    fn expected(&mut self, path: &str, what: &str, got: &Value) {
+        self.report(path, format!("expected {what}, got {}", kind(got)));
+    }
+
+    /// Reports the fields of `obj` that are not in `allowed`.
+    fn unknown_fields(&mut self, path: &str, obj: &Map<String, Value>, allowed: &[&str]) {
+        for key in obj.keys() {
+            if !allowed.contains(&key.as_str()) {
+                self.report(
+                    key_path(path, key),
+                    format!(
+                        "unknown field \"{key}\" (expected one of: {})",
+                        allowed.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
+    /// A required string field: reports it missing or mistyped.
+    fn required_str<'v>(
+        &mut self,
+        path: &str,
+        obj: &'v Map<String, Value>,
+        key: &str,
+    ) -> Option<&'v str> {
+        let field = key_path(path, key);
+        match obj.get(key) {
+            None => {
+                self.report(field, format!("\"{key}\" is required"));
+                None
+            }
+            Some(Value::String(s)) => Some(s),
+            Some(other) => {
+                self.expected(&field, "a string", other);
+                None
+            }
+        }
+    }
+
+    /// An optional string field; `null` counts as absent.
+    fn optional_str<'v>(
+        &mut self,
+        path: &str,
+        obj: &'v Map<String, Value>,
+        key: &str,
+    ) -> Option<&'v str> {
+        match obj.get(key) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s),
+            Some(other) => {
+                self.expected(&key_path(path, key), "a string", other);
+                None
+            }
+        }
+    }
+
+    /// A field with a default: present means it must be a string (`null` is not accepted,
+    /// as serde would not accept it either).
+    fn defaulted_str<'v>(
+        &mut self,
+        path: &str,
+        obj: &'v Map<String, Value>,
+        key: &str,
+    ) -> Option<&'v str> {
+        match obj.get(key) {
+            None => None,
+            Some(Value::String(s)) => Some(s),
+            Some(other) => {
+                self.expected(&key_path(path, key), "a string", other);
+                None
+            }
+        }
+    }
+
+    /// Reports `expr` at `path` unless it compiles as CEL.
+    fn cel(&mut self, path: &str, expr: &str) {
+        if let Err(e) = cel::compile(expr) {
+            self.report(path, format!("invalid CEL expression: {e}"));
+        }
+    }
+
+    /// An optional CEL field.
+    fn optional_cel(&mut self, path: &str, obj: &Map<String, Value>, key: &str) {
+        if let Some(expr) = self.optional_str(path, obj, key) {
+            self.cel(&key_path(path, key), expr);
+        }
+    }
+
+    /// A non-negative integer no larger than `max`; `name` is used in the range message.
+    fn bounded_uint(&mut self, path: &str, value: &Value, name: &str, max: u64, unit: &str) {
+        match value.as_u64() {
+            None => self.expected(path, "a non-negative integer", value),
+            Some(n) if n > max => {
+                self.report(path, format!("{name} must be at most {max}{unit}, got {n}"))
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn document(&mut self, doc: &Value) {
+        let Some(obj) = doc.as_object() else {
+            self.report(
+                "$",
+                format!("blueprint must be a JSON object, got {}", kind(doc)),
+            );
+            return;
+        };
+        let size = json_len(doc);
+        if size > MAX_BLUEPRINT_BYTES {
+            self.report(
+                "$",
+                format!("blueprint is {size} bytes; the limit is 1 MiB"),
+            );
+        }
+        self.unknown_fields("$", obj, TOP_FIELDS);
+
+        if let Some(name) = self.optional_str("$", obj, "name") {
+            let chars = name.chars().count();
+            if chars > MAX_NAME_CHARS {
+                self.report(
+                    "$.name",
+                    format!("name is {chars} characters; the limit is {MAX_NAME_CHARS}"),
+                );
+            }
+        }
+
+        let index = self.steps(obj.get("steps"));
+        self.edges(obj.get("edges"), &index);
+        self.optional_cel("$", obj, "output");
+    }
+
+    fn steps(&mut self, steps: Option<&Value>) -> StepIndex {
+        let mut index = StepIndex {
+            ids: HashMap::new(),
+        };
+        let steps = match steps {
+            None => {
+                self.report("$.steps", "\"steps\" is required");
+                return index;
+            }
+            Some(Value::Array(steps)) => steps,
+            Some(other) => {
+                self.expected("$.steps", "an array", other);
+                return index;
+            }
+        };
+        if steps.is_empty() {
+            self.report("$.steps", "at least one step is required");
+        }
+        if steps.len() > MAX_STEPS {
+            self.report(
+                "$.steps",
+                format!("{} steps; the limit is {MAX_STEPS}", steps.len()),
+            );
+        }
+        for (i, step) in steps.iter().enumerate() {
+            self.step(&index_path("$.steps", i), i, step, &mut index);
+        }
+        index
+    }
+
+    fn step(&mut self, path: &str, i: usize, step: &Value, index: &mut StepIndex) {
+        let Some(obj) = step.as_object() else {
+            self.expected(path, "an object", step);
+            return;
+        };
+        self.unknown_fields(path, obj, STEP_FIELDS);
+
+        if let Some(id) = self.required_str(path, obj, "id") {
+            let id_path = key_path(path, "id");
+            if !STEP_ID_RE.is_match(id) {
+                self.report(
+                    id_path.as_str(),
+                    format!("invalid step id \"{id}\": must match {STEP_ID_PATTERN}"),
+                );
+            }
+            match index.ids.get(id) {
+                Some(&first) => self.report(
+                    id_path,
+                    format!("duplicate step id \"{id}\" (first used by $.steps[{first}])"),
+                ),
+                None => {
+                    index.ids.insert(id.to_owned(), i);
+                }
+            }
+        }
+
+        let action = self.required_str(path, obj, "action");
+        if let Some(action) = action {
+            self.action(&key_path(path, "action"), action);
+        }
+
+        let params_path = key_path(path, "params");
+        let empty = Map::new();
+        let params = match obj.get("params") {
+            None => Some(&empty),
+            Some(Value::Object(params)) => Some(params),
+            Some(other) => {
+                self.expected(&params_path, "an object", other);
+                None
+            }
+        };
+        if let (Some(action), Some(params)) = (action, params) {
+            self.builtin_params(&params_path, action, params);
+        }
+
+        self.optional_cel(path, obj, "input");
+
+        if let Some(queue) = self.defaulted_str(path, obj, "queue") {
+            if !QUEUE_RE.is_match(queue) {
+                self.report(
+                    key_path(path, "queue"),
+                    format!("invalid queue \"{queue}\": must match {QUEUE_PATTERN}"),
+                );
+            }
+        }
+
+        if let Some(retries) = obj.get("retries") {
+            self.bounded_uint(
+                &key_path(path, "retries"),
+                retries,
+                "retries",
+                MAX_RETRIES,
+                "",
+            );
+        }
+
+        for key in ["backoff", "timeout"] {
+            self.duration(path, obj, key);
+        }
+
+        if let Some(join) = self.defaulted_str(path, obj, "join") {
+            if join != "any" && join != "all" {
+                self.report(
+                    key_path(path, "join"),
+                    format!("expected \"any\" or \"all\", got \"{join}\""),
+                );
+            }
+        }
+    }
+
+    fn action(&mut self, path: &str, action: &str) {
+        if action.is_empty() {
+            self.report(path, "action must not be empty");
+        } else if !BUILTIN_ACTIONS.contains(&action) && !(self.is_known_action)(action) {
+            self.report(
+                path,
+                format!(
+                    "unknown action \"{action}\" (built-ins: {}; others must be registered \
+                     by a worker in synapse.actions)",
+                    BUILTIN_ACTIONS.join(", ")
+                ),
+            );
+        }
+    }
+
+    fn duration(&mut self, path: &str, obj: &Map<String, Value>, key: &str) {
+        let field = key_path(path, key);
+        let text = match obj.get(key) {
+            None => return,
+            Some(Value::String(s)) => s,
+            Some(other) => {
+                self.expected(&field, "a duration string such as \"30s\"", other);
+                return;
+            }
+        };
+        match parse_duration(text) {
+            Err(e) => self.report(field, e),
+            Ok(d) if !(MIN_DURATION..=MAX_DURATION).contains(&d) => self.report(
+                field,
+                format!(
+                    "{key} must be between {} and {}, got \"{text}\"",
+                    format_duration(MIN_DURATION),
+                    format_duration(MAX_DURATION)
+                ),
+            ),
+            Ok(_) => {}
+        }
+    }
+
+    /// Parameter checks of the built-in actions; registered actions are checked by
+    /// their worker, which alone knows their parameters.
+    fn builtin_params(&mut self, path: &str, action: &str, params: &Map<String, Value>) {
+        match action {
+            "sleep" => match params.get("ms") {
+                None => self.report(key_path(path, "ms"), "\"ms\" is required"),
+                Some(ms) => {
+                    self.bounded_uint(&key_path(path, "ms"), ms, "ms", MAX_SLEEP_MS, " (24h)")
+                }
+            },
+            "fail" => {
+                self.defaulted_str(path, params, "message");
+            }
+            "transform" => {
+                if let Some(expr) = self.required_str(path, params, "expr") {
+                    self.cel(&key_path(path, "expr"), expr);
+                }
+            }
+            "http" => self.http_params(path, params),
+            "exec" => self.exec_params(path, params),
+            "sql" => {
+                if let Some(query) = self.required_str(path, params, "query") {
+                    if query.trim().is_empty() {
+                        self.report(key_path(path, "query"), "query must not be empty");
+                    }
+                }
+                if let Some(args) = self.defaulted_str(path, params, "args") {
+                    self.cel(&key_path(path, "args"), args);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn http_params(&mut self, path: &str, params: &Map<String, Value>) {
+        if let Some(url) = self.required_str(path, params, "url") {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                self.report(
+                    key_path(path, "url"),
+                    format!("url must start with http:// or https://, got \"{url}\""),
+                );
+            }
+        }
+        if let Some(method) = self.defaulted_str(path, params, "method") {
+            if !HTTP_METHODS.contains(&method) {
+                self.report(
+                    key_path(path, "method"),
+                    format!(
+                        "unknown method \"{method}\" (expected one of: {})",
+                        HTTP_METHODS.join(", ")
+                    ),
+                );
+            }
+        }
+        let headers_path = key_path(path, "headers");
+        match params.get("headers") {
+            None => {}
+            Some(Value::Object(headers)) => {
+                for (name, value) in headers {
+                    if !value.is_string() {
+                        self.expected(&key_path(&headers_path, name), "a string", value);
+                    }
+                }
+            }
+            Some(other) => self.expected(&headers_path, "an object", other),
+        }
+    }
+
+    fn exec_params(&mut self, path: &str, params: &Map<String, Value>) {
+        let argv_path = key_path(path, "argv");
+        match params.get("argv") {
+            None => self.report(argv_path, "\"argv\" is required"),
+            Some(Value::Array(argv)) => {
+                if argv.is_empty() {
+                    self.report(argv_path.as_str(), "argv must not be empty");
+                }
+                for (j, arg) in argv.iter().enumerate() {
+                    let arg_path = index_path(&argv_path, j);
+                    match arg {
+                        Value::String(s) if j == 0 && s.is_empty() => {
+                            self.report(arg_path, "the program name must not be empty");
+                        }
+                        Value::String(_) => {}
+                        other => self.expected(&arg_path, "a string", other),
+                    }
+                }
+            }
+            Some(other) => self.expected(&argv_path, "an array of strings", other),
+        }
+    }
+
+    fn edges(&mut self, edges: Option<&Value>, index: &StepIndex) {
+        let edges = match edges {
+            None => return,
+            Some(Value::Array(edges)) => edges,
+            Some(other) => {
+                self.expected("$.edges", "an array", other);
+                return;
+            }
+        };
+        // Edges that name two distinct existing steps, once each: the graph the cycle check
+        // walks, as (from, to) step indices.
+        let mut graph: Vec<(usize, usize)> = Vec::new();
+        let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
+        for (i, edge) in edges.iter().enumerate() {
+            let path = index_path("$.edges", i);
+            let Some(obj) = edge.as_object() else {
+                self.expected(&path, "an object", edge);
+                continue;
+            };
+            self.unknown_fields(&path, obj, EDGE_FIELDS);
+            let from = self.edge_end(&path, obj, "from", index);
+            let to = self.edge_end(&path, obj, "to", index);
+            if let (Some((from, from_i)), Some((to, to_i))) = (from, to) {
+                if from == to {
+                    self.report(
+                        path.as_str(),
+                        format!("self-edge: step \"{from}\" cannot depend on itself"),
+                    );
+                } else if let Some(first) = seen.get(&(from, to)) {
+                    self.report(
+                        path.as_str(),
+                        format!(
+                            "duplicate edge \"{from}\" -> \"{to}\" (first declared at $.edges[{first}])"
+                        ),
+                    );
+                } else {
+                    seen.insert((from, to), i);
+                    graph.push((from_i, to_i));
+                }
+            }
+            self.optional_cel(&path, obj, "when");
+            if let Some(on) = self.defaulted_str(&path, obj, "on") {
+                if !["success", "failure", "always"].contains(&on) {
+                    self.report(
+                        key_path(&path, "on"),
+                        format!("expected \"success\", \"failure\" or \"always\", got \"{on}\""),
+                    );
+                }
+            }
+        }
+        if let Some(cycle) = find_cycle(index, &graph) {
+            self.report("$.edges", format!("cycle: {}", cycle.join(" -> ")));
+        }
+    }
+
+    /// An edge's `from` or `to`: a string naming a declared step, returned with its index.
+    fn edge_end<'v>(
+        &mut self,
+        path: &str,
+        obj: &'v Map<String, Value>,
+        key: &str,
+        index: &StepIndex,
+    ) -> Option<(&'v str, usize)> {
+        let name = self.required_str(path, obj, key)?;
+        match index.ids.get(name) {
+            Some(&i) => Some((name, i)),
+            None => {
+                self.report(key_path(path, key), format!("unknown step \"{name}\""));
+                None
+            }
+        }
+    }
+}
+
+/// The first cycle met by a depth-first search that starts from the steps in declaration
+/// order and follows edges in declaration order, as step ids with the first repeated last
+/// (`[a, b, c, a]`). Iterative, because a 10 000-step chain would overflow a recursive
+/// search on a small stack.
+fn find_cycle(index: &StepIndex, graph: &[(usize, usize)]) -> Option<Vec<String>> {
+    let mut names: Vec<&str> = vec![""; index.ids.len()];
+    let mut slot: HashMap<usize, usize> = HashMap::new();
+    // Step indices are sparse when some steps were invalid: map them to dense slots,
+    // ordered by declaration.
+    let mut by_decl: Vec<(&str, usize)> = index.ids.iter().map(|(n, &i)| (n.as_str(), i)).collect();
+    by_decl.sort_by_key(|&(_, i)| i);
+    for (dense, (name, step_i)) in by_decl.iter().enumerate() {
+        names[dense] = name;
+        slot.insert(*step_i, dense);
+    }
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); names.len()];
+    for (from, to) in graph {
+        children[slot[from]].push(slot[to]);
+    }
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        OnPath,
+        Done,
+    }
+    let mut mark = vec![Mark::New; names.len()];
+    for start in 0..names.len() {
+        if mark[start] != Mark::New {
+            continue;
+        }
+        // Each frame: a node on the current path and the next child to visit.
+        let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
+        mark[start] = Mark::OnPath;
+        while let Some(frame) = stack.last_mut() {
+            let (node, next) = *frame;
+            if let Some(&child) = children[node].get(next) {
+                frame.1 += 1;
+                match mark[child] {
+                    Mark::New => {
+                        mark[child] = Mark::OnPath;
+                        stack.push((child, 0));
+                    }
+                    Mark::OnPath => {
+                        let from = stack
+                            .iter()
+                            .position(|&(n, _)| n == child)
+                            .expect("a node on the path is on the stack");
+                        let mut cycle: Vec<String> = stack[from..]
+                            .iter()
+                            .map(|&(n, _)| names[n].to_owned())
+                            .collect();
+                        cycle.push(names[child].to_owned());
+                        return Some(cycle);
+                    }
+                    Mark::Done => {}
+                }
+            } else {
+                mark[node] = Mark::Done;
+                stack.pop();
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blueprint::{EdgeOn, Join};
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn no_registered(_: &str) -> bool {
+        false
+    }
+
+    fn problems(doc: &Value) -> Vec<Problem> {
+        match validate(doc, &no_registered) {
+            Ok(bp) => panic!("expected problems, got a valid blueprint: {bp:?}"),
+            Err(problems) => problems,
+        }
+    }
+
+    /// Asserts that validation reports exactly one problem, at `path`, whose message
+    /// contains `fragment`.
+    fn assert_only(doc: Value, path: &str, fragment: &str) {
+        let found = problems(&doc);
+        assert_eq!(found.len(), 1, "expected one problem, got {found:#?}");
+        assert_eq!(found[0].path, path, "{found:#?}");
+        assert!(
+            found[0].message.contains(fragment),
+            "message {:?} lacks {fragment:?}",
+            found[0].message
+        );
+    }
+
+    /// A document with one step built from `step`.
+    fn one_step(step: Value) -> Value {
+        json!({ "steps": [step] })
+    }
+
+    fn valid(doc: Value) -> Blueprint {
+        match validate(&doc, &no_registered) {
+            Ok(bp) => bp,
+            Err(problems) => panic!("unexpected problems: {problems:#?}"),
+        }
+    }
+
+    fn spec_example() -> Value {
+        json!({
+          "name": "triage",
+          "steps": [
+            {"id": "fetch",    "action": "sql", "params": {"query": "select ..."}, "retries": 2},
+            {"id": "classify", "action": "transform",
+             "params": {"expr": "{'severity': input.rows[0].priority > 3 ? 'high' : 'low'}"},
+             "input": "steps.fetch.result"},
+            {"id": "page",     "action": "http", "params": {"method": "POST", "url": "http://127.0.0.1:9/page"}},
+            {"id": "backlog",  "action": "noop"},
+            {"id": "close",    "action": "noop"}
+          ],
+          "edges": [
+            {"from": "fetch", "to": "classify"},
+            {"from": "classify", "to": "page",    "when": "result.severity == 'high'"},
+            {"from": "classify", "to": "backlog", "when": "result.severity != 'high'"},
+            {"from": "page", "to": "close"}, {"from": "backlog", "to": "close"}
+          ],
+          "output": "{'closed': steps.close.status == 'succeeded'}"
+        })
+    }
+
+    #[test]
+    fn spec_example_is_valid() {
+        let bp = valid(spec_example());
+        assert_eq!(bp.name.as_deref(), Some("triage"));
+        assert_eq!(bp.roots(), vec!["fetch"]);
+        assert_eq!(
+            bp.topological_order(),
+            vec!["fetch", "classify", "page", "backlog", "close"]
+        );
+        let fetch = bp.step("fetch").unwrap();
+        assert_eq!(fetch.retries, 2);
+        assert_eq!(fetch.queue, "default");
+        assert_eq!(fetch.timeout, Duration::from_secs(300));
+        assert_eq!(bp.step("close").unwrap().join, Join::Any);
+        assert_eq!(bp.inbound("close").count(), 2);
+        assert_eq!(
+            bp.edges[1].when.as_deref(),
+            Some("result.severity == 'high'")
+        );
+        assert_eq!(bp.edges[1].on, EdgeOn::Success);
+    }
+
+    #[test]
+    fn validated_blueprint_round_trips() {
+        let bp = valid(spec_example());
+        let again = valid(serde_json::to_value(&bp).unwrap());
+        assert_eq!(again, bp);
+    }
+
+    #[test]
+    fn every_field_set_is_valid() {
+        let bp = valid(json!({
+            "name": null,
+            "steps": [
+                {"id": "a", "action": "sleep", "params": {"ms": 10}, "input": null,
+                 "queue": "fast.lane:1-x_y", "retries": 100, "backoff": "1ms",
+                 "timeout": "24h", "join": "all"},
+                {"id": "b", "action": "exec", "params": {"argv": ["echo", "hi"]}, "join": "all"},
+                {"id": "c", "action": "fail", "params": {"message": "boom"}},
+                {"id": "d", "action": "http", "params": {"url": "https://example.com",
+                  "method": "DELETE", "headers": {"X-Token": "t"}, "body": [1, {"a": null}]}},
+                {"id": "e", "action": "sql", "params": {"query": "select $1", "args": "[goal.id]"}}
+            ],
+            "edges": [
+                {"from": "a", "to": "b", "on": "always", "when": null},
+                {"from": "b", "to": "c", "on": "failure"}
+            ],
+            "output": null
+        }));
+        assert_eq!(bp.steps[0].join, Join::All);
+        assert_eq!(bp.steps[0].backoff, Duration::from_millis(1));
+        assert_eq!(bp.steps[0].timeout, Duration::from_secs(86_400));
+        assert_eq!(bp.edges[0].on, EdgeOn::Always);
+        assert_eq!(bp.roots(), vec!["a", "d", "e"]);
+    }
+
+    #[test]
+    fn join_all_with_one_inbound_edge_is_fine() {
+        valid(json!({
+            "steps": [{"id": "a", "action": "noop"}, {"id": "b", "action": "noop", "join": "all"}],
+            "edges": [{"from": "a", "to": "b"}]
+        }));
+    }
+
+    #[test]
+    fn registered_actions_are_known() {
+        let doc = one_step(json!({"id": "a", "action": "send_mail"}));
+        assert!(validate(&doc, &|name| name == "send_mail").is_ok());
+        assert!(validate(&doc, &|_| false).is_err());
+    }
+
+    #[test]
+    fn several_problems_in_several_places_are_all_reported() {
+        let doc = json!({
+            "name": 7,
+            "steps": [
+                {"id": "Fetch", "action": "sql", "params": {}, "retires": 2},
+                {"id": "b", "action": "foo", "timeout": "5 minutes"},
+                {"id": "b", "action": "noop", "join": "both"}
+            ],
+            "edges": [
+                {"from": "b", "to": "nowhere", "when": "result.x >"}
+            ],
+            "output": "steps."
+        });
+        let found = problems(&doc);
+        let expect = [
+            ("$.name", "expected a string"),
+            ("$.steps[0].retires", "unknown field \"retires\""),
+            ("$.steps[0].id", "invalid step id \"Fetch\""),
+            ("$.steps[0].params.query", "\"query\" is required"),
+            ("$.steps[1].action", "unknown action \"foo\""),
+            ("$.steps[1].timeout", "invalid duration"),
+            (
+                "$.steps[2].id",
+                "duplicate step id \"b\" (first used by $.steps[1])",
+            ),
+            ("$.steps[2].join", "expected \"any\" or \"all\""),
+            ("$.edges[0].to", "unknown step \"nowhere\""),
+            ("$.edges[0].when", "invalid CEL expression"),
+            ("$.output", "invalid CEL expression"),
+        ];
+        for (path, fragment) in expect {
+            assert!(
+                found
+                    .iter()
+                    .any(|p| p.path == path && p.message.contains(fragment)),
+                "missing {path}: {fragment} in {found:#?}"
+            );
+        }
+        assert_eq!(found.len(), expect.len(), "{found:#?}");
+    }
+
+    // Document-level rules.
+
+    #[test]
+    fn document_must_be_an_object() {
+        assert_only(json!([1]), "$", "must be a JSON object, got an array");
+    }
+
+    #[test]
+    fn unknown_top_level_field() {
+        assert_only(
+            json!({"steps": [{"id": "a", "action": "noop"}], "edge": []}),
+            "$.edge",
+            "unknown field \"edge\"",
+        );
+    }
+
+    #[test]
+    fn steps_are_required() {
+        assert_only(json!({}), "$.steps", "\"steps\" is required");
+    }
+
+    #[test]
+    fn steps_must_be_an_array() {
+        assert_only(json!({"steps": {}}), "$.steps", "expected an array");
+    }
+
+    #[test]
+    fn steps_must_not_be_empty() {
+        assert_only(json!({"steps": []}), "$.steps", "at least one step");
+    }
+
+    #[test]
+    fn too_many_steps() {
+        let steps: Vec<Value> = (0..=MAX_STEPS)
+            .map(|i| json!({"id": format!("s{i}"), "action": "noop"}))
+            .collect();
+        assert_only(
+            json!({ "steps": steps }),
+            "$.steps",
+            "10001 steps; the limit is 10000",
+        );
+    }
+
+    #[test]
+    fn exactly_max_steps_is_fine() {
+        let steps: Vec<Value> = (0..MAX_STEPS)
+            .map(|i| json!({"id": format!("s{i}"), "action": "noop"}))
+            .collect();
+        let edges: Vec<Value> = (1..MAX_STEPS)
+            .map(|i| json!({"from": format!("s{}", i - 1), "to": format!("s{i}")}))
+            .collect();
+        let bp = valid(json!({ "steps": steps, "edges": edges }));
+        assert_eq!(bp.topological_order().len(), MAX_STEPS);
+    }
+
+    #[test]
+    fn blueprint_too_large() {
+        let doc = json!({
+            "steps": [{"id": "a", "action": "noop", "params": {"pad": "x".repeat(MAX_BLUEPRINT_BYTES)}}]
+        });
+        let size = serde_json::to_string(&doc).unwrap().len();
+        assert_only(
+            doc,
+            "$",
+            &format!("blueprint is {size} bytes; the limit is 1 MiB"),
+        );
+    }
+
+    #[test]
+    fn name_must_be_a_string() {
+        assert_only(
+            json!({"name": ["x"], "steps": [{"id": "a", "action": "noop"}]}),
+            "$.name",
+            "expected a string, got an array",
+        );
+    }
+
+    #[test]
+    fn name_too_long() {
+        assert_only(
+            json!({"name": "é".repeat(201), "steps": [{"id": "a", "action": "noop"}]}),
+            "$.name",
+            "name is 201 characters; the limit is 200",
+        );
+        valid(json!({"name": "é".repeat(200), "steps": [{"id": "a", "action": "noop"}]}));
+    }
+
+    #[test]
+    fn output_must_compile() {
+        assert_only(
+            json!({"steps": [{"id": "a", "action": "noop"}], "output": "steps.a.result +"}),
+            "$.output",
+            "invalid CEL expression",
+        );
+    }
+
+    #[test]
+    fn output_must_be_a_string() {
+        assert_only(
+            json!({"steps": [{"id": "a", "action": "noop"}], "output": {"x": 1}}),
+            "$.output",
+            "expected a string",
+        );
+    }
+
+    // Step rules.
+
+    #[test]
+    fn step_must_be_an_object() {
+        assert_only(
+            json!({"steps": ["a"]}),
+            "$.steps[0]",
+            "expected an object, got a string",
+        );
+    }
+
+    #[test]
+    fn unknown_step_field() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "retires": 3})),
+            "$.steps[0].retires",
+            "unknown field \"retires\"",
+        );
+    }
+
+    #[test]
+    fn unknown_field_with_odd_name_gets_a_bracket_path() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "my field": 3})),
+            "$.steps[0][\"my field\"]",
+            "unknown field \"my field\"",
+        );
+    }
+
+    #[test]
+    fn step_id_required() {
+        assert_only(
+            one_step(json!({"action": "noop"})),
+            "$.steps[0].id",
+            "\"id\" is required",
+        );
+    }
+
+    #[test]
+    fn step_id_must_be_a_string() {
+        assert_only(
+            one_step(json!({"id": 1, "action": "noop"})),
+            "$.steps[0].id",
+            "expected a string, got a number",
+        );
+    }
+
+    #[test]
+    fn step_id_pattern() {
+        for bad in ["Fetch", "1a", "", "a-b", &format!("a{}", "b".repeat(63))] {
+            assert_only(
+                one_step(json!({"id": bad, "action": "noop"})),
+                "$.steps[0].id",
+                "must match ^[a-z][a-z0-9_]{0,62}$",
+            );
+        }
+        valid(one_step(
+            json!({"id": format!("a{}", "b".repeat(62)), "action": "noop"}),
+        ));
+    }
+
+    #[test]
+    fn duplicate_step_id_reported_at_second_occurrence() {
+        assert_only(
+            json!({"steps": [
+                {"id": "a", "action": "noop"},
+                {"id": "b", "action": "noop"},
+                {"id": "a", "action": "noop"}
+            ]}),
+            "$.steps[2].id",
+            "duplicate step id \"a\" (first used by $.steps[0])",
+        );
+    }
+
+    #[test]
+    fn action_required() {
+        assert_only(
+            one_step(json!({"id": "a"})),
+            "$.steps[0].action",
+            "\"action\" is required",
+        );
+    }
+
+    #[test]
+    fn action_must_be_a_string() {
+        assert_only(
+            one_step(json!({"id": "a", "action": true})),
+            "$.steps[0].action",
+            "expected a string, got a boolean",
+        );
+    }
+
+    #[test]
+    fn action_must_not_be_empty() {
+        assert_only(
+            one_step(json!({"id": "a", "action": ""})),
+            "$.steps[0].action",
+            "must not be empty",
+        );
+    }
+
+    #[test]
+    fn unknown_action() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "foo"})),
+            "$.steps[0].action",
+            "unknown action \"foo\" (built-ins: noop, sleep, fail, transform, http, exec, sql; \
+             others must be registered by a worker in synapse.actions)",
+        );
+    }
+
+    #[test]
+    fn params_must_be_an_object() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "params": [1]})),
+            "$.steps[0].params",
+            "expected an object, got an array",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "params": null})),
+            "$.steps[0].params",
+            "expected an object, got null",
+        );
+    }
+
+    #[test]
+    fn input_must_compile() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "input": "goal.input["})),
+            "$.steps[0].input",
+            "invalid CEL expression",
+        );
+    }
+
+    #[test]
+    fn input_must_be_a_string() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "input": 3})),
+            "$.steps[0].input",
+            "expected a string",
+        );
+    }
+
+    #[test]
+    fn queue_pattern() {
+        for bad in ["", "has space", &"q".repeat(65)] {
+            assert_only(
+                one_step(json!({"id": "a", "action": "noop", "queue": bad})),
+                "$.steps[0].queue",
+                "must match ^[A-Za-z0-9_.:-]{1,64}$",
+            );
+        }
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "queue": null})),
+            "$.steps[0].queue",
+            "expected a string, got null",
+        );
+    }
+
+    #[test]
+    fn retries_must_be_a_non_negative_integer() {
+        for bad in [json!(-1), json!(1.5), json!("2"), json!(null)] {
+            assert_only(
+                one_step(json!({"id": "a", "action": "noop", "retries": bad})),
+                "$.steps[0].retries",
+                "expected a non-negative integer",
+            );
+        }
+    }
+
+    #[test]
+    fn retries_at_most_100() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "retries": 101})),
+            "$.steps[0].retries",
+            "retries must be at most 100, got 101",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "retries": u64::MAX})),
+            "$.steps[0].retries",
+            "at most 100",
+        );
+    }
+
+    #[test]
+    fn backoff_must_be_a_duration() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "backoff": "1.5s"})),
+            "$.steps[0].backoff",
+            "invalid duration \"1.5s\"",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "backoff": 1000})),
+            "$.steps[0].backoff",
+            "expected a duration string",
+        );
+    }
+
+    #[test]
+    fn backoff_range() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "backoff": "0ms"})),
+            "$.steps[0].backoff",
+            "backoff must be between 1ms and 24h, got \"0ms\"",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "backoff": "25h"})),
+            "$.steps[0].backoff",
+            "backoff must be between 1ms and 24h",
+        );
+    }
+
+    #[test]
+    fn timeout_must_be_a_duration() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "timeout": "5 m"})),
+            "$.steps[0].timeout",
+            "invalid duration",
+        );
+    }
+
+    #[test]
+    fn timeout_range() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "timeout": "1441m"})),
+            "$.steps[0].timeout",
+            "timeout must be between 1ms and 24h, got \"1441m\"",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "timeout": "0s"})),
+            "$.steps[0].timeout",
+            "timeout must be between",
+        );
+    }
+
+    #[test]
+    fn join_any_or_all() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "join": "ALL"})),
+            "$.steps[0].join",
+            "expected \"any\" or \"all\", got \"ALL\"",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "join": 1})),
+            "$.steps[0].join",
+            "expected a string",
+        );
+    }
+
+    // Built-in action parameters.
+
+    #[test]
+    fn sleep_requires_ms() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "sleep"})),
+            "$.steps[0].params.ms",
+            "\"ms\" is required",
+        );
+    }
+
+    #[test]
+    fn sleep_ms_range() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "sleep", "params": {"ms": -5}})),
+            "$.steps[0].params.ms",
+            "expected a non-negative integer",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "sleep", "params": {"ms": 86_400_001}})),
+            "$.steps[0].params.ms",
+            "ms must be at most 86400000",
+        );
+        valid(one_step(
+            json!({"id": "a", "action": "sleep", "params": {"ms": 0}}),
+        ));
+    }
+
+    #[test]
+    fn fail_message_must_be_a_string() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "fail", "params": {"message": 5}})),
+            "$.steps[0].params.message",
+            "expected a string",
+        );
+        valid(one_step(json!({"id": "a", "action": "fail"})));
+    }
+
+    #[test]
+    fn transform_requires_expr() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "transform"})),
+            "$.steps[0].params.expr",
+            "\"expr\" is required",
+        );
+    }
+
+    #[test]
+    fn transform_expr_must_compile() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "transform", "params": {"expr": "{'a': }"}})),
+            "$.steps[0].params.expr",
+            "invalid CEL expression",
+        );
+    }
+
+    #[test]
+    fn http_requires_url() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "http"})),
+            "$.steps[0].params.url",
+            "\"url\" is required",
+        );
+    }
+
+    #[test]
+    fn http_url_scheme() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "http", "params": {"url": "ftp://x"}})),
+            "$.steps[0].params.url",
+            "must start with http:// or https://",
+        );
+    }
+
+    #[test]
+    fn http_method() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "http",
+                "params": {"url": "http://x", "method": "FETCH"}})),
+            "$.steps[0].params.method",
+            "unknown method \"FETCH\"",
+        );
+    }
+
+    #[test]
+    fn http_headers_are_strings() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "http",
+                "params": {"url": "http://x", "headers": {"X-Retry": 3}}})),
+            "$.steps[0].params.headers[\"X-Retry\"]",
+            "expected a string, got a number",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "http",
+                "params": {"url": "http://x", "headers": ["a"]}})),
+            "$.steps[0].params.headers",
+            "expected an object",
+        );
+    }
+
+    #[test]
+    fn exec_requires_argv() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "exec"})),
+            "$.steps[0].params.argv",
+            "\"argv\" is required",
+        );
+    }
+
+    #[test]
+    fn exec_argv_shape() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "exec", "params": {"argv": []}})),
+            "$.steps[0].params.argv",
+            "argv must not be empty",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "exec", "params": {"argv": "ls -l"}})),
+            "$.steps[0].params.argv",
+            "expected an array of strings",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "exec", "params": {"argv": ["ls", 1]}})),
+            "$.steps[0].params.argv[1]",
+            "expected a string",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "exec", "params": {"argv": [""]}})),
+            "$.steps[0].params.argv[0]",
+            "program name must not be empty",
+        );
+    }
+
+    #[test]
+    fn sql_requires_query() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "sql"})),
+            "$.steps[0].params.query",
+            "\"query\" is required",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "sql", "params": {"query": "  "}})),
+            "$.steps[0].params.query",
+            "query must not be empty",
+        );
+    }
+
+    #[test]
+    fn sql_args_must_compile() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "sql",
+                "params": {"query": "select $1", "args": "[goal.id"}})),
+            "$.steps[0].params.args",
+            "invalid CEL expression",
+        );
+    }
+
+    #[test]
+    fn registered_action_params_are_not_checked_here() {
+        let doc = one_step(json!({"id": "a", "action": "custom", "params": {"anything": [1]}}));
+        assert!(validate(&doc, &|_| true).is_ok());
+    }
+
+    // Edge rules.
+
+    fn two_steps(edges: Value) -> Value {
+        json!({
+            "steps": [{"id": "a", "action": "noop"}, {"id": "b", "action": "noop"}],
+            "edges": edges
+        })
+    }
+
+    #[test]
+    fn edges_must_be_an_array() {
+        assert_only(
+            two_steps(json!({"from": "a"})),
+            "$.edges",
+            "expected an array",
+        );
+    }
+
+    #[test]
+    fn edge_must_be_an_object() {
+        assert_only(
+            two_steps(json!(["a->b"])),
+            "$.edges[0]",
+            "expected an object",
+        );
+    }
+
+    #[test]
+    fn unknown_edge_field() {
+        assert_only(
+            two_steps(json!([{"from": "a", "to": "b", "if": "true"}])),
+            "$.edges[0].if",
+            "unknown field \"if\"",
+        );
+    }
+
+    #[test]
+    fn edge_from_required() {
+        assert_only(
+            two_steps(json!([{"to": "b"}])),
+            "$.edges[0].from",
+            "\"from\" is required",
+        );
+    }
+
+    #[test]
+    fn edge_to_required() {
+        assert_only(
+            two_steps(json!([{"from": "a"}])),
+            "$.edges[0].to",
+            "\"to\" is required",
+        );
+    }
+
+    #[test]
+    fn edge_from_must_name_a_step() {
+        assert_only(
+            two_steps(json!([{"from": "x", "to": "b"}])),
+            "$.edges[0].from",
+            "unknown step \"x\"",
+        );
+    }
+
+    #[test]
+    fn edge_to_must_name_a_step() {
+        assert_only(
+            two_steps(json!([{"from": "a", "to": "zz"}])),
+            "$.edges[0].to",
+            "unknown step \"zz\"",
+        );
+    }
+
+    #[test]
+    fn edge_to_a_malformed_step_id_is_not_also_unknown() {
+        assert_only(
+            json!({
+                "steps": [{"id": "a", "action": "noop"}, {"id": "B", "action": "noop"}],
+                "edges": [{"from": "a", "to": "B"}]
+            }),
+            "$.steps[1].id",
+            "invalid step id",
+        );
+    }
+
+    #[test]
+    fn self_edge() {
+        assert_only(
+            two_steps(json!([{"from": "a", "to": "a"}])),
+            "$.edges[0]",
+            "self-edge: step \"a\"",
+        );
+    }
+
+    #[test]
+    fn duplicate_edge() {
+        assert_only(
+            two_steps(json!([{"from": "a", "to": "b"}, {"from": "a", "to": "b", "on": "failure"}])),
+            "$.edges[1]",
+            "duplicate edge \"a\" -> \"b\" (first declared at $.edges[0])",
+        );
+    }
+
+    #[test]
+    fn edge_when_must_compile() {
+        assert_only(
+            two_steps(json!([{"from": "a", "to": "b", "when": "result.score >"}])),
+            "$.edges[0].when",
+            "invalid CEL expression",
+        );
+    }
+
+    #[test]
+    fn edge_on_values() {
+        assert_only(
+            two_steps(json!([{"from": "a", "to": "b", "on": "sucess"}])),
+            "$.edges[0].on",
+            "expected \"success\", \"failure\" or \"always\", got \"sucess\"",
+        );
+        assert_only(
+            two_steps(json!([{"from": "a", "to": "b", "on": null}])),
+            "$.edges[0].on",
+            "expected a string",
+        );
+    }
+
+    #[test]
+    fn cycle_is_reported_once_in_order() {
+        assert_only(
+            json!({
+                "steps": [
+                    {"id": "start", "action": "noop"},
+                    {"id": "a", "action": "noop"},
+                    {"id": "b", "action": "noop"},
+                    {"id": "c", "action": "noop"}
+                ],
+                "edges": [
+                    {"from": "start", "to": "a"},
+                    {"from": "a", "to": "b"},
+                    {"from": "b", "to": "c"},
+                    {"from": "c", "to": "a"},
+                    {"from": "c", "to": "b"}
+                ]
+            }),
+            "$.edges",
+            "cycle: a -> b -> c -> a",
+        );
+    }
+
+    #[test]
+    fn two_step_cycle() {
+        assert_only(
+            two_steps(json!([{"from": "a", "to": "b"}, {"from": "b", "to": "a", "on": "failure"}])),
+            "$.edges",
+            "cycle: a -> b -> a",
+        );
+    }
+
+    #[test]
+    fn long_chain_cycle_does_not_overflow() {
+        let n = MAX_STEPS;
+        let steps: Vec<Value> = (0..n)
+            .map(|i| json!({"id": format!("s{i}"), "action": "noop"}))
+            .collect();
+        let mut edges: Vec<Value> = (1..n)
+            .map(|i| json!({"from": format!("s{}", i - 1), "to": format!("s{i}")}))
+            .collect();
+        edges.push(json!({"from": format!("s{}", n - 1), "to": "s0"}));
+        let found = problems(&json!({ "steps": steps, "edges": edges }));
+        assert_eq!(found.len(), 1, "{:?}", &found[..1]);
+        assert_eq!(found[0].path, "$.edges");
+        assert!(found[0].message.starts_with("cycle: s0 -> s1 -> "));
+        assert!(found[0].message.ends_with("-> s9999 -> s0"));
+    }
+
+    #[test]
+    fn problem_list_is_capped() {
+        let steps: Vec<Value> = (0..MAX_PROBLEMS + 10).map(|_| json!(1)).collect();
+        let found = problems(&json!({ "steps": steps }));
+        assert_eq!(found.len(), MAX_PROBLEMS + 1);
+        let last = found.last().unwrap();
+        assert_eq!(last.path, "$");
+        assert!(
+            last.message.contains("10 more problems"),
+            "{}",
+            last.message
+        );
+    }
+
+    #[test]
+    fn problem_display_and_json() {
+        let p = Problem {
+            path: "$.steps[0].id".into(),
+            message: "bad".into(),
+        };
+        assert_eq!(p.to_string(), "$.steps[0].id: bad");
+        assert_eq!(
+            serde_json::to_value(&p).unwrap(),
+            json!({"path": "$.steps[0].id", "message": "bad"})
+        );
+    }
+}

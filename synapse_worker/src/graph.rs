@@ -1,0 +1,305 @@
+//! Pictures of a goal's DAG: Mermaid and Graphviz DOT, nodes coloured by task
+//! status, edges labelled with their conditions and drawn by resolution.
+//!
+//! Shared with the extension, whose `synapse.goal_graph()` renders with it.
+use std::fmt::Write;
+
+/// A step as drawn.
+pub struct Node<'a> {
+    /// Step id.
+    pub step: &'a str,
+    /// Action name.
+    pub action: &'a str,
+    /// Task status.
+    pub status: &'a str,
+    /// Attempts started.
+    pub attempts: i32,
+}
+
+/// An edge as drawn.
+pub struct Link<'a> {
+    /// From step id.
+    pub from: &'a str,
+    /// To step id.
+    pub to: &'a str,
+    /// CEL condition, if any.
+    pub when: Option<&'a str>,
+    /// `success`, `failure` or `always`.
+    pub on: &'a str,
+    /// `pending`, `taken`, `not_taken` or `error`.
+    pub state: &'a str,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Mermaid flowchart.
+    Mermaid,
+    /// Graphviz DOT.
+    Dot,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name {
+            "mermaid" => Ok(Format::Mermaid),
+            "dot" => Ok(Format::Dot),
+            other => Err(format!(
+                "unknown graph format \"{other}\" (use mermaid or dot)"
+            )),
+        }
+    }
+}
+
+/// Fill and stroke colours of a task status.
+fn colours(status: &str) -> (&'static str, &'static str) {
+    match status {
+        "succeeded" => ("#c8e6c9", "#2e7d32"),
+        "failed" => ("#ffcdd2", "#c62828"),
+        "running" => ("#bbdefb", "#1565c0"),
+        "queued" | "retrying" => ("#fff9c4", "#f9a825"),
+        "skipped" | "cancelled" => ("#eeeeee", "#9e9e9e"),
+        _ => ("#ffffff", "#616161"),
+    }
+}
+
+const STATUSES: [&str; 8] = [
+    "pending",
+    "queued",
+    "running",
+    "retrying",
+    "succeeded",
+    "failed",
+    "skipped",
+    "cancelled",
+];
+
+fn label(link: &Link<'_>) -> String {
+    let mut parts = Vec::new();
+    if link.on != "success" {
+        parts.push(format!("on {}", link.on));
+    }
+    if let Some(when) = link.when {
+        parts.push(when.to_owned());
+    }
+    if link.state == "error" {
+        parts.push("error".to_owned());
+    }
+    parts.join(" · ")
+}
+
+/// Renders the DAG.
+pub fn render(format: Format, title: &str, nodes: &[Node<'_>], links: &[Link<'_>]) -> String {
+    match format {
+        Format::Mermaid => mermaid(title, nodes, links),
+        Format::Dot => dot(title, nodes, links),
+    }
+}
+
+fn mermaid_text(text: &str) -> String {
+    text.replace('&', "#amp;")
+        .replace('"', "#quot;")
+        .replace('<', "#lt;")
+        .replace('>', "#gt;")
+}
+
+fn mermaid(title: &str, nodes: &[Node<'_>], links: &[Link<'_>]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "---\ntitle: {}\n---\nflowchart TD",
+        mermaid_text(title)
+    );
+    for node in nodes {
+        let attempts = if node.attempts > 1 {
+            format!(" ×{}", node.attempts)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "    {}[\"<b>{}</b><br/>{} · {}{}\"]:::{}",
+            node.step,
+            node.step,
+            mermaid_text(node.action),
+            node.status,
+            attempts,
+            node.status
+        );
+    }
+    for link in links {
+        let arrow = match link.state {
+            "not_taken" => "-.->",
+            "error" => "--x",
+            "taken" => "==>",
+            _ => "-->",
+        };
+        let text = label(link);
+        if text.is_empty() {
+            let _ = writeln!(out, "    {} {arrow} {}", link.from, link.to);
+        } else {
+            let _ = writeln!(
+                out,
+                "    {} {arrow}|\"{}\"| {}",
+                link.from,
+                mermaid_text(&text),
+                link.to
+            );
+        }
+    }
+    for status in STATUSES {
+        let (fill, stroke) = colours(status);
+        let _ = writeln!(out, "    classDef {status} fill:{fill},stroke:{stroke}");
+    }
+    out
+}
+
+fn dot_text(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn dot(title: &str, nodes: &[Node<'_>], links: &[Link<'_>]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "digraph synapse {{");
+    let _ = writeln!(
+        out,
+        "    label=\"{}\"; labelloc=t; rankdir=TB;",
+        dot_text(title)
+    );
+    let _ = writeln!(
+        out,
+        "    node [shape=box, style=\"rounded,filled\", fontname=\"Helvetica\"];"
+    );
+    let _ = writeln!(out, "    edge [fontname=\"Helvetica\", fontsize=10];");
+    for node in nodes {
+        let (fill, stroke) = colours(node.status);
+        let attempts = if node.attempts > 1 {
+            format!(" ×{}", node.attempts)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "    \"{}\" [label=\"{}\\n{} · {}{}\", fillcolor=\"{fill}\", color=\"{stroke}\"];",
+            node.step,
+            node.step,
+            dot_text(node.action),
+            node.status,
+            attempts
+        );
+    }
+    for link in links {
+        let style = match link.state {
+            "taken" => "style=bold, color=\"#2e7d32\"",
+            "not_taken" => "style=dashed, color=\"#9e9e9e\"",
+            "error" => "style=bold, color=\"#c62828\"",
+            _ => "color=\"#616161\"",
+        };
+        let _ = writeln!(
+            out,
+            "    \"{}\" -> \"{}\" [label=\"{}\", {style}];",
+            link.from,
+            link.to,
+            dot_text(&label(link))
+        );
+    }
+    out.push_str("}\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (Vec<Node<'static>>, Vec<Link<'static>>) {
+        (
+            vec![
+                Node {
+                    step: "classify",
+                    action: "transform",
+                    status: "succeeded",
+                    attempts: 1,
+                },
+                Node {
+                    step: "page",
+                    action: "http",
+                    status: "failed",
+                    attempts: 3,
+                },
+                Node {
+                    step: "backlog",
+                    action: "noop",
+                    status: "skipped",
+                    attempts: 0,
+                },
+            ],
+            vec![
+                Link {
+                    from: "classify",
+                    to: "page",
+                    when: Some("result.severity == \"high\""),
+                    on: "success",
+                    state: "taken",
+                },
+                Link {
+                    from: "classify",
+                    to: "backlog",
+                    when: Some("result.severity != 'high'"),
+                    on: "success",
+                    state: "not_taken",
+                },
+            ],
+        )
+    }
+
+    #[test]
+    fn mermaid_colours_nodes_and_labels_edges() {
+        let (nodes, links) = sample();
+        let text = render(Format::Mermaid, "goal 7", &nodes, &links);
+        assert!(text.contains("flowchart TD"));
+        assert!(
+            text.contains("page[\"<b>page</b><br/>http · failed ×3\"]:::failed"),
+            "{text}"
+        );
+        assert!(
+            text.contains("classify ==>|\"result.severity == #quot;high#quot;\"| page"),
+            "{text}"
+        );
+        assert!(
+            text.contains("classify -.->|\"result.severity != 'high'\"| backlog"),
+            "{text}"
+        );
+        assert!(text.contains("classDef failed fill:#ffcdd2"));
+    }
+
+    #[test]
+    fn dot_escapes_and_styles_by_state() {
+        let (nodes, links) = sample();
+        let text = render(Format::Dot, "goal \"7\"", &nodes, &links);
+        assert!(text.starts_with("digraph synapse {"));
+        assert!(text.contains("label=\"goal \\\"7\\\"\""), "{text}");
+        assert!(
+            text.contains("\"backlog\" [label=\"backlog\\nnoop · skipped\", fillcolor=\"#eeeeee\""),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\"classify\" -> \"backlog\" [label=\"result.severity != 'high'\", style=dashed"
+            ),
+            "{text}"
+        );
+        assert!(text.trim_end().ends_with('}'));
+    }
+
+    #[test]
+    fn formats_parse_by_name() {
+        assert_eq!("dot".parse::<Format>(), Ok(Format::Dot));
+        assert!("svg"
+            .parse::<Format>()
+            .unwrap_err()
+            .contains("mermaid or dot"));
+    }
+}

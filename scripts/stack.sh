@@ -81,7 +81,12 @@ case "${1:-}" in
         echo "postgres: postgresql://postgres@127.0.0.1:$PGPORT/$DATABASE"
         echo "redis:    redis://127.0.0.1:$REDIS_PORT/0"
         ;;
-    down) pg_stop fast; redis_stop ;;
+    down)
+        # The demo's worker and receiver, if `make demo` started them.
+        for pidfile in "$SYNAPSE_HOME"/demo/*.pid; do
+            [ -f "$pidfile" ] && [ -z "${SYNAPSE_STACK_DIR:-}" ] && { kill "$(cat "$pidfile")" 2>/dev/null || true; rm -f "$pidfile"; }
+        done
+        pg_stop fast; redis_stop ;;
     status)
         as_pg "$PG_BIN/pg_ctl" -D "$DATA" status || true
         redis-cli -p "$REDIS_PORT" ping || true

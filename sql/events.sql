@@ -95,7 +95,7 @@ BEGIN
             RAISE EXCEPTION 'a new task cannot start as %', NEW.status USING ERRCODE = '22023';
         END IF;
     ELSIF NOT (CASE OLD.status
-            WHEN 'pending'  THEN NEW.status IN ('queued', 'skipped', 'cancelled')
+            WHEN 'pending'  THEN NEW.status IN ('queued', 'skipped', 'failed', 'cancelled')
             WHEN 'queued'   THEN NEW.status IN ('running', 'cancelled')
             WHEN 'running'  THEN NEW.status IN ('succeeded', 'failed', 'retrying', 'queued', 'cancelled')
             WHEN 'retrying' THEN NEW.status IN ('queued', 'cancelled')

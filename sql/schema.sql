@@ -101,6 +101,8 @@ COMMENT ON COLUMN synapse.tasks.finished_at IS 'When the task reached succeeded,
 CREATE INDEX tasks_retry_due ON synapse.tasks (run_at) WHERE status = 'retrying';
 CREATE INDEX tasks_lease_due ON synapse.tasks (lease_expires_at) WHERE status = 'running';
 CREATE INDEX tasks_queued_since ON synapse.tasks (queued_at) WHERE status = 'queued';
+-- The engine's "has every step of this goal ended?" check.
+CREATE INDEX tasks_unfinished ON synapse.tasks (goal_id) WHERE finished_at IS NULL;
 
 CREATE TABLE synapse.edges (
     goal_id     bigint      NOT NULL,

@@ -190,3 +190,197 @@ pub fn brpop(redis: &mut redis::Connection, list: &str, timeout: Duration) -> Op
 
 /// A blueprint with one `noop` step, as JSON text.
 pub const ONE_STEP: &str = r#"{"steps":[{"id":"only","action":"noop"}]}"#;
+
+/// A `synapse-worker run` process against a stack; killed when dropped.
+pub struct WorkerProcess {
+    child: std::process::Child,
+    /// Where its log goes.
+    pub log: PathBuf,
+}
+
+/// The worker binary `make test-e2e` builds before the tests.
+pub fn worker_binary() -> PathBuf {
+    std::env::var_os("SYNAPSE_WORKER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debug/synapse-worker"))
+}
+
+impl Stack {
+    /// Starts a worker with extra `run` flags; waits until it has registered
+    /// its actions (its "worker started" log line).
+    pub fn start_worker(&self, name: &str, flags: &[&str]) -> WorkerProcess {
+        let log = self.dir.join(format!("worker-{name}.log"));
+        let file = std::fs::File::create(&log).expect("worker log");
+        let child = Command::new(worker_binary())
+            .arg("--log-format")
+            .arg("text")
+            .arg("run")
+            .args(flags)
+            .env("SYNAPSE_DATABASE_URL", self.database_url())
+            .env("SYNAPSE_REDIS_URL", self.redis_url())
+            .env("RUST_LOG", "synapse_worker=debug,info")
+            .env("NO_COLOR", "1")
+            .stdout(file.try_clone().expect("log handle"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!(
+                    "starting {}: {error} (run `make test-e2e`)",
+                    worker_binary().display()
+                )
+            });
+        let worker = WorkerProcess { child, log };
+        wait_until("the worker to start", Duration::from_secs(30), || {
+            worker.log_text().contains("worker started").then_some(())
+        });
+        worker
+    }
+}
+
+impl WorkerProcess {
+    /// Everything it logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (`TERM`, `KILL`, `STOP`, `CONT`).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for it to exit, up to `limit`.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let child = &mut self.child;
+        wait_until("the worker to exit", limit, || {
+            child.try_wait().expect("try_wait")
+        })
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits, on NOTIFY events rather than by polling, until goal `id` has ended;
+/// returns its `goal_status()`.
+pub fn wait_for_goal(stack: &Stack, id: i64, limit: Duration) -> serde_json::Value {
+    use postgres::fallible_iterator::FallibleIterator;
+    let mut listener = stack.pg();
+    listener
+        .batch_execute("LISTEN synapse_events")
+        .expect("LISTEN");
+    let deadline = Instant::now() + limit;
+    loop {
+        let status: serde_json::Value = listener
+            .query_one("SELECT synapse.goal_status($1)::text", &[&id])
+            .map(|row| serde_json::from_str(row.get::<_, &str>(0)).expect("JSON"))
+            .expect("goal_status");
+        if matches!(
+            status["status"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            return status;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "goal {id} did not end within {limit:?}: {status}"
+        );
+        // Any goal event may be ours; look again after each.
+        let mut notifications = listener.notifications();
+        let mut iter = notifications.timeout_iter(left);
+        while let Ok(Some(note)) = iter.next() {
+            if note.payload().contains(&format!("\"goal_id\":{id}}}")) {
+                break;
+            }
+        }
+    }
+}
+
+/// Step → task row fields, from a `goal_status()`.
+pub fn task<'a>(status: &'a serde_json::Value, step: &str) -> &'a serde_json::Value {
+    status["tasks"]
+        .as_array()
+        .and_then(|tasks| tasks.iter().find(|task| task["step"] == step))
+        .unwrap_or_else(|| panic!("no step {step} in {status}"))
+}
+
+/// `(from, to)` → edge state, from a `goal_status()`.
+pub fn edge_state(status: &serde_json::Value, from: &str, to: &str) -> String {
+    status["edges"]
+        .as_array()
+        .and_then(|edges| {
+            edges
+                .iter()
+                .find(|edge| edge["from"] == from && edge["to"] == to)
+        })
+        .and_then(|edge| edge["state"].as_str())
+        .unwrap_or_else(|| panic!("no edge {from} -> {to} in {status}"))
+        .to_owned()
+}
+
+/// Waits until the goal's only (or first) task is `running`, i.e. claimed by a worker.
+pub fn wait_for_running_task(client: &mut postgres::Client, goal_id: i64) {
+    wait_until("the task to run", Duration::from_secs(60), || {
+        let running: bool = client
+            .query_one(
+                "SELECT bool_or(status = 'running') FROM synapse.tasks WHERE goal_id = $1",
+                &[&goal_id],
+            )
+            .expect("task status")
+            .get::<_, Option<bool>>(0)
+            .unwrap_or(false);
+        running.then_some(())
+    });
+}
+
+/// Asserts that nothing happens during a quiet window: no statement in
+/// `pg_stat_statements` whose text matches `sql_like` (other than the probe's
+/// own), and no Redis command (besides the probe's INFO) is counted.
+pub fn assert_quiet(
+    client: &mut postgres::Client,
+    redis: &mut redis::Connection,
+    sql_like: &str,
+    window: Duration,
+) {
+    let statements = |client: &mut postgres::Client| -> i64 {
+        client
+            .query_one(
+                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
+                  WHERE query LIKE $1 AND query NOT LIKE '%pg_stat_statements%'",
+                &[&sql_like],
+            )
+            .expect("pg_stat_statements")
+            .get(0)
+    };
+    let commands = |redis: &mut redis::Connection| -> String {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(redis)
+            .expect("INFO");
+        info.lines()
+            .filter(|line| line.starts_with("cmdstat_") && !line.starts_with("cmdstat_info"))
+            .map(|line| line.split(',').next().unwrap_or_default().to_owned())
+            .collect::<Vec<_>>()
+            .join(";")
+    };
+    let sql_before = statements(client);
+    let redis_before = commands(redis);
+    // Nothing announces "nothing happened": observe a quiet window.
+    std::thread::sleep(window);
+    assert_eq!(statements(client), sql_before, "SQL ran while idle");
+    assert_eq!(commands(redis), redis_before, "Redis commands while idle");
+}

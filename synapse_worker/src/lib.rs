@@ -1,8 +1,30 @@
 //! Synapse worker library.
 //!
-//! The [`blueprint`] module (plan model, validation, CEL) is built without any
-//! runtime dependency and is shared with the `synapse` Postgres extension.
+//! The [`blueprint`], [`template`] and [`graph`] modules are built without any
+//! runtime dependency and are shared with the `synapse` Postgres extension.
+//! With the `runtime` feature (the default), the rest is the worker itself:
+//! the consumer pops Redis lists, the planner turns goals into plans, the
+//! executor claims and runs tasks, and the engine resolves the DAG — all state
+//! lives in Postgres, reached through the store.
 
 pub mod blueprint;
 pub mod graph;
 pub mod template;
+
+#[cfg(feature = "runtime")]
+pub mod actions;
+#[cfg(feature = "runtime")]
+pub mod consumer;
+#[cfg(feature = "runtime")]
+pub mod engine;
+#[cfg(feature = "runtime")]
+pub mod executor;
+#[cfg(feature = "runtime")]
+pub mod planner;
+#[cfg(feature = "runtime")]
+pub mod store;
+#[cfg(feature = "runtime")]
+pub mod worker;
+
+#[cfg(feature = "runtime")]
+pub use worker::{Worker, WorkerConfig};

@@ -128,7 +128,7 @@ fn index_path(path: &str, index: usize) -> String {
 }
 
 /// The kind of a JSON value, with its article, for "expected X, got Y" messages.
-fn kind(value: &Value) -> &'static str {
+pub fn kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

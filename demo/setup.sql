@@ -1,0 +1,66 @@
+-- Demo data and templates. Safe to run again.
+CREATE TABLE IF NOT EXISTS public.incidents (
+    id       bigint PRIMARY KEY,
+    title    text NOT NULL,
+    priority int  NOT NULL,
+    status   text NOT NULL DEFAULT 'open'
+);
+INSERT INTO public.incidents (id, title, priority) VALUES
+    (42, 'checkout latency above 2s', 5),
+    (43, 'typo on the pricing page', 1)
+ON CONFLICT (id) DO UPDATE SET status = 'open';
+
+CREATE TABLE IF NOT EXISTS public.daily_totals (day date PRIMARY KEY, total bigint NOT NULL);
+
+SELECT synapse.add_template(
+    'incident-triage',
+    'triage incident (?P<id>\d+)',
+    $${
+      "name": "incident triage",
+      "steps": [
+        {"id": "fetch", "action": "sql", "input": "{'id': int(goal.params.id)}",
+         "params": {"query": "select id, title, priority from incidents where id = $1", "args": "[input.id]"},
+         "retries": 2},
+        {"id": "classify", "action": "transform", "input": "steps.fetch.result.rows[0]",
+         "params": {"expr": "{'incident': input.id, 'title': input.title, 'severity': input.priority > 3 ? 'high' : 'low'}"}},
+        {"id": "page", "action": "http", "input": "steps.classify.result",
+         "params": {"method": "POST", "url": "http://127.0.0.1:58080/page"}, "retries": 3, "backoff": "250ms"},
+        {"id": "backlog", "action": "sql", "input": "steps.classify.result",
+         "params": {"query": "update incidents set status = 'backlog' where id = $1 returning id, status", "args": "[input.incident]"}},
+        {"id": "close", "action": "sql", "input": "steps.classify.result",
+         "params": {"query": "update incidents set status = 'closed' where id = $1 and status <> 'backlog' returning id, status", "args": "[input.incident]"}}
+      ],
+      "edges": [
+        {"from": "fetch", "to": "classify"},
+        {"from": "classify", "to": "page", "when": "result.severity == 'high'"},
+        {"from": "classify", "to": "backlog", "when": "result.severity != 'high'"},
+        {"from": "page", "to": "close"},
+        {"from": "backlog", "to": "close"}
+      ],
+      "output": "{'severity': steps.classify.result.severity, 'paged': steps.page.status == 'succeeded', 'filed': steps.backlog.status == 'succeeded'}"
+    }$$::jsonb,
+    'Fetch an incident, classify it, page on-call or file it to the backlog, then close it.');
+
+SELECT synapse.add_template(
+    'daily-totals',
+    'compute totals for (?P<day>\d{4}-\d{2}-\d{2})',
+    $${
+      "name": "daily totals",
+      "steps": [
+        {"id": "extract", "action": "transform", "input": "goal.params",
+         "params": {"expr": "{'day': input.day, 'amounts': [120, 80, 40]}"}},
+        {"id": "flaky_load", "action": "fail", "params": {"message": "warehouse connection reset"},
+         "retries": 2, "backoff": "200ms"},
+        {"id": "fallback_load", "action": "sql", "input": "steps.extract.result",
+         "params": {"query": "insert into daily_totals values ($1::text::date, $2) on conflict (day) do update set total = excluded.total returning day::text, total",
+                    "args": "[input.day, input.amounts[0] + input.amounts[1] + input.amounts[2]]"}},
+        {"id": "report", "action": "transform", "input": "steps.fallback_load.result.rows[0]",
+         "params": {"expr": "{'day': input.day, 'total': input.total, 'loaded_by': 'fallback'}"}}
+      ],
+      "edges": [
+        {"from": "extract", "to": "flaky_load"},
+        {"from": "flaky_load", "to": "fallback_load", "on": "failure"},
+        {"from": "fallback_load", "to": "report"}
+      ]
+    }$$::jsonb,
+    'Load daily totals; when the primary load keeps failing after its retries, a failure edge loads through the fallback.');

@@ -1,0 +1,603 @@
+//! The whole path with real `synapse-worker` processes: submit_goal → planner
+//! → engine → actions, driven by outbox events and Redis.
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use synapse_e2e::{
+    assert_quiet, edge_state, postgres, redis, task, wait_for_goal, wait_for_running_task,
+    wait_until, Stack,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn submit_plan(client: &mut postgres::Client, blueprint: &Value) -> i64 {
+    client
+        .query_one(
+            "SELECT synapse.submit_plan($1::text::jsonb)",
+            &[&blueprint.to_string()],
+        )
+        .expect("submit_plan")
+        .get(0)
+}
+
+fn run_plan(stack: &Stack, blueprint: Value) -> Value {
+    let mut client = stack.pg();
+    let id = submit_plan(&mut client, &blueprint);
+    wait_for_goal(stack, id, WAIT)
+}
+
+const TRIAGE: &str = r#"{
+  "name": "triage",
+  "steps": [
+    {"id": "parse", "action": "transform", "input": "goal.params",
+     "params": {"expr": "{'priority': int(input.severity), 'incident': input.id}"}},
+    {"id": "page", "action": "transform", "params": {"expr": "{'paged': input.parse.incident}"}},
+    {"id": "backlog", "action": "noop"},
+    {"id": "close", "action": "noop"}
+  ],
+  "edges": [
+    {"from": "parse", "to": "page", "when": "result.priority > 3"},
+    {"from": "parse", "to": "backlog", "when": "result.priority <= 3"},
+    {"from": "page", "to": "close"},
+    {"from": "backlog", "to": "close"}
+  ],
+  "output": "{'branch': steps.page.status == 'succeeded' ? 'page' : 'backlog', 'incident': steps.parse.result.incident}"
+}"#;
+
+#[test]
+fn a_goal_is_planned_from_a_template_and_takes_the_branch_its_data_chooses() {
+    let stack = Stack::start("m3", &[]);
+    let mut client = stack.pg();
+    client
+        .execute(
+            "SELECT synapse.add_template('triage', 'triage incident (?P<id>\\d+) severity (?P<severity>\\d+)', $1::text::jsonb)",
+            &[&TRIAGE],
+        )
+        .unwrap();
+    let _worker = stack.start_worker("w", &[]);
+    let urgent: i64 = client
+        .query_one(
+            "SELECT synapse.submit_goal('Triage incident 7 severity 5')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let minor: i64 = client
+        .query_one(
+            "SELECT synapse.submit_goal('triage incident 8 severity 1')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+
+    let status = wait_for_goal(&stack, urgent, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(status["template"], "triage");
+    assert_eq!(status["params"], json!({"id": "7", "severity": "5"}));
+    assert_eq!(status["result"], json!({"branch": "page", "incident": "7"}));
+    assert_eq!(
+        task(&status, "page")["result"],
+        json!({"paged": "7"}),
+        "data flows from parse to page"
+    );
+    assert_eq!(task(&status, "backlog")["status"], "skipped");
+    assert_eq!(edge_state(&status, "parse", "page"), "taken");
+    assert_eq!(edge_state(&status, "parse", "backlog"), "not_taken");
+    assert_eq!(edge_state(&status, "backlog", "close"), "not_taken");
+    assert_eq!(task(&status, "close")["status"], "succeeded");
+
+    let status = wait_for_goal(&stack, minor, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(
+        status["result"],
+        json!({"branch": "backlog", "incident": "8"})
+    );
+    assert_eq!(task(&status, "page")["status"], "skipped");
+    assert_eq!(task(&status, "backlog")["status"], "succeeded");
+    assert_eq!(edge_state(&status, "parse", "backlog"), "taken");
+
+    let graph: String = client
+        .query_one("SELECT synapse.goal_graph($1)", &[&minor])
+        .unwrap()
+        .get(0);
+    assert!(
+        graph.contains("parse -.->|\"result.priority #gt; 3\"| page"),
+        "{graph}"
+    );
+    assert!(
+        graph.contains("parse ==>|\"result.priority #lt;= 3\"| backlog"),
+        "{graph}"
+    );
+}
+
+#[test]
+fn goals_that_cannot_be_planned_fail_saying_why_and_create_no_task() {
+    let stack = Stack::start("planning-errors", &[]);
+    let mut client = stack.pg();
+    // A template written around the API, with a blueprint the validator refuses.
+    client
+        .execute(
+            r#"INSERT INTO synapse.templates (name, pattern, blueprint)
+               VALUES ('broken', '^broken', '{"steps":[{"id":"a","action":"nope"},{"id":"a","action":"noop"}]}')"#,
+            &[],
+        )
+        .unwrap();
+    let _worker = stack.start_worker("w", &[]);
+    let unmatched: i64 = client
+        .query_one("SELECT synapse.submit_goal('deploy the moon')", &[])
+        .unwrap()
+        .get(0);
+    let broken: i64 = client
+        .query_one("SELECT synapse.submit_goal('broken plan')", &[])
+        .unwrap()
+        .get(0);
+    let unknown: i64 = client
+        .query_one(
+            "SELECT synapse.submit_goal('anything', '{}', 'oracle')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+
+    let status = wait_for_goal(&stack, unmatched, WAIT);
+    assert_eq!(status["status"], "failed");
+    assert_eq!(
+        status["error"],
+        r#"no template matches goal "deploy the moon""#
+    );
+
+    let status = wait_for_goal(&stack, broken, WAIT);
+    assert_eq!(status["status"], "failed");
+    let error = status["error"].as_str().unwrap();
+    assert!(
+        error.contains(r#"$.steps[0].action: unknown action "nope""#),
+        "{error}"
+    );
+    assert!(error.contains("$.steps[1].id"), "{error}");
+    assert_eq!(status["tasks"], json!([]));
+
+    let status = wait_for_goal(&stack, unknown, WAIT);
+    assert_eq!(
+        status["error"],
+        r#"unknown planner "oracle" (this worker has: template)"#
+    );
+    let tasks: i64 = client
+        .query_one("SELECT count(*) FROM synapse.tasks", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(tasks, 0);
+}
+
+#[test]
+fn failures_retry_with_backoff_time_out_and_are_handled_by_failure_edges() {
+    let stack = Stack::start("failures", &[]);
+    let _worker = stack.start_worker("w", &[]);
+
+    // Retries: three attempts, each failure recorded as task.retrying first.
+    let status = run_plan(
+        &stack,
+        json!({"steps": [{"id": "flaky", "action": "fail", "params": {"message": "boom"}, "retries": 2, "backoff": "50ms"}]}),
+    );
+    assert_eq!(status["status"], "failed");
+    assert_eq!(task(&status, "flaky")["attempts"], 3);
+    assert_eq!(status["error"], "step flaky failed: boom");
+    let mut redis = stack.redis();
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("synapse:events")
+        .arg("-")
+        .arg("+")
+        .query(&mut redis)
+        .unwrap();
+    let retrying = reply
+        .ids
+        .iter()
+        .filter(|entry| {
+            entry
+                .get::<String>("payload")
+                .unwrap()
+                .contains("\"task.retrying\"")
+        })
+        .count();
+    assert_eq!(retrying, 2);
+
+    // A per-attempt timeout fails the attempt.
+    let status = run_plan(
+        &stack,
+        json!({"steps": [{"id": "slow", "action": "sleep", "params": {"ms": 10000}, "timeout": "200ms"}]}),
+    );
+    assert_eq!(status["status"], "failed");
+    assert_eq!(task(&status, "slow")["error"], "timed out after 200ms");
+
+    // An on: failure edge handles the failure: the goal succeeds.
+    let status = run_plan(
+        &stack,
+        json!({
+            "steps": [{"id": "risky", "action": "fail", "params": {"message": "nope"}},
+                      {"id": "recover", "action": "transform", "params": {"expr": "{'recovered_from': input.risky}"},
+                       "input": "{'risky': steps.risky.status}"},
+                      {"id": "celebrate", "action": "noop"}],
+            "edges": [{"from": "risky", "to": "recover", "on": "failure"},
+                      {"from": "risky", "to": "celebrate"}]
+        }),
+    );
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(
+        task(&status, "recover")["result"],
+        json!({"recovered_from": "failed"})
+    );
+    assert_eq!(task(&status, "celebrate")["status"], "skipped");
+    assert_eq!(
+        status["result"],
+        json!({"recover": {"recovered_from": "failed"}})
+    );
+
+    // Without one, the failure fails the goal and skips what followed.
+    let status = run_plan(
+        &stack,
+        json!({"steps": [{"id": "a", "action": "fail"}, {"id": "b", "action": "noop"}],
+               "edges": [{"from": "a", "to": "b"}]}),
+    );
+    assert_eq!(status["status"], "failed");
+    assert_eq!(task(&status, "b")["status"], "skipped");
+}
+
+#[test]
+fn joins_and_skips_follow_the_blueprint() {
+    let stack = Stack::start("joins", &[]);
+    let _worker = stack.start_worker("w", &[]);
+    let status = run_plan(
+        &stack,
+        json!({
+            "steps": [{"id": "a", "action": "noop"}, {"id": "b", "action": "noop"},
+                      {"id": "all", "action": "noop", "join": "all"},
+                      {"id": "any", "action": "noop", "join": "any"},
+                      {"id": "x", "action": "noop"}, {"id": "y", "action": "noop"}, {"id": "z", "action": "noop"}],
+            "edges": [{"from": "a", "to": "all"}, {"from": "b", "to": "all", "when": "false"},
+                      {"from": "a", "to": "any"}, {"from": "b", "to": "any", "when": "false"},
+                      {"from": "b", "to": "x", "when": "false"}, {"from": "x", "to": "y"}, {"from": "y", "to": "z"}]
+        }),
+    );
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(task(&status, "all")["status"], "skipped");
+    assert_eq!(
+        task(&status, "all")["error"],
+        "join all: edge from b not taken"
+    );
+    assert_eq!(task(&status, "any")["status"], "succeeded");
+    for step in ["x", "y", "z"] {
+        assert_eq!(
+            task(&status, step)["status"],
+            "skipped",
+            "the skip cascades down the branch"
+        );
+    }
+    assert_eq!(edge_state(&status, "y", "z"), "not_taken");
+
+    // A condition that cannot be evaluated fails its target, naming the edge.
+    let status = run_plan(
+        &stack,
+        json!({"steps": [{"id": "a", "action": "noop"}, {"id": "b", "action": "noop"}],
+               "edges": [{"from": "a", "to": "b", "when": "result.missing == 1"}]}),
+    );
+    assert_eq!(status["status"], "failed");
+    assert_eq!(edge_state(&status, "a", "b"), "error");
+    assert!(
+        task(&status, "b")["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("edge a -> b: condition failed"),
+        "{status}"
+    );
+}
+
+#[test]
+fn two_hundred_diamonds_on_four_workers_run_every_join_exactly_once() {
+    let stack = Stack::start("diamonds", &[]);
+    let workers: Vec<_> = (0..4)
+        .map(|i| stack.start_worker(&format!("w{i}"), &["--concurrency", "8"]))
+        .collect();
+    let mut client = stack.pg();
+    let diamond = json!({
+        "steps": [{"id": "top", "action": "noop"},
+                  {"id": "left", "action": "transform", "params": {"expr": "1"}},
+                  {"id": "right", "action": "transform", "params": {"expr": "2"}},
+                  {"id": "join", "action": "transform", "params": {"expr": "input.left + input.right"}, "join": "all"}],
+        "edges": [{"from": "top", "to": "left"}, {"from": "top", "to": "right"},
+                  {"from": "left", "to": "join"}, {"from": "right", "to": "join"}]
+    });
+    let ids: Vec<i64> = (0..200)
+        .map(|_| submit_plan(&mut client, &diamond))
+        .collect();
+    for id in &ids {
+        let status = wait_for_goal(&stack, *id, WAIT);
+        assert_eq!(status["status"], "succeeded", "{status}");
+        assert_eq!(status["result"], json!({"join": 3}));
+        assert_eq!(task(&status, "join")["attempts"], 1);
+    }
+    // Exactly one task.queued per join, across all four workers.
+    let mut redis = stack.redis();
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("synapse:events")
+        .arg("-")
+        .arg("+")
+        .query(&mut redis)
+        .unwrap();
+    let mut joins_queued = Vec::new();
+    for entry in &reply.ids {
+        let event: Value = serde_json::from_str(&entry.get::<String>("payload").unwrap()).unwrap();
+        if event["event"] == "task.queued" && event["step"] == "join" {
+            joins_queued.push(event["goal_id"].as_i64().unwrap());
+        }
+    }
+    let unique: BTreeSet<i64> = joins_queued.iter().copied().collect();
+    assert_eq!(joins_queued.len(), 200);
+    assert_eq!(unique, ids.iter().copied().collect());
+    // The work was shared.
+    let busy = workers
+        .iter()
+        .filter(|worker| worker.log_text().contains("task recorded"))
+        .count();
+    assert!(busy >= 2, "only {busy} of 4 workers ran tasks");
+}
+
+#[test]
+fn a_killed_worker_s_task_runs_again_and_a_stale_worker_cannot_overwrite_it() {
+    let stack = Stack::start("kill", &[]);
+    let mut client = stack.pg();
+
+    // kill -9 mid-task: the lease lapses, the forwarder re-queues, another worker finishes.
+    let doomed = stack.start_worker("doomed", &["--lease", "1s"]);
+    let id = submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "long", "action": "sleep", "params": {"ms": 1500}, "retries": 1}]}),
+    );
+    wait_for_running_task(&mut client, id);
+    doomed.signal("KILL");
+    let _rescuer = stack.start_worker("rescuer", &["--lease", "1s"]);
+    let status = wait_for_goal(&stack, id, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(task(&status, "long")["attempts"], 2);
+
+    // A frozen worker whose lease expired: its late outcome is fenced out.
+    let frozen = stack.start_worker("frozen", &["--lease", "1s", "--queues", "slow"]);
+    let id = submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "step", "action": "sleep", "params": {"ms": 800}, "queue": "slow", "retries": 1}]}),
+    );
+    wait_for_running_task(&mut client, id);
+    frozen.signal("STOP");
+    let thawed_rival = stack.start_worker("rival", &["--lease", "5s", "--queues", "slow"]);
+    let status = wait_for_goal(&stack, id, WAIT);
+    assert_eq!(status["status"], "succeeded");
+    assert_eq!(task(&status, "step")["attempts"], 2);
+    frozen.signal("CONT");
+    wait_until("the stale outcome to be rejected", WAIT, || {
+        frozen
+            .log_text()
+            .contains("outcome rejected: a newer attempt owns the task")
+            .then_some(())
+    });
+    let after = wait_for_goal(&stack, id, WAIT);
+    assert_eq!(task(&after, "step")["attempts"], 2);
+    drop(thawed_rival);
+}
+
+#[test]
+fn duplicate_messages_are_harmless_and_a_flushed_redis_is_swept() {
+    let stack = Stack::start("duplicates", &["synapse.sweep_interval = '1s'"]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    let id = submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "once", "action": "noop"}]}),
+    );
+    let payload: String = wait_until("the message", WAIT, || {
+        redis::cmd("LINDEX")
+            .arg("synapse:queue:default")
+            .arg(0)
+            .query::<Option<String>>(&mut redis)
+            .unwrap()
+    });
+    for _ in 0..5 {
+        redis::cmd("LPUSH")
+            .arg("synapse:queue:default")
+            .arg(&payload)
+            .query::<()>(&mut redis)
+            .unwrap();
+    }
+    let _worker = stack.start_worker("w", &[]);
+    let status = wait_for_goal(&stack, id, WAIT);
+    assert_eq!(status["status"], "succeeded");
+    assert_eq!(task(&status, "once")["attempts"], 1);
+    wait_until("the duplicates to be consumed", WAIT, || {
+        let left: i64 = redis::cmd("LLEN")
+            .arg("synapse:queue:default")
+            .query(&mut redis)
+            .unwrap();
+        (left == 0).then_some(())
+    });
+
+    // FLUSHALL loses queued work; the sweep dispatches it again.
+    drop(_worker);
+    let id = submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "lost", "action": "noop"}]}),
+    );
+    wait_until("the message", WAIT, || {
+        let len: i64 = redis::cmd("LLEN")
+            .arg("synapse:queue:default")
+            .query(&mut redis)
+            .unwrap();
+        (len == 1).then_some(())
+    });
+    redis::cmd("FLUSHALL").query::<()>(&mut redis).unwrap();
+    let _worker = stack.start_worker("w2", &[]);
+    let status = wait_for_goal(&stack, id, WAIT);
+    assert_eq!(status["status"], "succeeded");
+}
+
+#[test]
+fn cancel_reaches_a_running_task_and_sigterm_lets_work_finish() {
+    let stack = Stack::start("cancel", &[]);
+    let mut client = stack.pg();
+    let mut worker = stack.start_worker("w", &["--lease", "1s", "--concurrency", "1"]);
+    let id = submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "long", "action": "sleep", "params": {"ms": 60000}}]}),
+    );
+    wait_for_running_task(&mut client, id);
+    assert!(client
+        .query_one("SELECT synapse.cancel_goal($1)", &[&id])
+        .unwrap()
+        .get::<_, bool>(0));
+    wait_until("the worker to stop the task", WAIT, || {
+        worker
+            .log_text()
+            .contains("task cancelled or lease lost; stopped")
+            .then_some(())
+    });
+    // Its only slot is free again.
+    let status = run_plan(&stack, json!({"steps": [{"id": "next", "action": "noop"}]}));
+    assert_eq!(status["status"], "succeeded");
+
+    // SIGTERM: the running task finishes, then the worker exits 0.
+    let id = submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "finish_me", "action": "sleep", "params": {"ms": 700}}]}),
+    );
+    wait_for_running_task(&mut client, id);
+    worker.signal("TERM");
+    let exit = worker.wait(WAIT);
+    assert!(exit.success(), "{exit:?}\n{}", worker.log_text());
+    let status = wait_for_goal(&stack, id, WAIT);
+    assert_eq!(status["status"], "succeeded");
+}
+
+#[test]
+fn an_idle_worker_blocks_in_brpop_and_runs_no_sql() {
+    let stack = Stack::start("worker-idle", &[]);
+    let _worker = stack.start_worker("w", &[]);
+    let status = run_plan(
+        &stack,
+        json!({"steps": [{"id": "a", "action": "noop"}, {"id": "b", "action": "noop"}],
+                                          "edges": [{"from": "a", "to": "b"}]}),
+    );
+    assert_eq!(status["status"], "succeeded");
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    wait_until("the last events to be forwarded", WAIT, || {
+        (stack.forwarder_status(&mut client)["pending"] == 0).then_some(())
+    });
+    assert_quiet(&mut client, &mut redis, "%", Duration::from_secs(3));
+}
+
+/// Answers every HTTP request on a local port with `status` and a JSON body
+/// echoing the request body; returns the port. Serves `requests` requests.
+fn http_receiver(status: u16, requests: usize) -> u16 {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(requests) {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap();
+                }
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            let reply = format!(r#"{{"echo":{}}}"#, String::from_utf8(body).unwrap());
+            write!(
+                stream,
+                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
+                reply.len()
+            )
+            .unwrap();
+        }
+    });
+    port
+}
+
+#[test]
+fn the_sql_http_and_exec_actions_work_against_real_services() {
+    let stack = Stack::start("actions", &[]);
+    let mut client = stack.pg();
+    client
+        .batch_execute("CREATE TABLE public.orders (id bigint PRIMARY KEY, amount int NOT NULL, placed date NOT NULL)")
+        .unwrap();
+    let _worker = stack.start_worker("w", &["--allow-exec", "/bin/cat"]);
+    let port = http_receiver(200, 1);
+    let status = run_plan(
+        &stack,
+        json!({
+            "steps": [
+                {"id": "insert", "action": "sql", "input": "{'id': 7, 'amount': 30}",
+                 "params": {"query": "insert into orders values ($1, $2, '2026-11-24') returning id, amount, placed",
+                            "args": "[input.id, input.amount]"}},
+                {"id": "total", "action": "sql",
+                 "params": {"query": "select sum(amount)::int as total, count(*) as orders from orders where amount >= $1",
+                            "args": "[10]"}},
+                {"id": "notify", "action": "http", "input": "steps.total.result.rows[0]",
+                 "params": {"method": "POST", "url": format!("http://127.0.0.1:{port}/hook")}},
+                {"id": "echo", "action": "exec", "input": "steps.notify.result.body",
+                 "params": {"argv": ["/bin/cat"]}},
+                {"id": "denied", "action": "exec", "params": {"argv": ["/bin/echo", "hi"]}}
+            ],
+            "edges": [{"from": "insert", "to": "total"}, {"from": "total", "to": "notify"},
+                      {"from": "notify", "to": "echo"}],
+            "output": "{'echo': steps.echo.result, 'inserted': steps.insert.result.rows[0]}"
+        }),
+    );
+    assert_eq!(status["status"], "failed", "the denied exec fails the goal");
+    assert_eq!(
+        task(&status, "insert")["result"],
+        json!({"rows": [{"id": 7, "amount": 30, "placed": "2026-11-24"}]})
+    );
+    assert_eq!(
+        task(&status, "total")["result"],
+        json!({"rows": [{"total": 30, "orders": 1}]})
+    );
+    assert_eq!(task(&status, "notify")["result"]["status"], 200);
+    assert_eq!(
+        task(&status, "notify")["result"]["body"],
+        json!({"echo": {"total": 30, "orders": 1}})
+    );
+    assert_eq!(
+        task(&status, "echo")["result"],
+        json!({"echo": {"total": 30, "orders": 1}})
+    );
+    let denied = task(&status, "denied")["error"].as_str().unwrap();
+    assert!(denied.contains("is not allowed"), "{denied}");
+    assert!(denied.contains("--allow-exec"), "{denied}");
+
+    // A non-2xx answer fails the step; a bad query fails it with Postgres's message.
+    let port = http_receiver(404, 1);
+    let status = run_plan(
+        &stack,
+        json!({"steps": [{"id": "hook", "action": "http", "params": {"url": format!("http://127.0.0.1:{port}/x")}},
+                         {"id": "bad_sql", "action": "sql", "params": {"query": "select * from no_such_table"}}]}),
+    );
+    assert!(
+        task(&status, "hook")["error"]
+            .as_str()
+            .unwrap()
+            .contains("404"),
+        "{status}"
+    );
+    assert!(
+        task(&status, "bad_sql")["error"]
+            .as_str()
+            .unwrap()
+            .contains("no_such_table"),
+        "{status}"
+    );
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# `make demo`: with the stack up (make up), starts a worker and a stand-in
+# paging service, installs the demo templates and runs goals that take
+# different branches, printing each result and its graph.
+set -euo pipefail
+. "$(dirname "$0")/env.sh"
+cd "$SYNAPSE_ROOT"
+
+PGPORT="${SYNAPSE_PGPORT:-55432}"
+REDIS_PORT="${SYNAPSE_REDIS_PORT:-56379}"
+export SYNAPSE_DATABASE_URL="postgresql://postgres@127.0.0.1:$PGPORT/synapse"
+export SYNAPSE_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
+DEMO="$SYNAPSE_HOME/demo"
+mkdir -p "$DEMO"
+
+cargo build -q -p synapse_worker --bin synapse-worker
+WORKER="$SYNAPSE_ROOT/target/debug/synapse-worker"
+
+running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+if ! running "$DEMO/receiver.pid"; then
+    python3 demo/receiver.py 58080 >"$DEMO/receiver.log" 2>&1 &
+    echo $! >"$DEMO/receiver.pid"
+fi
+for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/58080) 2>/dev/null && break; sleep 0.05; done
+if ! running "$DEMO/worker.pid"; then
+    "$WORKER" run --concurrency 8 >"$DEMO/worker.log" 2>&1 &
+    echo $! >"$DEMO/worker.pid"
+fi
+
+PGOPTIONS="-c client_min_messages=warning" "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 "$SYNAPSE_DATABASE_URL" -f demo/setup.sql >/dev/null
+
+run_goal() {
+    local goal="$1"
+    echo
+    echo "━━━ synapse-worker submit '$goal' --wait"
+    local status
+    status=$("$WORKER" submit "$goal" --wait --timeout 60s 2>/dev/null) || true
+    python3 - "$status" <<'PY'
+import json, sys
+s = json.loads(sys.argv[1])
+print(f"goal {s['id']}: {s['status']}  result={json.dumps(s['result'])}" + (f"  error={s['error']}" if s['error'] else ""))
+for t in s["tasks"]:
+    print(f"  {t['step']:<14} {t['status']:<10} attempts={t['attempts']}" + (f"  ({t['error']})" if t['error'] else ""))
+for e in s["edges"]:
+    label = f" when {e['when']}" if e["when"] else ""
+    label += f" on {e['on']}" if e["on"] != "success" else ""
+    print(f"  {e['from']} -> {e['to']}{label}: {e['state']}")
+PY
+    local id
+    id=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["id"])' "$status")
+    "$WORKER" graph "$id" >"$DEMO/goal-$id.mmd"
+    "$WORKER" graph "$id" --format dot | dot -Tsvg >"$DEMO/goal-$id.svg"
+    echo "  graph: $DEMO/goal-$id.svg (Mermaid: $DEMO/goal-$id.mmd)"
+    LAST_GOAL=$id
+}
+
+run_goal "triage incident 42"
+FIRST_GOAL=$LAST_GOAL
+run_goal "triage incident 43"
+run_goal "compute totals for 2026-11-24"
+run_goal "deploy the moon base"
+
+echo
+echo "Mermaid of goal $FIRST_GOAL (paste into any Mermaid viewer):"
+cat "$DEMO/goal-$FIRST_GOAL.mmd"
+echo
+echo "The stack is still up (worker log: $DEMO/worker.log). Stop everything with: make down"

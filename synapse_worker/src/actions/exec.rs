@@ -1,0 +1,436 @@
+//! The `exec` built-in: runs an allowed program with the step input as JSON on
+//! stdin and takes its JSON stdout as the result.
+
+use std::io::ErrorKind;
+use std::os::unix::process::ExitStatusExt;
+use std::process::Stdio;
+
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use super::simple::{expected, param};
+use super::{Action, ActionContext, ActionError, ActionFuture};
+
+/// How much of a failed program's stderr goes into the error message.
+const STDERR_TAIL_BYTES: usize = 500;
+
+/// How much of unparseable stdout is quoted in the error message.
+const STDOUT_QUOTE_CHARS: usize = 200;
+
+/// Worker environment variables that hold credentials; programs run by blueprints
+/// have no business seeing them, and a script that echoes its environment would
+/// otherwise leak them into step results and logs.
+const HIDDEN_ENV: &[&str] = &["SYNAPSE_DATABASE_URL", "SYNAPSE_REDIS_URL"];
+
+/// `exec`: runs `params.argv` (a non-empty array of strings, no shell involved).
+///
+/// The step input is written to the program's stdin as one line of JSON; on exit
+/// status 0 its stdout, parsed as JSON, is the result (empty stdout gives `null`).
+/// A non-zero exit is retryable and reports the exit code and the end of stderr;
+/// output that is not JSON is a permanent error, since the same program would
+/// print it again. The program also gets `SYNAPSE_GOAL_ID`, `SYNAPSE_TASK_ID`,
+/// `SYNAPSE_STEP` and `SYNAPSE_ATTEMPT` in its environment, so it can make its
+/// side effects idempotent across retries.
+///
+/// Only programs in the allow-list may run. `argv[0]` is compared with each entry
+/// exactly as written, without resolving `PATH` or symlinks, so `--allow-exec`
+/// must name a program exactly as blueprints write it (`jq` allows `["jq", …]`
+/// but not `["/usr/bin/jq", …]`). A bare name is then looked up in the worker's
+/// `PATH` when the program starts.
+///
+/// If the attempt is cancelled (timeout, goal cancelled, lease lost) the program
+/// is killed (`kill_on_drop`); processes it started itself are not tracked.
+pub struct Exec {
+    allowed: Vec<String>,
+}
+
+impl Exec {
+    /// An `exec` action that runs only `allowed_programs` (the worker's
+    /// `--allow-exec` list); an empty list allows nothing.
+    pub fn new(allowed_programs: Vec<String>) -> Self {
+        Self {
+            allowed: allowed_programs,
+        }
+    }
+
+    /// The programs this action may run, as given to [`Exec::new`].
+    pub fn allowed_programs(&self) -> &[String] {
+        &self.allowed
+    }
+
+    async fn execute(&self, context: &ActionContext) -> Result<Value, ActionError> {
+        let argv = argv(context)?;
+        let program = argv[0];
+        if !self.allowed.iter().any(|allowed| allowed == program) {
+            return Err(ActionError::Permanent(format!(
+                "program \"{program}\" is not allowed (start the worker with --allow-exec {program})"
+            )));
+        }
+
+        let mut command = Command::new(program);
+        command
+            .args(&argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .env("SYNAPSE_GOAL_ID", context.goal_id.to_string())
+            .env("SYNAPSE_TASK_ID", context.task_id.to_string())
+            .env("SYNAPSE_STEP", &context.step)
+            .env("SYNAPSE_ATTEMPT", context.attempt.to_string());
+        for name in HIDDEN_ENV {
+            command.env_remove(name);
+        }
+        let mut child = command.spawn().map_err(|e| match e.kind() {
+            // This worker cannot run it however often it tries.
+            ErrorKind::NotFound | ErrorKind::PermissionDenied => {
+                ActionError::Permanent(format!("program \"{program}\" cannot be started: {e}"))
+            }
+            // Out of processes or file descriptors: may pass.
+            _ => ActionError::Retryable(format!("program \"{program}\" could not start: {e}")),
+        })?;
+
+        let mut payload = serde_json::to_vec(&context.input).map_err(|e| {
+            ActionError::Permanent(format!("cannot serialize the input as JSON: {e}"))
+        })?;
+        payload.push(b'\n');
+        let stdin = child.stdin.take();
+        // Feed stdin while collecting the output: a program that writes before it
+        // has read all its input would otherwise deadlock on full pipes.
+        let feed = async move {
+            let Some(mut stdin) = stdin else {
+                return Ok(());
+            };
+            stdin.write_all(&payload).await?;
+            // Dropping stdin closes it, so the program sees end of input.
+            stdin.shutdown().await
+        };
+        let (fed, output) = tokio::join!(feed, child.wait_with_output());
+        let output = output.map_err(|e| {
+            ActionError::Retryable(format!(
+                "program \"{program}\" could not be waited for: {e}"
+            ))
+        })?;
+        if let Err(e) = fed {
+            // A program that exits without reading its input breaks the pipe; its
+            // exit status, not the write, says whether it worked.
+            if e.kind() != ErrorKind::BrokenPipe {
+                return Err(ActionError::Retryable(format!(
+                    "program \"{program}\": writing the input to its stdin failed: {e}"
+                )));
+            }
+        }
+
+        if !output.status.success() {
+            let how = match (output.status.code(), output.status.signal()) {
+                (Some(code), _) => format!("exited with code {code}"),
+                (None, Some(signal)) => format!("was killed by signal {signal}"),
+                (None, None) => "failed".to_owned(),
+            };
+            let stderr = stderr_tail(&output.stderr);
+            return Err(ActionError::Retryable(if stderr.is_empty() {
+                format!("program \"{program}\" {how}")
+            } else {
+                format!("program \"{program}\" {how}: {stderr}")
+            }));
+        }
+        parse_stdout(program, &output.stdout)
+    }
+}
+
+impl Action for Exec {
+    fn name(&self) -> &str {
+        "exec"
+    }
+
+    fn description(&self) -> &str {
+        "Runs an allowed program (params.argv) with the input as JSON on stdin; the result is its JSON stdout."
+    }
+
+    fn params_schema(&self) -> Option<Value> {
+        Some(json!({
+            "type": "object",
+            "required": ["argv"],
+            "properties": {
+                "argv": {"type": "array", "minItems": 1, "items": {"type": "string"}}
+            }
+        }))
+    }
+
+    fn run<'a>(&'a self, context: &'a ActionContext) -> ActionFuture<'a> {
+        Box::pin(self.execute(context))
+    }
+}
+
+/// `params.argv`, checked as validation checks it.
+fn argv(context: &ActionContext) -> Result<Vec<&str>, ActionError> {
+    let items = match param(context, "argv")? {
+        None => {
+            return Err(ActionError::Permanent(
+                "params.argv: \"argv\" is required".to_owned(),
+            ))
+        }
+        Some(Value::Array(items)) => items,
+        Some(other) => return Err(expected("argv", "an array of strings", other)),
+    };
+    if items.is_empty() {
+        return Err(ActionError::Permanent(
+            "params.argv: argv must not be empty".to_owned(),
+        ));
+    }
+    let mut argv = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        match item {
+            Value::String(s) if i == 0 && s.is_empty() => {
+                return Err(ActionError::Permanent(
+                    "params.argv[0]: the program name must not be empty".to_owned(),
+                ))
+            }
+            Value::String(s) => argv.push(s.as_str()),
+            other => return Err(expected(&format!("argv[{i}]"), "a string", other)),
+        }
+    }
+    Ok(argv)
+}
+
+/// The last [`STDERR_TAIL_BYTES`] of stderr as text, trimmed: the end is where
+/// programs usually say why they failed.
+fn stderr_tail(stderr: &[u8]) -> String {
+    let start = stderr.len().saturating_sub(STDERR_TAIL_BYTES);
+    // A cut inside a UTF-8 sequence shows as a replacement character, which is fine.
+    String::from_utf8_lossy(&stderr[start..]).trim().to_owned()
+}
+
+/// The result of a successful run: stdout as JSON, `null` when it is blank.
+fn parse_stdout(program: &str, stdout: &[u8]) -> Result<Value, ActionError> {
+    let text = String::from_utf8_lossy(stdout);
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_str(text).map_err(|e| {
+        let quoted: String = text.chars().take(STDOUT_QUOTE_CHARS).collect();
+        ActionError::Permanent(format!(
+            "program \"{program}\" printed output that is not JSON ({e}): {quoted}"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::simple::tests::context;
+    use super::*;
+
+    fn exec(allowed: &[&str]) -> Exec {
+        Exec::new(allowed.iter().map(|s| (*s).to_owned()).collect())
+    }
+
+    async fn run(allowed: &[&str], argv: Value, input: Value) -> Result<Value, ActionError> {
+        exec(allowed)
+            .run(&context(json!({ "argv": argv }), input))
+            .await
+    }
+
+    #[tokio::test]
+    async fn cat_echoes_the_input_back() {
+        let input = json!({"rows": [1, "two", {"three": null}], "ok": true});
+        assert_eq!(
+            run(&["/bin/cat"], json!(["/bin/cat"]), input.clone()).await,
+            Ok(input)
+        );
+    }
+
+    #[tokio::test]
+    async fn arguments_are_passed_without_a_shell() {
+        let result = run(
+            &["/bin/sh"],
+            json!([
+                "/bin/sh",
+                "-c",
+                "printf '[\"%s\",\"%s\"]' \"$0\" \"$SYNAPSE_STEP\"",
+                "a b"
+            ]),
+            json!(null),
+        )
+        .await;
+        assert_eq!(result, Ok(json!(["a b", "s"])));
+    }
+
+    #[tokio::test]
+    async fn empty_stdout_is_null() {
+        assert_eq!(
+            run(
+                &["/bin/true"],
+                json!(["/bin/true"]),
+                json!({"big": "x".repeat(1 << 20)})
+            )
+            .await,
+            Ok(Value::Null)
+        );
+    }
+
+    #[tokio::test]
+    async fn non_zero_exit_is_retryable_with_code_and_stderr() {
+        let err = run(&["/bin/false"], json!(["/bin/false"]), json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ActionError::Retryable("program \"/bin/false\" exited with code 1".to_owned())
+        );
+
+        let script = "head -c 2000 /dev/zero | tr '\\0' x >&2; echo ' the end' >&2; exit 3";
+        let err = run(&["/bin/sh"], json!(["/bin/sh", "-c", script]), json!({}))
+            .await
+            .unwrap_err();
+        assert!(err.is_retryable());
+        let message = err.message();
+        assert!(
+            message.starts_with("program \"/bin/sh\" exited with code 3: xxx"),
+            "{message}"
+        );
+        assert!(message.ends_with("x the end"), "{message}");
+        let tail = message.split(": ").nth(1).unwrap();
+        assert!(tail.len() <= STDERR_TAIL_BYTES, "{}", tail.len());
+    }
+
+    #[tokio::test]
+    async fn killed_program_is_retryable() {
+        let err = run(
+            &["/bin/sh"],
+            json!(["/bin/sh", "-c", "kill -9 $$"]),
+            json!({}),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            err,
+            ActionError::Retryable("program \"/bin/sh\" was killed by signal 9".to_owned())
+        );
+    }
+
+    #[tokio::test]
+    async fn program_not_allowed_is_permanent() {
+        let err = run(&["/bin/cat"], json!(["cat"]), json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ActionError::Permanent(
+                "program \"cat\" is not allowed (start the worker with --allow-exec cat)"
+                    .to_owned()
+            )
+        );
+        let err = run(&[], json!(["/bin/cat"]), json!({})).await.unwrap_err();
+        assert!(!err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn non_json_output_is_permanent() {
+        let err = run(&["/bin/echo"], json!(["/bin/echo", "hello"]), json!({}))
+            .await
+            .unwrap_err();
+        assert!(!err.is_retryable());
+        assert!(
+            err.message()
+                .starts_with("program \"/bin/echo\" printed output that is not JSON ("),
+            "{err:?}"
+        );
+        assert!(err.message().ends_with("): hello"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn missing_program_is_permanent() {
+        let missing = "/nonexistent/synapse-test-program";
+        let err = run(&[missing], json!([missing]), json!({}))
+            .await
+            .unwrap_err();
+        assert!(!err.is_retryable());
+        assert!(err.message().contains("cannot be started"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn credentials_are_not_passed_on() {
+        // Only the child's environment is inspected; the test sets nothing globally.
+        let result = run(
+            &["/bin/sh"],
+            json!([
+                "/bin/sh",
+                "-c",
+                "printf '\"%s\"' \"${SYNAPSE_DATABASE_URL-unset}\""
+            ]),
+            json!({}),
+        )
+        .await;
+        assert_eq!(result, Ok(json!("unset")));
+    }
+
+    #[tokio::test]
+    async fn bad_argv_is_permanent() {
+        for (argv, message) in [
+            (json!([]), "params.argv: argv must not be empty"),
+            (
+                json!("ls -l"),
+                "params.argv: expected an array of strings, got a string",
+            ),
+            (
+                json!(["ls", 1]),
+                "params.argv[1]: expected a string, got a number",
+            ),
+            (
+                json!([""]),
+                "params.argv[0]: the program name must not be empty",
+            ),
+        ] {
+            assert_eq!(
+                run(&["ls"], argv, json!({})).await,
+                Err(ActionError::Permanent(message.to_owned()))
+            );
+        }
+        let err = exec(&["ls"])
+            .run(&context(json!({}), json!({})))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ActionError::Permanent("params.argv: \"argv\" is required".to_owned())
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_the_attempt_kills_the_program() {
+        let pid_file =
+            std::env::temp_dir().join(format!("synapse-exec-test-{}.pid", std::process::id()));
+        let _ = std::fs::remove_file(&pid_file);
+        let action = exec(&["/bin/sh"]);
+        let script = "echo $$ > \"$0\"; exec /bin/sleep 30";
+        let ctx = context(
+            json!({"argv": ["/bin/sh", "-c", script, pid_file.to_str().unwrap()]}),
+            json!({}),
+        );
+        let outcome = tokio::time::timeout(Duration::from_millis(500), action.run(&ctx)).await;
+        assert!(outcome.is_err(), "the sleep should have been cut short");
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        let _ = std::fs::remove_file(&pid_file);
+        let stat = format!("/proc/{}/stat", pid.trim());
+        // Killed processes linger as zombies until reaped; either way they are gone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match std::fs::read_to_string(&stat) {
+                Err(_) => break,
+                Ok(s)
+                    if s.rsplit(')')
+                        .next()
+                        .is_some_and(|rest| rest.trim_start().starts_with('Z')) =>
+                {
+                    break
+                }
+                Ok(s) => assert!(std::time::Instant::now() < deadline, "still running: {s}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

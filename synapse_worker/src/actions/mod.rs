@@ -1,0 +1,134 @@
+//! Actions: what a step does. The built-ins live here; custom actions
+//! implement [`Action`] and are registered in an [`ActionRegistry`] by the
+//! binary that embeds the worker.
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+mod exec;
+mod http;
+mod simple;
+mod sql;
+
+pub use exec::Exec;
+pub use http::Http;
+pub use simple::{Fail, Noop, Sleep, Transform};
+pub use sql::Sql;
+
+/// What one attempt of a step sees.
+pub struct ActionContext {
+    /// Goal id.
+    pub goal_id: i64,
+    /// Task id.
+    pub task_id: i64,
+    /// Step id.
+    pub step: String,
+    /// Attempt number, from 1.
+    pub attempt: i32,
+    /// The step's `params` from the blueprint.
+    pub params: Value,
+    /// The step's evaluated input.
+    pub input: Value,
+    /// The attempt's time limit; the executor enforces it, actions may use it
+    /// for their own I/O timeouts.
+    pub timeout: Duration,
+}
+
+/// Why an attempt failed, and what should happen next.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ActionError {
+    /// A failure worth retrying (the step's `retries` and `backoff` apply).
+    #[error("{0}")]
+    Retryable(String),
+    /// Retrying cannot help (bad params, a 4xx answer): the step fails now.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl ActionError {
+    /// The message recorded as the task's error.
+    pub fn message(&self) -> &str {
+        match self {
+            ActionError::Retryable(message) | ActionError::Permanent(message) => message,
+        }
+    }
+
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ActionError::Retryable(_))
+    }
+}
+
+/// The future an action returns.
+pub type ActionFuture<'a> = Pin<Box<dyn Future<Output = Result<Value, ActionError>> + Send + 'a>>;
+
+/// A step action. `run` is called once per attempt; it is dropped (cancelled)
+/// when the attempt times out, the goal is cancelled or the lease is lost, so
+/// it must not leave work behind that outlives the future (e.g. spawn child
+/// processes with `kill_on_drop`).
+pub trait Action: Send + Sync + 'static {
+    /// Name used in blueprints (`"action": "<name>"`).
+    fn name(&self) -> &str;
+    /// One line for the `synapse.actions` catalogue.
+    fn description(&self) -> &str;
+    /// Optional JSON schema of `params`, published in the catalogue.
+    fn params_schema(&self) -> Option<Value> {
+        None
+    }
+    /// Runs one attempt; the result becomes the step's `result`.
+    fn run<'a>(&'a self, context: &'a ActionContext) -> ActionFuture<'a>;
+}
+
+/// The actions a worker can run, by name.
+#[derive(Clone, Default)]
+pub struct ActionRegistry {
+    actions: BTreeMap<String, Arc<dyn Action>>,
+}
+
+impl ActionRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The built-in actions. `exec` runs only the programs in `allowed_programs`;
+    /// `sql` uses `pool`.
+    pub fn builtins(pool: deadpool_postgres::Pool, allowed_programs: Vec<String>) -> Self {
+        let mut registry = Self::new();
+        registry.register(Noop);
+        registry.register(Sleep);
+        registry.register(Fail);
+        registry.register(Transform);
+        registry.register(Http::new());
+        registry.register(Exec::new(allowed_programs));
+        registry.register(Sql::new(pool));
+        registry
+    }
+
+    /// Adds (or replaces) an action.
+    pub fn register(&mut self, action: impl Action) -> &mut Self {
+        self.actions
+            .insert(action.name().to_owned(), Arc::new(action));
+        self
+    }
+
+    /// Adds (or replaces) an action that is already shared.
+    pub fn register_shared(&mut self, action: Arc<dyn Action>) -> &mut Self {
+        self.actions.insert(action.name().to_owned(), action);
+        self
+    }
+
+    /// The action called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<dyn Action>> {
+        self.actions.get(name).cloned()
+    }
+
+    /// Every registered action, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Action>> {
+        self.actions.values()
+    }
+}

@@ -1,0 +1,449 @@
+//! The conditional graph engine (SPEC §4 semantics).
+//!
+//! Runs inside the transaction that records a step's outcome: resolves the
+//! step's outbound edges, queues or skips the successors whose inbound edges
+//! have all resolved (skips cascade), and finishes the goal when every step
+//! has ended. The decisions are plain functions; [`step_ended`] applies them
+//! through the store.
+//!
+//! Concurrency: successors are locked (`FOR UPDATE`, in id order) before their
+//! edges are resolved, so two parents of a join finishing at once serialize on
+//! the join's row and exactly one of them sees every inbound edge resolved.
+//! The goal row is locked last, so the transaction that ends the last step is
+//! the one that sees no unfinished step and finishes the goal.
+use deadpool_postgres::Transaction;
+use serde_json::{json, Map, Value};
+
+use crate::blueprint::cel;
+use crate::blueprint::{EdgeOn, Join};
+use crate::store::{self, StoreError};
+
+/// How a step ended, as edges see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The action succeeded.
+    Succeeded,
+    /// The action failed for good (retries exhausted, or a permanent error).
+    Failed,
+    /// No inbound edge let it run.
+    Skipped,
+    /// Its goal was cancelled.
+    Cancelled,
+}
+
+impl Outcome {
+    /// The task status this outcome is stored as.
+    pub fn status(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+            Outcome::Skipped => "skipped",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A step that just ended, with what its outbound edges may look at.
+#[derive(Debug, Clone)]
+pub struct EndedStep {
+    /// Step id.
+    pub step: String,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Its result (succeeded steps).
+    pub result: Value,
+    /// Its error message (failed steps).
+    pub error: Option<String>,
+    /// The input it ran with.
+    pub input: Value,
+}
+
+/// How an edge resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// The outcome matched `on` and `when` held.
+    Taken,
+    /// It did not.
+    NotTaken,
+    /// `when` could not be evaluated; the `to` step fails with this error.
+    Error(String),
+}
+
+impl Resolution {
+    /// The edge state stored for this resolution.
+    pub fn state(&self) -> &'static str {
+        match self {
+            Resolution::Taken => "taken",
+            Resolution::NotTaken => "not_taken",
+            Resolution::Error(_) => "error",
+        }
+    }
+}
+
+/// Resolves one outbound edge of `from` (rule 2): taken iff the outcome
+/// matches `on` and `when` is true; a skipped or cancelled step takes no edge.
+pub fn resolve_edge(
+    on: EdgeOn,
+    when: Option<&str>,
+    from: &EndedStep,
+    variables: impl FnOnce() -> Map<String, Value>,
+) -> Resolution {
+    let matches = match (from.outcome, on) {
+        (Outcome::Skipped | Outcome::Cancelled, _) => false,
+        (_, EdgeOn::Always) => true,
+        (Outcome::Succeeded, EdgeOn::Success) | (Outcome::Failed, EdgeOn::Failure) => true,
+        _ => false,
+    };
+    if !matches {
+        return Resolution::NotTaken;
+    }
+    let Some(source) = when else {
+        return Resolution::Taken;
+    };
+    match cel::compile(source).and_then(|expression| expression.evaluate_bool(&variables())) {
+        Ok(true) => Resolution::Taken,
+        Ok(false) => Resolution::NotTaken,
+        Err(error) => Resolution::Error(error),
+    }
+}
+
+/// What to do with a pending step once its inbound edges are known (rule 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinDecision {
+    /// Some inbound edge is still pending.
+    Wait,
+    /// Queue it.
+    Run,
+    /// Skip it, for this reason.
+    Skip(String),
+}
+
+/// Decides a step from the states of its inbound edges (`(from, state)`).
+pub fn decide_join(join: Join, inbound: &[(String, String)]) -> JoinDecision {
+    if inbound.iter().any(|(_, state)| state == "pending") {
+        return JoinDecision::Wait;
+    }
+    let taken = inbound.iter().filter(|(_, state)| state == "taken").count();
+    match join {
+        Join::Any if taken > 0 => JoinDecision::Run,
+        Join::Any => JoinDecision::Skip("no inbound edge was taken".to_owned()),
+        Join::All if taken == inbound.len() => JoinDecision::Run,
+        Join::All => {
+            let missing: Vec<&str> = inbound
+                .iter()
+                .filter(|(_, state)| state != "taken")
+                .map(|(from, _)| from.as_str())
+                .collect();
+            JoinDecision::Skip(format!(
+                "join all: edge from {} not taken",
+                missing.join(", ")
+            ))
+        }
+    }
+}
+
+/// What expressions see of the goal.
+#[derive(Debug, Clone)]
+pub struct GoalVariables {
+    /// `goal`: `{id, goal, input, params}`.
+    pub goal: Value,
+}
+
+/// Whether an expression reads `steps` (so the step map must be loaded).
+fn reads_steps(source: &str) -> bool {
+    source.contains("steps")
+}
+
+async fn variables_for(
+    tx: &Transaction<'_>,
+    goal_id: i64,
+    goal: &GoalVariables,
+    source: Option<&str>,
+) -> Result<Map<String, Value>, StoreError> {
+    let mut vars = Map::new();
+    vars.insert("goal".into(), goal.goal.clone());
+    let steps = if source.is_some_and(reads_steps) {
+        store::steps_map(tx, goal_id).await?
+    } else {
+        Value::Object(Map::new())
+    };
+    vars.insert("steps".into(), steps);
+    Ok(vars)
+}
+
+/// Applies the consequences of `ended` (and of every step that ends because
+/// of it) and finishes the goal when nothing is left to run.
+pub async fn step_ended(
+    tx: &Transaction<'_>,
+    goal_id: i64,
+    ended: EndedStep,
+) -> Result<(), StoreError> {
+    let goal = store::goal_variables(tx, goal_id).await?;
+    let mut worklist = vec![ended];
+    while let Some(from) = worklist.pop() {
+        let edges = store::outbound_edges(tx, goal_id, &from.step).await?;
+        if edges.is_empty() {
+            continue;
+        }
+        let successors: Vec<String> = edges.iter().map(|edge| edge.to.clone()).collect();
+        store::lock_tasks(tx, goal_id, &successors).await?;
+        for edge in &edges {
+            let mut vars = variables_for(tx, goal_id, &goal, edge.when.as_deref()).await?;
+            let resolution = resolve_edge(edge.on, edge.when.as_deref(), &from, || {
+                vars.insert("result".into(), from.result.clone());
+                vars.insert(
+                    "error".into(),
+                    from.error.clone().map_or(Value::Null, Value::String),
+                );
+                vars.insert(
+                    "status".into(),
+                    Value::String(from.outcome.status().to_owned()),
+                );
+                vars.insert("input".into(), from.input.clone());
+                vars
+            });
+            let error = match &resolution {
+                Resolution::Error(message) => Some(format!(
+                    "edge {} -> {}: condition failed: {message}",
+                    from.step, edge.to
+                )),
+                _ => None,
+            };
+            store::resolve_edge(
+                tx,
+                goal_id,
+                &from.step,
+                &edge.to,
+                resolution.state(),
+                error.as_deref(),
+            )
+            .await?;
+            if let Some(message) = error {
+                if let Some(failed) =
+                    store::fail_pending_task(tx, goal_id, &edge.to, &message).await?
+                {
+                    worklist.push(failed);
+                }
+            }
+        }
+        for to in &successors {
+            let Some(pending) = store::pending_task(tx, goal_id, to).await? else {
+                continue;
+            };
+            match decide_join(pending.join, &pending.inbound) {
+                JoinDecision::Wait => {}
+                JoinDecision::Run => {
+                    let input = match &pending.input_expr {
+                        None => Ok(Value::Object(pending.taken_parent_results.clone())),
+                        Some(source) => {
+                            let vars = variables_for(tx, goal_id, &goal, Some(source)).await?;
+                            cel::compile(source).and_then(|expression| expression.evaluate(&vars))
+                        }
+                    };
+                    match input {
+                        Ok(input) => store::queue_task(tx, pending.id, &input).await?,
+                        Err(message) => {
+                            let message =
+                                format!("cannot evaluate the input of step {to}: {message}");
+                            if let Some(failed) =
+                                store::fail_pending_task(tx, goal_id, to, &message).await?
+                            {
+                                worklist.push(failed);
+                            }
+                        }
+                    }
+                }
+                JoinDecision::Skip(reason) => {
+                    store::skip_task(tx, pending.id, &reason).await?;
+                    worklist.push(EndedStep {
+                        step: to.clone(),
+                        outcome: Outcome::Skipped,
+                        result: Value::Null,
+                        error: Some(reason),
+                        input: Value::Null,
+                    });
+                }
+            }
+        }
+    }
+    finish_goal_if_done(tx, goal_id, &goal).await
+}
+
+/// Ends the goal when every step has ended (rule 4).
+async fn finish_goal_if_done(
+    tx: &Transaction<'_>,
+    goal_id: i64,
+    goal: &GoalVariables,
+) -> Result<(), StoreError> {
+    // Lock first, then look: a concurrent last step waits here and then sees ours.
+    let Some(output) = store::lock_running_goal(tx, goal_id).await? else {
+        return Ok(());
+    };
+    if store::has_unfinished_tasks(tx, goal_id).await? {
+        return Ok(());
+    }
+    let unhandled = store::unhandled_failures(tx, goal_id).await?;
+    if !unhandled.is_empty() {
+        let error = unhandled
+            .iter()
+            .map(|(step, error)| format!("step {step} failed: {error}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return store::finish_goal(tx, goal_id, "failed", None, Some(&error)).await;
+    }
+    let result = match output {
+        Some(source) => {
+            let vars = variables_for(tx, goal_id, goal, Some("steps")).await?;
+            cel::compile(&source).and_then(|expression| expression.evaluate(&vars))
+        }
+        None => Ok(store::leaf_results(tx, goal_id).await?),
+    };
+    match result {
+        Ok(result) => store::finish_goal(tx, goal_id, "succeeded", Some(&result), None).await,
+        Err(message) => {
+            let error = format!("cannot evaluate the blueprint output: {message}");
+            store::finish_goal(tx, goal_id, "failed", None, Some(&error)).await
+        }
+    }
+}
+
+/// `goal` as expressions see it.
+pub fn goal_value(id: i64, text: &str, input: Value, params: Value) -> Value {
+    json!({"id": id, "goal": text, "input": input, "params": params})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(outcome: Outcome, result: Value) -> EndedStep {
+        EndedStep {
+            step: "a".into(),
+            outcome,
+            result,
+            error: None,
+            input: Value::Null,
+        }
+    }
+
+    fn vars_with_result(result: Value) -> impl FnOnce() -> Map<String, Value> {
+        move || {
+            let mut vars = Map::new();
+            vars.insert("result".into(), result);
+            vars
+        }
+    }
+
+    #[test]
+    fn an_edge_is_taken_when_the_outcome_matches_on_and_when_holds() {
+        let ok = ended(Outcome::Succeeded, json!({"severity": "high"}));
+        let when = Some("result.severity == 'high'");
+        assert_eq!(
+            resolve_edge(
+                EdgeOn::Success,
+                when,
+                &ok,
+                vars_with_result(ok.result.clone())
+            ),
+            Resolution::Taken
+        );
+        let low = ended(Outcome::Succeeded, json!({"severity": "low"}));
+        assert_eq!(
+            resolve_edge(
+                EdgeOn::Success,
+                when,
+                &low,
+                vars_with_result(low.result.clone())
+            ),
+            Resolution::NotTaken
+        );
+        assert_eq!(
+            resolve_edge(EdgeOn::Failure, None, &ok, Map::new),
+            Resolution::NotTaken
+        );
+        assert_eq!(
+            resolve_edge(EdgeOn::Always, None, &ok, Map::new),
+            Resolution::Taken
+        );
+        let failed = ended(Outcome::Failed, Value::Null);
+        assert_eq!(
+            resolve_edge(EdgeOn::Failure, None, &failed, Map::new),
+            Resolution::Taken
+        );
+        assert_eq!(
+            resolve_edge(EdgeOn::Success, None, &failed, Map::new),
+            Resolution::NotTaken
+        );
+        assert_eq!(
+            resolve_edge(EdgeOn::Always, None, &failed, Map::new),
+            Resolution::Taken
+        );
+    }
+
+    #[test]
+    fn a_skipped_or_cancelled_step_takes_no_edge() {
+        for outcome in [Outcome::Skipped, Outcome::Cancelled] {
+            assert_eq!(
+                resolve_edge(EdgeOn::Always, None, &ended(outcome, Value::Null), Map::new),
+                Resolution::NotTaken
+            );
+        }
+    }
+
+    #[test]
+    fn a_condition_that_cannot_be_evaluated_is_an_error() {
+        let ok = ended(Outcome::Succeeded, json!({}));
+        let resolution = resolve_edge(
+            EdgeOn::Success,
+            Some("result.missing > 1"),
+            &ok,
+            vars_with_result(json!({})),
+        );
+        assert!(
+            matches!(resolution, Resolution::Error(ref message) if message.contains("missing")),
+            "{resolution:?}"
+        );
+        let not_bool = resolve_edge(EdgeOn::Success, Some("1 + 1"), &ok, Map::new);
+        assert!(
+            matches!(not_bool, Resolution::Error(ref message) if message.contains("boolean")),
+            "{not_bool:?}"
+        );
+    }
+
+    fn edges(states: &[(&str, &str)]) -> Vec<(String, String)> {
+        states
+            .iter()
+            .map(|(from, state)| (from.to_string(), state.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn joins_wait_for_every_inbound_edge_then_run_or_skip() {
+        assert_eq!(
+            decide_join(Join::Any, &edges(&[("a", "taken"), ("b", "pending")])),
+            JoinDecision::Wait
+        );
+        assert_eq!(
+            decide_join(Join::Any, &edges(&[("a", "taken"), ("b", "not_taken")])),
+            JoinDecision::Run
+        );
+        assert_eq!(
+            decide_join(Join::Any, &edges(&[("a", "not_taken"), ("b", "error")])),
+            JoinDecision::Skip("no inbound edge was taken".into())
+        );
+        assert_eq!(
+            decide_join(Join::All, &edges(&[("a", "taken"), ("b", "taken")])),
+            JoinDecision::Run
+        );
+        assert_eq!(
+            decide_join(Join::All, &edges(&[("a", "taken"), ("b", "not_taken")])),
+            JoinDecision::Skip("join all: edge from b not taken".into())
+        );
+    }
+
+    #[test]
+    fn only_expressions_that_mention_steps_load_them() {
+        assert!(reads_steps("steps.fetch.result.rows"));
+        assert!(!reads_steps("result.severity == 'high'"));
+    }
+}

@@ -1,0 +1,241 @@
+//! Runs one task: claim with a lease, run the action under a timeout while
+//! heartbeating the lease, then record the outcome and run the engine in one
+//! transaction.
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::actions::ActionContext;
+use crate::engine;
+use crate::store::{self, AttemptOutcome, ClaimedTask, Recorded, StoreError};
+use crate::worker::Shared;
+
+/// Longest pause between attempts, whatever the backoff and attempt number.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
+/// How often a transaction that deadlocked or failed to serialize is tried.
+const TRANSACTION_TRIES: u32 = 5;
+
+/// The `task_id` of a `task.queued` message.
+pub fn task_id(payload: &str) -> Option<i64> {
+    serde_json::from_str::<Value>(payload)
+        .ok()?
+        .get("task_id")?
+        .as_i64()
+}
+
+/// Backoff before attempt `attempt + 1`: `base · 2^(attempt-1)`, times a
+/// random factor in [0.5, 1.5) so that failures in step do not retry in step.
+pub fn retry_delay(base: Duration, attempt: i32, jitter: f64) -> Duration {
+    let exponent = attempt.saturating_sub(1).clamp(0, 30) as u32;
+    base.saturating_mul(1 << exponent)
+        .mul_f64(jitter.clamp(0.5, 1.5))
+        .min(MAX_RETRY_DELAY)
+}
+
+/// What happened to a task this worker handled.
+enum Handled {
+    Recorded,
+    Fenced,
+    Lost,
+    Released,
+}
+
+/// Handles one `task.queued` message.
+pub async fn execute(shared: &Shared, payload: &str, abort: &CancellationToken) {
+    let Some(task_id) = task_id(payload) else {
+        warn!(payload, "dropping a malformed queue message");
+        return;
+    };
+    let claimed = match with_retries(|| async {
+        let client = shared.pool.get().await?;
+        store::claim_task(
+            &client,
+            task_id,
+            shared.config.lease,
+            &shared.config.identity,
+        )
+        .await
+    })
+    .await
+    {
+        Ok(Some(claimed)) => claimed,
+        Ok(None) => {
+            debug!(
+                task_id,
+                "task is not queued (duplicate message or cancelled); dropped"
+            );
+            return;
+        }
+        Err(error) => {
+            // The sweep dispatches it again.
+            warn!(task_id, %error, "could not claim task");
+            return;
+        }
+    };
+    let started = std::time::Instant::now();
+    let handled = run_claimed(shared, &claimed, abort).await;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    match handled {
+        Ok(Handled::Recorded) => debug!(task_id, step = %claimed.step, elapsed_ms, "task recorded"),
+        Ok(Handled::Fenced) => {
+            warn!(
+                task_id,
+                attempt = claimed.attempt,
+                "outcome rejected: a newer attempt owns the task"
+            )
+        }
+        Ok(Handled::Lost) => info!(
+            task_id,
+            attempt = claimed.attempt,
+            "task cancelled or lease lost; stopped"
+        ),
+        Ok(Handled::Released) => info!(task_id, "released unfinished task at shutdown"),
+        Err(error) => {
+            warn!(task_id, %error, "could not record the outcome; the lease will expire and it runs again")
+        }
+    }
+}
+
+async fn run_claimed(
+    shared: &Shared,
+    task: &ClaimedTask,
+    abort: &CancellationToken,
+) -> Result<Handled, StoreError> {
+    if task.attempt > task.max_attempts {
+        // Re-queued after the lease of its last attempt expired: nothing left to try.
+        let error = task
+            .previous_error
+            .clone()
+            .unwrap_or_else(|| "lease expired".to_owned());
+        return record(shared, task, AttemptOutcome::Failed(error)).await;
+    }
+    let Some(action) = shared.actions.get(&task.action) else {
+        let error = format!("this worker has no action \"{}\"", task.action);
+        return record(shared, task, AttemptOutcome::Failed(error)).await;
+    };
+    let context = ActionContext {
+        goal_id: task.goal_id,
+        task_id: task.id,
+        step: task.step.clone(),
+        attempt: task.attempt,
+        params: task.params.clone(),
+        input: task.input.clone(),
+        timeout: task.timeout,
+    };
+    let run = tokio::time::timeout(task.timeout, action.run(&context));
+    let outcome = tokio::select! {
+        result = run => match result {
+            Ok(Ok(value)) => AttemptOutcome::Succeeded(value),
+            Ok(Err(error)) if error.is_retryable() => failure(task, error.message().to_owned()),
+            Ok(Err(error)) => AttemptOutcome::Failed(error.message().to_owned()),
+            Err(_) => failure(task, format!("timed out after {}", crate::blueprint::format_duration(task.timeout))),
+        },
+        () = hold_lease(shared, task) => return Ok(Handled::Lost),
+        () = abort.cancelled() => {
+            let client = shared.pool.get().await?;
+            store::release_task(&client, task.id, task.attempt).await?;
+            return Ok(Handled::Released);
+        }
+    };
+    record(shared, task, outcome).await
+}
+
+fn failure(task: &ClaimedTask, error: String) -> AttemptOutcome {
+    if task.attempt < task.max_attempts {
+        let jitter = 0.5 + rand::random::<f64>();
+        AttemptOutcome::Retry {
+            error,
+            delay: retry_delay(task.backoff, task.attempt, jitter),
+        }
+    } else {
+        AttemptOutcome::Failed(error)
+    }
+}
+
+/// Heartbeats every third of the lease; returns when the attempt no longer
+/// holds the task (the goal was cancelled, or the lease lapsed and the task
+/// went to another worker).
+async fn hold_lease(shared: &Shared, task: &ClaimedTask) {
+    let period = shared.config.lease / 3;
+    loop {
+        tokio::time::sleep(period).await;
+        let held = async {
+            let client = shared.pool.get().await?;
+            store::heartbeat(&client, task.id, task.attempt, shared.config.lease).await
+        };
+        match held.await {
+            Ok(true) => {}
+            Ok(false) => return,
+            // Keep running: the lease outlives a short database hiccup.
+            Err(error) => warn!(task_id = task.id, %error, "heartbeat failed"),
+        }
+    }
+}
+
+/// Records the outcome and runs the engine, in one transaction.
+async fn record(
+    shared: &Shared,
+    task: &ClaimedTask,
+    outcome: AttemptOutcome,
+) -> Result<Handled, StoreError> {
+    with_retries(|| async {
+        let mut client = shared.pool.get().await?;
+        let tx = client.transaction().await?;
+        let handled = match store::record_outcome(&tx, task, &outcome).await? {
+            Recorded::Fenced => return Ok(Handled::Fenced),
+            Recorded::Retrying => Handled::Recorded,
+            Recorded::Ended(ended) => {
+                engine::step_ended(&tx, task.goal_id, ended).await?;
+                Handled::Recorded
+            }
+        };
+        tx.commit().await?;
+        Ok(handled)
+    })
+    .await
+}
+
+/// Runs a transaction again when it deadlocked or failed to serialize.
+pub async fn with_retries<T, F, Fut>(mut attempt: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match attempt().await {
+            Err(error) if error.is_transient() && tries < TRANSACTION_TRIES => {
+                debug!(%error, tries, "transaction retried");
+                tokio::time::sleep(Duration::from_millis(5 * u64::from(tries))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_come_from_queue_messages() {
+        let payload = r#"{"v":1,"event":"task.queued","goal_id":7,"task_id":42,"step":"s","queue":"default","attempt":1}"#;
+        assert_eq!(task_id(payload), Some(42));
+        assert_eq!(task_id("not json"), None);
+        assert_eq!(task_id(r#"{"v":1}"#), None);
+    }
+
+    #[test]
+    fn retry_delays_grow_exponentially_with_bounded_jitter() {
+        let base = Duration::from_secs(1);
+        assert_eq!(retry_delay(base, 1, 1.0), Duration::from_secs(1));
+        assert_eq!(retry_delay(base, 2, 1.0), Duration::from_secs(2));
+        assert_eq!(retry_delay(base, 4, 1.0), Duration::from_secs(8));
+        assert_eq!(retry_delay(base, 3, 0.5), Duration::from_secs(2));
+        assert_eq!(retry_delay(base, 3, 9.0), Duration::from_secs(6));
+        assert_eq!(retry_delay(base, 40, 1.0), MAX_RETRY_DELAY);
+    }
+}

@@ -1,0 +1,594 @@
+//! Every SQL statement the worker runs, in one place. Each state change is
+//! conditional on the current state; the extension's triggers turn the
+//! changes into events.
+use std::time::Duration;
+
+use deadpool_postgres::{GenericClient, Transaction};
+use serde_json::{Map, Value};
+use tokio_postgres::error::SqlState;
+
+use crate::blueprint::{EdgeOn, Join};
+use crate::engine::{goal_value, EndedStep, GoalVariables, Outcome};
+
+/// A database failure, and whether retrying the transaction may help.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Postgres said no (or the connection broke).
+    #[error("postgres: {}", describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No connection could be had from the pool.
+    #[error("postgres pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// A row did not look as the schema promises.
+    #[error("unexpected data: {0}")]
+    Data(String),
+}
+
+/// The server's message and SQLSTATE when there is one ("db error" alone says nothing).
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
+}
+
+impl StoreError {
+    /// Deadlocks and serialization failures: run the transaction again.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Postgres(error) => matches!(
+                error.code(),
+                Some(&SqlState::T_R_DEADLOCK_DETECTED) | Some(&SqlState::T_R_SERIALIZATION_FAILURE)
+            ),
+            StoreError::Pool(_) => true,
+            StoreError::Data(_) => false,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// A task this worker claimed.
+#[derive(Debug, Clone)]
+pub struct ClaimedTask {
+    /// Task id.
+    pub id: i64,
+    /// Goal id.
+    pub goal_id: i64,
+    /// Step id.
+    pub step: String,
+    /// Action name.
+    pub action: String,
+    /// Action params.
+    pub params: Value,
+    /// Evaluated input.
+    pub input: Value,
+    /// This attempt's number: the fencing token for every later write.
+    pub attempt: i32,
+    /// retries + 1.
+    pub max_attempts: i32,
+    /// Base backoff.
+    pub backoff: Duration,
+    /// Per-attempt timeout.
+    pub timeout: Duration,
+    /// Error left by the previous attempt (e.g. its lease expired).
+    pub previous_error: Option<String>,
+}
+
+/// Claims a queued task: `queued → running`, attempt + 1, with a lease. `None`
+/// when it is not queued (a duplicate message, or it was cancelled).
+pub async fn claim_task(
+    client: &impl GenericClient,
+    task_id: i64,
+    lease: Duration,
+    worker: &str,
+) -> Result<Option<ClaimedTask>> {
+    let statement = client
+        .prepare_cached(
+            "UPDATE synapse.tasks
+                SET status = 'running', attempts = attempts + 1,
+                    lease_expires_at = now() + $2 * interval '1 millisecond', leased_by = $3
+              WHERE id = $1 AND status = 'queued'
+          RETURNING goal_id, step, action, params, coalesce(input, 'null'::jsonb), attempts, max_attempts,
+                    backoff_ms, timeout_ms, error",
+        )
+        .await?;
+    let row = client
+        .query_opt(&statement, &[&task_id, &millis(lease), &worker])
+        .await?;
+    Ok(row.map(|row| ClaimedTask {
+        id: task_id,
+        goal_id: row.get(0),
+        step: row.get(1),
+        action: row.get(2),
+        params: row.get(3),
+        input: row.get(4),
+        attempt: row.get(5),
+        max_attempts: row.get(6),
+        backoff: Duration::from_millis(row.get::<_, i64>(7) as u64),
+        timeout: Duration::from_millis(row.get::<_, i64>(8) as u64),
+        previous_error: row.get(9),
+    }))
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+/// Extends the lease; `false` when this attempt no longer holds the task
+/// (cancelled, or the lease expired and the task was re-queued).
+pub async fn heartbeat(
+    client: &impl GenericClient,
+    task_id: i64,
+    attempt: i32,
+    lease: Duration,
+) -> Result<bool> {
+    let statement = client
+        .prepare_cached(
+            "UPDATE synapse.tasks SET lease_expires_at = now() + $3 * interval '1 millisecond'
+              WHERE id = $1 AND status = 'running' AND attempts = $2",
+        )
+        .await?;
+    Ok(client
+        .execute(&statement, &[&task_id, &attempt, &millis(lease)])
+        .await?
+        == 1)
+}
+
+/// Gives a claimed task back unrun (shutdown): `running → queued`, and the
+/// attempt does not count.
+pub async fn release_task(client: &impl GenericClient, task_id: i64, attempt: i32) -> Result<bool> {
+    let statement = client
+        .prepare_cached(
+            "UPDATE synapse.tasks SET status = 'queued', attempts = attempts - 1
+              WHERE id = $1 AND status = 'running' AND attempts = $2",
+        )
+        .await?;
+    Ok(client.execute(&statement, &[&task_id, &attempt]).await? == 1)
+}
+
+/// The outcome of one attempt.
+#[derive(Debug, Clone)]
+pub enum AttemptOutcome {
+    /// Succeeded with this result.
+    Succeeded(Value),
+    /// Failed; another attempt runs after `delay`.
+    Retry {
+        /// The error.
+        error: String,
+        /// Backoff before the next attempt.
+        delay: Duration,
+    },
+    /// Failed for good.
+    Failed(String),
+}
+
+/// What recording an outcome did.
+#[derive(Debug)]
+pub enum Recorded {
+    /// This attempt no longer holds the task: nothing written.
+    Fenced,
+    /// The task waits for its next attempt.
+    Retrying,
+    /// The step ended; the engine takes it from here.
+    Ended(EndedStep),
+}
+
+/// Records an attempt's outcome if this attempt still holds the task: the
+/// attempt number fences out a worker whose lease expired.
+pub async fn record_outcome(
+    tx: &Transaction<'_>,
+    task: &ClaimedTask,
+    outcome: &AttemptOutcome,
+) -> Result<Recorded> {
+    let (status, result, error, delay) = match outcome {
+        AttemptOutcome::Succeeded(result) => ("succeeded", Some(result), None, None),
+        AttemptOutcome::Retry { error, delay } => {
+            ("retrying", None, Some(error.as_str()), Some(millis(*delay)))
+        }
+        AttemptOutcome::Failed(error) => ("failed", None, Some(error.as_str()), None),
+    };
+    let statement = tx
+        .prepare_cached(
+            "UPDATE synapse.tasks
+                SET status = $3, result = $4, error = $5,
+                    run_at = CASE WHEN $6::float8 IS NULL THEN NULL ELSE now() + $6 * interval '1 millisecond' END
+              WHERE id = $1 AND status = 'running' AND attempts = $2",
+        )
+        .await?;
+    let updated = tx
+        .execute(
+            &statement,
+            &[&task.id, &task.attempt, &status, &result, &error, &delay],
+        )
+        .await?;
+    if updated == 0 {
+        return Ok(Recorded::Fenced);
+    }
+    let outcome = match outcome {
+        AttemptOutcome::Succeeded(_) => Outcome::Succeeded,
+        AttemptOutcome::Failed(_) => Outcome::Failed,
+        AttemptOutcome::Retry { .. } => return Ok(Recorded::Retrying),
+    };
+    Ok(Recorded::Ended(EndedStep {
+        step: task.step.clone(),
+        outcome,
+        result: result.cloned().unwrap_or(Value::Null),
+        error: error.map(str::to_owned),
+        input: task.input.clone(),
+    }))
+}
+
+/// `goal` for expressions.
+pub async fn goal_variables(tx: &Transaction<'_>, goal_id: i64) -> Result<GoalVariables> {
+    let statement = tx
+        .prepare_cached("SELECT goal, input, params FROM synapse.goals WHERE id = $1")
+        .await?;
+    let row = tx.query_one(&statement, &[&goal_id]).await?;
+    Ok(GoalVariables {
+        goal: goal_value(goal_id, row.get(0), row.get(1), row.get(2)),
+    })
+}
+
+/// `steps` for expressions: step id → `{status, result}`.
+pub async fn steps_map(tx: &Transaction<'_>, goal_id: i64) -> Result<Value> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT coalesce(jsonb_object_agg(step, jsonb_build_object('status', status, 'result', result)), '{}')
+               FROM synapse.tasks WHERE goal_id = $1",
+        )
+        .await?;
+    Ok(tx.query_one(&statement, &[&goal_id]).await?.get(0))
+}
+
+/// An outbound edge.
+pub struct OutboundEdge {
+    /// Step it leads to.
+    pub to: String,
+    /// Condition.
+    pub when: Option<String>,
+    /// Outcome it follows.
+    pub on: EdgeOn,
+}
+
+fn parse_on(on: &str) -> Result<EdgeOn> {
+    match on {
+        "success" => Ok(EdgeOn::Success),
+        "failure" => Ok(EdgeOn::Failure),
+        "always" => Ok(EdgeOn::Always),
+        other => Err(StoreError::Data(format!("edge outcome {other:?}"))),
+    }
+}
+
+/// The still pending outbound edges of `step`, in blueprint order.
+pub async fn outbound_edges(
+    tx: &Transaction<'_>,
+    goal_id: i64,
+    step: &str,
+) -> Result<Vec<OutboundEdge>> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT to_step, when_expr, on_outcome FROM synapse.edges
+              WHERE goal_id = $1 AND from_step = $2 AND state = 'pending' ORDER BY position",
+        )
+        .await?;
+    tx.query(&statement, &[&goal_id, &step])
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(OutboundEdge {
+                to: row.get(0),
+                when: row.get(1),
+                on: parse_on(row.get(2))?,
+            })
+        })
+        .collect()
+}
+
+/// Locks the given steps' task rows, in id order (a fixed order keeps
+/// concurrent engines from deadlocking each other).
+pub async fn lock_tasks(tx: &Transaction<'_>, goal_id: i64, steps: &[String]) -> Result<()> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT id FROM synapse.tasks WHERE goal_id = $1 AND step = ANY($2) ORDER BY id FOR NO KEY UPDATE",
+        )
+        .await?;
+    tx.query(&statement, &[&goal_id, &steps]).await?;
+    Ok(())
+}
+
+/// Records how an edge resolved.
+pub async fn resolve_edge(
+    tx: &Transaction<'_>,
+    goal_id: i64,
+    from: &str,
+    to: &str,
+    state: &str,
+    error: Option<&str>,
+) -> Result<()> {
+    let statement = tx
+        .prepare_cached(
+            "UPDATE synapse.edges SET state = $4, error = $5, resolved_at = now()
+              WHERE goal_id = $1 AND from_step = $2 AND to_step = $3 AND state = 'pending'",
+        )
+        .await?;
+    tx.execute(&statement, &[&goal_id, &from, &to, &state, &error])
+        .await?;
+    Ok(())
+}
+
+/// Fails a step that has not run (its condition or input could not be
+/// evaluated); `None` if it was no longer pending.
+pub async fn fail_pending_task(
+    tx: &Transaction<'_>,
+    goal_id: i64,
+    step: &str,
+    error: &str,
+) -> Result<Option<EndedStep>> {
+    let statement = tx
+        .prepare_cached(
+            "UPDATE synapse.tasks SET status = 'failed', error = $3
+              WHERE goal_id = $1 AND step = $2 AND status = 'pending'",
+        )
+        .await?;
+    let failed = tx.execute(&statement, &[&goal_id, &step, &error]).await? == 1;
+    Ok(failed.then(|| EndedStep {
+        step: step.to_owned(),
+        outcome: Outcome::Failed,
+        result: Value::Null,
+        error: Some(error.to_owned()),
+        input: Value::Null,
+    }))
+}
+
+/// A pending step and its inbound edges.
+pub struct PendingTask {
+    /// Task id.
+    pub id: i64,
+    /// Join mode.
+    pub join: Join,
+    /// Input expression.
+    pub input_expr: Option<String>,
+    /// `(from, state)` of every inbound edge.
+    pub inbound: Vec<(String, String)>,
+    /// Parent id → result for the taken inbound edges: the default input.
+    pub taken_parent_results: Map<String, Value>,
+}
+
+/// `step` if it is still pending, with its inbound edges.
+pub async fn pending_task(
+    tx: &Transaction<'_>,
+    goal_id: i64,
+    step: &str,
+) -> Result<Option<PendingTask>> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT t.id, t.join_mode, t.input_expr, e.from_step, e.state, parent.result
+               FROM synapse.tasks t
+               JOIN synapse.edges e ON e.goal_id = t.goal_id AND e.to_step = t.step
+               JOIN synapse.tasks parent ON parent.goal_id = e.goal_id AND parent.step = e.from_step
+              WHERE t.goal_id = $1 AND t.step = $2 AND t.status = 'pending'
+              ORDER BY e.position",
+        )
+        .await?;
+    let rows = tx.query(&statement, &[&goal_id, &step]).await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let join = match first.get::<_, &str>(1) {
+        "all" => Join::All,
+        _ => Join::Any,
+    };
+    let mut pending = PendingTask {
+        id: first.get(0),
+        join,
+        input_expr: first.get(2),
+        inbound: Vec::with_capacity(rows.len()),
+        taken_parent_results: Map::new(),
+    };
+    for row in &rows {
+        let from: String = row.get(3);
+        let state: String = row.get(4);
+        if state == "taken" {
+            let result: Option<Value> = row.get(5);
+            pending
+                .taken_parent_results
+                .insert(from.clone(), result.unwrap_or(Value::Null));
+        }
+        pending.inbound.push((from, state));
+    }
+    Ok(Some(pending))
+}
+
+/// `pending → queued` with its input.
+pub async fn queue_task(tx: &Transaction<'_>, task_id: i64, input: &Value) -> Result<()> {
+    let statement = tx
+        .prepare_cached("UPDATE synapse.tasks SET status = 'queued', input = $2 WHERE id = $1 AND status = 'pending'")
+        .await?;
+    tx.execute(&statement, &[&task_id, input]).await?;
+    Ok(())
+}
+
+/// `pending → skipped`, saying why.
+pub async fn skip_task(tx: &Transaction<'_>, task_id: i64, reason: &str) -> Result<()> {
+    let statement = tx
+        .prepare_cached("UPDATE synapse.tasks SET status = 'skipped', error = $2 WHERE id = $1 AND status = 'pending'")
+        .await?;
+    tx.execute(&statement, &[&task_id, &reason]).await?;
+    Ok(())
+}
+
+/// Locks the goal if it is running; returns its blueprint `output` expression.
+pub async fn lock_running_goal(
+    tx: &Transaction<'_>,
+    goal_id: i64,
+) -> Result<Option<Option<String>>> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT blueprint ->> 'output' FROM synapse.goals WHERE id = $1 AND status = 'running' FOR NO KEY UPDATE",
+        )
+        .await?;
+    Ok(tx
+        .query_opt(&statement, &[&goal_id])
+        .await?
+        .map(|row| row.get(0)))
+}
+
+/// Whether any step of the goal has not ended.
+pub async fn has_unfinished_tasks(tx: &Transaction<'_>, goal_id: i64) -> Result<bool> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT FROM synapse.tasks WHERE goal_id = $1 AND finished_at IS NULL)",
+        )
+        .await?;
+    Ok(tx.query_one(&statement, &[&goal_id]).await?.get(0))
+}
+
+/// Failed steps with no taken `failure`/`always` edge out of them: `(step, error)`.
+pub async fn unhandled_failures(
+    tx: &Transaction<'_>,
+    goal_id: i64,
+) -> Result<Vec<(String, String)>> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT t.step, coalesce(t.error, 'failed') FROM synapse.tasks t
+              WHERE t.goal_id = $1 AND t.status = 'failed'
+                AND NOT EXISTS (SELECT FROM synapse.edges e
+                                 WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'taken'
+                                   AND e.on_outcome IN ('failure', 'always'))
+              ORDER BY t.id",
+        )
+        .await?;
+    Ok(tx
+        .query(&statement, &[&goal_id])
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect())
+}
+
+/// The default goal result: the results of the succeeded leaf steps.
+pub async fn leaf_results(tx: &Transaction<'_>, goal_id: i64) -> Result<Value> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT coalesce(jsonb_object_agg(t.step, t.result), '{}') FROM synapse.tasks t
+              WHERE t.goal_id = $1 AND t.status = 'succeeded'
+                AND NOT EXISTS (SELECT FROM synapse.edges e WHERE e.goal_id = t.goal_id AND e.from_step = t.step)",
+        )
+        .await?;
+    Ok(tx.query_one(&statement, &[&goal_id]).await?.get(0))
+}
+
+/// `running → succeeded | failed`.
+pub async fn finish_goal(
+    tx: &Transaction<'_>,
+    goal_id: i64,
+    status: &str,
+    result: Option<&Value>,
+    error: Option<&str>,
+) -> Result<()> {
+    let statement = tx
+        .prepare_cached(
+            "UPDATE synapse.goals SET status = $2, result = $3, error = $4 WHERE id = $1 AND status = 'running'",
+        )
+        .await?;
+    tx.execute(&statement, &[&goal_id, &status, &result, &error])
+        .await?;
+    Ok(())
+}
+
+/// A goal a planner claimed.
+pub struct GoalToPlan {
+    /// Goal text.
+    pub goal: String,
+    /// Goal input.
+    pub input: Value,
+    /// Planner name.
+    pub planner: String,
+}
+
+/// Claims a submitted goal for planning (`submitted → planning`); `None` for
+/// a duplicate message or a goal already planned or cancelled.
+pub async fn claim_goal(tx: &Transaction<'_>, goal_id: i64) -> Result<Option<GoalToPlan>> {
+    let statement = tx
+        .prepare_cached(
+            "UPDATE synapse.goals SET status = 'planning' WHERE id = $1 AND status = 'submitted'
+          RETURNING goal, input, coalesce(planner, 'template')",
+        )
+        .await?;
+    Ok(tx
+        .query_opt(&statement, &[&goal_id])
+        .await?
+        .map(|row| GoalToPlan {
+            goal: row.get(0),
+            input: row.get(1),
+            planner: row.get(2),
+        }))
+}
+
+/// Installs a planned blueprint (the extension validates it and creates the
+/// tasks, or fails the goal); returns the problems, empty on success.
+pub async fn install_plan(
+    tx: &Transaction<'_>,
+    goal_id: i64,
+    blueprint: &Value,
+    template: Option<&str>,
+    params: &Value,
+) -> Result<Value> {
+    let statement = tx
+        .prepare_cached("SELECT synapse._install_plan($1, $2, $3, $4)")
+        .await?;
+    Ok(tx
+        .query_one(&statement, &[&goal_id, blueprint, &template, params])
+        .await?
+        .get(0))
+}
+
+/// Fails a goal that could not be planned.
+pub async fn fail_planning(tx: &Transaction<'_>, goal_id: i64, error: &str) -> Result<()> {
+    let statement = tx
+        .prepare_cached(
+            "UPDATE synapse.goals SET status = 'failed', error = $2 WHERE id = $1 AND status IN ('submitted', 'planning')",
+        )
+        .await?;
+    tx.execute(&statement, &[&goal_id, &error]).await?;
+    Ok(())
+}
+
+/// Templates in the order the template planner tries them.
+pub async fn templates(tx: &Transaction<'_>) -> Result<Vec<(String, String, Value)>> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT name, pattern, blueprint FROM synapse.templates ORDER BY priority DESC, name",
+        )
+        .await?;
+    Ok(tx
+        .query(&statement, &[])
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect())
+}
+
+/// Publishes this worker's actions in the catalogue.
+pub async fn register_actions(
+    client: &impl GenericClient,
+    actions: &[(String, String, Option<Value>, bool)],
+    worker: &str,
+) -> Result<()> {
+    let statement = client
+        .prepare_cached(
+            "INSERT INTO synapse.actions (name, description, params_schema, builtin, registered_by)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (name) DO UPDATE
+                SET description = excluded.description, params_schema = excluded.params_schema,
+                    builtin = excluded.builtin, registered_by = excluded.registered_by, updated_at = now()",
+        )
+        .await?;
+    for (name, description, schema, builtin) in actions {
+        client
+            .execute(&statement, &[name, description, schema, builtin, &worker])
+            .await?;
+    }
+    Ok(())
+}

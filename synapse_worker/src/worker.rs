@@ -1,0 +1,179 @@
+//! The worker: wires the consumer, planners, executor and actions together
+//! and shuts down cleanly.
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::actions::ActionRegistry;
+use crate::blueprint::BUILTIN_ACTIONS;
+use crate::planner::PlannerRegistry;
+use crate::store;
+
+/// How a worker runs (validated; see the CLI for the flags).
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Postgres connection string.
+    pub database_url: String,
+    /// Redis URL.
+    pub redis_url: String,
+    /// Prefix of every Redis key (the extension's `synapse.key_prefix`).
+    pub key_prefix: String,
+    /// Queues to consume, highest priority first.
+    pub queues: Vec<String>,
+    /// Most tasks (and plannings) at once.
+    pub concurrency: usize,
+    /// Lease taken on each claimed task; heartbeats renew it.
+    pub lease: Duration,
+    /// Time in-flight tasks get to finish at shutdown before their leases are released.
+    pub grace: Duration,
+    /// Name recorded as `leased_by` and `registered_by`.
+    pub identity: String,
+    /// Programs the `exec` action may run.
+    pub allow_exec: Vec<String>,
+}
+
+impl WorkerConfig {
+    /// The lists BRPOP watches: the planner list, then each queue.
+    pub fn list_keys(&self) -> Vec<String> {
+        std::iter::once(format!("{}:planner", self.key_prefix))
+            .chain(
+                self.queues
+                    .iter()
+                    .map(|queue| format!("{}:queue:{queue}", self.key_prefix)),
+            )
+            .collect()
+    }
+}
+
+/// What every task of a worker shares.
+pub struct Shared {
+    /// Configuration.
+    pub config: WorkerConfig,
+    /// Postgres connections.
+    pub pool: deadpool_postgres::Pool,
+    /// Redis client (connections are made from it).
+    pub redis: redis::Client,
+    /// Actions by name.
+    pub actions: ActionRegistry,
+    /// Planners by name.
+    pub planners: PlannerRegistry,
+}
+
+/// A configured worker, ready to run.
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+/// A Postgres pool for `url`, sized for `connections`.
+pub fn pool(url: &str, connections: usize) -> anyhow::Result<deadpool_postgres::Pool> {
+    let config: tokio_postgres::Config = url
+        .parse()
+        .context("--database-url is not a valid Postgres URL")?;
+    let manager = deadpool_postgres::Manager::from_config(
+        config,
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(connections)
+        .build()
+        .context("building the Postgres pool")
+}
+
+impl Worker {
+    /// A worker with the built-in actions and planners, plus `extra` actions.
+    pub fn new(config: WorkerConfig, extra: ActionRegistry) -> anyhow::Result<Worker> {
+        // Each running task may hold one connection while heartbeating or recording.
+        let pool = pool(&config.database_url, config.concurrency + 4)?;
+        let redis = redis::Client::open(config.redis_url.as_str())
+            .context("--redis-url is not a valid Redis URL")?;
+        let mut actions = ActionRegistry::builtins(pool.clone(), config.allow_exec.clone());
+        for action in extra.iter() {
+            actions.register_shared(action.clone());
+        }
+        Ok(Worker {
+            shared: Arc::new(Shared {
+                config,
+                pool,
+                redis,
+                actions,
+                planners: PlannerRegistry::builtins(),
+            }),
+        })
+    }
+
+    /// Publishes the actions, then consumes until `shutdown` fires; in-flight
+    /// tasks then get the grace period to finish before their leases are released.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let shared = self.shared;
+        register_actions(&shared).await?;
+        info!(
+            queues = ?shared.config.queues,
+            concurrency = shared.config.concurrency,
+            identity = %shared.config.identity,
+            "worker started"
+        );
+        let tasks = TaskTracker::new();
+        let abort = CancellationToken::new();
+        crate::consumer::consume(shared.clone(), &tasks, shutdown, abort.clone()).await;
+        tasks.close();
+        info!(in_flight = tasks.len(), "stopping: no new work is taken");
+        if tokio::time::timeout(shared.config.grace, tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                in_flight = tasks.len(),
+                "grace period over: releasing unfinished tasks"
+            );
+            abort.cancel();
+            tasks.wait().await;
+        }
+        info!("worker stopped");
+        Ok(())
+    }
+}
+
+async fn register_actions(shared: &Shared) -> anyhow::Result<()> {
+    let actions: Vec<_> = shared
+        .actions
+        .iter()
+        .map(|action| {
+            let name = action.name().to_owned();
+            let builtin = BUILTIN_ACTIONS.contains(&name.as_str());
+            (
+                name,
+                action.description().to_owned(),
+                action.params_schema(),
+                builtin,
+            )
+        })
+        .collect();
+    // The database may still be starting: wait for it rather than give up.
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let client = shared.pool.get().await?;
+            store::register_actions(&client, &actions, &shared.config.identity).await
+        };
+        match attempt.await {
+            Ok(()) => return Ok(()),
+            Err(store::StoreError::Postgres(error)) if error.as_db_error().is_some() => {
+                return Err(error).context(
+                    "registering actions in synapse.actions (is the synapse extension installed?)",
+                );
+            }
+            Err(error) => {
+                warn!(%error, retry_in_ms = pause.as_millis() as u64, "cannot reach postgres");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -41,7 +41,7 @@ test-pg: setup
 
 # End-to-end: each test starts its own cluster and Redis on free ports.
 test-e2e: install
-	@$(ENV) cargo build -p synapse_worker --bin synapse-worker
+	@$(ENV) cargo build -p synapse_worker --bin synapse-worker --examples
 	@$(ENV) cargo test -p synapse_e2e -- --test-threads 2
 
 test: lint test-unit test-pg test-e2e

@@ -129,6 +129,17 @@ impl Stack {
         self.wait_for_forwarder();
     }
 
+    /// Stops Postgres (fast shutdown).
+    pub fn stop_postgres(&self) {
+        self.script(&["pg-stop", "fast"]);
+    }
+
+    /// Starts Postgres again and waits for the forwarder.
+    pub fn start_postgres(&self) {
+        self.script(&["pg-start"]);
+        self.wait_for_forwarder();
+    }
+
     /// Waits until the forwarder process is up.
     pub fn wait_for_forwarder(&self) {
         let mut client = self.pg();
@@ -198,6 +209,11 @@ pub struct WorkerProcess {
     pub log: PathBuf,
 }
 
+/// The example worker with a custom action, built by `make test-e2e`.
+pub fn example_binary(name: &str) -> PathBuf {
+    workspace_root().join("target/debug/examples").join(name)
+}
+
 /// The worker binary `make test-e2e` builds before the tests.
 pub fn worker_binary() -> PathBuf {
     std::env::var_os("SYNAPSE_WORKER_BIN")
@@ -209,13 +225,17 @@ impl Stack {
     /// Starts a worker with extra `run` flags; waits until it has registered
     /// its actions (its "worker started" log line).
     pub fn start_worker(&self, name: &str, flags: &[&str]) -> WorkerProcess {
+        let mut args = vec!["--log-format", "text", "run"];
+        args.extend_from_slice(flags);
+        self.start_worker_binary(name, &worker_binary(), &args)
+    }
+
+    /// Starts `binary` (a worker built on the library) with `args`, like [`Stack::start_worker`].
+    pub fn start_worker_binary(&self, name: &str, binary: &Path, args: &[&str]) -> WorkerProcess {
         let log = self.dir.join(format!("worker-{name}.log"));
         let file = std::fs::File::create(&log).expect("worker log");
-        let child = Command::new(worker_binary())
-            .arg("--log-format")
-            .arg("text")
-            .arg("run")
-            .args(flags)
+        let child = Command::new(binary)
+            .args(args)
             .env("SYNAPSE_DATABASE_URL", self.database_url())
             .env("SYNAPSE_REDIS_URL", self.redis_url())
             .env("RUST_LOG", "synapse_worker=debug,info")
@@ -226,7 +246,7 @@ impl Stack {
             .unwrap_or_else(|error| {
                 panic!(
                     "starting {}: {error} (run `make test-e2e`)",
-                    worker_binary().display()
+                    binary.display()
                 )
             });
         let worker = WorkerProcess { child, log };

@@ -352,3 +352,20 @@ fn an_idle_stack_runs_no_sql_and_sends_nothing_to_redis() {
 
     assert_quiet(&mut client, &mut redis, "%synapse%", Duration::from_secs(3));
 }
+
+#[test]
+fn a_reload_picks_up_a_new_key_prefix() {
+    let stack = Stack::start("sighup", &[]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    client.batch_execute("ALTER SYSTEM SET synapse.key_prefix = 'reloaded'").unwrap();
+    client.batch_execute("SELECT pg_reload_conf()").unwrap();
+    // The reload reaches the forwarder asynchronously: submit until one lands under the new prefix.
+    let payload = wait_until("an event under the new prefix", WAIT, || {
+        client
+            .execute("SELECT synapse.submit_goal('after reload')", &[])
+            .unwrap();
+        brpop(&mut redis, "reloaded:planner", Duration::from_millis(200))
+    });
+    assert!(payload.contains("goal.submitted"), "{payload}");
+}

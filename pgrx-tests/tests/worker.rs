@@ -601,3 +601,105 @@ fn the_sql_http_and_exec_actions_work_against_real_services() {
         "{status}"
     );
 }
+
+#[test]
+fn a_custom_action_registered_by_its_binary_validates_and_runs() {
+    let stack = Stack::start("custom", &[]);
+    let mut client = stack.pg();
+    let blueprint = json!({"steps": [{"id": "count", "action": "word_count", "input": "{'text': goal.input.text}"}]});
+    let problems: String = client
+        .query_one(
+            "SELECT synapse.validate_blueprint($1::text::jsonb)::text",
+            &[&blueprint.to_string()],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        problems.contains("unknown action \\\"word_count\\\""),
+        "{problems}"
+    );
+    let url = stack.database_url();
+    let redis_url = stack.redis_url();
+    let _worker = stack.start_worker_binary(
+        "custom",
+        &synapse_e2e::example_binary("custom_action"),
+        &["--database-url", &url, "--redis-url", &redis_url],
+    );
+    let described: String = client
+        .query_one(
+            "SELECT description FROM synapse.actions WHERE name = 'word_count'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(described.starts_with("Counts the words"));
+    let id: i64 = client
+        .query_one(
+            "SELECT synapse.submit_plan($1::text::jsonb, '{\"text\": \"to be or not to be\"}')",
+            &[&blueprint.to_string()],
+        )
+        .unwrap()
+        .get(0);
+    let status = wait_for_goal(&stack, id, WAIT);
+    assert_eq!(status["result"], json!({"count": {"words": 6}}), "{status}");
+}
+
+#[test]
+fn a_worker_waits_out_a_postgres_outage_without_losing_its_message() {
+    let stack = Stack::start("pg-outage", &[]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    let worker = stack.start_worker("w", &[]);
+    // A task parked on a queue nobody consumes; its message is moved by hand
+    // once Postgres is down, so the worker pops it during the outage.
+    let id = submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "later", "action": "noop", "queue": "parked"}]}),
+    );
+    let payload: String = wait_until("the parked message", WAIT, || {
+        redis::cmd("RPOP")
+            .arg("synapse:queue:parked")
+            .query::<Option<String>>(&mut redis)
+            .unwrap()
+    });
+    drop(client);
+    stack.stop_postgres();
+    redis::cmd("LPUSH")
+        .arg("synapse:queue:default")
+        .arg(&payload)
+        .query::<()>(&mut redis)
+        .unwrap();
+    wait_until("the worker to hand the message back twice", WAIT, || {
+        (worker
+            .log_text()
+            .matches("postgres unreachable; message handed back")
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    stack.start_postgres();
+    let status = wait_for_goal(&stack, id, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(task(&status, "later")["attempts"], 1);
+}
+
+#[test]
+fn a_task_whose_last_lease_expired_fails_and_fails_its_goal() {
+    let stack = Stack::start("lease-exhausted", &[]);
+    let mut client = stack.pg();
+    let doomed = stack.start_worker("doomed", &["--lease", "1s"]);
+    let id = submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "fragile", "action": "sleep", "params": {"ms": 60000}}]}),
+    );
+    wait_for_running_task(&mut client, id);
+    doomed.signal("KILL");
+    let _next = stack.start_worker("next", &[]);
+    let status = wait_for_goal(&stack, id, WAIT);
+    assert_eq!(status["status"], "failed");
+    let error = task(&status, "fragile")["error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(error.starts_with("lease of attempt 1 expired"), "{error}");
+}

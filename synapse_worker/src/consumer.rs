@@ -61,6 +61,13 @@ pub async fn consume(
         if shutdown.is_cancelled() {
             break;
         }
+        // Postgres is unreachable: popping more would only hand messages back.
+        if let Some(pause) = shared.paused_for() {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
         let current = match &mut popper {
             Some(current) => current,
             slot_for_connection => match connect(&shared.redis).await {
@@ -89,12 +96,12 @@ pub async fn consume(
                 let abort = abort.clone();
                 if key == planner_key {
                     tasks.spawn(async move {
-                        crate::planner::plan_goal(&shared, &payload).await;
+                        crate::planner::plan_goal(&shared, &key, &payload).await;
                         drop(slot);
                     });
                 } else {
                     tasks.spawn(async move {
-                        crate::executor::execute(&shared, &payload, &abort).await;
+                        crate::executor::execute(&shared, &key, &payload, &abort).await;
                         drop(slot);
                     });
                 }

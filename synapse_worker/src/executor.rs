@@ -42,8 +42,8 @@ enum Handled {
     Released,
 }
 
-/// Handles one `task.queued` message.
-pub async fn execute(shared: &Shared, payload: &str, abort: &CancellationToken) {
+/// Handles one `task.queued` message popped from `list`.
+pub async fn execute(shared: &Shared, list: &str, payload: &str, abort: &CancellationToken) {
     let Some(task_id) = task_id(payload) else {
         warn!(payload, "dropping a malformed queue message");
         return;
@@ -60,12 +60,19 @@ pub async fn execute(shared: &Shared, payload: &str, abort: &CancellationToken) 
     })
     .await
     {
-        Ok(Some(claimed)) => claimed,
+        Ok(Some(claimed)) => {
+            shared.postgres_reachable();
+            claimed
+        }
         Ok(None) => {
             debug!(
                 task_id,
                 "task is not queued (duplicate message or cancelled); dropped"
             );
+            return;
+        }
+        Err(error) if error.is_unavailable() => {
+            shared.hand_back(list, payload, &error).await;
             return;
         }
         Err(error) => {

@@ -33,6 +33,15 @@ fn describe(error: &tokio_postgres::Error) -> String {
 }
 
 impl StoreError {
+    /// Postgres could not be reached at all (as opposed to refusing a statement).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Postgres(error) => error.as_db_error().is_none(),
+            StoreError::Pool(_) => true,
+            StoreError::Data(_) => false,
+        }
+    }
+
     /// Deadlocks and serialization failures: run the transaction again.
     pub fn is_transient(&self) -> bool {
         match self {

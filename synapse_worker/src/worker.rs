@@ -61,6 +61,68 @@ pub struct Shared {
     pub actions: ActionRegistry,
     /// Planners by name.
     pub planners: PlannerRegistry,
+    /// While Postgres is unreachable: when to pop again, and the next pause.
+    pause: std::sync::Mutex<Pause>,
+}
+
+#[derive(Default)]
+struct Pause {
+    until: Option<std::time::Instant>,
+    next: Duration,
+}
+
+const PAUSE_MIN: Duration = Duration::from_millis(100);
+const PAUSE_MAX: Duration = Duration::from_secs(5);
+
+impl Shared {
+    /// Puts a message back at the head of its list (BRPOP pops it next) and
+    /// pauses consumption with a capped, growing backoff: Postgres is down.
+    pub async fn hand_back(&self, list: &str, payload: &str, error: &store::StoreError) {
+        let pause = {
+            let mut pause = self
+                .pause
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            pause.next = (pause.next * 2).clamp(PAUSE_MIN, PAUSE_MAX);
+            pause.until = Some(std::time::Instant::now() + pause.next);
+            pause.next
+        };
+        warn!(%error, pause_ms = pause.as_millis() as u64, "postgres unreachable; message handed back");
+        let pushed = async {
+            let mut connection = self.redis.get_multiplexed_async_connection().await?;
+            redis::cmd("RPUSH")
+                .arg(list)
+                .arg(payload)
+                .query_async::<()>(&mut connection)
+                .await
+        };
+        if let Err(error) = pushed.await {
+            // The sweep dispatches it again once Postgres is back.
+            warn!(%error, "could not hand the message back to redis");
+        }
+    }
+
+    /// How long to wait before popping again, if Postgres was unreachable.
+    pub fn paused_for(&self) -> Option<Duration> {
+        let pause = self
+            .pause
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        pause
+            .until
+            .and_then(|until| until.checked_duration_since(std::time::Instant::now()))
+    }
+
+    /// Postgres answered: the next outage starts with the shortest pause again.
+    pub fn postgres_reachable(&self) {
+        let mut pause = self
+            .pause
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if pause.until.is_some() {
+            *pause = Pause::default();
+        }
+    }
 }
 
 /// A configured worker, ready to run.
@@ -104,6 +166,7 @@ impl Worker {
                 redis,
                 actions,
                 planners: PlannerRegistry::builtins(),
+                pause: std::sync::Mutex::new(Pause::default()),
             }),
         })
     }

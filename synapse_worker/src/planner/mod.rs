@@ -100,7 +100,7 @@ pub fn goal_id(payload: &str) -> Option<i64> {
 /// for a blueprint and installs it (or fails the goal saying why), all in one
 /// transaction, so a worker dying midway leaves the goal submitted for the
 /// sweep to dispatch again.
-pub async fn plan_goal(shared: &crate::worker::Shared, payload: &str) {
+pub async fn plan_goal(shared: &crate::worker::Shared, list: &str, payload: &str) {
     let Some(goal_id) = goal_id(payload) else {
         tracing::warn!(payload, "dropping a malformed planner message");
         return;
@@ -171,6 +171,7 @@ pub async fn plan_goal(shared: &crate::worker::Shared, payload: &str) {
         Ok(Some(Err(reason))) => {
             tracing::info!(goal_id, %reason, "goal could not be planned; failed")
         }
+        Err(error) if error.is_unavailable() => shared.hand_back(list, payload, &error).await,
         Err(error) => {
             tracing::warn!(goal_id, %error, "planning failed; the sweep dispatches the goal again")
         }

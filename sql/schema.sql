@@ -132,6 +132,8 @@ COMMENT ON COLUMN synapse.edges.state IS 'pending: from step not finished. taken
 COMMENT ON COLUMN synapse.edges.error IS 'Why the condition could not be evaluated.';
 COMMENT ON COLUMN synapse.edges.resolved_at IS 'When the edge resolved.';
 CREATE INDEX edges_to_step ON synapse.edges (goal_id, to_step);
+-- "Is any inbound edge of this step still pending?", asked at every parent's end.
+CREATE INDEX edges_pending_into ON synapse.edges (goal_id, to_step) WHERE state = 'pending';
 
 CREATE TABLE synapse.templates (
     name        text        PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 200),

@@ -358,7 +358,9 @@ fn a_reload_picks_up_a_new_key_prefix() {
     let stack = Stack::start("sighup", &[]);
     let mut client = stack.pg();
     let mut redis = stack.redis();
-    client.batch_execute("ALTER SYSTEM SET synapse.key_prefix = 'reloaded'").unwrap();
+    client
+        .batch_execute("ALTER SYSTEM SET synapse.key_prefix = 'reloaded'")
+        .unwrap();
     client.batch_execute("SELECT pg_reload_conf()").unwrap();
     // The reload reaches the forwarder asynchronously: submit until one lands under the new prefix.
     let payload = wait_until("an event under the new prefix", WAIT, || {

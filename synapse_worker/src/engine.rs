@@ -158,11 +158,11 @@ async fn variables_for(
     tx: &Transaction<'_>,
     goal_id: i64,
     goal: &GoalVariables,
-    source: Option<&str>,
+    with_steps: bool,
 ) -> Result<Map<String, Value>, StoreError> {
     let mut vars = Map::new();
     vars.insert("goal".into(), goal.goal.clone());
-    let steps = if source.is_some_and(reads_steps) {
+    let steps = if with_steps {
         store::steps_map(tx, goal_id).await?
     } else {
         Value::Object(Map::new())
@@ -187,66 +187,77 @@ pub async fn step_ended(
         }
         let successors: Vec<String> = edges.iter().map(|edge| edge.to.clone()).collect();
         store::lock_tasks(tx, goal_id, &successors).await?;
+
+        // One `steps` snapshot serves every condition of this step.
+        let needs_steps = edges
+            .iter()
+            .any(|edge| edge.when.as_deref().is_some_and(reads_steps));
+        let mut condition_vars = variables_for(tx, goal_id, &goal, needs_steps).await?;
+        condition_vars.insert("result".into(), from.result.clone());
+        condition_vars.insert(
+            "error".into(),
+            from.error.clone().map_or(Value::Null, Value::String),
+        );
+        condition_vars.insert(
+            "status".into(),
+            Value::String(from.outcome.status().to_owned()),
+        );
+        condition_vars.insert("input".into(), from.input.clone());
+        let mut resolutions = Vec::with_capacity(edges.len());
+        let mut broken = Vec::new();
         for edge in &edges {
-            let mut vars = variables_for(tx, goal_id, &goal, edge.when.as_deref()).await?;
             let resolution = resolve_edge(edge.on, edge.when.as_deref(), &from, || {
-                vars.insert("result".into(), from.result.clone());
-                vars.insert(
-                    "error".into(),
-                    from.error.clone().map_or(Value::Null, Value::String),
-                );
-                vars.insert(
-                    "status".into(),
-                    Value::String(from.outcome.status().to_owned()),
-                );
-                vars.insert("input".into(), from.input.clone());
-                vars
+                condition_vars.clone()
             });
             let error = match &resolution {
-                Resolution::Error(message) => Some(format!(
-                    "edge {} -> {}: condition failed: {message}",
-                    from.step, edge.to
-                )),
+                Resolution::Error(message) => {
+                    let error = format!(
+                        "edge {} -> {}: condition failed: {message}",
+                        from.step, edge.to
+                    );
+                    broken.push((edge.to.clone(), error.clone()));
+                    Some(error)
+                }
                 _ => None,
             };
-            store::resolve_edge(
-                tx,
-                goal_id,
-                &from.step,
-                &edge.to,
-                resolution.state(),
-                error.as_deref(),
-            )
-            .await?;
-            if let Some(message) = error {
-                if let Some(failed) =
-                    store::fail_pending_task(tx, goal_id, &edge.to, &message).await?
-                {
-                    worklist.push(failed);
-                }
+            resolutions.push(store::EdgeResolution {
+                to: edge.to.clone(),
+                state: resolution.state(),
+                error,
+            });
+        }
+        store::resolve_edges(tx, goal_id, &from.step, &resolutions).await?;
+        for (to, error) in broken {
+            if let Some(failed) = store::fail_pending_task(tx, goal_id, &to, &error).await? {
+                worklist.push(failed);
             }
         }
-        for to in &successors {
-            let Some(pending) = store::pending_task(tx, goal_id, to).await? else {
-                continue;
-            };
-            match decide_join(pending.join, &pending.inbound) {
+
+        let ready = store::ready_tasks(tx, goal_id, &successors).await?;
+        let needs_steps = ready
+            .iter()
+            .any(|task| task.input_expr.as_deref().is_some_and(reads_steps));
+        let input_vars = variables_for(tx, goal_id, &goal, needs_steps).await?;
+        let mut queued = Vec::new();
+        let mut skipped = Vec::new();
+        for task in ready {
+            match decide_join(task.join, &task.inbound) {
                 JoinDecision::Wait => {}
                 JoinDecision::Run => {
-                    let input = match &pending.input_expr {
-                        None => Ok(Value::Object(pending.taken_parent_results.clone())),
-                        Some(source) => {
-                            let vars = variables_for(tx, goal_id, &goal, Some(source)).await?;
-                            cel::compile(source).and_then(|expression| expression.evaluate(&vars))
-                        }
+                    let input = match &task.input_expr {
+                        None => Ok(Value::Object(task.taken_parent_results)),
+                        Some(source) => cel::compile(source)
+                            .and_then(|expression| expression.evaluate(&input_vars)),
                     };
                     match input {
-                        Ok(input) => store::queue_task(tx, pending.id, &input).await?,
+                        Ok(input) => queued.push((task.id, input)),
                         Err(message) => {
-                            let message =
-                                format!("cannot evaluate the input of step {to}: {message}");
+                            let error = format!(
+                                "cannot evaluate the input of step {}: {message}",
+                                task.step
+                            );
                             if let Some(failed) =
-                                store::fail_pending_task(tx, goal_id, to, &message).await?
+                                store::fail_pending_task(tx, goal_id, &task.step, &error).await?
                             {
                                 worklist.push(failed);
                             }
@@ -254,9 +265,9 @@ pub async fn step_ended(
                     }
                 }
                 JoinDecision::Skip(reason) => {
-                    store::skip_task(tx, pending.id, &reason).await?;
+                    skipped.push((task.id, reason.clone()));
                     worklist.push(EndedStep {
-                        step: to.clone(),
+                        step: task.step,
                         outcome: Outcome::Skipped,
                         result: Value::Null,
                         error: Some(reason),
@@ -265,6 +276,8 @@ pub async fn step_ended(
                 }
             }
         }
+        store::queue_tasks(tx, &queued).await?;
+        store::skip_tasks(tx, &skipped).await?;
     }
     finish_goal_if_done(tx, goal_id, &goal).await
 }
@@ -293,7 +306,7 @@ async fn finish_goal_if_done(
     }
     let result = match output {
         Some(source) => {
-            let vars = variables_for(tx, goal_id, goal, Some("steps")).await?;
+            let vars = variables_for(tx, goal_id, goal, true).await?;
             cel::compile(&source).and_then(|expression| expression.evaluate(&vars))
         }
         None => Ok(store::leaf_results(tx, goal_id).await?),

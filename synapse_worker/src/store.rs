@@ -306,22 +306,34 @@ pub async fn lock_tasks(tx: &Transaction<'_>, goal_id: i64, steps: &[String]) ->
     Ok(())
 }
 
-/// Records how an edge resolved.
-pub async fn resolve_edge(
+/// How one outbound edge resolved.
+pub struct EdgeResolution {
+    /// Step it leads to.
+    pub to: String,
+    /// `taken`, `not_taken` or `error`.
+    pub state: &'static str,
+    /// Why its condition failed.
+    pub error: Option<String>,
+}
+
+/// Records how the outbound edges of `from` resolved, in one statement.
+pub async fn resolve_edges(
     tx: &Transaction<'_>,
     goal_id: i64,
     from: &str,
-    to: &str,
-    state: &str,
-    error: Option<&str>,
+    resolutions: &[EdgeResolution],
 ) -> Result<()> {
     let statement = tx
         .prepare_cached(
-            "UPDATE synapse.edges SET state = $4, error = $5, resolved_at = now()
-              WHERE goal_id = $1 AND from_step = $2 AND to_step = $3 AND state = 'pending'",
+            "UPDATE synapse.edges e SET state = r.state, error = r.error, resolved_at = now()
+               FROM unnest($3::text[], $4::text[], $5::text[]) AS r(to_step, state, error)
+              WHERE e.goal_id = $1 AND e.from_step = $2 AND e.to_step = r.to_step AND e.state = 'pending'",
         )
         .await?;
-    tx.execute(&statement, &[&goal_id, &from, &to, &state, &error])
+    let to: Vec<&str> = resolutions.iter().map(|r| r.to.as_str()).collect();
+    let states: Vec<&str> = resolutions.iter().map(|r| r.state).collect();
+    let errors: Vec<Option<&str>> = resolutions.iter().map(|r| r.error.as_deref()).collect();
+    tx.execute(&statement, &[&goal_id, &from, &to, &states, &errors])
         .await?;
     Ok(())
 }
@@ -350,10 +362,12 @@ pub async fn fail_pending_task(
     }))
 }
 
-/// A pending step and its inbound edges.
-pub struct PendingTask {
+/// A pending step whose inbound edges have all resolved.
+pub struct ReadyTask {
     /// Task id.
     pub id: i64,
+    /// Step id.
+    pub step: String,
     /// Join mode.
     pub join: Join,
     /// Input expression.
@@ -364,66 +378,88 @@ pub struct PendingTask {
     pub taken_parent_results: Map<String, Value>,
 }
 
-/// `step` if it is still pending, with its inbound edges.
-pub async fn pending_task(
+/// Those of `steps` that are pending with every inbound edge resolved, in id
+/// order. A step still waiting for a parent costs one index probe, so a wide
+/// join is read in full only once, by the engine that resolves its last edge.
+pub async fn ready_tasks(
     tx: &Transaction<'_>,
     goal_id: i64,
-    step: &str,
-) -> Result<Option<PendingTask>> {
+    steps: &[String],
+) -> Result<Vec<ReadyTask>> {
     let statement = tx
         .prepare_cached(
-            "SELECT t.id, t.join_mode, t.input_expr, e.from_step, e.state, parent.result
+            "SELECT t.id, t.step, t.join_mode, t.input_expr,
+                    array_agg(e.from_step ORDER BY e.position), array_agg(e.state ORDER BY e.position),
+                    coalesce(jsonb_object_agg(e.from_step, coalesce(parent.result, 'null'::jsonb))
+                             FILTER (WHERE e.state = 'taken'), '{}')
                FROM synapse.tasks t
                JOIN synapse.edges e ON e.goal_id = t.goal_id AND e.to_step = t.step
                JOIN synapse.tasks parent ON parent.goal_id = e.goal_id AND parent.step = e.from_step
-              WHERE t.goal_id = $1 AND t.step = $2 AND t.status = 'pending'
-              ORDER BY e.position",
+              WHERE t.goal_id = $1 AND t.step = ANY($2) AND t.status = 'pending'
+                AND NOT EXISTS (SELECT FROM synapse.edges p
+                                 WHERE p.goal_id = t.goal_id AND p.to_step = t.step AND p.state = 'pending')
+              GROUP BY t.id
+              ORDER BY t.id",
         )
         .await?;
-    let rows = tx.query(&statement, &[&goal_id, &step]).await?;
-    let Some(first) = rows.first() else {
-        return Ok(None);
-    };
-    let join = match first.get::<_, &str>(1) {
-        "all" => Join::All,
-        _ => Join::Any,
-    };
-    let mut pending = PendingTask {
-        id: first.get(0),
-        join,
-        input_expr: first.get(2),
-        inbound: Vec::with_capacity(rows.len()),
-        taken_parent_results: Map::new(),
-    };
-    for row in &rows {
-        let from: String = row.get(3);
-        let state: String = row.get(4);
-        if state == "taken" {
-            let result: Option<Value> = row.get(5);
-            pending
-                .taken_parent_results
-                .insert(from.clone(), result.unwrap_or(Value::Null));
-        }
-        pending.inbound.push((from, state));
-    }
-    Ok(Some(pending))
+    tx.query(&statement, &[&goal_id, &steps])
+        .await?
+        .into_iter()
+        .map(|row| {
+            let from: Vec<String> = row.get(4);
+            let states: Vec<String> = row.get(5);
+            let Value::Object(taken_parent_results) = row.get::<_, Value>(6) else {
+                return Err(StoreError::Data("parent results are not an object".into()));
+            };
+            Ok(ReadyTask {
+                id: row.get(0),
+                step: row.get(1),
+                join: if row.get::<_, &str>(2) == "all" {
+                    Join::All
+                } else {
+                    Join::Any
+                },
+                input_expr: row.get(3),
+                inbound: from.into_iter().zip(states).collect(),
+                taken_parent_results,
+            })
+        })
+        .collect()
 }
 
-/// `pending → queued` with its input.
-pub async fn queue_task(tx: &Transaction<'_>, task_id: i64, input: &Value) -> Result<()> {
+/// `pending → queued` with their inputs, in one statement.
+pub async fn queue_tasks(tx: &Transaction<'_>, tasks: &[(i64, Value)]) -> Result<()> {
+    if tasks.is_empty() {
+        return Ok(());
+    }
     let statement = tx
-        .prepare_cached("UPDATE synapse.tasks SET status = 'queued', input = $2 WHERE id = $1 AND status = 'pending'")
+        .prepare_cached(
+            "UPDATE synapse.tasks t SET status = 'queued', input = r.input
+               FROM unnest($1::bigint[], $2::jsonb[]) AS r(id, input)
+              WHERE t.id = r.id AND t.status = 'pending'",
+        )
         .await?;
-    tx.execute(&statement, &[&task_id, input]).await?;
+    let ids: Vec<i64> = tasks.iter().map(|(id, _)| *id).collect();
+    let inputs: Vec<&Value> = tasks.iter().map(|(_, input)| input).collect();
+    tx.execute(&statement, &[&ids, &inputs]).await?;
     Ok(())
 }
 
-/// `pending → skipped`, saying why.
-pub async fn skip_task(tx: &Transaction<'_>, task_id: i64, reason: &str) -> Result<()> {
+/// `pending → skipped`, each with its reason, in one statement.
+pub async fn skip_tasks(tx: &Transaction<'_>, tasks: &[(i64, String)]) -> Result<()> {
+    if tasks.is_empty() {
+        return Ok(());
+    }
     let statement = tx
-        .prepare_cached("UPDATE synapse.tasks SET status = 'skipped', error = $2 WHERE id = $1 AND status = 'pending'")
+        .prepare_cached(
+            "UPDATE synapse.tasks t SET status = 'skipped', error = r.reason
+               FROM unnest($1::bigint[], $2::text[]) AS r(id, reason)
+              WHERE t.id = r.id AND t.status = 'pending'",
+        )
         .await?;
-    tx.execute(&statement, &[&task_id, &reason]).await?;
+    let ids: Vec<i64> = tasks.iter().map(|(id, _)| *id).collect();
+    let reasons: Vec<&str> = tasks.iter().map(|(_, reason)| reason.as_str()).collect();
+    tx.execute(&statement, &[&ids, &reasons]).await?;
     Ok(())
 }
 

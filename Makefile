@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build install up down demo test test-unit test-pg test-e2e lint fmt
+.PHONY: setup build install up down demo test test-unit test-pg test-e2e bench bench-smoke lint
 
 setup:
 	@scripts/setup.sh
@@ -44,5 +44,19 @@ test-e2e: install
 	@$(ENV) cargo build -p synapse_worker --bin synapse-worker --examples
 	@$(ENV) cargo test -p synapse_e2e -- --test-threads 2
 
-test: lint test-unit test-pg test-e2e
+# Benchmarks on an isolated stack with release builds; prints a table and
+# writes target/bench/results.json. Not part of `make test` (see bench-smoke).
+bench: setup
+	@$(ENV) cargo pgrx install --release -p synapse_pg --pg-config "$$PG_CONFIG" >/dev/null
+	@$(ENV) cargo build --release -p synapse_worker --bin synapse-worker
+	@$(ENV) cargo build --release -p synapse_e2e --bin synapse-bench
+	@mkdir -p target/bench
+	@$(ENV) SYNAPSE_WORKER_BIN=$(CURDIR)/target/release/synapse-worker target/release/synapse-bench --json target/bench/results.json
+
+# The benchmark with tiny sizes, so it cannot rot.
+bench-smoke: install
+	@$(ENV) cargo build -p synapse_worker --bin synapse-worker
+	@$(ENV) cargo run -q -p synapse_e2e --bin synapse-bench -- --quick --runs 1
+
+test: lint test-unit test-pg test-e2e bench-smoke
 	@echo "all tests passed"

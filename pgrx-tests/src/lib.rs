@@ -44,20 +44,33 @@ impl Stack {
         let dir = workspace_root()
             .join("target/e2e")
             .join(format!("{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating the stack folder");
-        let stack = Stack {
-            dir,
-            pg_port: free_port(),
-            redis_port: free_port(),
-            extra_conf: conf.join("\n"),
-        };
-        stack.script(&["up"]);
-        stack.wait_for_forwarder();
-        stack
+        // A free port can be taken again before the server binds it: retry with new ones.
+        let mut failure = String::new();
+        for _ in 0..3 {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("creating the stack folder");
+            let stack = Stack {
+                dir: dir.clone(),
+                pg_port: free_port(),
+                redis_port: free_port(),
+                extra_conf: conf.join("\n"),
+            };
+            match stack.try_script(&["up"]) {
+                Ok(()) => {
+                    stack.wait_for_forwarder();
+                    return stack;
+                }
+                Err(error) => {
+                    failure = error;
+                    let _ = stack.try_script(&["down"]);
+                    std::mem::forget(stack);
+                }
+            }
+        }
+        panic!("the stack did not start: {failure}");
     }
 
-    fn script(&self, args: &[&str]) {
+    fn try_script(&self, args: &[&str]) -> Result<(), String> {
         let output = Command::new(workspace_root().join("scripts/stack.sh"))
             .args(args)
             .env("SYNAPSE_STACK_DIR", &self.dir)
@@ -67,13 +80,21 @@ impl Stack {
             .env("SYNAPSE_PG_CONF", &self.extra_conf)
             .output()
             .expect("running scripts/stack.sh");
-        assert!(
-            output.status.success(),
+        if output.status.success() {
+            return Ok(());
+        }
+        Err(format!(
             "stack.sh {args:?} failed: {}{}\n--- postgres log:\n{}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr),
             self.postgres_log()
-        );
+        ))
+    }
+
+    fn script(&self, args: &[&str]) {
+        if let Err(error) = self.try_script(args) {
+            panic!("{error}");
+        }
     }
 
     /// The server log, for failure messages.

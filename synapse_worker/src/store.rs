@@ -299,7 +299,8 @@ pub async fn outbound_edges(
 pub async fn lock_tasks(tx: &Transaction<'_>, goal_id: i64, steps: &[String]) -> Result<()> {
     let statement = tx
         .prepare_cached(
-            "SELECT id FROM synapse.tasks WHERE goal_id = $1 AND step = ANY($2) ORDER BY id FOR NO KEY UPDATE",
+            "SELECT t.id FROM synapse.tasks t JOIN unnest($2::text[]) AS s(step) ON t.step = s.step
+              WHERE t.goal_id = $1 ORDER BY t.id FOR NO KEY UPDATE OF t",
         )
         .await?;
     tx.query(&statement, &[&goal_id, &steps]).await?;
@@ -379,30 +380,50 @@ pub struct ReadyTask {
 }
 
 /// Those of `steps` that are pending with every inbound edge resolved, in id
-/// order. A step still waiting for a parent costs one index probe, so a wide
-/// join is read in full only once, by the engine that resolves its last edge.
+/// order. First the steps that still wait for a parent are set aside with one
+/// probe of the pending-edge index, so a wide join is read in full only once,
+/// by the engine that resolves its last edge. (Arrays are joined through
+/// `unnest`, never `= ANY`, whose per-row scan is quadratic on wide fan-outs.)
 pub async fn ready_tasks(
     tx: &Transaction<'_>,
     goal_id: i64,
     steps: &[String],
 ) -> Result<Vec<ReadyTask>> {
+    let waiting = tx
+        .prepare_cached(
+            "SELECT DISTINCT e.to_step FROM synapse.edges e JOIN unnest($2::text[]) AS s(step) ON e.to_step = s.step
+              WHERE e.goal_id = $1 AND e.state = 'pending'",
+        )
+        .await?;
+    let waiting: std::collections::HashSet<String> = tx
+        .query(&waiting, &[&goal_id, &steps])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let candidates: Vec<&String> = steps
+        .iter()
+        .filter(|step| !waiting.contains(*step))
+        .collect();
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
     let statement = tx
         .prepare_cached(
             "SELECT t.id, t.step, t.join_mode, t.input_expr,
                     array_agg(e.from_step ORDER BY e.position), array_agg(e.state ORDER BY e.position),
                     coalesce(jsonb_object_agg(e.from_step, coalesce(parent.result, 'null'::jsonb))
                              FILTER (WHERE e.state = 'taken'), '{}')
-               FROM synapse.tasks t
+               FROM unnest($2::text[]) AS s(step)
+               JOIN synapse.tasks t ON t.goal_id = $1 AND t.step = s.step AND t.status = 'pending'
                JOIN synapse.edges e ON e.goal_id = t.goal_id AND e.to_step = t.step
-               JOIN synapse.tasks parent ON parent.goal_id = e.goal_id AND parent.step = e.from_step
-              WHERE t.goal_id = $1 AND t.step = ANY($2) AND t.status = 'pending'
-                AND NOT EXISTS (SELECT FROM synapse.edges p
-                                 WHERE p.goal_id = t.goal_id AND p.to_step = t.step AND p.state = 'pending')
+               LEFT JOIN synapse.tasks parent
+                      ON e.state = 'taken' AND parent.goal_id = e.goal_id AND parent.step = e.from_step
               GROUP BY t.id
               ORDER BY t.id",
         )
         .await?;
-    tx.query(&statement, &[&goal_id, &steps])
+    tx.query(&statement, &[&goal_id, &candidates])
         .await?
         .into_iter()
         .map(|row| {

@@ -30,7 +30,9 @@ pub extern "C-unwind" fn synapse_forwarder_main(_arg: pg_sys::Datum) {
     let mut forwarder = Forwarder::new();
     // Run once at start: events committed while no forwarder ran wait in the outbox.
     let mut timeout = Some(Duration::ZERO);
-    while BackgroundWorker::wait_latch(timeout) {
+    // ShutdownRequestPending, set by the SIGTERM handler, is checked too: it is
+    // never cleared, so no code path can swallow the request to stop.
+    while !shutdown_requested() && BackgroundWorker::wait_latch(timeout) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: called from the main loop, outside any transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
@@ -39,6 +41,11 @@ pub extern "C-unwind" fn synapse_forwarder_main(_arg: pg_sys::Datum) {
     }
     LATCH_OWNER.get().store(-1, Ordering::Release);
     log!("synapse forwarder stopped");
+}
+
+fn shutdown_requested() -> bool {
+    // SAFETY: a plain flag written by the signal handler.
+    unsafe { pg_sys::ShutdownRequestPending != 0 }
 }
 
 struct Forwarder {
@@ -129,6 +136,9 @@ impl Forwarder {
         let sink = std::panic::AssertUnwindSafe(&mut self.sink);
         BackgroundWorker::transaction(move || {
             let sink = sink;
+            // Losing this commit in a crash only re-sends the batch (delivery is
+            // at-least-once), so it need not wait for its WAL flush.
+            Spi::run("SET LOCAL synchronous_commit = off").expect("setting synchronous_commit");
             let (ids, events) = read_batch();
             if ids.is_empty() {
                 return Drain::Done;

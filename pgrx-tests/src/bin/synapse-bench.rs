@@ -1,0 +1,287 @@
+//! `make bench`: measures the pipeline on an isolated stack (its own Postgres
+//! cluster and Redis, release builds) and prints a table; `--json FILE` also
+//! writes the figures. Each figure is the median of `--runs` runs.
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{json, Value};
+use synapse_e2e::{brpop, postgres, redis, wait_for_goal, Stack};
+
+struct Options {
+    runs: usize,
+    quick: bool,
+    json: Option<String>,
+}
+
+fn options() -> Options {
+    let mut options = Options {
+        runs: 3,
+        quick: false,
+        json: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => options.quick = true,
+            "--runs" => options.runs = args.next().and_then(|n| n.parse().ok()).expect("--runs N"),
+            "--json" => options.json = Some(args.next().expect("--json FILE")),
+            other => panic!("unknown argument {other} (use --quick, --runs N, --json FILE)"),
+        }
+    }
+    options
+}
+
+/// One printed figure.
+struct Figure {
+    name: String,
+    value: f64,
+    unit: &'static str,
+    note: String,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+fn one_i64(client: &mut postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).expect(sql).get(0)
+}
+
+fn llen(redis: &mut redis::Connection, key: &str) -> i64 {
+    redis::cmd("LLEN").arg(key).query(redis).expect("LLEN")
+}
+
+/// Time from the commit of N goals in one transaction until all N are in the
+/// planner list (no worker running).
+fn batch_to_redis(stack: &Stack, goals: usize) -> f64 {
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    redis::cmd("DEL")
+        .arg("synapse:planner")
+        .query::<()>(&mut redis)
+        .unwrap();
+    let mut transaction = client.transaction().unwrap();
+    transaction
+        .execute(
+            "SELECT synapse.submit_goal('bench goal ' || n) FROM generate_series(1, $1::int) n",
+            &[&(goals as i32)],
+        )
+        .unwrap();
+    transaction.commit().unwrap();
+    let committed = Instant::now();
+    while llen(&mut redis, "synapse:planner") < goals as i64 {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    ms(committed.elapsed())
+}
+
+/// Latency of single submits: statement sent → popped from Redis by a
+/// blocked BRPOP (includes the commit's fsync).
+fn submit_to_pop(stack: &Stack, samples: usize) -> Vec<f64> {
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    redis::cmd("DEL")
+        .arg("synapse:planner")
+        .query::<()>(&mut redis)
+        .unwrap();
+    let statement = client
+        .prepare("SELECT synapse.submit_goal('latency probe')")
+        .unwrap();
+    let mut latencies = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let (sent_tx, sent_rx) = std::sync::mpsc::channel::<Instant>();
+        let url = stack.redis_url();
+        let popper = std::thread::spawn(move || {
+            let mut redis = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let _ = brpop(&mut redis, "synapse:planner", Duration::from_secs(10)).expect("popped");
+            let popped = Instant::now();
+            let sent = sent_rx.recv().unwrap();
+            ms(popped - sent)
+        });
+        // Let the BRPOP block first.
+        std::thread::sleep(Duration::from_millis(2));
+        let sent = Instant::now();
+        client.query_one(&statement, &[]).unwrap();
+        sent_tx.send(sent).unwrap();
+        latencies.push(popper.join().unwrap());
+    }
+    latencies
+}
+
+const TRIAGE: &str = r#"{
+  "steps": [
+    {"id": "parse", "action": "transform", "input": "goal.params",
+     "params": {"expr": "{'priority': int(input.severity), 'incident': input.id}"}},
+    {"id": "page", "action": "transform", "params": {"expr": "{'paged': input.parse.incident}"}},
+    {"id": "backlog", "action": "noop"},
+    {"id": "close", "action": "noop"}
+  ],
+  "edges": [
+    {"from": "parse", "to": "page", "when": "result.priority > 3"},
+    {"from": "parse", "to": "backlog", "when": "result.priority <= 3"},
+    {"from": "page", "to": "close"}, {"from": "backlog", "to": "close"}
+  ]
+}"#;
+
+/// submit_goal → the M3 goal (planned from a template, 4 steps, conditional
+/// edges) has ended.
+fn m3_wall(stack: &Stack, client: &mut postgres::Client) -> f64 {
+    let started = Instant::now();
+    let id = one_i64(
+        client,
+        "SELECT synapse.submit_goal('triage incident 7 severity 5')",
+    );
+    let status = wait_for_goal(stack, id, Duration::from_secs(60));
+    assert_eq!(status["status"], "succeeded", "{status}");
+    ms(started.elapsed())
+}
+
+/// 1 → width → 1 fan-out/fan-in in one goal; returns (ms, tasks/s).
+fn fan_out(stack: &Stack, client: &mut postgres::Client, width: usize) -> (f64, f64) {
+    // Short ids keep 10 000 steps under the 1 MiB blueprint limit.
+    let mut steps = vec![json!({"id": "r", "action": "noop"})];
+    let mut edges = Vec::new();
+    for i in 0..width {
+        steps.push(json!({"id": format!("l{i}"), "action": "noop"}));
+        edges.push(json!({"from": "r", "to": format!("l{i}")}));
+        edges.push(json!({"from": format!("l{i}"), "to": "j"}));
+    }
+    steps.push(json!({"id": "j", "action": "noop", "join": "all", "input": "{}"}));
+    let blueprint = json!({"steps": steps, "edges": edges, "output": "{}"}).to_string();
+    let started = Instant::now();
+    let id: i64 = client
+        .query_one("SELECT synapse.submit_plan($1::text::jsonb)", &[&blueprint])
+        .unwrap()
+        .get(0);
+    let status = wait_for_goal(stack, id, Duration::from_secs(600));
+    assert_eq!(status["status"], "succeeded");
+    let elapsed = started.elapsed();
+    (ms(elapsed), (width + 2) as f64 / elapsed.as_secs_f64())
+}
+
+/// Single-task goals submitted one after another: statement sent → the
+/// worker's claim (the handler starts right after it).
+fn submit_to_handler(stack: &Stack, client: &mut postgres::Client, samples: usize) -> Vec<f64> {
+    let blueprint = r#"{"steps":[{"id":"probe","action":"noop"}]}"#;
+    let statement = client
+        .prepare("SELECT synapse.submit_plan($1::text::jsonb)")
+        .unwrap();
+    let mut latencies = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let sent = SystemTime::now();
+        let id: i64 = client.query_one(&statement, &[&blueprint]).unwrap().get(0);
+        let status = wait_for_goal(stack, id, Duration::from_secs(30));
+        assert_eq!(status["status"], "succeeded");
+        let started: SystemTime = client
+            .query_one(
+                "SELECT started_at FROM synapse.tasks WHERE goal_id = $1",
+                &[&id],
+            )
+            .unwrap()
+            .get(0);
+        latencies.push(ms(started.duration_since(sent).unwrap_or_default()));
+    }
+    latencies
+}
+
+fn main() {
+    let options = options();
+    let (batch, samples, width) = if options.quick {
+        (500, 20, 200)
+    } else {
+        (10_000, 200, 9_998)
+    };
+    let mut figures = Vec::new();
+
+    let stack = Stack::start("bench", &["synapse.sweep_interval = '1h'"]);
+    let runs: Vec<f64> = (0..options.runs)
+        .map(|_| batch_to_redis(&stack, batch))
+        .collect();
+    figures.push(Figure {
+        name: format!("{batch} goals in one transaction: commit → all in Redis"),
+        value: median(runs),
+        unit: "ms",
+        note: String::new(),
+    });
+    let mut latencies = submit_to_pop(&stack, samples);
+    latencies.sort_by(f64::total_cmp);
+    for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
+        figures.push(Figure {
+            name: format!("single submit_goal: sent → BRPOP wakes ({label}, {samples} samples)"),
+            value: percentile(&latencies, p),
+            unit: "ms",
+            note: "includes the commit's fsync".into(),
+        });
+    }
+
+    let mut client = stack.pg();
+    client
+        .execute("SELECT synapse.add_template('triage', 'triage incident (?P<id>\\d+) severity (?P<severity>\\d+)', $1::text::jsonb)", &[&TRIAGE])
+        .unwrap();
+    let worker = stack.start_worker("bench", &["--concurrency", "32"]);
+    let runs: Vec<f64> = (0..options.runs)
+        .map(|_| m3_wall(&stack, &mut client))
+        .collect();
+    figures.push(Figure {
+        name: "M3 goal: submit_goal → goal succeeded".into(),
+        value: median(runs),
+        unit: "ms",
+        note: "template planner, 4 steps, 2 conditional edges".into(),
+    });
+
+    let mut latencies = submit_to_handler(&stack, &mut client, samples);
+    latencies.sort_by(f64::total_cmp);
+    for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
+        figures.push(Figure {
+            name: format!("single task: submit sent → handler start ({label}, serial)"),
+            value: percentile(&latencies, p),
+            unit: "ms",
+            note: "includes the commit's fsync".into(),
+        });
+    }
+
+    let runs: Vec<(f64, f64)> = (0..options.runs)
+        .map(|_| fan_out(&stack, &mut client, width))
+        .collect();
+    figures.push(Figure {
+        name: format!("fan-out 1 → {width} → 1, one worker, concurrency 32"),
+        value: median(runs.iter().map(|r| r.1).collect()),
+        unit: "tasks/s",
+        note: format!(
+            "median wall {:.0} ms",
+            median(runs.iter().map(|r| r.0).collect())
+        ),
+    });
+    drop(worker);
+
+    println!();
+    println!("{:<72} {:>12}  note", "figure", "value");
+    println!("{}", "-".repeat(110));
+    let mut json_figures = BTreeMap::new();
+    for figure in &figures {
+        println!(
+            "{:<72} {:>9.2} {:<7} {}",
+            figure.name, figure.value, figure.unit, figure.note
+        );
+        json_figures.insert(
+            figure.name.clone(),
+            json!({"value": figure.value, "unit": figure.unit, "note": figure.note}),
+        );
+    }
+    if let Some(path) = options.json {
+        let document: Value = json!({"runs": options.runs, "figures": json_figures});
+        std::fs::write(&path, serde_json::to_string_pretty(&document).unwrap())
+            .expect("writing the JSON");
+        println!("\nwritten to {path}");
+    }
+}

@@ -102,6 +102,32 @@ impl Stack {
         std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
     }
 
+    /// The postmaster and its children.
+    pub fn postgres_pids(&self) -> Vec<u32> {
+        let pidfile =
+            std::fs::read_to_string(self.dir.join("pgdata/postmaster.pid")).unwrap_or_default();
+        let Some(postmaster) = pidfile
+            .lines()
+            .next()
+            .and_then(|line| line.trim().parse::<u32>().ok())
+        else {
+            return Vec::new();
+        };
+        let children = Command::new("pgrep")
+            .arg("-P")
+            .arg(postmaster.to_string())
+            .output();
+        std::iter::once(postmaster)
+            .chain(
+                children
+                    .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|line| line.trim().parse().ok()),
+            )
+            .collect()
+    }
+
     /// Connection string of the test database.
     pub fn database_url(&self) -> String {
         format!(

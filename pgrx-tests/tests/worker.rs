@@ -703,3 +703,44 @@ fn a_task_whose_last_lease_expired_fails_and_fails_its_goal() {
         .to_owned();
     assert!(error.starts_with("lease of attempt 1 expired"), "{error}");
 }
+
+#[test]
+fn metrics_count_tasks_by_action_and_outcome() {
+    use std::io::{Read, Write};
+    let stack = Stack::start("metrics", &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let _worker = stack.start_worker("w", &["--metrics-addr", &addr]);
+    let status = run_plan(
+        &stack,
+        json!({"steps": [{"id": "a", "action": "noop"}, {"id": "b", "action": "fail", "retries": 1, "backoff": "10ms"}]}),
+    );
+    assert_eq!(status["status"], "failed");
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    for line in [
+        r#"synapse_tasks_total{action="noop",outcome="succeeded"} 1"#,
+        r#"synapse_tasks_total{action="fail",outcome="retrying"} 1"#,
+        r#"synapse_tasks_total{action="fail",outcome="failed"} 1"#,
+        r#"synapse_task_duration_seconds_count{action="noop"} 1"#,
+        "synapse_task_queue_wait_seconds_count 3",
+        "synapse_tasks_in_flight 0",
+    ] {
+        assert!(response.contains(line), "{line} missing from\n{response}");
+    }
+    // Connection strings never reach the log.
+    let log = _worker.log_text();
+    assert!(!log.contains("postgresql://"), "{log}");
+    assert!(!log.contains("redis://"), "{log}");
+}

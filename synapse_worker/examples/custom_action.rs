@@ -68,6 +68,7 @@ async fn main() -> ExitCode {
         grace: std::time::Duration::from_secs(30),
         identity: format!("word-count:{}", std::process::id()),
         allow_exec: Vec::new(),
+        metrics_addr: None,
     };
     let mut actions = ActionRegistry::new();
     actions.register(WordCount);

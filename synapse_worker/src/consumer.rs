@@ -74,6 +74,10 @@ pub async fn consume(
                 Ok(connected) => {
                     if pause > RECONNECT_MIN {
                         info!("redis reachable again");
+                        crate::metrics::METRICS
+                            .reconnects
+                            .with_label_values(&["redis"])
+                            .inc();
                     }
                     pause = RECONNECT_MIN;
                     slot_for_connection.insert(connected)

@@ -36,7 +36,8 @@ pub fn retry_delay(base: Duration, attempt: i32, jitter: f64) -> Duration {
 
 /// What happened to a task this worker handled.
 enum Handled {
-    Recorded,
+    /// The outcome was recorded: `succeeded`, `retrying` or `failed`.
+    Recorded(&'static str),
     Fenced,
     Lost,
     Released,
@@ -81,11 +82,33 @@ pub async fn execute(shared: &Shared, list: &str, payload: &str, abort: &Cancell
             return;
         }
     };
+    let metrics = &crate::metrics::METRICS;
+    metrics.queue_wait.observe(claimed.queue_wait.as_secs_f64());
+    metrics.in_flight.inc();
     let started = std::time::Instant::now();
     let handled = run_claimed(shared, &claimed, abort).await;
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    metrics.in_flight.dec();
+    let elapsed = started.elapsed();
+    metrics
+        .task_duration
+        .with_label_values(&[&claimed.action])
+        .observe(elapsed.as_secs_f64());
+    let outcome = match &handled {
+        Ok(Handled::Recorded(outcome)) => *outcome,
+        Ok(Handled::Fenced) => "fenced",
+        Ok(Handled::Lost) => "lost",
+        Ok(Handled::Released) => "released",
+        Err(_) => "unrecorded",
+    };
+    metrics
+        .tasks
+        .with_label_values(&[&claimed.action, outcome])
+        .inc();
+    let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
     match handled {
-        Ok(Handled::Recorded) => debug!(task_id, step = %claimed.step, elapsed_ms, "task recorded"),
+        Ok(Handled::Recorded(_)) => {
+            debug!(task_id, step = %claimed.step, elapsed_ms, "task recorded")
+        }
         Ok(Handled::Fenced) => {
             warn!(
                 task_id,
@@ -192,10 +215,11 @@ async fn record(
         let tx = client.transaction().await?;
         let handled = match store::record_outcome(&tx, task, &outcome).await? {
             Recorded::Fenced => return Ok(Handled::Fenced),
-            Recorded::Retrying => Handled::Recorded,
+            Recorded::Retrying => Handled::Recorded("retrying"),
             Recorded::Ended(ended) => {
+                let status = ended.outcome.status();
                 engine::step_ended(&tx, task.goal_id, ended).await?;
-                Handled::Recorded
+                Handled::Recorded(status)
             }
         };
         tx.commit().await?;

@@ -20,6 +20,8 @@ pub mod engine;
 #[cfg(feature = "runtime")]
 pub mod executor;
 #[cfg(feature = "runtime")]
+pub mod metrics;
+#[cfg(feature = "runtime")]
 pub mod planner;
 #[cfg(feature = "runtime")]
 pub mod store;

@@ -2,18 +2,18 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use synapse_worker::actions::ActionRegistry;
 use synapse_worker::{Worker, WorkerConfig};
 
-/// Exit code for bad configuration (sysexits EX_USAGE... EX_CONFIG is 78; 64 is
-/// what operators script against for "fix your flags").
+mod client;
+
+/// Exit code for bad configuration (sysexits' EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
-/// Exit code of `submit --wait` when the goal did not succeed.
+/// Exit code when a goal did not succeed (or a blueprint is invalid).
 const EXIT_GOAL_FAILED: u8 = 1;
 
 #[derive(Parser)]
@@ -77,9 +77,15 @@ enum Command {
         /// Goal id.
         id: i64,
     },
-    /// Print a goal's DAG as Mermaid or Graphviz DOT.
+    /// Live view of a goal, redrawn as its events arrive; exits when it ends (0 succeeded, 1 otherwise).
+    #[command(after_help = "Example:\n  synapse-worker watch 42")]
+    Watch {
+        /// Goal id.
+        id: i64,
+    },
+    /// Print a goal's DAG as Mermaid or Graphviz DOT, or render it to SVG.
     #[command(
-        after_help = "Example:\n  synapse-worker graph 42 --format dot | dot -Tsvg > goal.svg"
+        after_help = "Examples:\n  synapse-worker graph 42\n  synapse-worker graph 42 --format dot\n  synapse-worker graph 42 --output goal-42.svg   (needs Graphviz)"
     )]
     Graph {
         /// Goal id.
@@ -87,6 +93,9 @@ enum Command {
         /// Output format.
         #[arg(long, default_value = "mermaid", value_parser = ["mermaid", "dot"])]
         format: String,
+        /// Render to this SVG file with Graphviz instead of printing.
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
     },
     /// Check a blueprint file and list every problem with its JSON path.
     #[command(after_help = "Example:\n  synapse-worker validate plan.json")]
@@ -125,6 +134,9 @@ struct RunArgs {
     /// Time running tasks get to finish at shutdown before they are released.
     #[arg(long, env = "SYNAPSE_GRACE", default_value = "30s", value_parser = parse_duration)]
     grace: Duration,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9187).
+    #[arg(long, env = "SYNAPSE_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Programs the exec action may run (comma list, exactly as blueprints name them).
     #[arg(long, env = "SYNAPSE_ALLOW_EXEC", value_delimiter = ',')]
     allow_exec: Vec<String>,
@@ -156,6 +168,7 @@ fn config(database_url: String, args: RunArgs) -> anyhow::Result<WorkerConfig> {
         grace: args.grace,
         identity: format!("{host}:{}", std::process::id()),
         allow_exec: args.allow_exec,
+        metrics_addr: args.metrics_addr,
     })
 }
 
@@ -202,27 +215,32 @@ fn main() -> ExitCode {
                 planner,
                 wait,
                 timeout,
-            } => match submit(&cli.database_url, &goal, &input, &planner, wait, timeout).await {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::from(EXIT_GOAL_FAILED),
-                Err(error) => report(Err(error)),
-            },
-            Command::Status { id } => report(
-                print_query(
-                    &cli.database_url,
-                    "SELECT jsonb_pretty(synapse.goal_status($1))",
-                    id,
-                )
-                .await,
+            } => exit(
+                client::submit(&cli.database_url, &goal, &input, &planner, wait, timeout).await,
             ),
-            Command::Graph { id, format } => report(graph(&cli.database_url, id, &format).await),
-            Command::Validate { file } => match validate(&cli.database_url, &file).await {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::from(EXIT_GOAL_FAILED),
-                Err(error) => report(Err(error)),
-            },
+            Command::Status { id } => exit(client::status(&cli.database_url, id).await),
+            Command::Watch { id } => exit(client::watch(&cli.database_url, id).await),
+            Command::Graph { id, format, output } => {
+                exit(client::graph(&cli.database_url, id, &format, output.as_deref()).await)
+            }
+            Command::Validate { file } => exit(client::validate(&cli.database_url, &file).await),
         }
     })
+}
+
+fn exit(outcome: client::Outcome) -> ExitCode {
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(EXIT_GOAL_FAILED),
+        Err(client::Failure::Config(error)) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(client::Failure::Other(error)) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {
@@ -253,144 +271,4 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     Worker::new(config, ActionRegistry::new())?
         .run(shutdown)
         .await
-}
-
-async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .context("cannot connect to Postgres (check --database-url / SYNAPSE_DATABASE_URL)")?;
-    tokio::spawn(connection);
-    Ok(client)
-}
-
-async fn print_query(url: &str, sql: &str, id: i64) -> anyhow::Result<()> {
-    let client = connect(url).await?;
-    let row = client.query_one(sql, &[&id]).await.map_err(db_error)?;
-    println!("{}", row.get::<_, String>(0));
-    Ok(())
-}
-
-async fn graph(url: &str, id: i64, format: &str) -> anyhow::Result<()> {
-    let client = connect(url).await?;
-    let row = client
-        .query_one("SELECT synapse.goal_graph($1, $2)", &[&id, &format])
-        .await
-        .map_err(db_error)?;
-    print!("{}", row.get::<_, String>(0));
-    Ok(())
-}
-
-/// Postgres errors as users should read them: the server's message.
-fn db_error(error: tokio_postgres::Error) -> anyhow::Error {
-    match error.as_db_error() {
-        Some(db) => anyhow::anyhow!("{}", db.message()),
-        None => anyhow::Error::new(error),
-    }
-}
-
-async fn validate(url: &str, file: &std::path::Path) -> anyhow::Result<bool> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let doc: Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
-    // The extension knows the registered actions; validation is the same code either way.
-    let client = connect(url).await?;
-    let problems: Value = client
-        .query_one("SELECT synapse.validate_blueprint($1)", &[&doc])
-        .await
-        .map_err(db_error)?
-        .get(0);
-    let problems = problems.as_array().cloned().unwrap_or_default();
-    for problem in &problems {
-        println!(
-            "{}: {}",
-            problem["path"].as_str().unwrap_or("$"),
-            problem["message"].as_str().unwrap_or("")
-        );
-    }
-    if problems.is_empty() {
-        println!("{}: ok", file.display());
-    }
-    Ok(problems.is_empty())
-}
-
-async fn submit(
-    url: &str,
-    goal: &str,
-    input: &str,
-    planner: &str,
-    wait: bool,
-    timeout: Option<Duration>,
-) -> anyhow::Result<bool> {
-    let input: Value = serde_json::from_str(input).context("--input is not JSON")?;
-    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .context("cannot connect to Postgres (check --database-url / SYNAPSE_DATABASE_URL)")?;
-    let (notes, mut notifications) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        // Drive the connection and hand NOTIFY payloads over.
-        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-            if let Ok(tokio_postgres::AsyncMessage::Notification(note)) = message {
-                let _ = notes.send(note.payload().to_owned());
-            }
-        }
-    });
-    if wait {
-        // Listen before submitting, so the end cannot slip by unseen.
-        client
-            .batch_execute("LISTEN synapse_events")
-            .await
-            .map_err(db_error)?;
-    }
-    let id: i64 = client
-        .query_one(
-            "SELECT synapse.submit_goal($1, $2, $3)",
-            &[&goal, &input, &planner],
-        )
-        .await
-        .map_err(db_error)?
-        .get(0);
-    if !wait {
-        println!("{id}");
-        return Ok(true);
-    }
-    eprintln!("goal {id} submitted; waiting for it to end");
-    let deadline = timeout.map(|limit| tokio::time::Instant::now() + limit);
-    let status = loop {
-        let status: Value = client
-            .query_one("SELECT synapse.goal_status($1)", &[&id])
-            .await
-            .map_err(db_error)?
-            .get(0);
-        if matches!(
-            status["status"].as_str(),
-            Some("succeeded" | "failed" | "cancelled")
-        ) {
-            break status;
-        }
-        // Wait for any event of this goal, then look again.
-        loop {
-            let next = notifications.recv();
-            let payload = match deadline {
-                None => next.await,
-                Some(deadline) => match tokio::time::timeout_at(deadline, next).await {
-                    Ok(payload) => payload,
-                    Err(_) => bail!("goal {id} did not end within the --timeout"),
-                },
-            };
-            let Some(payload) = payload else {
-                bail!("the Postgres connection closed while waiting");
-            };
-            let event: Value = serde_json::from_str(&payload).unwrap_or(Value::Null);
-            if event["goal_id"].as_i64() == Some(id)
-                && event["event"]
-                    .as_str()
-                    .is_some_and(|e| e.starts_with("goal."))
-            {
-                break;
-            }
-        }
-    };
-    println!("{}", serde_json::to_string_pretty(&status)?);
-    Ok(status["status"] == "succeeded")
 }

@@ -82,6 +82,8 @@ pub struct ClaimedTask {
     pub timeout: Duration,
     /// Error left by the previous attempt (e.g. its lease expired).
     pub previous_error: Option<String>,
+    /// How long it waited between being queued and this claim.
+    pub queue_wait: Duration,
 }
 
 /// Claims a queued task: `queued → running`, attempt + 1, with a lease. `None`
@@ -99,7 +101,8 @@ pub async fn claim_task(
                     lease_expires_at = now() + $2 * interval '1 millisecond', leased_by = $3
               WHERE id = $1 AND status = 'queued'
           RETURNING goal_id, step, action, params, coalesce(input, 'null'::jsonb), attempts, max_attempts,
-                    backoff_ms, timeout_ms, error",
+                    backoff_ms, timeout_ms, error,
+                    greatest(extract(epoch FROM now() - queued_at), 0)::float8",
         )
         .await?;
     let row = client
@@ -117,6 +120,7 @@ pub async fn claim_task(
         backoff: Duration::from_millis(row.get::<_, i64>(7) as u64),
         timeout: Duration::from_millis(row.get::<_, i64>(8) as u64),
         previous_error: row.get(9),
+        queue_wait: Duration::from_secs_f64(row.get::<_, Option<f64>>(10).unwrap_or(0.0)),
     }))
 }
 

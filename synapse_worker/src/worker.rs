@@ -34,6 +34,8 @@ pub struct WorkerConfig {
     pub identity: String,
     /// Programs the `exec` action may run.
     pub allow_exec: Vec<String>,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl WorkerConfig {
@@ -88,6 +90,10 @@ impl Shared {
             pause.next
         };
         warn!(%error, pause_ms = pause.as_millis() as u64, "postgres unreachable; message handed back");
+        crate::metrics::METRICS
+            .reconnects
+            .with_label_values(&["postgres"])
+            .inc();
         let pushed = async {
             let mut connection = self.redis.get_multiplexed_async_connection().await?;
             redis::cmd("RPUSH")
@@ -184,6 +190,14 @@ impl Worker {
         );
         let tasks = TaskTracker::new();
         let abort = CancellationToken::new();
+        if let Some(addr) = shared.config.metrics_addr {
+            let listener = crate::metrics::serve(addr, shutdown.clone());
+            tokio::spawn(async move {
+                if let Err(error) = listener.await {
+                    warn!(%error, %addr, "cannot serve metrics");
+                }
+            });
+        }
         crate::consumer::consume(shared.clone(), &tasks, shutdown, abort.clone()).await;
         tasks.close();
         info!(in_flight = tasks.len(), "stopping: no new work is taken");

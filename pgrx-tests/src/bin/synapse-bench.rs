@@ -194,12 +194,148 @@ fn submit_to_handler(stack: &Stack, client: &mut postgres::Client, samples: usiz
     latencies
 }
 
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    });
+    ticks / 100.0
+}
+
+fn pids_of(pattern: &str) -> Vec<u32> {
+    let output = std::process::Command::new("pgrep")
+        .arg("-f")
+        .arg(pattern)
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.trim().parse().ok())
+        .collect()
+}
+
+/// The stack and two workers left alone: what each side does while idle.
+fn idle(
+    stack: &Stack,
+    client: &mut postgres::Client,
+    workers: &[&synapse_e2e::WorkerProcess],
+    window: Duration,
+) -> Vec<Figure> {
+    let mut redis = stack.redis();
+    // Let the last events drain first.
+    synapse_e2e::wait_until("the outbox to drain", Duration::from_secs(60), || {
+        (stack.forwarder_status(client)["pending"] == 0).then_some(())
+    });
+    let statements = |client: &mut postgres::Client| -> i64 {
+        client
+            .query_one(
+                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements WHERE query NOT LIKE '%pg_stat%'
+                   AND query NOT LIKE '%pg_current_wal_lsn%'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let commands = |redis: &mut redis::Connection| -> i64 {
+        let info: String = redis::cmd("INFO").arg("commandstats").query(redis).unwrap();
+        info.lines()
+            .filter(|line| line.starts_with("cmdstat_") && !line.starts_with("cmdstat_info"))
+            .filter_map(|line| {
+                line.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<i64>()
+                    .ok()
+            })
+            .sum()
+    };
+    let wal = |client: &mut postgres::Client| -> i64 {
+        client
+            .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[])
+            .unwrap()
+            .get(0)
+    };
+    let processes: Vec<(String, u32)> = workers
+        .iter()
+        .enumerate()
+        .map(|(i, worker)| (format!("worker {}", i + 1), worker.pid()))
+        .chain(
+            stack
+                .postgres_pids()
+                .into_iter()
+                .map(|pid| (format!("postgres process {pid}"), pid)),
+        )
+        .chain(
+            pids_of(&format!("redis-server 127.0.0.1:{}", stack.redis_port))
+                .into_iter()
+                .map(|pid| ("redis".to_owned(), pid)),
+        )
+        .collect();
+    let cpu_before: Vec<f64> = processes.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
+    let (sql_before, redis_before, wal_before) =
+        (statements(client), commands(&mut redis), wal(client));
+    std::thread::sleep(window);
+    let (sql_after, redis_after, wal_after) =
+        (statements(client), commands(&mut redis), wal(client));
+    let seconds = window.as_secs();
+    let mut figures = vec![
+        Figure {
+            name: format!("idle {seconds} s: SQL statements (all clients)"),
+            value: (sql_after - sql_before) as f64,
+            unit: "",
+            note: "pg_stat_statements".into(),
+        },
+        Figure {
+            name: format!("idle {seconds} s: Redis commands"),
+            value: (redis_after - redis_before) as f64,
+            unit: "",
+            note: "INFO commandstats; blocked BRPOPs count when they return".into(),
+        },
+        Figure {
+            name: format!("idle {seconds} s: WAL bytes"),
+            value: (wal_after - wal_before) as f64,
+            unit: "B",
+            note: String::new(),
+        },
+    ];
+    let mut postgres_cpu = 0.0;
+    for ((name, pid), before) in processes.iter().zip(cpu_before) {
+        let used = cpu_seconds(*pid) - before;
+        if name.starts_with("postgres") {
+            postgres_cpu += used;
+            continue;
+        }
+        figures.push(Figure {
+            name: format!("idle {seconds} s: CPU of {name}"),
+            value: used,
+            unit: "s",
+            note: String::new(),
+        });
+    }
+    figures.push(Figure {
+        name: format!("idle {seconds} s: CPU of all postgres processes"),
+        value: postgres_cpu,
+        unit: "s",
+        note: "postmaster and children, forwarder included".into(),
+    });
+    figures
+}
+
 fn main() {
     let options = options();
-    let (batch, samples, width) = if options.quick {
-        (500, 20, 200)
+    let (batch, samples, width, idle_window) = if options.quick {
+        (500, 20, 200, Duration::from_secs(2))
     } else {
-        (10_000, 200, 9_998)
+        (10_000, 200, 9_998, Duration::from_secs(120))
     };
     let mut figures = Vec::new();
 
@@ -262,6 +398,9 @@ fn main() {
             median(runs.iter().map(|r| r.0).collect())
         ),
     });
+    let second = stack.start_worker("bench-2", &["--concurrency", "32"]);
+    figures.extend(idle(&stack, &mut client, &[&worker, &second], idle_window));
+    drop(second);
     drop(worker);
 
     println!();

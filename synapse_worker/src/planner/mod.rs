@@ -156,7 +156,19 @@ pub async fn plan_goal(shared: &crate::worker::Shared, list: &str, payload: &str
         Ok(Some(result))
     })
     .await;
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let elapsed = started.elapsed();
+    let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+    let outcome = match &planned {
+        Ok(Some(Ok(_))) => Some("planned"),
+        Ok(Some(Err(_))) => Some("failed"),
+        _ => None,
+    };
+    if let Some(outcome) = outcome {
+        crate::metrics::METRICS
+            .planning
+            .with_label_values(&[outcome])
+            .observe(elapsed.as_secs_f64());
+    }
     match planned {
         Ok(None) => tracing::debug!(
             goal_id,

@@ -47,8 +47,8 @@ SELECT synapse.add_template(
     $${
       "name": "daily totals",
       "steps": [
-        {"id": "extract", "action": "transform", "input": "goal.params",
-         "params": {"expr": "{'day': input.day, 'amounts': [120, 80, 40]}"}},
+        {"id": "extract", "action": "sleep", "input": "{'day': goal.params.day, 'amounts': [120, 80, 40]}",
+         "params": {"ms": 1500}},
         {"id": "flaky_load", "action": "fail", "params": {"message": "warehouse connection reset"},
          "retries": 2, "backoff": "200ms"},
         {"id": "fallback_load", "action": "sql", "input": "steps.extract.result",

@@ -31,11 +31,19 @@ fi
 PGOPTIONS="-c client_min_messages=warning" "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 "$SYNAPSE_DATABASE_URL" -f demo/setup.sql >/dev/null
 
 run_goal() {
-    local goal="$1"
+    local goal="$1" live="${2:-}"
     echo
-    echo "━━━ synapse-worker submit '$goal' --wait"
     local status
-    status=$("$WORKER" submit "$goal" --wait --timeout 60s 2>/dev/null) || true
+    if [ -n "$live" ]; then
+        echo "━━━ synapse-worker submit '$goal'; synapse-worker watch ID   (live, redrawn at each event)"
+        local submitted
+        submitted=$("$WORKER" submit "$goal")
+        "$WORKER" watch "$submitted" || true
+        status=$("$WORKER" status "$submitted")
+    else
+        echo "━━━ synapse-worker submit '$goal' --wait"
+        status=$("$WORKER" submit "$goal" --wait --timeout 60s 2>/dev/null) || true
+    fi
     python3 - "$status" <<'PY'
 import json, sys
 s = json.loads(sys.argv[1])
@@ -58,7 +66,7 @@ PY
 run_goal "triage incident 42"
 FIRST_GOAL=$LAST_GOAL
 run_goal "triage incident 43"
-run_goal "compute totals for 2026-11-24"
+run_goal "compute totals for 2026-11-24" live
 run_goal "deploy the moon base"
 
 echo

@@ -14,6 +14,28 @@ DATABASE="${SYNAPSE_DATABASE:-synapse}"
 DATA="$STACK_DIR/pgdata"
 # Extra postgresql.conf lines, e.g. "synapse.sweep_interval = '2s'".
 EXTRA_CONF="${SYNAPSE_PG_CONF:-}"
+# Optional: Redis over TLS (a self-signed CA made here) and/or with a password.
+REDIS_TLS="${SYNAPSE_REDIS_TLS:-}"
+REDIS_PASSWORD="${SYNAPSE_REDIS_PASSWORD:-}"
+TLS_DIR="$STACK_DIR/tls"
+REDIS_SCHEME=redis
+[ -n "$REDIS_TLS" ] && REDIS_SCHEME=rediss
+REDIS_URL="$REDIS_SCHEME://${REDIS_PASSWORD:+:$REDIS_PASSWORD@}127.0.0.1:$REDIS_PORT/0"
+
+redis_cli() {
+    local flags=(-p "$REDIS_PORT")
+    [ -n "$REDIS_TLS" ] && flags+=(--tls --cacert "$TLS_DIR/ca.crt")
+    [ -n "$REDIS_PASSWORD" ] && flags+=(-a "$REDIS_PASSWORD" --no-auth-warning)
+    redis-cli "${flags[@]}" "$@"
+}
+
+make_certificates() {
+    [ -f "$TLS_DIR/ca.crt" ] && return 0
+    mkdir -p "$TLS_DIR"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=127.0.0.1" \
+        -addext "subjectAltName=IP:127.0.0.1" -keyout "$TLS_DIR/server.key" -out "$TLS_DIR/ca.crt" 2>/dev/null
+    chmod 644 "$TLS_DIR/server.key"
+}
 
 # initdb refuses to run as root: run the cluster as postgres then.
 as_pg() {
@@ -34,7 +56,7 @@ listen_addresses = '127.0.0.1'
 unix_socket_directories = ''
 shared_preload_libraries = 'synapse,pg_stat_statements'
 synapse.database = '$DATABASE'
-synapse.redis_url = 'redis://127.0.0.1:$REDIS_PORT/0'
+synapse.redis_url = '$REDIS_URL'
 max_connections = 200
 log_min_messages = warning
 $EXTRA_CONF
@@ -42,7 +64,10 @@ CONF
         mv "$DATA.tmp" "$DATA"
     fi
     if ! as_pg "$PG_BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
-        as_pg env RUST_BACKTRACE=0 "$PG_BIN/pg_ctl" -D "$DATA" -l "$STACK_DIR/postgres.log" -w -t 60 start >/dev/null
+        # With TLS, the forwarder trusts the stack's own CA.
+        local trust=()
+        [ -n "$REDIS_TLS" ] && trust=(SSL_CERT_FILE="$TLS_DIR/ca.crt")
+        as_pg env RUST_BACKTRACE=0 "${trust[@]}" "$PG_BIN/pg_ctl" -D "$DATA" -l "$STACK_DIR/postgres.log" -w -t 60 start >/dev/null
     fi
     if ! psql_admin -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$DATABASE'" | grep -q 1; then
         psql_admin -d postgres -c "CREATE DATABASE $DATABASE"
@@ -59,19 +84,26 @@ pg_stop() {
 
 redis_start() {
     mkdir -p "$STACK_DIR/redis"
-    if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
-        redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --daemonize yes --save '' --appendonly no \
+    if ! redis_cli ping >/dev/null 2>&1; then
+        local listen=(--port "$REDIS_PORT")
+        if [ -n "$REDIS_TLS" ]; then
+            make_certificates
+            listen=(--port 0 --tls-port "$REDIS_PORT" --tls-cert-file "$TLS_DIR/ca.crt"
+                    --tls-key-file "$TLS_DIR/server.key" --tls-ca-cert-file "$TLS_DIR/ca.crt" --tls-auth-clients no)
+        fi
+        [ -n "$REDIS_PASSWORD" ] && listen+=(--requirepass "$REDIS_PASSWORD")
+        redis-server "${listen[@]}" --bind 127.0.0.1 --daemonize yes --save '' --appendonly no \
             --dir "$STACK_DIR/redis" --pidfile "$STACK_DIR/redis/redis.pid" \
             --logfile "$STACK_DIR/redis/redis.log" >/dev/null
-        for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && return 0; sleep 0.05; done
+        for _ in $(seq 100); do redis_cli ping >/dev/null 2>&1 && return 0; sleep 0.05; done
         echo "redis did not start; see $STACK_DIR/redis/redis.log" >&2
         return 1
     fi
 }
 
 redis_stop() {
-    redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
-    for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 || return 0; sleep 0.05; done
+    redis_cli shutdown nosave >/dev/null 2>&1 || true
+    for _ in $(seq 100); do redis_cli ping >/dev/null 2>&1 || return 0; sleep 0.05; done
 }
 
 case "${1:-}" in
@@ -79,7 +111,7 @@ case "${1:-}" in
         redis_start
         pg_start
         echo "postgres: postgresql://postgres@127.0.0.1:$PGPORT/$DATABASE"
-        echo "redis:    redis://127.0.0.1:$REDIS_PORT/0"
+        echo "redis:    $REDIS_SCHEME://127.0.0.1:$REDIS_PORT/0"
         ;;
     down)
         # The demo's worker and receiver, if `make demo` started them.
@@ -89,7 +121,7 @@ case "${1:-}" in
         pg_stop fast; redis_stop ;;
     status)
         as_pg "$PG_BIN/pg_ctl" -D "$DATA" status || true
-        redis-cli -p "$REDIS_PORT" ping || true
+        redis_cli ping || true
         ;;
     pg-start) pg_start ;;
     pg-stop) pg_stop "${2:-fast}" ;;

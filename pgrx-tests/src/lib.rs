@@ -18,6 +18,8 @@ pub struct Stack {
     /// Redis port.
     pub redis_port: u16,
     extra_conf: String,
+    /// Redis speaks TLS (with a CA made for the stack) and wants this password.
+    secure: Option<&'static str>,
 }
 
 /// Database the forwarder serves in test stacks.
@@ -41,6 +43,15 @@ impl Stack {
     /// Starts a stack named after the test. `conf` lines are appended to
     /// postgresql.conf (e.g. `synapse.sweep_interval = '1s'`).
     pub fn start(name: &str, conf: &[&str]) -> Stack {
+        Self::start_with(name, conf, None)
+    }
+
+    /// Like [`Stack::start`], with Redis behind TLS and `password`.
+    pub fn start_secure(name: &str, password: &'static str) -> Stack {
+        Self::start_with(name, &[], Some(password))
+    }
+
+    fn start_with(name: &str, conf: &[&str], secure: Option<&'static str>) -> Stack {
         let dir = workspace_root()
             .join("target/e2e")
             .join(format!("{name}-{}", std::process::id()));
@@ -54,6 +65,7 @@ impl Stack {
                 pg_port: free_port(),
                 redis_port: free_port(),
                 extra_conf: conf.join("\n"),
+                secure,
             };
             match stack.try_script(&["up"]) {
                 Ok(()) => {
@@ -78,6 +90,11 @@ impl Stack {
             .env("SYNAPSE_REDIS_PORT", self.redis_port.to_string())
             .env("SYNAPSE_DATABASE", DATABASE)
             .env("SYNAPSE_PG_CONF", &self.extra_conf)
+            .env(
+                "SYNAPSE_REDIS_TLS",
+                if self.secure.is_some() { "1" } else { "" },
+            )
+            .env("SYNAPSE_REDIS_PASSWORD", self.secure.unwrap_or_default())
             .output()
             .expect("running scripts/stack.sh");
         if output.status.success() {
@@ -136,9 +153,22 @@ impl Stack {
         )
     }
 
-    /// Redis URL.
+    /// Redis URL, as the forwarder and workers use it (TLS verified against the stack's CA).
     pub fn redis_url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.redis_port)
+        match self.secure {
+            None => format!("redis://127.0.0.1:{}/0", self.redis_port),
+            Some(password) => format!("rediss://:{password}@127.0.0.1:{}/0", self.redis_port),
+        }
+    }
+
+    /// A path inside the stack's folder (readable by the server).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The CA that signed a secure stack's Redis certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("tls/ca.crt")
     }
 
     /// A new Postgres connection to the test database.
@@ -149,7 +179,13 @@ impl Stack {
 
     /// A new Redis connection.
     pub fn redis(&self) -> redis::Connection {
-        let connection = redis::Client::open(self.redis_url())
+        // The test itself skips verification; the processes under test verify.
+        let url = if self.secure.is_some() {
+            format!("{}#insecure", self.redis_url())
+        } else {
+            self.redis_url()
+        };
+        let connection = redis::Client::open(url)
             .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(5)))
             .expect("connecting to redis");
         connection
@@ -285,6 +321,14 @@ impl Stack {
             .args(args)
             .env("SYNAPSE_DATABASE_URL", self.database_url())
             .env("SYNAPSE_REDIS_URL", self.redis_url())
+            .env(
+                "SSL_CERT_FILE",
+                if self.secure.is_some() {
+                    self.ca_file()
+                } else {
+                    PathBuf::new()
+                },
+            )
             .env("RUST_LOG", "synapse_worker=debug,info")
             .env("NO_COLOR", "1")
             .stdout(file.try_clone().expect("log handle"))

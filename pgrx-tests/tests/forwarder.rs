@@ -371,3 +371,64 @@ fn a_reload_picks_up_a_new_key_prefix() {
     });
     assert!(payload.contains("goal.submitted"), "{payload}");
 }
+
+#[test]
+fn events_reach_a_redis_behind_tls_and_a_password_that_is_never_shown() {
+    const PASSWORD: &str = "s3cret-pw-42";
+    let stack = Stack::start_secure("tls", PASSWORD);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    let goal: i64 = client
+        .query_one("SELECT synapse.submit_goal('over tls')", &[])
+        .unwrap()
+        .get(0);
+    let payload = brpop(&mut redis, "synapse:planner", WAIT).expect("delivered over TLS");
+    assert_eq!(
+        payload,
+        format!(r#"{{"v":1,"event":"goal.submitted","goal_id":{goal}}}"#)
+    );
+
+    // A worker over TLS too: it plans (and fails) the next goal.
+    let _worker = stack.start_worker("w", &[]);
+    let next: i64 = client
+        .query_one("SELECT synapse.submit_goal('no template')", &[])
+        .unwrap()
+        .get(0);
+    let status = synapse_e2e::wait_for_goal(&stack, next, WAIT);
+    assert_eq!(status["status"], "failed");
+
+    // The password can come from a file instead (Postgres logs changed settings
+    // on reload, so a password in postgresql.conf would reach the server log).
+    let file = stack.path("redis-password");
+    std::fs::write(&file, "wrong-password\n").unwrap();
+    client
+        .batch_execute(&format!(
+            "ALTER SYSTEM SET synapse.redis_password_file = '{}'",
+            file.display()
+        ))
+        .unwrap();
+    client.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let status = wait_until("the forwarder to report the bad password", WAIT, || {
+        client
+            .execute("SELECT synapse.submit_goal('after')", &[])
+            .unwrap();
+        let status = stack.forwarder_status(&mut client);
+        (status["redis_connected"] == false && status["last_error"].is_string()).then_some(status)
+    });
+    assert!(!status.to_string().contains("wrong-password"), "{status}");
+    std::fs::write(&file, format!("{PASSWORD}\n")).unwrap();
+    wait_until(
+        "the forwarder to reconnect with the password from the file",
+        WAIT,
+        || {
+            let status = stack.forwarder_status(&mut client);
+            (status["redis_connected"] == true && status["pending"] == 0).then_some(())
+        },
+    );
+    for log in [stack.postgres_log(), _worker.log_text()] {
+        assert!(
+            !log.contains(PASSWORD) && !log.contains("wrong-password"),
+            "a password reached a log:\n{log}"
+        );
+    }
+}

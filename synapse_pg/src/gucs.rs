@@ -9,6 +9,9 @@ static DATABASE: GucSetting<Option<CString>> =
 /// Redis the forwarder pushes to; may hold a password, so it is never logged.
 static REDIS_URL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"redis://127.0.0.1:6379/0"));
+/// File holding the Redis password: keeps it out of postgresql.conf, whose
+/// changed values Postgres itself logs on reload.
+static REDIS_PASSWORD_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Prefix of every Redis key.
 static KEY_PREFIX: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"synapse"));
@@ -32,6 +35,14 @@ pub fn init() {
         c"Redis URL the forwarder pushes events to.",
         c"redis:// or rediss://, with an optional password; never logged.",
         &REDIS_URL,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"synapse.redis_password_file",
+        c"File with the Redis password (overrides a password in synapse.redis_url).",
+        c"Read at each (re)connect; keeps the password out of postgresql.conf and the server log.",
+        &REDIS_PASSWORD_FILE,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
     );
@@ -79,6 +90,14 @@ pub fn database() -> String {
 /// `synapse.redis_url`.
 pub fn redis_url() -> String {
     string(&REDIS_URL, "redis://127.0.0.1:6379/0")
+}
+
+/// `synapse.redis_password_file`, if set.
+pub fn redis_password_file() -> Option<String> {
+    REDIS_PASSWORD_FILE
+        .get()
+        .and_then(|value| value.into_string().ok())
+        .filter(|path| !path.is_empty())
 }
 
 /// `synapse.key_prefix`.

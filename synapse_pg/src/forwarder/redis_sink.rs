@@ -16,24 +16,55 @@ pub struct Event {
     pub payload: String,
 }
 
+/// Where to connect: the URL, and the file with the password if there is one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `synapse.redis_url`.
+    pub url: String,
+    /// `synapse.redis_password_file`.
+    pub password_file: Option<String>,
+}
+
 /// A lazily (re)connected Redis connection.
 pub struct RedisSink {
-    url: String,
+    target: Target,
     connection: Option<redis::Connection>,
 }
 
 impl RedisSink {
-    /// A sink for `url`; connects on first use.
-    pub fn new(url: String) -> Self {
+    /// A sink for `target`; connects on first use.
+    pub fn new(target: Target) -> Self {
         Self {
-            url,
+            target,
             connection: None,
         }
     }
 
-    /// Whether the sink points at `url`.
-    pub fn url_is(&self, url: &str) -> bool {
-        self.url == url
+    /// Whether the sink points at `target`.
+    pub fn targets(&self, target: &Target) -> bool {
+        &self.target == target
+    }
+
+    /// A client for the target, with the password from the file if one is set
+    /// (read at each connect, so a rotated password is picked up).
+    fn client(&self) -> redis::RedisResult<redis::Client> {
+        use redis::IntoConnectionInfo;
+        let mut info = self.target.url.as_str().into_connection_info()?;
+        if let Some(path) = &self.target.password_file {
+            let password = std::fs::read_to_string(path).map_err(|error| {
+                redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "cannot read synapse.redis_password_file",
+                    error.to_string(),
+                ))
+            })?;
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_password(password.trim_end());
+            info = info.set_redis_settings(settings);
+        }
+        redis::Client::open(info)
     }
 
     /// Sends the batch in one pipeline: one LPUSH per destination list, then one
@@ -48,16 +79,13 @@ impl RedisSink {
     }
 
     fn try_send(&mut self, prefix: &str, events: &[Event]) -> redis::RedisResult<()> {
-        let connection = match &mut self.connection {
-            Some(connection) => connection,
-            slot => {
-                let client = redis::Client::open(self.url.as_str())?;
-                let connection = client.get_connection_with_timeout(IO_TIMEOUT)?;
-                connection.set_read_timeout(Some(IO_TIMEOUT))?;
-                connection.set_write_timeout(Some(IO_TIMEOUT))?;
-                slot.insert(connection)
-            }
-        };
+        if self.connection.is_none() {
+            let connection = self.client()?.get_connection_with_timeout(IO_TIMEOUT)?;
+            connection.set_read_timeout(Some(IO_TIMEOUT))?;
+            connection.set_write_timeout(Some(IO_TIMEOUT))?;
+            self.connection = Some(connection);
+        }
+        let connection = self.connection.as_mut().expect("connected above");
         let mut pipe = redis::pipe();
         // Lists keep the batch order: LPUSH a b c then BRPOP pops a first.
         let mut lists: BTreeMap<&str, Vec<&str>> = BTreeMap::new();

@@ -4,7 +4,7 @@ use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::redis_sink::{Event, RedisSink};
+use super::redis_sink::{Event, RedisSink, Target};
 use super::{update_state, IS_FORWARDER, LATCH_OWNER};
 use crate::gucs;
 
@@ -43,6 +43,13 @@ pub extern "C-unwind" fn synapse_forwarder_main(_arg: pg_sys::Datum) {
     log!("synapse forwarder stopped");
 }
 
+fn target() -> Target {
+    Target {
+        url: gucs::redis_url(),
+        password_file: gucs::redis_password_file(),
+    }
+}
+
 fn shutdown_requested() -> bool {
     // SAFETY: a plain flag written by the signal handler.
     unsafe { pg_sys::ShutdownRequestPending != 0 }
@@ -68,7 +75,7 @@ enum Drain {
 impl Forwarder {
     fn new() -> Self {
         Self {
-            sink: RedisSink::new(gucs::redis_url()),
+            sink: RedisSink::new(target()),
             installed: false,
             retry_at: None,
             backoff: BACKOFF_MIN,
@@ -77,9 +84,9 @@ impl Forwarder {
 
     /// One wake-up: timers, then drain. Returns how long to sleep at most.
     fn run(&mut self) -> Option<Duration> {
-        let url = gucs::redis_url();
-        if !self.sink.url_is(&url) {
-            self.sink = RedisSink::new(url);
+        let target = target();
+        if !self.sink.targets(&target) {
+            self.sink = RedisSink::new(target);
             self.retry_at = None;
         }
         if let Some(retry_at) = self.retry_at {

@@ -495,3 +495,23 @@ pub fn assert_quiet(
     assert_eq!(statements(client), sql_before, "SQL ran while idle");
     assert_eq!(commands(redis), redis_before, "Redis commands while idle");
 }
+
+/// The M3 template: parse a goal's numbers, then page or file it depending on
+/// the data, then close. Shared by the tests and the benchmark.
+pub const TRIAGE: &str = r#"{
+  "name": "triage",
+  "steps": [
+    {"id": "parse", "action": "transform", "input": "goal.params",
+     "params": {"expr": "{'priority': int(input.severity), 'incident': input.id}"}},
+    {"id": "page", "action": "transform", "params": {"expr": "{'paged': input.parse.incident}"}},
+    {"id": "backlog", "action": "noop"},
+    {"id": "close", "action": "noop"}
+  ],
+  "edges": [
+    {"from": "parse", "to": "page", "when": "result.priority > 3"},
+    {"from": "parse", "to": "backlog", "when": "result.priority <= 3"},
+    {"from": "page", "to": "close"},
+    {"from": "backlog", "to": "close"}
+  ],
+  "output": "{'branch': steps.page.status == 'succeeded' ? 'page' : 'backlog', 'incident': steps.parse.result.incident}"
+}"#;

@@ -27,24 +27,6 @@ fn run_plan(stack: &Stack, blueprint: Value) -> Value {
     wait_for_goal(stack, id, WAIT)
 }
 
-const TRIAGE: &str = r#"{
-  "name": "triage",
-  "steps": [
-    {"id": "parse", "action": "transform", "input": "goal.params",
-     "params": {"expr": "{'priority': int(input.severity), 'incident': input.id}"}},
-    {"id": "page", "action": "transform", "params": {"expr": "{'paged': input.parse.incident}"}},
-    {"id": "backlog", "action": "noop"},
-    {"id": "close", "action": "noop"}
-  ],
-  "edges": [
-    {"from": "parse", "to": "page", "when": "result.priority > 3"},
-    {"from": "parse", "to": "backlog", "when": "result.priority <= 3"},
-    {"from": "page", "to": "close"},
-    {"from": "backlog", "to": "close"}
-  ],
-  "output": "{'branch': steps.page.status == 'succeeded' ? 'page' : 'backlog', 'incident': steps.parse.result.incident}"
-}"#;
-
 #[test]
 fn a_goal_is_planned_from_a_template_and_takes_the_branch_its_data_chooses() {
     let stack = Stack::start("m3", &[]);
@@ -52,7 +34,7 @@ fn a_goal_is_planned_from_a_template_and_takes_the_branch_its_data_chooses() {
     client
         .execute(
             "SELECT synapse.add_template('triage', 'triage incident (?P<id>\\d+) severity (?P<severity>\\d+)', $1::text::jsonb)",
-            &[&TRIAGE],
+            &[&synapse_e2e::TRIAGE],
         )
         .unwrap();
     let _worker = stack.start_worker("w", &[]);

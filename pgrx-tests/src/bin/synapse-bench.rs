@@ -49,6 +49,20 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[index]
 }
 
+/// p50 and p99 of latencies (ms) that include a commit.
+fn percentiles(name: &str, mut latencies: Vec<f64>) -> Vec<Figure> {
+    latencies.sort_by(f64::total_cmp);
+    [("p50", 0.5), ("p99", 0.99)]
+        .into_iter()
+        .map(|(label, p)| Figure {
+            name: format!("{name} {label}"),
+            value: percentile(&latencies, p),
+            unit: "ms",
+            note: "includes the commit's fsync".into(),
+        })
+        .collect()
+}
+
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
@@ -117,21 +131,6 @@ fn submit_to_pop(stack: &Stack, samples: usize) -> Vec<f64> {
     }
     latencies
 }
-
-const TRIAGE: &str = r#"{
-  "steps": [
-    {"id": "parse", "action": "transform", "input": "goal.params",
-     "params": {"expr": "{'priority': int(input.severity), 'incident': input.id}"}},
-    {"id": "page", "action": "transform", "params": {"expr": "{'paged': input.parse.incident}"}},
-    {"id": "backlog", "action": "noop"},
-    {"id": "close", "action": "noop"}
-  ],
-  "edges": [
-    {"from": "parse", "to": "page", "when": "result.priority > 3"},
-    {"from": "parse", "to": "backlog", "when": "result.priority <= 3"},
-    {"from": "page", "to": "close"}, {"from": "backlog", "to": "close"}
-  ]
-}"#;
 
 /// submit_goal → the M3 goal (planned from a template, 4 steps, conditional
 /// edges) has ended.
@@ -349,20 +348,14 @@ fn main() {
         unit: "ms",
         note: String::new(),
     });
-    let mut latencies = submit_to_pop(&stack, samples);
-    latencies.sort_by(f64::total_cmp);
-    for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
-        figures.push(Figure {
-            name: format!("single submit_goal: sent → BRPOP wakes ({label}, {samples} samples)"),
-            value: percentile(&latencies, p),
-            unit: "ms",
-            note: "includes the commit's fsync".into(),
-        });
-    }
+    figures.extend(percentiles(
+        &format!("single submit_goal: sent → BRPOP wakes ({samples} samples)"),
+        submit_to_pop(&stack, samples),
+    ));
 
     let mut client = stack.pg();
     client
-        .execute("SELECT synapse.add_template('triage', 'triage incident (?P<id>\\d+) severity (?P<severity>\\d+)', $1::text::jsonb)", &[&TRIAGE])
+        .execute("SELECT synapse.add_template('triage', 'triage incident (?P<id>\\d+) severity (?P<severity>\\d+)', $1::text::jsonb)", &[&synapse_e2e::TRIAGE])
         .unwrap();
     let worker = stack.start_worker("bench", &["--concurrency", "32"]);
     let runs: Vec<f64> = (0..options.runs)
@@ -375,16 +368,10 @@ fn main() {
         note: "template planner, 4 steps, 2 conditional edges".into(),
     });
 
-    let mut latencies = submit_to_handler(&stack, &mut client, samples);
-    latencies.sort_by(f64::total_cmp);
-    for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
-        figures.push(Figure {
-            name: format!("single task: submit sent → handler start ({label}, serial)"),
-            value: percentile(&latencies, p),
-            unit: "ms",
-            note: "includes the commit's fsync".into(),
-        });
-    }
+    figures.extend(percentiles(
+        "single task: submit sent → handler start (serial)",
+        submit_to_handler(&stack, &mut client, samples),
+    ));
 
     let runs: Vec<(f64, f64)> = (0..options.runs)
         .map(|_| fan_out(&stack, &mut client, width))

@@ -6,11 +6,11 @@
 //! has ended. The decisions are plain functions; [`step_ended`] applies them
 //! through the store.
 //!
-//! Concurrency: successors are locked (`FOR UPDATE`, in id order) before their
-//! edges are resolved, so two parents of a join finishing at once serialize on
-//! the join's row and exactly one of them sees every inbound edge resolved.
-//! The goal row is locked last, so the transaction that ends the last step is
-//! the one that sees no unfinished step and finishes the goal.
+//! Concurrency: the engine locks the goal row first, so the engine runs of one
+//! goal take turns. Two parents of a join finishing at once therefore see each
+//! other's edge resolutions, and exactly one of them queues the join; the run
+//! that ends the last step sees no unfinished step and finishes the goal.
+//! Goals run in parallel with each other.
 use deadpool_postgres::Transaction;
 use serde_json::{json, Map, Value};
 
@@ -178,7 +178,10 @@ pub async fn step_ended(
     goal_id: i64,
     ended: EndedStep,
 ) -> Result<(), StoreError> {
-    let goal = store::goal_variables(tx, goal_id).await?;
+    // A goal that is no longer running (cancelled) has nothing left to decide.
+    let Some((goal, output)) = store::lock_running_goal(tx, goal_id).await? else {
+        return Ok(());
+    };
     let mut worklist = vec![ended];
     while let Some(from) = worklist.pop() {
         let edges = store::outbound_edges(tx, goal_id, &from.step).await?;
@@ -186,7 +189,6 @@ pub async fn step_ended(
             continue;
         }
         let successors: Vec<String> = edges.iter().map(|edge| edge.to.clone()).collect();
-        store::lock_tasks(tx, goal_id, &successors).await?;
 
         // One `steps` snapshot serves every condition of this step.
         let needs_steps = edges
@@ -279,7 +281,7 @@ pub async fn step_ended(
         store::queue_tasks(tx, &queued).await?;
         store::skip_tasks(tx, &skipped).await?;
     }
-    finish_goal_if_done(tx, goal_id, &goal).await
+    finish_goal_if_done(tx, goal_id, &goal, output).await
 }
 
 /// Ends the goal when every step has ended (rule 4).
@@ -287,11 +289,8 @@ async fn finish_goal_if_done(
     tx: &Transaction<'_>,
     goal_id: i64,
     goal: &GoalVariables,
+    output: Option<String>,
 ) -> Result<(), StoreError> {
-    // Lock first, then look: a concurrent last step waits here and then sees ours.
-    let Some(output) = store::lock_running_goal(tx, goal_id).await? else {
-        return Ok(());
-    };
     if store::has_unfinished_tasks(tx, goal_id).await? {
         return Ok(());
     }

@@ -232,17 +232,6 @@ pub async fn record_outcome(
     }))
 }
 
-/// `goal` for expressions.
-pub async fn goal_variables(tx: &Transaction<'_>, goal_id: i64) -> Result<GoalVariables> {
-    let statement = tx
-        .prepare_cached("SELECT goal, input, params FROM synapse.goals WHERE id = $1")
-        .await?;
-    let row = tx.query_one(&statement, &[&goal_id]).await?;
-    Ok(GoalVariables {
-        goal: goal_value(goal_id, row.get(0), row.get(1), row.get(2)),
-    })
-}
-
 /// `steps` for expressions: step id → `{status, result}`.
 pub async fn steps_map(tx: &Transaction<'_>, goal_id: i64) -> Result<Value> {
     let statement = tx
@@ -296,19 +285,6 @@ pub async fn outbound_edges(
             })
         })
         .collect()
-}
-
-/// Locks the given steps' task rows, in id order (a fixed order keeps
-/// concurrent engines from deadlocking each other).
-pub async fn lock_tasks(tx: &Transaction<'_>, goal_id: i64, steps: &[String]) -> Result<()> {
-    let statement = tx
-        .prepare_cached(
-            "SELECT t.id FROM synapse.tasks t JOIN unnest($2::text[]) AS s(step) ON t.step = s.step
-              WHERE t.goal_id = $1 ORDER BY t.id FOR NO KEY UPDATE OF t",
-        )
-        .await?;
-    tx.query(&statement, &[&goal_id, &steps]).await?;
-    Ok(())
 }
 
 /// How one outbound edge resolved.
@@ -488,20 +464,24 @@ pub async fn skip_tasks(tx: &Transaction<'_>, tasks: &[(i64, String)]) -> Result
     Ok(())
 }
 
-/// Locks the goal if it is running; returns its blueprint `output` expression.
+/// Locks the goal if it is running (the engine runs of a goal take turns);
+/// returns `goal` for expressions and the blueprint's `output` expression.
 pub async fn lock_running_goal(
     tx: &Transaction<'_>,
     goal_id: i64,
-) -> Result<Option<Option<String>>> {
+) -> Result<Option<(GoalVariables, Option<String>)>> {
     let statement = tx
         .prepare_cached(
-            "SELECT blueprint ->> 'output' FROM synapse.goals WHERE id = $1 AND status = 'running' FOR NO KEY UPDATE",
+            "SELECT goal, input, params, blueprint ->> 'output' FROM synapse.goals
+              WHERE id = $1 AND status = 'running' FOR NO KEY UPDATE",
         )
         .await?;
-    Ok(tx
-        .query_opt(&statement, &[&goal_id])
-        .await?
-        .map(|row| row.get(0)))
+    Ok(tx.query_opt(&statement, &[&goal_id]).await?.map(|row| {
+        let goal = GoalVariables {
+            goal: goal_value(goal_id, row.get(0), row.get(1), row.get(2)),
+        };
+        (goal, row.get(3))
+    }))
 }
 
 /// Whether any step of the goal has not ended.

@@ -726,3 +726,42 @@ fn metrics_count_tasks_by_action_and_outcome() {
     assert!(!log.contains("postgresql://"), "{log}");
     assert!(!log.contains("redis://"), "{log}");
 }
+
+#[test]
+fn at_sigterm_a_task_that_outlives_the_grace_period_is_released_for_another_worker() {
+    let stack = Stack::start("release", &[]);
+    let mut client = stack.pg();
+    let mut leaving = stack.start_worker("leaving", &["--grace", "300ms"]);
+    let id = submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "long", "action": "sleep", "params": {"ms": 1500}}]}),
+    );
+    wait_for_running_task(&mut client, id);
+    leaving.signal("TERM");
+    let exit = leaving.wait(WAIT);
+    assert!(exit.success(), "{exit:?}\n{}", leaving.log_text());
+    assert!(
+        leaving
+            .log_text()
+            .contains("released unfinished task at shutdown"),
+        "{}",
+        leaving.log_text()
+    );
+    let row = client
+        .query_one(
+            "SELECT status, attempts FROM synapse.tasks WHERE goal_id = $1",
+            &[&id],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "queued", "released, not failed");
+    assert_eq!(
+        row.get::<_, i32>(1),
+        0,
+        "the released attempt does not count"
+    );
+    // Released work is dispatched again (task.queued) and another worker runs it.
+    let _next = stack.start_worker("next", &[]);
+    let status = wait_for_goal(&stack, id, WAIT);
+    assert_eq!(status["status"], "succeeded");
+    assert_eq!(task(&status, "long")["attempts"], 1);
+}

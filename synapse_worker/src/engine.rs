@@ -171,75 +171,99 @@ async fn variables_for(
     Ok(vars)
 }
 
+/// Resolves the outbound edges of `from` in one statement; returns the
+/// successors and the edges whose condition failed (target, error).
+async fn resolve_outbound(
+    tx: &Transaction<'_>,
+    goal_id: i64,
+    goal: &GoalVariables,
+    from: &EndedStep,
+) -> Result<(Vec<String>, Vec<(String, String)>), StoreError> {
+    let edges = store::outbound_edges(tx, goal_id, &from.step).await?;
+    if edges.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    // One `steps` snapshot serves every condition of this step.
+    let needs_steps = edges
+        .iter()
+        .any(|edge| edge.when.as_deref().is_some_and(reads_steps));
+    let mut condition_vars = variables_for(tx, goal_id, goal, needs_steps).await?;
+    condition_vars.insert("result".into(), from.result.clone());
+    condition_vars.insert(
+        "error".into(),
+        from.error.clone().map_or(Value::Null, Value::String),
+    );
+    condition_vars.insert(
+        "status".into(),
+        Value::String(from.outcome.status().to_owned()),
+    );
+    condition_vars.insert("input".into(), from.input.clone());
+    let mut resolutions = Vec::with_capacity(edges.len());
+    let mut broken = Vec::new();
+    for edge in &edges {
+        let resolution = resolve_edge(edge.on, edge.when.as_deref(), from, || {
+            condition_vars.clone()
+        });
+        let error = match &resolution {
+            Resolution::Error(message) => {
+                let error = format!(
+                    "edge {} -> {}: condition failed: {message}",
+                    from.step, edge.to
+                );
+                broken.push((edge.to.clone(), error.clone()));
+                Some(error)
+            }
+            _ => None,
+        };
+        resolutions.push(store::EdgeResolution {
+            to: edge.to.clone(),
+            state: resolution.state(),
+            error,
+        });
+    }
+    store::resolve_edges(tx, goal_id, &from.step, &resolutions).await?;
+    Ok((edges.into_iter().map(|edge| edge.to).collect(), broken))
+}
+
 /// Applies the consequences of `ended` (and of every step that ends because
 /// of it) and finishes the goal when nothing is left to run.
+///
+/// The step's own edges are resolved before the goal lock is taken (they are
+/// its rows alone); everything that reads other steps' state happens under it.
 pub async fn step_ended(
     tx: &Transaction<'_>,
     goal_id: i64,
+    goal: &GoalVariables,
     ended: EndedStep,
 ) -> Result<(), StoreError> {
+    let first = resolve_outbound(tx, goal_id, goal, &ended).await?;
     // A goal that is no longer running (cancelled) has nothing left to decide.
-    let Some((goal, output)) = store::lock_running_goal(tx, goal_id).await? else {
+    let Some(output) = store::lock_running_goal(tx, goal_id).await? else {
         return Ok(());
     };
-    let mut worklist = vec![ended];
-    while let Some(from) = worklist.pop() {
-        let edges = store::outbound_edges(tx, goal_id, &from.step).await?;
-        if edges.is_empty() {
+    let mut resolved = Some(first);
+    let mut worklist: Vec<EndedStep> = Vec::new();
+    loop {
+        let (successors, broken) = match resolved.take() {
+            Some(done) => done,
+            None => match worklist.pop() {
+                Some(from) => resolve_outbound(tx, goal_id, goal, &from).await?,
+                None => break,
+            },
+        };
+        if successors.is_empty() {
             continue;
         }
-        let successors: Vec<String> = edges.iter().map(|edge| edge.to.clone()).collect();
-
-        // One `steps` snapshot serves every condition of this step.
-        let needs_steps = edges
-            .iter()
-            .any(|edge| edge.when.as_deref().is_some_and(reads_steps));
-        let mut condition_vars = variables_for(tx, goal_id, &goal, needs_steps).await?;
-        condition_vars.insert("result".into(), from.result.clone());
-        condition_vars.insert(
-            "error".into(),
-            from.error.clone().map_or(Value::Null, Value::String),
-        );
-        condition_vars.insert(
-            "status".into(),
-            Value::String(from.outcome.status().to_owned()),
-        );
-        condition_vars.insert("input".into(), from.input.clone());
-        let mut resolutions = Vec::with_capacity(edges.len());
-        let mut broken = Vec::new();
-        for edge in &edges {
-            let resolution = resolve_edge(edge.on, edge.when.as_deref(), &from, || {
-                condition_vars.clone()
-            });
-            let error = match &resolution {
-                Resolution::Error(message) => {
-                    let error = format!(
-                        "edge {} -> {}: condition failed: {message}",
-                        from.step, edge.to
-                    );
-                    broken.push((edge.to.clone(), error.clone()));
-                    Some(error)
-                }
-                _ => None,
-            };
-            resolutions.push(store::EdgeResolution {
-                to: edge.to.clone(),
-                state: resolution.state(),
-                error,
-            });
-        }
-        store::resolve_edges(tx, goal_id, &from.step, &resolutions).await?;
         for (to, error) in broken {
             if let Some(failed) = store::fail_pending_task(tx, goal_id, &to, &error).await? {
                 worklist.push(failed);
             }
         }
-
         let ready = store::ready_tasks(tx, goal_id, &successors).await?;
         let needs_steps = ready
             .iter()
             .any(|task| task.input_expr.as_deref().is_some_and(reads_steps));
-        let input_vars = variables_for(tx, goal_id, &goal, needs_steps).await?;
+        let input_vars = variables_for(tx, goal_id, goal, needs_steps).await?;
         let mut queued = Vec::new();
         let mut skipped = Vec::new();
         for task in ready {
@@ -281,7 +305,7 @@ pub async fn step_ended(
         store::queue_tasks(tx, &queued).await?;
         store::skip_tasks(tx, &skipped).await?;
     }
-    finish_goal_if_done(tx, goal_id, &goal, output).await
+    finish_goal_if_done(tx, goal_id, goal, output).await
 }
 
 /// Ends the goal when every step has ended (rule 4).

@@ -216,9 +216,9 @@ async fn record(
         let handled = match store::record_outcome(&tx, task, &outcome).await? {
             Recorded::Fenced => return Ok(Handled::Fenced),
             Recorded::Retrying => Handled::Recorded("retrying"),
-            Recorded::Ended(ended) => {
+            Recorded::Ended(ended, goal) => {
                 let status = ended.outcome.status();
-                engine::step_ended(&tx, task.goal_id, ended).await?;
+                engine::step_ended(&tx, task.goal_id, &goal, ended).await?;
                 Handled::Recorded(status)
             }
         };

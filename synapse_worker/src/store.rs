@@ -183,8 +183,8 @@ pub enum Recorded {
     Fenced,
     /// The task waits for its next attempt.
     Retrying,
-    /// The step ended; the engine takes it from here.
-    Ended(EndedStep),
+    /// The step ended; the engine takes it from here (with `goal` for expressions).
+    Ended(EndedStep, GoalVariables),
 }
 
 /// Records an attempt's outcome if this attempt still holds the task: the
@@ -203,33 +203,41 @@ pub async fn record_outcome(
     };
     let statement = tx
         .prepare_cached(
-            "UPDATE synapse.tasks
+            "UPDATE synapse.tasks t
                 SET status = $3, result = $4, error = $5,
                     run_at = CASE WHEN $6::float8 IS NULL THEN NULL ELSE now() + $6 * interval '1 millisecond' END
-              WHERE id = $1 AND status = 'running' AND attempts = $2",
+               FROM synapse.goals g
+              WHERE t.id = $1 AND t.status = 'running' AND t.attempts = $2 AND g.id = t.goal_id
+          RETURNING g.goal, g.input, g.params",
         )
         .await?;
-    let updated = tx
-        .execute(
+    let Some(row) = tx
+        .query_opt(
             &statement,
             &[&task.id, &task.attempt, &status, &result, &error, &delay],
         )
-        .await?;
-    if updated == 0 {
+        .await?
+    else {
         return Ok(Recorded::Fenced);
-    }
+    };
+    let goal = GoalVariables {
+        goal: goal_value(task.goal_id, row.get(0), row.get(1), row.get(2)),
+    };
     let outcome = match outcome {
         AttemptOutcome::Succeeded(_) => Outcome::Succeeded,
         AttemptOutcome::Failed(_) => Outcome::Failed,
         AttemptOutcome::Retry { .. } => return Ok(Recorded::Retrying),
     };
-    Ok(Recorded::Ended(EndedStep {
-        step: task.step.clone(),
-        outcome,
-        result: result.cloned().unwrap_or(Value::Null),
-        error: error.map(str::to_owned),
-        input: task.input.clone(),
-    }))
+    Ok(Recorded::Ended(
+        EndedStep {
+            step: task.step.clone(),
+            outcome,
+            result: result.cloned().unwrap_or(Value::Null),
+            error: error.map(str::to_owned),
+            input: task.input.clone(),
+        },
+        goal,
+    ))
 }
 
 /// `steps` for expressions: step id → `{status, result}`.
@@ -371,8 +379,9 @@ pub async fn ready_tasks(
 ) -> Result<Vec<ReadyTask>> {
     let waiting = tx
         .prepare_cached(
-            "SELECT DISTINCT e.to_step FROM synapse.edges e JOIN unnest($2::text[]) AS s(step) ON e.to_step = s.step
-              WHERE e.goal_id = $1 AND e.state = 'pending'",
+            "SELECT s.step FROM unnest($2::text[]) AS s(step)
+              WHERE EXISTS (SELECT FROM synapse.edges e
+                             WHERE e.goal_id = $1 AND e.to_step = s.step AND e.state = 'pending')",
         )
         .await?;
     let waiting: std::collections::HashSet<String> = tx
@@ -465,23 +474,20 @@ pub async fn skip_tasks(tx: &Transaction<'_>, tasks: &[(i64, String)]) -> Result
 }
 
 /// Locks the goal if it is running (the engine runs of a goal take turns);
-/// returns `goal` for expressions and the blueprint's `output` expression.
+/// returns the blueprint's `output` expression.
 pub async fn lock_running_goal(
     tx: &Transaction<'_>,
     goal_id: i64,
-) -> Result<Option<(GoalVariables, Option<String>)>> {
+) -> Result<Option<Option<String>>> {
     let statement = tx
         .prepare_cached(
-            "SELECT goal, input, params, blueprint ->> 'output' FROM synapse.goals
-              WHERE id = $1 AND status = 'running' FOR NO KEY UPDATE",
+            "SELECT blueprint ->> 'output' FROM synapse.goals WHERE id = $1 AND status = 'running' FOR NO KEY UPDATE",
         )
         .await?;
-    Ok(tx.query_opt(&statement, &[&goal_id]).await?.map(|row| {
-        let goal = GoalVariables {
-            goal: goal_value(goal_id, row.get(0), row.get(1), row.get(2)),
-        };
-        (goal, row.get(3))
-    }))
+    Ok(tx
+        .query_opt(&statement, &[&goal_id])
+        .await?
+        .map(|row| row.get(0)))
 }
 
 /// Whether any step of the goal has not ended.

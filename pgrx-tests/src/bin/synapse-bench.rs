@@ -11,6 +11,7 @@ struct Options {
     runs: usize,
     quick: bool,
     json: Option<String>,
+    width: Option<usize>,
 }
 
 fn options() -> Options {
@@ -18,6 +19,7 @@ fn options() -> Options {
         runs: 3,
         quick: false,
         json: None,
+        width: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -25,7 +27,10 @@ fn options() -> Options {
             "--quick" => options.quick = true,
             "--runs" => options.runs = args.next().and_then(|n| n.parse().ok()).expect("--runs N"),
             "--json" => options.json = Some(args.next().expect("--json FILE")),
-            other => panic!("unknown argument {other} (use --quick, --runs N, --json FILE)"),
+            "--width" => options.width = args.next().and_then(|n| n.parse().ok()),
+            other => {
+                panic!("unknown argument {other} (use --quick, --runs N, --width N, --json FILE)")
+            }
         }
     }
     options
@@ -336,6 +341,7 @@ fn main() {
     } else {
         (10_000, 200, 9_998, Duration::from_secs(120))
     };
+    let width = options.width.unwrap_or(width);
     let mut figures = Vec::new();
 
     let stack = Stack::start("bench", &["synapse.sweep_interval = '1h'"]);

@@ -6,8 +6,8 @@ set -euo pipefail
 . "$(dirname "$0")/env.sh"
 cd "$SYNAPSE_ROOT"
 
-PGPORT="${SYNAPSE_PGPORT:-55432}"
-REDIS_PORT="${SYNAPSE_REDIS_PORT:-56379}"
+PGPORT="${SYNAPSE_PGPORT:-25432}"
+REDIS_PORT="${SYNAPSE_REDIS_PORT:-26379}"
 export SYNAPSE_DATABASE_URL="postgresql://postgres@127.0.0.1:$PGPORT/synapse"
 export SYNAPSE_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
 DEMO="$SYNAPSE_HOME/demo"

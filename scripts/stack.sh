@@ -8,8 +8,9 @@ set -euo pipefail
 . "$(dirname "$0")/env.sh"
 
 STACK_DIR="${SYNAPSE_STACK_DIR:-$SYNAPSE_HOME/stack}"
-PGPORT="${SYNAPSE_PGPORT:-55432}"
-REDIS_PORT="${SYNAPSE_REDIS_PORT:-56379}"
+# Below the kernel's ephemeral range (32768+), so outgoing connections never hold them.
+PGPORT="${SYNAPSE_PGPORT:-25432}"
+REDIS_PORT="${SYNAPSE_REDIS_PORT:-26379}"
 DATABASE="${SYNAPSE_DATABASE:-synapse}"
 DATA="$STACK_DIR/pgdata"
 # Extra postgresql.conf lines, e.g. "synapse.sweep_interval = '2s'".
@@ -49,8 +50,11 @@ pg_start() {
         [ "$(id -u)" -eq 0 ] && chown postgres "$STACK_DIR"
         rm -rf "$DATA.tmp"
         as_pg "$PG_BIN/initdb" -D "$DATA.tmp" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
-        cat >>"$DATA.tmp/postgresql.conf" <<CONF
-# synapse
+        echo "include_if_exists = 'synapse.conf'" >>"$DATA.tmp/postgresql.conf"
+        mv "$DATA.tmp" "$DATA"
+    fi
+    # Rewritten at every start, so changed ports or settings always apply.
+    cat >"$STACK_DIR/synapse.conf" <<CONF
 port = $PGPORT
 listen_addresses = '127.0.0.1'
 unix_socket_directories = ''
@@ -61,8 +65,7 @@ max_connections = 200
 log_min_messages = warning
 $EXTRA_CONF
 CONF
-        mv "$DATA.tmp" "$DATA"
-    fi
+    as_pg cp "$STACK_DIR/synapse.conf" "$DATA/synapse.conf"
     if ! as_pg "$PG_BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
         # With TLS, the forwarder trusts the stack's own CA.
         local trust=()

@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo run -p synapse_worker --example custom_action -- \
-//!     --database-url postgresql://postgres@127.0.0.1:55432/synapse --redis-url redis://127.0.0.1:56379/0
+//!     --database-url postgresql://postgres@127.0.0.1:25432/synapse --redis-url redis://127.0.0.1:26379/0
 //! ```
 //!
 //! On start it publishes `word_count` in `synapse.actions`, so blueprints

@@ -151,6 +151,55 @@ fn m3_wall(stack: &Stack, client: &mut postgres::Client) -> f64 {
 }
 
 /// 1 → width → 1 fan-out/fan-in in one goal; returns (ms, tasks/s).
+/// A chain of `length` no-op steps; returns ms per step.
+fn chain(stack: &Stack, client: &mut postgres::Client, length: usize) -> f64 {
+    let steps: Vec<Value> = (0..length)
+        .map(|i| json!({"id": format!("s{i}"), "action": "noop"}))
+        .collect();
+    let edges: Vec<Value> = (1..length)
+        .map(|i| json!({"from": format!("s{}", i - 1), "to": format!("s{i}")}))
+        .collect();
+    let blueprint = json!({"steps": steps, "edges": edges, "output": "{}"}).to_string();
+    let started = Instant::now();
+    let id: i64 = client
+        .query_one("SELECT synapse.submit_plan($1::text::jsonb)", &[&blueprint])
+        .unwrap()
+        .get(0);
+    let status = wait_for_goal(stack, id, Duration::from_secs(600));
+    assert_eq!(status["status"], "succeeded");
+    ms(started.elapsed()) / length as f64
+}
+
+/// `tasks` single-step no-op goals queued with no worker running, then
+/// drained by workers started with `flags`; returns tasks/s.
+fn drain(stack: &Stack, tasks: usize, workers: usize, flags: &[&str]) -> f64 {
+    let mut client = stack.pg();
+    client
+        .execute(
+            "SELECT synapse.submit_plan('{\"steps\":[{\"id\":\"t\",\"action\":\"noop\"}],\"output\":\"{}\"}')
+               FROM generate_series(1, $1::int)",
+            &[&(tasks as i32)],
+        )
+        .unwrap();
+    synapse_e2e::wait_until("the queue to be in Redis", Duration::from_secs(600), || {
+        (stack.forwarder_status(&mut client)["pending"] == 0).then_some(())
+    });
+    let running: Vec<_> = (0..workers)
+        .map(|i| stack.start_worker(&format!("drain-{i}"), flags))
+        .collect();
+    let started = Instant::now();
+    synapse_e2e::wait_until("the queue to drain", Duration::from_secs(1800), || {
+        let left = one_i64(
+            &mut client,
+            "SELECT count(*) FROM synapse.goals WHERE status = 'running'",
+        );
+        (left == 0).then_some(())
+    });
+    let rate = tasks as f64 / started.elapsed().as_secs_f64();
+    drop(running);
+    rate
+}
+
 fn fan_out(stack: &Stack, client: &mut postgres::Client, width: usize) -> (f64, f64) {
     // Short ids keep 10 000 steps under the 1 MiB blueprint limit.
     let mut steps = vec![json!({"id": "r", "action": "noop"})];
@@ -336,10 +385,10 @@ fn idle(
 
 fn main() {
     let options = options();
-    let (batch, samples, width, idle_window) = if options.quick {
-        (500, 20, 200, Duration::from_secs(2))
+    let (batch, samples, width, idle_window, chain_length, drained) = if options.quick {
+        (500, 20, 200, Duration::from_secs(2), 20, 200)
     } else {
-        (10_000, 200, 9_998, Duration::from_secs(120))
+        (10_000, 200, 9_998, Duration::from_secs(120), 500, 20_000)
     };
     let width = options.width.unwrap_or(width);
     let mut figures = Vec::new();
@@ -391,6 +440,28 @@ fn main() {
             median(runs.iter().map(|r| r.0).collect())
         ),
     });
+    let runs: Vec<f64> = (0..options.runs)
+        .map(|_| chain(&stack, &mut client, chain_length))
+        .collect();
+    figures.push(Figure {
+        name: format!("chain of {chain_length} steps, one worker"),
+        value: median(runs),
+        unit: "ms/step",
+        note: "compare: single task submit → handler start".into(),
+    });
+    drop(worker);
+    for (workers, concurrency) in [(1, "16"), (1, "64"), (2, "64")] {
+        let runs: Vec<f64> = (0..options.runs)
+            .map(|_| drain(&stack, drained, workers, &["--concurrency", concurrency]))
+            .collect();
+        figures.push(Figure {
+            name: format!("{drained} pre-queued no-op tasks drained: {workers} worker(s), concurrency {concurrency}"),
+            value: median(runs),
+            unit: "tasks/s",
+            note: "one goal per task".into(),
+        });
+    }
+    let worker = stack.start_worker("bench", &["--concurrency", "32"]);
     let second = stack.start_worker("bench-2", &["--concurrency", "32"]);
     figures.extend(idle(&stack, &mut client, &[&worker, &second], idle_window));
     drop(second);

@@ -187,6 +187,10 @@ CREATE TABLE synapse.outbox (
     payload    text        NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
+-- A queue table: every row is deleted soon after it is written. Vacuum it
+-- early, so the forwarder's "oldest first" scan does not wade through dead rows.
+ALTER TABLE synapse.outbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000,
+                                autovacuum_vacuum_insert_threshold = 1000, autovacuum_vacuum_cost_delay = 0);
 COMMENT ON TABLE synapse.outbox IS 'Events committed but not yet acknowledged by Redis. The forwarder deletes rows only after Redis acknowledged them.';
 COMMENT ON COLUMN synapse.outbox.id IS 'Forwarding order.';
 COMMENT ON COLUMN synapse.outbox.event IS 'Event name, e.g. task.queued.';

@@ -248,7 +248,11 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        self.script(&["down"]);
+        // Never panic here: a panic while a failed test unwinds would abort
+        // the run and leave the servers behind.
+        if let Err(error) = self.try_script(&["down"]) {
+            eprintln!("{error}");
+        }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

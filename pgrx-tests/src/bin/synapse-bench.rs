@@ -150,11 +150,10 @@ fn m3_wall(stack: &Stack, client: &mut postgres::Client) -> f64 {
     ms(started.elapsed())
 }
 
-/// 1 → width → 1 fan-out/fan-in in one goal; returns (ms, tasks/s).
 /// A chain of `length` no-op steps; returns ms per step.
 fn chain(stack: &Stack, client: &mut postgres::Client, length: usize) -> f64 {
     let steps: Vec<Value> = (0..length)
-        .map(|i| json!({"id": format!("s{i}"), "action": "noop"}))
+        .map(|i| json!({"id": format!("s{i}"), "action": "noop", "input": "{}"}))
         .collect();
     let edges: Vec<Value> = (1..length)
         .map(|i| json!({"from": format!("s{}", i - 1), "to": format!("s{i}")}))
@@ -200,6 +199,7 @@ fn drain(stack: &Stack, tasks: usize, workers: usize, flags: &[&str]) -> f64 {
     rate
 }
 
+/// 1 → width → 1 fan-out/fan-in in one goal; returns (ms, tasks/s).
 fn fan_out(stack: &Stack, client: &mut postgres::Client, width: usize) -> (f64, f64) {
     // Short ids keep 10 000 steps under the 1 MiB blueprint limit.
     let mut steps = vec![json!({"id": "r", "action": "noop"})];

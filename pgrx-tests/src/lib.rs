@@ -519,3 +519,21 @@ pub const TRIAGE: &str = r#"{
   ],
   "output": "{'branch': steps.page.status == 'succeeded' ? 'page' : 'backlog', 'incident': steps.parse.result.incident}"
 }"#;
+
+/// Every event in the `synapse:events` stream so far, parsed, oldest first.
+pub fn stream_events(redis: &mut redis::Connection) -> Vec<serde_json::Value> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("synapse:events")
+        .arg("-")
+        .arg("+")
+        .query(redis)
+        .expect("XRANGE");
+    reply
+        .ids
+        .iter()
+        .map(|entry| {
+            let payload: String = entry.get("payload").expect("a payload field");
+            serde_json::from_str(&payload).expect("a JSON payload")
+        })
+        .collect()
+}

@@ -5,7 +5,9 @@ use postgres::fallible_iterator::FallibleIterator;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use synapse_e2e::{assert_quiet, brpop, postgres, redis, wait_until, Stack, ONE_STEP};
+use synapse_e2e::{
+    assert_quiet, brpop, postgres, redis, stream_events, wait_until, Stack, ONE_STEP,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -55,24 +57,10 @@ fn committed_events_reach_redis_with_their_exact_payloads() {
     );
 
     // Every event, dispatched or not, is in the stream, in commit order.
-    let entries: Vec<String> = wait_until("three events in the stream", WAIT, || {
-        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg("synapse:events")
-            .arg("-")
-            .arg("+")
-            .query(&mut redis)
-            .unwrap();
-        let payloads: Vec<String> = reply
-            .ids
-            .iter()
-            .map(|entry| entry.get::<String>("payload").expect("payload field"))
-            .collect();
-        (payloads.len() == 3).then_some(payloads)
+    let events = wait_until("three events in the stream", WAIT, || {
+        let events = stream_events(&mut redis);
+        (events.len() == 3).then_some(events)
     });
-    let events: Vec<serde_json::Value> = entries
-        .iter()
-        .map(|p| serde_json::from_str(p).unwrap())
-        .collect();
     let names: Vec<&str> = events
         .iter()
         .map(|e| e["event"].as_str().unwrap())

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use synapse_e2e::{
-    assert_quiet, edge_state, postgres, redis, task, wait_for_goal, wait_for_running_task,
-    wait_until, Stack,
+    assert_quiet, edge_state, postgres, redis, stream_events, task, wait_for_goal,
+    wait_for_running_task, wait_until, Stack,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -165,21 +165,9 @@ fn failures_retry_with_backoff_time_out_and_are_handled_by_failure_edges() {
     assert_eq!(task(&status, "flaky")["attempts"], 3);
     assert_eq!(status["error"], "step flaky failed: boom");
     let mut redis = stack.redis();
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg("synapse:events")
-        .arg("-")
-        .arg("+")
-        .query(&mut redis)
-        .unwrap();
-    let retrying = reply
-        .ids
+    let retrying = stream_events(&mut redis)
         .iter()
-        .filter(|entry| {
-            entry
-                .get::<String>("payload")
-                .unwrap()
-                .contains("\"task.retrying\"")
-        })
+        .filter(|event| event["event"] == "task.retrying")
         .count();
     assert_eq!(retrying, 2);
 
@@ -299,15 +287,8 @@ fn two_hundred_diamonds_on_four_workers_run_every_join_exactly_once() {
     }
     // Exactly one task.queued per join, across all four workers.
     let mut redis = stack.redis();
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg("synapse:events")
-        .arg("-")
-        .arg("+")
-        .query(&mut redis)
-        .unwrap();
     let mut joins_queued = Vec::new();
-    for entry in &reply.ids {
-        let event: Value = serde_json::from_str(&entry.get::<String>("payload").unwrap()).unwrap();
+    for event in stream_events(&mut redis) {
         if event["event"] == "task.queued" && event["step"] == "join" {
             joins_queued.push(event["goal_id"].as_i64().unwrap());
         }

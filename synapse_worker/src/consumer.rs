@@ -16,9 +16,6 @@ use tracing::{info, warn};
 
 use crate::worker::Shared;
 
-const RECONNECT_MIN: Duration = Duration::from_millis(100);
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
-
 /// A BRPOP connection and its Redis client id (for `CLIENT UNBLOCK`).
 struct Popper {
     connection: MultiplexedConnection,
@@ -52,7 +49,7 @@ pub async fn consume(
     let planner_key = keys[0].clone();
     let slots = Arc::new(Semaphore::new(shared.config.concurrency));
     let mut popper: Option<Popper> = None;
-    let mut pause = RECONNECT_MIN;
+    let mut reconnect = crate::backoff::Backoff::default();
     loop {
         let slot = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -72,23 +69,23 @@ pub async fn consume(
             Some(current) => current,
             slot_for_connection => match connect(&shared.redis).await {
                 Ok(connected) => {
-                    if pause > RECONNECT_MIN {
+                    if reconnect.is_backing_off() {
                         info!("redis reachable again");
                         crate::metrics::METRICS
                             .reconnects
                             .with_label_values(&["redis"])
                             .inc();
                     }
-                    pause = RECONNECT_MIN;
+                    reconnect.reset();
                     slot_for_connection.insert(connected)
                 }
                 Err(error) => {
+                    let pause = reconnect.next_pause();
                     warn!(%error, retry_in_ms = pause.as_millis() as u64, "cannot reach redis");
                     tokio::select! {
                         () = shutdown.cancelled() => break,
                         () = tokio::time::sleep(pause) => {}
                     }
-                    pause = (pause * 2).min(RECONNECT_MAX);
                     continue;
                 }
             },

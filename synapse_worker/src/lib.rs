@@ -14,6 +14,8 @@ pub mod template;
 #[cfg(feature = "runtime")]
 pub mod actions;
 #[cfg(feature = "runtime")]
+pub mod backoff;
+#[cfg(feature = "runtime")]
 pub mod consumer;
 #[cfg(feature = "runtime")]
 pub mod engine;

@@ -147,8 +147,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn config(database_url: String, args: RunArgs) -> anyhow::Result<WorkerConfig> {
-    let queue = regex::Regex::new(r"^[A-Za-z0-9_.:-]{1,64}$").expect("valid regex");
-    if let Some(bad) = args.queues.iter().find(|name| !queue.is_match(name)) {
+    if let Some(bad) = args
+        .queues
+        .iter()
+        .find(|name| !synapse_worker::blueprint::is_valid_queue(name))
+    {
         bail!("--queues: invalid queue name {bad:?}");
     }
     if args.concurrency == 0 || args.concurrency > 10_000 {

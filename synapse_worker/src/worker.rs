@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::actions::ActionRegistry;
+use crate::backoff::Backoff;
 use crate::blueprint::BUILTIN_ACTIONS;
 use crate::planner::PlannerRegistry;
 use crate::store;
@@ -70,11 +71,8 @@ pub struct Shared {
 #[derive(Default)]
 struct Pause {
     until: Option<std::time::Instant>,
-    next: Duration,
+    backoff: Backoff,
 }
-
-const PAUSE_MIN: Duration = Duration::from_millis(100);
-const PAUSE_MAX: Duration = Duration::from_secs(5);
 
 impl Shared {
     /// Puts a message back at the head of its list (BRPOP pops it next) and
@@ -85,9 +83,9 @@ impl Shared {
                 .pause
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            pause.next = (pause.next * 2).clamp(PAUSE_MIN, PAUSE_MAX);
-            pause.until = Some(std::time::Instant::now() + pause.next);
-            pause.next
+            let next = pause.backoff.next_pause();
+            pause.until = Some(std::time::Instant::now() + next);
+            next
         };
         warn!(%error, pause_ms = pause.as_millis() as u64, "postgres unreachable; message handed back");
         crate::metrics::METRICS
@@ -233,7 +231,7 @@ async fn register_actions(shared: &Shared) -> anyhow::Result<()> {
         })
         .collect();
     // The database may still be starting: wait for it rather than give up.
-    let mut pause = Duration::from_millis(100);
+    let mut backoff = Backoff::default();
     loop {
         let attempt = async {
             let client = shared.pool.get().await?;
@@ -247,9 +245,9 @@ async fn register_actions(shared: &Shared) -> anyhow::Result<()> {
                 );
             }
             Err(error) => {
+                let pause = backoff.next_pause();
                 warn!(%error, retry_in_ms = pause.as_millis() as u64, "cannot reach postgres");
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
             }
         }
     }

@@ -17,7 +17,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use self::duration::{format_duration, parse_duration};
-pub use self::validate::{kind as json_kind, validate, Problem, MAX_BLUEPRINT_BYTES, MAX_STEPS};
+pub use self::validate::{
+    is_valid_queue, kind as json_kind, validate, Problem, MAX_BLUEPRINT_BYTES, MAX_STEPS,
+};
 
 /// Actions every worker implements; any other action must be registered by a worker in
 /// `synapse.actions`.

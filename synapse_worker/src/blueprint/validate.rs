@@ -53,6 +53,12 @@ const QUEUE_PATTERN: &str = "^[A-Za-z0-9_.:-]{1,64}$";
 
 static STEP_ID_RE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(STEP_ID_PATTERN).expect("valid step id pattern"));
+
+/// Whether `name` is a valid queue name (the rule steps and `--queues` share).
+pub fn is_valid_queue(name: &str) -> bool {
+    QUEUE_RE.is_match(name)
+}
+
 static QUEUE_RE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(QUEUE_PATTERN).expect("valid queue pattern"));
 static PLAIN_KEY_RE: LazyLock<Regex> =

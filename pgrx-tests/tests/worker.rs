@@ -635,7 +635,7 @@ fn a_worker_waits_out_a_postgres_outage_without_losing_its_message() {
     wait_until("the worker to hand the message back twice", WAIT, || {
         (worker
             .log_text()
-            .matches("postgres unreachable; message handed back")
+            .matches("postgres unreachable; messages handed back")
             .count()
             >= 2)
             .then_some(())

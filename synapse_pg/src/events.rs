@@ -29,7 +29,9 @@ fn wake_forwarder_at_commit<'a>(
 /// Commit and abort callbacks must never panic (that takes the server down):
 /// they only touch an atomic and set a latch.
 pub fn wake_at_commit() {
-    if !forwarder::is_preloaded() || forwarder::is_forwarder_process() {
+    // The forwarder wakes itself this way too: its timers write events it
+    // forwards on the next turn of its loop.
+    if !forwarder::is_preloaded() {
         return;
     }
     if WAKE_REGISTERED.with(|registered| registered.replace(true)) {

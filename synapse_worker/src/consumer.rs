@@ -1,15 +1,17 @@
 //! Pops work from Redis: the planner list first, then the queues in priority
-//! order, one BRPOP at a time, only while a concurrency slot is free.
+//! order, only while a concurrency slot is free. One BLMPOP takes as many
+//! messages as there are free slots, and their tasks are claimed in one
+//! statement.
 //!
-//! The BRPOP blocks with no timeout, so an idle worker sends nothing. At
+//! The BLMPOP blocks with no timeout, so an idle worker sends nothing. At
 //! shutdown a second connection unblocks it with `CLIENT UNBLOCK`, which makes
-//! BRPOP return empty-handed instead of dropping a popped message on the floor.
+//! it return empty-handed instead of dropping popped messages on the floor.
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -55,6 +57,10 @@ pub async fn consume(
             () = shutdown.cancelled() => break,
             slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
         };
+        let mut free = vec![slot];
+        while let Ok(slot) = slots.clone().try_acquire_owned() {
+            free.push(slot);
+        }
         if shutdown.is_cancelled() {
             break;
         }
@@ -90,23 +96,17 @@ pub async fn consume(
                 }
             },
         };
-        let popped = pop(&shared.redis, current, &keys, &shutdown).await;
+        let popped = pop(&shared.redis, current, &keys, free.len(), &shutdown).await;
         match popped {
-            Ok(Some((key, payload))) => {
-                let shared = shared.clone();
-                let abort = abort.clone();
-                if key == planner_key {
-                    tasks.spawn(async move {
-                        crate::planner::plan_goal(&shared, &key, &payload).await;
-                        drop(slot);
-                    });
-                } else {
-                    tasks.spawn(async move {
-                        crate::executor::execute(&shared, &key, &payload, &abort).await;
-                        drop(slot);
-                    });
-                }
-            }
+            Ok(Some((list, payloads))) => dispatch(
+                &shared,
+                tasks,
+                &abort,
+                list == planner_key,
+                list,
+                payloads,
+                free,
+            ),
             Ok(None) => {}
             Err(error) => {
                 warn!(%error, "redis connection lost");
@@ -116,18 +116,65 @@ pub async fn consume(
     }
 }
 
-/// One BRPOP over `keys`; if `shutdown` fires while it blocks, unblock it and
+/// Runs popped messages, each holding one of the `free` slots (the slots
+/// left over go back at once).
+fn dispatch(
+    shared: &Arc<Shared>,
+    tasks: &TaskTracker,
+    abort: &CancellationToken,
+    planner: bool,
+    list: String,
+    payloads: Vec<String>,
+    mut free: Vec<OwnedSemaphorePermit>,
+) {
+    free.truncate(payloads.len());
+    if planner {
+        for (payload, slot) in payloads.into_iter().zip(free) {
+            let shared = shared.clone();
+            let list = list.clone();
+            tasks.spawn(async move {
+                crate::planner::plan_goal(&shared, &list, &payload).await;
+                drop(slot);
+            });
+        }
+        return;
+    }
+    let shared = shared.clone();
+    let abort = abort.clone();
+    let runner = tasks.clone();
+    tasks.spawn(async move {
+        let claimed = crate::executor::claim(&shared, &list, &payloads).await;
+        for (task, slot) in claimed.into_iter().zip(free) {
+            let shared = shared.clone();
+            let abort = abort.clone();
+            runner.spawn(async move {
+                crate::executor::execute(&shared, task, &abort).await;
+                drop(slot);
+            });
+        }
+    });
+}
+
+/// One BLMPOP of up to `count` messages from the first non-empty list of
+/// `keys`, oldest first; if `shutdown` fires while it blocks, unblock it and
 /// still take whatever it returns.
 async fn pop(
     client: &redis::Client,
     popper: &mut Popper,
     keys: &[String],
+    count: usize,
     shutdown: &CancellationToken,
-) -> redis::RedisResult<Option<(String, String)>> {
-    let mut command = redis::cmd("BRPOP");
-    command.arg(keys).arg(0);
+) -> redis::RedisResult<Option<(String, Vec<String>)>> {
+    let mut command = redis::cmd("BLMPOP");
+    command
+        .arg(0)
+        .arg(keys.len())
+        .arg(keys)
+        .arg("RIGHT")
+        .arg("COUNT")
+        .arg(count);
     let connection = &mut popper.connection;
-    let reply = command.query_async::<Option<(String, String)>>(connection);
+    let reply = command.query_async::<Option<(String, Vec<String>)>>(connection);
     tokio::pin!(reply);
     tokio::select! {
         reply = &mut reply => return reply,

@@ -3,20 +3,22 @@
 //! Runs inside the transaction that records a step's outcome: resolves the
 //! step's outbound edges, queues or skips the successors whose inbound edges
 //! have all resolved (skips cascade), and finishes the goal when every step
-//! has ended. The decisions are plain functions; [`step_ended`] applies them
+//! has ended. The decisions are plain functions; [`steps_ended`] applies them
 //! through the store.
 //!
-//! Concurrency: the engine locks the goal row first, so the engine runs of one
-//! goal take turns. Two parents of a join finishing at once therefore see each
+//! Concurrency: the engine locks the goal rows (in id order), so the engine
+//! runs of one goal take turns. Two parents of a join finishing at once therefore see each
 //! other's edge resolutions, and exactly one of them queues the join; the run
 //! that ends the last step sees no unfinished step and finishes the goal.
 //! Goals run in parallel with each other.
+use std::collections::BTreeMap;
+
 use deadpool_postgres::Transaction;
 use serde_json::{json, Map, Value};
 
 use crate::blueprint::cel;
 use crate::blueprint::{EdgeOn, Join};
-use crate::store::{self, StoreError};
+use crate::store::{self, GoalEnding, GoalFinish, StepEnd, StoreError};
 
 /// How a step ended, as edges see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,30 +227,71 @@ async fn resolve_outbound(
     Ok((edges.into_iter().map(|edge| edge.to).collect(), broken))
 }
 
-/// Applies the consequences of `ended` (and of every step that ends because
-/// of it) and finishes the goal when nothing is left to run.
+/// Applies the consequences of steps that ended together (and of every
+/// step that ends because of them) and finishes the goals with nothing left
+/// to run. The statements serve the whole batch: a batch of single-step goals
+/// costs the same handful of statements as one goal.
 ///
-/// The step's own edges are resolved before the goal lock is taken (they are
-/// its rows alone); everything that reads other steps' state happens under it.
-pub async fn step_ended(
+/// Each step's own edges are resolved before any goal lock is taken (they are
+/// its rows alone); everything that reads other steps' state happens under
+/// the goal locks, taken in id order.
+pub async fn steps_ended(tx: &Transaction<'_>, ends: Vec<StepEnd>) -> Result<(), StoreError> {
+    let mut goals: BTreeMap<i64, (GoalVariables, Vec<Resolved>)> = BTreeMap::new();
+    for end in ends {
+        let resolved = if end.has_outbound {
+            Some(resolve_outbound(tx, end.goal_id, &end.goal, &end.ended).await?)
+        } else {
+            None
+        };
+        let (_, seeds) = goals
+            .entry(end.goal_id)
+            .or_insert_with(|| (end.goal, Vec::new()));
+        seeds.extend(resolved);
+    }
+    let goal_ids: Vec<i64> = goals.keys().copied().collect();
+    // A goal that is no longer running (cancelled) has nothing left to decide.
+    let running = store::lock_running_goals(tx, &goal_ids).await?;
+    for (goal_id, _) in &running {
+        let (goal, seeds) = &mut goals.get_mut(goal_id).expect("locked goals were asked for");
+        propagate(tx, *goal_id, goal, std::mem::take(seeds)).await?;
+    }
+    let running_ids: Vec<i64> = running.iter().map(|(id, _)| *id).collect();
+    let done = store::goals_with_every_step_ended(tx, &running_ids).await?;
+    if done.is_empty() {
+        return Ok(());
+    }
+    let endings = store::goal_endings(tx, &done).await?;
+    let mut finishes = Vec::with_capacity(endings.len());
+    for ending in endings {
+        let output = running
+            .iter()
+            .find(|(id, _)| *id == ending.goal_id)
+            .and_then(|(_, output)| output.as_deref());
+        let goal = &goals[&ending.goal_id].0;
+        finishes.push(goal_finish(tx, goal, output, ending).await?);
+    }
+    store::finish_goals(tx, &finishes).await
+}
+
+/// The successors of a step whose outbound edges resolved, and the edges
+/// whose condition failed (target, error).
+type Resolved = (Vec<String>, Vec<(String, String)>);
+
+/// Queues or skips the successors of `seeds` whose inbound edges have all
+/// resolved, following skips and failures until nothing more is decided.
+async fn propagate(
     tx: &Transaction<'_>,
     goal_id: i64,
     goal: &GoalVariables,
-    ended: EndedStep,
+    mut seeds: Vec<Resolved>,
 ) -> Result<(), StoreError> {
-    let first = resolve_outbound(tx, goal_id, goal, &ended).await?;
-    // A goal that is no longer running (cancelled) has nothing left to decide.
-    let Some(output) = store::lock_running_goal(tx, goal_id).await? else {
-        return Ok(());
-    };
-    let mut resolved = Some(first);
     let mut worklist: Vec<EndedStep> = Vec::new();
     loop {
-        let (successors, broken) = match resolved.take() {
-            Some(done) => done,
+        let (successors, broken) = match seeds.pop() {
+            Some(resolved) => resolved,
             None => match worklist.pop() {
                 Some(from) => resolve_outbound(tx, goal_id, goal, &from).await?,
-                None => break,
+                None => return Ok(()),
             },
         };
         if successors.is_empty() {
@@ -305,42 +348,47 @@ pub async fn step_ended(
         store::queue_tasks(tx, &queued).await?;
         store::skip_tasks(tx, &skipped).await?;
     }
-    finish_goal_if_done(tx, goal_id, goal, output).await
 }
 
-/// Ends the goal when every step has ended (rule 4).
-async fn finish_goal_if_done(
+/// How a goal whose steps have all ended finishes (rule 4).
+async fn goal_finish(
     tx: &Transaction<'_>,
-    goal_id: i64,
     goal: &GoalVariables,
-    output: Option<String>,
-) -> Result<(), StoreError> {
-    if store::has_unfinished_tasks(tx, goal_id).await? {
-        return Ok(());
-    }
-    let unhandled = store::unhandled_failures(tx, goal_id).await?;
-    if !unhandled.is_empty() {
-        let error = unhandled
+    output: Option<&str>,
+    ending: GoalEnding,
+) -> Result<GoalFinish, StoreError> {
+    let goal_id = ending.goal_id;
+    let failed = |error: String| GoalFinish {
+        goal_id,
+        status: "failed",
+        result: None,
+        error: Some(error),
+    };
+    if !ending.unhandled_failures.is_empty() {
+        let error = ending
+            .unhandled_failures
             .iter()
             .map(|(step, error)| format!("step {step} failed: {error}"))
             .collect::<Vec<_>>()
             .join("; ");
-        return store::finish_goal(tx, goal_id, "failed", None, Some(&error)).await;
+        return Ok(failed(error));
     }
     let result = match output {
         Some(source) => {
             let vars = variables_for(tx, goal_id, goal, true).await?;
-            cel::compile(&source).and_then(|expression| expression.evaluate(&vars))
+            cel::compile(source).and_then(|expression| expression.evaluate(&vars))
         }
-        None => Ok(store::leaf_results(tx, goal_id).await?),
+        None => Ok(ending.leaf_results),
     };
-    match result {
-        Ok(result) => store::finish_goal(tx, goal_id, "succeeded", Some(&result), None).await,
-        Err(message) => {
-            let error = format!("cannot evaluate the blueprint output: {message}");
-            store::finish_goal(tx, goal_id, "failed", None, Some(&error)).await
-        }
-    }
+    Ok(match result {
+        Ok(result) => GoalFinish {
+            goal_id,
+            status: "succeeded",
+            result: Some(result),
+            error: None,
+        },
+        Err(message) => failed(format!("cannot evaluate the blueprint output: {message}")),
+    })
 }
 
 /// `goal` as expressions see it.

@@ -1,6 +1,6 @@
-//! Runs one task: claim with a lease, run the action under a timeout while
-//! heartbeating the lease, then record the outcome and run the engine in one
-//! transaction.
+//! Runs tasks: claim them (a popped batch in one statement) with a lease, run
+//! each action under a timeout while heartbeating the lease, then hand the
+//! outcome to the completer, which records it and runs the engine.
 use std::time::Duration;
 
 use serde_json::Value;
@@ -8,8 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::actions::ActionContext;
-use crate::engine;
-use crate::store::{self, AttemptOutcome, ClaimedTask, Recorded, StoreError};
+use crate::store::{self, AttemptOutcome, ClaimedTask, StoreError};
 use crate::worker::Shared;
 
 /// Longest pause between attempts, whatever the backoff and attempt number.
@@ -35,53 +34,68 @@ pub fn retry_delay(base: Duration, attempt: i32, jitter: f64) -> Duration {
 }
 
 /// What happened to a task this worker handled.
-enum Handled {
+pub enum Handled {
     /// The outcome was recorded: `succeeded`, `retrying` or `failed`.
     Recorded(&'static str),
+    /// A newer attempt owns the task: nothing was written.
     Fenced,
+    /// The goal was cancelled or the lease lost while it ran.
     Lost,
+    /// Given back unrun at shutdown.
     Released,
 }
 
-/// Handles one `task.queued` message popped from `list`.
-pub async fn execute(shared: &Shared, list: &str, payload: &str, abort: &CancellationToken) {
-    let Some(task_id) = task_id(payload) else {
-        warn!(payload, "dropping a malformed queue message");
-        return;
-    };
-    let claimed = match with_retries(|| async {
+/// Claims, in one statement, the tasks of the `task.queued` messages popped
+/// from `list`. Messages whose task is not queued any more (duplicates,
+/// cancelled goals) are dropped; if Postgres is unreachable they all go back.
+pub async fn claim(shared: &Shared, list: &str, payloads: &[String]) -> Vec<ClaimedTask> {
+    let mut task_ids = Vec::with_capacity(payloads.len());
+    for payload in payloads {
+        match task_id(payload) {
+            Some(id) => task_ids.push(id),
+            None => warn!(payload, "dropping a malformed queue message"),
+        }
+    }
+    if task_ids.is_empty() {
+        return Vec::new();
+    }
+    let claimed = with_retries(|| async {
         let client = shared.pool.get().await?;
-        store::claim_task(
+        store::claim_tasks(
             &client,
-            task_id,
+            &task_ids,
             shared.config.lease,
             &shared.config.identity,
         )
         .await
     })
-    .await
-    {
-        Ok(Some(claimed)) => {
+    .await;
+    match claimed {
+        Ok(claimed) => {
             shared.postgres_reachable();
+            if claimed.len() < task_ids.len() {
+                debug!(
+                    dropped = task_ids.len() - claimed.len(),
+                    "tasks not queued any more (duplicate messages or cancelled); dropped"
+                );
+            }
             claimed
         }
-        Ok(None) => {
-            debug!(
-                task_id,
-                "task is not queued (duplicate message or cancelled); dropped"
-            );
-            return;
-        }
         Err(error) if error.is_unavailable() => {
-            shared.hand_back(list, payload, &error).await;
-            return;
+            shared.hand_back(list, payloads, &error).await;
+            Vec::new()
         }
         Err(error) => {
-            // The sweep dispatches it again.
-            warn!(task_id, %error, "could not claim task");
-            return;
+            // The sweep dispatches them again.
+            warn!(?task_ids, %error, "could not claim tasks");
+            Vec::new()
         }
-    };
+    }
+}
+
+/// Runs a claimed task and records its outcome.
+pub async fn execute(shared: &Shared, claimed: ClaimedTask, abort: &CancellationToken) {
+    let task_id = claimed.id;
     let metrics = &crate::metrics::METRICS;
     metrics.queue_wait.observe(claimed.queue_wait.as_secs_f64());
     metrics.in_flight.inc();
@@ -204,28 +218,14 @@ async fn hold_lease(shared: &Shared, task: &ClaimedTask) {
     }
 }
 
-/// Records the outcome and runs the engine, in one transaction.
+/// Records the outcome (and runs the engine) through the completer, which
+/// batches it with the outcomes of other tasks.
 async fn record(
     shared: &Shared,
     task: &ClaimedTask,
     outcome: AttemptOutcome,
 ) -> Result<Handled, StoreError> {
-    with_retries(|| async {
-        let mut client = shared.pool.get().await?;
-        let tx = client.transaction().await?;
-        let handled = match store::record_outcome(&tx, task, &outcome).await? {
-            Recorded::Fenced => return Ok(Handled::Fenced),
-            Recorded::Retrying => Handled::Recorded("retrying"),
-            Recorded::Ended(ended, goal) => {
-                let status = ended.outcome.status();
-                engine::step_ended(&tx, task.goal_id, &goal, ended).await?;
-                Handled::Recorded(status)
-            }
-        };
-        tx.commit().await?;
-        Ok(handled)
-    })
-    .await
+    shared.completer.record(task.clone(), outcome).await
 }
 
 /// Runs a transaction again when it deadlocked or failed to serialize.

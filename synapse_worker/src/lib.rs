@@ -4,7 +4,8 @@
 //! runtime dependency and are shared with the `synapse` Postgres extension.
 //! With the `runtime` feature (the default), the rest is the worker itself:
 //! the consumer pops Redis lists, the planner turns goals into plans, the
-//! executor claims and runs tasks, and the engine resolves the DAG — all state
+//! executor claims and runs tasks, the completer records their outcomes in
+//! batches, and the engine resolves the DAG — all state
 //! lives in Postgres, reached through the store.
 
 pub mod blueprint;
@@ -15,6 +16,8 @@ pub mod template;
 pub mod actions;
 #[cfg(feature = "runtime")]
 pub mod backoff;
+#[cfg(feature = "runtime")]
+pub mod completer;
 #[cfg(feature = "runtime")]
 pub mod consumer;
 #[cfg(feature = "runtime")]

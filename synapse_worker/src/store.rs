@@ -22,6 +22,9 @@ pub enum StoreError {
     /// A row did not look as the schema promises.
     #[error("unexpected data: {0}")]
     Data(String),
+    /// The worker is shutting down and records nothing more.
+    #[error("the worker is stopping")]
+    Stopped,
 }
 
 /// The server's message and SQLSTATE when there is one ("db error" alone says nothing).
@@ -38,7 +41,7 @@ impl StoreError {
         match self {
             StoreError::Postgres(error) => error.as_db_error().is_none(),
             StoreError::Pool(_) => true,
-            StoreError::Data(_) => false,
+            StoreError::Data(_) | StoreError::Stopped => false,
         }
     }
 
@@ -50,7 +53,7 @@ impl StoreError {
                 Some(&SqlState::T_R_DEADLOCK_DETECTED) | Some(&SqlState::T_R_SERIALIZATION_FAILURE)
             ),
             StoreError::Pool(_) => true,
-            StoreError::Data(_) => false,
+            StoreError::Data(_) | StoreError::Stopped => false,
         }
     }
 }
@@ -86,42 +89,47 @@ pub struct ClaimedTask {
     pub queue_wait: Duration,
 }
 
-/// Claims a queued task: `queued → running`, attempt + 1, with a lease. `None`
-/// when it is not queued (a duplicate message, or it was cancelled).
-pub async fn claim_task(
+/// Claims the queued tasks among `task_ids` in one statement: `queued →
+/// running`, attempt + 1, with a lease. Ids that are not queued (a duplicate
+/// message, a cancelled goal) are left out of the answer.
+pub async fn claim_tasks(
     client: &impl GenericClient,
-    task_id: i64,
+    task_ids: &[i64],
     lease: Duration,
     worker: &str,
-) -> Result<Option<ClaimedTask>> {
+) -> Result<Vec<ClaimedTask>> {
     let statement = client
         .prepare_cached(
-            "UPDATE synapse.tasks
-                SET status = 'running', attempts = attempts + 1,
+            "UPDATE synapse.tasks t
+                SET status = 'running', attempts = t.attempts + 1,
                     lease_expires_at = now() + $2 * interval '1 millisecond', leased_by = $3
-              WHERE id = $1 AND status = 'queued'
-          RETURNING goal_id, step, action, params, coalesce(input, 'null'::jsonb), attempts, max_attempts,
-                    backoff_ms, timeout_ms, error,
-                    greatest(extract(epoch FROM now() - queued_at), 0)::float8",
+               FROM (SELECT DISTINCT id FROM unnest($1::bigint[]) AS m(id)) m
+              WHERE t.id = m.id AND t.status = 'queued'
+          RETURNING t.id, t.goal_id, t.step, t.action, t.params, coalesce(t.input, 'null'::jsonb), t.attempts,
+                    t.max_attempts, t.backoff_ms, t.timeout_ms, t.error,
+                    greatest(extract(epoch FROM now() - t.queued_at), 0)::float8",
         )
         .await?;
-    let row = client
-        .query_opt(&statement, &[&task_id, &millis(lease), &worker])
+    let rows = client
+        .query(&statement, &[&task_ids, &millis(lease), &worker])
         .await?;
-    Ok(row.map(|row| ClaimedTask {
-        id: task_id,
-        goal_id: row.get(0),
-        step: row.get(1),
-        action: row.get(2),
-        params: row.get(3),
-        input: row.get(4),
-        attempt: row.get(5),
-        max_attempts: row.get(6),
-        backoff: Duration::from_millis(row.get::<_, i64>(7) as u64),
-        timeout: Duration::from_millis(row.get::<_, i64>(8) as u64),
-        previous_error: row.get(9),
-        queue_wait: Duration::from_secs_f64(row.get::<_, Option<f64>>(10).unwrap_or(0.0)),
-    }))
+    Ok(rows
+        .iter()
+        .map(|row| ClaimedTask {
+            id: row.get(0),
+            goal_id: row.get(1),
+            step: row.get(2),
+            action: row.get(3),
+            params: row.get(4),
+            input: row.get(5),
+            attempt: row.get(6),
+            max_attempts: row.get(7),
+            backoff: Duration::from_millis(row.get::<_, i64>(8) as u64),
+            timeout: Duration::from_millis(row.get::<_, i64>(9) as u64),
+            previous_error: row.get(10),
+            queue_wait: Duration::from_secs_f64(row.get::<_, Option<f64>>(11).unwrap_or(0.0)),
+        })
+        .collect())
 }
 
 fn millis(duration: Duration) -> f64 {
@@ -183,61 +191,111 @@ pub enum Recorded {
     Fenced,
     /// The task waits for its next attempt.
     Retrying,
-    /// The step ended; the engine takes it from here (with `goal` for expressions).
-    Ended(EndedStep, GoalVariables),
+    /// The step ended; the engine takes it from here.
+    Ended(StepEnd),
 }
 
-/// Records an attempt's outcome if this attempt still holds the task: the
-/// attempt number fences out a worker whose lease expired.
-pub async fn record_outcome(
+/// A step that ended, with what the engine needs to carry on.
+#[derive(Debug)]
+pub struct StepEnd {
+    /// The goal it belongs to.
+    pub goal_id: i64,
+    /// `goal` for expressions.
+    pub goal: GoalVariables,
+    /// How it ended.
+    pub ended: EndedStep,
+    /// Whether it has outbound edges to resolve.
+    pub has_outbound: bool,
+}
+
+/// Records many attempts' outcomes in one statement, each only if its attempt
+/// still holds the task: the attempt number fences out a worker whose lease
+/// expired. Answers in the order of `outcomes`.
+pub async fn record_outcomes(
     tx: &Transaction<'_>,
-    task: &ClaimedTask,
-    outcome: &AttemptOutcome,
-) -> Result<Recorded> {
-    let (status, result, error, delay) = match outcome {
-        AttemptOutcome::Succeeded(result) => ("succeeded", Some(result), None, None),
-        AttemptOutcome::Retry { error, delay } => {
-            ("retrying", None, Some(error.as_str()), Some(millis(*delay)))
-        }
-        AttemptOutcome::Failed(error) => ("failed", None, Some(error.as_str()), None),
-    };
+    outcomes: &[(&ClaimedTask, &AttemptOutcome)],
+) -> Result<Vec<Recorded>> {
+    let mut ids = Vec::with_capacity(outcomes.len());
+    let mut attempts = Vec::with_capacity(outcomes.len());
+    let mut statuses = Vec::with_capacity(outcomes.len());
+    let mut results: Vec<Option<&Value>> = Vec::with_capacity(outcomes.len());
+    let mut errors: Vec<Option<&str>> = Vec::with_capacity(outcomes.len());
+    let mut delays: Vec<Option<f64>> = Vec::with_capacity(outcomes.len());
+    for (task, outcome) in outcomes {
+        ids.push(task.id);
+        attempts.push(task.attempt);
+        let (status, result, error, delay) = match outcome {
+            AttemptOutcome::Succeeded(result) => ("succeeded", Some(result), None, None),
+            AttemptOutcome::Retry { error, delay } => {
+                ("retrying", None, Some(error.as_str()), Some(millis(*delay)))
+            }
+            AttemptOutcome::Failed(error) => ("failed", None, Some(error.as_str()), None),
+        };
+        statuses.push(status);
+        results.push(result);
+        errors.push(error);
+        delays.push(delay);
+    }
     let statement = tx
         .prepare_cached(
             "UPDATE synapse.tasks t
-                SET status = $3, result = $4, error = $5,
-                    run_at = CASE WHEN $6::float8 IS NULL THEN NULL ELSE now() + $6 * interval '1 millisecond' END
-               FROM synapse.goals g
-              WHERE t.id = $1 AND t.status = 'running' AND t.attempts = $2 AND g.id = t.goal_id
-          RETURNING g.goal, g.input, g.params",
+                SET status = r.status, result = r.result, error = r.error,
+                    run_at = now() + r.delay_ms * interval '1 millisecond'
+               FROM unnest($1::bigint[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[])
+                    AS r(id, attempt, status, result, error, delay_ms),
+                    synapse.goals g
+              WHERE t.id = r.id AND t.status = 'running' AND t.attempts = r.attempt AND g.id = t.goal_id
+          RETURNING t.id, g.goal, g.input, g.params,
+                    EXISTS (SELECT FROM synapse.edges e
+                             WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending')",
         )
         .await?;
-    let Some(row) = tx
-        .query_opt(
+    let rows = tx
+        .query(
             &statement,
-            &[&task.id, &task.attempt, &status, &result, &error, &delay],
+            &[&ids, &attempts, &statuses, &results, &errors, &delays],
         )
-        .await?
-    else {
-        return Ok(Recorded::Fenced);
-    };
-    let goal = GoalVariables {
-        goal: goal_value(task.goal_id, row.get(0), row.get(1), row.get(2)),
-    };
-    let outcome = match outcome {
-        AttemptOutcome::Succeeded(_) => Outcome::Succeeded,
-        AttemptOutcome::Failed(_) => Outcome::Failed,
-        AttemptOutcome::Retry { .. } => return Ok(Recorded::Retrying),
-    };
-    Ok(Recorded::Ended(
-        EndedStep {
+        .await?;
+    let mut recorded: std::collections::HashMap<i64, Recorded> = std::collections::HashMap::new();
+    for row in rows {
+        let id: i64 = row.get(0);
+        let Some((task, outcome)) = outcomes.iter().find(|(task, _)| task.id == id) else {
+            return Err(StoreError::Data(format!(
+                "recorded task {id} was not asked for"
+            )));
+        };
+        let ended = |outcome, result: Option<&Value>, error: Option<&String>| EndedStep {
             step: task.step.clone(),
             outcome,
             result: result.cloned().unwrap_or(Value::Null),
-            error: error.map(str::to_owned),
+            error: error.cloned(),
             input: task.input.clone(),
-        },
-        goal,
-    ))
+        };
+        let ended = match outcome {
+            AttemptOutcome::Succeeded(result) => ended(Outcome::Succeeded, Some(result), None),
+            AttemptOutcome::Failed(error) => ended(Outcome::Failed, None, Some(error)),
+            AttemptOutcome::Retry { .. } => {
+                recorded.insert(id, Recorded::Retrying);
+                continue;
+            }
+        };
+        let goal = GoalVariables {
+            goal: goal_value(task.goal_id, row.get(1), row.get(2), row.get(3)),
+        };
+        recorded.insert(
+            id,
+            Recorded::Ended(StepEnd {
+                goal_id: task.goal_id,
+                goal,
+                ended,
+                has_outbound: row.get(4),
+            }),
+        );
+    }
+    Ok(outcomes
+        .iter()
+        .map(|(task, _)| recorded.remove(&task.id).unwrap_or(Recorded::Fenced))
+        .collect())
 }
 
 /// `steps` for expressions: step id → `{status, result}`.
@@ -473,82 +531,123 @@ pub async fn skip_tasks(tx: &Transaction<'_>, tasks: &[(i64, String)]) -> Result
     Ok(())
 }
 
-/// Locks the goal if it is running (the engine runs of a goal take turns);
-/// returns the blueprint's `output` expression.
-pub async fn lock_running_goal(
+/// Locks those of `goal_ids` that are running, in id order (so engine runs
+/// that touch several goals never deadlock each other); returns each locked
+/// goal's blueprint `output` expression.
+pub async fn lock_running_goals(
     tx: &Transaction<'_>,
-    goal_id: i64,
-) -> Result<Option<Option<String>>> {
+    goal_ids: &[i64],
+) -> Result<Vec<(i64, Option<String>)>> {
     let statement = tx
         .prepare_cached(
-            "SELECT blueprint ->> 'output' FROM synapse.goals WHERE id = $1 AND status = 'running' FOR NO KEY UPDATE",
+            "SELECT id, blueprint ->> 'output' FROM synapse.goals
+              WHERE id IN (SELECT unnest($1::bigint[])) AND status = 'running'
+              ORDER BY id FOR NO KEY UPDATE",
         )
         .await?;
     Ok(tx
-        .query_opt(&statement, &[&goal_id])
-        .await?
-        .map(|row| row.get(0)))
-}
-
-/// Whether any step of the goal has not ended.
-pub async fn has_unfinished_tasks(tx: &Transaction<'_>, goal_id: i64) -> Result<bool> {
-    let statement = tx
-        .prepare_cached(
-            "SELECT EXISTS (SELECT FROM synapse.tasks WHERE goal_id = $1 AND finished_at IS NULL)",
-        )
-        .await?;
-    Ok(tx.query_one(&statement, &[&goal_id]).await?.get(0))
-}
-
-/// Failed steps with no taken `failure`/`always` edge out of them: `(step, error)`.
-pub async fn unhandled_failures(
-    tx: &Transaction<'_>,
-    goal_id: i64,
-) -> Result<Vec<(String, String)>> {
-    let statement = tx
-        .prepare_cached(
-            "SELECT t.step, coalesce(t.error, 'failed') FROM synapse.tasks t
-              WHERE t.goal_id = $1 AND t.status = 'failed'
-                AND NOT EXISTS (SELECT FROM synapse.edges e
-                                 WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'taken'
-                                   AND e.on_outcome IN ('failure', 'always'))
-              ORDER BY t.id",
-        )
-        .await?;
-    Ok(tx
-        .query(&statement, &[&goal_id])
+        .query(&statement, &[&goal_ids])
         .await?
         .iter()
         .map(|row| (row.get(0), row.get(1)))
         .collect())
 }
 
-/// The default goal result: the results of the succeeded leaf steps.
-pub async fn leaf_results(tx: &Transaction<'_>, goal_id: i64) -> Result<Value> {
+/// Those of `goal_ids` whose every step has ended.
+pub async fn goals_with_every_step_ended(
+    tx: &Transaction<'_>,
+    goal_ids: &[i64],
+) -> Result<Vec<i64>> {
     let statement = tx
         .prepare_cached(
-            "SELECT coalesce(jsonb_object_agg(t.step, t.result), '{}') FROM synapse.tasks t
-              WHERE t.goal_id = $1 AND t.status = 'succeeded'
-                AND NOT EXISTS (SELECT FROM synapse.edges e WHERE e.goal_id = t.goal_id AND e.from_step = t.step)",
+            "SELECT g.id FROM unnest($1::bigint[]) AS g(id)
+              WHERE NOT EXISTS (SELECT FROM synapse.tasks t WHERE t.goal_id = g.id AND t.finished_at IS NULL)",
         )
         .await?;
-    Ok(tx.query_one(&statement, &[&goal_id]).await?.get(0))
+    Ok(tx
+        .query(&statement, &[&goal_ids])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect())
 }
 
-/// `running → succeeded | failed`.
-pub async fn finish_goal(
-    tx: &Transaction<'_>,
-    goal_id: i64,
-    status: &str,
-    result: Option<&Value>,
-    error: Option<&str>,
-) -> Result<()> {
+/// How a goal whose steps have all ended comes out.
+pub struct GoalEnding {
+    /// Goal id.
+    pub goal_id: i64,
+    /// Failed steps with no taken `failure`/`always` edge out of them: `(step, error)`.
+    pub unhandled_failures: Vec<(String, String)>,
+    /// The default result: the results of the succeeded leaf steps.
+    pub leaf_results: Value,
+}
+
+/// The endings of `goal_ids`, in one statement.
+pub async fn goal_endings(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<GoalEnding>> {
     let statement = tx
         .prepare_cached(
-            "UPDATE synapse.goals SET status = $2, result = $3, error = $4 WHERE id = $1 AND status = 'running'",
+            "SELECT g.id,
+                    (SELECT coalesce(array_agg(t.step ORDER BY t.id), '{}') FROM synapse.tasks t
+                      WHERE t.goal_id = g.id AND t.status = 'failed'
+                        AND NOT EXISTS (SELECT FROM synapse.edges e
+                                         WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'taken'
+                                           AND e.on_outcome IN ('failure', 'always'))),
+                    (SELECT coalesce(array_agg(coalesce(t.error, 'failed') ORDER BY t.id), '{}') FROM synapse.tasks t
+                      WHERE t.goal_id = g.id AND t.status = 'failed'
+                        AND NOT EXISTS (SELECT FROM synapse.edges e
+                                         WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'taken'
+                                           AND e.on_outcome IN ('failure', 'always'))),
+                    (SELECT coalesce(jsonb_object_agg(t.step, t.result), '{}') FROM synapse.tasks t
+                      WHERE t.goal_id = g.id AND t.status = 'succeeded'
+                        AND NOT EXISTS (SELECT FROM synapse.edges e WHERE e.goal_id = t.goal_id AND e.from_step = t.step))
+               FROM unnest($1::bigint[]) AS g(id)",
         )
         .await?;
-    tx.execute(&statement, &[&goal_id, &status, &result, &error])
+    Ok(tx
+        .query(&statement, &[&goal_ids])
+        .await?
+        .iter()
+        .map(|row| {
+            let steps: Vec<String> = row.get(1);
+            let errors: Vec<String> = row.get(2);
+            GoalEnding {
+                goal_id: row.get(0),
+                unhandled_failures: steps.into_iter().zip(errors).collect(),
+                leaf_results: row.get(3),
+            }
+        })
+        .collect())
+}
+
+/// How a goal finished.
+pub struct GoalFinish {
+    /// Goal id.
+    pub goal_id: i64,
+    /// `succeeded` or `failed`.
+    pub status: &'static str,
+    /// Result of a succeeded goal.
+    pub result: Option<Value>,
+    /// Why a goal failed.
+    pub error: Option<String>,
+}
+
+/// `running → succeeded | failed`, for many goals in one statement.
+pub async fn finish_goals(tx: &Transaction<'_>, finishes: &[GoalFinish]) -> Result<()> {
+    if finishes.is_empty() {
+        return Ok(());
+    }
+    let statement = tx
+        .prepare_cached(
+            "UPDATE synapse.goals g SET status = r.status, result = r.result, error = r.error
+               FROM unnest($1::bigint[], $2::text[], $3::jsonb[], $4::text[]) AS r(id, status, result, error)
+              WHERE g.id = r.id AND g.status = 'running'",
+        )
+        .await?;
+    let ids: Vec<i64> = finishes.iter().map(|f| f.goal_id).collect();
+    let statuses: Vec<&str> = finishes.iter().map(|f| f.status).collect();
+    let results: Vec<Option<&Value>> = finishes.iter().map(|f| f.result.as_ref()).collect();
+    let errors: Vec<Option<&str>> = finishes.iter().map(|f| f.error.as_deref()).collect();
+    tx.execute(&statement, &[&ids, &statuses, &results, &errors])
         .await?;
     Ok(())
 }

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use crate::actions::ActionRegistry;
 use crate::backoff::Backoff;
 use crate::blueprint::BUILTIN_ACTIONS;
+use crate::completer::{completer, Completer, CompletionQueue};
 use crate::planner::PlannerRegistry;
 use crate::store;
 
@@ -64,6 +65,8 @@ pub struct Shared {
     pub actions: ActionRegistry,
     /// Planners by name.
     pub planners: PlannerRegistry,
+    /// Records task outcomes, in batches.
+    pub completer: Completer,
     /// While Postgres is unreachable: when to pop again, and the next pause.
     pause: std::sync::Mutex<Pause>,
 }
@@ -75,9 +78,10 @@ struct Pause {
 }
 
 impl Shared {
-    /// Puts a message back at the head of its list (BRPOP pops it next) and
-    /// pauses consumption with a capped, growing backoff: Postgres is down.
-    pub async fn hand_back(&self, list: &str, payload: &str, error: &store::StoreError) {
+    /// Puts messages back at the head of their list (the next pop takes them
+    /// first) and pauses consumption with a capped, growing backoff: Postgres
+    /// is down.
+    pub async fn hand_back(&self, list: &str, payloads: &[String], error: &store::StoreError) {
         let pause = {
             let mut pause = self
                 .pause
@@ -87,22 +91,23 @@ impl Shared {
             pause.until = Some(std::time::Instant::now() + next);
             next
         };
-        warn!(%error, pause_ms = pause.as_millis() as u64, "postgres unreachable; message handed back");
+        warn!(%error, pause_ms = pause.as_millis() as u64, "postgres unreachable; messages handed back");
         crate::metrics::METRICS
             .reconnects
             .with_label_values(&["postgres"])
             .inc();
         let pushed = async {
             let mut connection = self.redis.get_multiplexed_async_connection().await?;
+            // Reversed, so that they come out again in the order they were popped.
             redis::cmd("RPUSH")
                 .arg(list)
-                .arg(payload)
+                .arg(payloads.iter().rev().collect::<Vec<_>>())
                 .query_async::<()>(&mut connection)
                 .await
         };
         if let Err(error) = pushed.await {
             // The sweep dispatches it again once Postgres is back.
-            warn!(%error, "could not hand the message back to redis");
+            warn!(%error, "could not hand the messages back to redis");
         }
     }
 
@@ -132,6 +137,7 @@ impl Shared {
 /// A configured worker, ready to run.
 pub struct Worker {
     shared: Arc<Shared>,
+    completions: CompletionQueue,
 }
 
 /// A Postgres pool for `url`, sized for `connections`.
@@ -163,6 +169,7 @@ impl Worker {
         for action in extra.iter() {
             actions.register_shared(action.clone());
         }
+        let (completer, completions) = completer();
         Ok(Worker {
             shared: Arc::new(Shared {
                 config,
@@ -170,8 +177,10 @@ impl Worker {
                 redis,
                 actions,
                 planners: PlannerRegistry::builtins(),
+                completer,
                 pause: std::sync::Mutex::new(Pause::default()),
             }),
+            completions,
         })
     }
 
@@ -180,6 +189,12 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let shared = self.shared;
         register_actions(&shared).await?;
+        let stop_completer = CancellationToken::new();
+        let completer = tokio::spawn(crate::completer::run(
+            shared.pool.clone(),
+            self.completions,
+            stop_completer.clone(),
+        ));
         info!(
             queues = ?shared.config.queues,
             concurrency = shared.config.concurrency,
@@ -210,6 +225,9 @@ impl Worker {
             abort.cancel();
             tasks.wait().await;
         }
+        // Every task got its answer: nothing is left to record.
+        stop_completer.cancel();
+        let _ = completer.await;
         info!("worker stopped");
         Ok(())
     }

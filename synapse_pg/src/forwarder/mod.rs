@@ -70,8 +70,6 @@ static LATCH_OWNER: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"synapse_forwa
 /// Set in the postmaster by `_PG_init` and inherited by every backend it forks:
 /// shared memory exists only when the library was preloaded.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
-/// Set in the forwarder process itself, whose own commits need no wake-up.
-static IS_FORWARDER: AtomicBool = AtomicBool::new(false);
 
 /// Registers shared memory and the background worker; only while preloading.
 pub fn register() {
@@ -91,11 +89,6 @@ pub fn register() {
 /// Whether shared memory and the forwarder exist in this server.
 pub fn is_preloaded() -> bool {
     PRELOADED.load(Ordering::Relaxed)
-}
-
-/// Whether this process is the forwarder.
-pub fn is_forwarder_process() -> bool {
-    IS_FORWARDER.load(Ordering::Relaxed)
 }
 
 /// Sets the forwarder's latch. Safe to call from a commit callback: no

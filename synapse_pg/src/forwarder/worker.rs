@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::redis_sink::{Event, RedisSink, Target};
-use super::{update_state, IS_FORWARDER, LATCH_OWNER};
+use super::{update_state, LATCH_OWNER};
 use crate::gucs;
 
 /// Events per transaction and per Redis round trip.
@@ -21,7 +21,6 @@ pub extern "C-unwind" fn synapse_forwarder_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = gucs::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    IS_FORWARDER.store(true, Ordering::Relaxed);
     // SAFETY: MyProc is this process's PGPROC, valid for its lifetime.
     let procno = unsafe { (*pg_sys::MyProc).pgprocno };
     LATCH_OWNER.get().store(procno, Ordering::Release);
@@ -82,7 +81,7 @@ impl Forwarder {
         }
     }
 
-    /// One wake-up: timers, then drain. Returns how long to sleep at most.
+    /// One wake-up: drain, then timers. Returns how long to sleep at most.
     fn run(&mut self) -> Option<Duration> {
         let target = target();
         if !self.sink.targets(&target) {
@@ -110,30 +109,35 @@ impl Forwarder {
                 return None;
             }
         }
-        let next_due = run_timers();
-        loop {
+        let drained = loop {
             match self.drain_batch() {
                 Drain::More => continue,
-                Drain::Done => {
-                    if self.retry_at.take().is_some() {
-                        log!("synapse forwarder: redis reachable again");
-                    }
-                    self.backoff = BACKOFF_MIN;
-                    return next_due;
+                done_or_failed => break done_or_failed,
+            }
+        };
+        // After the drain, so that timers never delay a commit's events. The
+        // events the timers write wake this loop again through the latch.
+        let next_due = run_timers();
+        match drained {
+            Drain::Failed(error) => {
+                if self.retry_at.is_none() {
+                    warning!("synapse forwarder: {error}; events wait in synapse.outbox");
                 }
-                Drain::Failed(error) => {
-                    if self.retry_at.is_none() {
-                        warning!("synapse forwarder: {error}; events wait in synapse.outbox");
-                    }
-                    update_state(|state| {
-                        state.redis_connected = false;
-                        state.set_last_error(Some(&error));
-                    });
-                    let pause = self.backoff;
-                    self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-                    self.retry_at = Some(Instant::now() + pause);
-                    return Some(next_due.map_or(pause, |due| due.min(pause)));
+                update_state(|state| {
+                    state.redis_connected = false;
+                    state.set_last_error(Some(&error));
+                });
+                let pause = self.backoff;
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                self.retry_at = Some(Instant::now() + pause);
+                Some(next_due.map_or(pause, |due| due.min(pause)))
+            }
+            Drain::Done | Drain::More => {
+                if self.retry_at.take().is_some() {
+                    log!("synapse forwarder: redis reachable again");
                 }
+                self.backoff = BACKOFF_MIN;
+                next_due
             }
         }
     }

@@ -183,7 +183,9 @@ pub async fn plan_goal(shared: &crate::worker::Shared, list: &str, payload: &str
         Ok(Some(Err(reason))) => {
             tracing::info!(goal_id, %reason, "goal could not be planned; failed")
         }
-        Err(error) if error.is_unavailable() => shared.hand_back(list, payload, &error).await,
+        Err(error) if error.is_unavailable() => {
+            shared.hand_back(list, &[payload.to_owned()], &error).await
+        }
         Err(error) => {
             tracing::warn!(goal_id, %error, "planning failed; the sweep dispatches the goal again")
         }

@@ -1,0 +1,147 @@
+//! Records task outcomes in batches: group commit.
+//!
+//! Executors hand their outcome to the completer and wait for the answer. The
+//! completer runs one transaction at a time; whatever arrived while the
+//! previous one ran goes into the next: outcomes, fencing checks and the
+//! engine for the whole batch, then one commit. A lone outcome is recorded at
+//! once, so batching adds no latency; under load the batches grow by
+//! themselves and the commits per task fall.
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::engine;
+use crate::executor::{with_retries, Handled};
+use crate::store::{self, AttemptOutcome, ClaimedTask, Recorded, StoreError};
+
+/// Most outcomes in one transaction.
+const MAX_BATCH: usize = 256;
+
+struct Completion {
+    task: ClaimedTask,
+    outcome: AttemptOutcome,
+    reply: oneshot::Sender<Result<Handled, StoreError>>,
+}
+
+/// Where executors send their outcomes.
+pub struct Completer {
+    sender: mpsc::UnboundedSender<Completion>,
+}
+
+/// The receiving end, consumed by [`run`].
+pub struct CompletionQueue(mpsc::UnboundedReceiver<Completion>);
+
+/// A completer and the queue its [`run`] loop serves.
+pub fn completer() -> (Completer, CompletionQueue) {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    (Completer { sender }, CompletionQueue(receiver))
+}
+
+impl Completer {
+    /// Records `outcome` of `task` (and runs the engine) in the next batch.
+    pub async fn record(
+        &self,
+        task: ClaimedTask,
+        outcome: AttemptOutcome,
+    ) -> Result<Handled, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send(Completion {
+                task,
+                outcome,
+                reply,
+            })
+            .map_err(|_| StoreError::Stopped)?;
+        answer.await.map_err(|_| StoreError::Stopped)?
+    }
+}
+
+/// Serves `queue` until `stop`, one batch at a time.
+pub async fn run(
+    pool: deadpool_postgres::Pool,
+    mut queue: CompletionQueue,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let first = tokio::select! {
+            completion = queue.0.recv() => match completion {
+                Some(completion) => completion,
+                None => return,
+            },
+            () = stop.cancelled() => return,
+        };
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.0.try_recv() {
+                Ok(completion) => batch.push(completion),
+                Err(_) => break,
+            }
+        }
+        complete(&pool, std::mem::take(&mut batch)).await;
+    }
+}
+
+async fn complete(pool: &deadpool_postgres::Pool, batch: Vec<Completion>) {
+    let outcomes: Vec<(&ClaimedTask, &AttemptOutcome)> = batch
+        .iter()
+        .map(|completion| (&completion.task, &completion.outcome))
+        .collect();
+    match record_batch(pool, &outcomes).await {
+        Ok(handled) => {
+            for (completion, handled) in batch.into_iter().zip(handled) {
+                let _ = completion.reply.send(Ok(handled));
+            }
+        }
+        Err(error) if batch.len() == 1 => {
+            let completion = batch.into_iter().next().expect("one completion");
+            let _ = completion.reply.send(Err(error));
+        }
+        Err(error) => {
+            // One task's bad data must not sink the others: each on its own.
+            debug!(%error, size = batch.len(), "batch failed; recording one by one");
+            for completion in batch {
+                let outcome = [(&completion.task, &completion.outcome)];
+                let handled = record_batch(pool, &outcome)
+                    .await
+                    .map(|mut handled| handled.remove(0));
+                if let Err(error) = &handled {
+                    warn!(task_id = completion.task.id, %error, "could not record the outcome");
+                }
+                let _ = completion.reply.send(handled);
+            }
+        }
+    }
+}
+
+/// One transaction: the outcomes (fenced by attempt), then the engine for
+/// every step that ended.
+async fn record_batch(
+    pool: &deadpool_postgres::Pool,
+    outcomes: &[(&ClaimedTask, &AttemptOutcome)],
+) -> Result<Vec<Handled>, StoreError> {
+    with_retries(|| async {
+        let mut client = pool.get().await?;
+        let tx = client.transaction().await?;
+        let recorded = store::record_outcomes(&tx, outcomes).await?;
+        let mut handled = Vec::with_capacity(recorded.len());
+        let mut ends = Vec::new();
+        for recorded in recorded {
+            handled.push(match recorded {
+                Recorded::Fenced => Handled::Fenced,
+                Recorded::Retrying => Handled::Recorded("retrying"),
+                Recorded::Ended(end) => {
+                    let status = end.ended.outcome.status();
+                    ends.push(end);
+                    Handled::Recorded(status)
+                }
+            });
+        }
+        if !ends.is_empty() {
+            engine::steps_ended(&tx, ends).await?;
+        }
+        tx.commit().await?;
+        Ok(handled)
+    })
+    .await
+}

@@ -1,54 +1,59 @@
 -- Events: every goal and task state change writes one outbox row in the same
--- transaction (and, with synapse.notify on, a NOTIFY). The BEFORE triggers
--- also enforce the state machines and keep the timestamps consistent.
+-- transaction (and, with synapse.notify on, a NOTIFY). Row triggers enforce
+-- the state machines and keep the timestamps consistent; statement triggers
+-- record the events of a whole statement with one INSERT.
 
 ALTER TABLE synapse.goals ADD COLUMN dispatched_at timestamptz;
 COMMENT ON COLUMN synapse.goals.dispatched_at IS 'submitted: when the goal was last sent to the planner list; the sweep sends it again after synapse.sweep_interval.';
 CREATE INDEX goals_submitted_since ON synapse.goals (dispatched_at) WHERE status = 'submitted';
 
--- Records one event. dispatch names the Redis list (without prefix) that also
--- gets the payload: 'planner' or 'queue:<name>'.
-CREATE FUNCTION synapse._emit(event text, goal_id bigint, task_id bigint, dispatch text, payload text)
-RETURNS bigint LANGUAGE plpgsql AS $$
-DECLARE
-    outbox_id bigint;
+-- One event: the outbox row to write. dispatch names the Redis list (without
+-- prefix) that also gets the payload: 'planner' or 'queue:<name>'.
+CREATE TYPE synapse._event AS (event text, goal_id bigint, task_id bigint, dispatch text, payload text);
+
+-- Payloads, exactly as documented, schema version first. task.*:
+-- {"v":1,"event":...,"goal_id":...,"task_id":...,"step":...,"queue":...,"attempt":...};
+-- attempt is the attempt the event is about: the next one for task.queued,
+-- the current one otherwise. task.queued goes to the task's queue.
+CREATE FUNCTION synapse._task_event(event text, goal_id bigint, task_id bigint, step text, queue text, attempt integer)
+RETURNS synapse._event LANGUAGE sql STABLE AS $$
+    SELECT ROW(event, goal_id, task_id, CASE WHEN event = 'task.queued' THEN 'queue:' || queue END,
+               format('{"v":1,"event":%s,"goal_id":%s,"task_id":%s,"step":%s,"queue":%s,"attempt":%s}',
+                      to_json(event), goal_id, task_id, to_json(step), to_json(queue), attempt))::synapse._event;
+$$;
+
+-- goal.*: {"v":1,"event":...,"goal_id":...}; goal.submitted goes to the planner list.
+CREATE FUNCTION synapse._goal_event(event text, goal_id bigint)
+RETURNS synapse._event LANGUAGE sql STABLE AS $$
+    SELECT ROW(event, goal_id, NULL, CASE WHEN event = 'goal.submitted' THEN 'planner' END,
+               format('{"v":1,"event":%s,"goal_id":%s}', to_json(event), goal_id))::synapse._event;
+$$;
+
+-- Records events in order: one INSERT for all their outbox rows, and with
+-- synapse.notify on, a NOTIFY each. Nothing at all for no events: even an
+-- INSERT of no rows would wake the forwarder.
+CREATE FUNCTION synapse._emit(events synapse._event[]) RETURNS integer LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload)
-    VALUES (event, goal_id, task_id, dispatch, payload)
-    RETURNING id INTO outbox_id;
-    IF current_setting('synapse.notify', true) IS DISTINCT FROM 'off' THEN
-        PERFORM pg_notify('synapse_events', payload);
+    IF coalesce(cardinality(events), 0) > 0 THEN
+        INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload)
+        SELECT e.event, e.goal_id, e.task_id, e.dispatch, e.payload
+          FROM unnest(events) WITH ORDINALITY AS e(event, goal_id, task_id, dispatch, payload, n)
+         ORDER BY e.n;
+        IF current_setting('synapse.notify', true) IS DISTINCT FROM 'off' THEN
+            PERFORM pg_notify('synapse_events', e.payload)
+               FROM unnest(events) WITH ORDINALITY AS e(event, goal_id, task_id, dispatch, payload, n)
+              ORDER BY e.n;
+        END IF;
     END IF;
-    RETURN outbox_id;
+    RETURN coalesce(cardinality(events), 0);
 END $$;
 
--- task.* payload, exactly as documented: {"v":1,"event":...,"goal_id":...,
--- "task_id":...,"step":...,"queue":...,"attempt":...}. attempt is the attempt
--- the event is about: the next one for task.queued, the current one otherwise.
-CREATE FUNCTION synapse._emit_task(event text, goal_id bigint, task_id bigint, step text, queue text, attempt integer)
-RETURNS bigint LANGUAGE sql AS $$
-    SELECT synapse._emit(event, goal_id, task_id,
-        CASE WHEN event = 'task.queued' THEN 'queue:' || queue END,
-        format('{"v":1,"event":%s,"goal_id":%s,"task_id":%s,"step":%s,"queue":%s,"attempt":%s}',
-               to_json(event), goal_id, task_id, to_json(step), to_json(queue), attempt));
-$$;
-
-CREATE FUNCTION synapse._emit_goal(event text, goal_id bigint)
-RETURNS bigint LANGUAGE sql AS $$
-    SELECT synapse._emit(event, goal_id, NULL,
-        CASE WHEN event = 'goal.submitted' THEN 'planner' END,
-        format('{"v":1,"event":%s,"goal_id":%s}', to_json(event), goal_id));
-$$;
-
--- BEFORE INSERT/UPDATE: checks the transition and sets timestamps; an UPDATE
--- also records its event here. An INSERT records it AFTER, so a row that
--- ON CONFLICT DO NOTHING skipped leaves no event behind.
+-- BEFORE INSERT/UPDATE of each row: checks the transition and sets the
+-- timestamps. The events are recorded per statement, after it (below): one
+-- INSERT into the outbox for all the rows a statement changed, and only for
+-- rows really written (ON CONFLICT DO NOTHING skips leave none).
 CREATE FUNCTION synapse._goal_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_WHEN = 'AFTER' THEN
-        PERFORM synapse._emit_goal('goal.' || NEW.status, NEW.id);
-        RETURN NULL;
-    END IF;
     IF TG_OP = 'INSERT' THEN
         IF NEW.status NOT IN ('submitted', 'running', 'failed') THEN
             RAISE EXCEPTION 'a new goal cannot start as %', NEW.status USING ERRCODE = '22023';
@@ -68,28 +73,41 @@ BEGIN
     ELSIF NEW.status IN ('succeeded', 'failed', 'cancelled') THEN
         NEW.finished_at := now();
     END IF;
-    -- 'planning' is internal to the planner: no event.
-    IF TG_OP = 'UPDATE' AND NEW.status <> 'planning' THEN
-        PERFORM synapse._emit_goal('goal.' || NEW.status, NEW.id);
-    END IF;
     RETURN NEW;
 END $$;
 
 CREATE TRIGGER goal_inserting BEFORE INSERT ON synapse.goals
     FOR EACH ROW EXECUTE FUNCTION synapse._goal_changed();
-CREATE TRIGGER goal_inserted AFTER INSERT ON synapse.goals
-    FOR EACH ROW EXECUTE FUNCTION synapse._goal_changed();
-CREATE TRIGGER goal_status_changed BEFORE UPDATE OF status ON synapse.goals
+CREATE TRIGGER goal_status_changing BEFORE UPDATE OF status ON synapse.goals
     FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION synapse._goal_changed();
 
--- Same split as goals: events of inserted rows are recorded AFTER INSERT.
+-- goal.<status> for each inserted goal, or each goal whose status an UPDATE
+-- changed ('planning' is internal to the planner: no event).
+CREATE FUNCTION synapse._goals_written() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        PERFORM synapse._emit(array(
+            SELECT synapse._goal_event('goal.' || g.status, g.id) FROM new_goals g ORDER BY g.id));
+    ELSE
+        PERFORM synapse._emit(array(
+            SELECT synapse._goal_event('goal.' || g.status, g.id)
+              FROM new_goals g JOIN old_goals o ON o.id = g.id
+             WHERE o.status IS DISTINCT FROM g.status AND g.status <> 'planning'
+             ORDER BY g.id));
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER goals_inserted AFTER INSERT ON synapse.goals
+    REFERENCING NEW TABLE AS new_goals
+    FOR EACH STATEMENT EXECUTE FUNCTION synapse._goals_written();
+CREATE TRIGGER goals_updated AFTER UPDATE ON synapse.goals
+    REFERENCING OLD TABLE AS old_goals NEW TABLE AS new_goals
+    FOR EACH STATEMENT EXECUTE FUNCTION synapse._goals_written();
+
+-- Same split as goals: checks and timestamps per row, events per statement.
 CREATE FUNCTION synapse._task_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_WHEN = 'AFTER' THEN
-        PERFORM synapse._emit_task('task.' || NEW.status, NEW.goal_id, NEW.id, NEW.step, NEW.queue,
-            NEW.attempts + 1);
-        RETURN NULL;
-    END IF;
     IF TG_OP = 'INSERT' THEN
         IF NEW.status NOT IN ('pending', 'queued') THEN
             RAISE EXCEPTION 'a new task cannot start as %', NEW.status USING ERRCODE = '22023';
@@ -115,20 +133,39 @@ BEGIN
         NEW.lease_expires_at := NULL;
         NEW.leased_by := NULL;
     END IF;
-    IF TG_OP = 'UPDATE' THEN
-        PERFORM synapse._emit_task('task.' || NEW.status, NEW.goal_id, NEW.id, NEW.step, NEW.queue,
-            CASE WHEN NEW.status = 'queued' THEN NEW.attempts + 1 ELSE NEW.attempts END);
-    END IF;
     RETURN NEW;
 END $$;
 
 CREATE TRIGGER task_inserting BEFORE INSERT ON synapse.tasks
     FOR EACH ROW EXECUTE FUNCTION synapse._task_changed();
--- Only queued tasks announce themselves when created; pending ones wait silently.
-CREATE TRIGGER task_inserted AFTER INSERT ON synapse.tasks
-    FOR EACH ROW WHEN (NEW.status = 'queued') EXECUTE FUNCTION synapse._task_changed();
-CREATE TRIGGER task_status_changed BEFORE UPDATE OF status ON synapse.tasks
+CREATE TRIGGER task_status_changing BEFORE UPDATE OF status ON synapse.tasks
     FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION synapse._task_changed();
+
+-- task.<status> for each task whose status an UPDATE changed, and
+-- task.queued for each task inserted queued (pending ones wait silently).
+CREATE FUNCTION synapse._tasks_written() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        PERFORM synapse._emit(array(
+            SELECT synapse._task_event('task.queued', t.goal_id, t.id, t.step, t.queue, t.attempts + 1)
+              FROM new_tasks t WHERE t.status = 'queued' ORDER BY t.id));
+    ELSE
+        PERFORM synapse._emit(array(
+            SELECT synapse._task_event('task.' || t.status, t.goal_id, t.id, t.step, t.queue,
+                       CASE WHEN t.status = 'queued' THEN t.attempts + 1 ELSE t.attempts END)
+              FROM new_tasks t JOIN old_tasks o ON o.id = t.id
+             WHERE o.status IS DISTINCT FROM t.status
+             ORDER BY t.id));
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER tasks_inserted AFTER INSERT ON synapse.tasks
+    REFERENCING NEW TABLE AS new_tasks
+    FOR EACH STATEMENT EXECUTE FUNCTION synapse._tasks_written();
+CREATE TRIGGER tasks_updated AFTER UPDATE ON synapse.tasks
+    REFERENCING OLD TABLE AS old_tasks NEW TABLE AS new_tasks
+    FOR EACH STATEMENT EXECUTE FUNCTION synapse._tasks_written();
 
 -- Whatever writes an event wakes the forwarder right after commit.
 CREATE TRIGGER outbox_wake AFTER INSERT ON synapse.outbox

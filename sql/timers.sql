@@ -22,13 +22,14 @@ BEGIN
         UPDATE synapse.tasks SET queued_at = now()
          WHERE status = 'queued' AND queued_at <= now() - sweep
         RETURNING goal_id, id, step, queue, attempts)
-    SELECT count(synapse._emit_task('task.queued', goal_id, id, step, queue, attempts + 1))
+    SELECT synapse._emit(array_agg(
+               synapse._task_event('task.queued', goal_id, id, step, queue, attempts + 1) ORDER BY id))
       INTO redispatched FROM stale;
     WITH stale AS (
         UPDATE synapse.goals SET dispatched_at = now()
          WHERE status = 'submitted' AND dispatched_at <= now() - sweep
         RETURNING id)
-    SELECT redispatched + count(synapse._emit_goal('goal.submitted', id))
+    SELECT redispatched + synapse._emit(array_agg(synapse._goal_event('goal.submitted', id) ORDER BY id))
       INTO redispatched FROM stale;
     SELECT least(
         (SELECT min(run_at) FROM synapse.tasks WHERE status = 'retrying'),

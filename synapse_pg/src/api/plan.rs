@@ -96,17 +96,26 @@ fn submit(
         input,
         params: json!({}),
     };
-    let inserted = Spi::get_one_with_args::<i64>(
-        "INSERT INTO synapse.goals (goal, input, planner, blueprint, status, idempotency_key)
-         VALUES ($1, $2, NULL, $3, 'running', $4)
-         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-        &[
-            goal.text.clone().into(),
-            JsonB(goal.input.clone()).into(),
-            JsonB(doc).into(),
-            idempotency_key.into(),
-        ],
-    );
+    // No row limit (Spi::get_one_* sets one): a DML statement stopped at its
+    // first RETURNING row never reaches its end, where the statement trigger
+    // that records its event fires.
+    let inserted = Spi::connect_mut(|client| {
+        client
+            .update(
+                "INSERT INTO synapse.goals (goal, input, planner, blueprint, status, idempotency_key)
+                 VALUES ($1, $2, NULL, $3, 'running', $4)
+                 ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+                None,
+                &[
+                    goal.text.clone().into(),
+                    JsonB(goal.input.clone()).into(),
+                    JsonB(doc).into(),
+                    idempotency_key.into(),
+                ],
+            )?
+            .first()
+            .get_one::<i64>()
+    });
     let id = match inserted {
         Ok(Some(id)) => id,
         // Another transaction committed the same key meanwhile: that goal is the answer.

@@ -18,7 +18,7 @@ use serde_json::{json, Map, Value};
 
 use crate::blueprint::cel;
 use crate::blueprint::{EdgeOn, Join};
-use crate::store::{self, GoalEnding, GoalFinish, StepEnd, StoreError};
+use crate::store::{self, GoalEnding, GoalFinish, OutboundEdge, StepEnd, StoreError};
 
 /// How a step ended, as edges see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,15 +173,15 @@ async fn variables_for(
     Ok(vars)
 }
 
-/// Resolves the outbound edges of `from` in one statement; returns the
-/// successors and the edges whose condition failed (target, error).
+/// Resolves `edges`, the pending outbound edges of `from`, in one statement;
+/// returns the successors and the edges whose condition failed (target, error).
 async fn resolve_outbound(
     tx: &Transaction<'_>,
     goal_id: i64,
     goal: &GoalVariables,
     from: &EndedStep,
-) -> Result<(Vec<String>, Vec<(String, String)>), StoreError> {
-    let edges = store::outbound_edges(tx, goal_id, &from.step).await?;
+    edges: Vec<OutboundEdge>,
+) -> Result<Resolved, StoreError> {
     if edges.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
@@ -238,10 +238,10 @@ async fn resolve_outbound(
 pub async fn steps_ended(tx: &Transaction<'_>, ends: Vec<StepEnd>) -> Result<(), StoreError> {
     let mut goals: BTreeMap<i64, (GoalVariables, Vec<Resolved>)> = BTreeMap::new();
     for end in ends {
-        let resolved = if end.has_outbound {
-            Some(resolve_outbound(tx, end.goal_id, &end.goal, &end.ended).await?)
-        } else {
+        let resolved = if end.outbound.is_empty() {
             None
+        } else {
+            Some(resolve_outbound(tx, end.goal_id, &end.goal, &end.ended, end.outbound).await?)
         };
         let (_, seeds) = goals
             .entry(end.goal_id)
@@ -290,7 +290,10 @@ async fn propagate(
         let (successors, broken) = match seeds.pop() {
             Some(resolved) => resolved,
             None => match worklist.pop() {
-                Some(from) => resolve_outbound(tx, goal_id, goal, &from).await?,
+                Some(from) => {
+                    let edges = store::outbound_edges(tx, goal_id, &from.step).await?;
+                    resolve_outbound(tx, goal_id, goal, &from, edges).await?
+                }
                 None => return Ok(()),
             },
         };

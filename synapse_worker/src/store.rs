@@ -204,8 +204,8 @@ pub struct StepEnd {
     pub goal: GoalVariables,
     /// How it ended.
     pub ended: EndedStep,
-    /// Whether it has outbound edges to resolve.
-    pub has_outbound: bool,
+    /// Its outbound edges, still pending, in blueprint order.
+    pub outbound: Vec<OutboundEdge>,
 }
 
 /// Records many attempts' outcomes in one statement, each only if its attempt
@@ -246,8 +246,12 @@ pub async fn record_outcomes(
                     synapse.goals g
               WHERE t.id = r.id AND t.status = 'running' AND t.attempts = r.attempt AND g.id = t.goal_id
           RETURNING t.id, g.goal, g.input, g.params,
-                    EXISTS (SELECT FROM synapse.edges e
-                             WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending')",
+                    (SELECT array_agg(e.to_step ORDER BY e.position) FROM synapse.edges e
+                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending'),
+                    (SELECT array_agg(e.when_expr ORDER BY e.position) FROM synapse.edges e
+                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending'),
+                    (SELECT array_agg(e.on_outcome ORDER BY e.position) FROM synapse.edges e
+                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending')",
         )
         .await?;
     let rows = tx
@@ -288,7 +292,7 @@ pub async fn record_outcomes(
                 goal_id: task.goal_id,
                 goal,
                 ended,
-                has_outbound: row.get(4),
+                outbound: outbound_from_arrays(row.get(4), row.get(5), row.get(6))?,
             }),
         );
     }
@@ -310,6 +314,7 @@ pub async fn steps_map(tx: &Transaction<'_>, goal_id: i64) -> Result<Value> {
 }
 
 /// An outbound edge.
+#[derive(Debug)]
 pub struct OutboundEdge {
     /// Step it leads to.
     pub to: String,
@@ -336,18 +341,35 @@ pub async fn outbound_edges(
 ) -> Result<Vec<OutboundEdge>> {
     let statement = tx
         .prepare_cached(
-            "SELECT to_step, when_expr, on_outcome FROM synapse.edges
-              WHERE goal_id = $1 AND from_step = $2 AND state = 'pending' ORDER BY position",
+            "SELECT array_agg(to_step ORDER BY position), array_agg(when_expr ORDER BY position),
+                    array_agg(on_outcome ORDER BY position)
+               FROM synapse.edges
+              WHERE goal_id = $1 AND from_step = $2 AND state = 'pending'",
         )
         .await?;
-    tx.query(&statement, &[&goal_id, &step])
-        .await?
-        .iter()
-        .map(|row| {
+    let row = tx.query_one(&statement, &[&goal_id, &step]).await?;
+    outbound_from_arrays(row.get(0), row.get(1), row.get(2))
+}
+
+/// Outbound edges from parallel arrays (NULL: none).
+fn outbound_from_arrays(
+    to: Option<Vec<String>>,
+    when: Option<Vec<Option<String>>>,
+    on: Option<Vec<String>>,
+) -> Result<Vec<OutboundEdge>> {
+    let (to, when, on) = (
+        to.unwrap_or_default(),
+        when.unwrap_or_default(),
+        on.unwrap_or_default(),
+    );
+    to.into_iter()
+        .zip(when)
+        .zip(on)
+        .map(|((to, when), on)| {
             Ok(OutboundEdge {
-                to: row.get(0),
-                when: row.get(1),
-                on: parse_on(row.get(2))?,
+                to,
+                when,
+                on: parse_on(&on)?,
             })
         })
         .collect()
@@ -426,42 +448,27 @@ pub struct ReadyTask {
 }
 
 /// Those of `steps` that are pending with every inbound edge resolved, in id
-/// order. First the steps that still wait for a parent are set aside with one
-/// probe of the pending-edge index, so a wide join is read in full only once,
-/// by the engine that resolves its last edge. (Arrays are joined through
-/// `unnest`, never `= ANY`, whose per-row scan is quadratic on wide fan-outs.)
+/// order. The steps that still wait for a parent are set aside first, with
+/// one probe of the pending-edge index each (the materialized CTE keeps that
+/// order), so a wide join is read in full only once, by the engine that
+/// resolves its last edge. (Arrays are joined through `unnest`, never
+/// `= ANY`, whose per-row scan is quadratic on wide fan-outs.)
 pub async fn ready_tasks(
     tx: &Transaction<'_>,
     goal_id: i64,
     steps: &[String],
 ) -> Result<Vec<ReadyTask>> {
-    let waiting = tx
-        .prepare_cached(
-            "SELECT s.step FROM unnest($2::text[]) AS s(step)
-              WHERE EXISTS (SELECT FROM synapse.edges e
-                             WHERE e.goal_id = $1 AND e.to_step = s.step AND e.state = 'pending')",
-        )
-        .await?;
-    let waiting: std::collections::HashSet<String> = tx
-        .query(&waiting, &[&goal_id, &steps])
-        .await?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    let candidates: Vec<&String> = steps
-        .iter()
-        .filter(|step| !waiting.contains(*step))
-        .collect();
-    if candidates.is_empty() {
-        return Ok(Vec::new());
-    }
     let statement = tx
         .prepare_cached(
-            "SELECT t.id, t.step, t.join_mode, t.input_expr,
+            "WITH unblocked AS MATERIALIZED (
+                 SELECT s.step FROM unnest($2::text[]) AS s(step)
+                  WHERE NOT EXISTS (SELECT FROM synapse.edges w
+                                     WHERE w.goal_id = $1 AND w.to_step = s.step AND w.state = 'pending'))
+             SELECT t.id, t.step, t.join_mode, t.input_expr,
                     array_agg(e.from_step ORDER BY e.position), array_agg(e.state ORDER BY e.position),
                     coalesce(jsonb_object_agg(e.from_step, coalesce(parent.result, 'null'::jsonb))
                              FILTER (WHERE e.state = 'taken'), '{}')
-               FROM unnest($2::text[]) AS s(step)
+               FROM unblocked s
                JOIN synapse.tasks t ON t.goal_id = $1 AND t.step = s.step AND t.status = 'pending'
                JOIN synapse.edges e ON e.goal_id = t.goal_id AND e.to_step = t.step
                LEFT JOIN synapse.tasks parent
@@ -470,7 +477,7 @@ pub async fn ready_tasks(
               ORDER BY t.id",
         )
         .await?;
-    tx.query(&statement, &[&goal_id, &candidates])
+    tx.query(&statement, &[&goal_id, &steps])
         .await?
         .into_iter()
         .map(|row| {

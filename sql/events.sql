@@ -7,26 +7,36 @@ ALTER TABLE synapse.goals ADD COLUMN dispatched_at timestamptz;
 COMMENT ON COLUMN synapse.goals.dispatched_at IS 'submitted: when the goal was last sent to the planner list; the sweep sends it again after synapse.sweep_interval.';
 CREATE INDEX goals_submitted_since ON synapse.goals (dispatched_at) WHERE status = 'submitted';
 
+-- When a timer of the forwarder is due because of an event: a retry's run_at,
+-- a claim's lease expiry. (Dispatched events are due for the sweep after
+-- synapse.sweep_interval; the forwarder adds that itself.) The forwarder
+-- learns every new deadline from the events it forwards, so it runs its
+-- timers only when one is due.
+ALTER TABLE synapse.outbox ADD COLUMN due_at timestamptz;
+COMMENT ON COLUMN synapse.outbox.due_at IS 'task.retrying: the retry''s run_at; task.running: the lease expiry. The forwarder''s timers wake then.';
+
 -- One event: the outbox row to write. dispatch names the Redis list (without
 -- prefix) that also gets the payload: 'planner' or 'queue:<name>'.
-CREATE TYPE synapse._event AS (event text, goal_id bigint, task_id bigint, dispatch text, payload text);
+CREATE TYPE synapse._event AS (event text, goal_id bigint, task_id bigint, dispatch text, payload text, due_at timestamptz);
 
 -- Payloads, exactly as documented, schema version first. task.*:
 -- {"v":1,"event":...,"goal_id":...,"task_id":...,"step":...,"queue":...,"attempt":...};
 -- attempt is the attempt the event is about: the next one for task.queued,
 -- the current one otherwise. task.queued goes to the task's queue.
-CREATE FUNCTION synapse._task_event(event text, goal_id bigint, task_id bigint, step text, queue text, attempt integer)
+CREATE FUNCTION synapse._task_event(event text, goal_id bigint, task_id bigint, step text, queue text, attempt integer,
+                                    due_at timestamptz DEFAULT NULL)
 RETURNS synapse._event LANGUAGE sql STABLE AS $$
     SELECT ROW(event, goal_id, task_id, CASE WHEN event = 'task.queued' THEN 'queue:' || queue END,
                format('{"v":1,"event":%s,"goal_id":%s,"task_id":%s,"step":%s,"queue":%s,"attempt":%s}',
-                      to_json(event), goal_id, task_id, to_json(step), to_json(queue), attempt))::synapse._event;
+                      to_json(event), goal_id, task_id, to_json(step), to_json(queue), attempt),
+               due_at)::synapse._event;
 $$;
 
 -- goal.*: {"v":1,"event":...,"goal_id":...}; goal.submitted goes to the planner list.
 CREATE FUNCTION synapse._goal_event(event text, goal_id bigint)
 RETURNS synapse._event LANGUAGE sql STABLE AS $$
     SELECT ROW(event, goal_id, NULL, CASE WHEN event = 'goal.submitted' THEN 'planner' END,
-               format('{"v":1,"event":%s,"goal_id":%s}', to_json(event), goal_id))::synapse._event;
+               format('{"v":1,"event":%s,"goal_id":%s}', to_json(event), goal_id), NULL)::synapse._event;
 $$;
 
 -- Records events in order: one INSERT for all their outbox rows, and with
@@ -35,13 +45,13 @@ $$;
 CREATE FUNCTION synapse._emit(events synapse._event[]) RETURNS integer LANGUAGE plpgsql AS $$
 BEGIN
     IF coalesce(cardinality(events), 0) > 0 THEN
-        INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload)
-        SELECT e.event, e.goal_id, e.task_id, e.dispatch, e.payload
-          FROM unnest(events) WITH ORDINALITY AS e(event, goal_id, task_id, dispatch, payload, n)
+        INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload, due_at)
+        SELECT e.event, e.goal_id, e.task_id, e.dispatch, e.payload, e.due_at
+          FROM unnest(events) WITH ORDINALITY AS e(event, goal_id, task_id, dispatch, payload, due_at, n)
          ORDER BY e.n;
         IF current_setting('synapse.notify', true) IS DISTINCT FROM 'off' THEN
             PERFORM pg_notify('synapse_events', e.payload)
-               FROM unnest(events) WITH ORDINALITY AS e(event, goal_id, task_id, dispatch, payload, n)
+               FROM unnest(events) WITH ORDINALITY AS e(event, goal_id, task_id, dispatch, payload, due_at, n)
               ORDER BY e.n;
         END IF;
     END IF;
@@ -152,7 +162,8 @@ BEGIN
     ELSE
         PERFORM synapse._emit(array(
             SELECT synapse._task_event('task.' || t.status, t.goal_id, t.id, t.step, t.queue,
-                       CASE WHEN t.status = 'queued' THEN t.attempts + 1 ELSE t.attempts END)
+                       CASE WHEN t.status = 'queued' THEN t.attempts + 1 ELSE t.attempts END,
+                       CASE t.status WHEN 'running' THEN t.lease_expires_at WHEN 'retrying' THEN t.run_at END)
               FROM new_tasks t JOIN old_tasks o ON o.id = t.id
              WHERE o.status IS DISTINCT FROM t.status
              ORDER BY t.id));

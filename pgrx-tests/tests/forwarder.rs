@@ -275,6 +275,37 @@ fn a_retry_is_queued_by_its_timer_when_run_at_arrives() {
 }
 
 #[test]
+fn timers_run_only_when_a_deadline_is_due_not_at_every_event() {
+    let stack = Stack::start("timers-due", &[]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    let timer_runs = |client: &mut postgres::Client| -> i64 {
+        client
+            .query_one(
+                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
+                  WHERE query LIKE '%synapse._run_timers%' AND query NOT LIKE '%pg_stat_statements%'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    // The first event wakes the forwarder; from then on the only deadline is
+    // the sweep, 30 s away.
+    submit_plan(&mut client, ONE_STEP);
+    brpop(&mut redis, "synapse:queue:default", WAIT).expect("dispatch");
+    let before = timer_runs(&mut client);
+    for _ in 0..20 {
+        submit_plan(&mut client, ONE_STEP);
+        brpop(&mut redis, "synapse:queue:default", WAIT).expect("dispatch");
+    }
+    assert_eq!(
+        timer_runs(&mut client),
+        before,
+        "20 forwarded events, no deadline due: no timer run"
+    );
+}
+
+#[test]
 fn an_expired_lease_is_requeued() {
     let stack = Stack::start("lease", &["synapse.sweep_interval = '1h'"]);
     let mut client = stack.pg();

@@ -35,6 +35,8 @@ pub extern "C-unwind" fn synapse_forwarder_main(_arg: pg_sys::Datum) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: called from the main loop, outside any transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            // synapse.sweep_interval may have changed: recompute the deadlines.
+            forwarder.timer_needed(Duration::ZERO);
         }
         timeout = forwarder.run();
     }
@@ -60,6 +62,9 @@ struct Forwarder {
     /// While Redis is failing: when to try again, and the pause after that.
     retry_at: Option<Instant>,
     backoff: Duration,
+    /// When the timers must run next (None: nothing is scheduled). Every new
+    /// deadline arrives with an event, so between deadlines no timer runs.
+    timers_due: Option<Instant>,
 }
 
 enum Drain {
@@ -78,7 +83,27 @@ impl Forwarder {
             installed: false,
             retry_at: None,
             backoff: BACKOFF_MIN,
+            // At start: whatever was due while no forwarder ran.
+            timers_due: Some(Instant::now()),
         }
+    }
+
+    /// An event brought a deadline `due_in` from now.
+    fn timer_needed(&mut self, due_in: Duration) {
+        let due = Instant::now() + due_in;
+        self.timers_due = Some(self.timers_due.map_or(due, |current| current.min(due)));
+    }
+
+    /// Runs the timers if they are due; returns how long until they are next.
+    fn run_timers_if_due(&mut self) -> Option<Duration> {
+        let due = self.timers_due?;
+        let now = Instant::now();
+        if now < due {
+            return Some(due - now);
+        }
+        let next = run_timers();
+        self.timers_due = next.map(|next| Instant::now() + next);
+        next
     }
 
     /// One wake-up: drain, then timers. Returns how long to sleep at most.
@@ -117,7 +142,7 @@ impl Forwarder {
         };
         // After the drain, so that timers never delay a commit's events. The
         // events the timers write wake this loop again through the latch.
-        let next_due = run_timers();
+        let next_due = self.run_timers_if_due();
         match drained {
             Drain::Failed(error) => {
                 if self.retry_at.is_none() {
@@ -142,61 +167,89 @@ impl Forwarder {
         }
     }
 
-    /// Forwards the oldest committed batch and deletes it once Redis acknowledged.
+    /// Forwards the oldest committed batch and deletes it once Redis
+    /// acknowledged; notes the deadlines its events bring.
     fn drain_batch(&mut self) -> Drain {
         let sink = std::panic::AssertUnwindSafe(&mut self.sink);
-        BackgroundWorker::transaction(move || {
+        let (drain, due_in) = BackgroundWorker::transaction(move || {
             let sink = sink;
             // Losing this commit in a crash only re-sends the batch (delivery is
             // at-least-once), so it need not wait for its WAL flush.
             Spi::run("SET LOCAL synchronous_commit = off").expect("setting synchronous_commit");
-            let (ids, events) = read_batch();
-            if ids.is_empty() {
-                return Drain::Done;
+            let batch = read_batch();
+            if batch.ids.is_empty() {
+                return (Drain::Done, None);
             }
-            if let Err(error) = sink.0.send(&gucs::key_prefix(), &events) {
-                return Drain::Failed(error);
+            if let Err(error) = sink.0.send(&gucs::key_prefix(), &batch.events) {
+                return (Drain::Failed(error), batch.due_in);
             }
             Spi::run_with_args(
                 "DELETE FROM synapse.outbox WHERE id = ANY($1)",
-                &[ids.clone().into()],
+                &[batch.ids.clone().into()],
             )
             .expect("deleting forwarded outbox rows");
             let now = unsafe { pg_sys::GetCurrentTimestamp() };
             update_state(|state| {
                 state.redis_connected = true;
-                state.forwarded_total += ids.len() as u64;
+                state.forwarded_total += batch.ids.len() as u64;
                 state.last_forward_at = now;
                 state.set_last_error(None);
             });
-            if ids.len() as i64 == BATCH_SIZE {
+            let drain = if batch.ids.len() as i64 == BATCH_SIZE {
                 Drain::More
             } else {
                 Drain::Done
-            }
-        })
+            };
+            (drain, batch.due_in)
+        });
+        if let Some(due_in) = due_in {
+            self.timer_needed(due_in);
+        }
+        drain
     }
 }
 
-fn read_batch() -> (Vec<i64>, Vec<Event>) {
+/// The oldest committed events.
+struct Batch {
+    ids: Vec<i64>,
+    events: Vec<Event>,
+    /// The earliest deadline the events bring, from now.
+    due_in: Option<Duration>,
+}
+
+fn read_batch() -> Batch {
+    let sweep = gucs::sweep_interval();
     Spi::connect(|client| {
         let rows = client
             .select(
-                "SELECT id, dispatch, payload FROM synapse.outbox ORDER BY id LIMIT $1",
+                "SELECT id, dispatch, payload, extract(epoch FROM due_at - clock_timestamp())::float8
+                   FROM synapse.outbox ORDER BY id LIMIT $1",
                 None,
                 &[BATCH_SIZE.into()],
             )
             .expect("reading synapse.outbox");
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut events = Vec::with_capacity(rows.len());
+        let mut batch = Batch {
+            ids: Vec::with_capacity(rows.len()),
+            events: Vec::with_capacity(rows.len()),
+            due_in: None,
+        };
         for row in rows {
-            ids.push(row.get::<i64>(1).ok().flatten().unwrap_or_default());
-            events.push(Event {
-                dispatch: row.get::<String>(2).ok().flatten(),
+            let dispatch = row.get::<String>(2).ok().flatten();
+            let due_in = match row.get::<f64>(4).ok().flatten() {
+                Some(seconds) => Some(Duration::from_secs_f64(seconds.max(0.0))),
+                // Dispatched work is due for the sweep if nobody claims it.
+                None => dispatch.is_some().then_some(sweep),
+            };
+            if let Some(due_in) = due_in {
+                batch.due_in = Some(batch.due_in.map_or(due_in, |earliest| earliest.min(due_in)));
+            }
+            batch.ids.push(row.get::<i64>(1).ok().flatten().unwrap_or_default());
+            batch.events.push(Event {
+                dispatch,
                 payload: row.get::<String>(3).ok().flatten().unwrap_or_default(),
             });
         }
-        (ids, events)
+        batch
     })
 }
 

@@ -243,7 +243,9 @@ fn read_batch() -> Batch {
             if let Some(due_in) = due_in {
                 batch.due_in = Some(batch.due_in.map_or(due_in, |earliest| earliest.min(due_in)));
             }
-            batch.ids.push(row.get::<i64>(1).ok().flatten().unwrap_or_default());
+            batch
+                .ids
+                .push(row.get::<i64>(1).ok().flatten().unwrap_or_default());
             batch.events.push(Event {
                 dispatch,
                 payload: row.get::<String>(3).ok().flatten().unwrap_or_default(),

@@ -177,6 +177,16 @@ impl Stack {
             .expect("connecting to postgres")
     }
 
+    /// A new Postgres connection to another database of the cluster, e.g.
+    /// `postgres`: its sessions stay out of the test database's statistics.
+    pub fn pg_database(&self, database: &str) -> postgres::Client {
+        let url = format!(
+            "postgresql://postgres@127.0.0.1:{}/{database}",
+            self.pg_port
+        );
+        postgres::Client::connect(&url, postgres::NoTls).expect("connecting to postgres")
+    }
+
     /// A new Redis connection.
     pub fn redis(&self) -> redis::Connection {
         // The test itself skips verification; the processes under test verify.

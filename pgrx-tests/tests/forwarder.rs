@@ -275,6 +275,44 @@ fn a_retry_is_queued_by_its_timer_when_run_at_arrives() {
 }
 
 #[test]
+fn an_event_that_commits_after_later_ones_is_still_forwarded() {
+    // The forwarder starts its reads above what it has forwarded; a row whose
+    // id is lower than ones already sent, committed late, must not be skipped.
+    let stack = Stack::start("late-commit", &[]);
+    let mut slow = stack.pg();
+    let mut fast = stack.pg();
+    let mut redis = stack.redis();
+    let mut slow_tx = slow.transaction().unwrap();
+    let late: i64 = slow_tx
+        .query_one("SELECT synapse.submit_goal('committed last')", &[])
+        .unwrap()
+        .get(0);
+    let goal_of = |payload: String| -> i64 {
+        serde_json::from_str::<serde_json::Value>(&payload).unwrap()["goal_id"]
+            .as_i64()
+            .unwrap()
+    };
+    for i in 0..3 {
+        let id: i64 = fast
+            .query_one("SELECT synapse.submit_goal($1)", &[&format!("goal {i}")])
+            .unwrap()
+            .get(0);
+        let payload = brpop(&mut redis, "synapse:planner", WAIT).expect("forwarded");
+        assert_eq!(goal_of(payload), id);
+    }
+    slow_tx.commit().unwrap();
+    let payload = brpop(&mut redis, "synapse:planner", WAIT).expect("the late event");
+    assert_eq!(goal_of(payload), late);
+    // And the reads still start low enough for what comes next.
+    let next: i64 = fast
+        .query_one("SELECT synapse.submit_goal('after')", &[])
+        .unwrap()
+        .get(0);
+    let payload = brpop(&mut redis, "synapse:planner", WAIT).expect("the next event");
+    assert_eq!(goal_of(payload), next);
+}
+
+#[test]
 fn timers_run_only_when_a_deadline_is_due_not_at_every_event() {
     let stack = Stack::start("timers-due", &[]);
     let mut client = stack.pg();

@@ -65,6 +65,43 @@ struct Forwarder {
     /// When the timers must run next (None: nothing is scheduled). Every new
     /// deadline arrives with an event, so between deadlines no timer runs.
     timers_due: Option<Instant>,
+    floor: ReadFloor,
+}
+
+/// Where the oldest-first read of the outbox starts. Every row below the
+/// floor has been forwarded; starting there skips the index entries of
+/// deleted rows that vacuum has not removed yet, which otherwise make a busy
+/// queue table slower with every batch.
+///
+/// Outbox ids come from a sequence (cache 1) and `synapse._emit` takes a
+/// transaction id before drawing them, so a row below the largest id a read
+/// saw can only belong to a transaction running at that read (its xid below
+/// the read snapshot's xmax). Once a later snapshot's xmin has passed that
+/// xmax and a read from the floor came back complete, every such row has been
+/// forwarded: the floor moves past the largest id.
+#[derive(Default)]
+struct ReadFloor {
+    floor: i64,
+    /// The largest id a complete read saw, and that read snapshot's xmax.
+    candidate: Option<(i64, u64)>,
+}
+
+impl ReadFloor {
+    /// A read from the floor returned every committed row (fewer than a
+    /// batch), and all of them were forwarded.
+    fn complete_read(&mut self, read: &Batch) {
+        if let Some((largest, xmax)) = self.candidate {
+            if read.snapshot_xmin >= xmax {
+                self.floor = self.floor.max(largest + 1);
+                self.candidate = None;
+            }
+        }
+        if self.candidate.is_none() {
+            if let Some(&largest) = read.ids.iter().max() {
+                self.candidate = Some((largest, read.snapshot_xmax));
+            }
+        }
+    }
 }
 
 enum Drain {
@@ -85,6 +122,7 @@ impl Forwarder {
             backoff: BACKOFF_MIN,
             // At start: whatever was due while no forwarder ran.
             timers_due: Some(Instant::now()),
+            floor: ReadFloor::default(),
         }
     }
 
@@ -171,17 +209,18 @@ impl Forwarder {
     /// acknowledged; notes the deadlines its events bring.
     fn drain_batch(&mut self) -> Drain {
         let sink = std::panic::AssertUnwindSafe(&mut self.sink);
-        let (drain, due_in) = BackgroundWorker::transaction(move || {
+        let floor = self.floor.floor;
+        let (drain, batch) = BackgroundWorker::transaction(move || {
             let sink = sink;
             // Losing this commit in a crash only re-sends the batch (delivery is
             // at-least-once), so it need not wait for its WAL flush.
             Spi::run("SET LOCAL synchronous_commit = off").expect("setting synchronous_commit");
-            let batch = read_batch();
+            let batch = read_batch(floor);
             if batch.ids.is_empty() {
-                return (Drain::Done, None);
+                return (Drain::Done, batch);
             }
             if let Err(error) = sink.0.send(&gucs::key_prefix(), &batch.events) {
-                return (Drain::Failed(error), batch.due_in);
+                return (Drain::Failed(error), batch);
             }
             Spi::run_with_args(
                 "DELETE FROM synapse.outbox WHERE id = ANY($1)",
@@ -200,42 +239,64 @@ impl Forwarder {
             } else {
                 Drain::Done
             };
-            (drain, batch.due_in)
+            (drain, batch)
         });
-        if let Some(due_in) = due_in {
+        if let Some(due_in) = batch.due_in {
             self.timer_needed(due_in);
+        }
+        if matches!(drain, Drain::Done) {
+            self.floor.complete_read(&batch);
         }
         drain
     }
 }
 
-/// The oldest committed events.
+/// The oldest committed events from the floor up.
 struct Batch {
     ids: Vec<i64>,
     events: Vec<Event>,
     /// The earliest deadline the events bring, from now.
     due_in: Option<Duration>,
+    /// The read snapshot's xmin and xmax (64-bit transaction ids).
+    snapshot_xmin: u64,
+    snapshot_xmax: u64,
 }
 
-fn read_batch() -> Batch {
+fn read_batch(floor: i64) -> Batch {
     let sweep = gucs::sweep_interval();
     Spi::connect(|client| {
+        // One statement, so the snapshot reported is the one that read the rows.
         let rows = client
             .select(
-                "SELECT id, dispatch, payload, extract(epoch FROM due_at - clock_timestamp())::float8
-                   FROM synapse.outbox ORDER BY id LIMIT $1",
+                "SELECT pg_snapshot_xmin(s.snapshot)::text, pg_snapshot_xmax(s.snapshot)::text,
+                        o.id, o.dispatch, o.payload, o.due_in
+                   FROM (SELECT pg_current_snapshot() AS snapshot) s
+                   LEFT JOIN LATERAL (
+                        SELECT id, dispatch, payload,
+                               extract(epoch FROM due_at - clock_timestamp())::float8 AS due_in
+                          FROM synapse.outbox WHERE id >= $2 ORDER BY id LIMIT $1) o ON true
+                  ORDER BY o.id",
                 None,
-                &[BATCH_SIZE.into()],
+                &[BATCH_SIZE.into(), floor.into()],
             )
             .expect("reading synapse.outbox");
         let mut batch = Batch {
             ids: Vec::with_capacity(rows.len()),
             events: Vec::with_capacity(rows.len()),
             due_in: None,
+            snapshot_xmin: 0,
+            snapshot_xmax: 0,
         };
+        let xid = |text: Option<String>| text.and_then(|text| text.parse::<u64>().ok());
         for row in rows {
-            let dispatch = row.get::<String>(2).ok().flatten();
-            let due_in = match row.get::<f64>(4).ok().flatten() {
+            batch.snapshot_xmin = xid(row.get::<String>(1).ok().flatten()).unwrap_or(0);
+            // Unknown: never lets the floor move.
+            batch.snapshot_xmax = xid(row.get::<String>(2).ok().flatten()).unwrap_or(u64::MAX);
+            let Some(id) = row.get::<i64>(3).ok().flatten() else {
+                continue; // The outbox is empty from the floor up.
+            };
+            let dispatch = row.get::<String>(4).ok().flatten();
+            let due_in = match row.get::<f64>(6).ok().flatten() {
                 Some(seconds) => Some(Duration::from_secs_f64(seconds.max(0.0))),
                 // Dispatched work is due for the sweep if nobody claims it.
                 None => dispatch.is_some().then_some(sweep),
@@ -243,12 +304,10 @@ fn read_batch() -> Batch {
             if let Some(due_in) = due_in {
                 batch.due_in = Some(batch.due_in.map_or(due_in, |earliest| earliest.min(due_in)));
             }
-            batch
-                .ids
-                .push(row.get::<i64>(1).ok().flatten().unwrap_or_default());
+            batch.ids.push(id);
             batch.events.push(Event {
                 dispatch,
-                payload: row.get::<String>(3).ok().flatten().unwrap_or_default(),
+                payload: row.get::<String>(5).ok().flatten().unwrap_or_default(),
             });
         }
         batch

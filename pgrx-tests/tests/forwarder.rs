@@ -277,21 +277,36 @@ fn a_retry_is_queued_by_its_timer_when_run_at_arrives() {
 #[test]
 fn an_event_that_commits_after_later_ones_is_still_forwarded() {
     // The forwarder starts its reads above what it has forwarded; a row whose
-    // id is lower than ones already sent, committed late, must not be skipped.
+    // id is lower than ones already sent, committed late, must not be
+    // skipped, even when its transaction's xid is newer than the xid of the
+    // transaction that wrote the higher id (the completer's pattern: xid
+    // early, events late).
     let stack = Stack::start("late-commit", &[]);
+    let mut early = stack.pg();
     let mut slow = stack.pg();
     let mut fast = stack.pg();
     let mut redis = stack.redis();
-    let mut slow_tx = slow.transaction().unwrap();
-    let late: i64 = slow_tx
-        .query_one("SELECT synapse.submit_goal('committed last')", &[])
-        .unwrap()
-        .get(0);
     let goal_of = |payload: String| -> i64 {
         serde_json::from_str::<serde_json::Value>(&payload).unwrap()["goal_id"]
             .as_i64()
             .unwrap()
     };
+    let mut early_tx = early.transaction().unwrap();
+    early_tx
+        .execute("SELECT pg_current_xact_id()", &[])
+        .unwrap();
+    let mut slow_tx = slow.transaction().unwrap();
+    let late: i64 = slow_tx
+        .query_one("SELECT synapse.submit_goal('committed last')", &[])
+        .unwrap()
+        .get(0);
+    let sooner: i64 = early_tx
+        .query_one("SELECT synapse.submit_goal('older xid, higher id')", &[])
+        .unwrap()
+        .get(0);
+    early_tx.commit().unwrap();
+    let payload = brpop(&mut redis, "synapse:planner", WAIT).expect("forwarded");
+    assert_eq!(goal_of(payload), sooner);
     for i in 0..3 {
         let id: i64 = fast
             .query_one("SELECT synapse.submit_goal($1)", &[&format!("goal {i}")])

@@ -6,6 +6,9 @@
 //! engine for the whole batch, then one commit. A lone outcome is recorded at
 //! once, so batching adds no latency; under load the batches grow by
 //! themselves and the commits per task fall.
+use std::ops::Range;
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -83,35 +86,55 @@ pub async fn run(
 }
 
 async fn complete(pool: &deadpool_postgres::Pool, batch: Vec<Completion>) {
-    let outcomes: Vec<(&ClaimedTask, &AttemptOutcome)> = batch
-        .iter()
-        .map(|completion| (&completion.task, &completion.outcome))
-        .collect();
-    match record_batch(pool, &outcomes).await {
+    let (work, replies): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .map(|completion| ((completion.task, completion.outcome), completion.reply))
+        .unzip();
+    let work = Arc::new(work);
+    match record_isolated(pool, &work, 0..work.len()).await {
         Ok(handled) => {
-            for (completion, handled) in batch.into_iter().zip(handled) {
-                let _ = completion.reply.send(Ok(handled));
+            for (reply, handled) in replies.into_iter().zip(handled) {
+                let _ = reply.send(Ok(handled));
             }
         }
-        Err(error) if batch.len() == 1 => {
-            let completion = batch.into_iter().next().expect("one completion");
-            let _ = completion.reply.send(Err(error));
+        Err(error) if work.len() == 1 => {
+            let reply = replies.into_iter().next().expect("one completion");
+            let _ = reply.send(Err(error));
         }
         Err(error) => {
             // One task's bad data must not sink the others: each on its own.
-            debug!(%error, size = batch.len(), "batch failed; recording one by one");
-            for completion in batch {
-                let outcome = [(&completion.task, &completion.outcome)];
-                let handled = record_batch(pool, &outcome)
+            debug!(%error, size = work.len(), "batch failed; recording one by one");
+            for (index, reply) in replies.into_iter().enumerate() {
+                let handled = record_isolated(pool, &work, index..index + 1)
                     .await
                     .map(|mut handled| handled.remove(0));
                 if let Err(error) = &handled {
-                    warn!(task_id = completion.task.id, %error, "could not record the outcome");
+                    warn!(task_id = work[index].0.id, %error, "could not record the outcome");
                 }
-                let _ = completion.reply.send(handled);
+                let _ = reply.send(handled);
             }
         }
     }
+}
+
+/// Records `work[range]` in a task of its own, so that a panic (a bug, or a
+/// value the client cannot decode) fails those outcomes, not the completer.
+async fn record_isolated(
+    pool: &deadpool_postgres::Pool,
+    work: &Arc<Vec<(ClaimedTask, AttemptOutcome)>>,
+    range: Range<usize>,
+) -> Result<Vec<Handled>, StoreError> {
+    let pool = pool.clone();
+    let work = work.clone();
+    tokio::spawn(async move {
+        let outcomes: Vec<(&ClaimedTask, &AttemptOutcome)> = work[range]
+            .iter()
+            .map(|(task, outcome)| (task, outcome))
+            .collect();
+        record_batch(&pool, &outcomes).await
+    })
+    .await
+    .unwrap_or_else(|error| Err(StoreError::Data(format!("recording failed: {error}"))))
 }
 
 /// One transaction: the outcomes (fenced by attempt), then the engine for

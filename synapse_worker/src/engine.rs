@@ -378,7 +378,7 @@ async fn goal_finish(
     }
     let result = match output {
         Some(source) => {
-            let vars = variables_for(tx, goal_id, goal, true).await?;
+            let vars = variables_for(tx, goal_id, goal, reads_steps(source)).await?;
             cel::compile(source).and_then(|expression| expression.evaluate(&vars))
         }
         None => Ok(ending.leaf_results),

@@ -448,11 +448,12 @@ pub struct ReadyTask {
 }
 
 /// Those of `steps` that are pending with every inbound edge resolved, in id
-/// order. The steps that still wait for a parent are set aside first, with
-/// one probe of the pending-edge index each (the materialized CTE keeps that
-/// order), so a wide join is read in full only once, by the engine that
-/// resolves its last edge. (Arrays are joined through `unnest`, never
-/// `= ANY`, whose per-row scan is quadratic on wide fan-outs.)
+/// order. Each step is looked at through index probes only (the LATERAL
+/// subqueries keep the planner from scanning the whole goal, which made long
+/// chains quadratic): first whether an inbound edge is still pending, so a
+/// wide join is read in full only once, by the engine that resolves its last
+/// edge; then its inbound edges, with the parents' results when the default
+/// input needs them.
 pub async fn ready_tasks(
     tx: &Transaction<'_>,
     goal_id: i64,
@@ -460,21 +461,24 @@ pub async fn ready_tasks(
 ) -> Result<Vec<ReadyTask>> {
     let statement = tx
         .prepare_cached(
-            "WITH unblocked AS MATERIALIZED (
-                 SELECT s.step FROM unnest($2::text[]) AS s(step)
-                  WHERE NOT EXISTS (SELECT FROM synapse.edges w
-                                     WHERE w.goal_id = $1 AND w.to_step = s.step AND w.state = 'pending'))
-             SELECT t.id, t.step, t.join_mode, t.input_expr,
-                    array_agg(e.from_step ORDER BY e.position), array_agg(e.state ORDER BY e.position),
-                    coalesce(jsonb_object_agg(e.from_step, coalesce(parent.result, 'null'::jsonb))
-                             FILTER (WHERE e.state = 'taken'), '{}')
-               FROM unblocked s
-               JOIN synapse.tasks t ON t.goal_id = $1 AND t.step = s.step AND t.status = 'pending'
-               JOIN synapse.edges e ON e.goal_id = t.goal_id AND e.to_step = t.step
-               LEFT JOIN synapse.tasks parent
-                      ON e.state = 'taken' AND parent.goal_id = e.goal_id AND parent.step = e.from_step
-              GROUP BY t.id
-              ORDER BY t.id",
+            "SELECT t.id, t.step, t.join_mode, t.input_expr, inbound.from_steps, inbound.states, inbound.parent_results
+              FROM unnest($2::text[]) AS s(step)
+             CROSS JOIN LATERAL (
+                   SELECT c.id, c.step, c.join_mode, c.input_expr FROM synapse.tasks c
+                    WHERE c.goal_id = $1 AND c.step = s.step AND c.status = 'pending'
+                      AND NOT EXISTS (SELECT FROM synapse.edges w
+                                       WHERE w.goal_id = $1 AND w.to_step = c.step AND w.state = 'pending')
+                    LIMIT 1) t
+             CROSS JOIN LATERAL (
+                   SELECT coalesce(array_agg(e.from_step ORDER BY e.position), '{}') AS from_steps,
+                          coalesce(array_agg(e.state ORDER BY e.position), '{}') AS states,
+                          coalesce(jsonb_object_agg(e.from_step,
+                                       (SELECT coalesce(p.result, 'null'::jsonb) FROM synapse.tasks p
+                                         WHERE p.goal_id = $1 AND p.step = e.from_step))
+                                   FILTER (WHERE e.state = 'taken' AND t.input_expr IS NULL), '{}') AS parent_results
+                     FROM synapse.edges e
+                    WHERE e.goal_id = $1 AND e.to_step = t.step) inbound
+             ORDER BY t.id",
         )
         .await?;
     tx.query(&statement, &[&goal_id, &steps])

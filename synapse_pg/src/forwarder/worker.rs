@@ -74,15 +74,16 @@ struct Forwarder {
 /// queue table slower with every batch.
 ///
 /// Outbox ids come from a sequence (cache 1) and `synapse._emit` takes a
-/// transaction id before drawing them, so a row below the largest id a read
-/// saw can only belong to a transaction running at that read (its xid below
-/// the read snapshot's xmax). Once a later snapshot's xmin has passed that
-/// xmax and a read from the floor came back complete, every such row has been
-/// forwarded: the floor moves past the largest id.
+/// transaction id before drawing them. So a row below the largest id a read
+/// saw belongs to a transaction that had its xid before that read; the xid
+/// the forwarder takes after the read (to delete) is newer than all of them.
+/// Once a later snapshot's xmin has passed that xid, every such transaction
+/// has ended, and a complete read from the floor then has forwarded all of
+/// their rows: the floor moves past the largest id.
 #[derive(Default)]
 struct ReadFloor {
     floor: i64,
-    /// The largest id a complete read saw, and that read snapshot's xmax.
+    /// The largest id a complete read saw, and the xid the forwarder took after it.
     candidate: Option<(i64, u64)>,
 }
 
@@ -90,15 +91,15 @@ impl ReadFloor {
     /// A read from the floor returned every committed row (fewer than a
     /// batch), and all of them were forwarded.
     fn complete_read(&mut self, read: &Batch) {
-        if let Some((largest, xmax)) = self.candidate {
-            if read.snapshot_xmin >= xmax {
+        if let Some((largest, after)) = self.candidate {
+            if read.snapshot_xmin > after {
                 self.floor = self.floor.max(largest + 1);
                 self.candidate = None;
             }
         }
         if self.candidate.is_none() {
-            if let Some(&largest) = read.ids.iter().max() {
-                self.candidate = Some((largest, read.snapshot_xmax));
+            if let (Some(&largest), Some(xid)) = (read.ids.iter().max(), read.xid_after) {
+                self.candidate = Some((largest, xid));
             }
         }
     }
@@ -222,11 +223,14 @@ impl Forwarder {
             if let Err(error) = sink.0.send(&gucs::key_prefix(), &batch.events) {
                 return (Drain::Failed(error), batch);
             }
-            Spi::run_with_args(
-                "DELETE FROM synapse.outbox WHERE id = ANY($1)",
+            let mut batch = batch;
+            batch.xid_after = Spi::get_one_with_args::<String>(
+                "WITH forwarded AS (DELETE FROM synapse.outbox WHERE id = ANY($1))
+                 SELECT pg_current_xact_id()::text",
                 &[batch.ids.clone().into()],
             )
-            .expect("deleting forwarded outbox rows");
+            .expect("deleting forwarded outbox rows")
+            .and_then(|xid| xid.parse().ok());
             let now = unsafe { pg_sys::GetCurrentTimestamp() };
             update_state(|state| {
                 state.redis_connected = true;
@@ -257,9 +261,10 @@ struct Batch {
     events: Vec<Event>,
     /// The earliest deadline the events bring, from now.
     due_in: Option<Duration>,
-    /// The read snapshot's xmin and xmax (64-bit transaction ids).
+    /// The read snapshot's xmin (64-bit transaction id).
     snapshot_xmin: u64,
-    snapshot_xmax: u64,
+    /// The forwarder's own xid, taken after the read (to delete the rows).
+    xid_after: Option<u64>,
 }
 
 fn read_batch(floor: i64) -> Batch {
@@ -268,8 +273,7 @@ fn read_batch(floor: i64) -> Batch {
         // One statement, so the snapshot reported is the one that read the rows.
         let rows = client
             .select(
-                "SELECT pg_snapshot_xmin(s.snapshot)::text, pg_snapshot_xmax(s.snapshot)::text,
-                        o.id, o.dispatch, o.payload, o.due_in
+                "SELECT pg_snapshot_xmin(s.snapshot)::text, o.id, o.dispatch, o.payload, o.due_in
                    FROM (SELECT pg_current_snapshot() AS snapshot) s
                    LEFT JOIN LATERAL (
                         SELECT id, dispatch, payload,
@@ -285,18 +289,17 @@ fn read_batch(floor: i64) -> Batch {
             events: Vec::with_capacity(rows.len()),
             due_in: None,
             snapshot_xmin: 0,
-            snapshot_xmax: 0,
+            xid_after: None,
         };
         let xid = |text: Option<String>| text.and_then(|text| text.parse::<u64>().ok());
         for row in rows {
-            batch.snapshot_xmin = xid(row.get::<String>(1).ok().flatten()).unwrap_or(0);
             // Unknown: never lets the floor move.
-            batch.snapshot_xmax = xid(row.get::<String>(2).ok().flatten()).unwrap_or(u64::MAX);
-            let Some(id) = row.get::<i64>(3).ok().flatten() else {
+            batch.snapshot_xmin = xid(row.get::<String>(1).ok().flatten()).unwrap_or(0);
+            let Some(id) = row.get::<i64>(2).ok().flatten() else {
                 continue; // The outbox is empty from the floor up.
             };
-            let dispatch = row.get::<String>(4).ok().flatten();
-            let due_in = match row.get::<f64>(6).ok().flatten() {
+            let dispatch = row.get::<String>(3).ok().flatten();
+            let due_in = match row.get::<f64>(5).ok().flatten() {
                 Some(seconds) => Some(Duration::from_secs_f64(seconds.max(0.0))),
                 // Dispatched work is due for the sweep if nobody claims it.
                 None => dispatch.is_some().then_some(sweep),
@@ -307,7 +310,7 @@ fn read_batch(floor: i64) -> Batch {
             batch.ids.push(id);
             batch.events.push(Event {
                 dispatch,
-                payload: row.get::<String>(5).ok().flatten().unwrap_or_default(),
+                payload: row.get::<String>(4).ok().flatten().unwrap_or_default(),
             });
         }
         batch

@@ -42,13 +42,9 @@ $$;
 -- Records events in order: one INSERT for all their outbox rows, and with
 -- synapse.notify on, a NOTIFY each. Nothing at all for no events: even an
 -- INSERT of no rows would wake the forwarder.
---
--- Every outbox row is written here: the transaction id is taken before the
--- ids are drawn, which the forwarder relies on to skip forwarded rows.
 CREATE FUNCTION synapse._emit(events synapse._event[]) RETURNS integer LANGUAGE plpgsql AS $$
 BEGIN
     IF coalesce(cardinality(events), 0) > 0 THEN
-        PERFORM pg_current_xact_id();
         INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload, due_at)
         SELECT e.event, e.goal_id, e.task_id, e.dispatch, e.payload, e.due_at
           FROM unnest(events) WITH ORDINALITY AS e(event, goal_id, task_id, dispatch, payload, due_at, n)

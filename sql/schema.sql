@@ -192,7 +192,7 @@ CREATE TABLE synapse.outbox (
 ALTER TABLE synapse.outbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000,
                                 autovacuum_vacuum_insert_threshold = 1000, autovacuum_vacuum_cost_delay = 0);
 COMMENT ON TABLE synapse.outbox IS 'Events committed but not yet acknowledged by Redis. The forwarder deletes rows only after Redis acknowledged them.';
-COMMENT ON COLUMN synapse.outbox.id IS 'Forwarding order. Drawn in time order (sequence cache 1): the forwarder relies on it to skip rows it has forwarded.';
+COMMENT ON COLUMN synapse.outbox.id IS 'Forwarding order.';
 COMMENT ON COLUMN synapse.outbox.event IS 'Event name, e.g. task.queued.';
 COMMENT ON COLUMN synapse.outbox.goal_id IS 'Goal the event concerns.';
 COMMENT ON COLUMN synapse.outbox.task_id IS 'Task the event concerns, for task.* events.';

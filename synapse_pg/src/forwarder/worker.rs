@@ -65,44 +65,6 @@ struct Forwarder {
     /// When the timers must run next (None: nothing is scheduled). Every new
     /// deadline arrives with an event, so between deadlines no timer runs.
     timers_due: Option<Instant>,
-    floor: ReadFloor,
-}
-
-/// Where the oldest-first read of the outbox starts. Every row below the
-/// floor has been forwarded; starting there skips the index entries of
-/// deleted rows that vacuum has not removed yet, which otherwise make a busy
-/// queue table slower with every batch.
-///
-/// Outbox ids come from a sequence (cache 1) and `synapse._emit` takes a
-/// transaction id before drawing them. So a row below the largest id a read
-/// saw belongs to a transaction that had its xid before that read; the xid
-/// the forwarder takes after the read (to delete) is newer than all of them.
-/// Once a later snapshot's xmin has passed that xid, every such transaction
-/// has ended, and a complete read from the floor then has forwarded all of
-/// their rows: the floor moves past the largest id.
-#[derive(Default)]
-struct ReadFloor {
-    floor: i64,
-    /// The largest id a complete read saw, and the xid the forwarder took after it.
-    candidate: Option<(i64, u64)>,
-}
-
-impl ReadFloor {
-    /// A read from the floor returned every committed row (fewer than a
-    /// batch), and all of them were forwarded.
-    fn complete_read(&mut self, read: &Batch) {
-        if let Some((largest, after)) = self.candidate {
-            if read.snapshot_xmin > after {
-                self.floor = self.floor.max(largest + 1);
-                self.candidate = None;
-            }
-        }
-        if self.candidate.is_none() {
-            if let (Some(&largest), Some(xid)) = (read.ids.iter().max(), read.xid_after) {
-                self.candidate = Some((largest, xid));
-            }
-        }
-    }
 }
 
 enum Drain {
@@ -123,7 +85,6 @@ impl Forwarder {
             backoff: BACKOFF_MIN,
             // At start: whatever was due while no forwarder ran.
             timers_due: Some(Instant::now()),
-            floor: ReadFloor::default(),
         }
     }
 
@@ -210,27 +171,23 @@ impl Forwarder {
     /// acknowledged; notes the deadlines its events bring.
     fn drain_batch(&mut self) -> Drain {
         let sink = std::panic::AssertUnwindSafe(&mut self.sink);
-        let floor = self.floor.floor;
-        let (drain, batch) = BackgroundWorker::transaction(move || {
+        let (drain, due_in) = BackgroundWorker::transaction(move || {
             let sink = sink;
             // Losing this commit in a crash only re-sends the batch (delivery is
             // at-least-once), so it need not wait for its WAL flush.
             Spi::run("SET LOCAL synchronous_commit = off").expect("setting synchronous_commit");
-            let batch = read_batch(floor);
+            let batch = read_batch();
             if batch.ids.is_empty() {
-                return (Drain::Done, batch);
+                return (Drain::Done, None);
             }
             if let Err(error) = sink.0.send(&gucs::key_prefix(), &batch.events) {
-                return (Drain::Failed(error), batch);
+                return (Drain::Failed(error), batch.due_in);
             }
-            let mut batch = batch;
-            batch.xid_after = Spi::get_one_with_args::<String>(
-                "WITH forwarded AS (DELETE FROM synapse.outbox WHERE id = ANY($1))
-                 SELECT pg_current_xact_id()::text",
+            Spi::run_with_args(
+                "DELETE FROM synapse.outbox WHERE id = ANY($1)",
                 &[batch.ids.clone().into()],
             )
-            .expect("deleting forwarded outbox rows")
-            .and_then(|xid| xid.parse().ok());
+            .expect("deleting forwarded outbox rows");
             let now = unsafe { pg_sys::GetCurrentTimestamp() };
             update_state(|state| {
                 state.redis_connected = true;
@@ -243,63 +200,42 @@ impl Forwarder {
             } else {
                 Drain::Done
             };
-            (drain, batch)
+            (drain, batch.due_in)
         });
-        if let Some(due_in) = batch.due_in {
+        if let Some(due_in) = due_in {
             self.timer_needed(due_in);
-        }
-        if matches!(drain, Drain::Done) {
-            self.floor.complete_read(&batch);
         }
         drain
     }
 }
 
-/// The oldest committed events from the floor up.
+/// The oldest committed events.
 struct Batch {
     ids: Vec<i64>,
     events: Vec<Event>,
     /// The earliest deadline the events bring, from now.
     due_in: Option<Duration>,
-    /// The read snapshot's xmin (64-bit transaction id).
-    snapshot_xmin: u64,
-    /// The forwarder's own xid, taken after the read (to delete the rows).
-    xid_after: Option<u64>,
 }
 
-fn read_batch(floor: i64) -> Batch {
+fn read_batch() -> Batch {
     let sweep = gucs::sweep_interval();
     Spi::connect(|client| {
-        // One statement, so the snapshot reported is the one that read the rows.
         let rows = client
             .select(
-                "SELECT pg_snapshot_xmin(s.snapshot)::text, o.id, o.dispatch, o.payload, o.due_in
-                   FROM (SELECT pg_current_snapshot() AS snapshot) s
-                   LEFT JOIN LATERAL (
-                        SELECT id, dispatch, payload,
-                               extract(epoch FROM due_at - clock_timestamp())::float8 AS due_in
-                          FROM synapse.outbox WHERE id >= $2 ORDER BY id LIMIT $1) o ON true
-                  ORDER BY o.id",
+                "SELECT id, dispatch, payload, extract(epoch FROM due_at - clock_timestamp())::float8
+                   FROM synapse.outbox ORDER BY id LIMIT $1",
                 None,
-                &[BATCH_SIZE.into(), floor.into()],
+                &[BATCH_SIZE.into()],
             )
             .expect("reading synapse.outbox");
         let mut batch = Batch {
             ids: Vec::with_capacity(rows.len()),
             events: Vec::with_capacity(rows.len()),
             due_in: None,
-            snapshot_xmin: 0,
-            xid_after: None,
         };
-        let xid = |text: Option<String>| text.and_then(|text| text.parse::<u64>().ok());
         for row in rows {
-            // Unknown: never lets the floor move.
-            batch.snapshot_xmin = xid(row.get::<String>(1).ok().flatten()).unwrap_or(0);
-            let Some(id) = row.get::<i64>(2).ok().flatten() else {
-                continue; // The outbox is empty from the floor up.
-            };
-            let dispatch = row.get::<String>(3).ok().flatten();
-            let due_in = match row.get::<f64>(5).ok().flatten() {
+            let dispatch = row.get::<String>(2).ok().flatten();
+            let due_in = match row.get::<f64>(4).ok().flatten() {
                 Some(seconds) => Some(Duration::from_secs_f64(seconds.max(0.0))),
                 // Dispatched work is due for the sweep if nobody claims it.
                 None => dispatch.is_some().then_some(sweep),
@@ -307,10 +243,12 @@ fn read_batch(floor: i64) -> Batch {
             if let Some(due_in) = due_in {
                 batch.due_in = Some(batch.due_in.map_or(due_in, |earliest| earliest.min(due_in)));
             }
-            batch.ids.push(id);
+            batch
+                .ids
+                .push(row.get::<i64>(1).ok().flatten().unwrap_or_default());
             batch.events.push(Event {
                 dispatch,
-                payload: row.get::<String>(4).ok().flatten().unwrap_or_default(),
+                payload: row.get::<String>(3).ok().flatten().unwrap_or_default(),
             });
         }
         batch

@@ -173,14 +173,16 @@ async fn variables_for(
     Ok(vars)
 }
 
-/// Resolves `edges`, the pending outbound edges of `from`, in one statement;
-/// returns the successors and the edges whose condition failed (target, error).
-async fn resolve_outbound(
+/// Decides `edges`, the pending outbound edges of `from`, into
+/// `resolutions`; returns the successors and the edges whose condition
+/// failed (target, error).
+async fn decide_outbound(
     tx: &Transaction<'_>,
     goal_id: i64,
     goal: &GoalVariables,
     from: &EndedStep,
     edges: Vec<OutboundEdge>,
+    resolutions: &mut Vec<store::EdgeResolution>,
 ) -> Result<Resolved, StoreError> {
     if edges.is_empty() {
         return Ok((Vec::new(), Vec::new()));
@@ -200,7 +202,6 @@ async fn resolve_outbound(
         Value::String(from.outcome.status().to_owned()),
     );
     condition_vars.insert("input".into(), from.input.clone());
-    let mut resolutions = Vec::with_capacity(edges.len());
     let mut broken = Vec::new();
     for edge in &edges {
         let resolution = resolve_edge(edge.on, edge.when.as_deref(), from, || {
@@ -218,12 +219,13 @@ async fn resolve_outbound(
             _ => None,
         };
         resolutions.push(store::EdgeResolution {
+            goal_id,
+            from: from.step.clone(),
             to: edge.to.clone(),
             state: resolution.state(),
             error,
         });
     }
-    store::resolve_edges(tx, goal_id, &from.step, &resolutions).await?;
     Ok((edges.into_iter().map(|edge| edge.to).collect(), broken))
 }
 
@@ -237,17 +239,23 @@ async fn resolve_outbound(
 /// the goal locks, taken in id order.
 pub async fn steps_ended(tx: &Transaction<'_>, ends: Vec<StepEnd>) -> Result<(), StoreError> {
     let mut goals: BTreeMap<i64, (GoalVariables, Vec<Resolved>)> = BTreeMap::new();
+    let mut resolutions = Vec::new();
     for end in ends {
         let resolved = if end.outbound.is_empty() {
             None
         } else {
-            Some(resolve_outbound(tx, end.goal_id, &end.goal, &end.ended, end.outbound).await?)
+            let (goal_id, edges) = (end.goal_id, end.outbound);
+            Some(
+                decide_outbound(tx, goal_id, &end.goal, &end.ended, edges, &mut resolutions)
+                    .await?,
+            )
         };
         let (_, seeds) = goals
             .entry(end.goal_id)
             .or_insert_with(|| (end.goal, Vec::new()));
         seeds.extend(resolved);
     }
+    store::resolve_edges(tx, &resolutions).await?;
     let goal_ids: Vec<i64> = goals.keys().copied().collect();
     // A goal that is no longer running (cancelled) has nothing left to decide.
     let running = store::lock_running_goals(tx, &goal_ids).await?;
@@ -283,8 +291,21 @@ async fn propagate(
     tx: &Transaction<'_>,
     goal_id: i64,
     goal: &GoalVariables,
-    mut seeds: Vec<Resolved>,
+    seeds: Vec<Resolved>,
 ) -> Result<(), StoreError> {
+    // The steps that ended together are looked at together: each successor
+    // once, whatever number of them lead to it.
+    let mut seen = std::collections::HashSet::new();
+    let mut merged: Resolved = (Vec::new(), Vec::new());
+    for (successors, broken) in seeds {
+        merged.0.extend(
+            successors
+                .into_iter()
+                .filter(|step| seen.insert(step.clone())),
+        );
+        merged.1.extend(broken);
+    }
+    let mut seeds = vec![merged];
     let mut worklist: Vec<EndedStep> = Vec::new();
     loop {
         let (successors, broken) = match seeds.pop() {
@@ -292,7 +313,11 @@ async fn propagate(
             None => match worklist.pop() {
                 Some(from) => {
                     let edges = store::outbound_edges(tx, goal_id, &from.step).await?;
-                    resolve_outbound(tx, goal_id, goal, &from, edges).await?
+                    let mut resolutions = Vec::new();
+                    let resolved =
+                        decide_outbound(tx, goal_id, goal, &from, edges, &mut resolutions).await?;
+                    store::resolve_edges(tx, &resolutions).await?;
+                    resolved
                 }
                 None => return Ok(()),
             },

@@ -377,6 +377,10 @@ fn outbound_from_arrays(
 
 /// How one outbound edge resolved.
 pub struct EdgeResolution {
+    /// The goal.
+    pub goal_id: i64,
+    /// Step it leaves.
+    pub from: String,
     /// Step it leads to.
     pub to: String,
     /// `taken`, `not_taken` or `error`.
@@ -385,24 +389,26 @@ pub struct EdgeResolution {
     pub error: Option<String>,
 }
 
-/// Records how the outbound edges of `from` resolved, in one statement.
-pub async fn resolve_edges(
-    tx: &Transaction<'_>,
-    goal_id: i64,
-    from: &str,
-    resolutions: &[EdgeResolution],
-) -> Result<()> {
+/// Records how edges resolved (of any steps and goals), in one statement.
+pub async fn resolve_edges(tx: &Transaction<'_>, resolutions: &[EdgeResolution]) -> Result<()> {
+    if resolutions.is_empty() {
+        return Ok(());
+    }
     let statement = tx
         .prepare_cached(
             "UPDATE synapse.edges e SET state = r.state, error = r.error, resolved_at = now()
-               FROM unnest($3::text[], $4::text[], $5::text[]) AS r(to_step, state, error)
-              WHERE e.goal_id = $1 AND e.from_step = $2 AND e.to_step = r.to_step AND e.state = 'pending'",
+               FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
+                    AS r(goal_id, from_step, to_step, state, error)
+              WHERE e.goal_id = r.goal_id AND e.from_step = r.from_step AND e.to_step = r.to_step
+                AND e.state = 'pending'",
         )
         .await?;
+    let goals: Vec<i64> = resolutions.iter().map(|r| r.goal_id).collect();
+    let from: Vec<&str> = resolutions.iter().map(|r| r.from.as_str()).collect();
     let to: Vec<&str> = resolutions.iter().map(|r| r.to.as_str()).collect();
     let states: Vec<&str> = resolutions.iter().map(|r| r.state).collect();
     let errors: Vec<Option<&str>> = resolutions.iter().map(|r| r.error.as_deref()).collect();
-    tx.execute(&statement, &[&goal_id, &from, &to, &states, &errors])
+    tx.execute(&statement, &[&goals, &from, &to, &states, &errors])
         .await?;
     Ok(())
 }

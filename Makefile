@@ -46,12 +46,14 @@ test-e2e: install
 
 # Benchmarks on an isolated stack with release builds; prints a table and
 # writes target/bench/results.json. Not part of `make test` (see bench-smoke).
+# BENCH_ARGS passes flags, e.g. make bench BENCH_ARGS="--only latency,dag".
+BENCH_ARGS ?=
 bench: setup
 	@$(ENV) cargo pgrx install --release -p synapse_pg --pg-config "$$PG_CONFIG" >/dev/null
 	@$(ENV) cargo build --release -p synapse_worker --bin synapse-worker
 	@$(ENV) cargo build --release -p synapse_e2e --bin synapse-bench
 	@mkdir -p target/bench
-	@$(ENV) SYNAPSE_WORKER_BIN=$(CURDIR)/target/release/synapse-worker target/release/synapse-bench --json target/bench/results.json
+	@$(ENV) SYNAPSE_WORKER_BIN=$(CURDIR)/target/release/synapse-worker target/release/synapse-bench --json target/bench/results.json $(BENCH_ARGS)
 
 # The benchmark with tiny sizes, so it cannot rot.
 bench-smoke: install

@@ -270,11 +270,11 @@ pub async fn steps_ended(tx: &Transaction<'_>, ends: Vec<StepEnd>) -> Result<(),
     }
     let endings = store::goal_endings(tx, &done).await?;
     let mut finishes = Vec::with_capacity(endings.len());
+    let outputs: BTreeMap<i64, Option<String>> = running.into_iter().collect();
     for ending in endings {
-        let output = running
-            .iter()
-            .find(|(id, _)| *id == ending.goal_id)
-            .and_then(|(_, output)| output.as_deref());
+        let output = outputs
+            .get(&ending.goal_id)
+            .and_then(|output| output.as_deref());
         let goal = &goals[&ending.goal_id].0;
         finishes.push(goal_finish(tx, goal, output, ending).await?);
     }

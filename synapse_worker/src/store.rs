@@ -260,10 +260,12 @@ pub async fn record_outcomes(
             &[&ids, &attempts, &statuses, &results, &errors, &delays],
         )
         .await?;
+    let asked: std::collections::HashMap<i64, &(&ClaimedTask, &AttemptOutcome)> =
+        outcomes.iter().map(|asked| (asked.0.id, asked)).collect();
     let mut recorded: std::collections::HashMap<i64, Recorded> = std::collections::HashMap::new();
     for row in rows {
         let id: i64 = row.get(0);
-        let Some((task, outcome)) = outcomes.iter().find(|(task, _)| task.id == id) else {
+        let Some((task, outcome)) = asked.get(&id) else {
             return Err(StoreError::Data(format!(
                 "recorded task {id} was not asked for"
             )));

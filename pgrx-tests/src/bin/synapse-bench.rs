@@ -656,15 +656,25 @@ fn chain(stack: &Stack, client: &mut postgres::Client, length: usize) -> f64 {
     let edges: Vec<Value> = (1..length)
         .map(|i| json!({"from": format!("s{}", i - 1), "to": format!("s{i}")}))
         .collect();
-    let blueprint = json!({"steps": steps, "edges": edges, "output": "{}"}).to_string();
+    let blueprint = json!({"steps": steps, "edges": edges, "output": "{}"});
+    let (_, elapsed) = run_plan(stack, client, &blueprint);
+    ms(elapsed) / length as f64
+}
+
+/// Submits `blueprint` and waits for its goal to succeed; returns the goal
+/// id and the time from submit sent to the goal's end.
+fn run_plan(stack: &Stack, client: &mut postgres::Client, blueprint: &Value) -> (i64, Duration) {
     let started = Instant::now();
     let id: i64 = client
-        .query_one("SELECT synapse.submit_plan($1::text::jsonb)", &[&blueprint])
+        .query_one(
+            "SELECT synapse.submit_plan($1::text::jsonb)",
+            &[&blueprint.to_string()],
+        )
         .unwrap()
         .get(0);
     let status = wait_for_goal(stack, id, Duration::from_secs(600));
     assert_eq!(status["status"], "succeeded");
-    ms(started.elapsed()) / length as f64
+    (id, started.elapsed())
 }
 
 /// What a fan-out/fan-in run measured.
@@ -686,15 +696,8 @@ fn fan_out(stack: &Stack, client: &mut postgres::Client, width: usize) -> FanOut
         edges.push(json!({"from": format!("l{i}"), "to": "j"}));
     }
     steps.push(json!({"id": "j", "action": "noop", "join": "all", "input": "{}"}));
-    let blueprint = json!({"steps": steps, "edges": edges, "output": "{}"}).to_string();
-    let started = Instant::now();
-    let id: i64 = client
-        .query_one("SELECT synapse.submit_plan($1::text::jsonb)", &[&blueprint])
-        .unwrap()
-        .get(0);
-    let status = wait_for_goal(stack, id, Duration::from_secs(600));
-    assert_eq!(status["status"], "succeeded");
-    let elapsed = started.elapsed();
+    let blueprint = json!({"steps": steps, "edges": edges, "output": "{}"});
+    let (id, elapsed) = run_plan(stack, client, &blueprint);
     let join_delay_ms: f64 = client
         .query_one(
             "SELECT (extract(epoch FROM j.started_at - p.last) * 1000)::float8

@@ -6,6 +6,10 @@
 //! engine for the whole batch, then one commit. A lone outcome is recorded at
 //! once, so batching adds no latency; under load the batches grow by
 //! themselves and the commits per task fall.
+//!
+//! Each transaction locks the goals of its batch (in id order) before it
+//! writes any task row: goal first, then tasks, the order `cancel_goal`
+//! follows too, so a completion and a cancel never deadlock.
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -14,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::engine;
-use crate::executor::{with_retries, Handled};
-use crate::store::{self, AttemptOutcome, ClaimedTask, Recorded, StoreError};
+use crate::executor::Handled;
+use crate::store::{self, with_retries, AttemptOutcome, ClaimedTask, Recorded, StoreError};
 
 /// Most outcomes in one transaction.
 const MAX_BATCH: usize = 256;
@@ -137,15 +141,21 @@ async fn record_isolated(
     .unwrap_or_else(|error| Err(StoreError::Data(format!("recording failed: {error}"))))
 }
 
-/// One transaction: the outcomes (fenced by attempt), then the engine for
-/// every step that ended.
+/// One transaction: the goals' locks, the outcomes (fenced by attempt), then
+/// the engine for every step that ended.
 async fn record_batch(
     pool: &deadpool_postgres::Pool,
     outcomes: &[(&ClaimedTask, &AttemptOutcome)],
 ) -> Result<Vec<Handled>, StoreError> {
+    let mut goal_ids: Vec<i64> = outcomes.iter().map(|(task, _)| task.goal_id).collect();
+    goal_ids.sort_unstable();
+    goal_ids.dedup();
     with_retries(|| async {
         let mut client = pool.get().await?;
-        let tx = client.transaction().await?;
+        let tx = store::begin(&mut client).await?;
+        // A goal that is not running (cancelled) is not locked: its tasks are
+        // not running either, so their outcomes are fenced.
+        let running = store::lock_running_goals(&tx, &goal_ids).await?;
         let recorded = store::record_outcomes(&tx, outcomes).await?;
         let mut handled = Vec::with_capacity(recorded.len());
         let mut ends = Vec::new();
@@ -161,7 +171,7 @@ async fn record_batch(
             });
         }
         if !ends.is_empty() {
-            engine::steps_ended(&tx, ends).await?;
+            engine::steps_ended_in_locked_goals(&tx, ends, running).await?;
         }
         tx.commit().await?;
         Ok(handled)

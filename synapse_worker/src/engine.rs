@@ -6,11 +6,13 @@
 //! has ended. The decisions are plain functions; [`steps_ended`] applies them
 //! through the store.
 //!
-//! Concurrency: the engine locks the goal rows (in id order), so the engine
-//! runs of one goal take turns. Two parents of a join finishing at once therefore see each
-//! other's edge resolutions, and exactly one of them queues the join; the run
-//! that ends the last step sees no unfinished step and finishes the goal.
-//! Goals run in parallel with each other.
+//! Concurrency: the goal rows are locked (in id order) before any task row
+//! is written, so the engine runs of one goal take turns. They run in READ
+//! COMMITTED transactions ([`store::begin`]): each statement after the lock
+//! sees what the previous holder committed. Two parents of a join finishing
+//! at once therefore see each other's edge resolutions, and exactly one of
+//! them queues the join; the run that ends the last step sees no unfinished
+//! step and finishes the goal. Goals run in parallel with each other.
 use std::collections::BTreeMap;
 
 use deadpool_postgres::Transaction;
@@ -231,13 +233,26 @@ async fn decide_outbound(
 
 /// Applies the consequences of steps that ended together (and of every
 /// step that ends because of them) and finishes the goals with nothing left
-/// to run. The statements serve the whole batch: a batch of single-step goals
-/// costs the same handful of statements as one goal.
-///
-/// Each step's own edges are resolved before any goal lock is taken (they are
-/// its rows alone); everything that reads other steps' state happens under
-/// the goal locks, taken in id order.
+/// to run. Locks the goals first (goal rows before task rows, in id order),
+/// then goes on as [`steps_ended_in_locked_goals`].
 pub async fn steps_ended(tx: &Transaction<'_>, ends: Vec<StepEnd>) -> Result<(), StoreError> {
+    let mut goal_ids: Vec<i64> = ends.iter().map(|end| end.goal_id).collect();
+    goal_ids.sort_unstable();
+    goal_ids.dedup();
+    let running = store::lock_running_goals(tx, &goal_ids).await?;
+    steps_ended_in_locked_goals(tx, ends, running).await
+}
+
+/// [`steps_ended`] for a caller that already holds the goal locks:
+/// `running` is what [`store::lock_running_goals`] answered for the goals of
+/// `ends` (those not in it are no longer running, and nothing is decided
+/// for them). The statements serve the whole batch: a batch of single-step
+/// goals costs the same handful of statements as one goal.
+pub async fn steps_ended_in_locked_goals(
+    tx: &Transaction<'_>,
+    ends: Vec<StepEnd>,
+    running: Vec<(i64, Option<String>)>,
+) -> Result<(), StoreError> {
     let mut goals: BTreeMap<i64, (GoalVariables, Vec<Resolved>)> = BTreeMap::new();
     let mut resolutions = Vec::new();
     for end in ends {
@@ -256,11 +271,16 @@ pub async fn steps_ended(tx: &Transaction<'_>, ends: Vec<StepEnd>) -> Result<(),
         seeds.extend(resolved);
     }
     store::resolve_edges(tx, &resolutions).await?;
-    let goal_ids: Vec<i64> = goals.keys().copied().collect();
-    // A goal that is no longer running (cancelled) has nothing left to decide.
-    let running = store::lock_running_goals(tx, &goal_ids).await?;
+    // Only the goals of `ends` that are running: a cancelled goal has
+    // nothing left to decide.
+    let running: Vec<(i64, Option<String>)> = running
+        .into_iter()
+        .filter(|(goal_id, _)| goals.contains_key(goal_id))
+        .collect();
     for (goal_id, _) in &running {
-        let (goal, seeds) = &mut goals.get_mut(goal_id).expect("locked goals were asked for");
+        let (goal, seeds) = &mut goals
+            .get_mut(goal_id)
+            .expect("filtered to the goals of ends");
         propagate(tx, *goal_id, goal, std::mem::take(seeds)).await?;
     }
     let running_ids: Vec<i64> = running.iter().map(|(id, _)| *id).collect();

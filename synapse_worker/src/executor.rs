@@ -11,10 +11,14 @@ use crate::actions::ActionContext;
 use crate::store::{self, AttemptOutcome, ClaimedTask, StoreError};
 use crate::worker::Shared;
 
-/// Longest pause between attempts, whatever the backoff and attempt number.
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
-/// How often a transaction that deadlocked or failed to serialize is tried.
-const TRANSACTION_TRIES: u32 = 5;
+/// The transaction-retry policy lives with the transactions, in the store;
+/// kept here for callers that know it by this path.
+pub use crate::store::with_retries;
+
+/// Longest pause between attempts, whatever the backoff and attempt number:
+/// the longest `backoff` blueprint validation accepts (24 h), so a backoff
+/// that validated is never silently cut short at its first retry.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(24 * 3600);
 
 /// The `task_id` of a `task.queued` message.
 pub fn task_id(payload: &str) -> Option<i64> {
@@ -60,14 +64,13 @@ pub async fn claim(shared: &Shared, list: &str, payloads: &[String]) -> Vec<Clai
         return Vec::new();
     }
     let claimed = with_retries(|| async {
-        let client = shared.pool.get().await?;
-        store::claim_tasks(
-            &client,
-            &task_ids,
-            shared.config.lease,
-            &shared.config.identity,
-        )
-        .await
+        let mut client = shared.pool.get().await?;
+        let tx = store::begin(&mut client).await?;
+        let claimed =
+            store::claim_tasks(&tx, &task_ids, shared.config.lease, &shared.config.identity)
+                .await?;
+        tx.commit().await?;
+        Ok(claimed)
     })
     .await;
     match claimed {
@@ -76,7 +79,7 @@ pub async fn claim(shared: &Shared, list: &str, payloads: &[String]) -> Vec<Clai
             if claimed.len() < task_ids.len() {
                 debug!(
                     dropped = task_ids.len() - claimed.len(),
-                    "tasks not queued any more (duplicate messages or cancelled); dropped"
+                    "tasks not queued any more (duplicate messages or cancelled) or held by another transaction; dropped"
                 );
             }
             claimed
@@ -147,6 +150,11 @@ async fn run_claimed(
     task: &ClaimedTask,
     abort: &CancellationToken,
 ) -> Result<Handled, StoreError> {
+    if let Some(error) = &task.unreadable {
+        // Poison data: this task fails alone, saying why; its neighbours run.
+        warn!(task_id = task.id, %error, "task cannot be read; failed");
+        return record(shared, task, AttemptOutcome::Failed(error.clone())).await;
+    }
     if task.attempt > task.max_attempts {
         // Re-queued after the lease of its last attempt expired: nothing left to try.
         let error = task
@@ -178,8 +186,10 @@ async fn run_claimed(
         },
         () = hold_lease(shared, task) => return Ok(Handled::Lost),
         () = abort.cancelled() => {
-            let client = shared.pool.get().await?;
-            store::release_task(&client, task.id, task.attempt).await?;
+            let mut client = shared.pool.get().await?;
+            let tx = store::begin(&mut client).await?;
+            store::release_task(&tx, task.id, task.attempt).await?;
+            tx.commit().await?;
             return Ok(Handled::Released);
         }
     };
@@ -206,8 +216,11 @@ async fn hold_lease(shared: &Shared, task: &ClaimedTask) {
     loop {
         tokio::time::sleep(period).await;
         let held = async {
-            let client = shared.pool.get().await?;
-            store::heartbeat(&client, task.id, task.attempt, shared.config.lease).await
+            let mut client = shared.pool.get().await?;
+            let tx = store::begin(&mut client).await?;
+            let held = store::heartbeat(&tx, task.id, task.attempt, shared.config.lease).await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(held)
         };
         match held.await {
             Ok(true) => {}
@@ -219,31 +232,20 @@ async fn hold_lease(shared: &Shared, task: &ClaimedTask) {
 }
 
 /// Records the outcome (and runs the engine) through the completer, which
-/// batches it with the outcomes of other tasks.
+/// batches it with the outcomes of other tasks. The lease is renewed while
+/// the outcome waits: a busy completer must not let finished work lapse and
+/// run again. Should the attempt lose the task meanwhile (cancelled), the
+/// completer still answers, and fences the outcome.
 async fn record(
     shared: &Shared,
     task: &ClaimedTask,
     outcome: AttemptOutcome,
 ) -> Result<Handled, StoreError> {
-    shared.completer.record(task.clone(), outcome).await
-}
-
-/// Runs a transaction again when it deadlocked or failed to serialize.
-pub async fn with_retries<T, F, Fut>(mut attempt: F) -> Result<T, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
-{
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        match attempt().await {
-            Err(error) if error.is_transient() && tries < TRANSACTION_TRIES => {
-                debug!(%error, tries, "transaction retried");
-                tokio::time::sleep(Duration::from_millis(5 * u64::from(tries))).await;
-            }
-            other => return other,
-        }
+    let recording = shared.completer.record(task.clone(), outcome);
+    tokio::pin!(recording);
+    tokio::select! {
+        handled = &mut recording => handled,
+        () = hold_lease(shared, task) => recording.await,
     }
 }
 
@@ -268,5 +270,22 @@ mod tests {
         assert_eq!(retry_delay(base, 3, 0.5), Duration::from_secs(2));
         assert_eq!(retry_delay(base, 3, 9.0), Duration::from_secs(6));
         assert_eq!(retry_delay(base, 40, 1.0), MAX_RETRY_DELAY);
+    }
+
+    #[test]
+    fn the_longest_backoff_validation_accepts_is_never_cut_short() {
+        let blueprint = |backoff: Duration| {
+            serde_json::json!({"steps": [{"id": "a", "action": "noop", "retries": 1,
+                "backoff": crate::blueprint::format_duration(backoff)}]})
+        };
+        let accepted = crate::blueprint::validate(&blueprint(MAX_RETRY_DELAY), &|_| true)
+            .expect("the longest retry delay is a valid backoff");
+        assert_eq!(accepted.steps[0].backoff, MAX_RETRY_DELAY);
+        assert_eq!(retry_delay(MAX_RETRY_DELAY, 1, 1.0), MAX_RETRY_DELAY);
+        let longer = MAX_RETRY_DELAY + Duration::from_secs(3600);
+        assert!(
+            crate::blueprint::validate(&blueprint(longer), &|_| true).is_err(),
+            "validation accepts a backoff longer than the cap"
+        );
     }
 }

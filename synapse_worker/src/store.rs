@@ -1,11 +1,15 @@
 //! Every SQL statement the worker runs, in one place. Each state change is
 //! conditional on the current state; the extension's triggers turn the
 //! changes into events.
+use std::collections::HashMap;
 use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Transaction};
 use serde_json::{Map, Value};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::FromSql;
+use tokio_postgres::{IsolationLevel, Row};
+use tracing::{debug, warn};
 
 use crate::blueprint::{EdgeOn, Join};
 use crate::engine::{goal_value, EndedStep, GoalVariables, Outcome};
@@ -60,6 +64,54 @@ impl StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
+/// How often a transaction that deadlocked or failed to serialize is tried.
+const TRANSACTION_TRIES: u32 = 5;
+
+/// Starts a READ COMMITTED transaction, whatever the database's
+/// `default_transaction_isolation` or the session's settings. Every
+/// transaction of the worker starts here: the engine's goal locks only work
+/// if each statement after the lock sees what the previous holder committed
+/// (a fresh snapshot per statement), and claims and heartbeats must not fail
+/// to serialize against a concurrent completion or cancel.
+pub async fn begin(client: &mut deadpool_postgres::Client) -> Result<Transaction<'_>> {
+    Ok(client
+        .build_transaction()
+        .isolation_level(IsolationLevel::ReadCommitted)
+        .start()
+        .await?)
+}
+
+/// Runs a transaction again when it deadlocked or failed to serialize.
+pub async fn with_retries<T, F, Fut>(mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match attempt().await {
+            Err(error) if error.is_transient() && tries < TRANSACTION_TRIES => {
+                debug!(%error, tries, "transaction retried");
+                tokio::time::sleep(Duration::from_millis(5 * u64::from(tries))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Column `index` of `row`, or a [`StoreError::Data`] saying why it cannot be
+/// read (`Row::get` would panic, e.g. on JSON nested deeper than serde_json reads).
+fn column<'a, T: FromSql<'a>>(row: &'a Row, index: usize) -> Result<T> {
+    row.try_get(index).map_err(|error| {
+        // The cause (e.g. "recursion limit exceeded") is not in the Display.
+        let cause = std::error::Error::source(&error)
+            .map(|cause| format!(": {cause}"))
+            .unwrap_or_default();
+        StoreError::Data(format!("{error}{cause}"))
+    })
+}
+
 /// A task this worker claimed.
 #[derive(Debug, Clone)]
 pub struct ClaimedTask {
@@ -87,11 +139,18 @@ pub struct ClaimedTask {
     pub previous_error: Option<String>,
     /// How long it waited between being queued and this claim.
     pub queue_wait: Duration,
+    /// Why its `params` or `input` could not be read (`params` and `input`
+    /// are then null): the attempt fails with this error, unrun.
+    pub unreadable: Option<String>,
 }
 
 /// Claims the queued tasks among `task_ids` in one statement: `queued →
 /// running`, attempt + 1, with a lease. Ids that are not queued (a duplicate
-/// message, a cancelled goal) are left out of the answer.
+/// message, a cancelled goal) are left out of the answer, and so are tasks
+/// another transaction has locked (a cancel, a timer, another claim): a claim
+/// never waits, and the skipped task is cancelled anyway or dispatched again
+/// by the sweep. A task whose row cannot be read comes back with
+/// [`ClaimedTask::unreadable`] set, so that it fails alone.
 pub async fn claim_tasks(
     client: &impl GenericClient,
     task_ids: &[i64],
@@ -100,10 +159,15 @@ pub async fn claim_tasks(
 ) -> Result<Vec<ClaimedTask>> {
     let statement = client
         .prepare_cached(
-            "UPDATE synapse.tasks t
+            "WITH m AS (
+                 SELECT c.id FROM synapse.tasks c
+                  WHERE c.id = ANY($1::bigint[]) AND c.status = 'queued'
+                  ORDER BY c.id
+                    FOR NO KEY UPDATE SKIP LOCKED)
+             UPDATE synapse.tasks t
                 SET status = 'running', attempts = t.attempts + 1,
                     lease_expires_at = now() + $2 * interval '1 millisecond', leased_by = $3
-               FROM (SELECT DISTINCT id FROM unnest($1::bigint[]) AS m(id)) m
+               FROM m
               WHERE t.id = m.id AND t.status = 'queued'
           RETURNING t.id, t.goal_id, t.step, t.action, t.params, coalesce(t.input, 'null'::jsonb), t.attempts,
                     t.max_attempts, t.backoff_ms, t.timeout_ms, t.error,
@@ -113,23 +177,53 @@ pub async fn claim_tasks(
     let rows = client
         .query(&statement, &[&task_ids, &millis(lease), &worker])
         .await?;
-    Ok(rows
-        .iter()
-        .map(|row| ClaimedTask {
-            id: row.get(0),
-            goal_id: row.get(1),
-            step: row.get(2),
-            action: row.get(3),
-            params: row.get(4),
-            input: row.get(5),
-            attempt: row.get(6),
-            max_attempts: row.get(7),
-            backoff: Duration::from_millis(row.get::<_, i64>(8) as u64),
-            timeout: Duration::from_millis(row.get::<_, i64>(9) as u64),
-            previous_error: row.get(10),
-            queue_wait: Duration::from_secs_f64(row.get::<_, Option<f64>>(11).unwrap_or(0.0)),
-        })
-        .collect())
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in &rows {
+        match claimed_task(row) {
+            Ok(task) => claimed.push(task),
+            // Not even its identity could be read: its lease lapses and the
+            // timers deal with it.
+            Err(error) => warn!(%error, "a claimed task cannot be read"),
+        }
+    }
+    Ok(claimed)
+}
+
+/// One claimed row. `params` and `input` are user data: when they cannot be
+/// read, the task is still returned, marked [`ClaimedTask::unreadable`].
+fn claimed_task(row: &Row) -> Result<ClaimedTask> {
+    let mut unreadable = None;
+    let mut user_json = |index: usize, name: &str| match column::<Value>(row, index) {
+        Ok(value) => value,
+        Err(error) => {
+            unreadable.get_or_insert(format!(
+                "cannot read the task's {name}: {}",
+                data_message(error)
+            ));
+            Value::Null
+        }
+    };
+    let params = user_json(4, "params");
+    let input = user_json(5, "input");
+    Ok(ClaimedTask {
+        id: column(row, 0)?,
+        goal_id: column(row, 1)?,
+        step: column(row, 2)?,
+        action: column(row, 3)?,
+        params,
+        input,
+        attempt: column(row, 6)?,
+        max_attempts: column(row, 7)?,
+        backoff: Duration::from_millis(column::<i64>(row, 8)?.max(0) as u64),
+        timeout: Duration::from_millis(column::<i64>(row, 9)?.max(0) as u64),
+        previous_error: column(row, 10)?,
+        queue_wait: Duration::from_secs_f64(
+            column::<Option<f64>>(row, 11)?
+                .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
+                .unwrap_or(0.0),
+        ),
+        unreadable,
+    })
 }
 
 fn millis(duration: Duration) -> f64 {
@@ -210,7 +304,12 @@ pub struct StepEnd {
 
 /// Records many attempts' outcomes in one statement, each only if its attempt
 /// still holds the task: the attempt number fences out a worker whose lease
-/// expired. Answers in the order of `outcomes`.
+/// expired. Outcomes are told apart by task *and* attempt, so two attempts of
+/// one task in the same batch each get their own answer (the stale one is
+/// [`Recorded::Fenced`]). Answers in the order of `outcomes`.
+///
+/// Lock order: the caller has locked the goals of `outcomes` first
+/// ([`lock_running_goals`]), like every writer of task rows that may wait.
 pub async fn record_outcomes(
     tx: &Transaction<'_>,
     outcomes: &[(&ClaimedTask, &AttemptOutcome)],
@@ -245,7 +344,7 @@ pub async fn record_outcomes(
                     AS r(id, attempt, status, result, error, delay_ms),
                     synapse.goals g
               WHERE t.id = r.id AND t.status = 'running' AND t.attempts = r.attempt AND g.id = t.goal_id
-          RETURNING t.id, g.goal, g.input, g.params,
+          RETURNING t.id, r.attempt, g.goal, g.input, g.params,
                     (SELECT array_agg(e.to_step ORDER BY e.position) FROM synapse.edges e
                       WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending'),
                     (SELECT array_agg(e.when_expr ORDER BY e.position) FROM synapse.edges e
@@ -260,16 +359,22 @@ pub async fn record_outcomes(
             &[&ids, &attempts, &statuses, &results, &errors, &delays],
         )
         .await?;
-    let asked: std::collections::HashMap<i64, &(&ClaimedTask, &AttemptOutcome)> =
-        outcomes.iter().map(|asked| (asked.0.id, asked)).collect();
-    let mut recorded: std::collections::HashMap<i64, Recorded> = std::collections::HashMap::new();
+    // (task id, attempt) → the position of that outcome in `outcomes`.
+    let asked: HashMap<(i64, i32), usize> = outcomes
+        .iter()
+        .enumerate()
+        .map(|(index, (task, _))| ((task.id, task.attempt), index))
+        .collect();
+    let mut recorded: HashMap<usize, Recorded> = HashMap::new();
     for row in rows {
-        let id: i64 = row.get(0);
-        let Some((task, outcome)) = asked.get(&id) else {
+        let key: (i64, i32) = (column(&row, 0)?, column(&row, 1)?);
+        let Some(&index) = asked.get(&key) else {
             return Err(StoreError::Data(format!(
-                "recorded task {id} was not asked for"
+                "recorded attempt {} of task {} was not asked for",
+                key.1, key.0
             )));
         };
+        let (task, outcome) = outcomes[index];
         let ended = |outcome, result: Option<&Value>, error: Option<&String>| EndedStep {
             step: task.step.clone(),
             outcome,
@@ -281,26 +386,34 @@ pub async fn record_outcomes(
             AttemptOutcome::Succeeded(result) => ended(Outcome::Succeeded, Some(result), None),
             AttemptOutcome::Failed(error) => ended(Outcome::Failed, None, Some(error)),
             AttemptOutcome::Retry { .. } => {
-                recorded.insert(id, Recorded::Retrying);
+                recorded.insert(index, Recorded::Retrying);
                 continue;
             }
         };
         let goal = GoalVariables {
-            goal: goal_value(task.goal_id, row.get(1), row.get(2), row.get(3)),
+            goal: goal_value(
+                task.goal_id,
+                column(&row, 2)?,
+                column(&row, 3)?,
+                column(&row, 4)?,
+            ),
         };
         recorded.insert(
-            id,
+            index,
             Recorded::Ended(StepEnd {
                 goal_id: task.goal_id,
                 goal,
                 ended,
-                outbound: outbound_from_arrays(row.get(4), row.get(5), row.get(6))?,
+                outbound: outbound_from_arrays(
+                    column(&row, 5)?,
+                    column(&row, 6)?,
+                    column(&row, 7)?,
+                )?,
             }),
         );
     }
-    Ok(outcomes
-        .iter()
-        .map(|(task, _)| recorded.remove(&task.id).unwrap_or(Recorded::Fenced))
+    Ok((0..outcomes.len())
+        .map(|index| recorded.remove(&index).unwrap_or(Recorded::Fenced))
         .collect())
 }
 
@@ -312,7 +425,7 @@ pub async fn steps_map(tx: &Transaction<'_>, goal_id: i64) -> Result<Value> {
                FROM synapse.tasks WHERE goal_id = $1",
         )
         .await?;
-    Ok(tx.query_one(&statement, &[&goal_id]).await?.get(0))
+    column(&tx.query_one(&statement, &[&goal_id]).await?, 0)
 }
 
 /// An outbound edge.
@@ -350,7 +463,7 @@ pub async fn outbound_edges(
         )
         .await?;
     let row = tx.query_one(&statement, &[&goal_id, &step]).await?;
-    outbound_from_arrays(row.get(0), row.get(1), row.get(2))
+    outbound_from_arrays(column(&row, 0)?, column(&row, 1)?, column(&row, 2)?)
 }
 
 /// Outbound edges from parallel arrays (NULL: none).
@@ -493,20 +606,20 @@ pub async fn ready_tasks(
         .await?
         .into_iter()
         .map(|row| {
-            let from: Vec<String> = row.get(4);
-            let states: Vec<String> = row.get(5);
-            let Value::Object(taken_parent_results) = row.get::<_, Value>(6) else {
+            let from: Vec<String> = column(&row, 4)?;
+            let states: Vec<String> = column(&row, 5)?;
+            let Value::Object(taken_parent_results) = column::<Value>(&row, 6)? else {
                 return Err(StoreError::Data("parent results are not an object".into()));
             };
             Ok(ReadyTask {
-                id: row.get(0),
-                step: row.get(1),
-                join: if row.get::<_, &str>(2) == "all" {
+                id: column(&row, 0)?,
+                step: column(&row, 1)?,
+                join: if column::<&str>(&row, 2)? == "all" {
                     Join::All
                 } else {
                     Join::Any
                 },
-                input_expr: row.get(3),
+                input_expr: column(&row, 3)?,
                 inbound: from.into_iter().zip(states).collect(),
                 taken_parent_results,
             })
@@ -550,9 +663,14 @@ pub async fn skip_tasks(tx: &Transaction<'_>, tasks: &[(i64, String)]) -> Result
     Ok(())
 }
 
-/// Locks those of `goal_ids` that are running, in id order (so engine runs
-/// that touch several goals never deadlock each other); returns each locked
-/// goal's blueprint `output` expression.
+/// Locks those of `goal_ids` that are running, in id order; returns each
+/// locked goal's blueprint `output` expression.
+///
+/// Lock order, everywhere: a goal row first, then its task rows. The
+/// completer takes these locks before it records any outcome, as
+/// `cancel_goal` locks the goal before cancelling its tasks, so the two never
+/// wait for each other in a cycle; the id order keeps engine runs that touch
+/// several goals from deadlocking each other.
 pub async fn lock_running_goals(
     tx: &Transaction<'_>,
     goal_ids: &[i64],
@@ -564,12 +682,11 @@ pub async fn lock_running_goals(
               ORDER BY id FOR NO KEY UPDATE",
         )
         .await?;
-    Ok(tx
-        .query(&statement, &[&goal_ids])
+    tx.query(&statement, &[&goal_ids])
         .await?
         .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect())
+        .map(|row| Ok((column(row, 0)?, column(row, 1)?)))
+        .collect()
 }
 
 /// Those of `goal_ids` whose every step has ended.
@@ -583,12 +700,11 @@ pub async fn goals_with_every_step_ended(
               WHERE NOT EXISTS (SELECT FROM synapse.tasks t WHERE t.goal_id = g.id AND t.finished_at IS NULL)",
         )
         .await?;
-    Ok(tx
-        .query(&statement, &[&goal_ids])
+    tx.query(&statement, &[&goal_ids])
         .await?
         .iter()
-        .map(|row| row.get(0))
-        .collect())
+        .map(|row| column(row, 0))
+        .collect()
 }
 
 /// How a goal whose steps have all ended comes out.
@@ -622,20 +738,19 @@ pub async fn goal_endings(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<
                FROM unnest($1::bigint[]) AS g(id)",
         )
         .await?;
-    Ok(tx
-        .query(&statement, &[&goal_ids])
+    tx.query(&statement, &[&goal_ids])
         .await?
         .iter()
         .map(|row| {
-            let steps: Vec<String> = row.get(1);
-            let errors: Vec<String> = row.get(2);
-            GoalEnding {
-                goal_id: row.get(0),
+            let steps: Vec<String> = column(row, 1)?;
+            let errors: Vec<String> = column(row, 2)?;
+            Ok(GoalEnding {
+                goal_id: column(row, 0)?,
                 unhandled_failures: steps.into_iter().zip(errors).collect(),
-                leaf_results: row.get(3),
-            }
+                leaf_results: column(row, 3)?,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// How a goal finished.
@@ -671,12 +786,73 @@ pub async fn finish_goals(tx: &Transaction<'_>, finishes: &[GoalFinish]) -> Resu
     Ok(())
 }
 
+/// Most planning attempts of one goal: a goal whose planning keeps failing
+/// (an error, a worker dying) fails after this many instead of being sent to
+/// the planners forever.
+pub const MAX_PLAN_ATTEMPTS: i32 = 3;
+
+/// A planning attempt that was counted.
+pub struct PlanAttempt {
+    /// Its number, 1 for the first.
+    pub number: i32,
+    /// What made the previous attempt fail, if it said.
+    pub previous_error: Option<String>,
+}
+
+/// Counts a planning attempt of a submitted goal, committed on its own so
+/// that an attempt which never finishes (a worker killed while planning)
+/// counts too. `None` for a goal that is not submitted (a duplicate message,
+/// a goal already planned or cancelled) or that another transaction holds
+/// (another planner is at it): the message is dropped.
+pub async fn count_plan_attempt(
+    client: &mut deadpool_postgres::Client,
+    goal_id: i64,
+) -> Result<Option<PlanAttempt>> {
+    let tx = begin(client).await?;
+    let statement = tx
+        .prepare_cached(
+            "WITH m AS (
+                 SELECT id FROM synapse.goals WHERE id = $1 AND status = 'submitted'
+                    FOR NO KEY UPDATE SKIP LOCKED)
+             UPDATE synapse.goals g SET plan_attempts = g.plan_attempts + 1
+               FROM m WHERE g.id = m.id
+          RETURNING g.plan_attempts, g.error",
+        )
+        .await?;
+    let attempt = match tx.query_opt(&statement, &[&goal_id]).await? {
+        Some(row) => Some(PlanAttempt {
+            number: column(&row, 0)?,
+            previous_error: column(&row, 1)?,
+        }),
+        None => None,
+    };
+    tx.commit().await?;
+    Ok(attempt)
+}
+
+/// Keeps why a planning attempt failed (the goal stays submitted, for the
+/// sweep to send again); the next attempt reports it if it gives up.
+pub async fn note_planning_error(
+    client: &impl GenericClient,
+    goal_id: i64,
+    error: &str,
+) -> Result<()> {
+    let statement = client
+        .prepare_cached(
+            "UPDATE synapse.goals SET error = $2 WHERE id = $1 AND status = 'submitted'",
+        )
+        .await?;
+    client.execute(&statement, &[&goal_id, &error]).await?;
+    Ok(())
+}
+
 /// A goal a planner claimed.
 pub struct GoalToPlan {
     /// Goal text.
     pub goal: String,
-    /// Goal input.
-    pub input: Value,
+    /// Goal input, or why it cannot be read (e.g. JSON nested deeper than
+    /// serde_json reads): such a goal fails saying so.
+    pub input: std::result::Result<Value, String>,
     /// Planner name.
     pub planner: String,
 }
@@ -686,18 +862,28 @@ pub struct GoalToPlan {
 pub async fn claim_goal(tx: &Transaction<'_>, goal_id: i64) -> Result<Option<GoalToPlan>> {
     let statement = tx
         .prepare_cached(
-            "UPDATE synapse.goals SET status = 'planning' WHERE id = $1 AND status = 'submitted'
+            "UPDATE synapse.goals SET status = 'planning', error = NULL WHERE id = $1 AND status = 'submitted'
           RETURNING goal, input, coalesce(planner, 'template')",
         )
         .await?;
-    Ok(tx
-        .query_opt(&statement, &[&goal_id])
-        .await?
-        .map(|row| GoalToPlan {
-            goal: row.get(0),
-            input: row.get(1),
-            planner: row.get(2),
-        }))
+    let Some(row) = tx.query_opt(&statement, &[&goal_id]).await? else {
+        return Ok(None);
+    };
+    Ok(Some(GoalToPlan {
+        goal: column(&row, 0)?,
+        input: column::<Value>(&row, 1)
+            .map_err(|error| format!("cannot read the goal's input: {}", data_message(error))),
+        planner: column(&row, 2)?,
+    }))
+}
+
+/// The message of a [`StoreError`], without the variant's prefix when it is
+/// about the data itself.
+fn data_message(error: StoreError) -> String {
+    match error {
+        StoreError::Data(message) => message,
+        other => other.to_string(),
+    }
 }
 
 /// Installs a planned blueprint (the extension validates it and creates the
@@ -712,10 +898,11 @@ pub async fn install_plan(
     let statement = tx
         .prepare_cached("SELECT synapse._install_plan($1, $2, $3, $4)")
         .await?;
-    Ok(tx
-        .query_one(&statement, &[&goal_id, blueprint, &template, params])
-        .await?
-        .get(0))
+    column(
+        &tx.query_one(&statement, &[&goal_id, blueprint, &template, params])
+            .await?,
+        0,
+    )
 }
 
 /// Fails a goal that could not be planned.
@@ -736,12 +923,11 @@ pub async fn templates(tx: &Transaction<'_>) -> Result<Vec<(String, String, Valu
             "SELECT name, pattern, blueprint FROM synapse.templates ORDER BY priority DESC, name",
         )
         .await?;
-    Ok(tx
-        .query(&statement, &[])
+    tx.query(&statement, &[])
         .await?
         .iter()
-        .map(|row| (row.get(0), row.get(1), row.get(2)))
-        .collect())
+        .map(|row| Ok((column(row, 0)?, column(row, 1)?, column(row, 2)?)))
+        .collect()
 }
 
 /// Publishes this worker's actions in the catalogue.

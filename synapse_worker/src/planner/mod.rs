@@ -8,7 +8,7 @@ use std::sync::Arc;
 use deadpool_postgres::Transaction;
 use serde_json::{Map, Value};
 
-use crate::store::StoreError;
+use crate::store::{self, with_retries, StoreError};
 
 mod template;
 pub use template::TemplatePlanner;
@@ -96,66 +96,21 @@ pub fn goal_id(payload: &str) -> Option<i64> {
         .as_i64()
 }
 
-/// Handles one `goal.submitted` message: claims the goal, asks its planner
-/// for a blueprint and installs it (or fails the goal saying why), all in one
-/// transaction, so a worker dying midway leaves the goal submitted for the
-/// sweep to dispatch again.
+/// How one planning attempt ended: the template used, or why the goal failed.
+type Planned = Result<Option<String>, String>;
+
+/// Handles one `goal.submitted` message: counts the attempt, then claims the
+/// goal, asks its planner for a blueprint and installs it (or fails the goal
+/// saying why), all in one transaction, so a worker dying midway leaves the
+/// goal submitted for the sweep to dispatch again. A goal whose planning
+/// fails [`store::MAX_PLAN_ATTEMPTS`] times fails with the last error.
 pub async fn plan_goal(shared: &crate::worker::Shared, list: &str, payload: &str) {
     let Some(goal_id) = goal_id(payload) else {
         tracing::warn!(payload, "dropping a malformed planner message");
         return;
     };
     let started = std::time::Instant::now();
-    let planned = crate::executor::with_retries(|| async {
-        let mut client = shared.pool.get().await?;
-        let tx = client.transaction().await?;
-        let Some(claimed) = crate::store::claim_goal(&tx, goal_id).await? else {
-            return Ok(None);
-        };
-        let outcome = match shared.planners.get(&claimed.planner) {
-            None => Err(format!(
-                "unknown planner \"{}\" (this worker has: {})",
-                claimed.planner,
-                shared.planners.names().join(", ")
-            )),
-            Some(planner) => {
-                let request = GoalRequest {
-                    id: goal_id,
-                    goal: claimed.goal,
-                    input: claimed.input,
-                };
-                match planner.plan(&tx, &request).await {
-                    Ok(plan) => Ok(plan),
-                    Err(PlanError::Rejected(message)) => Err(message),
-                    Err(PlanError::Store(error)) => return Err(error),
-                }
-            }
-        };
-        let result = match outcome {
-            Ok(plan) => {
-                let params = Value::Object(plan.params);
-                let problems = crate::store::install_plan(
-                    &tx,
-                    goal_id,
-                    &plan.blueprint,
-                    plan.template.as_deref(),
-                    &params,
-                )
-                .await?;
-                match problems.as_array().map(Vec::len).unwrap_or(0) {
-                    0 => Ok(plan.template),
-                    n => Err(format!("the planned blueprint has {n} problems")),
-                }
-            }
-            Err(message) => {
-                crate::store::fail_planning(&tx, goal_id, &message).await?;
-                Err(message)
-            }
-        };
-        tx.commit().await?;
-        Ok(Some(result))
-    })
-    .await;
+    let planned = attempt_planning(shared, goal_id).await;
     let elapsed = started.elapsed();
     let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
     let outcome = match &planned {
@@ -172,7 +127,7 @@ pub async fn plan_goal(shared: &crate::worker::Shared, list: &str, payload: &str
     match planned {
         Ok(None) => tracing::debug!(
             goal_id,
-            "goal is not waiting for a plan (duplicate message); dropped"
+            "goal is not waiting for a plan (duplicate message, or another planner has it); dropped"
         ),
         Ok(Some(Ok(template))) => tracing::info!(
             goal_id,
@@ -190,4 +145,119 @@ pub async fn plan_goal(shared: &crate::worker::Shared, list: &str, payload: &str
             tracing::warn!(goal_id, %error, "planning failed; the sweep dispatches the goal again")
         }
     }
+}
+
+/// `None`: the goal was not waiting for this planner (dropped).
+async fn attempt_planning(
+    shared: &crate::worker::Shared,
+    goal_id: i64,
+) -> Result<Option<Planned>, StoreError> {
+    let attempt = with_retries(|| async {
+        let mut client = shared.pool.get().await?;
+        store::count_plan_attempt(&mut client, goal_id).await
+    })
+    .await?;
+    let Some(attempt) = attempt else {
+        return Ok(None);
+    };
+    if attempt.number > store::MAX_PLAN_ATTEMPTS {
+        // The earlier attempts failed, or their workers died before saying why.
+        let last = attempt
+            .previous_error
+            .unwrap_or_else(|| "the worker planning it stopped before it finished".to_owned());
+        return give_up(shared, goal_id, &last).await.map(Some);
+    }
+    match with_retries(|| plan_once(shared, goal_id)).await {
+        Err(error) if !error.is_unavailable() => {
+            let message = error.to_string();
+            if attempt.number >= store::MAX_PLAN_ATTEMPTS {
+                return give_up(shared, goal_id, &message).await.map(Some);
+            }
+            let noted = with_retries(|| async {
+                let client = shared.pool.get().await?;
+                store::note_planning_error(&client, goal_id, &message).await
+            })
+            .await;
+            if let Err(noted) = noted {
+                tracing::warn!(goal_id, error = %noted, "could not keep the planning error");
+            }
+            Err(error)
+        }
+        other => other,
+    }
+}
+
+/// Fails a goal whose planning failed [`store::MAX_PLAN_ATTEMPTS`] times.
+async fn give_up(
+    shared: &crate::worker::Shared,
+    goal_id: i64,
+    last_error: &str,
+) -> Result<Planned, StoreError> {
+    let message = format!(
+        "planning failed {} times: {last_error}",
+        store::MAX_PLAN_ATTEMPTS
+    );
+    with_retries(|| async {
+        let mut client = shared.pool.get().await?;
+        let tx = store::begin(&mut client).await?;
+        store::fail_planning(&tx, goal_id, &message).await?;
+        Ok(tx.commit().await?)
+    })
+    .await?;
+    Ok(Err(message))
+}
+
+/// One planning transaction; `None` if the goal is no longer submitted.
+async fn plan_once(
+    shared: &crate::worker::Shared,
+    goal_id: i64,
+) -> Result<Option<Planned>, StoreError> {
+    let mut client = shared.pool.get().await?;
+    let tx = store::begin(&mut client).await?;
+    let Some(claimed) = store::claim_goal(&tx, goal_id).await? else {
+        return Ok(None);
+    };
+    let outcome = match (shared.planners.get(&claimed.planner), claimed.input) {
+        (_, Err(unreadable)) => Err(unreadable),
+        (None, _) => Err(format!(
+            "unknown planner \"{}\" (this worker has: {})",
+            claimed.planner,
+            shared.planners.names().join(", ")
+        )),
+        (Some(planner), Ok(input)) => {
+            let request = GoalRequest {
+                id: goal_id,
+                goal: claimed.goal,
+                input,
+            };
+            match planner.plan(&tx, &request).await {
+                Ok(plan) => Ok(plan),
+                Err(PlanError::Rejected(message)) => Err(message),
+                Err(PlanError::Store(error)) => return Err(error),
+            }
+        }
+    };
+    let result = match outcome {
+        Ok(plan) => {
+            let params = Value::Object(plan.params);
+            let problems = store::install_plan(
+                &tx,
+                goal_id,
+                &plan.blueprint,
+                plan.template.as_deref(),
+                &params,
+            )
+            .await?;
+            match problems.as_array().map(Vec::len).unwrap_or(0) {
+                0 => Ok(plan.template),
+                n => Err(format!("the planned blueprint has {n} problems")),
+            }
+        }
+        Err(message) => {
+            store::fail_planning(&tx, goal_id, &message).await?;
+            Err(message)
+        }
+    };
+    tx.commit().await?;
+    Ok(Some(result))
 }

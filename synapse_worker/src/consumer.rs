@@ -73,7 +73,10 @@ pub async fn consume(
         }
         let current = match &mut popper {
             Some(current) => current,
-            slot_for_connection => match connect(&shared.redis).await {
+            slot_for_connection => match tokio::select! {
+                () = shutdown.cancelled() => break,
+                connected = connect(&shared.redis) => connected,
+            } {
                 Ok(connected) => {
                     if reconnect.is_backing_off() {
                         info!("redis reachable again");

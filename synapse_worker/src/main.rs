@@ -1,12 +1,14 @@
 //! `synapse-worker`: runs Synapse workers, and submits and inspects goals.
+use std::future::Future;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use synapse_worker::actions::ActionRegistry;
+use synapse_worker::actions::{ActionRegistry, ResultLimit};
 use synapse_worker::{Worker, WorkerConfig};
 
 mod client;
@@ -140,13 +142,16 @@ struct RunArgs {
     /// Programs the exec action may run (comma list, exactly as blueprints name them).
     #[arg(long, env = "SYNAPSE_ALLOW_EXEC", value_delimiter = ',')]
     allow_exec: Vec<String>,
+    /// Largest result a step may produce, as JSON (bytes, or e.g. 64KiB, 1MiB); beyond it the step fails.
+    #[arg(long, env = "SYNAPSE_MAX_RESULT_SIZE", default_value = "1MiB", value_parser = ResultLimit::parse)]
+    max_result_size: ResultLimit,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     synapse_worker::blueprint::parse_duration(text)
 }
 
-fn config(database_url: String, args: RunArgs) -> anyhow::Result<WorkerConfig> {
+fn config(database_url: String, args: RunArgs) -> anyhow::Result<(WorkerConfig, ResultLimit)> {
     if let Some(bad) = args
         .queues
         .iter()
@@ -161,7 +166,7 @@ fn config(database_url: String, args: RunArgs) -> anyhow::Result<WorkerConfig> {
         bail!("--lease must be at least 1s");
     }
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
-    Ok(WorkerConfig {
+    let config = WorkerConfig {
         database_url,
         redis_url: args.redis_url,
         key_prefix: args.key_prefix,
@@ -172,7 +177,8 @@ fn config(database_url: String, args: RunArgs) -> anyhow::Result<WorkerConfig> {
         identity: format!("{host}:{}", std::process::id()),
         allow_exec: args.allow_exec,
         metrics_addr: args.metrics_addr,
-    })
+    };
+    Ok((config, args.max_result_size))
 }
 
 fn init_logging(format: LogFormat) {
@@ -201,16 +207,27 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Before anything can wait on Postgres or Redis: every wait is cancellable.
+        let stop = match stop_signal() {
+            Ok(stop) => stop,
+            Err(error) => {
+                eprintln!("error: cannot listen for SIGTERM and SIGINT: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let url = cli.database_url;
         match cli.command {
             Command::Run(args) => {
-                let config = match config(cli.database_url, args) {
-                    Ok(config) => config,
+                let worker = config(url, args).and_then(|(config, limit)| {
+                    Worker::with_result_limit(config, ActionRegistry::new(), limit)
+                });
+                match worker {
+                    Ok(worker) => report(run(worker, stop).await),
                     Err(error) => {
                         eprintln!("error: {error:#}");
-                        return ExitCode::from(EXIT_CONFIG);
+                        ExitCode::from(EXIT_CONFIG)
                     }
-                };
-                report(run(config).await)
+                }
             }
             Command::Submit {
                 goal,
@@ -218,15 +235,51 @@ fn main() -> ExitCode {
                 planner,
                 wait,
                 timeout,
-            } => exit(
-                client::submit(&cli.database_url, &goal, &input, &planner, wait, timeout).await,
-            ),
-            Command::Status { id } => exit(client::status(&cli.database_url, id).await),
-            Command::Watch { id } => exit(client::watch(&cli.database_url, id).await),
-            Command::Graph { id, format, output } => {
-                exit(client::graph(&cli.database_url, id, &format, output.as_deref()).await)
+            } => {
+                let submit = client::submit(&url, &goal, &input, &planner, wait, timeout);
+                interruptible(submit, stop).await
             }
-            Command::Validate { file } => exit(client::validate(&cli.database_url, &file).await),
+            Command::Status { id } => interruptible(client::status(&url, id), stop).await,
+            Command::Watch { id } => interruptible(client::watch(&url, id), stop).await,
+            Command::Graph { id, format, output } => {
+                let graph = client::graph(&url, id, &format, output.as_deref());
+                interruptible(graph, stop).await
+            }
+            Command::Validate { file } => interruptible(client::validate(&url, &file), stop).await,
+        }
+    })
+}
+
+/// Runs a client command until it ends or a signal stops it (exit 128 + the
+/// signal's number, as shells report a process the signal killed).
+async fn interruptible(
+    command: impl Future<Output = client::Outcome>,
+    stop: impl Future<Output = Stop>,
+) -> ExitCode {
+    tokio::select! {
+        outcome = command => exit(outcome),
+        signal = stop => {
+            eprintln!("interrupted by {}", signal.name);
+            ExitCode::from(128 + signal.number)
+        }
+    }
+}
+
+/// The signal that asked the process to stop.
+struct Stop {
+    name: &'static str,
+    number: u8,
+}
+
+/// Resolves at the first SIGTERM or SIGINT. The handlers are installed when
+/// this is called, not when it is first polled, so no signal slips by.
+fn stop_signal() -> std::io::Result<impl Future<Output = Stop>> {
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => Stop { name: "SIGTERM", number: 15 },
+            _ = interrupt.recv() => Stop { name: "SIGINT", number: 2 },
         }
     })
 }
@@ -256,22 +309,17 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-async fn run(config: WorkerConfig) -> anyhow::Result<()> {
+/// Runs `worker` until SIGTERM or SIGINT, then lets it stop (exit 0).
+async fn run(
+    worker: Worker,
+    stop: impl Future<Output = Stop> + Send + 'static,
+) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(terminate) => terminate,
-                Err(_) => return,
-            };
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
+        let signal = stop.await;
+        tracing::info!(signal = signal.name, "stopping");
         signals.cancel();
     });
-    Worker::new(config, ActionRegistry::new())?
-        .run(shutdown)
-        .await
+    worker.run(shutdown).await
 }

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::actions::ActionRegistry;
+use crate::actions::{ActionRegistry, ResultLimit};
 use crate::backoff::Backoff;
 use crate::blueprint::BUILTIN_ACTIONS;
 use crate::completer::{completer, Completer, CompletionQueue};
@@ -140,11 +140,29 @@ pub struct Worker {
     completions: CompletionQueue,
 }
 
+/// How long a connection attempt to Postgres may take, unless the URL says
+/// (`connect_timeout`): an address that drops packets fails like a closed port.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// After the grace period, how long releasing unfinished tasks (and recording
+/// what finished) may take before the worker exits anyway; their leases then
+/// expire and the forwarder queues them again.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `sql` action's pool: one connection per concurrent task at most, so a
+/// step never waits for another's.
+fn pool_for_sql(url: &str, concurrency: usize) -> anyhow::Result<deadpool_postgres::Pool> {
+    pool(url, concurrency)
+}
+
 /// A Postgres pool for `url`, sized for `connections`.
 pub fn pool(url: &str, connections: usize) -> anyhow::Result<deadpool_postgres::Pool> {
-    let config: tokio_postgres::Config = url
+    let mut config: tokio_postgres::Config = url
         .parse()
         .context("--database-url is not a valid Postgres URL")?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
     let manager = deadpool_postgres::Manager::from_config(
         config,
         tokio_postgres::NoTls,
@@ -159,13 +177,27 @@ pub fn pool(url: &str, connections: usize) -> anyhow::Result<deadpool_postgres::
 }
 
 impl Worker {
-    /// A worker with the built-in actions and planners, plus `extra` actions.
+    /// A worker with the built-in actions and planners, plus `extra` actions;
+    /// results are bounded by the default limit (1 MiB).
     pub fn new(config: WorkerConfig, extra: ActionRegistry) -> anyhow::Result<Worker> {
+        Self::with_result_limit(config, extra, ResultLimit::default())
+    }
+
+    /// Like [`Worker::new`], with every action's result bounded by `limit`
+    /// (`--max-result-size`).
+    pub fn with_result_limit(
+        config: WorkerConfig,
+        extra: ActionRegistry,
+        limit: ResultLimit,
+    ) -> anyhow::Result<Worker> {
         // Each running task may hold one connection while heartbeating or recording.
         let pool = pool(&config.database_url, config.concurrency + 4)?;
+        // `sql` steps get connections of their own: whatever a step does to its
+        // session can never reach the claims, heartbeats and the completer.
+        let sql_pool = pool_for_sql(&config.database_url, config.concurrency)?;
         let redis = redis::Client::open(config.redis_url.as_str())
             .context("--redis-url is not a valid Redis URL")?;
-        let mut actions = ActionRegistry::builtins(pool.clone(), config.allow_exec.clone());
+        let mut actions = ActionRegistry::builtins(sql_pool, config.allow_exec.clone(), limit);
         for action in extra.iter() {
             actions.register_shared(action.clone());
         }
@@ -175,7 +207,7 @@ impl Worker {
                 config,
                 pool,
                 redis,
-                actions,
+                actions: actions.bounded(limit),
                 planners: PlannerRegistry::builtins(),
                 completer,
                 pause: std::sync::Mutex::new(Pause::default()),
@@ -185,10 +217,15 @@ impl Worker {
     }
 
     /// Publishes the actions, then consumes until `shutdown` fires; in-flight
-    /// tasks then get the grace period to finish before their leases are released.
+    /// tasks then get the grace period to finish before their leases are
+    /// released. `shutdown` is honoured in every state, waiting for Postgres
+    /// or Redis included.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let shared = self.shared;
-        register_actions(&shared).await?;
+        if !register_actions(&shared, &shutdown).await? {
+            info!("stopped before starting");
+            return Ok(());
+        }
         let stop_completer = CancellationToken::new();
         let completer = tokio::spawn(crate::completer::run(
             shared.pool.clone(),
@@ -223,17 +260,32 @@ impl Worker {
                 "grace period over: releasing unfinished tasks"
             );
             abort.cancel();
-            tasks.wait().await;
+            if tokio::time::timeout(RELEASE_TIMEOUT, tasks.wait())
+                .await
+                .is_err()
+            {
+                warn!(
+                    in_flight = tasks.len(),
+                    "could not release every task (is postgres reachable?); their leases will expire"
+                );
+            }
         }
-        // Every task got its answer: nothing is left to record.
+        // Every task got its answer, or was given up: nothing is left to record.
         stop_completer.cancel();
-        let _ = completer.await;
+        if tokio::time::timeout(RELEASE_TIMEOUT, completer)
+            .await
+            .is_err()
+        {
+            warn!("the last outcomes could not be recorded; their leases will expire");
+        }
         info!("worker stopped");
         Ok(())
     }
 }
 
-async fn register_actions(shared: &Shared) -> anyhow::Result<()> {
+/// Upserts the worker's actions in `synapse.actions`, waiting for Postgres as
+/// long as it cannot be reached. `Ok(false)` if `shutdown` fired first.
+async fn register_actions(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Result<bool> {
     let actions: Vec<_> = shared
         .actions
         .iter()
@@ -255,18 +307,42 @@ async fn register_actions(shared: &Shared) -> anyhow::Result<()> {
             let client = shared.pool.get().await?;
             store::register_actions(&client, &actions, &shared.config.identity).await
         };
-        match attempt.await {
-            Ok(()) => return Ok(()),
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => return Ok(false),
+            outcome = attempt => outcome,
+        };
+        match outcome {
+            Ok(()) => return Ok(true),
             Err(store::StoreError::Postgres(error)) if error.as_db_error().is_some() => {
                 return Err(error).context(
                     "registering actions in synapse.actions (is the synapse extension installed?)",
                 );
             }
             Err(error) => {
+                if let Some(refusal) = refused_connection(&error) {
+                    anyhow::bail!("postgres refused the connection: {refusal} (check --database-url / SYNAPSE_DATABASE_URL)");
+                }
                 let pause = backoff.next_pause();
                 warn!(%error, retry_in_ms = pause.as_millis() as u64, "cannot reach postgres");
-                tokio::time::sleep(pause).await;
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(false),
+                    () = tokio::time::sleep(pause) => {}
+                }
             }
         }
     }
+}
+
+/// The server's message when it refused a new connection for good: the
+/// database does not exist, or the role may not log in (SQLSTATE 3D000 and
+/// class 28). Waiting would not help; other refusals (starting up, too many
+/// connections) pass.
+fn refused_connection(error: &store::StoreError) -> Option<String> {
+    let store::StoreError::Pool(deadpool_postgres::PoolError::Backend(error)) = error else {
+        return None;
+    };
+    let db = error.as_db_error()?;
+    let code = db.code().code();
+    (code == "3D000" || code.starts_with("28"))
+        .then(|| format!("{} (SQLSTATE {code})", db.message()))
 }

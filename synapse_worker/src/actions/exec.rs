@@ -6,9 +6,10 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
+use super::limit::ResultLimit;
 use super::simple::{expected, param};
 use super::{Action, ActionContext, ActionError, ActionFuture};
 
@@ -39,10 +40,16 @@ const HIDDEN_ENV: &[&str] = &["SYNAPSE_DATABASE_URL", "SYNAPSE_REDIS_URL"];
 /// but not `["/usr/bin/jq", …]`). A bare name is then looked up in the worker's
 /// `PATH` when the program starts.
 ///
-/// If the attempt is cancelled (timeout, goal cancelled, lease lost) the program
-/// is killed (`kill_on_drop`); processes it started itself are not tracked.
+/// The program runs in a process group of its own. When the attempt is
+/// cancelled (timeout, goal cancelled, lease lost), the whole group is killed,
+/// processes the program started included; when the program exits, whatever
+/// it left running in its group is killed too. stdout is read no further than
+/// the result limit (1 MiB unless [`Exec::with_result_limit`] says otherwise):
+/// a program printing more is killed, with its group, and the attempt fails
+/// permanently. Of stderr only the end is kept.
 pub struct Exec {
     allowed: Vec<String>,
+    limit: ResultLimit,
 }
 
 impl Exec {
@@ -51,7 +58,14 @@ impl Exec {
     pub fn new(allowed_programs: Vec<String>) -> Self {
         Self {
             allowed: allowed_programs,
+            limit: ResultLimit::default(),
         }
+    }
+
+    /// The same action with stdout bounded by `limit` instead of 1 MiB.
+    pub fn with_result_limit(mut self, limit: ResultLimit) -> Self {
+        self.limit = limit;
+        self
     }
 
     /// The programs this action may run, as given to [`Exec::new`].
@@ -75,6 +89,7 @@ impl Exec {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
+            .process_group(0)
             .env("SYNAPSE_GOAL_ID", context.goal_id.to_string())
             .env("SYNAPSE_TASK_ID", context.task_id.to_string())
             .env("SYNAPSE_STEP", &context.step)
@@ -90,6 +105,8 @@ impl Exec {
             // Out of processes or file descriptors: may pass.
             _ => ActionError::Retryable(format!("program \"{program}\" could not start: {e}")),
         })?;
+        // Ends the program's whole group when the attempt ends, however it ends.
+        let group = ProcessGroup::of(&child);
 
         let mut payload = serde_json::to_vec(&context.input).map_err(|e| {
             ActionError::Permanent(format!("cannot serialize the input as JSON: {e}"))
@@ -106,12 +123,38 @@ impl Exec {
             // Dropping stdin closes it, so the program sees end of input.
             stdin.shutdown().await
         };
-        let (fed, output) = tokio::join!(feed, child.wait_with_output());
-        let output = output.map_err(|e| {
-            ActionError::Retryable(format!(
-                "program \"{program}\" could not be waited for: {e}"
-            ))
-        })?;
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let stdout = async {
+            let read = read_capped(stdout, self.limit.bytes()).await;
+            if matches!(read, Ok(None)) {
+                // Too much: stop it now rather than wait for it to end.
+                group.kill();
+            }
+            read
+        };
+        let stderr = read_tail(stderr, STDERR_TAIL_BYTES);
+        let exited = async {
+            let status = child.wait().await;
+            // What it left running would keep the pipes open: end it.
+            group.kill();
+            status
+        };
+        let (fed, stdout, stderr, status) = tokio::join!(feed, stdout, stderr, exited);
+        let output = match (stdout, stderr, status) {
+            (Ok(Some(stdout)), Ok(stderr), Ok(status)) => std::process::Output {
+                status,
+                stdout,
+                stderr,
+            },
+            (Ok(None), _, _) => {
+                return Err(self.limit.exceeded(&format!("program \"{program}\"")));
+            }
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                return Err(ActionError::Retryable(format!(
+                    "program \"{program}\" could not be waited for: {e}"
+                )));
+            }
+        };
         if let Err(e) = fed {
             // A program that exits without reading its input breaks the pipe; its
             // exit status, not the write, says whether it worked.
@@ -192,6 +235,80 @@ fn argv(context: &ActionContext) -> Result<Vec<&str>, ActionError> {
         }
     }
     Ok(argv)
+}
+
+/// The process group a program runs in (it leads it: the group id is its pid).
+///
+/// Killed once: when the attempt overflows, when the program has exited (what
+/// it left behind), or when this is dropped with the attempt.
+struct ProcessGroup {
+    leader: Option<rustix::process::Pid>,
+    killed: std::sync::atomic::AtomicBool,
+}
+
+impl ProcessGroup {
+    fn of(child: &tokio::process::Child) -> Self {
+        let leader = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .and_then(rustix::process::Pid::from_raw);
+        Self {
+            leader,
+            killed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Sends SIGKILL to every process of the group, the first time only.
+    fn kill(&self) {
+        if self.killed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        if let Some(leader) = self.leader {
+            // ESRCH (nobody left in the group) is the usual, fine answer.
+            let _ = rustix::process::kill_process_group(leader, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Reads `pipe` to its end, unless it holds more than `cap` bytes: then `None`.
+async fn read_capped(
+    pipe: Option<impl AsyncRead + Unpin>,
+    cap: usize,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut read = Vec::new();
+    let Some(pipe) = pipe else {
+        return Ok(Some(read));
+    };
+    // One byte past the cap tells "exactly the cap" from "more".
+    let limit = u64::try_from(cap).unwrap_or(u64::MAX).saturating_add(1);
+    pipe.take(limit).read_to_end(&mut read).await?;
+    Ok((read.len() <= cap).then_some(read))
+}
+
+/// Reads `pipe` to its end, keeping only its last `keep` bytes (where programs
+/// say why they failed), so a chatty program cannot fill the worker's memory.
+async fn read_tail(pipe: Option<impl AsyncRead + Unpin>, keep: usize) -> std::io::Result<Vec<u8>> {
+    let mut tail = Vec::new();
+    let Some(mut pipe) = pipe else {
+        return Ok(tail);
+    };
+    let mut buffer = [0u8; 8192];
+    loop {
+        let n = pipe.read(&mut buffer).await?;
+        if n == 0 {
+            return Ok(tail);
+        }
+        tail.extend_from_slice(&buffer[..n]);
+        if tail.len() > keep {
+            tail.drain(..tail.len() - keep);
+        }
+    }
 }
 
 /// The last [`STDERR_TAIL_BYTES`] of stderr as text, trimmed: the end is where

@@ -6,6 +6,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{json, Map, Value};
 
+use super::limit::ResultLimit;
 use super::simple::{expected, optional_str, param, required_str};
 use super::{Action, ActionContext, ActionError, ActionFuture};
 
@@ -14,6 +15,10 @@ const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"];
 
 /// How much of an error response's body goes into the error message.
 const BODY_QUOTE_CHARS: usize = 200;
+
+/// How much of an error response's body is read: enough for the quote, in any
+/// UTF-8.
+const ERROR_BODY_BYTES: usize = 4 * BODY_QUOTE_CHARS;
 
 /// `http`: sends one request and returns `{status, headers, body}`.
 ///
@@ -30,8 +35,14 @@ const BODY_QUOTE_CHARS: usize = 200;
 /// 429 retryably, like connection errors and timeouts; any other status
 /// permanently. The attempt's timeout bounds the whole request. Credentials in
 /// the URL's userinfo are sent as basic auth but never appear in messages.
+///
+/// The body is read as it arrives and no further than the result limit (1 MiB
+/// unless [`Http::with_result_limit`] says otherwise): a longer one fails the
+/// attempt permanently, and so does a `Content-Length` over the limit, before
+/// any of the body is read.
 pub struct Http {
     client: reqwest::Client,
+    limit: ResultLimit,
 }
 
 impl Http {
@@ -47,7 +58,16 @@ impl Http {
             .user_agent(concat!("synapse-worker/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("the HTTP client (TLS backend) could not be initialised");
-        Self { client }
+        Self {
+            client,
+            limit: ResultLimit::default(),
+        }
+    }
+
+    /// The same action with bodies bounded by `limit` instead of 1 MiB.
+    pub fn with_result_limit(mut self, limit: ResultLimit) -> Self {
+        self.limit = limit;
+        self
     }
 
     async fn execute(&self, context: &ActionContext) -> Result<Value, ActionError> {
@@ -66,14 +86,23 @@ impl Http {
             Body::Json(value) => builder.json(value),
         };
 
-        let response = builder
+        let mut response = builder
             .send()
             .await
             .map_err(|e| send_error(&method, &shown, context.timeout, e))?;
         let status = response.status();
         let headers = headers_json(response.headers());
         let is_json = is_json(response.headers());
-        let bytes = response.bytes().await.map_err(|e| {
+        let cap = if status.is_success() {
+            let announced = response.content_length().unwrap_or(0);
+            if usize::try_from(announced).map_or(true, |length| length > self.limit.bytes()) {
+                return Err(self.limit.exceeded(&format!("{method} {shown}")));
+            }
+            self.limit.bytes()
+        } else {
+            ERROR_BODY_BYTES
+        };
+        let (bytes, cut) = read_body(&mut response, cap).await.map_err(|e| {
             let what = if e.is_timeout() {
                 format!("timed out after {:?} reading the response", context.timeout)
             } else {
@@ -81,6 +110,9 @@ impl Http {
             };
             ActionError::Retryable(format!("{method} {shown} {what}"))
         })?;
+        if cut && status.is_success() {
+            return Err(self.limit.exceeded(&format!("{method} {shown}")));
+        }
         let text = String::from_utf8_lossy(&bytes);
 
         if !status.is_success() {
@@ -267,6 +299,24 @@ fn is_json(headers: &HeaderMap) -> bool {
         .trim()
         .to_ascii_lowercase();
     essence == "application/json" || essence.ends_with("+json")
+}
+
+/// The body as it arrives, up to `cap` bytes; `true` if there was more (the
+/// rest is never read: dropping the response closes its connection).
+async fn read_body(
+    response: &mut reqwest::Response,
+    cap: usize,
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = cap - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok((body, true));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body, false))
 }
 
 /// Response headers as a JSON object; repeated headers are joined with `", "`, the
@@ -509,6 +559,44 @@ mod tests {
         assert_eq!(
             err,
             ActionError::Permanent(format!("GET {base}/ answered 404: {}", "n".repeat(200)))
+        );
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_fail_permanently_announced_or_not() {
+        let limited = || Http::new().with_result_limit(ResultLimit::new(1000));
+        let expected = |base: &str| {
+            ActionError::Permanent(format!(
+                "GET {base}/big: result is larger than the 1000 bytes limit (--max-result-size)"
+            ))
+        };
+        // Announced by Content-Length: refused before the body is read.
+        let (base, _server) = serve_once(response("200 OK", "text/plain", &"x".repeat(2000))).await;
+        let ctx = context(json!({"url": format!("{base}/big")}), json!({}));
+        assert_eq!(limited().run(&ctx).await, Err(expected(&base)));
+        // Not announced (the body runs until the connection closes): read up to the limit.
+        let (base, _server) = serve_once(format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n{}",
+            "y".repeat(5000)
+        ))
+        .await;
+        let ctx = context(json!({"url": format!("{base}/big")}), json!({}));
+        assert_eq!(limited().run(&ctx).await, Err(expected(&base)));
+        // Up to the limit is fine.
+        let (base, _server) = serve_once(response("200 OK", "text/plain", &"z".repeat(1000))).await;
+        let ctx = context(json!({"url": format!("{base}/big")}), json!({}));
+        let result = limited().run(&ctx).await.unwrap();
+        assert_eq!(result["body"], json!("z".repeat(1000)));
+        // A large error body is not a large result: the status is what counts.
+        let (base, _server) =
+            serve_once(response("500 Oops", "text/plain", &"e".repeat(5000))).await;
+        let ctx = context(json!({"url": format!("{base}/big")}), json!({}));
+        let err = limited().run(&ctx).await.unwrap_err();
+        assert!(err.is_retryable());
+        assert!(
+            err.message()
+                .starts_with(&format!("GET {base}/big answered 500: eee")),
+            "{err:?}"
         );
     }
 

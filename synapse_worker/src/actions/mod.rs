@@ -11,11 +11,14 @@ use serde_json::Value;
 
 mod exec;
 mod http;
+mod limit;
 mod simple;
 mod sql;
+mod statement;
 
 pub use exec::Exec;
 pub use http::Http;
+pub use limit::ResultLimit;
 pub use simple::{Fail, Noop, Sleep, Transform};
 pub use sql::Sql;
 
@@ -96,17 +99,38 @@ impl ActionRegistry {
     }
 
     /// The built-in actions. `exec` runs only the programs in `allowed_programs`;
-    /// `sql` uses `pool`.
-    pub fn builtins(pool: deadpool_postgres::Pool, allowed_programs: Vec<String>) -> Self {
+    /// `sql` uses `sql_pool`, which must be a pool of its own (it resets every
+    /// connection after each step); `http`, `exec` and `sql` stop reading at
+    /// `limit`.
+    pub fn builtins(
+        sql_pool: deadpool_postgres::Pool,
+        allowed_programs: Vec<String>,
+        limit: ResultLimit,
+    ) -> Self {
         let mut registry = Self::new();
         registry.register(Noop);
         registry.register(Sleep);
         registry.register(Fail);
         registry.register(Transform);
-        registry.register(Http::new());
-        registry.register(Exec::new(allowed_programs));
-        registry.register(Sql::new(pool));
+        registry.register(Http::new().with_result_limit(limit));
+        registry.register(Exec::new(allowed_programs).with_result_limit(limit));
+        registry.register(Sql::new(sql_pool).with_result_limit(limit));
         registry
+    }
+
+    /// The same actions, each of whose results must fit `limit` (serialized as
+    /// JSON): a larger one fails the attempt, permanently, instead of being
+    /// recorded.
+    pub fn bounded(self, limit: ResultLimit) -> Self {
+        let actions = self
+            .actions
+            .into_iter()
+            .map(|(name, inner)| {
+                let bounded: Arc<dyn Action> = Arc::new(Bounded { inner, limit });
+                (name, bounded)
+            })
+            .collect();
+        Self { actions }
     }
 
     /// Adds (or replaces) an action.
@@ -130,5 +154,65 @@ impl ActionRegistry {
     /// Every registered action, by name.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Action>> {
         self.actions.values()
+    }
+}
+
+/// An action whose results are measured before they are recorded.
+struct Bounded {
+    inner: Arc<dyn Action>,
+    limit: ResultLimit,
+}
+
+impl Action for Bounded {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn description(&self) -> &str {
+        self.inner.description()
+    }
+
+    fn params_schema(&self) -> Option<Value> {
+        self.inner.params_schema()
+    }
+
+    fn run<'a>(&'a self, context: &'a ActionContext) -> ActionFuture<'a> {
+        Box::pin(async move {
+            let value = self.inner.run(context).await?;
+            self.limit.check(&value)?;
+            Ok(value)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::simple::tests::context;
+    use super::*;
+
+    #[tokio::test]
+    async fn results_over_the_limit_fail_whatever_the_action() {
+        let mut registry = ActionRegistry::new();
+        registry.register(Noop);
+        let registry = registry.bounded(ResultLimit::new(64));
+        let noop = registry.get("noop").expect("registered");
+        assert_eq!(noop.name(), "noop");
+        let small = json!({"a": 1});
+        assert_eq!(
+            noop.run(&context(json!({}), small.clone())).await,
+            Ok(small)
+        );
+        let err = noop
+            .run(&context(json!({}), json!("x".repeat(100))))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ActionError::Permanent(
+                "result is larger than the 64 bytes limit (--max-result-size)".to_owned()
+            )
+        );
     }
 }

@@ -1,11 +1,16 @@
-//! The `sql` built-in: one statement on a pooled Postgres connection.
+//! The `sql` built-in: one statement per attempt, in a transaction of its own,
+//! on a connection pool of its own.
+
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
+use super::limit::ResultLimit;
 use super::simple::{evaluate_param, expected, optional_str, required_str};
+use super::statement;
 use super::{Action, ActionContext, ActionError, ActionFuture};
 
 /// A statement parameter, ready to bind. `Send` so the attempt's future stays `Send`.
@@ -14,19 +19,41 @@ pub(crate) type Param = Box<dyn ToSql + Sync + Send>;
 /// How much of an argument a conversion error quotes.
 const VALUE_QUOTE_CHARS: usize = 100;
 
+/// What a step may have left on its session, undone before the connection
+/// serves another step: `DISCARD ALL` in statements that may run in one
+/// message (`DISCARD ALL` itself may not). Settings made with
+/// `set_config(…, false)`, roles, cursors, prepared statements, LISTENs,
+/// advisory locks, temporary tables. `statement_timeout` goes first, in case
+/// the step set it low.
+const RESET_SESSION: &str =
+    "SET statement_timeout = 0; CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; \
+    RESET ALL; DEALLOCATE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD PLANS; \
+    DISCARD TEMP; DISCARD SEQUENCES";
+
 /// `sql`: runs `params.query` with `$1…` bound from `params.args`, a CEL
 /// expression over `input` and `params` that must yield a list.
 ///
-/// The statement runs alone, in its own implicit transaction. Rows come back as
-/// JSON objects (column name → value, converted by Postgres's `to_jsonb`, so every
-/// column type works): the query is wrapped as
+/// `params.query` holds exactly one statement. Each attempt runs it in a
+/// transaction of its own, with the step's timeout as `statement_timeout`;
+/// the transaction commits when the statement succeeds and rolls back when it
+/// fails (or its result is too large). Statements that control transactions
+/// (`BEGIN`, `COMMIT`, `SAVEPOINT`, …) or change the session (`SET`, `RESET`,
+/// `LISTEN`, `PREPARE`, cursors, …) are refused before anything runs, and
+/// after every attempt the session is reset (`DISCARD ALL`), so whatever a
+/// statement changed through a function (`set_config(…, false)`) never reaches
+/// the next step; a connection that cannot be reset is closed. Give this
+/// action a pool of its own: never the engine's.
+///
+/// Rows come back as JSON objects (column name → value, converted by
+/// Postgres's `to_jsonb`, so every column type works): the query is wrapped as
 /// `WITH q AS (<query>) SELECT coalesce(jsonb_agg(to_jsonb(q)), '[]') FROM q`,
 /// which covers `SELECT`, `VALUES` and `INSERT`/`UPDATE`/`DELETE … RETURNING`;
-/// the result is `{"rows": [...]}`. A statement Postgres refuses inside `WITH`
-/// (DML without `RETURNING`, DDL, `SELECT … INTO`) runs as written instead, and
-/// the result is `{"rows": [], "rows_affected": n}`. The fallback is decided when
-/// the wrapped statement is prepared, before anything has run, so a statement
-/// never runs twice.
+/// the result is `{"rows": [...]}`, and rows larger than the result limit fail
+/// the attempt (Postgres measures them, so they are never sent). A statement
+/// Postgres refuses inside `WITH` (DML without `RETURNING`, DDL, `SELECT …
+/// INTO`) runs as written instead, and the result is `{"rows": [],
+/// "rows_affected": n}`. The fallback is decided when the wrapped statement is
+/// prepared, before anything has run, so a statement never runs twice.
 ///
 /// Arguments are bound by the type Postgres infers for each parameter: `bool`,
 /// `int2`/`int4`/`int8` (JSON integers, or strings holding one), `float4`/`float8`
@@ -36,28 +63,38 @@ const VALUE_QUOTE_CHARS: usize = 100;
 /// `NULL`. Parameters of other types must be written `$N::text::type` in the
 /// query; the error for them says so.
 ///
-/// Errors: bad params and unbindable arguments are permanent; Postgres errors of
-/// SQLSTATE class 40 (serialization failure, deadlock), 08 (connection) and 57
-/// (operator intervention, including `statement_timeout`) are retryable, like
-/// failing to get a connection; other Postgres errors are permanent, and their
-/// message gives the SQLSTATE. A cancelled attempt cancels its running statement.
+/// Errors: bad params, refused statements and unbindable arguments are
+/// permanent; Postgres errors of SQLSTATE class 40 (serialization failure,
+/// deadlock), 08 (connection) and 57 (operator intervention, including
+/// `statement_timeout`) are retryable, like failing to get a connection; other
+/// Postgres errors are permanent, and their message gives the SQLSTATE. A
+/// cancelled attempt cancels its running statement and closes its connection.
 pub struct Sql {
     pool: deadpool_postgres::Pool,
+    limit: ResultLimit,
 }
 
 impl Sql {
-    /// An `sql` action running statements on connections from `pool`.
+    /// An `sql` action running statements on connections from `pool`, which
+    /// should serve nothing else: this action resets every connection it uses.
     pub fn new(pool: deadpool_postgres::Pool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            limit: ResultLimit::default(),
+        }
+    }
+
+    /// The same action with rows bounded by `limit` instead of 1 MiB.
+    pub fn with_result_limit(mut self, limit: ResultLimit) -> Self {
+        self.limit = limit;
+        self
     }
 
     async fn execute(&self, context: &ActionContext) -> Result<Value, ActionError> {
         let query = required_str(context, "query")?;
-        if query.trim().is_empty() {
-            return Err(ActionError::Permanent(
-                "params.query: query must not be empty".to_owned(),
-            ));
-        }
+        let query = statement::single(query)
+            .map_err(|refusal| ActionError::Permanent(refusal.message()))?
+            .text;
         let args = match optional_str(context, "args")? {
             None => Vec::new(),
             Some(expr) => match evaluate_param(context, "args", expr)? {
@@ -65,16 +102,22 @@ impl Sql {
                 other => return Err(expected("args", "the expression to yield a list", &other)),
             },
         };
-        let query = statement_text(query);
-        let wrapped = wrap(query);
+        let wrapped = wrap(query, self.limit);
 
         let object = self.pool.get().await.map_err(|e| {
             ActionError::Retryable(format!("sql: could not get a database connection: {e}"))
         })?;
         let connection = Busy::new(object);
-        let outcome = run_statement(connection.client(), query, &wrapped, &args).await;
-        connection.release();
-        outcome
+        let outcome = run_in_transaction(
+            connection.client(),
+            query,
+            &wrapped,
+            &args,
+            context.timeout,
+            self.limit,
+        )
+        .await;
+        connection.finish(outcome).await
     }
 }
 
@@ -84,7 +127,7 @@ impl Action for Sql {
     }
 
     fn description(&self) -> &str {
-        "Runs params.query with $1… bound from params.args (a CEL list over input and params); the result is {rows: [...]}."
+        "Runs params.query (one statement, in a transaction of its own) with $1… bound from params.args (a CEL list over input and params); the result is {rows: [...]}."
     }
 
     fn params_schema(&self) -> Option<Value> {
@@ -103,45 +146,77 @@ impl Action for Sql {
     }
 }
 
-/// The query without trailing blanks and semicolons, which are harmless on their
-/// own but a syntax error inside `WITH q AS (...)`.
-fn statement_text(query: &str) -> &str {
-    query.trim_end_matches(|c: char| c.is_whitespace() || c == ';')
+/// The query wrapped so that Postgres returns all rows as one `jsonb` array,
+/// with its size: the array only if it fits `limit`. The line breaks keep a
+/// trailing `--` comment in the query from swallowing the `)`.
+fn wrap(query: &str, limit: ResultLimit) -> String {
+    format!(
+        "WITH q AS (\n{query}\n), r AS (SELECT coalesce(jsonb_agg(to_jsonb(q)), '[]'::jsonb) AS rows FROM q) \
+         SELECT CASE WHEN s.size <= {} THEN r.rows END, s.size FROM r, LATERAL (SELECT octet_length(r.rows::text)::int8 AS size) s",
+        limit.bytes()
+    )
 }
 
-/// The query wrapped so that Postgres returns all rows as one `jsonb` array. The
-/// line breaks keep a trailing `--` comment in the query from swallowing the `)`.
-fn wrap(query: &str) -> String {
-    format!("WITH q AS (\n{query}\n) SELECT coalesce(jsonb_agg(to_jsonb(q)), '[]'::jsonb) FROM q")
+/// A prepared statement, and whether it is the wrapped form.
+enum Prepared {
+    Wrapped(Statement),
+    AsWritten(Statement),
 }
 
-/// Prepares and runs the statement: wrapped if Postgres accepts that, else as is.
-async fn run_statement(
+/// Prepares the statement (wrapped if Postgres accepts that, else as is), then
+/// runs it in a transaction limited by `statement_timeout`. The transaction is
+/// left open: [`Busy::finish`] ends it.
+///
+/// Preparing comes first and outside the transaction: a wrapped form Postgres
+/// refuses would otherwise abort it.
+async fn run_in_transaction(
     client: &Client,
     query: &str,
     wrapped: &str,
     args: &[Value],
+    timeout: Duration,
+    limit: ResultLimit,
 ) -> Result<Value, ActionError> {
-    match client.prepare(wrapped).await {
-        Ok(statement) => {
-            let params = bind_all(statement.params(), args)?;
+    let prepared = match client.prepare(wrapped).await {
+        Ok(statement) => Prepared::Wrapped(statement),
+        Err(e) if cannot_wrap(&e) => {
+            Prepared::AsWritten(client.prepare(query).await.map_err(postgres_error)?)
+        }
+        Err(e) => return Err(postgres_error(e)),
+    };
+    let statement = match &prepared {
+        Prepared::Wrapped(statement) | Prepared::AsWritten(statement) => statement,
+    };
+    let params = bind_all(statement.params(), args)?;
+    let timeout_ms = timeout.as_millis().clamp(1, i32::MAX as u128);
+    client
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL statement_timeout = {timeout_ms}"
+        ))
+        .await
+        .map_err(postgres_error)?;
+    match prepared {
+        Prepared::Wrapped(statement) => {
             let row = client
                 .query_one(&statement, &param_refs(&params))
                 .await
                 .map_err(postgres_error)?;
-            let rows: Value = row.try_get(0).map_err(postgres_error)?;
-            Ok(json!({ "rows": rows }))
+            let size: i64 = row.try_get(1).map_err(postgres_error)?;
+            let rows: Option<Value> = row.try_get(0).map_err(postgres_error)?;
+            match rows {
+                Some(rows) if usize::try_from(size).is_ok_and(|size| size <= limit.bytes()) => {
+                    Ok(json!({ "rows": rows }))
+                }
+                _ => Err(limit.exceeded("sql")),
+            }
         }
-        Err(e) if cannot_wrap(&e) => {
-            let statement = client.prepare(query).await.map_err(postgres_error)?;
-            let params = bind_all(statement.params(), args)?;
+        Prepared::AsWritten(statement) => {
             let affected = client
                 .execute(&statement, &param_refs(&params))
                 .await
                 .map_err(postgres_error)?;
             Ok(json!({ "rows": [], "rows_affected": affected }))
         }
-        Err(e) => Err(postgres_error(e)),
     }
 }
 
@@ -354,7 +429,8 @@ fn is_retryable_sqlstate(code: &str) -> bool {
 /// statement may still be running, the statement would otherwise run on in the
 /// server and the connection go back to the pool busy. Dropping this instead
 /// asks Postgres to cancel the statement and keeps the connection out of the
-/// pool, closing it.
+/// pool, closing it. Only [`Busy::finish`], once the transaction has ended and
+/// the session was reset, gives the connection back.
 struct Busy {
     object: Option<deadpool_postgres::Object>,
 }
@@ -369,14 +445,33 @@ impl Busy {
     fn client(&self) -> &Client {
         match &self.object {
             Some(object) => object,
-            // `object` is only taken by `release` and `drop`, which consume `self`.
+            // `object` is only taken by `finish` and `drop`, which consume `self`.
             None => unreachable!("connection used after release"),
         }
     }
 
-    /// The statement is over: the connection goes back to the pool.
-    fn release(mut self) {
-        drop(self.object.take());
+    /// The statement is over: commits if `outcome` is a success (a failed
+    /// commit becomes the outcome), else rolls back; then resets the session.
+    /// The connection goes back to the pool only if all of that worked; else
+    /// it is closed, so no state of this step can reach another.
+    async fn finish(mut self, outcome: Result<Value, ActionError>) -> Result<Value, ActionError> {
+        let client = self.client();
+        let end = if outcome.is_ok() {
+            "COMMIT"
+        } else {
+            "ROLLBACK"
+        };
+        let ended = client.batch_execute(end).await;
+        let clean = ended.is_ok() && client.batch_execute(RESET_SESSION).await.is_ok();
+        let object = self.object.take();
+        if !clean {
+            // Detached from the pool and dropped: the connection closes.
+            drop(object.map(deadpool_postgres::Object::take));
+        }
+        match (outcome, ended) {
+            (Ok(_), Err(error)) => Err(postgres_error(error)),
+            (outcome, _) => outcome,
+        }
     }
 }
 
@@ -585,11 +680,10 @@ mod tests {
 
     #[test]
     fn wrapping() {
-        assert_eq!(statement_text("select 1 ;\n  ; "), "select 1");
-        assert_eq!(statement_text("select ';'"), "select ';'");
         assert_eq!(
-            wrap("select 1 -- one"),
-            "WITH q AS (\nselect 1 -- one\n) SELECT coalesce(jsonb_agg(to_jsonb(q)), '[]'::jsonb) FROM q"
+            wrap("select 1 -- one", ResultLimit::new(1000)),
+            "WITH q AS (\nselect 1 -- one\n), r AS (SELECT coalesce(jsonb_agg(to_jsonb(q)), '[]'::jsonb) AS rows FROM q) \
+             SELECT CASE WHEN s.size <= 1000 THEN r.rows END, s.size FROM r, LATERAL (SELECT octet_length(r.rows::text)::int8 AS size) s"
         );
     }
 

@@ -18,14 +18,14 @@ use tracing::{info, warn};
 
 use crate::worker::Shared;
 
-/// A BRPOP connection and its Redis client id (for `CLIENT UNBLOCK`).
+/// A BLMPOP connection and its Redis client id (for `CLIENT UNBLOCK`).
 struct Popper {
     connection: MultiplexedConnection,
     client_id: i64,
 }
 
 async fn connect(client: &redis::Client) -> redis::RedisResult<Popper> {
-    // No response timeout: BRPOP waits as long as there is no work.
+    // No response timeout: BLMPOP waits as long as there is no work.
     let config = AsyncConnectionConfig::new().set_response_timeout(None);
     let mut connection = client
         .get_multiplexed_async_connection_with_config(&config)
@@ -183,7 +183,7 @@ async fn pop(
         reply = &mut reply => return reply,
         () = shutdown.cancelled() => {}
     }
-    // The UNBLOCK may overtake the BRPOP on its way to Redis: repeat until it lands.
+    // The UNBLOCK may overtake the BLMPOP on its way to Redis: repeat until it lands.
     let mut control = client.get_multiplexed_async_connection().await?;
     loop {
         let _: i64 = redis::cmd("CLIENT")

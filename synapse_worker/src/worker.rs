@@ -15,8 +15,9 @@ use crate::completer::{completer, Completer, CompletionQueue};
 use crate::planner::PlannerRegistry;
 use crate::store;
 
-/// How a worker runs (validated; see the CLI for the flags).
-#[derive(Debug, Clone)]
+/// How a worker runs (validated; see the CLI for the flags). Its `Debug`
+/// output leaves the connection strings out: they may hold passwords.
+#[derive(Clone)]
 pub struct WorkerConfig {
     /// Postgres connection string.
     pub database_url: String,
@@ -40,8 +41,25 @@ pub struct WorkerConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
+impl std::fmt::Debug for WorkerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerConfig")
+            .field("database_url", &"<hidden>")
+            .field("redis_url", &"<hidden>")
+            .field("key_prefix", &self.key_prefix)
+            .field("queues", &self.queues)
+            .field("concurrency", &self.concurrency)
+            .field("lease", &self.lease)
+            .field("grace", &self.grace)
+            .field("identity", &self.identity)
+            .field("allow_exec", &self.allow_exec)
+            .field("metrics_addr", &self.metrics_addr)
+            .finish()
+    }
+}
+
 impl WorkerConfig {
-    /// The lists BRPOP watches: the planner list, then each queue.
+    /// The lists BLMPOP watches: the planner list, then each queue.
     pub fn list_keys(&self) -> Vec<String> {
         std::iter::once(format!("{}:planner", self.key_prefix))
             .chain(
@@ -345,4 +363,28 @@ fn refused_connection(error: &store::StoreError) -> Option<String> {
     let code = db.code().code();
     (code == "3D000" || code.starts_with("28"))
         .then(|| format!("{} (SQLSTATE {code})", db.message()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_the_connection_strings() {
+        let config = WorkerConfig {
+            database_url: "postgresql://app:s3cret@db/app".to_owned(),
+            redis_url: "rediss://:s3cret@cache:6379/0".to_owned(),
+            key_prefix: "synapse".to_owned(),
+            queues: vec!["default".to_owned()],
+            concurrency: 1,
+            lease: Duration::from_secs(30),
+            grace: Duration::from_secs(30),
+            identity: "w".to_owned(),
+            allow_exec: Vec::new(),
+            metrics_addr: None,
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("queues: [\"default\"]"), "{shown}");
+    }
 }

@@ -19,10 +19,11 @@ const STDERR_TAIL_BYTES: usize = 500;
 /// How much of unparseable stdout is quoted in the error message.
 const STDOUT_QUOTE_CHARS: usize = 200;
 
-/// Worker environment variables that hold credentials; programs run by blueprints
-/// have no business seeing them, and a script that echoes its environment would
-/// otherwise leak them into step results and logs.
-const HIDDEN_ENV: &[&str] = &["SYNAPSE_DATABASE_URL", "SYNAPSE_REDIS_URL"];
+/// The only variables of the worker's environment a program gets. The rest
+/// (database and Redis URLs, cloud credentials, tokens) is none of its
+/// business, and a script that echoes its environment would leak it into step
+/// results and logs.
+const PASSED_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR"];
 
 /// `exec`: runs `params.argv` (a non-empty array of strings, no shell involved).
 ///
@@ -30,9 +31,10 @@ const HIDDEN_ENV: &[&str] = &["SYNAPSE_DATABASE_URL", "SYNAPSE_REDIS_URL"];
 /// status 0 its stdout, parsed as JSON, is the result (empty stdout gives `null`).
 /// A non-zero exit is retryable and reports the exit code and the end of stderr;
 /// output that is not JSON is a permanent error, since the same program would
-/// print it again. The program also gets `SYNAPSE_GOAL_ID`, `SYNAPSE_TASK_ID`,
-/// `SYNAPSE_STEP` and `SYNAPSE_ATTEMPT` in its environment, so it can make its
-/// side effects idempotent across retries.
+/// print it again. The program's environment is clean: the worker's `PATH`,
+/// `HOME`, `LANG`, `LC_ALL`, `LC_CTYPE`, `TZ` and `TMPDIR`, plus
+/// `SYNAPSE_GOAL_ID`, `SYNAPSE_TASK_ID`, `SYNAPSE_STEP` and `SYNAPSE_ATTEMPT`, so
+/// it can make its side effects idempotent across retries.
 ///
 /// Only programs in the allow-list may run. `argv[0]` is compared with each entry
 /// exactly as written, without resolving `PATH` or symlinks, so `--allow-exec`
@@ -90,12 +92,15 @@ impl Exec {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0)
+            .env_clear()
             .env("SYNAPSE_GOAL_ID", context.goal_id.to_string())
             .env("SYNAPSE_TASK_ID", context.task_id.to_string())
             .env("SYNAPSE_STEP", &context.step)
             .env("SYNAPSE_ATTEMPT", context.attempt.to_string());
-        for name in HIDDEN_ENV {
-            command.env_remove(name);
+        for name in PASSED_ENV {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
         }
         let mut child = command.spawn().map_err(|e| match e.kind() {
             // This worker cannot run it however often it tries.
@@ -483,6 +488,36 @@ mod tests {
         )
         .await;
         assert_eq!(result, Ok(json!("unset")));
+    }
+
+    #[tokio::test]
+    async fn the_environment_is_clean() {
+        // `cargo test` gives this process CARGO_* variables; the program gets none.
+        assert!(std::env::vars().any(|(name, _)| name.starts_with("CARGO")));
+        let names = run(
+            &["/bin/sh"],
+            json!([
+                "/bin/sh",
+                "-c",
+                "printf '\"%s\"' \"$(env | cut -d= -f1 | sort | tr '\\n' ' ')\""
+            ]),
+            json!({}),
+        )
+        .await
+        .unwrap();
+        let names: Vec<&str> = names.as_str().unwrap().split_whitespace().collect();
+        assert!(names.contains(&"SYNAPSE_STEP"), "{names:?}");
+        for name in names {
+            // A shell adds a few of its own.
+            let expected = PASSED_ENV.contains(&name)
+                || name.starts_with("SYNAPSE_")
+                || ["PWD", "OLDPWD", "SHLVL", "_"].contains(&name);
+            assert!(expected, "{name} reached the program");
+            assert!(!matches!(
+                name,
+                "SYNAPSE_DATABASE_URL" | "SYNAPSE_REDIS_URL"
+            ));
+        }
     }
 
     #[tokio::test]

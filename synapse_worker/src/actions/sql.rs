@@ -936,16 +936,59 @@ mod tests {
         drop(slow);
         running(0).await;
 
-        // statement_timeout cancels with 57014, worth retrying.
-        let limited = Sql::new(test_pool("-c statement_timeout=100"));
-        let timed_out = limited
-            .run(&context(json!({"query": "select pg_sleep(2)"}), json!({})))
-            .await
-            .unwrap_err();
+        // The step's timeout is the statement's statement_timeout, whatever the
+        // session's (57014, worth retrying).
+        let limited = Sql::new(test_pool("-c statement_timeout=0"));
+        let mut ctx = context(json!({"query": "select pg_sleep(2)"}), json!({}));
+        ctx.timeout = std::time::Duration::from_millis(100);
+        let timed_out = limited.run(&ctx).await.unwrap_err();
         assert!(timed_out.is_retryable(), "{timed_out:?}");
         assert!(
             timed_out.message().starts_with("sql: SQLSTATE 57014: "),
             "{timed_out:?}"
+        );
+
+        // Refused before anything runs; whatever a function changed is undone.
+        let refused = run(
+            json!({"query": "-- x\nSET search_path = nowhere"}),
+            json!({}),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            refused.message().starts_with("sql: SET is refused"),
+            "{refused:?}"
+        );
+        let single = Sql::new(test_pool(""));
+        single
+            .run(&context(
+                json!({"query": "select set_config('search_path', 'nowhere', false)"}),
+                json!({}),
+            ))
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            let path = single
+                .run(&context(
+                    json!({"query": "select current_setting('search_path') as p"}),
+                    json!({}),
+                ))
+                .await
+                .unwrap();
+            assert_eq!(path, json!({"rows": [{"p": "\"$user\", public"}]}));
+        }
+        // Rows over the limit are measured by Postgres and never sent.
+        let small = Sql::new(test_pool("")).with_result_limit(ResultLimit::new(1000));
+        let err = small
+            .run(&context(
+                json!({"query": "select repeat('x', 2000) as big"}),
+                json!({}),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.message(),
+            "sql: result is larger than the 1000 bytes limit (--max-result-size)"
         );
 
         run(json!({"query": format!("drop table {table}")}), json!({}))

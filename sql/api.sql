@@ -76,9 +76,20 @@ BEGIN
     IF current_status IN ('succeeded', 'failed', 'cancelled') THEN
         RETURN false;
     END IF;
-    -- Running tasks are marked too: their worker sees it at its next heartbeat and stops.
-    UPDATE synapse.tasks AS t SET status = 'cancelled', error = 'goal cancelled'
-     WHERE t.goal_id = cancel_goal.goal_id AND t.status IN ('pending', 'queued', 'running', 'retrying');
+    -- Lock order, as everywhere: the goal row (above), then its task rows in id
+    -- order. Running tasks are marked too: their worker sees it at its next
+    -- heartbeat and stops. The edges out of every cancelled step resolve, not
+    -- taken (SPEC §4 rule 2), so why each step did not run stays answerable.
+    WITH cancelled AS (
+        UPDATE synapse.tasks AS t SET status = 'cancelled', error = 'goal cancelled'
+          FROM (SELECT u.id FROM synapse.tasks AS u
+                 WHERE u.goal_id = cancel_goal.goal_id AND u.status IN ('pending', 'queued', 'running', 'retrying')
+                 ORDER BY u.id FOR UPDATE) AS open
+         WHERE t.id = open.id
+        RETURNING t.step)
+    UPDATE synapse.edges AS e SET state = 'not_taken', resolved_at = now()
+      FROM cancelled
+     WHERE e.goal_id = cancel_goal.goal_id AND e.from_step = cancelled.step AND e.state = 'pending';
     UPDATE synapse.goals AS g SET status = 'cancelled', error = 'cancelled by ' || session_user
      WHERE g.id = cancel_goal.goal_id;
     RETURN true;

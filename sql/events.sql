@@ -15,6 +15,22 @@ CREATE INDEX goals_submitted_since ON synapse.goals (dispatched_at) WHERE status
 ALTER TABLE synapse.outbox ADD COLUMN due_at timestamptz;
 COMMENT ON COLUMN synapse.outbox.due_at IS 'task.retrying: the retry''s run_at; task.running: the lease expiry. The forwarder''s timers wake then.';
 
+-- When Redis refuses a command for an event and accepts the others, only that
+-- event waits: it is retried after a growing pause and set aside (see
+-- synapse.outbox_parked) when Redis keeps refusing it.
+ALTER TABLE synapse.outbox ADD COLUMN failures integer NOT NULL DEFAULT 0,
+                           ADD COLUMN streamed boolean NOT NULL DEFAULT false,
+                           ADD COLUMN retry_at timestamptz,
+                           ADD COLUMN error text;
+COMMENT ON COLUMN synapse.outbox.failures IS 'Times Redis refused a command for this event.';
+COMMENT ON COLUMN synapse.outbox.streamed IS 'The event is already in the {prefix}:events stream; only its dispatch is owed.';
+COMMENT ON COLUMN synapse.outbox.retry_at IS 'After a refusal: not sent again before this time.';
+COMMENT ON COLUMN synapse.outbox.error IS 'The last refusal.';
+CREATE INDEX outbox_retry ON synapse.outbox (retry_at) WHERE retry_at IS NOT NULL;
+
+-- Finished goals are deleted after synapse.retention, oldest first.
+CREATE INDEX goals_finished ON synapse.goals (finished_at) WHERE finished_at IS NOT NULL;
+
 -- One event: the outbox row to write. dispatch names the Redis list (without
 -- prefix) that also gets the payload: 'planner' or 'queue:<name>'.
 CREATE TYPE synapse._event AS (event text, goal_id bigint, task_id bigint, dispatch text, payload text, due_at timestamptz);
@@ -22,11 +38,12 @@ CREATE TYPE synapse._event AS (event text, goal_id bigint, task_id bigint, dispa
 -- Payloads, exactly as documented, schema version first. task.*:
 -- {"v":1,"event":...,"goal_id":...,"task_id":...,"step":...,"queue":...,"attempt":...};
 -- attempt is the attempt the event is about: the next one for task.queued,
--- the current one otherwise. task.queued goes to the task's queue.
+-- the current one otherwise. task.queued goes to the task's queue, and so does
+-- an event a worker must act on although nothing is to run (to_worker).
 CREATE FUNCTION synapse._task_event(event text, goal_id bigint, task_id bigint, step text, queue text, attempt integer,
-                                    due_at timestamptz DEFAULT NULL)
+                                    due_at timestamptz DEFAULT NULL, to_worker boolean DEFAULT false)
 RETURNS synapse._event LANGUAGE sql STABLE AS $$
-    SELECT ROW(event, goal_id, task_id, CASE WHEN event = 'task.queued' THEN 'queue:' || queue END,
+    SELECT ROW(event, goal_id, task_id, CASE WHEN event = 'task.queued' OR to_worker THEN 'queue:' || queue END,
                format('{"v":1,"event":%s,"goal_id":%s,"task_id":%s,"step":%s,"queue":%s,"attempt":%s}',
                       to_json(event), goal_id, task_id, to_json(step), to_json(queue), attempt),
                due_at)::synapse._event;
@@ -58,13 +75,24 @@ BEGIN
     RETURN coalesce(cardinality(events), 0);
 END $$;
 
+-- A restore (pg_dump's data section, loaded by psql or pg_restore) copies
+-- rows in whatever state they had, with their own timestamps; it must neither
+-- be refused by the state machine nor record events again (the undelivered
+-- events are restored with the outbox). Only the owner of the tables can COPY
+-- into them, so this opens nothing to the users of the API.
+CREATE FUNCTION synapse._restoring() RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT current_query() ~* '^\s*copy\s+synapse\.'
+$$;
+
 -- BEFORE INSERT/UPDATE of each row: checks the transition and sets the
 -- timestamps. The events are recorded per statement, after it (below): one
 -- INSERT into the outbox for all the rows a statement changed, and only for
 -- rows really written (ON CONFLICT DO NOTHING skips leave none).
 CREATE FUNCTION synapse._goal_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'INSERT' THEN
+    IF TG_OP = 'INSERT' AND synapse._restoring() THEN
+        RETURN NEW;
+    ELSIF TG_OP = 'INSERT' THEN
         IF NEW.status NOT IN ('submitted', 'running', 'failed') THEN
             RAISE EXCEPTION 'a new goal cannot start as %', NEW.status USING ERRCODE = '22023';
         END IF;
@@ -95,7 +123,9 @@ CREATE TRIGGER goal_status_changing BEFORE UPDATE OF status ON synapse.goals
 -- changed ('planning' is internal to the planner: no event).
 CREATE FUNCTION synapse._goals_written() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'INSERT' THEN
+    IF TG_OP = 'INSERT' AND synapse._restoring() THEN
+        RETURN NULL;
+    ELSIF TG_OP = 'INSERT' THEN
         PERFORM synapse._emit(array(
             SELECT synapse._goal_event('goal.' || g.status, g.id) FROM new_goals g ORDER BY g.id));
     ELSE
@@ -118,7 +148,9 @@ CREATE TRIGGER goals_updated AFTER UPDATE ON synapse.goals
 -- Same split as goals: checks and timestamps per row, events per statement.
 CREATE FUNCTION synapse._task_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'INSERT' THEN
+    IF TG_OP = 'INSERT' AND synapse._restoring() THEN
+        RETURN NEW;
+    ELSIF TG_OP = 'INSERT' THEN
         IF NEW.status NOT IN ('pending', 'queued') THEN
             RAISE EXCEPTION 'a new task cannot start as %', NEW.status USING ERRCODE = '22023';
         END IF;
@@ -155,7 +187,9 @@ CREATE TRIGGER task_status_changing BEFORE UPDATE OF status ON synapse.tasks
 -- task.queued for each task inserted queued (pending ones wait silently).
 CREATE FUNCTION synapse._tasks_written() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'INSERT' THEN
+    IF TG_OP = 'INSERT' AND synapse._restoring() THEN
+        RETURN NULL;
+    ELSIF TG_OP = 'INSERT' THEN
         PERFORM synapse._emit(array(
             SELECT synapse._task_event('task.queued', t.goal_id, t.id, t.step, t.queue, t.attempts + 1)
               FROM new_tasks t WHERE t.status = 'queued' ORDER BY t.id));
@@ -163,7 +197,10 @@ BEGIN
         PERFORM synapse._emit(array(
             SELECT synapse._task_event('task.' || t.status, t.goal_id, t.id, t.step, t.queue,
                        CASE WHEN t.status = 'queued' THEN t.attempts + 1 ELSE t.attempts END,
-                       CASE t.status WHEN 'running' THEN t.lease_expires_at WHEN 'retrying' THEN t.run_at END)
+                       CASE t.status WHEN 'running' THEN t.lease_expires_at WHEN 'retrying' THEN t.run_at END,
+                       -- The last attempt's lease lapsed (the forwarder failed it): no
+                       -- worker is there to resolve its edges, so one is asked to.
+                       t.status = 'failed' AND o.status = 'running' AND o.lease_expires_at <= now())
               FROM new_tasks t JOIN old_tasks o ON o.id = t.id
              WHERE o.status IS DISTINCT FROM t.status
              ORDER BY t.id));

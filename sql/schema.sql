@@ -19,6 +19,7 @@ CREATE TABLE synapse.goals (
     error           text,
     result          jsonb,
     idempotency_key text        UNIQUE,
+    plan_attempts   integer     NOT NULL DEFAULT 0 CHECK (plan_attempts >= 0),
     created_at      timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
     finished_at     timestamptz,
@@ -38,6 +39,7 @@ COMMENT ON COLUMN synapse.goals.status IS 'submitted: waiting for a planner. pla
 COMMENT ON COLUMN synapse.goals.error IS 'Why the goal failed: planning or validation problems, or the failed steps.';
 COMMENT ON COLUMN synapse.goals.result IS 'The blueprint output expression evaluated, or the results of the succeeded leaf steps.';
 COMMENT ON COLUMN synapse.goals.idempotency_key IS 'Optional caller key: submitting again with the same key returns the same goal.';
+COMMENT ON COLUMN synapse.goals.plan_attempts IS 'Times a planner claimed the goal; a goal whose planning keeps failing is failed instead of re-sent forever.';
 COMMENT ON COLUMN synapse.goals.created_at IS 'When the goal was submitted.';
 COMMENT ON COLUMN synapse.goals.started_at IS 'When the goal started running (its plan was installed).';
 COMMENT ON COLUMN synapse.goals.finished_at IS 'When the goal reached succeeded, failed or cancelled.';
@@ -199,3 +201,38 @@ COMMENT ON COLUMN synapse.outbox.task_id IS 'Task the event concerns, for task.*
 COMMENT ON COLUMN synapse.outbox.dispatch IS 'Redis list (without prefix) the payload is also pushed to: planner or queue:<name>; NULL for observe-only events.';
 COMMENT ON COLUMN synapse.outbox.payload IS 'Compact JSON payload, schema version first.';
 COMMENT ON COLUMN synapse.outbox.created_at IS 'When the event was recorded.';
+
+-- Events Redis kept refusing (say, a key of the wrong type): set aside so that
+-- they never hold back the rest, with the error, until an admin replays them
+-- with synapse.replay_parked_events().
+CREATE TABLE synapse.outbox_parked (
+    id        bigint      PRIMARY KEY,
+    event     text        NOT NULL,
+    goal_id   bigint      NOT NULL,
+    task_id   bigint,
+    dispatch  text,
+    payload   text        NOT NULL,
+    streamed  boolean     NOT NULL,
+    created_at timestamptz NOT NULL,
+    failures  integer     NOT NULL,
+    error     text        NOT NULL,
+    parked_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE synapse.outbox_parked IS 'Events Redis refused too often, set aside with the error so that the others flow; synapse.replay_parked_events() sends them again.';
+COMMENT ON COLUMN synapse.outbox_parked.dispatch IS 'The Redis list still owed the payload (NULL if only the event stream was refused).';
+COMMENT ON COLUMN synapse.outbox_parked.failures IS 'Times Redis refused it.';
+COMMENT ON COLUMN synapse.outbox_parked.error IS 'The last refusal.';
+
+-- pg_dump keeps the data of extension tables only when they are registered:
+-- every goal, task, edge, template, registered action and undelivered event
+-- (with the identity sequences, so restored ids do not collide with new ones).
+SELECT pg_catalog.pg_extension_config_dump('synapse.goals', '');
+SELECT pg_catalog.pg_extension_config_dump('synapse.goals_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('synapse.tasks', '');
+SELECT pg_catalog.pg_extension_config_dump('synapse.tasks_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('synapse.edges', '');
+SELECT pg_catalog.pg_extension_config_dump('synapse.templates', '');
+SELECT pg_catalog.pg_extension_config_dump('synapse.actions', 'WHERE NOT builtin');
+SELECT pg_catalog.pg_extension_config_dump('synapse.outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('synapse.outbox_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('synapse.outbox_parked', '');

@@ -1,44 +1,129 @@
--- The forwarder's timers. One call does all that is due and returns the
--- milliseconds until the next deadline (NULL: nothing scheduled, sleep until
--- an event wakes the forwarder).
-CREATE FUNCTION synapse._run_timers(sweep_seconds integer) RETURNS double precision
+-- The forwarder's timers. Each call does what is due, in bounded batches, and
+-- never waits on a row lock: a row someone holds is skipped and taken at the
+-- next turn. The forwarder runs them in READ COMMITTED, catches every error
+-- and retries with a pause.
+
+-- Moves due retries to queued, re-queues tasks whose lease lapsed (or fails
+-- them when no attempt is left) and deletes goals finished longer ago than
+-- retention_seconds (0: never). Returns how many rows it changed, and when
+-- the next of these deadlines comes (NULL: none; sleep until an event).
+CREATE FUNCTION synapse._run_timers(retention_seconds integer, batch integer DEFAULT 1000,
+                                    OUT changed bigint, OUT next_due timestamptz)
 LANGUAGE plpgsql AS $$
 DECLARE
-    sweep constant interval := make_interval(secs => sweep_seconds);
-    next_due timestamptz;
-    redispatched bigint;
+    n bigint;
 BEGIN
+    changed := 0;
     -- Retries whose backoff elapsed become runnable.
-    UPDATE synapse.tasks SET status = 'queued'
-     WHERE status = 'retrying' AND run_at <= now();
-    -- A lease that lapsed means the worker died or hung: run the task again. A
-    -- worker that claims it with no attempt left fails it instead of running it.
-    UPDATE synapse.tasks
-       SET status = 'queued',
-           error = format('lease of attempt %s expired (worker %s)', attempts, coalesce(leased_by, 'unknown'))
-     WHERE status = 'running' AND lease_expires_at <= now();
-    -- Safety net for lost Redis messages: dispatch long-queued work again.
-    WITH stale AS (
-        UPDATE synapse.tasks SET queued_at = now()
-         WHERE status = 'queued' AND queued_at <= now() - sweep
-        RETURNING goal_id, id, step, queue, attempts)
-    SELECT synapse._emit(array_agg(
-               synapse._task_event('task.queued', goal_id, id, step, queue, attempts + 1) ORDER BY id))
-      INTO redispatched FROM stale;
-    WITH stale AS (
-        UPDATE synapse.goals SET dispatched_at = now()
-         WHERE status = 'submitted' AND dispatched_at <= now() - sweep
-        RETURNING id)
-    SELECT redispatched + synapse._emit(array_agg(synapse._goal_event('goal.submitted', id) ORDER BY id))
-      INTO redispatched FROM stale;
+    UPDATE synapse.tasks t SET status = 'queued'
+      FROM (SELECT id FROM synapse.tasks WHERE status = 'retrying' AND run_at <= now()
+             ORDER BY run_at LIMIT batch FOR UPDATE SKIP LOCKED) due
+     WHERE t.id = due.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    changed := changed + n;
+    -- A lease that lapsed means the worker died or hung: run the task again if
+    -- an attempt is left, else fail it (attempts unchanged) saying so.
+    UPDATE synapse.tasks t
+       SET status = CASE WHEN t.attempts < t.max_attempts THEN 'queued' ELSE 'failed' END,
+           error = format('lease of attempt %s expired (worker %s)%s', t.attempts, coalesce(t.leased_by, 'unknown'),
+                          CASE WHEN t.attempts < t.max_attempts THEN '' ELSE '; no attempt left' END)
+      FROM (SELECT id FROM synapse.tasks WHERE status = 'running' AND lease_expires_at <= now()
+             ORDER BY lease_expires_at LIMIT batch FOR UPDATE SKIP LOCKED) lapsed
+     WHERE t.id = lapsed.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    changed := changed + n;
+    -- Retention: whole goals, with their tasks and edges (ON DELETE CASCADE).
+    IF retention_seconds > 0 THEN
+        DELETE FROM synapse.goals g
+         USING (SELECT id FROM synapse.goals
+                 WHERE finished_at < now() - make_interval(secs => retention_seconds)
+                 ORDER BY finished_at LIMIT greatest(batch / 10, 1) FOR UPDATE SKIP LOCKED) old
+         WHERE g.id = old.id;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        changed := changed + n;
+    END IF;
     SELECT least(
         (SELECT min(run_at) FROM synapse.tasks WHERE status = 'retrying'),
         (SELECT min(lease_expires_at) FROM synapse.tasks WHERE status = 'running'),
-        (SELECT min(queued_at) FROM synapse.tasks WHERE status = 'queued') + sweep,
-        (SELECT min(dispatched_at) FROM synapse.goals WHERE status = 'submitted') + sweep)
+        CASE WHEN retention_seconds > 0 THEN
+            (SELECT min(finished_at) FROM synapse.goals WHERE finished_at IS NOT NULL)
+                + make_interval(secs => retention_seconds) END)
       INTO next_due;
-    RETURN extract(epoch FROM next_due - clock_timestamp()) * 1000;
 END $$;
+
+-- The sweep, a safety net for lost Redis messages (a flushed Redis, a worker
+-- killed between popping and claiming). Redis lists that may have lost work:
+-- those with a task queued (or, for 'planner', a goal submitted) for longer
+-- than sweep_seconds. The forwarder asks Redis which of them are empty and
+-- re-dispatches only for those: work whose message still waits in Redis (a
+-- queue nobody consumes) stays one message. The forwarder sweeps only right
+-- after the outbox was drained, so no dispatch is still owed by the outbox.
+CREATE FUNCTION synapse._sweep_candidates(sweep_seconds integer, OUT list text, OUT stale bigint)
+RETURNS SETOF record LANGUAGE sql STABLE AS $$
+    SELECT 'queue:' || queue, count(*) FROM synapse.tasks
+     WHERE status = 'queued' AND queued_at <= now() - make_interval(secs => sweep_seconds)
+     GROUP BY queue
+    UNION ALL
+    SELECT 'planner', count(*) FROM synapse.goals
+     WHERE status = 'submitted' AND dispatched_at <= now() - make_interval(secs => sweep_seconds)
+    HAVING count(*) > 0
+$$;
+
+-- Dispatches again the work of `lists` queued longer than sweep_seconds;
+-- returns how many messages that makes.
+CREATE FUNCTION synapse._sweep(lists text[], sweep_seconds integer, batch integer DEFAULT 10000)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    sweep constant interval := make_interval(secs => sweep_seconds);
+    tasks bigint;
+    goals bigint;
+BEGIN
+    WITH stale AS (
+        UPDATE synapse.tasks t SET queued_at = now()
+          FROM (SELECT id FROM synapse.tasks
+                 WHERE status = 'queued' AND queued_at <= now() - sweep AND 'queue:' || queue = ANY (lists)
+                 ORDER BY id LIMIT batch FOR UPDATE SKIP LOCKED) s
+         WHERE t.id = s.id
+        RETURNING t.goal_id, t.id, t.step, t.queue, t.attempts)
+    SELECT synapse._emit(array_agg(
+               synapse._task_event('task.queued', goal_id, id, step, queue, attempts + 1) ORDER BY id))
+      INTO tasks FROM stale;
+    goals := 0;
+    IF 'planner' = ANY (lists) THEN
+        WITH stale AS (
+            UPDATE synapse.goals g SET dispatched_at = now()
+              FROM (SELECT id FROM synapse.goals
+                     WHERE status = 'submitted' AND dispatched_at <= now() - sweep
+                     ORDER BY id LIMIT batch FOR UPDATE SKIP LOCKED) s
+             WHERE g.id = s.id
+            RETURNING g.id)
+        SELECT synapse._emit(array_agg(synapse._goal_event('goal.submitted', id) ORDER BY id))
+          INTO goals FROM stale;
+    END IF;
+    RETURN tasks + goals;
+END $$;
+
+-- When the sweep is next due: the oldest queued task or submitted goal plus
+-- sweep_seconds (NULL: nothing waits).
+CREATE FUNCTION synapse._sweep_due(sweep_seconds integer) RETURNS timestamptz LANGUAGE sql STABLE AS $$
+    SELECT least((SELECT min(queued_at) FROM synapse.tasks WHERE status = 'queued'),
+                 (SELECT min(dispatched_at) FROM synapse.goals WHERE status = 'submitted'))
+           + make_interval(secs => sweep_seconds)
+$$;
+
+-- Sends the events Redis refused too often (synapse.outbox_parked) again,
+-- e.g. after the key that refused them was fixed; returns how many.
+CREATE FUNCTION synapse.replay_parked_events() RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    WITH parked AS (DELETE FROM synapse.outbox_parked RETURNING *)
+    INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload, streamed, created_at)
+    SELECT event, goal_id, task_id, dispatch, payload, streamed, created_at FROM parked ORDER BY id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $$;
+COMMENT ON FUNCTION synapse.replay_parked_events() IS 'Sends the events Redis refused too often (synapse.outbox_parked) again; returns how many.';
 
 -- A forwarder that started before the extension existed sleeps until now.
 SELECT synapse._wake_forwarder();

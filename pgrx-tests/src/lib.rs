@@ -25,6 +25,9 @@ pub struct Stack {
 /// Database the forwarder serves in test stacks.
 pub const DATABASE: &str = "synapse";
 
+/// A configuration line that keeps `synapse` out of `shared_preload_libraries`.
+pub const WITHOUT_PRELOAD: &str = "shared_preload_libraries = 'pg_stat_statements'";
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
@@ -51,6 +54,22 @@ impl Stack {
         Self::start_with(name, &[], Some(password))
     }
 
+    /// A stack whose Postgres does not preload `synapse`: no forwarder runs.
+    pub fn start_without_preload(name: &str) -> Stack {
+        Self::start_with(name, &[WITHOUT_PRELOAD], None)
+    }
+
+    /// Stops Postgres, replaces the extra configuration lines, and starts it
+    /// again (waiting for the forwarder unless the lines drop the preload).
+    pub fn restart_postgres_with(&mut self, conf: &[&str]) {
+        self.script(&["pg-stop", "fast"]);
+        self.extra_conf = conf.join("\n");
+        self.script(&["pg-start"]);
+        if !conf.contains(&WITHOUT_PRELOAD) {
+            self.wait_for_forwarder();
+        }
+    }
+
     fn start_with(name: &str, conf: &[&str], secure: Option<&'static str>) -> Stack {
         let dir = workspace_root()
             .join("target/e2e")
@@ -69,7 +88,9 @@ impl Stack {
             };
             match stack.try_script(&["up"]) {
                 Ok(()) => {
-                    stack.wait_for_forwarder();
+                    if !conf.contains(&WITHOUT_PRELOAD) {
+                        stack.wait_for_forwarder();
+                    }
                     return stack;
                 }
                 Err(error) => {

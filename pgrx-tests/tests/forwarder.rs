@@ -358,12 +358,15 @@ fn timers_run_only_when_a_deadline_is_due_not_at_every_event() {
     );
 }
 
+/// One `noop` step with an attempt to spare.
+const ONE_RETRY: &str = r#"{"steps":[{"id":"only","action":"noop","retries":1}]}"#;
+
 #[test]
 fn an_expired_lease_is_requeued() {
     let stack = Stack::start("lease", &["synapse.sweep_interval = '1h'"]);
     let mut client = stack.pg();
     let mut redis = stack.redis();
-    let goal = submit_plan(&mut client, ONE_STEP);
+    let goal = submit_plan(&mut client, ONE_RETRY);
     let task = task_id(&mut client, goal, "only");
     brpop(&mut redis, "synapse:queue:default", WAIT).expect("first dispatch");
     claim(&mut client, task, "200 ms");
@@ -503,4 +506,406 @@ fn events_reach_a_redis_behind_tls_and_a_password_that_is_never_shown() {
             "a password reached a log:\n{log}"
         );
     }
+}
+
+#[test]
+fn an_expired_last_lease_fails_the_task_and_asks_a_worker_to_carry_on() {
+    let stack = Stack::start("lease-last", &["synapse.sweep_interval = '1h'"]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    let goal = submit_plan(&mut client, ONE_STEP);
+    let task = task_id(&mut client, goal, "only");
+    brpop(&mut redis, "synapse:queue:default", WAIT).expect("first dispatch");
+    claim(&mut client, task, "200 ms");
+    // Not re-queued (nothing is left to run): failed, and its queue is told,
+    // so that a worker resolves the step's edges and finishes the goal.
+    let payload = brpop(&mut redis, "synapse:queue:default", WAIT).expect("a message to a worker");
+    assert!(payload.contains(r#""event":"task.failed""#), "{payload}");
+    assert!(payload.contains(r#""attempt":1"#), "{payload}");
+    let row = client
+        .query_one(
+            "SELECT status, error, attempts FROM synapse.tasks WHERE id = $1",
+            &[&task],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "failed");
+    assert_eq!(
+        row.get::<_, &str>(1),
+        "lease of attempt 1 expired (worker test); no attempt left"
+    );
+    assert_eq!(row.get::<_, i32>(2), 1, "attempts unchanged");
+}
+
+/// The length of a Redis list.
+fn llen(redis: &mut redis::Connection, list: &str) -> i64 {
+    redis::cmd("LLEN").arg(list).query(redis).unwrap()
+}
+
+#[test]
+fn the_sweep_leaves_a_waiting_message_alone() {
+    // A queue nobody consumes keeps one message per task, however many sweeps
+    // pass; a list that lost its message gets it again.
+    let stack = Stack::start("sweep-waiting", &["synapse.sweep_interval = '1s'"]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    let unconsumed = submit_plan(
+        &mut client,
+        r#"{"steps":[{"id":"only","action":"noop","queue":"gpu"}]}"#,
+    );
+    let lost = submit_plan(&mut client, ONE_STEP);
+    let lost_task = task_id(&mut client, lost, "only");
+    wait_until("both dispatched", WAIT, || {
+        (llen(&mut redis, "synapse:queue:gpu") == 1
+            && llen(&mut redis, "synapse:queue:default") == 1)
+            .then_some(())
+    });
+    // Three sweeps, each seen by the message it re-dispatches.
+    for _ in 0..3 {
+        let payload = brpop(&mut redis, "synapse:queue:default", WAIT).expect("a dispatch");
+        assert!(
+            payload.contains(&format!("\"task_id\":{lost_task}")),
+            "{payload}"
+        );
+    }
+    brpop(&mut redis, "synapse:queue:default", WAIT).expect("the sweep after the third pop");
+    assert_eq!(
+        llen(&mut redis, "synapse:queue:gpu"),
+        1,
+        "one message, not one per sweep"
+    );
+    let status = client
+        .query_one(
+            "SELECT status FROM synapse.tasks WHERE goal_id = $1",
+            &[&unconsumed],
+        )
+        .unwrap();
+    assert_eq!(status.get::<_, &str>(0), "queued");
+}
+
+#[test]
+fn a_redis_outage_does_not_multiply_the_outbox() {
+    let stack = Stack::start("sweep-outage", &["synapse.sweep_interval = '1s'"]);
+    let mut client = stack.pg();
+    stack.stop_redis();
+    for _ in 0..10 {
+        submit_plan(&mut client, ONE_STEP);
+    }
+    wait_until("the forwarder to notice", WAIT, || {
+        (stack.forwarder_status(&mut client)["last_error"].is_string()).then_some(())
+    });
+    // Nothing announces that no sweep ran: watch a window of several sweep intervals.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        stack.forwarder_status(&mut client)["pending"],
+        20,
+        "ten goal.running and ten task.queued, and no sweep copies"
+    );
+    stack.start_redis();
+    wait_until("the outbox to drain", WAIT, || {
+        (stack.forwarder_status(&mut client)["pending"] == 0).then_some(())
+    });
+}
+
+#[test]
+fn a_key_redis_refuses_does_not_hold_back_the_rest() {
+    let stack = Stack::start("refused", &["synapse.sweep_interval = '1h'"]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    // The event stream's key is taken by a string: every XADD is refused.
+    redis::cmd("SET")
+        .arg("synapse:events")
+        .arg("x")
+        .query::<()>(&mut redis)
+        .unwrap();
+    let goal = submit_plan(&mut client, ONE_STEP);
+    let task = task_id(&mut client, goal, "only");
+    let payload = brpop(&mut redis, "synapse:queue:default", WAIT).expect("dispatch goes on");
+    assert!(
+        payload.contains(&format!("\"task_id\":{task}")),
+        "{payload}"
+    );
+    // Redis keeps refusing the stream: the events are set aside, with the error.
+    let status = wait_until(
+        "the refused events to be set aside",
+        Duration::from_secs(90),
+        || {
+            let status = stack.forwarder_status(&mut client);
+            (status["pending"] == 0 && status["parked"] == 2).then_some(status)
+        },
+    );
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("WRONGTYPE"),
+        "{status}"
+    );
+    assert_eq!(
+        llen(&mut redis, "synapse:queue:default"),
+        0,
+        "the dispatch was sent once, not at every retry"
+    );
+    // Later work flows meanwhile, and the parked events can be replayed once
+    // the key is fixed.
+    submit_plan(&mut client, ONE_STEP);
+    brpop(&mut redis, "synapse:queue:default", WAIT).expect("new work is dispatched");
+    redis::cmd("DEL")
+        .arg("synapse:events")
+        .query::<()>(&mut redis)
+        .unwrap();
+    let replayed: i64 = client
+        .query_one("SELECT synapse.replay_parked_events()", &[])
+        .unwrap()
+        .get(0);
+    assert!(replayed >= 2, "{replayed}");
+    let events = wait_until("the replayed events in the stream", WAIT, || {
+        let events = stream_events(&mut redis);
+        (events.iter().filter(|e| e["goal_id"] == goal).count() == 2).then_some(events)
+    });
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "task.queued" && e["goal_id"] == goal));
+    assert_eq!(
+        llen(&mut redis, "synapse:queue:default"),
+        0,
+        "a replayed event whose dispatch went out is not dispatched again"
+    );
+}
+
+/// The process id of the forwarder, once it runs.
+fn forwarder_pid(client: &mut postgres::Client) -> i32 {
+    wait_until("the forwarder", WAIT, || {
+        client
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'synapse forwarder'",
+                &[],
+            )
+            .unwrap()
+            .map(|row| row.get::<_, i32>(0))
+    })
+}
+
+/// Submits goals nobody plans, pops their first dispatch, and returns their ids.
+fn submitted_goals(
+    client: &mut postgres::Client,
+    redis: &mut redis::Connection,
+    n: usize,
+) -> Vec<i64> {
+    let ids: Vec<i64> = (0..n)
+        .map(|i| {
+            client
+                .query_one("SELECT synapse.submit_goal($1)", &[&format!("goal {i}")])
+                .unwrap()
+                .get(0)
+        })
+        .collect();
+    for _ in 0..n {
+        brpop(redis, "synapse:planner", WAIT).expect("first dispatch");
+    }
+    ids
+}
+
+#[test]
+fn a_row_lock_held_elsewhere_does_not_hold_up_the_forwarder() {
+    let stack = Stack::start("row-lock", &["synapse.sweep_interval = '1s'"]);
+    let mut client = stack.pg();
+    let mut holder = stack.pg();
+    let mut redis = stack.redis();
+    let goals = submitted_goals(&mut client, &mut redis, 2);
+    let mut tx = holder.transaction().unwrap();
+    tx.execute(
+        "SELECT FROM synapse.goals WHERE id = $1 FOR UPDATE",
+        &[&goals[0]],
+    )
+    .unwrap();
+    // The sweep passes the locked goal by and dispatches the other again.
+    let payload = brpop(&mut redis, "synapse:planner", WAIT).expect("the sweep goes on");
+    assert!(
+        payload.contains(&format!("\"goal_id\":{}}}", goals[1])),
+        "{payload}"
+    );
+    // And new work is dispatched while the lock is still held.
+    let goal = submit_plan(&mut client, ONE_STEP);
+    let payload = brpop(&mut redis, "synapse:queue:default", WAIT).expect("new work flows");
+    assert!(
+        payload.contains(&format!("\"goal_id\":{goal}")),
+        "{payload}"
+    );
+    tx.rollback().unwrap();
+}
+
+#[test]
+fn a_database_timeout_does_not_crash_the_forwarder() {
+    let stack = Stack::start("db-timeouts", &["synapse.sweep_interval = '1s'"]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    client
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET lock_timeout = '1ms'; ALTER DATABASE {} SET statement_timeout = '1ms'",
+            synapse_e2e::DATABASE,
+            synapse_e2e::DATABASE
+        ))
+        .unwrap();
+    // A new forwarder session, with the database's settings.
+    let old = forwarder_pid(&mut client);
+    client
+        .execute("SELECT pg_terminate_backend($1)", &[&old])
+        .unwrap();
+    let mut client = stack.pg();
+    client
+        .batch_execute("SET statement_timeout = 0; SET lock_timeout = 0")
+        .unwrap();
+    let pid = wait_until("a new forwarder", WAIT, || {
+        let pid = forwarder_pid(&mut client);
+        (pid != old).then_some(pid)
+    });
+    let goals = submitted_goals(&mut client, &mut redis, 2);
+    let mut holder = stack.pg();
+    holder.batch_execute("SET statement_timeout = 0").unwrap();
+    let mut tx = holder.transaction().unwrap();
+    tx.execute(
+        "SELECT FROM synapse.goals WHERE id = $1 FOR UPDATE",
+        &[&goals[0]],
+    )
+    .unwrap();
+    let payload = brpop(&mut redis, "synapse:planner", WAIT).expect("the sweep goes on");
+    assert!(
+        payload.contains(&format!("\"goal_id\":{}}}", goals[1])),
+        "{payload}"
+    );
+    let goal = submit_plan(&mut client, ONE_STEP);
+    let payload = brpop(&mut redis, "synapse:queue:default", WAIT).expect("new work flows");
+    assert!(
+        payload.contains(&format!("\"goal_id\":{goal}")),
+        "{payload}"
+    );
+    tx.rollback().unwrap();
+    assert_eq!(
+        forwarder_pid(&mut client),
+        pid,
+        "the forwarder never restarted"
+    );
+}
+
+#[test]
+fn a_hundred_reloads_while_forwarding_lose_nothing() {
+    let stack = Stack::start("reloads", &["synapse.sweep_interval = '1h'"]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    let pid = forwarder_pid(&mut client);
+    let reloader = {
+        let mut client = stack.pg();
+        std::thread::spawn(move || {
+            for _ in 0..100 {
+                client.batch_execute("SELECT pg_reload_conf()").unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    for batch in 0..30 {
+        client
+            .batch_execute(&format!(
+                "SELECT synapse.submit_goal('goal ' || i) FROM generate_series({}, {}) AS i",
+                batch * 100,
+                batch * 100 + 99
+            ))
+            .unwrap();
+    }
+    reloader.join().unwrap();
+    wait_until("every event in Redis", Duration::from_secs(90), || {
+        (llen(&mut redis, "synapse:planner") >= 3000).then_some(())
+    });
+    let payloads: Vec<String> = redis::cmd("LRANGE")
+        .arg("synapse:planner")
+        .arg(0)
+        .arg(-1)
+        .query(&mut redis)
+        .unwrap();
+    let goals: BTreeSet<i64> = payloads
+        .iter()
+        .map(|payload| {
+            serde_json::from_str::<serde_json::Value>(payload).unwrap()["goal_id"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(goals.len(), 3000, "every goal dispatched");
+    assert_eq!(
+        forwarder_pid(&mut client),
+        pid,
+        "the forwarder never restarted"
+    );
+    let log = stack.postgres_log();
+    assert!(!log.contains("terminated by signal"), "{log}");
+}
+
+#[test]
+fn forwarder_status_tells_a_database_it_does_not_serve() {
+    let stack = Stack::start("other-db", &[]);
+    let mut admin = stack.pg_database("postgres");
+    admin.batch_execute("CREATE DATABASE other").unwrap();
+    let mut other = stack.pg_database("other");
+    other.batch_execute("CREATE EXTENSION synapse").unwrap();
+    submit_plan(&mut other, ONE_STEP);
+    let status = stack.forwarder_status(&mut other);
+    assert_eq!(status["running"], false, "{status}");
+    assert_eq!(status["redis_connected"], false, "{status}");
+    assert_eq!(status["pending"], 2, "{status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("serves database \"synapse\""),
+        "{status}"
+    );
+    // In the database it serves, all is well.
+    let mut client = stack.pg();
+    submit_plan(&mut client, ONE_STEP);
+    let status = wait_until("the served database to drain", WAIT, || {
+        let status = stack.forwarder_status(&mut client);
+        (status["pending"] == 0 && status["redis_connected"] == true).then_some(status)
+    });
+    assert_eq!(status["running"], true, "{status}");
+}
+
+#[test]
+fn finished_goals_are_deleted_after_the_retention() {
+    let stack = Stack::start("retention", &["synapse.retention = '1s'"]);
+    let mut client = stack.pg();
+    let blueprint = r#"{"steps":[{"id":"a","action":"noop"},{"id":"b","action":"noop"}],
+                        "edges":[{"from":"a","to":"b"}]}"#;
+    let finished = submit_plan(&mut client, blueprint);
+    let running = submit_plan(&mut client, blueprint);
+    client
+        .execute("SELECT synapse.cancel_goal($1)", &[&finished])
+        .unwrap();
+    wait_until("the finished goal to be deleted", WAIT, || {
+        let left: i64 = client
+            .query_one(
+                "SELECT count(*) FROM synapse.goals WHERE id = $1",
+                &[&finished],
+            )
+            .unwrap()
+            .get(0);
+        (left == 0).then_some(())
+    });
+    let rows: (i64, i64) = {
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM synapse.tasks WHERE goal_id = $1),
+                        (SELECT count(*) FROM synapse.edges WHERE goal_id = $1)",
+                &[&finished],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(rows, (0, 0), "tasks and edges go with their goal");
+    let kept: i64 = client
+        .query_one(
+            "SELECT count(*) FROM synapse.tasks WHERE goal_id = $1",
+            &[&running],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 2, "a running goal is kept");
 }

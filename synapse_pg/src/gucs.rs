@@ -19,15 +19,24 @@ static KEY_PREFIX: GucSetting<Option<CString>> =
 static SWEEP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(30);
 /// Whether events are also sent with `pg_notify`.
 static NOTIFY: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Seconds finished goals are kept; 0 keeps them forever.
+static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
 
-/// Defines the GUCs and reserves the `synapse` prefix.
-pub fn init() {
+/// Defines the GUCs and reserves the `synapse` prefix. `preloading`: called
+/// from `shared_preload_libraries`; a library loaded later by a session must
+/// not define a postmaster-level setting (Postgres ends the session then).
+pub fn init(preloading: bool) {
     GucRegistry::define_string_guc(
         c"synapse.database",
         c"Database the Synapse forwarder serves.",
         c"The forwarder background worker connects to this database at start.",
         &DATABASE,
-        GucContext::Postmaster,
+        if preloading {
+            GucContext::Postmaster
+        } else {
+            // Only the forwarder acts on it, and it exists only when preloaded.
+            GucContext::Sighup
+        },
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(
@@ -72,6 +81,16 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"synapse.retention",
+        c"Finished goals older than this are deleted (0 keeps them forever).",
+        c"The forwarder deletes them with their tasks and edges, in small batches.",
+        &RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"synapse".as_ptr()) };
 }
 
@@ -108,4 +127,9 @@ pub fn key_prefix() -> String {
 /// `synapse.sweep_interval`.
 pub fn sweep_interval() -> Duration {
     Duration::from_secs(SWEEP_INTERVAL_S.get().max(1) as u64)
+}
+
+/// `synapse.retention` in seconds; 0 keeps finished goals forever.
+pub fn retention_seconds() -> i32 {
+    RETENTION_S.get().max(0)
 }

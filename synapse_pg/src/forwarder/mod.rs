@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
 mod redis_sink;
+mod transaction;
 mod worker;
 
 /// The name the worker has in `pg_stat_activity.backend_type`.

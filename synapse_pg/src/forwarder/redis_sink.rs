@@ -14,6 +14,26 @@ pub struct Event {
     pub dispatch: Option<String>,
     /// The JSON payload.
     pub payload: String,
+    /// Already in the event stream (an earlier round trip added it).
+    pub streamed: bool,
+}
+
+/// What Redis did with one event of a batch.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Its list got the payload (or it has none).
+    pub dispatched: bool,
+    /// The stream has it.
+    pub streamed: bool,
+    /// Why a part was refused.
+    pub error: Option<String>,
+}
+
+impl Delivery {
+    /// Nothing more is owed for this event.
+    pub fn complete(&self) -> bool {
+        self.dispatched && self.streamed
+    }
 }
 
 /// Where to connect: the URL, and the file with the password if there is one.
@@ -68,40 +88,51 @@ impl RedisSink {
     }
 
     /// Sends the batch in one pipeline: one LPUSH per destination list, then one
-    /// XADD per event. On any error the connection is dropped, so the next call
-    /// reconnects.
-    pub fn send(&mut self, prefix: &str, events: &[Event]) -> Result<(), String> {
+    /// XADD per event, each command answered on its own. `Err` when Redis
+    /// acknowledged nothing (unreachable, out of memory, ...): the connection is
+    /// dropped, so the next call reconnects. Otherwise, what happened to each
+    /// event: a command Redis refuses for some events (a key of the wrong type)
+    /// never holds back the others.
+    pub fn send(&mut self, prefix: &str, events: &[Event]) -> Result<Vec<Delivery>, String> {
         let result = self.try_send(prefix, events);
         if result.is_err() {
             self.connection = None;
         }
-        result.map_err(|error| describe(&error))
+        result
     }
 
-    fn try_send(&mut self, prefix: &str, events: &[Event]) -> redis::RedisResult<()> {
+    fn try_send(&mut self, prefix: &str, events: &[Event]) -> Result<Vec<Delivery>, String> {
         if self.connection.is_none() {
-            let connection = self.client()?.get_connection_with_timeout(IO_TIMEOUT)?;
-            connection.set_read_timeout(Some(IO_TIMEOUT))?;
-            connection.set_write_timeout(Some(IO_TIMEOUT))?;
-            self.connection = Some(connection);
+            let connect = || -> redis::RedisResult<redis::Connection> {
+                let connection = self.client()?.get_connection_with_timeout(IO_TIMEOUT)?;
+                connection.set_read_timeout(Some(IO_TIMEOUT))?;
+                connection.set_write_timeout(Some(IO_TIMEOUT))?;
+                Ok(connection)
+            };
+            self.connection = Some(connect().map_err(|error| describe(&error))?);
         }
         let connection = self.connection.as_mut().expect("connected above");
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         // Lists keep the batch order: LPUSH a b c then BRPOP pops a first.
-        let mut lists: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for event in events {
+        let mut lists: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (index, event) in events.iter().enumerate() {
             if let Some(list) = &event.dispatch {
-                lists.entry(list).or_default().push(&event.payload);
+                lists.entry(list).or_default().push(index);
             }
         }
-        for (list, payloads) in &lists {
+        for (list, members) in &lists {
+            let payloads: Vec<&str> = members
+                .iter()
+                .map(|&i| events[i].payload.as_str())
+                .collect();
             pipe.cmd("LPUSH")
                 .arg(format!("{prefix}:{list}"))
-                .arg(payloads)
-                .ignore();
+                .arg(payloads);
         }
         let stream = format!("{prefix}:events");
-        for event in events {
+        let unstreamed: Vec<usize> = (0..events.len()).filter(|&i| !events[i].streamed).collect();
+        for &index in &unstreamed {
             pipe.cmd("XADD")
                 .arg(&stream)
                 .arg("MAXLEN")
@@ -109,10 +140,94 @@ impl RedisSink {
                 .arg(STREAM_MAXLEN)
                 .arg("*")
                 .arg("payload")
-                .arg(&event.payload)
-                .ignore();
+                .arg(&events[index].payload);
         }
-        pipe.query::<()>(connection)
+        let replies: Vec<redis::RedisResult<redis::Value>> =
+            pipe.query(connection).map_err(|error| describe(&error))?;
+        if replies.len() != lists.len() + unstreamed.len() {
+            return Err(format!(
+                "redis answered {} of {} commands",
+                replies.len(),
+                lists.len() + unstreamed.len()
+            ));
+        }
+        // A refusal that concerns the server, not a key, refuses everything:
+        // report it as a failed round trip (and keep every event).
+        if let Some(error) = replies
+            .iter()
+            .filter_map(|reply| reply.as_ref().err())
+            .find(|error| !concerns_a_key(error))
+        {
+            return Err(describe(error));
+        }
+        let mut deliveries: Vec<Delivery> = events
+            .iter()
+            .map(|event| Delivery {
+                dispatched: event.dispatch.is_none(),
+                streamed: event.streamed,
+                error: None,
+            })
+            .collect();
+        let (list_replies, stream_replies) = replies.split_at(lists.len());
+        for ((_, members), reply) in lists.iter().zip(list_replies) {
+            for &index in members {
+                match reply {
+                    Ok(_) => deliveries[index].dispatched = true,
+                    Err(error) => deliveries[index].error = Some(describe(error)),
+                }
+            }
+        }
+        for (&index, reply) in unstreamed.iter().zip(stream_replies) {
+            match reply {
+                Ok(_) => deliveries[index].streamed = true,
+                Err(error) => deliveries[index].error = Some(describe(error)),
+            }
+        }
+        Ok(deliveries)
+    }
+}
+
+impl RedisSink {
+    /// Which of `lists` (without prefix) hold no message, in one round trip.
+    pub fn empty_lists(&mut self, prefix: &str, lists: &[String]) -> Result<Vec<bool>, String> {
+        let Some(connection) = self.connection.as_mut() else {
+            return Err("redis: not connected".to_owned());
+        };
+        let mut pipe = redis::pipe();
+        for list in lists {
+            pipe.cmd("LLEN").arg(format!("{prefix}:{list}"));
+        }
+        let lengths: Vec<i64> = match pipe.query(connection) {
+            Ok(lengths) => lengths,
+            Err(error) => {
+                self.connection = None;
+                return Err(describe(&error));
+            }
+        };
+        Ok(lengths.into_iter().map(|length| length == 0).collect())
+    }
+}
+
+/// Whether a refused command failed because of its key (e.g. WRONGTYPE), so
+/// that other keys are fine, rather than because of the server's state
+/// (out of memory, loading, read-only replica, not authenticated, ...).
+fn concerns_a_key(error: &redis::RedisError) -> bool {
+    match error.code() {
+        Some(code) => !matches!(
+            code,
+            "OOM"
+                | "NOAUTH"
+                | "LOADING"
+                | "READONLY"
+                | "MASTERDOWN"
+                | "BUSY"
+                | "CLUSTERDOWN"
+                | "TRYAGAIN"
+                | "MISCONF"
+                | "NOREPLICAS"
+                | "EXECABORT"
+        ),
+        None => false,
     }
 }
 

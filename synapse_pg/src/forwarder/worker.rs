@@ -1,24 +1,39 @@
 //! The forwarder's main loop.
-use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::redis_sink::{Event, RedisSink, Target};
+use super::redis_sink::{Delivery, Event, RedisSink, Target};
+use super::transaction;
 use super::{update_state, LATCH_OWNER};
 use crate::gucs;
 
 /// Events per transaction and per Redis round trip.
 const BATCH_SIZE: i64 = 5000;
-/// First and longest pause after a Redis failure.
+/// Rows a timer statement changes at most per turn (the rest at the next).
+const TIMER_BATCH: i32 = 1000;
+/// First and longest pause after a failure.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Refusals after which Redis is taken at its word and an event is set aside.
+const MAX_EVENT_FAILURES: i32 = 5;
 
 /// Entry point of the `synapse forwarder` background worker.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn synapse_forwarder_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // Postgres's own handlers: they only set a flag and the latch (reloading
+    // the configuration inside a signal handler would not be safe).
+    // SAFETY: installing handlers before signals are unblocked.
+    unsafe {
+        pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(SignalHandlerForConfigReload));
+        pg_sys::pqsignal(
+            pg_sys::SIGTERM as i32,
+            Some(SignalHandlerForShutdownRequest),
+        );
+        pg_sys::BackgroundWorkerUnblockSignals();
+    }
     let database = gucs::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     // SAFETY: MyProc is this process's PGPROC, valid for its lifetime.
@@ -29,19 +44,31 @@ pub extern "C-unwind" fn synapse_forwarder_main(_arg: pg_sys::Datum) {
     let mut forwarder = Forwarder::new();
     // Run once at start: events committed while no forwarder ran wait in the outbox.
     let mut timeout = Some(Duration::ZERO);
-    // ShutdownRequestPending, set by the SIGTERM handler, is checked too: it is
-    // never cleared, so no code path can swallow the request to stop.
     while !shutdown_requested() && BackgroundWorker::wait_latch(timeout) {
-        if BackgroundWorker::sighup_received() {
+        if shutdown_requested() {
+            break;
+        }
+        if take_reload_request() {
             // SAFETY: called from the main loop, outside any transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-            // synapse.sweep_interval may have changed: recompute the deadlines.
-            forwarder.timer_needed(Duration::ZERO);
+            // synapse.sweep_interval or retention may have changed: look again.
+            forwarder.timers_due = Some(Instant::now());
+            forwarder.sweep_due = Some(Instant::now());
         }
         timeout = forwarder.run();
     }
     LATCH_OWNER.get().store(-1, Ordering::Release);
     log!("synapse forwarder stopped");
+    // A non-zero exit has the postmaster start it again after its restart
+    // time (pg_terminate_backend is not a way to turn forwarding off for
+    // good); at a server shutdown nothing is restarted anyway.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+// The C handlers themselves (pgrx's bindings wrap them for calls from Rust).
+unsafe extern "C-unwind" {
+    fn SignalHandlerForConfigReload(signal: std::ffi::c_int);
+    fn SignalHandlerForShutdownRequest(signal: std::ffi::c_int);
 }
 
 fn target() -> Target {
@@ -52,216 +79,479 @@ fn target() -> Target {
 }
 
 fn shutdown_requested() -> bool {
-    // SAFETY: a plain flag written by the signal handler.
-    unsafe { pg_sys::ShutdownRequestPending != 0 }
+    // SAFETY: a flag written by the SIGTERM handler, read in the main loop.
+    unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
+}
+
+fn take_reload_request() -> bool {
+    // SAFETY: a flag written by the SIGHUP handler, cleared in the main loop.
+    unsafe {
+        let pending = std::ptr::read_volatile(&raw const pg_sys::ConfigReloadPending) != 0;
+        if pending {
+            std::ptr::write_volatile(&raw mut pg_sys::ConfigReloadPending, 0);
+        }
+        pending
+    }
+}
+
+/// Why a turn of the loop stopped early.
+enum Failure {
+    /// Redis acknowledged nothing.
+    Redis(String),
+    /// Postgres refused a statement (the transaction was rolled back).
+    Sql(String),
+}
+
+impl From<String> for Failure {
+    fn from(error: String) -> Self {
+        Failure::Sql(error)
+    }
+}
+
+impl From<pgrx::spi::Error> for Failure {
+    fn from(error: pgrx::spi::Error) -> Self {
+        Failure::Sql(error.to_string())
+    }
 }
 
 struct Forwarder {
     sink: RedisSink,
     installed: bool,
-    /// While Redis is failing: when to try again, and the pause after that.
+    /// After a failure: when to try again, the pause after that, and the
+    /// error last logged (each new error is logged once).
     retry_at: Option<Instant>,
     backoff: Duration,
+    logged_error: Option<String>,
     /// When the timers must run next (None: nothing is scheduled). Every new
     /// deadline arrives with an event, so between deadlines no timer runs.
     timers_due: Option<Instant>,
+    /// When the sweep must look next.
+    sweep_due: Option<Instant>,
+    /// When events Redis refused may be sent again.
+    redrain_due: Option<Instant>,
 }
 
 enum Drain {
-    /// Everything committed so far is in Redis.
+    /// Everything committed so far is in Redis (or waits for a retry).
     Done,
     /// A full batch went out; there may be more.
     More,
-    /// Redis refused; the batch stays in the outbox.
-    Failed(String),
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn seconds(value: f64) -> Duration {
+    Duration::from_secs_f64(value.clamp(0.0, 86_400.0 * 365.0))
 }
 
 impl Forwarder {
     fn new() -> Self {
+        let now = Instant::now();
         Self {
             sink: RedisSink::new(target()),
             installed: false,
             retry_at: None,
             backoff: BACKOFF_MIN,
-            // At start: whatever was due while no forwarder ran.
-            timers_due: Some(Instant::now()),
+            logged_error: None,
+            // At start: whatever fell due while no forwarder ran.
+            timers_due: Some(now),
+            sweep_due: Some(now),
+            redrain_due: None,
         }
     }
 
-    /// An event brought a deadline `due_in` from now.
-    fn timer_needed(&mut self, due_in: Duration) {
-        let due = Instant::now() + due_in;
-        self.timers_due = Some(self.timers_due.map_or(due, |current| current.min(due)));
-    }
-
-    /// Runs the timers if they are due; returns how long until they are next.
-    fn run_timers_if_due(&mut self) -> Option<Duration> {
-        let due = self.timers_due?;
-        let now = Instant::now();
-        if now < due {
-            return Some(due - now);
-        }
-        let next = run_timers();
-        self.timers_due = next.map(|next| Instant::now() + next);
-        next
-    }
-
-    /// One wake-up: drain, then timers. Returns how long to sleep at most.
+    /// One wake-up: drain, then timers and sweep. Returns how long to sleep at most.
     fn run(&mut self) -> Option<Duration> {
         let target = target();
         if !self.sink.targets(&target) {
             self.sink = RedisSink::new(target);
             self.retry_at = None;
         }
+        let now = Instant::now();
         if let Some(retry_at) = self.retry_at {
-            let now = Instant::now();
             if now < retry_at {
-                // Commits keep waking us while Redis is down; keep the pace.
+                // Commits keep waking us while something fails; keep the pace.
                 return Some(retry_at - now);
             }
         }
-        if !self.installed {
-            self.installed = BackgroundWorker::transaction(|| {
-                Spi::get_one::<bool>(
-                    "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'synapse')",
-                )
-                .ok()
-                .flatten()
-                .unwrap_or(false)
-            });
-            if !self.installed {
-                // CREATE EXTENSION wakes us when it is done.
-                return None;
+        match self.turn() {
+            Ok(()) => {
+                if self.retry_at.take().is_some() {
+                    log!("synapse forwarder: working again");
+                }
+                self.backoff = BACKOFF_MIN;
+                self.logged_error = None;
+                let now = Instant::now();
+                earliest(earliest(self.timers_due, self.sweep_due), self.redrain_due)
+                    .map(|due| due.saturating_duration_since(now))
             }
-        }
-        let drained = loop {
-            match self.drain_batch() {
-                Drain::More => continue,
-                done_or_failed => break done_or_failed,
-            }
-        };
-        // After the drain, so that timers never delay a commit's events. The
-        // events the timers write wake this loop again through the latch.
-        let next_due = self.run_timers_if_due();
-        match drained {
-            Drain::Failed(error) => {
-                if self.retry_at.is_none() {
-                    warning!("synapse forwarder: {error}; events wait in synapse.outbox");
+            Err(failure) => {
+                let (error, redis) = match failure {
+                    Failure::Redis(error) => (error, true),
+                    Failure::Sql(error) => {
+                        // Maybe the extension was dropped: check again next time.
+                        self.installed = false;
+                        (error, false)
+                    }
+                };
+                if self.logged_error.as_ref() != Some(&error) {
+                    let waiting = if redis {
+                        "events wait in synapse.outbox"
+                    } else {
+                        "retrying"
+                    };
+                    warning!("synapse forwarder: {error}; {waiting}");
+                    self.logged_error = Some(error.clone());
                 }
                 update_state(|state| {
-                    state.redis_connected = false;
+                    if redis {
+                        state.redis_connected = false;
+                    }
                     state.set_last_error(Some(&error));
                 });
                 let pause = self.backoff;
                 self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
                 self.retry_at = Some(Instant::now() + pause);
-                Some(next_due.map_or(pause, |due| due.min(pause)))
-            }
-            Drain::Done | Drain::More => {
-                if self.retry_at.take().is_some() {
-                    log!("synapse forwarder: redis reachable again");
-                }
-                self.backoff = BACKOFF_MIN;
-                next_due
+                Some(pause)
             }
         }
     }
 
-    /// Forwards the oldest committed batch and deletes it once Redis
+    fn turn(&mut self) -> Result<(), Failure> {
+        if !self.installed {
+            self.installed = transaction::run(|| {
+                Spi::get_one::<bool>(
+                    "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'synapse')",
+                )
+                .map(|installed| installed.unwrap_or(false))
+                .map_err(Failure::from)
+            })?;
+            if !self.installed {
+                // CREATE EXTENSION wakes us when it is done.
+                self.timers_due = None;
+                self.sweep_due = None;
+                return Ok(());
+            }
+            self.timers_due = Some(Instant::now());
+            self.sweep_due = Some(Instant::now());
+        }
+        let drained = loop {
+            match self.drain_batch() {
+                Ok(Drain::More) if !shutdown_requested() => continue,
+                Ok(_) => break Ok(()),
+                Err(failure) => break Err(failure),
+            }
+        };
+        // After the drain, so that timers never delay a commit's events; and
+        // even when Redis is down, so that retries and leases keep their
+        // deadlines. The events the timers write wake this loop again.
+        self.run_timers_if_due()?;
+        drained?;
+        self.sweep_if_due()
+    }
+
+    /// Forwards the oldest committed batch and deletes what Redis
     /// acknowledged; notes the deadlines its events bring.
-    fn drain_batch(&mut self) -> Drain {
+    fn drain_batch(&mut self) -> Result<Drain, Failure> {
         let sink = std::panic::AssertUnwindSafe(&mut self.sink);
-        let (drain, due_in) = BackgroundWorker::transaction(move || {
+        let sweep = gucs::sweep_interval();
+        let retention = gucs::retention_seconds();
+        // Woken for refused events whose pause is over: learn when the next are due.
+        let look_for_retries = self.redrain_due.is_some_and(|due| due <= Instant::now());
+        let (drain, due) = transaction::run(move || {
             let sink = sink;
             // Losing this commit in a crash only re-sends the batch (delivery is
             // at-least-once), so it need not wait for its WAL flush.
-            Spi::run("SET LOCAL synchronous_commit = off").expect("setting synchronous_commit");
-            let batch = read_batch();
+            Spi::run("SET LOCAL synchronous_commit = off")?;
+            let mut batch = read_batch(sweep, retention)?;
+            if look_for_retries && (batch.ids.len() as i64) < BATCH_SIZE {
+                batch.due.redrain = Spi::get_one::<f64>(
+                    "SELECT extract(epoch FROM min(retry_at) - clock_timestamp())::float8
+                       FROM synapse.outbox WHERE retry_at IS NOT NULL",
+                )?
+                .map(seconds);
+            }
             if batch.ids.is_empty() {
-                return (Drain::Done, None);
+                return Ok::<_, Failure>((Drain::Done, batch.due));
             }
-            if let Err(error) = sink.0.send(&gucs::key_prefix(), &batch.events) {
-                return (Drain::Failed(error), batch.due_in);
-            }
-            Spi::run_with_args(
-                "DELETE FROM synapse.outbox WHERE id = ANY($1)",
-                &[batch.ids.clone().into()],
-            )
-            .expect("deleting forwarded outbox rows");
+            let deliveries = sink
+                .0
+                .send(&gucs::key_prefix(), &batch.events)
+                .map_err(Failure::Redis)?;
+            let (acknowledged, retry) = record_deliveries(&batch.ids, &deliveries)?;
+            let mut due = batch.due;
+            due.redrain = min_duration(due.redrain, retry);
             let now = unsafe { pg_sys::GetCurrentTimestamp() };
             update_state(|state| {
                 state.redis_connected = true;
-                state.forwarded_total += batch.ids.len() as u64;
+                state.forwarded_total += acknowledged;
                 state.last_forward_at = now;
-                state.set_last_error(None);
+                if deliveries.iter().all(|delivery| delivery.error.is_none()) {
+                    state.set_last_error(None);
+                } else if let Some(error) = deliveries.iter().find_map(|d| d.error.as_deref()) {
+                    state.set_last_error(Some(error));
+                }
             });
             let drain = if batch.ids.len() as i64 == BATCH_SIZE {
                 Drain::More
             } else {
                 Drain::Done
             };
-            (drain, batch.due_in)
-        });
-        if let Some(due_in) = due_in {
-            self.timer_needed(due_in);
-        }
-        drain
+            Ok((drain, due))
+        })?;
+        let now = Instant::now();
+        self.timers_due = earliest(self.timers_due, due.timers.map(|d| now + d));
+        self.sweep_due = earliest(self.sweep_due, due.sweep.map(|d| now + d));
+        // A deadline already past was this wake-up's: the next one replaces it.
+        let pending_redrain = self.redrain_due.filter(|due| *due > now);
+        self.redrain_due = earliest(pending_redrain, due.redrain.map(|d| now + d));
+        Ok(drain)
     }
+
+    /// Runs the timers if they are due.
+    fn run_timers_if_due(&mut self) -> Result<(), Failure> {
+        match self.timers_due {
+            Some(due) if due <= Instant::now() => {}
+            _ => return Ok(()),
+        }
+        let retention = gucs::retention_seconds();
+        let (changed, next_in) = transaction::run(move || {
+            let row = Spi::get_two_with_args::<i64, f64>(
+                "SELECT changed, extract(epoch FROM next_due - clock_timestamp())::float8
+                   FROM synapse._run_timers($1, $2)",
+                &[retention.into(), TIMER_BATCH.into()],
+            )?;
+            Ok::<_, Failure>(row)
+        })?;
+        let now = Instant::now();
+        self.timers_due = if changed.unwrap_or(0) >= i64::from(TIMER_BATCH) {
+            // A batch was full: more is due now.
+            Some(now)
+        } else {
+            next_in.map(|seconds_left| now + seconds(seconds_left))
+        };
+        Ok(())
+    }
+
+    /// Re-dispatches work whose Redis message was lost: only right after a
+    /// complete drain (nothing owed by the outbox), and only for lists Redis
+    /// says are empty (a message that still waits is not lost).
+    fn sweep_if_due(&mut self) -> Result<(), Failure> {
+        match self.sweep_due {
+            Some(due) if due <= Instant::now() => {}
+            _ => return Ok(()),
+        }
+        if self.redrain_due.is_some() {
+            // Some events wait for a retry: their dispatch is still owed.
+            self.sweep_due = self.redrain_due;
+            return Ok(());
+        }
+        let sweep = gucs::sweep_interval();
+        let sweep_seconds = sweep.as_secs() as i32;
+        let candidates = transaction::run(move || {
+            let mut lists = Vec::new();
+            Spi::connect(|client| {
+                for row in client.select(
+                    "SELECT list FROM synapse._sweep_candidates($1)",
+                    None,
+                    &[sweep_seconds.into()],
+                )? {
+                    if let Some(list) = row.get::<String>(1)? {
+                        lists.push(list);
+                    }
+                }
+                Ok::<_, pgrx::spi::Error>(())
+            })?;
+            Ok::<_, Failure>(lists)
+        })?;
+        let mut swept = 0;
+        if !candidates.is_empty() {
+            let empty = self
+                .sink
+                .empty_lists(&gucs::key_prefix(), &candidates)
+                .map_err(Failure::Redis)?;
+            let lists: Vec<String> = candidates
+                .iter()
+                .zip(empty)
+                .filter_map(|(list, empty)| empty.then(|| list.clone()))
+                .collect();
+            if !lists.is_empty() {
+                swept = transaction::run(move || {
+                    Ok::<_, Failure>(
+                        Spi::get_one_with_args::<i64>(
+                            "SELECT synapse._sweep($1, $2)",
+                            &[lists.into(), sweep_seconds.into()],
+                        )?
+                        .unwrap_or(0),
+                    )
+                })?;
+            }
+        }
+        if swept > 0 {
+            log!(
+                "synapse forwarder: dispatched {swept} unclaimed messages again (lost from Redis)"
+            );
+        }
+        let next_in = transaction::run(move || {
+            Ok::<_, Failure>(Spi::get_one_with_args::<f64>(
+                "SELECT extract(epoch FROM synapse._sweep_due($1) - clock_timestamp())::float8",
+                &[sweep_seconds.into()],
+            )?)
+        })?;
+        let now = Instant::now();
+        self.sweep_due = next_in.map(|seconds_left| {
+            let due = now + seconds(seconds_left);
+            if candidates.is_empty() {
+                due
+            } else {
+                // Work still waiting in a list nobody pops: look again in an
+                // interval, not at once.
+                due.max(now + sweep)
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Deadlines events bring, from now.
+#[derive(Default)]
+struct Due {
+    /// A retry's run_at, a lease expiry, a finished goal's end of retention.
+    timers: Option<Duration>,
+    /// Dispatched work: the sweep looks after it if nobody claims it.
+    sweep: Option<Duration>,
+    /// Events Redis refused, when they may be sent again.
+    redrain: Option<Duration>,
 }
 
 /// The oldest committed events.
 struct Batch {
     ids: Vec<i64>,
     events: Vec<Event>,
-    /// The earliest deadline the events bring, from now.
-    due_in: Option<Duration>,
+    due: Due,
 }
 
-fn read_batch() -> Batch {
-    let sweep = gucs::sweep_interval();
+fn min_duration(current: Option<Duration>, new: Option<Duration>) -> Option<Duration> {
+    match (current, new) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn read_batch(sweep: Duration, retention_seconds: i32) -> Result<Batch, Failure> {
     Spi::connect(|client| {
-        let rows = client
-            .select(
-                "SELECT id, dispatch, payload, extract(epoch FROM due_at - clock_timestamp())::float8
-                   FROM synapse.outbox ORDER BY id LIMIT $1",
-                None,
-                &[BATCH_SIZE.into()],
-            )
-            .expect("reading synapse.outbox");
+        let rows = client.select(
+            "SELECT id, dispatch, payload, streamed, event,
+                    extract(epoch FROM due_at - clock_timestamp())::float8
+               FROM synapse.outbox
+              WHERE retry_at IS NULL OR retry_at <= clock_timestamp()
+              ORDER BY id LIMIT $1",
+            None,
+            &[BATCH_SIZE.into()],
+        )?;
         let mut batch = Batch {
             ids: Vec::with_capacity(rows.len()),
             events: Vec::with_capacity(rows.len()),
-            due_in: None,
+            due: Due::default(),
         };
         for row in rows {
-            let dispatch = row.get::<String>(2).ok().flatten();
-            let due_in = match row.get::<f64>(4).ok().flatten() {
-                Some(seconds) => Some(Duration::from_secs_f64(seconds.max(0.0))),
-                // Dispatched work is due for the sweep if nobody claims it.
-                None => dispatch.is_some().then_some(sweep),
-            };
-            if let Some(due_in) = due_in {
-                batch.due_in = Some(batch.due_in.map_or(due_in, |earliest| earliest.min(due_in)));
+            let dispatch = row.get::<String>(2)?;
+            let event = row.get::<String>(5)?.unwrap_or_default();
+            if let Some(seconds_left) = row.get::<f64>(6)? {
+                batch.due.timers = min_duration(batch.due.timers, Some(seconds(seconds_left)));
+            }
+            let finished_goal = matches!(
+                event.as_str(),
+                "goal.succeeded" | "goal.failed" | "goal.cancelled"
+            );
+            if finished_goal && retention_seconds > 0 {
+                let retention = Duration::from_secs(retention_seconds as u64);
+                batch.due.timers = min_duration(batch.due.timers, Some(retention));
+            }
+            if dispatch.is_some() {
+                batch.due.sweep = min_duration(batch.due.sweep, Some(sweep));
             }
             batch
                 .ids
-                .push(row.get::<i64>(1).ok().flatten().unwrap_or_default());
+                .push(row.get::<i64>(1)?.ok_or("outbox row without id")?);
             batch.events.push(Event {
                 dispatch,
-                payload: row.get::<String>(3).ok().flatten().unwrap_or_default(),
+                payload: row.get::<String>(3)?.unwrap_or_default(),
+                streamed: row.get::<bool>(4)?.unwrap_or(false),
             });
         }
-        batch
+        Ok(batch)
     })
 }
 
-/// Queues due retries, re-queues expired leases, re-dispatches stale queued
-/// work; returns the time until the next of those deadlines, if any.
-fn run_timers() -> Option<Duration> {
-    let sweep_seconds = gucs::sweep_interval().as_secs() as i32;
-    let millis = BackgroundWorker::transaction(move || {
-        Spi::get_one_with_args::<f64>("SELECT synapse._run_timers($1)", &[sweep_seconds.into()])
-            .expect("running synapse timers")
-    })?;
-    Some(Duration::from_secs_f64((millis / 1000.0).max(0.0)))
+impl From<&str> for Failure {
+    fn from(error: &str) -> Self {
+        Failure::Sql(error.to_owned())
+    }
+}
+
+/// Deletes the events Redis took in full; keeps the others with what is
+/// still owed and a pause before the next try, and sets aside those Redis
+/// refused too often. Returns how many events were acknowledged in full, and
+/// when the first of those kept may be sent again.
+fn record_deliveries(
+    ids: &[i64],
+    deliveries: &[Delivery],
+) -> Result<(u64, Option<Duration>), Failure> {
+    let (complete, partial): (Vec<_>, Vec<_>) = ids
+        .iter()
+        .zip(deliveries)
+        .partition(|(_, delivery)| delivery.complete());
+    let complete: Vec<i64> = complete.into_iter().map(|(id, _)| *id).collect();
+    Spi::run_with_args(
+        "DELETE FROM synapse.outbox WHERE id = ANY($1)",
+        &[complete.clone().into()],
+    )?;
+    let mut retry = None;
+    if !partial.is_empty() {
+        let partial_ids: Vec<i64> = partial.iter().map(|(id, _)| **id).collect();
+        let dispatched: Vec<bool> = partial.iter().map(|(_, d)| d.dispatched).collect();
+        let streamed: Vec<bool> = partial.iter().map(|(_, d)| d.streamed).collect();
+        let errors: Vec<String> = partial
+            .iter()
+            .map(|(_, d)| d.error.clone().unwrap_or_default())
+            .collect();
+        let retry_in = Spi::get_one_with_args::<f64>(
+            "WITH refused AS (
+                 UPDATE synapse.outbox o
+                    SET failures = o.failures + 1, error = r.error, streamed = r.streamed,
+                        dispatch = CASE WHEN r.dispatched THEN NULL ELSE o.dispatch END,
+                        retry_at = clock_timestamp() + least(interval '200 ms' * power(2, o.failures),
+                                                             interval '30 s')
+                   FROM unnest($1::bigint[], $2::bool[], $3::bool[], $4::text[])
+                        AS r(id, dispatched, streamed, error)
+                  WHERE o.id = r.id
+              RETURNING o.retry_at, o.failures)
+             SELECT extract(epoch FROM min(retry_at) - clock_timestamp())::float8
+               FROM refused WHERE failures < $5",
+            &[
+                partial_ids.clone().into(),
+                dispatched.into(),
+                streamed.into(),
+                errors.into(),
+                MAX_EVENT_FAILURES.into(),
+            ],
+        )?;
+        Spi::run_with_args(
+            "WITH parked AS (
+                 DELETE FROM synapse.outbox WHERE id = ANY($1) AND failures >= $2
+              RETURNING id, event, goal_id, task_id, dispatch, payload, streamed, created_at, failures, error)
+             INSERT INTO synapse.outbox_parked
+                    (id, event, goal_id, task_id, dispatch, payload, streamed, created_at, failures, error)
+             SELECT * FROM parked",
+            &[partial_ids.into(), MAX_EVENT_FAILURES.into()],
+        )?;
+        retry = retry_in.map(seconds);
+    }
+    Ok((complete.len() as u64, retry))
 }

@@ -647,24 +647,32 @@ fn a_worker_waits_out_a_postgres_outage_without_losing_its_message() {
 }
 
 #[test]
-fn a_task_whose_last_lease_expired_fails_and_fails_its_goal() {
+fn a_task_whose_last_lease_expired_fails_and_its_edges_carry_the_goal_on() {
     let stack = Stack::start("lease-exhausted", &[]);
     let mut client = stack.pg();
     let doomed = stack.start_worker("doomed", &["--lease", "1s"]);
     let id = submit_plan(
         &mut client,
-        &json!({"steps": [{"id": "fragile", "action": "sleep", "params": {"ms": 60000}}]}),
+        &json!({"steps": [{"id": "fragile", "action": "sleep", "params": {"ms": 60000}},
+                          {"id": "cleanup", "action": "noop"}],
+                "edges": [{"from": "fragile", "to": "cleanup", "on": "failure"}]}),
     );
     wait_for_running_task(&mut client, id);
     doomed.signal("KILL");
     let _next = stack.start_worker("next", &[]);
     let status = wait_for_goal(&stack, id, WAIT);
-    assert_eq!(status["status"], "failed");
-    let error = task(&status, "fragile")["error"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    // The failure edge was resolved by a worker and handled the failure.
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(task(&status, "cleanup")["status"], "succeeded");
+    let fragile = task(&status, "fragile");
+    assert_eq!(fragile["status"], "failed");
+    assert_eq!(
+        fragile["attempts"], 1,
+        "not claimed again past its last attempt"
+    );
+    let error = fragile["error"].as_str().unwrap().to_owned();
     assert!(error.starts_with("lease of attempt 1 expired"), "{error}");
+    assert!(error.ends_with("no attempt left"), "{error}");
 }
 
 #[test]

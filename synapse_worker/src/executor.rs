@@ -28,6 +28,26 @@ pub fn task_id(payload: &str) -> Option<i64> {
         .as_i64()
 }
 
+/// What a queue message asks of a worker.
+#[derive(Debug, PartialEq, Eq)]
+pub enum QueueMessage {
+    /// `task.queued`: claim the task and run it.
+    Run(i64),
+    /// `task.failed`: its last lease lapsed and the forwarder failed it;
+    /// resolve its edges and carry its goal on.
+    CarryOn(i64),
+}
+
+/// Reads a queue message; `None` if it is malformed.
+pub fn queue_message(payload: &str) -> Option<QueueMessage> {
+    let message = serde_json::from_str::<Value>(payload).ok()?;
+    let task_id = message.get("task_id")?.as_i64()?;
+    match message.get("event").and_then(Value::as_str) {
+        Some("task.failed") => Some(QueueMessage::CarryOn(task_id)),
+        _ => Some(QueueMessage::Run(task_id)),
+    }
+}
+
 /// Backoff before attempt `attempt + 1`: `base · 2^(attempt-1)`, times a
 /// random factor in [0.5, 1.5) so that failures in step do not retry in step.
 pub fn retry_delay(base: Duration, attempt: i32, jitter: f64) -> Duration {
@@ -54,11 +74,16 @@ pub enum Handled {
 /// cancelled goals) are dropped; if Postgres is unreachable they all go back.
 pub async fn claim(shared: &Shared, list: &str, payloads: &[String]) -> Vec<ClaimedTask> {
     let mut task_ids = Vec::with_capacity(payloads.len());
+    let mut carry_on = Vec::new();
     for payload in payloads {
-        match task_id(payload) {
-            Some(id) => task_ids.push(id),
+        match queue_message(payload) {
+            Some(QueueMessage::Run(id)) => task_ids.push(id),
+            Some(QueueMessage::CarryOn(id)) => carry_on.push(id),
             None => warn!(payload, "dropping a malformed queue message"),
         }
+    }
+    if !carry_on.is_empty() {
+        carry_on_after(shared, &carry_on).await;
     }
     if task_ids.is_empty() {
         return Vec::new();
@@ -92,6 +117,33 @@ pub async fn claim(shared: &Shared, list: &str, payloads: &[String]) -> Vec<Clai
             // The sweep dispatches them again.
             warn!(?task_ids, %error, "could not claim tasks");
             Vec::new()
+        }
+    }
+}
+
+/// Runs the engine for tasks the forwarder failed when their last lease
+/// lapsed: no worker recorded them, so none resolved their edges. Goals are
+/// locked first, as everywhere. If this fails the goal waits for the next
+/// such message (a duplicate, or none): logged loudly.
+async fn carry_on_after(shared: &Shared, task_ids: &[i64]) {
+    let carried = with_retries(|| async {
+        let mut client = shared.pool.get().await?;
+        let tx = store::begin(&mut client).await?;
+        let goal_ids = store::goals_of_tasks(&tx, task_ids).await?;
+        let running = store::lock_running_goals(&tx, &goal_ids).await?;
+        let ends = store::failed_without_a_worker(&tx, task_ids).await?;
+        let carried = ends.len();
+        if carried > 0 {
+            crate::engine::steps_ended_in_locked_goals(&tx, ends, running).await?;
+        }
+        tx.commit().await?;
+        Ok(carried)
+    })
+    .await;
+    match carried {
+        Ok(carried) => debug!(?task_ids, carried, "carried on after lapsed leases"),
+        Err(error) => {
+            warn!(?task_ids, %error, "could not carry on after tasks whose lease lapsed")
         }
     }
 }
@@ -252,6 +304,23 @@ async fn record(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_task_message_asks_to_carry_on() {
+        assert_eq!(
+            queue_message(
+                r#"{"v":1,"event":"task.failed","goal_id":1,"task_id":9,"step":"a","queue":"default","attempt":1}"#
+            ),
+            Some(QueueMessage::CarryOn(9))
+        );
+        assert_eq!(
+            queue_message(
+                r#"{"v":1,"event":"task.queued","goal_id":1,"task_id":9,"step":"a","queue":"default","attempt":2}"#
+            ),
+            Some(QueueMessage::Run(9))
+        );
+        assert_eq!(queue_message("not json"), None);
+    }
 
     #[test]
     fn task_ids_come_from_queue_messages() {

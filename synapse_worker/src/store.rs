@@ -417,6 +417,66 @@ pub async fn record_outcomes(
         .collect())
 }
 
+/// The goals of `task_ids`, in id order: what to lock before touching them.
+pub async fn goals_of_tasks(tx: &Transaction<'_>, task_ids: &[i64]) -> Result<Vec<i64>> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT DISTINCT goal_id FROM synapse.tasks WHERE id = ANY($1::bigint[]) ORDER BY goal_id",
+        )
+        .await?;
+    tx.query(&statement, &[&task_ids])
+        .await?
+        .iter()
+        .map(|row| column(row, 0))
+        .collect()
+}
+
+/// Those of `task_ids` that failed with no worker to carry on (their last
+/// lease lapsed: the forwarder failed them) while their goal runs, as steps
+/// that ended, with their still pending outbound edges. The caller holds the
+/// goal locks. A task already carried on has no pending edge left and costs
+/// the engine nothing more than a look at its goal.
+pub async fn failed_without_a_worker(
+    tx: &Transaction<'_>,
+    task_ids: &[i64],
+) -> Result<Vec<StepEnd>> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT t.goal_id, t.step, t.error, coalesce(t.input, 'null'::jsonb), g.goal, g.input, g.params,
+                    (SELECT array_agg(e.to_step ORDER BY e.position) FROM synapse.edges e
+                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending'),
+                    (SELECT array_agg(e.when_expr ORDER BY e.position) FROM synapse.edges e
+                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending'),
+                    (SELECT array_agg(e.on_outcome ORDER BY e.position) FROM synapse.edges e
+                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending')
+               FROM synapse.tasks t JOIN synapse.goals g ON g.id = t.goal_id
+              WHERE t.id = ANY($1::bigint[]) AND t.status = 'failed' AND g.status = 'running'
+              ORDER BY t.id",
+        )
+        .await?;
+    tx.query(&statement, &[&task_ids])
+        .await?
+        .iter()
+        .map(|row| {
+            let goal_id: i64 = column(row, 0)?;
+            Ok(StepEnd {
+                goal_id,
+                goal: GoalVariables {
+                    goal: goal_value(goal_id, column(row, 4)?, column(row, 5)?, column(row, 6)?),
+                },
+                ended: EndedStep {
+                    step: column(row, 1)?,
+                    outcome: Outcome::Failed,
+                    result: Value::Null,
+                    error: column(row, 2)?,
+                    input: column(row, 3)?,
+                },
+                outbound: outbound_from_arrays(column(row, 7)?, column(row, 8)?, column(row, 9)?)?,
+            })
+        })
+        .collect()
+}
+
 /// `steps` for expressions: step id → `{status, result}`.
 pub async fn steps_map(tx: &Transaction<'_>, goal_id: i64) -> Result<Value> {
     let statement = tx

@@ -1,0 +1,110 @@
+//! The extension's life in a server: without the preload, across restarts
+//! that add or remove it, and how cancelling leaves a goal's graph.
+use std::time::Duration;
+
+use synapse_e2e::{brpop, edge_state, postgres, task, Stack, ONE_STEP, WITHOUT_PRELOAD};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn submit_plan(client: &mut postgres::Client, blueprint: &str) -> i64 {
+    client
+        .query_one("SELECT synapse.submit_plan($1::text::jsonb)", &[&blueprint])
+        .expect("submit_plan")
+        .get(0)
+}
+
+fn goal_status(client: &mut postgres::Client, goal: i64) -> serde_json::Value {
+    let text: String = client
+        .query_one("SELECT synapse.goal_status($1)::text", &[&goal])
+        .expect("goal_status")
+        .get(0);
+    serde_json::from_str(&text).expect("JSON")
+}
+
+/// Every call of the SQL API a session makes, in one session.
+fn use_the_api(client: &mut postgres::Client) -> i64 {
+    client
+        .batch_execute(
+            "SELECT synapse.add_template('echo', '^echo (?<what>.+)$', '{\"steps\":[{\"id\":\"a\",\"action\":\"noop\"}]}')",
+        )
+        .expect("add_template");
+    let problems: String = client
+        .query_one(
+            "SELECT synapse.validate_blueprint($1::text::jsonb)::text",
+            &[&ONE_STEP],
+        )
+        .expect("validate_blueprint")
+        .get(0);
+    assert_eq!(problems, "[]");
+    client
+        .query_one("SELECT synapse.submit_goal('echo hello')", &[])
+        .expect("submit_goal");
+    let goal = submit_plan(client, ONE_STEP);
+    client
+        .query_one("SELECT synapse.goal_graph($1)", &[&goal])
+        .expect("goal_graph");
+    assert_eq!(goal_status(client, goal)["status"], "running");
+    goal
+}
+
+#[test]
+fn without_the_preload_the_api_works_and_events_wait_for_the_forwarder() {
+    // CREATE EXTENSION itself runs in a session that loads the library late.
+    let mut stack = Stack::start_without_preload("no-preload");
+    let mut client = stack.pg();
+    let goal = use_the_api(&mut client);
+    let status = stack.forwarder_status(&mut client);
+    assert_eq!(status["running"], false, "{status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("shared_preload_libraries"),
+        "{status}"
+    );
+    let pending = status["pending"].as_i64().unwrap();
+    assert!(pending >= 3, "{status}");
+
+    // With the preload, the waiting events go out.
+    stack.restart_postgres_with(&[]);
+    let mut redis = stack.redis();
+    let payload = brpop(&mut redis, "synapse:queue:default", WAIT).expect("the waiting dispatch");
+    assert!(
+        payload.contains(&format!("\"goal_id\":{goal}")),
+        "{payload}"
+    );
+
+    // Taking the preload away again breaks no session.
+    stack.restart_postgres_with(&[WITHOUT_PRELOAD]);
+    let mut client = stack.pg();
+    use_the_api(&mut client);
+    assert_eq!(stack.forwarder_status(&mut client)["running"], false);
+}
+
+#[test]
+fn cancelling_resolves_the_edges_of_every_cancelled_step() {
+    let stack = Stack::start("cancel-edges", &["synapse.sweep_interval = '1h'"]);
+    let mut client = stack.pg();
+    let goal = submit_plan(
+        &mut client,
+        r#"{"steps":[{"id":"a","action":"noop"},{"id":"b","action":"noop"},{"id":"c","action":"noop"}],
+            "edges":[{"from":"a","to":"b"},{"from":"b","to":"c","on":"always"}]}"#,
+    );
+    let cancelled: bool = client
+        .query_one("SELECT synapse.cancel_goal($1)", &[&goal])
+        .unwrap()
+        .get(0);
+    assert!(cancelled);
+    let status = goal_status(&mut client, goal);
+    assert_eq!(status["status"], "cancelled");
+    for step in ["a", "b", "c"] {
+        assert_eq!(task(&status, step)["status"], "cancelled", "{status}");
+    }
+    assert_eq!(edge_state(&status, "a", "b"), "not_taken");
+    assert_eq!(edge_state(&status, "b", "c"), "not_taken");
+    let again: bool = client
+        .query_one("SELECT synapse.cancel_goal($1)", &[&goal])
+        .unwrap()
+        .get(0);
+    assert!(!again, "a finished goal is not cancelled twice");
+}

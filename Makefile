@@ -11,9 +11,12 @@ build: setup
 	@$(ENV) cargo build --workspace --exclude synapse_pg
 	@$(ENV) cargo build -p synapse_pg
 
-# Installs the extension into the private Postgres under .synapse/.
+# Installs the extension into the private Postgres under .synapse/: the
+# current version's script (generated) and the released ones kept in sql/
+# (older install scripts and the upgrade path from each).
 install: setup
 	@$(ENV) cargo pgrx install -p synapse_pg --pg-config "$$PG_CONFIG" >/dev/null
+	@$(ENV) cp sql/synapse--*.sql "$$("$$PG_CONFIG" --sharedir)/extension/"
 	@echo "installed the synapse extension"
 
 up: install
@@ -26,6 +29,7 @@ demo: up
 	@scripts/demo.sh
 
 lint: setup
+	@scripts/check-released.sh
 	@$(ENV) cargo fmt --all -- --check
 	@$(ENV) cargo clippy --workspace --all-targets -- -D warnings
 
@@ -50,6 +54,7 @@ test-e2e: install
 BENCH_ARGS ?=
 bench: setup
 	@$(ENV) cargo pgrx install --release -p synapse_pg --pg-config "$$PG_CONFIG" >/dev/null
+	@$(ENV) cp sql/synapse--*.sql "$$("$$PG_CONFIG" --sharedir)/extension/"
 	@$(ENV) cargo build --release -p synapse_worker --bin synapse-worker
 	@$(ENV) cargo build --release -p synapse_e2e --bin synapse-bench
 	@mkdir -p target/bench

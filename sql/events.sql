@@ -59,9 +59,15 @@ $$;
 -- Records events in order: one INSERT for all their outbox rows, and with
 -- synapse.notify on, a NOTIFY each. Nothing at all for no events: even an
 -- INSERT of no rows would wake the forwarder.
+--
+-- The transaction has its id before it draws outbox ids (every writer of the
+-- outbox keeps this rule): the forwarder relies on it to read only above what
+-- it has forwarded once every transaction that could still commit a lower id
+-- has ended, instead of wading through rows deleted but not yet vacuumed.
 CREATE FUNCTION synapse._emit(events synapse._event[]) RETURNS integer LANGUAGE plpgsql AS $$
 BEGIN
     IF coalesce(cardinality(events), 0) > 0 THEN
+        PERFORM pg_current_xact_id();
         INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload, due_at)
         SELECT e.event, e.goal_id, e.task_id, e.dispatch, e.payload, e.due_at
           FROM unnest(events) WITH ORDINALITY AS e(event, goal_id, task_id, dispatch, payload, due_at, n)

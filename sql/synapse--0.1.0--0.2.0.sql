@@ -146,6 +146,25 @@ BEGIN
 END $$;
 
 
+-- Writers take their transaction id before outbox ids (the forwarder's read floor).
+CREATE OR REPLACE FUNCTION synapse._emit(events synapse._event[]) RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN
+    IF coalesce(cardinality(events), 0) > 0 THEN
+        PERFORM pg_current_xact_id();
+        INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload, due_at)
+        SELECT e.event, e.goal_id, e.task_id, e.dispatch, e.payload, e.due_at
+          FROM unnest(events) WITH ORDINALITY AS e(event, goal_id, task_id, dispatch, payload, due_at, n)
+         ORDER BY e.n;
+        IF current_setting('synapse.notify', true) IS DISTINCT FROM 'off' THEN
+            PERFORM pg_notify('synapse_events', e.payload)
+               FROM unnest(events) WITH ORDINALITY AS e(event, goal_id, task_id, dispatch, payload, due_at, n)
+              ORDER BY e.n;
+        END IF;
+    END IF;
+    RETURN coalesce(cardinality(events), 0);
+END $$;
+
+
 -- task.failed of a lapsed last lease goes to its queue (to_worker).
 DROP FUNCTION synapse._task_event(text, bigint, bigint, text, text, integer, timestamptz);
 CREATE FUNCTION synapse._task_event(event text, goal_id bigint, task_id bigint, step text, queue text, attempt integer,
@@ -289,6 +308,8 @@ CREATE FUNCTION synapse.replay_parked_events() RETURNS bigint LANGUAGE plpgsql A
 DECLARE
     n bigint;
 BEGIN
+    -- The transaction id first, then outbox ids (see synapse._emit).
+    PERFORM pg_current_xact_id();
     WITH parked AS (DELETE FROM synapse.outbox_parked RETURNING *)
     INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload, streamed, created_at)
     SELECT event, goal_id, task_id, dispatch, payload, streamed, created_at FROM parked ORDER BY id;

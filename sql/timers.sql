@@ -117,6 +117,8 @@ CREATE FUNCTION synapse.replay_parked_events() RETURNS bigint LANGUAGE plpgsql A
 DECLARE
     n bigint;
 BEGIN
+    -- The transaction id first, then outbox ids (see synapse._emit).
+    PERFORM pg_current_xact_id();
     WITH parked AS (DELETE FROM synapse.outbox_parked RETURNING *)
     INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload, streamed, created_at)
     SELECT event, goal_id, task_id, dispatch, payload, streamed, created_at FROM parked ORDER BY id;

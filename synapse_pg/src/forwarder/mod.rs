@@ -10,6 +10,7 @@ use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
+mod floor;
 mod redis_sink;
 mod transaction;
 mod worker;

@@ -4,6 +4,7 @@ use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use super::floor::ReadFloor;
 use super::redis_sink::{Delivery, Event, RedisSink, Target};
 use super::transaction;
 use super::{update_state, LATCH_OWNER};
@@ -117,6 +118,8 @@ impl From<pgrx::spi::Error> for Failure {
 struct Forwarder {
     sink: RedisSink,
     installed: bool,
+    /// Where reads of the outbox start.
+    floor: ReadFloor,
     /// After a failure: when to try again, the pause after that, and the
     /// error last logged (each new error is logged once).
     retry_at: Option<Instant>,
@@ -155,6 +158,7 @@ impl Forwarder {
         Self {
             sink: RedisSink::new(target()),
             installed: false,
+            floor: ReadFloor::default(),
             retry_at: None,
             backoff: BACKOFF_MIN,
             logged_error: None,
@@ -231,6 +235,8 @@ impl Forwarder {
                 .map(|installed| installed.unwrap_or(false))
                 .map_err(Failure::from)
             })?;
+            // The outbox may be a new one: read it from its start.
+            self.floor.reset();
             if !self.installed {
                 // CREATE EXTENSION wakes us when it is done.
                 self.timers_due = None;
@@ -263,29 +269,32 @@ impl Forwarder {
         let retention = gucs::retention_seconds();
         // Woken for refused events whose pause is over: learn when the next are due.
         let look_for_retries = self.redrain_due.is_some_and(|due| due <= Instant::now());
-        let (drain, due) = transaction::run(move || {
+        let floor = self.floor.floor();
+        let (drain, mut batch, refused, recorded_batch) = transaction::run(move || {
             let sink = sink;
             // Losing this commit in a crash only re-sends the batch (delivery is
             // at-least-once), so it need not wait for its WAL flush.
             Spi::run("SET LOCAL synchronous_commit = off")?;
-            let mut batch = read_batch(sweep, retention)?;
+            let mut batch = read_batch(floor, sweep, retention)?;
+            let mut refused = None;
             if look_for_retries && (batch.ids.len() as i64) < BATCH_SIZE {
-                batch.due.redrain = Spi::get_one::<f64>(
-                    "SELECT extract(epoch FROM min(retry_at) - clock_timestamp())::float8
+                let (next, lowest) = Spi::get_two::<f64, i64>(
+                    "SELECT extract(epoch FROM min(retry_at) - clock_timestamp())::float8, min(id)
                        FROM synapse.outbox WHERE retry_at IS NOT NULL",
-                )?
-                .map(seconds);
+                )?;
+                batch.due.redrain = next.map(seconds);
+                refused = Some(lowest);
             }
             if batch.ids.is_empty() {
-                return Ok::<_, Failure>((Drain::Done, batch.due));
+                return Ok::<_, Failure>((Drain::Done, batch, refused, None));
             }
             let deliveries = sink
                 .0
                 .send(&gucs::key_prefix(), &batch.events)
                 .map_err(Failure::Redis)?;
-            let (acknowledged, retry) = record_deliveries(&batch.ids, &deliveries)?;
-            let mut due = batch.due;
-            due.redrain = min_duration(due.redrain, retry);
+            let recorded = record_deliveries(&batch.ids, &deliveries)?;
+            batch.due.redrain = min_duration(batch.due.redrain, recorded.retry);
+            let acknowledged = recorded.acknowledged;
             let now = unsafe { pg_sys::GetCurrentTimestamp() };
             update_state(|state| {
                 state.redis_connected = true;
@@ -302,8 +311,23 @@ impl Forwarder {
             } else {
                 Drain::Done
             };
-            Ok((drain, due))
+            Ok((drain, batch, refused, Some(recorded)))
         })?;
+        // Committed: the floor may rise (see floor.rs).
+        if let Some(lowest) = refused {
+            self.floor.refused_now(lowest);
+        }
+        let xid = recorded_batch.as_ref().map(|recorded| recorded.xid);
+        if let Some(lowest) = recorded_batch.and_then(|recorded| recorded.lowest_refused) {
+            self.floor.refused(lowest);
+        }
+        if matches!(drain, Drain::Done) {
+            self.floor.read_everything(batch.snapshot_xmin);
+        }
+        if let (Some(xid), Some(&max)) = (xid, batch.ids.last()) {
+            self.floor.forwarded(max, xid);
+        }
+        let due = std::mem::take(&mut batch.due);
         let now = Instant::now();
         self.timers_due = earliest(self.timers_due, due.timers.map(|d| now + d));
         self.sweep_due = earliest(self.sweep_due, due.sweep.map(|d| now + d));
@@ -429,11 +453,13 @@ struct Due {
     redrain: Option<Duration>,
 }
 
-/// The oldest committed events.
+/// The oldest committed events above the floor.
 struct Batch {
     ids: Vec<i64>,
     events: Vec<Event>,
     due: Due,
+    /// The xmin of the read's snapshot.
+    snapshot_xmin: u64,
 }
 
 fn min_duration(current: Option<Duration>, new: Option<Duration>) -> Option<Duration> {
@@ -443,23 +469,37 @@ fn min_duration(current: Option<Duration>, new: Option<Duration>) -> Option<Dura
     }
 }
 
-fn read_batch(sweep: Duration, retention_seconds: i32) -> Result<Batch, Failure> {
+fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Batch, Failure> {
     Spi::connect(|client| {
+        // One row at least: the snapshot's xmin comes with the events.
         let rows = client.select(
-            "SELECT id, dispatch, payload, streamed, event,
-                    extract(epoch FROM due_at - clock_timestamp())::float8
-               FROM synapse.outbox
-              WHERE retry_at IS NULL OR retry_at <= clock_timestamp()
-              ORDER BY id LIMIT $1",
+            "SELECT o.id, o.dispatch, o.payload, o.streamed, o.event, o.due_in,
+                    pg_snapshot_xmin(pg_current_snapshot())::text
+               FROM (SELECT) AS one
+               LEFT JOIN LATERAL (
+                    SELECT id, dispatch, payload, streamed, event,
+                           extract(epoch FROM due_at - clock_timestamp())::float8 AS due_in
+                      FROM synapse.outbox
+                     WHERE id > $2 AND (retry_at IS NULL OR retry_at <= clock_timestamp())
+                     ORDER BY id LIMIT $1) AS o ON true
+              ORDER BY o.id",
             None,
-            &[BATCH_SIZE.into()],
+            &[BATCH_SIZE.into(), floor.into()],
         )?;
         let mut batch = Batch {
             ids: Vec::with_capacity(rows.len()),
             events: Vec::with_capacity(rows.len()),
             due: Due::default(),
+            snapshot_xmin: 0,
         };
         for row in rows {
+            batch.snapshot_xmin = row
+                .get::<String>(7)?
+                .and_then(|xmin| xmin.parse().ok())
+                .ok_or("no snapshot xmin")?;
+            let Some(id) = row.get::<i64>(1)? else {
+                continue;
+            };
             let dispatch = row.get::<String>(2)?;
             let event = row.get::<String>(5)?.unwrap_or_default();
             if let Some(seconds_left) = row.get::<f64>(6)? {
@@ -476,9 +516,7 @@ fn read_batch(sweep: Duration, retention_seconds: i32) -> Result<Batch, Failure>
             if dispatch.is_some() {
                 batch.due.sweep = min_duration(batch.due.sweep, Some(sweep));
             }
-            batch
-                .ids
-                .push(row.get::<i64>(1)?.ok_or("outbox row without id")?);
+            batch.ids.push(id);
             batch.events.push(Event {
                 dispatch,
                 payload: row.get::<String>(3)?.unwrap_or_default(),
@@ -495,23 +533,35 @@ impl From<&str> for Failure {
     }
 }
 
+/// What became of a batch Redis answered.
+struct Recorded {
+    /// Events acknowledged in full (deleted).
+    acknowledged: u64,
+    /// When the first event kept for a retry may be sent again.
+    retry: Option<Duration>,
+    /// The lowest id kept for a retry.
+    lowest_refused: Option<i64>,
+    /// The id of the transaction that read and recorded the batch.
+    xid: u64,
+}
+
 /// Deletes the events Redis took in full; keeps the others with what is
 /// still owed and a pause before the next try, and sets aside those Redis
-/// refused too often. Returns how many events were acknowledged in full, and
-/// when the first of those kept may be sent again.
-fn record_deliveries(
-    ids: &[i64],
-    deliveries: &[Delivery],
-) -> Result<(u64, Option<Duration>), Failure> {
+/// refused too often.
+fn record_deliveries(ids: &[i64], deliveries: &[Delivery]) -> Result<Recorded, Failure> {
     let (complete, partial): (Vec<_>, Vec<_>) = ids
         .iter()
         .zip(deliveries)
         .partition(|(_, delivery)| delivery.complete());
     let complete: Vec<i64> = complete.into_iter().map(|(id, _)| *id).collect();
-    Spi::run_with_args(
-        "DELETE FROM synapse.outbox WHERE id = ANY($1)",
+    let xid = Spi::get_one_with_args::<String>(
+        "WITH forwarded AS (DELETE FROM synapse.outbox WHERE id = ANY($1))
+         SELECT pg_current_xact_id()::text",
         &[complete.clone().into()],
-    )?;
+    )?
+    .and_then(|xid| xid.parse().ok())
+    .ok_or("no transaction id")?;
+    let mut lowest_refused = None;
     let mut retry = None;
     if !partial.is_empty() {
         let partial_ids: Vec<i64> = partial.iter().map(|(id, _)| **id).collect();
@@ -552,6 +602,12 @@ fn record_deliveries(
             &[partial_ids.into(), MAX_EVENT_FAILURES.into()],
         )?;
         retry = retry_in.map(seconds);
+        lowest_refused = partial.iter().map(|(id, _)| **id).min();
     }
-    Ok((complete.len() as u64, retry))
+    Ok(Recorded {
+        acknowledged: complete.len() as u64,
+        retry,
+        lowest_refused,
+        xid,
+    })
 }

@@ -108,3 +108,33 @@ fn cancelling_resolves_the_edges_of_every_cancelled_step() {
         .get(0);
     assert!(!again, "a finished goal is not cancelled twice");
 }
+
+#[test]
+fn an_extension_dropped_and_created_again_has_its_events_forwarded() {
+    let stack = Stack::start("recreate", &[]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    // Enough rounds for the forwarder's read floor to rise well above 1.
+    for _ in 0..5 {
+        client
+            .batch_execute(
+                "SELECT synapse.submit_goal('goal ' || i) FROM generate_series(1, 50) AS i",
+            )
+            .unwrap();
+        for _ in 0..50 {
+            brpop(&mut redis, "synapse:planner", WAIT).expect("forwarded");
+        }
+    }
+    // In one transaction: the forwarder sees no error, only a new outbox
+    // whose ids start at 1 again.
+    client
+        .batch_execute("BEGIN; DROP EXTENSION synapse; CREATE EXTENSION synapse; COMMIT")
+        .unwrap();
+    let goal = submit_plan(&mut client, ONE_STEP);
+    let payload =
+        brpop(&mut redis, "synapse:queue:default", WAIT).expect("forwarded from the new outbox");
+    assert!(
+        payload.contains(&format!("\"goal_id\":{goal}")),
+        "{payload}"
+    );
+}

@@ -118,8 +118,9 @@ impl From<pgrx::spi::Error> for Failure {
 struct Forwarder {
     sink: RedisSink,
     installed: bool,
-    /// Where reads of the outbox start.
+    /// Where reads of the outbox start, and which outbox that is.
     floor: ReadFloor,
+    outbox: pg_sys::Oid,
     /// After a failure: when to try again, the pause after that, and the
     /// error last logged (each new error is logged once).
     retry_at: Option<Instant>,
@@ -159,6 +160,7 @@ impl Forwarder {
             sink: RedisSink::new(target()),
             installed: false,
             floor: ReadFloor::default(),
+            outbox: pg_sys::Oid::INVALID,
             retry_at: None,
             backoff: BACKOFF_MIN,
             logged_error: None,
@@ -313,6 +315,14 @@ impl Forwarder {
             };
             Ok((drain, batch, refused, Some(recorded)))
         })?;
+        // Another outbox (the extension was dropped and created again): its
+        // ids start anew, so read it from its start, now.
+        let new_outbox = batch.outbox != self.outbox;
+        self.outbox = batch.outbox;
+        let reread = new_outbox && self.floor.floor() > 0;
+        if reread {
+            self.floor.reset();
+        }
         // Committed: the floor may rise (see floor.rs).
         if let Some(lowest) = refused {
             self.floor.refused_now(lowest);
@@ -321,10 +331,10 @@ impl Forwarder {
         if let Some(lowest) = recorded_batch.and_then(|recorded| recorded.lowest_refused) {
             self.floor.refused(lowest);
         }
-        if matches!(drain, Drain::Done) {
+        if matches!(drain, Drain::Done) && !reread {
             self.floor.read_everything(batch.snapshot_xmin);
         }
-        if let (Some(xid), Some(&max)) = (xid, batch.ids.last()) {
+        if let (Some(xid), Some(&max), false) = (xid, batch.ids.last(), reread) {
             self.floor.forwarded(max, xid);
         }
         let due = std::mem::take(&mut batch.due);
@@ -334,7 +344,7 @@ impl Forwarder {
         // A deadline already past was this wake-up's: the next one replaces it.
         let pending_redrain = self.redrain_due.filter(|due| *due > now);
         self.redrain_due = earliest(pending_redrain, due.redrain.map(|d| now + d));
-        Ok(drain)
+        Ok(if reread { Drain::More } else { drain })
     }
 
     /// Runs the timers if they are due.
@@ -460,6 +470,8 @@ struct Batch {
     due: Due,
     /// The xmin of the read's snapshot.
     snapshot_xmin: u64,
+    /// The outbox table read (a recreated extension has a new one).
+    outbox: pg_sys::Oid,
 }
 
 fn min_duration(current: Option<Duration>, new: Option<Duration>) -> Option<Duration> {
@@ -474,7 +486,7 @@ fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Bat
         // One row at least: the snapshot's xmin comes with the events.
         let rows = client.select(
             "SELECT o.id, o.dispatch, o.payload, o.streamed, o.event, o.due_in,
-                    pg_snapshot_xmin(pg_current_snapshot())::text
+                    pg_snapshot_xmin(pg_current_snapshot())::text, 'synapse.outbox'::regclass::oid
                FROM (SELECT) AS one
                LEFT JOIN LATERAL (
                     SELECT id, dispatch, payload, streamed, event,
@@ -491,12 +503,14 @@ fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Bat
             events: Vec::with_capacity(rows.len()),
             due: Due::default(),
             snapshot_xmin: 0,
+            outbox: pg_sys::Oid::INVALID,
         };
         for row in rows {
             batch.snapshot_xmin = row
                 .get::<String>(7)?
                 .and_then(|xmin| xmin.parse().ok())
                 .ok_or("no snapshot xmin")?;
+            batch.outbox = row.get::<pg_sys::Oid>(8)?.ok_or("no outbox")?;
             let Some(id) = row.get::<i64>(1)? else {
                 continue;
             };

@@ -412,7 +412,8 @@ impl Forwarder {
             let lists: Vec<String> = candidates
                 .iter()
                 .zip(empty)
-                .filter_map(|(list, empty)| empty.then(|| list.clone()))
+                .filter(|(_, empty)| *empty)
+                .map(|(list, _)| list.clone())
                 .collect();
             if !lists.is_empty() {
                 swept = transaction::run(move || {

@@ -19,6 +19,9 @@ BEGIN
     IF input IS NULL THEN
         RAISE EXCEPTION 'input must be JSON, not NULL (use ''{}'')' USING ERRCODE = '22023';
     END IF;
+    -- 1 MiB of JSON text and 64 levels of nesting (SQLSTATE 54000), checked on
+    -- the jsonb value before anything parses it.
+    PERFORM synapse._check_json(submit_goal.input, 'input');
     IF planner IS NULL OR planner !~ '^[a-z][a-z0-9_]{0,62}$' THEN
         RAISE EXCEPTION 'planner must be a planner name like ''template'', got %', coalesce(quote_literal(planner), 'NULL')
             USING ERRCODE = '22023';

@@ -20,6 +20,14 @@ pub enum Error {
         /// What the regex parser said.
         reason: String,
     },
+    /// A value is over a budget (JSON size or nesting); `message` names the field.
+    #[error("{message}")]
+    LimitExceeded {
+        /// Where in the JSON document, `$` for the whole value.
+        path: String,
+        /// What is over which limit.
+        message: String,
+    },
     /// The goal id names no goal.
     #[error("goal {0} does not exist")]
     GoalNotFound(i64),
@@ -50,6 +58,7 @@ impl Error {
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
             }
             Error::InvalidPattern { .. } => PgSqlErrorCode::ERRCODE_INVALID_REGULAR_EXPRESSION,
+            Error::LimitExceeded { .. } => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             Error::GoalNotFound(_) => PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
             Error::Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }
@@ -70,6 +79,9 @@ impl From<Error> for ErrorReport {
                         .join("\n"),
                 )
                 .set_hint("synapse.validate_blueprint(blueprint) lists every problem as JSON."),
+            Error::LimitExceeded { path, .. } if path != "$" => {
+                report.set_detail(format!("at {path}"))
+            }
             _ => report,
         }
     }

@@ -146,8 +146,47 @@ mod tests {
             "22P02",
             "invalid input syntax for type json",
         );
+        expect_error(
+            "SELECT synapse.submit_goal('g', (repeat('[', 200) || repeat(']', 200))::jsonb)",
+            "54000",
+            "input is nested 200 levels deep; the limit is 64",
+        );
+        expect_error(
+            "SELECT synapse.submit_goal('g', jsonb_build_object('pad', repeat('x', 1048576)))",
+            "54000",
+            "input is more than 1 MiB of JSON text",
+        );
         assert_eq!(count("synapse.goals"), 0);
         assert_eq!(count("synapse.outbox"), 0);
+    }
+
+    #[pg_test]
+    fn check_json_measures_the_jsonb_value_without_parsing_it() {
+        // Exactly at the limits: 64 levels, and 1 MiB of compact text, escapes,
+        // separators and numbers counted as JSON writes them.
+        Spi::run("SELECT synapse._check_json((repeat('[', 64) || repeat(']', 64))::jsonb, 'v')")
+            .unwrap();
+        let fill = 1_048_576 - r#"{"a":[1.50,true,null,"\n"],"b":""}"#.len();
+        Spi::run(&format!(
+            r#"SELECT synapse._check_json(jsonb_build_object('a', '[1.50, true, null, "\n"]'::jsonb, 'b', repeat('x', {fill})), 'v')"#
+        ))
+        .unwrap();
+        expect_error(
+            &format!(
+                r#"SELECT synapse._check_json(jsonb_build_object('a', '[1.50, true, null, "\n"]'::jsonb, 'b', repeat('x', {})), 'v')"#,
+                fill + 1
+            ),
+            "54000",
+            "v is more than 1 MiB",
+        );
+        expect_error(
+            r#"SELECT synapse._check_json(('{"k": ' || repeat('[', 64) || repeat(']', 64) || '}')::jsonb, 'the field')"#,
+            "54000",
+            "the field is nested 65 levels deep; the limit is 64",
+        );
+        for scalar in ["'5'", "'\"s\"'", "'null'", "NULL"] {
+            Spi::run(&format!("SELECT synapse._check_json({scalar}::jsonb, 'v')")).unwrap();
+        }
     }
 
     #[pg_test]

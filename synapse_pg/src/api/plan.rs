@@ -3,21 +3,30 @@
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::{json, Map, Value};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
 use pgrx::pg_sys::panic::ErrorReport;
-use synapse_worker::blueprint::{self, cel, Blueprint, Problem};
+use synapse_worker::blueprint::{self, cel, limits, Blueprint, Problem};
+
+mod json_arg;
+pub(super) use json_arg::JsonbArg;
+
+/// How many steps are handled between two interrupt checks.
+const INTERRUPT_EVERY: usize = 256;
 
 /// Checks a blueprint without running anything: `[]` or a list of `{path, message}`.
 #[pg_extern(stable)]
-fn validate_blueprint(blueprint: Option<JsonB>) -> std::result::Result<JsonB, ErrorReport> {
+fn validate_blueprint(blueprint: Option<JsonbArg>) -> std::result::Result<JsonB, ErrorReport> {
     let problems = match blueprint {
         None => vec![Problem {
             path: "$".into(),
             message: "blueprint must not be NULL".into(),
         }],
-        Some(JsonB(doc)) => validate(&doc)?.err().unwrap_or_default(),
+        Some(arg) => match arg.into_value("blueprint") {
+            Ok(doc) => validate(&doc)?.err().unwrap_or_default(),
+            Err(error) => vec![refusal(error)?],
+        },
     };
     Ok(JsonB(json!(problems)))
 }
@@ -25,15 +34,11 @@ fn validate_blueprint(blueprint: Option<JsonB>) -> std::result::Result<JsonB, Er
 /// Records a goal whose blueprint is given, after validating it, and queues its roots.
 #[pg_extern]
 fn submit_plan(
-    blueprint: Option<JsonB>,
-    input: default!(Option<JsonB>, "'{}'"),
+    blueprint: Option<JsonbArg>,
+    input: default!(Option<JsonbArg>, "'{}'"),
     idempotency_key: default!(Option<&str>, "NULL"),
 ) -> std::result::Result<i64, ErrorReport> {
-    Ok(submit(
-        blueprint.map(|b| b.0),
-        input.map(|i| i.0),
-        idempotency_key,
-    )?)
+    Ok(submit(blueprint, input, idempotency_key)?)
 }
 
 /// Installs the plan of a goal a planner is working on: `[]`, or the problems
@@ -41,16 +46,26 @@ fn submit_plan(
 #[pg_extern(name = "_install_plan")]
 fn install_plan_for_goal(
     goal_id: i64,
-    blueprint: JsonB,
+    blueprint: JsonbArg,
     template: Option<&str>,
-    params: default!(Option<JsonB>, "'{}'"),
+    params: default!(Option<JsonbArg>, "'{}'"),
 ) -> std::result::Result<JsonB, ErrorReport> {
     Ok(JsonB(json!(plan_goal(
-        goal_id,
-        &blueprint.0,
-        template,
-        params.map(|p| p.0)
+        goal_id, blueprint, template, params
     )?)))
+}
+
+/// A value refused at the door (over a limit, or unreadable) as a problem;
+/// any other error stays an error.
+fn refusal(error: Error) -> Result<Problem> {
+    match error {
+        Error::LimitExceeded { path, message } => Ok(Problem { path, message }),
+        Error::InvalidParameter(message) => Ok(Problem {
+            path: "$".into(),
+            message,
+        }),
+        other => Err(other),
+    }
 }
 
 fn known_actions() -> Result<HashSet<String>> {
@@ -67,7 +82,13 @@ fn known_actions() -> Result<HashSet<String>> {
 
 fn validate(doc: &Value) -> Result<std::result::Result<Blueprint, Vec<Problem>>> {
     let known = known_actions()?;
-    Ok(blueprint::validate(doc, &|name| known.contains(name)))
+    Ok(blueprint::validate_interruptible(
+        doc,
+        &|name| known.contains(name),
+        &|| {
+            pgrx::check_for_interrupts!();
+        },
+    ))
 }
 
 /// Validates `doc`, failing with every problem listed.
@@ -76,14 +97,16 @@ pub(super) fn check(doc: &Value) -> Result<Blueprint> {
 }
 
 fn submit(
-    blueprint: Option<Value>,
-    input: Option<Value>,
+    blueprint: Option<JsonbArg>,
+    input: Option<JsonbArg>,
     idempotency_key: Option<&str>,
 ) -> Result<i64> {
-    let doc =
-        blueprint.ok_or_else(|| Error::InvalidParameter("blueprint must not be NULL".into()))?;
+    let doc = blueprint
+        .ok_or_else(|| Error::InvalidParameter("blueprint must not be NULL".into()))?
+        .into_value("blueprint")?;
     let input = input
-        .ok_or_else(|| Error::InvalidParameter("input must be JSON, not NULL (use '{}')".into()))?;
+        .ok_or_else(|| Error::InvalidParameter("input must be JSON, not NULL (use '{}')".into()))?
+        .into_value("input")?;
     if let Some(key) = idempotency_key {
         if let Some(id) = goal_with_key(key)? {
             return Ok(id);
@@ -127,8 +150,8 @@ fn submit(
     };
     goal.id = id;
     // An error here aborts the transaction, taking the goal row with it.
-    let roots = root_inputs(&plan, &goal).map_err(Error::InvalidBlueprint)?;
-    install(id, &plan, &roots)?;
+    let roots = root_inputs(&plan, &goal)?;
+    install(id, &plan, &roots, &goal.input)?;
     Ok(id)
 }
 
@@ -163,74 +186,97 @@ impl GoalContext {
     }
 }
 
-/// The inputs of the root steps, in declaration order: `goal.input`, or the
-/// step's `input` expression evaluated over `goal` (no step has run yet).
-fn root_inputs(
-    plan: &Blueprint,
-    goal: &GoalContext,
-) -> std::result::Result<Vec<(String, Value)>, Vec<Problem>> {
+/// The inputs of the root steps, by step index: `None` for `goal.input` (the
+/// default), else the step's `input` expression evaluated over `goal` (no step
+/// has run yet). Every evaluation problem is listed; an evaluated input over the
+/// JSON limits is refused.
+fn root_inputs(plan: &Blueprint, goal: &GoalContext) -> Result<HashMap<usize, Option<Value>>> {
     let vars = goal.variables();
-    let mut inputs = Vec::new();
+    let roots: HashSet<&str> = plan.roots().into_iter().collect();
+    let mut inputs = HashMap::with_capacity(roots.len());
     let mut problems = Vec::new();
-    for root in plan.roots() {
-        let (index, step) = plan
-            .steps
-            .iter()
-            .enumerate()
-            .find(|(_, s)| s.id == root)
-            .expect("root is a step");
-        let value = match &step.input {
-            None => Ok(goal.input.clone()),
-            Some(source) => cel::compile(source).and_then(|expr| expr.evaluate(&vars)),
+    for (index, step) in plan.steps.iter().enumerate() {
+        if index.is_multiple_of(INTERRUPT_EVERY) {
+            pgrx::check_for_interrupts!();
+        }
+        if !roots.contains(step.id.as_str()) {
+            continue;
+        }
+        let Some(source) = &step.input else {
+            inputs.insert(index, None);
+            continue;
         };
-        match value {
-            Ok(value) => inputs.push((root.to_owned(), value)),
+        let path = format!("$.steps[{index}].input");
+        match cel::compile(source).and_then(|expr| expr.evaluate(&vars)) {
+            Ok(value) => {
+                let what = format!("the input of root step \"{}\"", step.id);
+                limits::check_json(&what, &value)
+                    .map_err(|message| Error::LimitExceeded { path, message })?;
+                inputs.insert(index, Some(value));
+            }
             Err(message) => problems.push(Problem {
-                path: format!("$.steps[{index}].input"),
-                message: format!("cannot evaluate the input of root step \"{root}\": {message}"),
+                path,
+                message: format!(
+                    "cannot evaluate the input of root step \"{}\": {message}",
+                    step.id
+                ),
             }),
         }
     }
     if problems.is_empty() {
         Ok(inputs)
     } else {
-        Err(problems)
+        Err(Error::InvalidBlueprint(problems))
     }
 }
 
 /// Writes every task and edge of `plan` for goal `goal_id`; roots are queued
-/// with their inputs, the rest wait as pending.
-fn install(goal_id: i64, plan: &Blueprint, root_inputs: &[(String, Value)]) -> Result<()> {
-    let tasks: Vec<Value> = plan
-        .steps
-        .iter()
-        .map(|step| {
-            let root = root_inputs.iter().find(|(id, _)| *id == step.id);
-            json!({
-                "step": step.id,
-                "action": step.action,
-                "params": step.params,
-                "input_expr": step.input,
-                "input": root.map(|(_, input)| input),
-                "queue": step.queue,
-                "join_mode": step.join,
-                "max_attempts": step.retries + 1,
-                "backoff_ms": step.backoff.as_millis() as u64,
-                "timeout_ms": step.timeout.as_millis() as u64,
-                "status": if root.is_some() { "queued" } else { "pending" },
-            })
-        })
-        .collect();
+/// with their inputs (`goal_input` passed once, not copied per root), the rest
+/// wait as pending.
+fn install(
+    goal_id: i64,
+    plan: &Blueprint,
+    root_inputs: &HashMap<usize, Option<Value>>,
+    goal_input: &Value,
+) -> Result<()> {
+    let mut tasks = Vec::with_capacity(plan.steps.len());
+    for (index, step) in plan.steps.iter().enumerate() {
+        if index.is_multiple_of(INTERRUPT_EVERY) {
+            pgrx::check_for_interrupts!();
+        }
+        let root = root_inputs.get(&index);
+        tasks.push(json!({
+            "step": step.id,
+            "action": step.action,
+            "params": step.params,
+            "input_expr": step.input,
+            "input": root.and_then(Option::as_ref),
+            "goal_input": matches!(root, Some(None)),
+            "queue": step.queue,
+            "join_mode": step.join,
+            "max_attempts": step.retries + 1,
+            "backoff_ms": step.backoff.as_millis() as u64,
+            "timeout_ms": step.timeout.as_millis() as u64,
+            "status": if root.is_some() { "queued" } else { "pending" },
+        }));
+    }
     Spi::run_with_args(
         "INSERT INTO synapse.tasks (goal_id, step, action, params, input_expr, input, queue, join_mode,
                                     max_attempts, backoff_ms, timeout_ms, status)
-         SELECT $1, t.step, t.action, t.params, t.input_expr, t.input, t.queue, t.join_mode,
+         SELECT $1, t.step, t.action, t.params, t.input_expr,
+                CASE WHEN t.goal_input THEN $3 ELSE t.input END, t.queue, t.join_mode,
                 t.max_attempts, t.backoff_ms, t.timeout_ms, t.status
            FROM jsonb_to_recordset($2)
-                AS t(step text, action text, params jsonb, input_expr text, input jsonb, queue text,
-                     join_mode text, max_attempts integer, backoff_ms bigint, timeout_ms bigint, status text)",
-        &[goal_id.into(), JsonB(Value::Array(tasks)).into()],
+                AS t(step text, action text, params jsonb, input_expr text, input jsonb, goal_input boolean,
+                     queue text, join_mode text, max_attempts integer, backoff_ms bigint, timeout_ms bigint,
+                     status text)",
+        &[
+            goal_id.into(),
+            JsonB(Value::Array(tasks)).into(),
+            JsonB(goal_input.clone()).into(),
+        ],
     )?;
+    pgrx::check_for_interrupts!();
     if !plan.edges.is_empty() {
         let edges: Vec<Value> = plan
             .edges
@@ -250,14 +296,14 @@ fn install(goal_id: i64, plan: &Blueprint, root_inputs: &[(String, Value)]) -> R
 }
 
 /// The planner's half of planning: validate the chosen blueprint and install it
-/// for a goal that is `submitted` or `planning`, or fail the goal listing why.
+/// for a goal that is `submitted` or `planning`, or fail the goal listing why
+/// (a blueprint or params over the JSON limits is not even read, nor kept).
 fn plan_goal(
     goal_id: i64,
-    doc: &Value,
+    blueprint: JsonbArg,
     template: Option<&str>,
-    params: Option<Value>,
+    params: Option<JsonbArg>,
 ) -> Result<Vec<Problem>> {
-    let params = params.unwrap_or_else(|| json!({}));
     let row = Spi::get_two_with_args::<String, JsonB>(
         "SELECT goal, input FROM synapse.goals WHERE id = $1 AND status IN ('submitted', 'planning') FOR UPDATE",
         &[goal_id.into()],
@@ -271,38 +317,78 @@ fn plan_goal(
         }
         Err(error) => return Err(error.into()),
     };
+    let read = blueprint.into_value("blueprint").and_then(|doc| {
+        let params = match params {
+            Some(params) => params.into_value("params")?,
+            None => json!({}),
+        };
+        Ok((doc, params))
+    });
+    let (doc, params) = match read {
+        Ok(read) => read,
+        Err(error) => {
+            let problems = vec![refusal(error)?];
+            fail_goal(goal_id, None, template, None, &problems)?;
+            return Ok(problems);
+        }
+    };
     let goal = GoalContext {
         id: goal_id,
         text,
         input,
         params: params.clone(),
     };
-    let outcome =
-        validate(doc)?.and_then(|plan| root_inputs(&plan, &goal).map(|roots| (plan, roots)));
+    let outcome = match validate(&doc)? {
+        Ok(plan) => match root_inputs(&plan, &goal) {
+            Ok(roots) => Ok((plan, roots)),
+            Err(Error::InvalidBlueprint(problems)) => Err(problems),
+            Err(error) => Err(vec![refusal(error)?]),
+        },
+        Err(problems) => Err(problems),
+    };
     match outcome {
         Ok((plan, roots)) => {
             Spi::run_with_args(
                 "UPDATE synapse.goals SET blueprint = $2, template = $3, params = $4, status = 'running' WHERE id = $1",
-                &[goal_id.into(), JsonB(doc.clone()).into(), template.into(), JsonB(params).into()],
+                &[goal_id.into(), JsonB(doc).into(), template.into(), JsonB(params).into()],
             )?;
-            install(goal_id, &plan, &roots)?;
+            install(goal_id, &plan, &roots, &goal.input)?;
             Ok(Vec::new())
         }
         Err(problems) => {
-            let error = std::iter::once("invalid blueprint:".to_owned())
-                .chain(
-                    problems
-                        .iter()
-                        .map(|p| format!("{}: {}", p.path, p.message)),
-                )
-                .collect::<Vec<_>>()
-                .join("\n");
-            Spi::run_with_args(
-                "UPDATE synapse.goals SET blueprint = $2, template = $3, params = $4, status = 'failed', error = $5
-                  WHERE id = $1",
-                &[goal_id.into(), JsonB(doc.clone()).into(), template.into(), JsonB(params).into(), error.into()],
-            )?;
+            fail_goal(goal_id, Some(doc), template, Some(params), &problems)?;
             Ok(problems)
         }
     }
+}
+
+/// Fails a goal whose plan could not be installed, listing every problem.
+fn fail_goal(
+    goal_id: i64,
+    doc: Option<Value>,
+    template: Option<&str>,
+    params: Option<Value>,
+    problems: &[Problem],
+) -> Result<()> {
+    let error = std::iter::once("invalid blueprint:".to_owned())
+        .chain(
+            problems
+                .iter()
+                .map(|p| format!("{}: {}", p.path, p.message)),
+        )
+        .collect::<Vec<_>>()
+        .join("\n");
+    Spi::run_with_args(
+        "UPDATE synapse.goals SET blueprint = $2, template = $3, params = coalesce($4, '{}'), status = 'failed',
+                error = $5
+          WHERE id = $1",
+        &[
+            goal_id.into(),
+            doc.map(JsonB).into(),
+            template.into(),
+            params.map(JsonB).into(),
+            error.into(),
+        ],
+    )?;
+    Ok(())
 }

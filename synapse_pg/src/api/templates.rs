@@ -3,6 +3,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
+use super::plan::JsonbArg;
 use crate::error::{Error, Result};
 
 /// Adds or replaces a template of the template planner.
@@ -10,14 +11,14 @@ use crate::error::{Error, Result};
 fn add_template(
     name: Option<&str>,
     pattern: Option<&str>,
-    blueprint: Option<JsonB>,
+    blueprint: Option<JsonbArg>,
     description: default!(Option<&str>, "NULL"),
     priority: default!(Option<i32>, "0"),
 ) -> std::result::Result<(), ErrorReport> {
     Ok(upsert(
         name,
         pattern,
-        blueprint.map(|b| b.0),
+        blueprint,
         description,
         priority.unwrap_or(0),
     )?)
@@ -26,7 +27,7 @@ fn add_template(
 fn upsert(
     name: Option<&str>,
     pattern: Option<&str>,
-    blueprint: Option<serde_json::Value>,
+    blueprint: Option<JsonbArg>,
     description: Option<&str>,
     priority: i32,
 ) -> Result<()> {
@@ -44,8 +45,9 @@ fn upsert(
         name: name.to_owned(),
         reason,
     })?;
-    let doc =
-        blueprint.ok_or_else(|| Error::InvalidParameter("blueprint must not be NULL".into()))?;
+    let doc = blueprint
+        .ok_or_else(|| Error::InvalidParameter("blueprint must not be NULL".into()))?
+        .into_value("blueprint")?;
     super::plan::check(&doc)?;
     Spi::run_with_args(
         "INSERT INTO synapse.templates AS t (name, pattern, blueprint, description, priority)

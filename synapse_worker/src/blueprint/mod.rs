@@ -8,17 +8,19 @@
 
 pub mod cel;
 pub mod duration;
+pub mod limits;
 mod validate;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 pub use self::duration::{format_duration, parse_duration};
 pub use self::validate::{
-    is_valid_queue, kind as json_kind, validate, Problem, MAX_BLUEPRINT_BYTES, MAX_STEPS,
+    is_valid_queue, kind as json_kind, validate, validate_interruptible, Problem,
+    MAX_BLUEPRINT_BYTES, MAX_STEPS,
 };
 
 /// Actions every worker implements; any other action must be registered by a worker in
@@ -140,10 +142,11 @@ impl Blueprint {
     /// Steps without an inbound edge, in declaration order: they are queued when the plan
     /// is installed.
     pub fn roots(&self) -> Vec<&str> {
+        let targets: HashSet<&str> = self.edges.iter().map(|e| e.to.as_str()).collect();
         self.steps
             .iter()
-            .filter(|s| self.inbound(&s.id).next().is_none())
             .map(|s| s.id.as_str())
+            .filter(|id| !targets.contains(id))
             .collect()
     }
 

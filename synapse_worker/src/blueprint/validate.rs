@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io;
 use std::sync::LazyLock;
 
 use regex::Regex;
@@ -16,13 +15,17 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::duration::{format_duration, parse_duration};
+use super::limits::{depth_message, json_depth, json_len, size_message, MAX_JSON_DEPTH};
 use super::{cel, Blueprint, BUILTIN_ACTIONS};
 
 /// The most steps a blueprint may have.
 pub const MAX_STEPS: usize = 10_000;
 
 /// The largest blueprint accepted, measured as compact JSON.
-pub const MAX_BLUEPRINT_BYTES: usize = 1 << 20;
+pub const MAX_BLUEPRINT_BYTES: usize = super::limits::MAX_JSON_BYTES;
+
+/// How many steps or edges are checked between two calls of the interrupt hook.
+const INTERRUPT_EVERY: usize = 64;
 
 /// Longest accepted `name`, in characters.
 const MAX_NAME_CHARS: usize = 200;
@@ -89,10 +92,23 @@ pub fn validate(
     doc: &Value,
     is_known_action: &dyn Fn(&str) -> bool,
 ) -> Result<Blueprint, Vec<Problem>> {
+    validate_interruptible(doc, is_known_action, &|| {})
+}
+
+/// [`validate`], calling `check_interrupts` regularly (every few steps and edges, and
+/// through the cycle search) so that a caller inside a Postgres backend can let query
+/// cancel and `statement_timeout` stop the work. The hook may unwind; it is never
+/// called while a CEL expression is being compiled.
+pub fn validate_interruptible(
+    doc: &Value,
+    is_known_action: &dyn Fn(&str) -> bool,
+    check_interrupts: &dyn Fn(),
+) -> Result<Blueprint, Vec<Problem>> {
     let mut checker = Checker {
         problems: Vec::new(),
         dropped: 0,
         is_known_action,
+        check_interrupts,
     };
     checker.document(doc);
     if checker.dropped > 0 {
@@ -107,6 +123,7 @@ pub fn validate(
     if !checker.problems.is_empty() {
         return Err(checker.problems);
     }
+    check_interrupts();
     // The walk above accepts only what the model accepts, so this is not expected to fail;
     // if the two ever disagree, the serde error still comes back as a problem.
     Blueprint::deserialize(doc).map_err(|e| {
@@ -145,24 +162,6 @@ pub fn kind(value: &Value) -> &'static str {
     }
 }
 
-/// Length of the compact JSON text of `doc`, without building the string.
-fn json_len(doc: &Value) -> usize {
-    struct Counter(usize);
-    impl io::Write for Counter {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut counter = Counter(0);
-    // Serializing a `Value` into an infallible writer cannot fail.
-    let _ = serde_json::to_writer(&mut counter, doc);
-    counter.0
-}
-
 /// What the step walk learned that the edge and cycle checks need.
 struct StepIndex {
     /// Every step id that is a string, valid or not, with its first index: an edge naming
@@ -174,6 +173,7 @@ struct Checker<'a> {
     problems: Vec<Problem>,
     dropped: usize,
     is_known_action: &'a dyn Fn(&str) -> bool,
+    check_interrupts: &'a dyn Fn(),
 }
 
 impl Checker<'_> {
@@ -296,12 +296,16 @@ impl Checker<'_> {
             );
             return;
         };
+        // Over a budget, nothing else is worth the work of checking.
         let size = json_len(doc);
         if size > MAX_BLUEPRINT_BYTES {
-            self.report(
-                "$",
-                format!("blueprint is {size} bytes; the limit is 1 MiB"),
-            );
+            self.report("$", size_message("blueprint", size));
+            return;
+        }
+        let depth = json_depth(doc);
+        if depth > MAX_JSON_DEPTH {
+            self.report("$", depth_message("blueprint", depth));
+            return;
         }
         self.unknown_fields("$", obj, TOP_FIELDS);
 
@@ -345,6 +349,9 @@ impl Checker<'_> {
             );
         }
         for (i, step) in steps.iter().enumerate() {
+            if i.is_multiple_of(INTERRUPT_EVERY) {
+                (self.check_interrupts)();
+            }
             self.step(&index_path("$.steps", i), i, step, &mut index);
         }
         index
@@ -574,6 +581,9 @@ impl Checker<'_> {
         let mut graph: Vec<(usize, usize)> = Vec::new();
         let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
         for (i, edge) in edges.iter().enumerate() {
+            if i.is_multiple_of(INTERRUPT_EVERY) {
+                (self.check_interrupts)();
+            }
             let path = index_path("$.edges", i);
             let Some(obj) = edge.as_object() else {
                 self.expected(&path, "an object", edge);
@@ -610,7 +620,8 @@ impl Checker<'_> {
                 }
             }
         }
-        if let Some(cycle) = find_cycle(index, &graph) {
+        (self.check_interrupts)();
+        if let Some(cycle) = find_cycle(index, &graph, self.check_interrupts) {
             self.report("$.edges", format!("cycle: {}", cycle.join(" -> ")));
         }
     }
@@ -638,7 +649,11 @@ impl Checker<'_> {
 /// order and follows edges in declaration order, as step ids with the first repeated last
 /// (`[a, b, c, a]`). Iterative, because a 10 000-step chain would overflow a recursive
 /// search on a small stack.
-fn find_cycle(index: &StepIndex, graph: &[(usize, usize)]) -> Option<Vec<String>> {
+fn find_cycle(
+    index: &StepIndex,
+    graph: &[(usize, usize)],
+    check_interrupts: &dyn Fn(),
+) -> Option<Vec<String>> {
     let mut names: Vec<&str> = vec![""; index.ids.len()];
     let mut slot: HashMap<usize, usize> = HashMap::new();
     // Step indices are sparse when some steps were invalid: map them to dense slots,
@@ -664,6 +679,9 @@ fn find_cycle(index: &StepIndex, graph: &[(usize, usize)]) -> Option<Vec<String>
     for start in 0..names.len() {
         if mark[start] != Mark::New {
             continue;
+        }
+        if start.is_multiple_of(INTERRUPT_EVERY) {
+            check_interrupts();
         }
         // Each frame: a node on the current path and the next child to visit.
         let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
@@ -944,6 +962,44 @@ mod tests {
             "$",
             &format!("blueprint is {size} bytes; the limit is 1 MiB"),
         );
+    }
+
+    #[test]
+    fn over_a_budget_nothing_else_is_checked() {
+        // The bad CEL would be a second problem if the walk went on.
+        let doc = json!({
+            "steps": [{"id": "a", "action": "noop", "input": "1 +",
+                       "params": {"pad": "x".repeat(MAX_BLUEPRINT_BYTES)}}]
+        });
+        assert_eq!(problems(&doc).len(), 1);
+    }
+
+    #[test]
+    fn blueprint_nested_too_deeply() {
+        let mut pad = json!(1);
+        for _ in 0..100 {
+            pad = json!([pad]);
+        }
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "input": "1 +", "params": {"pad": pad}})),
+            "$",
+            "blueprint is nested 104 levels deep; the limit is 64",
+        );
+    }
+
+    #[test]
+    fn the_interrupt_hook_runs_through_a_long_validation() {
+        let steps: Vec<Value> = (0..1000)
+            .map(|i| json!({"id": format!("s{i}"), "action": "noop"}))
+            .collect();
+        let edges: Vec<Value> = (1..1000)
+            .map(|i| json!({"from": format!("s{}", i - 1), "to": format!("s{i}")}))
+            .collect();
+        let calls = std::cell::Cell::new(0usize);
+        let doc = json!({ "steps": steps, "edges": edges });
+        validate_interruptible(&doc, &no_registered, &|| calls.set(calls.get() + 1))
+            .expect("valid");
+        assert!(calls.get() >= 2 * 1000 / INTERRUPT_EVERY, "{}", calls.get());
     }
 
     #[test]

@@ -1,0 +1,376 @@
+//! Poison input fails at the door: JSON over 1 MiB or nested deeper than 64
+//! levels gets SQLSTATE 54000 naming the field, from every entry point, and
+//! leaves no row behind; a planner's output over the limits fails its goal
+//! saying why; the largest blueprint allowed validates, and a long validation
+//! honours `statement_timeout`.
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use synapse_e2e::{postgres, wait_for_goal, Stack};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// `levels` arrays nested around a number, as JSON text.
+fn nested(levels: usize) -> String {
+    format!("{}1{}", "[".repeat(levels), "]".repeat(levels))
+}
+
+/// An object holding a string of `bytes` characters, as JSON text.
+fn padded(bytes: usize) -> String {
+    json!({ "pad": "x".repeat(bytes) }).to_string()
+}
+
+/// A one-step blueprint whose params carry `pad` (JSON text).
+fn blueprint_with(pad: &str) -> String {
+    format!(r#"{{"steps":[{{"id":"a","action":"noop","params":{{"pad":{pad}}}}}]}}"#)
+}
+
+/// Runs `sql` with text parameters (each cast in the statement) and returns
+/// the error's SQLSTATE and message; panics if it succeeds.
+fn refused(client: &mut postgres::Client, sql: &str, params: &[&str]) -> (String, String) {
+    let params: Vec<&(dyn postgres::types::ToSql + Sync)> = params
+        .iter()
+        .map(|p| p as &(dyn postgres::types::ToSql + Sync))
+        .collect();
+    let error = client
+        .query(sql, &params)
+        .map(|rows| panic!("{sql} was accepted: {rows:?}"))
+        .unwrap_err();
+    let db = error
+        .as_db_error()
+        .unwrap_or_else(|| panic!("{sql}: not a database error: {error}"));
+    (db.code().code().to_owned(), db.message().to_owned())
+}
+
+/// Asserts `sql` fails with `sqlstate` and a message containing `fragment`.
+fn assert_refused(
+    client: &mut postgres::Client,
+    sql: &str,
+    params: &[&str],
+    sqlstate: &str,
+    fragment: &str,
+) {
+    let (code, message) = refused(client, sql, params);
+    assert_eq!(code, sqlstate, "{sql}: {message}");
+    assert!(
+        message.contains(fragment),
+        "{sql}: message {message:?} lacks {fragment:?}"
+    );
+}
+
+fn count(client: &mut postgres::Client, table: &str) -> i64 {
+    client
+        .query_one(&format!("SELECT count(*) FROM synapse.{table}"), &[])
+        .unwrap_or_else(|e| panic!("counting {table}: {e}"))
+        .get(0)
+}
+
+/// No goal, task, edge, template or event exists.
+fn assert_nothing_left(client: &mut postgres::Client) {
+    for table in ["goals", "tasks", "edges", "templates", "outbox"] {
+        assert_eq!(count(client, table), 0, "rows left in synapse.{table}");
+    }
+}
+
+#[test]
+fn every_entry_point_refuses_json_over_the_limits() {
+    let stack = Stack::start("input-limits-door", &[]);
+    let mut client = stack.pg();
+    let deep = nested(200);
+    let big = padded(1 << 20);
+    let huge = padded(9 << 20);
+    let one_step = r#"{"steps":[{"id":"a","action":"noop"}]}"#;
+
+    // submit_goal: the review's poison goal, a large input and one too large to read.
+    let submit_goal = "SELECT synapse.submit_goal('x', $1::text::jsonb)";
+    assert_refused(
+        &mut client,
+        submit_goal,
+        &[&deep],
+        "54000",
+        "input is nested 200 levels deep; the limit is 64",
+    );
+    assert_refused(
+        &mut client,
+        submit_goal,
+        &[&big],
+        "54000",
+        "input is more than 1 MiB of JSON text",
+    );
+    assert_refused(&mut client, submit_goal, &[&huge], "54000", "input takes");
+
+    // submit_plan: its blueprint and its input.
+    let submit_plan = "SELECT synapse.submit_plan($1::text::jsonb, $2::text::jsonb)";
+    assert_refused(
+        &mut client,
+        submit_plan,
+        &[&deep, "{}"],
+        "54000",
+        "blueprint is nested 200 levels deep; the limit is 64",
+    );
+    assert_refused(
+        &mut client,
+        submit_plan,
+        &[&blueprint_with(&nested(100)), "{}"],
+        "54000",
+        "blueprint is nested 104 levels deep; the limit is 64",
+    );
+    assert_refused(
+        &mut client,
+        submit_plan,
+        &[&blueprint_with(&big), "{}"],
+        "54000",
+        "blueprint is more than 1 MiB of JSON text",
+    );
+    assert_refused(
+        &mut client,
+        submit_plan,
+        &[one_step, &deep],
+        "54000",
+        "input is nested 200 levels deep; the limit is 64",
+    );
+    assert_refused(
+        &mut client,
+        submit_plan,
+        &[one_step, &big],
+        "54000",
+        "input is more than 1 MiB of JSON text",
+    );
+    // A number the engine cannot hold is bad input, not an internal error.
+    assert_refused(
+        &mut client,
+        submit_plan,
+        &[one_step, r#"{"n": 1e400}"#],
+        "22023",
+        "input cannot be read",
+    );
+
+    // add_template.
+    let add_template = "SELECT synapse.add_template('t', '^x$', $1::text::jsonb)";
+    assert_refused(
+        &mut client,
+        add_template,
+        &[&blueprint_with(&nested(100))],
+        "54000",
+        "blueprint is nested 104 levels deep; the limit is 64",
+    );
+    assert_refused(
+        &mut client,
+        add_template,
+        &[&blueprint_with(&big)],
+        "54000",
+        "blueprint is more than 1 MiB of JSON text",
+    );
+
+    assert_nothing_left(&mut client);
+
+    // validate_blueprint lists the same refusal as a problem.
+    let problems: String = client
+        .query_one(
+            "SELECT synapse.validate_blueprint($1::text::jsonb)::text",
+            &[&deep],
+        )
+        .expect("validate_blueprint")
+        .get(0);
+    let problems: Value = serde_json::from_str(&problems).expect("JSON");
+    assert_eq!(
+        problems,
+        json!([{"path": "$", "message": "blueprint is nested 200 levels deep; the limit is 64"}])
+    );
+
+    // At the limits, everything is accepted: 64 levels, and scalars.
+    for input in [nested(64), "5".into(), r#""text""#.into(), "null".into()] {
+        client
+            .query_one(
+                "SELECT synapse.submit_plan($1::text::jsonb, $2::text::jsonb)",
+                &[&one_step, &input],
+            )
+            .unwrap_or_else(|e| panic!("input {input}: {e}"));
+    }
+    client
+        .query_one(submit_goal, &[&nested(64)])
+        .expect("a goal with an input 64 levels deep");
+    client
+        .query_one(add_template, &[&blueprint_with(&nested(60))])
+        .expect("a template 64 levels deep");
+}
+
+#[test]
+fn a_root_input_evaluated_over_the_limits_is_refused() {
+    let stack = Stack::start("input-limits-root", &[]);
+    let mut client = stack.pg();
+    // goal.input is 60 levels deep, fine; six more lists make 66.
+    let blueprint = r#"{"steps":[{"id":"a","action":"noop","input":"[[[[[[goal.input]]]]]]"}]}"#;
+    assert_refused(
+        &mut client,
+        "SELECT synapse.submit_plan($1::text::jsonb, $2::text::jsonb)",
+        &[blueprint, &nested(60)],
+        "54000",
+        "the input of root step \"a\" is nested 66 levels deep; the limit is 64",
+    );
+    assert_nothing_left(&mut client);
+}
+
+#[test]
+fn a_planned_blueprint_over_the_limits_fails_its_goal_saying_why() {
+    let stack = Stack::start("input-limits-planner", &[]);
+    let mut client = stack.pg();
+    // add_template refuses these; a template written around the API (as a
+    // superuser can) is how a planner comes to hand them over.
+    client
+        .execute(
+            "INSERT INTO synapse.templates (name, pattern, blueprint) VALUES
+                 ('deep', '^deep$', $1::text::jsonb), ('big', '^big$', $2::text::jsonb)",
+            &[
+                &blueprint_with(&nested(100)),
+                &blueprint_with(&padded(1 << 20)),
+            ],
+        )
+        .expect("templates");
+    let worker = stack.start_worker("planner", &[]);
+
+    for (goal, why) in [
+        (
+            "deep",
+            "blueprint is nested 104 levels deep; the limit is 64",
+        ),
+        ("big", "blueprint is more than 1 MiB of JSON text"),
+    ] {
+        let id: i64 = client
+            .query_one("SELECT synapse.submit_goal($1)", &[&goal])
+            .expect("submit_goal")
+            .get(0);
+        let status = wait_for_goal(&stack, id, WAIT);
+        assert_eq!(status["status"], "failed", "{status}");
+        let error = status["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(why),
+            "goal {goal}: error {error:?} lacks {why:?}"
+        );
+        assert_eq!(status["tasks"], json!([]), "{status}");
+    }
+    assert!(
+        !worker.log_text().contains("panicked"),
+        "{}",
+        worker.log_text()
+    );
+
+    // The same through _install_plan directly, with params over the limit:
+    // the goal fails saying why and nothing is installed.
+    drop(worker);
+    let id: i64 = client
+        .query_one("SELECT synapse.submit_goal('direct')", &[])
+        .expect("submit_goal")
+        .get(0);
+    let problems: String = client
+        .query_one(
+            "SELECT synapse._install_plan($1, $2::text::jsonb, NULL, $3::text::jsonb)::text",
+            &[
+                &id,
+                &r#"{"steps":[{"id":"a","action":"noop"}]}"#,
+                &nested(80),
+            ],
+        )
+        .expect("_install_plan")
+        .get(0);
+    let problems: Value = serde_json::from_str(&problems).expect("JSON");
+    assert_eq!(
+        problems,
+        json!([{"path": "$", "message": "params is nested 80 levels deep; the limit is 64"}])
+    );
+    let status = wait_for_goal(&stack, id, WAIT);
+    assert_eq!(status["status"], "failed", "{status}");
+    assert_eq!(status["tasks"], json!([]), "{status}");
+}
+
+/// A chain of `n` `noop` steps.
+fn chain(n: usize) -> String {
+    let steps: Vec<Value> = (0..n)
+        .map(|i| json!({"id": format!("s{i}"), "action": "noop"}))
+        .collect();
+    let edges: Vec<Value> = (1..n)
+        .map(|i| json!({"from": format!("s{}", i - 1), "to": format!("s{i}")}))
+        .collect();
+    json!({ "steps": steps, "edges": edges }).to_string()
+}
+
+#[test]
+fn the_largest_blueprint_validates_and_installs() {
+    let stack = Stack::start("input-limits-steps", &[]);
+    let mut client = stack.pg();
+    let blueprint = chain(10_000);
+    let problems: String = client
+        .query_one(
+            "SELECT synapse.validate_blueprint($1::text::jsonb)::text",
+            &[&blueprint],
+        )
+        .expect("validate_blueprint")
+        .get(0);
+    assert_eq!(problems, "[]");
+    let id: i64 = client
+        .query_one("SELECT synapse.submit_plan($1::text::jsonb)", &[&blueprint])
+        .expect("submit_plan")
+        .get(0);
+    let counts: (i64, i64, i64) = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM synapse.tasks WHERE goal_id = $1),
+                    (SELECT count(*) FROM synapse.tasks WHERE goal_id = $1 AND status = 'queued'),
+                    (SELECT count(*) FROM synapse.edges WHERE goal_id = $1)",
+            &[&id],
+        )
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .expect("counts");
+    assert_eq!(counts, (10_000, 1, 9_999));
+
+    assert_refused(
+        &mut client,
+        "SELECT synapse.submit_plan($1::text::jsonb)",
+        &[&chain(10_001)],
+        "22023",
+        "10001 steps; the limit is 10000",
+    );
+}
+
+/// Validating a blueprint near 1 MiB of CEL takes a while (each expression is
+/// compiled); `statement_timeout` stops it, leaving nothing behind, and the
+/// session goes on. (That it stops *promptly*, between steps, is what the
+/// validator's interrupt hook is for; its unit test counts the calls, since a
+/// test here cannot tell without measuring time.)
+#[test]
+fn statement_timeout_cancels_a_long_validation() {
+    let stack = Stack::start("input-limits-timeout", &[]);
+    let mut client = stack.pg();
+    let expr = format!(
+        "[{}]",
+        (0..40)
+            .map(|i| format!("goal.input.k{i} + {i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let steps: Vec<Value> = (0..1_000)
+        .map(|i| json!({"id": format!("s{i}"), "action": "noop", "input": expr}))
+        .collect();
+    let blueprint = json!({ "steps": steps }).to_string();
+    client
+        .batch_execute("SET statement_timeout = '50ms'")
+        .expect("SET");
+    assert_refused(
+        &mut client,
+        "SELECT synapse.submit_plan($1::text::jsonb)",
+        &[&blueprint],
+        "57014",
+        "statement timeout",
+    );
+    client
+        .batch_execute("RESET statement_timeout")
+        .expect("RESET");
+    assert_nothing_left(&mut client);
+    let problems: String = client
+        .query_one(
+            "SELECT synapse.validate_blueprint($1::text::jsonb)::text",
+            &[&blueprint],
+        )
+        .expect("validate_blueprint without a timeout")
+        .get(0);
+    assert_eq!(problems, "[]");
+}

@@ -177,6 +177,50 @@ RETURNS synapse._event LANGUAGE sql STABLE AS $$
 $$;
 
 
+-- JSON size and depth checked at the door.
+CREATE FUNCTION synapse."_check_json"(
+	"value" jsonb,
+	"what" TEXT
+) RETURNS VOID
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'check_json_wrapper';
+CREATE OR REPLACE FUNCTION synapse.submit_goal(
+    goal text,
+    input jsonb DEFAULT '{}',
+    planner text DEFAULT 'template',
+    idempotency_key text DEFAULT NULL
+) RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    new_id bigint;
+BEGIN
+    IF goal IS NULL OR btrim(goal) = '' THEN
+        RAISE EXCEPTION 'goal must be a non-empty text' USING ERRCODE = '22023';
+    END IF;
+    IF length(goal) > 10000 THEN
+        RAISE EXCEPTION 'goal is % characters; the limit is 10000', length(goal) USING ERRCODE = '22023';
+    END IF;
+    IF input IS NULL THEN
+        RAISE EXCEPTION 'input must be JSON, not NULL (use ''{}'')' USING ERRCODE = '22023';
+    END IF;
+    -- 1 MiB of JSON text and 64 levels of nesting (SQLSTATE 54000), checked on
+    -- the jsonb value before anything parses it.
+    PERFORM synapse._check_json(submit_goal.input, 'input');
+    IF planner IS NULL OR planner !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+        RAISE EXCEPTION 'planner must be a planner name like ''template'', got %', coalesce(quote_literal(planner), 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO synapse.goals AS g (goal, input, planner, idempotency_key)
+    VALUES (submit_goal.goal, submit_goal.input, submit_goal.planner, submit_goal.idempotency_key)
+    ON CONFLICT ON CONSTRAINT goals_idempotency_key_key DO NOTHING
+    RETURNING g.id INTO new_id;
+    IF new_id IS NULL THEN
+        SELECT g.id INTO new_id FROM synapse.goals AS g WHERE g.idempotency_key = submit_goal.idempotency_key;
+    END IF;
+    RETURN new_id;
+END $$;
+
+
 -- Cancelled steps resolve their edges; one lock order.
 CREATE OR REPLACE FUNCTION synapse.cancel_goal(goal_id bigint) RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE

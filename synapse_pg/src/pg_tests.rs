@@ -478,12 +478,19 @@ mod tests {
         );
     }
 
+    /// Runs the timers (no retention): rows changed, seconds to the next deadline.
+    fn run_timers() -> (i64, Option<f64>) {
+        let (changed, next) = Spi::get_two::<i64, f64>(
+            "SELECT changed, extract(epoch FROM next_due - clock_timestamp())::float8
+               FROM synapse._run_timers(0)",
+        )
+        .unwrap();
+        (changed.unwrap(), next)
+    }
+
     #[pg_test]
     fn the_timers_queue_due_retries_and_expired_leases_and_report_the_next_deadline() {
-        assert_eq!(
-            Spi::get_one::<f64>("SELECT synapse._run_timers(30)").unwrap(),
-            None
-        );
+        assert_eq!(run_timers(), (0, None));
         let id = submit_example();
         Spi::run(&format!(
             "UPDATE synapse.tasks SET status = 'running', attempts = 1, lease_expires_at = now() - interval '1 s',
@@ -491,8 +498,8 @@ mod tests {
         ))
         .unwrap();
         Spi::run("DELETE FROM synapse.outbox").unwrap();
-        // The queued task is due for the sweep 30 s after now(); nothing else waits.
-        let millis = one::<f64>("SELECT synapse._run_timers(30)");
+        // Attempts are left: queued again. Nothing else waits for a timer.
+        assert_eq!(run_timers(), (1, None));
         let fetch = json_of(&format!(
             "SELECT to_jsonb(t) FROM synapse.tasks t WHERE goal_id = {id} AND step = 'fetch'"
         ));
@@ -503,21 +510,74 @@ mod tests {
             payloads()[0].contains(r#""event":"task.queued""#)
                 && payloads()[0].contains(r#""attempt":2"#)
         );
-        assert!(millis > 0.0 && millis <= 30_000.0, "{millis}");
 
+        // A running attempt's lease is the next deadline.
         Spi::run(&format!(
-            "UPDATE synapse.tasks SET status = 'running', attempts = 2, lease_expires_at = now() + interval '1 h'
-              WHERE goal_id = {id} AND step = 'fetch';
-             UPDATE synapse.tasks SET status = 'retrying', run_at = now() - interval '1 ms'
+            "UPDATE synapse.tasks SET status = 'running', attempts = 3, lease_expires_at = now() + interval '1 h',
+                    leased_by = 'w2' WHERE goal_id = {id} AND step = 'fetch'"
+        ))
+        .unwrap();
+        let (changed, next) = run_timers();
+        assert_eq!(changed, 0);
+        assert!(
+            next.is_some_and(|seconds| seconds > 3500.0 && seconds <= 3600.0),
+            "{next:?}"
+        );
+
+        // The last attempt's lease lapses: failed, attempts unchanged, and a
+        // worker is asked to carry the goal on.
+        Spi::run(&format!(
+            "UPDATE synapse.tasks SET lease_expires_at = now() - interval '1 s'
               WHERE goal_id = {id} AND step = 'fetch'"
         ))
         .unwrap();
-        Spi::run("SELECT synapse._run_timers(30)").unwrap();
+        Spi::run("DELETE FROM synapse.outbox").unwrap();
+        assert_eq!(run_timers(), (1, None));
+        let fetch = json_of(&format!(
+            "SELECT to_jsonb(t) FROM synapse.tasks t WHERE goal_id = {id} AND step = 'fetch'"
+        ));
+        assert_eq!(fetch["status"], "failed");
+        assert_eq!(fetch["attempts"], 3);
         assert_eq!(
-            one::<String>(&format!(
-                "SELECT status FROM synapse.tasks WHERE goal_id = {id} AND step = 'fetch'"
+            fetch["error"],
+            "lease of attempt 3 expired (worker w2); no attempt left"
+        );
+        assert_eq!(
+            one::<String>("SELECT dispatch FROM synapse.outbox WHERE event = 'task.failed'"),
+            "queue:default"
+        );
+    }
+
+    #[pg_test]
+    fn retention_deletes_finished_goals_with_their_tasks_and_edges() {
+        let finished = submit_example();
+        let running = submit_example();
+        Spi::run(&format!("SELECT synapse.cancel_goal({finished})")).unwrap();
+        Spi::run(&format!(
+            "UPDATE synapse.goals SET finished_at = now() - interval '2 h' WHERE id = {finished}"
+        ))
+        .unwrap();
+        let (changed, _) =
+            Spi::get_two::<i64, f64>("SELECT changed, 0::float8 FROM synapse._run_timers(3600)")
+                .unwrap();
+        assert_eq!(changed, Some(1));
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT count(*) FROM synapse.tasks WHERE goal_id = {finished}"
             )),
-            "queued"
+            0
+        );
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT count(*) FROM synapse.edges WHERE goal_id = {finished}"
+            )),
+            0
+        );
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT count(*) FROM synapse.goals WHERE id = {running}"
+            )),
+            1
         );
     }
 

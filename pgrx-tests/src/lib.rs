@@ -317,6 +317,32 @@ pub fn brpop(redis: &mut redis::Connection, list: &str, timeout: Duration) -> Op
     reply.map(|(_, value)| value)
 }
 
+/// `synapse.submit_plan(blueprint)`: the new goal's id. `blueprint` is JSON
+/// text or a `serde_json::Value`.
+pub fn submit_plan(
+    client: &mut postgres::Client,
+    blueprint: &(impl std::fmt::Display + ?Sized),
+) -> i64 {
+    client
+        .query_one(
+            "SELECT synapse.submit_plan($1::text::jsonb)",
+            &[&blueprint.to_string()],
+        )
+        .expect("submit_plan")
+        .get(0)
+}
+
+/// The id of the task of `step` in goal `goal_id`.
+pub fn task_id(client: &mut postgres::Client, goal_id: i64, step: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT id FROM synapse.tasks WHERE goal_id = $1 AND step = $2",
+            &[&goal_id, &step],
+        )
+        .expect("task row")
+        .get(0)
+}
+
 /// A blueprint with one `noop` step, as JSON text.
 pub const ONE_STEP: &str = r#"{"steps":[{"id":"only","action":"noop"}]}"#;
 

@@ -8,10 +8,10 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use synapse_e2e::{
-    postgres, stream_events, task, wait_for_goal, wait_for_running_task, wait_until, Stack,
-    ONE_STEP,
+    postgres, stream_events, submit_plan, task, task_id, wait_for_goal, wait_for_running_task,
+    wait_until, Stack, ONE_STEP,
 };
 use synapse_worker::completer;
 use synapse_worker::executor::Handled;
@@ -22,26 +22,6 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// JSON nested 200 deep: valid for Postgres, beyond what serde_json reads (128).
 const DEEP_JSON: &str = "(repeat('[', 200) || '1' || repeat(']', 200))::jsonb";
-
-fn submit_plan(client: &mut postgres::Client, blueprint: &Value) -> i64 {
-    client
-        .query_one(
-            "SELECT synapse.submit_plan($1::text::jsonb)",
-            &[&blueprint.to_string()],
-        )
-        .expect("submit_plan")
-        .get(0)
-}
-
-fn task_id(client: &mut postgres::Client, goal_id: i64, step: &str) -> i64 {
-    client
-        .query_one(
-            "SELECT id FROM synapse.tasks WHERE goal_id = $1 AND step = $2",
-            &[&goal_id, &step],
-        )
-        .expect("task id")
-        .get(0)
-}
 
 fn task_status(client: &mut postgres::Client, task_id: i64) -> String {
     client
@@ -359,9 +339,7 @@ fn a_goal_whose_input_cannot_be_read_fails_saying_why() {
 fn a_poison_task_fails_alone_while_the_rest_of_its_claim_batch_runs() {
     let stack = Stack::start("poison-task", &[]);
     let mut client = stack.pg();
-    let ids: Vec<i64> = (0..8)
-        .map(|_| submit_plan(&mut client, &serde_json::from_str(ONE_STEP).unwrap()))
-        .collect();
+    let ids: Vec<i64> = (0..8).map(|_| submit_plan(&mut client, ONE_STEP)).collect();
     let poison = ids[3];
     client
         .execute(

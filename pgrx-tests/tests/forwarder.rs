@@ -6,27 +6,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use synapse_e2e::{
-    assert_quiet, brpop, postgres, redis, stream_events, wait_until, Stack, ONE_STEP,
+    assert_quiet, brpop, postgres, redis, stream_events, submit_plan, task_id, wait_until, Stack,
+    ONE_STEP,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn submit_plan(client: &mut postgres::Client, blueprint: &str) -> i64 {
-    client
-        .query_one("SELECT synapse.submit_plan($1::text::jsonb)", &[&blueprint])
-        .expect("submit_plan")
-        .get(0)
-}
-
-fn task_id(client: &mut postgres::Client, goal_id: i64, step: &str) -> i64 {
-    client
-        .query_one(
-            "SELECT id FROM synapse.tasks WHERE goal_id = $1 AND step = $2",
-            &[&goal_id, &step],
-        )
-        .expect("task row")
-        .get(0)
-}
 
 #[test]
 fn committed_events_reach_redis_with_their_exact_payloads() {
@@ -961,4 +945,38 @@ fn a_held_snapshot_does_not_make_reads_wade_through_forwarded_rows() {
         "{read} buffers read to forward {forwarded} events in {ROUNDS} rounds"
     );
     report.rollback().unwrap();
+}
+
+#[test]
+fn events_of_concurrent_transactions_that_commit_out_of_id_order_are_all_forwarded() {
+    // Several writers whose transactions each draw outbox ids in two
+    // statements, interleaved with each other's, commit in any order while
+    // the forwarder reads and raises its read floor: nothing may be left
+    // behind.
+    const WRITERS: usize = 6;
+    const TRANSACTIONS: usize = 200;
+    let stack = Stack::start("out-of-order", &["synapse.sweep_interval = '1h'"]);
+    std::thread::scope(|scope| {
+        for _ in 0..WRITERS {
+            scope.spawn(|| {
+                let mut client = stack.pg();
+                for _ in 0..TRANSACTIONS {
+                    let mut tx = client.transaction().unwrap();
+                    for _ in 0..2 {
+                        tx.execute("SELECT synapse.submit_plan($1::text::jsonb)", &[&ONE_STEP])
+                            .unwrap();
+                    }
+                    tx.commit().unwrap();
+                }
+            });
+        }
+    });
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    let dispatched = (WRITERS * TRANSACTIONS * 2) as i64;
+    wait_until("every event forwarded", Duration::from_secs(60), || {
+        let status = stack.forwarder_status(&mut client);
+        (status["pending"] == 0 && llen(&mut redis, "synapse:queue:default") == dispatched)
+            .then_some(())
+    });
 }

@@ -2,16 +2,11 @@
 //! that add or remove it, and how cancelling leaves a goal's graph.
 use std::time::Duration;
 
-use synapse_e2e::{brpop, edge_state, postgres, task, Stack, ONE_STEP, WITHOUT_PRELOAD};
+use synapse_e2e::{
+    brpop, edge_state, postgres, submit_plan, task, Stack, ONE_STEP, WITHOUT_PRELOAD,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn submit_plan(client: &mut postgres::Client, blueprint: &str) -> i64 {
-    client
-        .query_one("SELECT synapse.submit_plan($1::text::jsonb)", &[&blueprint])
-        .expect("submit_plan")
-        .get(0)
-}
 
 fn goal_status(client: &mut postgres::Client, goal: i64) -> serde_json::Value {
     let text: String = client

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::Duration;
 
-use synapse_e2e::{postgres, wait_for_goal, wait_until, worker_binary, Stack, TRIAGE};
+use synapse_e2e::{postgres, submit_plan, wait_for_goal, wait_until, worker_binary, Stack, TRIAGE};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -79,13 +79,6 @@ fn free_port() -> u16 {
 fn connect(port: u16, database: &str) -> postgres::Client {
     let url = format!("postgresql://postgres@127.0.0.1:{port}/{database}");
     postgres::Client::connect(&url, postgres::NoTls).expect("connecting to postgres")
-}
-
-fn submit_plan(client: &mut postgres::Client, blueprint: &str) -> i64 {
-    client
-        .query_one("SELECT synapse.submit_plan($1::text::jsonb)", &[&blueprint])
-        .expect("submit_plan")
-        .get(0)
 }
 
 fn submit_goal(client: &mut postgres::Client, goal: &str) -> i64 {

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use synapse_e2e::{postgres, wait_for_goal, wait_until, Stack, TRIAGE};
+use synapse_e2e::{postgres, submit_plan, wait_for_goal, wait_until, Stack, TRIAGE};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -67,13 +67,6 @@ fn describe(client: &mut postgres::Client) -> Vec<String> {
         .iter()
         .map(|row| row.get(0))
         .collect()
-}
-
-fn submit_plan(client: &mut postgres::Client, blueprint: &str) -> i64 {
-    client
-        .query_one("SELECT synapse.submit_plan($1::text::jsonb)", &[&blueprint])
-        .expect("submit_plan")
-        .get(0)
 }
 
 #[test]

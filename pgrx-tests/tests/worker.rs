@@ -5,21 +5,11 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use synapse_e2e::{
-    assert_quiet, edge_state, postgres, redis, stream_events, task, wait_for_goal,
+    assert_quiet, edge_state, redis, stream_events, submit_plan, task, wait_for_goal,
     wait_for_running_task, wait_until, Stack,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn submit_plan(client: &mut postgres::Client, blueprint: &Value) -> i64 {
-    client
-        .query_one(
-            "SELECT synapse.submit_plan($1::text::jsonb)",
-            &[&blueprint.to_string()],
-        )
-        .expect("submit_plan")
-        .get(0)
-}
 
 fn run_plan(stack: &Stack, blueprint: Value) -> Value {
     let mut client = stack.pg();

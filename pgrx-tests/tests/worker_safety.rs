@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use synapse_e2e::{
-    postgres, task, wait_for_goal, wait_for_running_task, wait_until, worker_binary, Stack,
+    postgres, submit_plan, task, wait_for_goal, wait_for_running_task, wait_until, worker_binary,
+    Stack,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -17,16 +18,6 @@ const WAIT: Duration = Duration::from_secs(60);
 /// How long a process may take to exit after SIGTERM/SIGINT: a bound on
 /// waiting, not a timing assertion (it should take well under a second).
 const EXIT_DEADLINE: Duration = Duration::from_secs(5);
-
-fn submit_plan(client: &mut postgres::Client, blueprint: &Value) -> i64 {
-    client
-        .query_one(
-            "SELECT synapse.submit_plan($1::text::jsonb)",
-            &[&blueprint.to_string()],
-        )
-        .expect("submit_plan")
-        .get(0)
-}
 
 fn submit_plan_with_input(client: &mut postgres::Client, blueprint: &Value, input: &Value) -> i64 {
     client

@@ -12,7 +12,8 @@
 //! before it draws an outbox id. Then, after a read that saw ids up to `max`,
 //! a row with a lower id that the read did not see belongs to a transaction
 //! that was running during the read, so its xid is below the xid the
-//! forwarder's transaction got after the read. Once a later read's snapshot
+//! forwarder's transaction got after the read (after: the read is the first
+//! statement of its transaction that could assign an id). Once a later read's snapshot
 //! has an xmin above that xid, all those transactions have ended and that
 //! later read (which still started at the old floor) saw what they committed:
 //! from then on reads may start above `max`.

@@ -6,14 +6,15 @@
 //! the transaction rolled back, and the caller decides when to try again.
 use pgrx::pg_sys;
 use pgrx::PgTryBuilder;
+use std::ffi::CStr;
 use std::panic::AssertUnwindSafe;
 
 /// Longest wait for a row or table lock. Timers skip locked rows; this only
 /// bounds waits nobody foresaw, turning them into a retried error.
-const LOCK_TIMEOUT: &str = "5s";
+const LOCK_TIMEOUT: &CStr = c"5s";
 /// Whatever the database sets: a forwarder statement is never cut short by
 /// a limit meant for clients, only by this bound on the unforeseen.
-const STATEMENT_TIMEOUT: &str = "5min";
+const STATEMENT_TIMEOUT: &CStr = c"5min";
 
 /// Runs `body` in a transaction of its own, always READ COMMITTED whatever the
 /// database's default, and commits if it returns `Ok`. An ERROR raised inside
@@ -33,10 +34,8 @@ where
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
-        pgrx::Spi::run(&format!(
-            "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; SET LOCAL statement_timeout = '{STATEMENT_TIMEOUT}'"
-        ))
-        .map_err(|error| error.to_string())?;
+        set_local(c"lock_timeout", LOCK_TIMEOUT);
+        set_local(c"statement_timeout", STATEMENT_TIMEOUT);
         Ok::<_, String>(body())
     }))
     .catch_others(|error| Err(describe(error)))
@@ -67,6 +66,26 @@ where
             abort();
             Err(E::from(error))
         }
+    }
+}
+
+/// `SET LOCAL name = value`, without SPI: an SPI statement that may write
+/// gives the transaction its id, and the read floor needs the drain's id to
+/// come after its read (see floor.rs).
+pub fn set_local(name: &CStr, value: &CStr) {
+    // SAFETY: both are NUL-terminated; an invalid value raises an ERROR,
+    // which the caller's PgTryBuilder catches.
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            0,
+            false,
+        );
     }
 }
 

@@ -276,7 +276,9 @@ impl Forwarder {
             let sink = sink;
             // Losing this commit in a crash only re-sends the batch (delivery is
             // at-least-once), so it need not wait for its WAL flush.
-            Spi::run("SET LOCAL synchronous_commit = off")?;
+            transaction::set_local(c"synchronous_commit", c"off");
+            // The read comes first: this transaction gets its id only after
+            // the read's snapshot, as the read floor requires.
             let mut batch = read_batch(floor, sweep, retention)?;
             let mut refused = None;
             if look_for_retries && (batch.ids.len() as i64) < BATCH_SIZE {

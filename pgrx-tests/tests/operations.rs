@@ -606,6 +606,8 @@ fn promoted_standby_resumes_forwarding() {
         .get::<_, bool>(0));
     assert_eq!(forwarders(&mut primary), 1, "the primary's forwarder runs");
     assert_eq!(forwarders(&mut replica), 0, "no forwarder on a standby");
+    let status = stack.forwarder_status(&mut replica);
+    assert_eq!(status["running"], false, "{status}");
     // A standby answers status questions about what it replicated.
     let replicated: String = replica
         .query_one("SELECT synapse.goal_status($1)::text", &[&early])

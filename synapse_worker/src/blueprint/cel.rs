@@ -11,8 +11,10 @@ use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 
+use cel::common::ast::{operators, EntryExpr, Expr, LiteralValue};
 use cel::common::value::Val;
 use cel::objects::{Key, Map as CelMap, ValueType};
+use cel::IdedExpr;
 use cel::{Context, Env, Program, Value as CelValue};
 use serde_json::{Map, Number, Value};
 
@@ -322,16 +324,30 @@ impl Expression {
     /// and panics come back as a readable message.
     pub fn evaluate(&self, vars: &Map<String, Value>) -> Result<Value, String> {
         let value = self.run(vars)?;
-        cel_to_json(&value)
+        cel_to_json(&value).map_err(|e| explain(e, &self.references(), vars))
+    }
+
+    /// The variables and steps the expression refers to.
+    pub fn references(&self) -> References {
+        let mut refs = References::default();
+        // The tree is as shallow as `compile` allows (MAX_COMPLEXITY), so recursing is safe.
+        let walked = guarded("reading", || {
+            walk(self.program.expression(), &mut Vec::new(), &mut refs);
+        });
+        if walked.is_err() {
+            return References::default();
+        }
+        refs
     }
 
     /// Evaluates a condition: the result must be a CEL `bool`.
     pub fn evaluate_bool(&self, vars: &Map<String, Value>) -> Result<bool, String> {
         match self.run(vars)? {
             CelValue::Bool(b) => Ok(b),
-            other => Err(format!(
-                "condition must be a boolean, got {}",
-                other.type_of()
+            other => Err(explain(
+                format!("condition must be a boolean, got {}", other.type_of()),
+                &self.references(),
+                vars,
             )),
         }
     }
@@ -349,7 +365,143 @@ impl Expression {
                 self.program.execute(&scope).map_err(|e| e.to_string())
             })
         })?;
-        outcome
+        outcome.map_err(|e| explain(e, &self.references(), vars))
+    }
+}
+
+/// What an expression refers to, found in its syntax tree: what validation checks against
+/// the expression's context and what a run-time error is explained with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct References {
+    /// Free variables (not bound by a macro such as `exists` or `map`), in order of first use.
+    pub variables: Vec<String>,
+    /// Steps named as `steps.<id>` or `steps['<id>']`, in order of first use; a presence
+    /// test (`has(steps.x)`) is not a use.
+    pub steps: Vec<String>,
+    /// The steps whose `result` is read (`steps.<id>.result`).
+    pub results: Vec<String>,
+}
+
+impl References {
+    fn note(list: &mut Vec<String>, name: &str) {
+        if !list.iter().any(|n| n == name) {
+            list.push(name.to_owned());
+        }
+    }
+}
+
+/// Walks the tree; `bound` holds the variables of the macros around the node.
+fn walk<'e>(node: &'e IdedExpr, bound: &mut Vec<&'e str>, refs: &mut References) {
+    let steps_ident = |e: &IdedExpr, bound: &[&str]| {
+        matches!(&e.expr, Expr::Ident(name) if name == "steps") && !bound.contains(&"steps")
+    };
+    match &node.expr {
+        Expr::Unspecified | Expr::Literal(_) => {}
+        Expr::Ident(name) => {
+            // Macro accumulators are named `@...`; the user cannot spell them.
+            if !name.starts_with('@') && !bound.contains(&name.as_str()) {
+                References::note(&mut refs.variables, name);
+            }
+        }
+        Expr::Select(select) => {
+            if steps_ident(&select.operand, bound) {
+                References::note(&mut refs.variables, "steps");
+                if !select.test {
+                    References::note(&mut refs.steps, &select.field);
+                }
+                return;
+            }
+            if select.field == "result" && !select.test {
+                if let Expr::Select(inner) = &select.operand.expr {
+                    if !inner.test && steps_ident(&inner.operand, bound) {
+                        References::note(&mut refs.results, &inner.field);
+                    }
+                }
+            }
+            walk(&select.operand, bound, refs);
+        }
+        Expr::Call(call) => {
+            if call.func_name == operators::INDEX && call.args.len() == 2 {
+                if let (true, Expr::Literal(LiteralValue::String(id))) =
+                    (steps_ident(&call.args[0], bound), &call.args[1].expr)
+                {
+                    References::note(&mut refs.variables, "steps");
+                    References::note(&mut refs.steps, id.inner());
+                    return;
+                }
+            }
+            if let Some(target) = &call.target {
+                walk(target, bound, refs);
+            }
+            for arg in &call.args {
+                walk(arg, bound, refs);
+            }
+        }
+        Expr::Comprehension(comp) => {
+            walk(&comp.iter_range, bound, refs);
+            walk(&comp.accu_init, bound, refs);
+            let depth = bound.len();
+            bound.push(&comp.iter_var);
+            if let Some(second) = &comp.iter_var2 {
+                bound.push(second);
+            }
+            bound.push(&comp.accu_var);
+            walk(&comp.loop_cond, bound, refs);
+            walk(&comp.loop_step, bound, refs);
+            walk(&comp.result, bound, refs);
+            bound.truncate(depth);
+        }
+        Expr::List(list) => {
+            for element in &list.elements {
+                walk(element, bound, refs);
+            }
+        }
+        Expr::Map(map) => entries(map.entries.iter().map(|e| &e.expr), bound, refs),
+        Expr::Struct(object) => entries(object.entries.iter().map(|e| &e.expr), bound, refs),
+    }
+}
+
+fn entries<'e>(
+    list: impl Iterator<Item = &'e EntryExpr>,
+    bound: &mut Vec<&'e str>,
+    refs: &mut References,
+) {
+    for entry in list {
+        match entry {
+            EntryExpr::StructField(field) => walk(&field.value, bound, refs),
+            EntryExpr::MapEntry(pair) => {
+                walk(&pair.key, bound, refs);
+                walk(&pair.value, bound, refs);
+            }
+        }
+    }
+}
+
+/// Rewrites an evaluation error caused by reading the result of a step that was skipped
+/// (its result is null) so that it names that step; other errors are left as they are.
+fn explain(error: String, refs: &References, vars: &Map<String, Value>) -> String {
+    let Some(Value::Object(steps)) = vars.get("steps") else {
+        return error;
+    };
+    let skipped: Vec<&str> = refs
+        .results
+        .iter()
+        .filter(|id| {
+            steps
+                .get(id.as_str())
+                .and_then(|s| s.get("status"))
+                .and_then(Value::as_str)
+                == Some("skipped")
+        })
+        .map(String::as_str)
+        .collect();
+    match skipped.as_slice() {
+        [] => error,
+        [one] => format!("steps.{one} was skipped: it has no result ({error})"),
+        many => format!(
+            "steps {} were skipped: they have no result ({error})",
+            many.join(", ")
+        ),
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod cel;
 pub mod duration;
 pub mod limits;
+pub mod scope;
 mod validate;
 
 use std::cmp::Reverse;

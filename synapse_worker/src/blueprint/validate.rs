@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 
 use super::duration::{format_duration, parse_duration};
 use super::limits::{depth_message, json_depth, json_len, size_message, MAX_JSON_DEPTH};
+use super::scope::{Site, CEL_NAMES};
 use super::{cel, Blueprint, BUILTIN_ACTIONS};
 
 /// The most steps a blueprint may have.
@@ -106,6 +107,7 @@ pub fn validate_interruptible(
 ) -> Result<Blueprint, Vec<Problem>> {
     let mut checker = Checker {
         problems: Vec::new(),
+        step_refs: Vec::new(),
         dropped: 0,
         is_known_action,
         check_interrupts,
@@ -169,8 +171,18 @@ struct StepIndex {
     ids: HashMap<String, usize>,
 }
 
+/// A compiled expression that names steps: checked once every step and edge is known.
+struct StepRefs {
+    path: String,
+    site: Site,
+    /// The step whose expression it is (for `when`, the edge's `from` step), by index.
+    owner: Option<usize>,
+    steps: Vec<String>,
+}
+
 struct Checker<'a> {
     problems: Vec<Problem>,
+    step_refs: Vec<StepRefs>,
     dropped: usize,
     is_known_action: &'a dyn Fn(&str) -> bool,
     check_interrupts: &'a dyn Fn(),
@@ -263,17 +275,99 @@ impl Checker<'_> {
         }
     }
 
-    /// Reports `expr` at `path` unless it compiles as CEL.
-    fn cel(&mut self, path: &str, expr: &str) {
-        if let Err(e) = cel::compile(expr) {
-            self.report(path, format!("invalid CEL expression: {e}"));
+    /// Reports `expr` at `path` unless it compiles as CEL and uses only the variables
+    /// its `site` sees; the steps it names are checked later ([`Self::step_references`]).
+    fn cel(&mut self, path: &str, expr: &str, site: Site, owner: Option<usize>) {
+        let compiled = match cel::compile(expr) {
+            Ok(compiled) => compiled,
+            Err(e) => {
+                self.report(path, format!("invalid CEL expression: {e}"));
+                return;
+            }
+        };
+        let refs = compiled.references();
+        let visible = site.variables();
+        for name in &refs.variables {
+            if !visible.contains(&name.as_str()) && !CEL_NAMES.contains(&name.as_str()) {
+                self.report(
+                    path,
+                    format!(
+                        "unknown variable \"{name}\" (this expression sees: {})",
+                        visible.join(", ")
+                    ),
+                );
+            }
+        }
+        if !refs.steps.is_empty() {
+            self.step_refs.push(StepRefs {
+                path: path.to_owned(),
+                site,
+                owner,
+                steps: refs.steps,
+            });
         }
     }
 
     /// An optional CEL field.
-    fn optional_cel(&mut self, path: &str, obj: &Map<String, Value>, key: &str) {
+    fn optional_cel(
+        &mut self,
+        path: &str,
+        obj: &Map<String, Value>,
+        key: &str,
+        site: Site,
+        owner: Option<usize>,
+    ) {
         if let Some(expr) = self.optional_str(path, obj, key) {
-            self.cel(&key_path(path, key), expr);
+            self.cel(&key_path(path, key), expr, site, owner);
+        }
+    }
+
+    /// Every `steps.<id>` must name a step and, where the expression runs after the
+    /// steps upstream of its own, one of those: any other step may not have ended (or
+    /// even started) when it runs. Upstream is not checked on a graph with a cycle.
+    fn step_references(&mut self, index: &StepIndex, graph: Option<&[(usize, usize)]>) {
+        let refs = std::mem::take(&mut self.step_refs);
+        if refs.is_empty() {
+            return;
+        }
+        let upstream = graph.map(|graph| Upstream::new(index, graph, self.check_interrupts));
+        let name_of = |i: usize| {
+            index
+                .ids
+                .iter()
+                .find(|(_, &at)| at == i)
+                .map(|(name, _)| name.as_str())
+                .unwrap_or("?")
+        };
+        for (n, r) in refs.iter().enumerate() {
+            if n.is_multiple_of(INTERRUPT_EVERY) {
+                (self.check_interrupts)();
+            }
+            for step in &r.steps {
+                let Some(&at) = index.ids.get(step) else {
+                    self.report(r.path.as_str(), format!("steps.{step} is not a step"));
+                    continue;
+                };
+                let (Some(upstream), Some(owner), true) =
+                    (&upstream, r.owner, r.site.reads_upstream_only())
+                else {
+                    continue;
+                };
+                let seen = match r.site {
+                    // A condition runs when its `from` step ended: that step counts.
+                    Site::When => at == owner || upstream.is_ancestor(at, owner),
+                    _ => upstream.is_ancestor(at, owner),
+                };
+                if !seen {
+                    let owner = name_of(owner);
+                    let message = if r.site == Site::When {
+                        format!("steps.{step} is not step {owner} or upstream of it, so it may not have ended when this condition is evaluated")
+                    } else {
+                        format!("steps.{step} is not upstream of step {owner}, so it may not have ended when this expression is evaluated")
+                    };
+                    self.report(r.path.as_str(), message);
+                }
+            }
         }
     }
 
@@ -320,8 +414,9 @@ impl Checker<'_> {
         }
 
         let index = self.steps(obj.get("steps"));
-        self.edges(obj.get("edges"), &index);
-        self.optional_cel("$", obj, "output");
+        let graph = self.edges(obj.get("edges"), &index);
+        self.optional_cel("$", obj, "output", Site::Output, None);
+        self.step_references(&index, graph.as_deref());
     }
 
     fn steps(&mut self, steps: Option<&Value>) -> StepIndex {
@@ -399,10 +494,10 @@ impl Checker<'_> {
             }
         };
         if let (Some(action), Some(params)) = (action, params) {
-            self.builtin_params(&params_path, action, params);
+            self.builtin_params(&params_path, action, params, i);
         }
 
-        self.optional_cel(path, obj, "input");
+        self.optional_cel(path, obj, "input", Site::StepInput, Some(i));
 
         if let Some(queue) = self.defaulted_str(path, obj, "queue") {
             if !QUEUE_RE.is_match(queue) {
@@ -478,7 +573,13 @@ impl Checker<'_> {
 
     /// Parameter checks of the built-in actions; registered actions are checked by
     /// their worker, which alone knows their parameters.
-    fn builtin_params(&mut self, path: &str, action: &str, params: &Map<String, Value>) {
+    fn builtin_params(
+        &mut self,
+        path: &str,
+        action: &str,
+        params: &Map<String, Value>,
+        step: usize,
+    ) {
         match action {
             "sleep" => match params.get("ms") {
                 None => self.report(key_path(path, "ms"), "\"ms\" is required"),
@@ -491,7 +592,7 @@ impl Checker<'_> {
             }
             "transform" => {
                 if let Some(expr) = self.required_str(path, params, "expr") {
-                    self.cel(&key_path(path, "expr"), expr);
+                    self.cel(&key_path(path, "expr"), expr, Site::StepParam, Some(step));
                 }
             }
             "http" => self.http_params(path, params),
@@ -503,7 +604,7 @@ impl Checker<'_> {
                     }
                 }
                 if let Some(args) = self.defaulted_str(path, params, "args") {
-                    self.cel(&key_path(path, "args"), args);
+                    self.cel(&key_path(path, "args"), args, Site::StepParam, Some(step));
                 }
             }
             _ => {}
@@ -567,13 +668,15 @@ impl Checker<'_> {
         }
     }
 
-    fn edges(&mut self, edges: Option<&Value>, index: &StepIndex) {
+    /// Checks the edges; returns the graph (edges as step indices) unless it has a cycle
+    /// or is not an array.
+    fn edges(&mut self, edges: Option<&Value>, index: &StepIndex) -> Option<Vec<(usize, usize)>> {
         let edges = match edges {
-            None => return,
+            None => return Some(Vec::new()),
             Some(Value::Array(edges)) => edges,
             Some(other) => {
                 self.expected("$.edges", "an array", other);
-                return;
+                return None;
             }
         };
         // Edges that name two distinct existing steps, once each: the graph the cycle check
@@ -592,6 +695,7 @@ impl Checker<'_> {
             self.unknown_fields(&path, obj, EDGE_FIELDS);
             let from = self.edge_end(&path, obj, "from", index);
             let to = self.edge_end(&path, obj, "to", index);
+            let from_i = from.map(|(_, i)| i);
             if let (Some((from, from_i)), Some((to, to_i))) = (from, to) {
                 if from == to {
                     self.report(
@@ -610,7 +714,7 @@ impl Checker<'_> {
                     graph.push((from_i, to_i));
                 }
             }
-            self.optional_cel(&path, obj, "when");
+            self.optional_cel(&path, obj, "when", Site::When, from_i);
             if let Some(on) = self.defaulted_str(&path, obj, "on") {
                 if !["success", "failure", "always"].contains(&on) {
                     self.report(
@@ -623,7 +727,9 @@ impl Checker<'_> {
         (self.check_interrupts)();
         if let Some(cycle) = find_cycle(index, &graph, self.check_interrupts) {
             self.report("$.edges", format!("cycle: {}", cycle.join(" -> ")));
+            return None;
         }
+        Some(graph)
     }
 
     /// An edge's `from` or `to`: a string naming a declared step, returned with its index.
@@ -642,6 +748,59 @@ impl Checker<'_> {
                 None
             }
         }
+    }
+}
+
+/// Which steps are upstream of which, for a graph without a cycle: one bit set of
+/// ancestors per step, built in topological order (steps x steps / 8 bytes at most,
+/// 12.5 MB for the largest blueprint, and only when some expression names a step).
+struct Upstream {
+    words: usize,
+    bits: Vec<u64>,
+}
+
+impl Upstream {
+    fn new(index: &StepIndex, graph: &[(usize, usize)], check_interrupts: &dyn Fn()) -> Self {
+        let n = index.ids.values().max().map_or(0, |&i| i + 1);
+        let words = n.div_ceil(64);
+        let mut bits = vec![0u64; n * words];
+        let mut parents: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let mut children: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let mut indegree = vec![0usize; n];
+        for &(from, to) in graph {
+            parents[to].push(from);
+            children[from].push(to);
+            indegree[to] += 1;
+        }
+        let mut ready: Vec<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
+        let mut done = 0usize;
+        while let Some(step) = ready.pop() {
+            done += 1;
+            if done.is_multiple_of(INTERRUPT_EVERY) {
+                check_interrupts();
+            }
+            for &parent in &parents[step] {
+                for w in 0..words {
+                    let inherited = bits[parent * words + w];
+                    bits[step * words + w] |= inherited;
+                }
+                bits[step * words + parent / 64] |= 1 << (parent % 64);
+            }
+            for &child in &children[step] {
+                indegree[child] -= 1;
+                if indegree[child] == 0 {
+                    ready.push(child);
+                }
+            }
+        }
+        Self { words, bits }
+    }
+
+    /// Whether `ancestor` is upstream of `step` (a path of edges leads from it).
+    fn is_ancestor(&self, ancestor: usize, step: usize) -> bool {
+        self.bits
+            .get(step * self.words + ancestor / 64)
+            .is_some_and(|word| word & (1 << (ancestor % 64)) != 0)
     }
 }
 
@@ -759,6 +918,188 @@ mod tests {
             Ok(bp) => bp,
             Err(problems) => panic!("unexpected problems: {problems:#?}"),
         }
+    }
+
+    /// The newcomer's order plan: a fetch, a branch on the amount, a failure edge.
+    fn order_plan(when: &str) -> Value {
+        json!({
+          "steps": [
+            {"id": "fetch", "action": "sql",
+             "params": {"query": "select amount from orders where id = $1", "args": "[input.order_id]"},
+             "input": "goal.input"},
+            {"id": "fraud_check", "action": "http", "params": {"url": "http://127.0.0.1:9/fraud"}},
+            {"id": "manual_review", "action": "transform", "params": {"expr": "{'held': true}"}},
+            {"id": "ship", "action": "noop"}
+          ],
+          "edges": [
+            {"from": "fetch", "to": "fraud_check", "when": when},
+            {"from": "fetch", "to": "ship", "when": "result.rows[0].amount <= 1"},
+            {"from": "fraud_check", "to": "manual_review", "on": "failure"}
+          ],
+          "output": "{'shipped': steps.ship.status == 'succeeded'}"
+        })
+    }
+
+    #[test]
+    fn a_misspelt_variable_in_when_is_refused_with_what_the_condition_sees() {
+        valid(order_plan("result.rows[0].amount > 1"));
+        assert_only(
+            order_plan("reslt.rows[0].amount > 1"),
+            "$.edges[0].when",
+            "unknown variable \"reslt\" (this expression sees: goal, steps, result, error, status, input)",
+        );
+    }
+
+    #[test]
+    fn a_misspelt_variable_in_input_params_or_output_is_refused() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "input": "gaol.input"})),
+            "$.steps[0].input",
+            "unknown variable \"gaol\" (this expression sees: goal, steps)",
+        );
+        // A step's input does not see `input`: it is what computes it.
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "input": "input.x"})),
+            "$.steps[0].input",
+            "unknown variable \"input\"",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "transform", "params": {"expr": "inptu.x"}})),
+            "$.steps[0].params.expr",
+            "unknown variable \"inptu\" (this expression sees: goal, steps, input)",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "sql",
+                            "params": {"query": "select $1", "args": "[goal.params.id, params.x]"}})),
+            "$.steps[0].params.args",
+            "unknown variable \"params\"",
+        );
+        assert_only(
+            json!({"steps": [{"id": "a", "action": "noop"}], "output": "{'r': result}"}),
+            "$.output",
+            "unknown variable \"result\" (this expression sees: goal, steps)",
+        );
+    }
+
+    #[test]
+    fn every_step_expression_sees_goal_steps_and_input() {
+        valid(json!({
+            "steps": [
+                {"id": "a", "action": "noop", "input": "goal.input"},
+                {"id": "b", "action": "transform", "input": "steps.a.result",
+                 "params": {"expr": "{'a': steps.a.result, 'in': input, 'g': goal.input}"}},
+                {"id": "c", "action": "sql",
+                 "params": {"query": "select $1, $2", "args": "[goal.params.id, steps.b.result]"}}
+            ],
+            "edges": [
+                {"from": "a", "to": "b", "when": "status == 'succeeded' && error == null && input == goal.input && steps.a.status == 'succeeded'"},
+                {"from": "b", "to": "c"}
+            ],
+            "output": "steps.c.result"
+        }));
+    }
+
+    #[test]
+    fn a_reference_to_a_step_that_does_not_exist_is_refused() {
+        assert_only(
+            json!({
+                "steps": [{"id": "fetch", "action": "noop"},
+                          {"id": "use", "action": "noop", "input": "steps.fecth.result"}],
+                "edges": [{"from": "fetch", "to": "use"}]
+            }),
+            "$.steps[1].input",
+            "steps.fecth is not a step",
+        );
+        assert_only(
+            json!({"steps": [{"id": "a", "action": "noop"}], "output": "steps['b'].status"}),
+            "$.output",
+            "steps.b is not a step",
+        );
+    }
+
+    #[test]
+    fn a_reference_to_a_step_that_is_not_upstream_is_refused() {
+        // b and c are siblings: c may run before b ends.
+        let siblings = |expr: &str| {
+            json!({
+                "steps": [{"id": "a", "action": "noop"}, {"id": "b", "action": "noop"},
+                          {"id": "c", "action": "transform", "params": {"expr": expr}}],
+                "edges": [{"from": "a", "to": "b"}, {"from": "a", "to": "c"}],
+                "output": "steps.b.result"
+            })
+        };
+        valid(siblings("steps.a.result"));
+        assert_only(
+            siblings("steps.b.result"),
+            "$.steps[2].params.expr",
+            "steps.b is not upstream of step c",
+        );
+        // A step cannot read its own result, nor a condition a step after its `from`.
+        assert_only(
+            json!({
+                "steps": [{"id": "a", "action": "noop"}, {"id": "b", "action": "noop", "input": "steps.b.result"}],
+                "edges": [{"from": "a", "to": "b", "when": "steps.a.status == 'succeeded'"}]
+            }),
+            "$.steps[1].input",
+            "steps.b is not upstream of step b",
+        );
+        let found = problems(&json!({
+            "steps": [{"id": "a", "action": "noop"}, {"id": "b", "action": "noop"}],
+            "edges": [{"from": "a", "to": "b", "when": "steps.b.status == 'x'"}]
+        }));
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].path, "$.edges[0].when");
+        assert!(
+            found[0]
+                .message
+                .contains("steps.b is not step a or upstream of it"),
+            "{found:#?}"
+        );
+        // Two levels up is upstream too.
+        valid(json!({
+            "steps": [{"id": "a", "action": "noop"}, {"id": "b", "action": "noop"},
+                      {"id": "c", "action": "noop", "input": "steps.a.result"}],
+            "edges": [{"from": "a", "to": "b"}, {"from": "b", "to": "c"}]
+        }));
+    }
+
+    #[test]
+    fn macro_variables_and_presence_tests_are_not_unknown() {
+        valid(one_step(
+            json!({"id": "a", "action": "transform", "params": {"expr":
+            "input.items.exists(x, x > 1) && input.items.all(x, x > 0) && \
+             input.items.map(i, i * 2).filter(d, d > 2).size() > 0 && \
+             input.items.exists_one(y, y == 1) && has(input.score) && \
+             type(input.items) == list && [1].map(steps, steps)[0] == 1"}}),
+        ));
+        // A macro variable is in scope only inside its macro.
+        assert_only(
+            one_step(json!({"id": "a", "action": "transform",
+                            "params": {"expr": "input.items.exists(x, x > 1) && x > 1"}})),
+            "$.steps[0].params.expr",
+            "unknown variable \"x\"",
+        );
+        // has(steps.x) asks whether a step exists: not a use of it.
+        valid(one_step(
+            json!({"id": "a", "action": "noop", "input": "has(steps.other) ? 1 : 2"}),
+        ));
+    }
+
+    #[test]
+    fn step_references_in_a_graph_with_a_cycle_are_only_checked_for_existence() {
+        let found = problems(&json!({
+            "steps": [{"id": "a", "action": "noop", "input": "steps.b.result"},
+                      {"id": "b", "action": "noop", "input": "steps.zz.result"}],
+            "edges": [{"from": "a", "to": "b"}, {"from": "b", "to": "a"}]
+        }));
+        let messages: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            vec![
+                "$.edges: cycle: a -> b -> a".to_owned(),
+                "$.steps[1].input: steps.zz is not a step".to_owned()
+            ]
+        );
     }
 
     fn spec_example() -> Value {

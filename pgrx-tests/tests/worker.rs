@@ -91,7 +91,7 @@ fn goals_that_cannot_be_planned_fail_saying_why_and_create_no_task() {
     client
         .execute(
             r#"INSERT INTO synapse.templates (name, pattern, blueprint)
-               VALUES ('broken', '^broken', '{"steps":[{"id":"a","action":"nope"},{"id":"a","action":"noop"}]}')"#,
+               VALUES ('broken', '^broken plan$', '{"steps":[{"id":"a","action":"nope"},{"id":"a","action":"noop"}]}')"#,
             &[],
         )
         .unwrap();

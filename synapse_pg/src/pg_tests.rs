@@ -642,4 +642,138 @@ mod tests {
             "is not waiting for a plan",
         );
     }
+
+    const REFUND_PATTERN: &str = r"refund order (?P<id>\d+) because (?P<reason>.+)";
+
+    fn add_refund_template() {
+        Spi::run(&format!(
+            r#"SELECT synapse.add_template('refund', {}, '{{"steps":[{{"id":"refund","action":"noop","input":"goal.params"}}]}}')"#,
+            quote_literal(REFUND_PATTERN)
+        ))
+        .unwrap();
+    }
+
+    fn rows_written() -> [i64; 3] {
+        [
+            count("synapse.goals"),
+            count("synapse.tasks"),
+            count("synapse.outbox"),
+        ]
+    }
+
+    #[pg_test]
+    fn plan_preview_shows_the_template_params_and_blueprint_writing_nothing() {
+        add_refund_template();
+        let before = rows_written();
+        let preview =
+            json_of("SELECT synapse.plan_preview('Refund order 1001 because it arrived damaged')");
+        assert_eq!(preview["template"], "refund");
+        assert_eq!(
+            preview["params"],
+            json!({"id": "1001", "reason": "it arrived damaged"})
+        );
+        assert_eq!(preview["blueprint"]["steps"][0]["id"], "refund");
+        assert_eq!(preview["problems"], json!([]));
+        assert_eq!(rows_written(), before);
+    }
+
+    #[pg_test]
+    fn plan_preview_needs_the_whole_goal_to_match_and_names_the_closest() {
+        add_refund_template();
+        Spi::run(
+            r#"SELECT synapse.add_template('greet', '^greet (?P<name>\w+)$', '{"steps":[{"id":"a","action":"noop"}]}')"#,
+        )
+        .unwrap();
+        let before = rows_written();
+        let preview =
+            json_of("SELECT synapse.plan_preview('do NOT refund order 1001 because it is fraud')");
+        assert_eq!(preview["template"], Value::Null);
+        assert_eq!(preview["params"], Value::Null);
+        assert_eq!(preview["blueprint"], Value::Null);
+        assert_eq!(preview["problems"][0]["path"], "goal");
+        let message = preview["problems"][0]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(
+                r#"no template matches goal "do NOT refund order 1001 because it is fraud"; closest: "refund" (refund order"#
+            ),
+            "{message}"
+        );
+        assert!(!message.contains("greet"), "{message}");
+        assert_eq!(rows_written(), before);
+    }
+
+    #[pg_test]
+    fn plan_preview_lists_the_problems_of_an_invalid_blueprint() {
+        // Written around add_template, which would refuse it.
+        Spi::run(
+            r#"INSERT INTO synapse.templates (name, pattern, blueprint)
+               VALUES ('broken', 'broken plan', '{"steps":[{"id":"a","action":"nope"}]}')"#,
+        )
+        .unwrap();
+        let preview = json_of("SELECT synapse.plan_preview('broken plan')");
+        assert_eq!(preview["template"], "broken");
+        assert_eq!(preview["params"], json!({}));
+        assert_eq!(preview["problems"][0]["path"], "$.steps[0].action");
+        let invalid = json_of(
+            r#"SELECT synapse.validate_blueprint('{"steps":[{"id":"a","action":"nope"}]}')"#,
+        );
+        assert_eq!(preview["problems"], invalid);
+    }
+
+    #[pg_test]
+    fn plan_preview_of_another_planner_says_it_runs_only_in_workers() {
+        let preview = json_of("SELECT synapse.plan_preview('anything', '{}', 'oracle')");
+        assert_eq!(preview["template"], Value::Null);
+        assert_eq!(preview["problems"][0]["path"], "planner");
+        assert!(
+            preview["problems"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains(r#"planner "oracle" runs only in workers"#),
+            "{preview}"
+        );
+    }
+
+    #[pg_test]
+    fn plan_preview_refuses_bad_arguments() {
+        expect_error("SELECT synapse.plan_preview(NULL)", "22023", "non-empty");
+        expect_error("SELECT synapse.plan_preview('  ')", "22023", "non-empty");
+        expect_error(
+            "SELECT synapse.plan_preview(repeat('x', 10001))",
+            "22023",
+            "the limit is 10000",
+        );
+        expect_error(
+            "SELECT synapse.plan_preview('x', NULL)",
+            "22023",
+            "input must be JSON",
+        );
+        expect_error(
+            "SELECT synapse.plan_preview('x', (repeat('[', 65) || repeat(']', 65))::jsonb)",
+            "54000",
+            "input",
+        );
+        expect_error(
+            "SELECT synapse.plan_preview('x', '{}', 'Bad Name')",
+            "22023",
+            "planner must be a planner name",
+        );
+        expect_error(
+            "SELECT synapse.plan_preview('x', '{}', NULL)",
+            "22023",
+            "got NULL",
+        );
+    }
+
+    #[pg_test]
+    fn add_template_accepts_a_loose_pattern_with_a_notice() {
+        // The NOTICE itself is checked end to end; the template is still stored.
+        Spi::run(
+            r#"SELECT synapse.add_template('loose', '.*refund.*', '{"steps":[{"id":"a","action":"noop"}]}')"#,
+        )
+        .unwrap();
+        assert_eq!(count("synapse.templates WHERE name = 'loose'"), 1);
+        let preview = json_of("SELECT synapse.plan_preview('do NOT refund anything')");
+        assert_eq!(preview["template"], "loose");
+    }
 }

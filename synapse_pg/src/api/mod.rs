@@ -3,4 +3,5 @@
 mod forwarder_status;
 mod graph;
 mod plan;
+mod preview;
 mod templates;

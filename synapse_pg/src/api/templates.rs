@@ -1,4 +1,5 @@
 //! Planner templates.
+use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -6,7 +7,9 @@ use pgrx::JsonB;
 use super::plan::JsonbArg;
 use crate::error::{Error, Result};
 
-/// Adds or replaces a template of the template planner.
+/// Adds or replaces a template of the template planner. Its pattern must
+/// match the whole goal text; a NOTICE says so when it only matches because of
+/// a leading or trailing `.*`.
 #[pg_extern]
 fn add_template(
     name: Option<&str>,
@@ -49,6 +52,14 @@ fn upsert(
         .ok_or_else(|| Error::InvalidParameter("blueprint must not be NULL".into()))?
         .into_value("blueprint")?;
     super::plan::check(&doc)?;
+    if let Some(warning) = synapse_worker::template::loose_ends_warning(pattern) {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_WARNING,
+            format!("template \"{name}\": {warning}"),
+            "synapse",
+        )
+        .report(PgLogLevel::NOTICE);
+    }
     Spi::run_with_args(
         "INSERT INTO synapse.templates AS t (name, pattern, blueprint, description, priority)
          VALUES ($1, $2, $3, $4, $5)

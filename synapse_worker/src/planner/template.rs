@@ -1,6 +1,6 @@
 //! The template planner: the first template (by priority, then name) whose
-//! pattern matches the goal text gives the blueprint; named captures become
-//! `goal.params`.
+//! pattern matches the whole goal text gives the blueprint; named captures
+//! become `goal.params`. No match fails the goal, naming the closest templates.
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -9,7 +9,7 @@ use regex::Regex;
 
 use super::{GoalRequest, Plan, PlanError, PlanFuture, Planner};
 use crate::store;
-use crate::template::{compile_pattern, match_goal};
+use crate::template::{choose, compile_pattern, Candidate};
 
 /// Matches goals against `synapse.templates`.
 #[derive(Default)]
@@ -40,25 +40,20 @@ impl Planner for TemplatePlanner {
 
     fn plan<'a>(&'a self, tx: &'a Transaction<'a>, goal: &'a GoalRequest) -> PlanFuture<'a> {
         Box::pin(async move {
-            for (name, pattern, blueprint) in store::templates(tx).await? {
-                // add_template checked the pattern; a bad one here was written around the API.
-                let regex = self.compiled(&pattern).map_err(|error| {
-                    PlanError::Rejected(format!(
-                        "template \"{name}\" has an invalid pattern: {error}"
-                    ))
-                })?;
-                if let Some(params) = match_goal(&regex, &goal.goal) {
-                    return Ok(Plan {
-                        blueprint,
-                        template: Some(name),
-                        params,
-                    });
-                }
-            }
-            Err(PlanError::Rejected(format!(
-                "no template matches goal {:?}",
-                goal.goal
-            )))
+            let mut templates = store::templates(tx).await?;
+            let candidates: Vec<Candidate<'_>> = templates
+                .iter()
+                .map(|(name, pattern, _)| Candidate { name, pattern })
+                .collect();
+            // add_template checked the patterns; a bad one here was written around the API.
+            let (index, params) = choose(&candidates, &goal.goal, |pattern| self.compiled(pattern))
+                .map_err(|error| PlanError::Rejected(error.to_string()))?;
+            let (name, _, blueprint) = templates.swap_remove(index);
+            Ok(Plan {
+                blueprint,
+                template: Some(name),
+                params,
+            })
         })
     }
 }

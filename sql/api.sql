@@ -48,7 +48,8 @@ BEGIN
         'tasks', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
                        'step', t.step, 'action', t.action, 'status', t.status, 'attempts', t.attempts,
-                       'result', t.result, 'error', t.error, 'started_at', t.started_at,
+                       'result', t.result, 'error', t.error, 'failure_kind', t.failure_kind,
+                       'started_at', t.started_at,
                        'finished_at', t.finished_at, 'queue', t.queue, 'run_at', t.run_at)
                    ORDER BY t.id)
               FROM synapse.tasks AS t WHERE t.goal_id = g.id), '[]'),

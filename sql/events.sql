@@ -28,6 +28,12 @@ COMMENT ON COLUMN synapse.outbox.retry_at IS 'After a refusal: not sent again be
 COMMENT ON COLUMN synapse.outbox.error IS 'The last refusal.';
 CREATE INDEX outbox_retry ON synapse.outbox (retry_at) WHERE retry_at IS NOT NULL;
 
+-- Why a failed task failed: its action failed ('action'), or one of its
+-- expressions (or the condition of an edge into it) could not be evaluated
+-- ('definition'). A definition error takes only `always` edges and fails the goal.
+ALTER TABLE synapse.tasks ADD COLUMN failure_kind text CHECK (failure_kind IN ('action', 'definition'));
+COMMENT ON COLUMN synapse.tasks.failure_kind IS 'failed: ''action'' (the action failed) or ''definition'' (an expression of the step, or the when of an edge into it, could not be evaluated: only always edges are taken and the goal fails); NULL otherwise, and for a task failed because its lease lapsed.';
+
 -- Finished goals are deleted after synapse.retention, oldest first.
 CREATE INDEX goals_finished ON synapse.goals (finished_at) WHERE finished_at IS NOT NULL;
 

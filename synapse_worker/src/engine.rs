@@ -60,6 +60,9 @@ pub struct EndedStep {
     pub error: Option<String>,
     /// The input it ran with.
     pub input: Value,
+    /// It failed because an expression could not be evaluated (its own, or the `when`
+    /// of an edge into it): it takes only `always` edges, and the goal fails.
+    pub definition_error: bool,
 }
 
 /// How an edge resolved.
@@ -85,7 +88,9 @@ impl Resolution {
 }
 
 /// Resolves one outbound edge of `from` (rule 2): taken iff the outcome
-/// matches `on` and `when` is true; a skipped or cancelled step takes no edge.
+/// matches `on` and `when` is true; a skipped or cancelled step takes no edge,
+/// and a step failed by a definition error takes only `always` edges: a
+/// `failure` edge handles the world failing, not a wrong blueprint.
 pub fn resolve_edge(
     on: EdgeOn,
     when: Option<&str>,
@@ -95,7 +100,8 @@ pub fn resolve_edge(
     let matches = match (from.outcome, on) {
         (Outcome::Skipped | Outcome::Cancelled, _) => false,
         (_, EdgeOn::Always) => true,
-        (Outcome::Succeeded, EdgeOn::Success) | (Outcome::Failed, EdgeOn::Failure) => true,
+        (Outcome::Failed, EdgeOn::Failure) => !from.definition_error,
+        (Outcome::Succeeded, EdgeOn::Success) => true,
         _ => false,
     };
     if !matches {
@@ -212,8 +218,10 @@ async fn decide_outbound(
         let error = match &resolution {
             Resolution::Error(message) => {
                 let error = format!(
-                    "edge {} -> {}: condition failed: {message}",
-                    from.step, edge.to
+                    "edge {} -> {}: cannot evaluate when \"{}\": {message}",
+                    from.step,
+                    edge.to,
+                    edge.when.as_deref().unwrap_or_default()
                 );
                 broken.push((edge.to.clone(), error.clone()));
                 Some(error)
@@ -370,7 +378,8 @@ async fn propagate(
                         Ok(input) => queued.push((task.id, input)),
                         Err(message) => {
                             let error = format!(
-                                "cannot evaluate the input of step {}: {message}",
+                                "cannot evaluate the input \"{}\" of step {}: {message}",
+                                task.input_expr.as_deref().unwrap_or_default(),
                                 task.step
                             );
                             if let Some(failed) =
@@ -389,6 +398,7 @@ async fn propagate(
                         result: Value::Null,
                         error: Some(reason),
                         input: Value::Null,
+                        definition_error: false,
                     });
                 }
             }
@@ -435,7 +445,10 @@ async fn goal_finish(
             result: Some(result),
             error: None,
         },
-        Err(message) => failed(format!("cannot evaluate the blueprint output: {message}")),
+        Err(message) => failed(format!(
+            "cannot evaluate the blueprint output \"{}\": {message}",
+            output.unwrap_or_default()
+        )),
     })
 }
 
@@ -455,6 +468,7 @@ mod tests {
             result,
             error: None,
             input: Value::Null,
+            definition_error: false,
         }
     }
 
@@ -508,6 +522,22 @@ mod tests {
         );
         assert_eq!(
             resolve_edge(EdgeOn::Always, None, &failed, Map::new),
+            Resolution::Taken
+        );
+    }
+
+    #[test]
+    fn a_step_failed_by_a_definition_error_takes_only_always_edges() {
+        let broken = EndedStep {
+            definition_error: true,
+            ..ended(Outcome::Failed, Value::Null)
+        };
+        assert_eq!(
+            resolve_edge(EdgeOn::Failure, None, &broken, Map::new),
+            Resolution::NotTaken
+        );
+        assert_eq!(
+            resolve_edge(EdgeOn::Always, None, &broken, Map::new),
             Resolution::Taken
         );
     }

@@ -7,7 +7,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::actions::ActionContext;
+use crate::actions::{ActionContext, ActionError};
 use crate::store::{self, AttemptOutcome, ClaimedTask, StoreError};
 use crate::worker::Shared;
 
@@ -226,12 +226,16 @@ async fn run_claimed(
         attempt: task.attempt,
         params: task.params.clone(),
         input: task.input.clone(),
+        goal: task.goal.clone(),
+        steps: task.steps.clone(),
         timeout: task.timeout,
     };
     let run = tokio::time::timeout(task.timeout, action.run(&context));
     let outcome = tokio::select! {
         result = run => match result {
             Ok(Ok(value)) => AttemptOutcome::Succeeded(value),
+            // Another attempt would evaluate the same expression over the same values.
+            Ok(Err(ActionError::Definition(error))) => AttemptOutcome::DefinitionError(error),
             Ok(Err(error)) if error.is_retryable() => failure(task, error.message().to_owned()),
             Ok(Err(error)) => AttemptOutcome::Failed(error.message().to_owned()),
             Err(_) => failure(task, format!("timed out after {}", crate::blueprint::format_duration(task.timeout))),

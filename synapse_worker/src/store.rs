@@ -127,6 +127,10 @@ pub struct ClaimedTask {
     pub params: Value,
     /// Evaluated input.
     pub input: Value,
+    /// `goal` for its parameter expressions: null unless one of them mentions it.
+    pub goal: Value,
+    /// `steps` for its parameter expressions: null unless one of them mentions it.
+    pub steps: Value,
     /// This attempt's number: the fencing token for every later write.
     pub attempt: i32,
     /// retries + 1.
@@ -167,11 +171,19 @@ pub async fn claim_tasks(
              UPDATE synapse.tasks t
                 SET status = 'running', attempts = t.attempts + 1,
                     lease_expires_at = now() + $2 * interval '1 millisecond', leased_by = $3
-               FROM m
-              WHERE t.id = m.id AND t.status = 'queued'
+               FROM m, synapse.goals g
+              WHERE t.id = m.id AND t.status = 'queued' AND g.id = t.goal_id
           RETURNING t.id, t.goal_id, t.step, t.action, t.params, coalesce(t.input, 'null'::jsonb), t.attempts,
                     t.max_attempts, t.backoff_ms, t.timeout_ms, t.error,
-                    greatest(extract(epoch FROM now() - t.queued_at), 0)::float8",
+                    greatest(extract(epoch FROM now() - t.queued_at), 0)::float8,
+                    -- Only a parameter expression that mentions them pays for goal and steps.
+                    CASE WHEN concat(t.params ->> 'expr', ' ', t.params ->> 'args') LIKE '%goal%'
+                         THEN jsonb_build_object('id', g.id, 'goal', g.goal, 'input', g.input, 'params', g.params)
+                         ELSE 'null'::jsonb END,
+                    CASE WHEN concat(t.params ->> 'expr', ' ', t.params ->> 'args') LIKE '%steps%'
+                         THEN (SELECT coalesce(jsonb_object_agg(s.step, jsonb_build_object('status', s.status, 'result', s.result)), '{}')
+                                 FROM synapse.tasks s WHERE s.goal_id = t.goal_id)
+                         ELSE 'null'::jsonb END",
         )
         .await?;
     let rows = client
@@ -205,6 +217,8 @@ fn claimed_task(row: &Row) -> Result<ClaimedTask> {
     };
     let params = user_json(4, "params");
     let input = user_json(5, "input");
+    let goal = user_json(12, "goal");
+    let steps = user_json(13, "steps");
     Ok(ClaimedTask {
         id: column(row, 0)?,
         goal_id: column(row, 1)?,
@@ -212,6 +226,8 @@ fn claimed_task(row: &Row) -> Result<ClaimedTask> {
         action: column(row, 3)?,
         params,
         input,
+        goal,
+        steps,
         attempt: column(row, 6)?,
         max_attempts: column(row, 7)?,
         backoff: Duration::from_millis(column::<i64>(row, 8)?.max(0) as u64),
@@ -276,6 +292,9 @@ pub enum AttemptOutcome {
     },
     /// Failed for good.
     Failed(String),
+    /// Failed for good because an expression of the step could not be evaluated: a
+    /// definition error, which takes only `always` edges and fails the goal.
+    DefinitionError(String),
 }
 
 /// What recording an outcome did.
@@ -320,6 +339,7 @@ pub async fn record_outcomes(
     let mut results: Vec<Option<&Value>> = Vec::with_capacity(outcomes.len());
     let mut errors: Vec<Option<&str>> = Vec::with_capacity(outcomes.len());
     let mut delays: Vec<Option<f64>> = Vec::with_capacity(outcomes.len());
+    let mut kinds: Vec<Option<&str>> = Vec::with_capacity(outcomes.len());
     for (task, outcome) in outcomes {
         ids.push(task.id);
         attempts.push(task.attempt);
@@ -328,8 +348,15 @@ pub async fn record_outcomes(
             AttemptOutcome::Retry { error, delay } => {
                 ("retrying", None, Some(error.as_str()), Some(millis(*delay)))
             }
-            AttemptOutcome::Failed(error) => ("failed", None, Some(error.as_str()), None),
+            AttemptOutcome::Failed(error) | AttemptOutcome::DefinitionError(error) => {
+                ("failed", None, Some(error.as_str()), None)
+            }
         };
+        kinds.push(match outcome {
+            AttemptOutcome::Failed(_) => Some("action"),
+            AttemptOutcome::DefinitionError(_) => Some("definition"),
+            _ => None,
+        });
         statuses.push(status);
         results.push(result);
         errors.push(error);
@@ -338,10 +365,10 @@ pub async fn record_outcomes(
     let statement = tx
         .prepare_cached(
             "UPDATE synapse.tasks t
-                SET status = r.status, result = r.result, error = r.error,
+                SET status = r.status, result = r.result, error = r.error, failure_kind = r.kind,
                     run_at = now() + r.delay_ms * interval '1 millisecond'
-               FROM unnest($1::bigint[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[])
-                    AS r(id, attempt, status, result, error, delay_ms),
+               FROM unnest($1::bigint[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[], $7::text[])
+                    AS r(id, attempt, status, result, error, delay_ms, kind),
                     synapse.goals g
               WHERE t.id = r.id AND t.status = 'running' AND t.attempts = r.attempt AND g.id = t.goal_id
           RETURNING t.id, r.attempt, g.goal, g.input, g.params,
@@ -356,7 +383,9 @@ pub async fn record_outcomes(
     let rows = tx
         .query(
             &statement,
-            &[&ids, &attempts, &statuses, &results, &errors, &delays],
+            &[
+                &ids, &attempts, &statuses, &results, &errors, &delays, &kinds,
+            ],
         )
         .await?;
     // (task id, attempt) → the position of that outcome in `outcomes`.
@@ -381,10 +410,15 @@ pub async fn record_outcomes(
             result: result.cloned().unwrap_or(Value::Null),
             error: error.cloned(),
             input: task.input.clone(),
+            definition_error: false,
         };
         let ended = match outcome {
             AttemptOutcome::Succeeded(result) => ended(Outcome::Succeeded, Some(result), None),
             AttemptOutcome::Failed(error) => ended(Outcome::Failed, None, Some(error)),
+            AttemptOutcome::DefinitionError(error) => EndedStep {
+                definition_error: true,
+                ..ended(Outcome::Failed, None, Some(error))
+            },
             AttemptOutcome::Retry { .. } => {
                 recorded.insert(index, Recorded::Retrying);
                 continue;
@@ -443,6 +477,7 @@ pub async fn failed_without_a_worker(
     let statement = tx
         .prepare_cached(
             "SELECT t.goal_id, t.step, t.error, coalesce(t.input, 'null'::jsonb), g.goal, g.input, g.params,
+                    t.failure_kind IS NOT DISTINCT FROM 'definition',
                     (SELECT array_agg(e.to_step ORDER BY e.position) FROM synapse.edges e
                       WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending'),
                     (SELECT array_agg(e.when_expr ORDER BY e.position) FROM synapse.edges e
@@ -470,8 +505,9 @@ pub async fn failed_without_a_worker(
                     result: Value::Null,
                     error: column(row, 2)?,
                     input: column(row, 3)?,
+                    definition_error: column(row, 7)?,
                 },
-                outbound: outbound_from_arrays(column(row, 7)?, column(row, 8)?, column(row, 9)?)?,
+                outbound: outbound_from_arrays(column(row, 8)?, column(row, 9)?, column(row, 10)?)?,
             })
         })
         .collect()
@@ -588,8 +624,8 @@ pub async fn resolve_edges(tx: &Transaction<'_>, resolutions: &[EdgeResolution])
     Ok(())
 }
 
-/// Fails a step that has not run (its condition or input could not be
-/// evaluated); `None` if it was no longer pending.
+/// Fails a step that has not run because its condition or input could not be
+/// evaluated (a definition error); `None` if it was no longer pending.
 pub async fn fail_pending_task(
     tx: &Transaction<'_>,
     goal_id: i64,
@@ -598,7 +634,7 @@ pub async fn fail_pending_task(
 ) -> Result<Option<EndedStep>> {
     let statement = tx
         .prepare_cached(
-            "UPDATE synapse.tasks SET status = 'failed', error = $3
+            "UPDATE synapse.tasks SET status = 'failed', error = $3, failure_kind = 'definition'
               WHERE goal_id = $1 AND step = $2 AND status = 'pending'",
         )
         .await?;
@@ -609,6 +645,7 @@ pub async fn fail_pending_task(
         result: Value::Null,
         error: Some(error.to_owned()),
         input: Value::Null,
+        definition_error: true,
     }))
 }
 
@@ -771,7 +808,8 @@ pub async fn goals_with_every_step_ended(
 pub struct GoalEnding {
     /// Goal id.
     pub goal_id: i64,
-    /// Failed steps with no taken `failure`/`always` edge out of them: `(step, error)`.
+    /// Failed steps with no taken `failure`/`always` edge out of them, and steps failed
+    /// by a definition error whatever their edges: `(step, error)`.
     pub unhandled_failures: Vec<(String, String)>,
     /// The default result: the results of the succeeded leaf steps.
     pub leaf_results: Value,
@@ -784,14 +822,16 @@ pub async fn goal_endings(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<
             "SELECT g.id,
                     (SELECT coalesce(array_agg(t.step ORDER BY t.id), '{}') FROM synapse.tasks t
                       WHERE t.goal_id = g.id AND t.status = 'failed'
-                        AND NOT EXISTS (SELECT FROM synapse.edges e
-                                         WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'taken'
-                                           AND e.on_outcome IN ('failure', 'always'))),
+                        AND (t.failure_kind IS NOT DISTINCT FROM 'definition'
+                             OR NOT EXISTS (SELECT FROM synapse.edges e
+                                             WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'taken'
+                                               AND e.on_outcome IN ('failure', 'always')))),
                     (SELECT coalesce(array_agg(coalesce(t.error, 'failed') ORDER BY t.id), '{}') FROM synapse.tasks t
                       WHERE t.goal_id = g.id AND t.status = 'failed'
-                        AND NOT EXISTS (SELECT FROM synapse.edges e
-                                         WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'taken'
-                                           AND e.on_outcome IN ('failure', 'always'))),
+                        AND (t.failure_kind IS NOT DISTINCT FROM 'definition'
+                             OR NOT EXISTS (SELECT FROM synapse.edges e
+                                             WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'taken'
+                                               AND e.on_outcome IN ('failure', 'always')))),
                     (SELECT coalesce(jsonb_object_agg(t.step, t.result), '{}') FROM synapse.tasks t
                       WHERE t.goal_id = g.id AND t.status = 'succeeded'
                         AND NOT EXISTS (SELECT FROM synapse.edges e WHERE e.goal_id = t.goal_id AND e.from_step = t.step))

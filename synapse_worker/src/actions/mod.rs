@@ -36,6 +36,12 @@ pub struct ActionContext {
     pub params: Value,
     /// The step's evaluated input.
     pub input: Value,
+    /// `goal` for the step's expressions (`{id, goal, input, params}`); null when no
+    /// parameter expression of the step reads it.
+    pub goal: Value,
+    /// `steps` for the step's expressions (id → `{status, result}`); null when no
+    /// parameter expression of the step reads it.
+    pub steps: Value,
     /// The attempt's time limit; the executor enforces it, actions may use it
     /// for their own I/O timeouts.
     pub timeout: Duration,
@@ -50,13 +56,20 @@ pub enum ActionError {
     /// Retrying cannot help (bad params, a 4xx answer): the step fails now.
     #[error("{0}")]
     Permanent(String),
+    /// An expression of the step could not be evaluated (a missing key, a wrong type):
+    /// the blueprint is wrong, not the world. The step fails now, takes only its
+    /// `always` edges (never `failure` ones), and the goal fails.
+    #[error("{0}")]
+    Definition(String),
 }
 
 impl ActionError {
     /// The message recorded as the task's error.
     pub fn message(&self) -> &str {
         match self {
-            ActionError::Retryable(message) | ActionError::Permanent(message) => message,
+            ActionError::Retryable(message)
+            | ActionError::Permanent(message)
+            | ActionError::Definition(message) => message,
         }
     }
 

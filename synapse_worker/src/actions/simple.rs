@@ -68,25 +68,26 @@ pub(super) fn expected(key: &str, what: &str, got: &Value) -> ActionError {
 
 pub(super) use crate::blueprint::json_kind as kind;
 
-/// Compiles and evaluates the CEL expression in parameter `key` over the step's
-/// `input` and `params`.
+/// Compiles and evaluates the CEL expression in parameter `key` over what every
+/// expression of a step sees: `goal`, `steps` and the step's `input`.
 ///
-/// Both failures are permanent: the expression and its variables are the same on
-/// every attempt, so the outcome would be too.
+/// Both failures are definition errors: the expression and its variables are the
+/// same on every attempt, and the blueprint, not the world, is wrong.
 pub(super) fn evaluate_param(
     context: &ActionContext,
     key: &str,
     expr: &str,
 ) -> Result<Value, ActionError> {
     let program = cel::compile(expr).map_err(|e| {
-        ActionError::Permanent(format!("params.{key}: invalid CEL expression: {e}"))
+        ActionError::Definition(format!("params.{key}: invalid CEL expression: {e}"))
     })?;
     let mut vars = Map::new();
+    vars.insert("goal".to_owned(), context.goal.clone());
+    vars.insert("steps".to_owned(), context.steps.clone());
     vars.insert("input".to_owned(), context.input.clone());
-    vars.insert("params".to_owned(), context.params.clone());
-    program
-        .evaluate(&vars)
-        .map_err(|e| ActionError::Permanent(format!("params.{key}: {e}")))
+    program.evaluate(&vars).map_err(|e| {
+        ActionError::Definition(format!("cannot evaluate params.{key} \"{expr}\": {e}"))
+    })
 }
 
 /// `noop`: the result is the input. Useful for joins and as a placeholder.
@@ -185,8 +186,8 @@ impl Action for Fail {
     }
 }
 
-/// `transform`: evaluates the CEL expression `params.expr` over `input` (the step
-/// input) and `params`; the result is its value.
+/// `transform`: evaluates the CEL expression `params.expr` over `goal`, `steps` and
+/// `input` (the step input); the result is its value.
 pub struct Transform;
 
 impl Action for Transform {
@@ -195,7 +196,7 @@ impl Action for Transform {
     }
 
     fn description(&self) -> &str {
-        "Evaluates the CEL expression params.expr over input and params; the result is its value."
+        "Evaluates the CEL expression params.expr over goal, steps and input; the result is its value."
     }
 
     fn params_schema(&self) -> Option<Value> {
@@ -229,6 +230,9 @@ pub(super) mod tests {
             attempt: 1,
             params,
             input,
+            goal: json!({"id": 1, "goal": "g", "input": {"threshold": 3}, "params": {}}),
+            steps: json!({"a": {"status": "succeeded", "result": {"n": 7}},
+                          "skipped": {"status": "skipped", "result": null}}),
             timeout: Duration::from_secs(10),
         }
     }
@@ -297,24 +301,44 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    async fn transform_evaluates_over_input_and_params() {
+    async fn transform_evaluates_over_goal_steps_and_input() {
         let params = json!({
-            "expr": "{'severity': input.rows[0].priority > params.threshold ? 'high' : 'low'}",
-            "threshold": 3
+            "expr": "{'severity': input.rows[0].priority > goal.input.threshold ? 'high' : 'low', 'n': steps.a.result.n}"
         });
         let input = json!({"rows": [{"priority": 5}]});
         assert_eq!(
             run(&Transform, params, input).await,
-            Ok(json!({"severity": "high"}))
+            Ok(json!({"severity": "high", "n": 7}))
+        );
+        // `params` is not a variable: every expression of a step sees the same three.
+        let err = run(&Transform, json!({"expr": "params.expr"}), json!({}))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ActionError::Definition(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn reading_a_skipped_steps_result_says_it_was_skipped() {
+        let err = run(
+            &Transform,
+            json!({"expr": "steps.skipped.result.x"}),
+            json!({}),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.message()
+                .contains("steps.skipped was skipped: it has no result"),
+            "{err:?}"
         );
     }
 
     #[tokio::test]
-    async fn transform_compile_error_is_permanent() {
+    async fn transform_compile_error_is_a_definition_error() {
         let err = run(&Transform, json!({"expr": "{'a': }"}), json!({}))
             .await
             .unwrap_err();
-        assert!(!err.is_retryable());
+        assert!(matches!(err, ActionError::Definition(_)), "{err:?}");
         assert!(
             err.message()
                 .starts_with("params.expr: invalid CEL expression: "),
@@ -323,12 +347,15 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    async fn transform_evaluation_error_is_permanent() {
+    async fn transform_evaluation_error_is_a_definition_error() {
         let err = run(&Transform, json!({"expr": "input.missing + 1"}), json!({}))
             .await
             .unwrap_err();
-        assert!(!err.is_retryable());
-        assert!(err.message().starts_with("params.expr: "), "{err:?}");
+        assert!(matches!(err, ActionError::Definition(_)), "{err:?}");
+        assert_eq!(
+            err.message(),
+            "cannot evaluate params.expr \"input.missing + 1\": No such key: missing"
+        );
     }
 
     #[tokio::test]

@@ -99,7 +99,13 @@ impl Sql {
             None => Vec::new(),
             Some(expr) => match evaluate_param(context, "args", expr)? {
                 Value::Array(items) => items,
-                other => return Err(expected("args", "the expression to yield a list", &other)),
+                other => {
+                    return Err(ActionError::Definition(
+                        expected("args", "the expression to yield a list", &other)
+                            .message()
+                            .to_owned(),
+                    ))
+                }
             },
         };
         let wrapped = wrap(query, self.limit);
@@ -127,7 +133,7 @@ impl Action for Sql {
     }
 
     fn description(&self) -> &str {
-        "Runs params.query (one statement, in a transaction of its own) with $1… bound from params.args (a CEL list over input and params); the result is {rows: [...]}."
+        "Runs params.query (one statement, in a transaction of its own) with $1… bound from params.args (a CEL list over goal, steps and input); the result is {rows: [...]}."
     }
 
     fn params_schema(&self) -> Option<Value> {
@@ -136,7 +142,7 @@ impl Action for Sql {
             "required": ["query"],
             "properties": {
                 "query": {"type": "string", "minLength": 1},
-                "args": {"type": "string", "description": "CEL over input and params yielding a list"}
+                "args": {"type": "string", "description": "CEL over goal, steps and input yielding a list"}
             }
         }))
     }
@@ -749,10 +755,6 @@ mod tests {
                 json!({"query": "select $1", "args": ["x"]}),
                 "params.args: expected a string, got an array",
             ),
-            (
-                json!({"query": "select $1", "args": "input.id"}),
-                "params.args: expected the expression to yield a list, got a number",
-            ),
         ] {
             let err = sql
                 .run(&context(params.clone(), json!({"id": 3})))
@@ -760,6 +762,21 @@ mod tests {
                 .unwrap_err();
             assert_eq!(err, ActionError::Permanent(message.to_owned()), "{params}");
         }
+        // An expression that gives the wrong type is a definition error, like one that
+        // cannot be evaluated.
+        let err = sql
+            .run(&context(
+                json!({"query": "select $1", "args": "input.id"}),
+                json!({"id": 3}),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ActionError::Definition(
+                "params.args: expected the expression to yield a list, got a number".to_owned()
+            )
+        );
         let err = sql
             .run(&context(
                 json!({"query": "select $1", "args": "[input.id"}),

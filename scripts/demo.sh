@@ -42,7 +42,7 @@ run_goal() {
         status=$("$WORKER" status "$submitted")
     else
         echo "━━━ synapse-worker submit '$goal' --wait"
-        status=$("$WORKER" submit "$goal" --wait --timeout 60s 2>/dev/null) || true
+        status=$("$WORKER" submit "$goal" --wait --json --timeout 60s 2>/dev/null) || true
     fi
     python3 - "$status" <<'PY'
 import json, sys

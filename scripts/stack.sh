@@ -22,6 +22,11 @@ TLS_DIR="$STACK_DIR/tls"
 REDIS_SCHEME=redis
 [ -n "$REDIS_TLS" ] && REDIS_SCHEME=rediss
 REDIS_URL="$REDIS_SCHEME://${REDIS_PASSWORD:+:$REDIS_PASSWORD@}127.0.0.1:$REDIS_PORT/0"
+DATABASE_URL="postgresql://postgres@127.0.0.1:$PGPORT/$DATABASE"
+# The stack's connection settings, which synapse-worker reads from ./.synapse/env when
+# neither a flag nor the environment says. Test stacks (SYNAPSE_STACK_DIR) keep theirs
+# in their own folder, never replacing the one of `make up`.
+if [ -n "${SYNAPSE_STACK_DIR:-}" ]; then ENV_FILE="$STACK_DIR/env"; else ENV_FILE="$SYNAPSE_HOME/env"; fi
 
 redis_cli() {
     local flags=(-p "$REDIS_PORT")
@@ -113,15 +118,30 @@ case "${1:-}" in
     up)
         redis_start
         pg_start
-        echo "postgres: postgresql://postgres@127.0.0.1:$PGPORT/$DATABASE"
+        umask 077
+        cat >"$ENV_FILE.tmp" <<ENV
+# Written by scripts/stack.sh up: the local stack's connection settings.
+# synapse-worker reads this file (as ./.synapse/env) when no flag or environment
+# variable says otherwise; \`source\` it to set them in a shell.
+export SYNAPSE_DATABASE_URL='$DATABASE_URL'
+export SYNAPSE_REDIS_URL='$REDIS_URL'
+ENV
+        mv "$ENV_FILE.tmp" "$ENV_FILE"
+        echo "postgres: $DATABASE_URL"
         echo "redis:    $REDIS_SCHEME://127.0.0.1:$REDIS_PORT/0"
+        echo "Written to $ENV_FILE, which synapse-worker reads from the repository's root"
+        echo "(or paste into a shell):"
+        echo "  export SYNAPSE_DATABASE_URL='$DATABASE_URL'"
+        echo "  export SYNAPSE_REDIS_URL='$REDIS_SCHEME://${REDIS_PASSWORD:+:***@}127.0.0.1:$REDIS_PORT/0'"
         ;;
     down)
         # The demo's worker and receiver, if `make demo` started them.
         for pidfile in "$SYNAPSE_HOME"/demo/*.pid; do
             [ -f "$pidfile" ] && [ -z "${SYNAPSE_STACK_DIR:-}" ] && { kill "$(cat "$pidfile")" 2>/dev/null || true; rm -f "$pidfile"; }
         done
-        pg_stop fast; redis_stop ;;
+        pg_stop fast; redis_stop
+        # Nothing serves these settings any more.
+        rm -f "$ENV_FILE" ;;
     status)
         as_pg "$PG_BIN/pg_ctl" -D "$DATA" status || true
         redis_cli ping || true

@@ -1,5 +1,6 @@
 //! The client commands of `synapse-worker`: submit, status, watch, graph,
 //! validate. They talk to Postgres only; waiting is done on NOTIFY events.
+use std::collections::{HashMap, HashSet};
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -8,6 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde_json::Value;
 use tokio::sync::watch;
+
+use synapse_worker::blueprint;
+use synapse_worker::connection_error;
 
 /// A failure of a client command, and the exit code it maps to.
 pub enum Failure {
@@ -71,24 +75,60 @@ impl Interest {
 /// nothing piles up however busy the cluster is). Closed with the connection.
 type Wakeups = watch::Receiver<u64>;
 
+/// A connection setting and where it came from (`--database-url`,
+/// `SYNAPSE_DATABASE_URL`, `./.synapse/env` or the built-in default), named
+/// in errors so a user knows which one to fix.
+pub struct Setting {
+    /// The value (a connection string: never printed unmasked).
+    pub value: String,
+    /// Where it came from.
+    pub origin: &'static str,
+}
+
+impl Setting {
+    /// Whether someone chose it (anything but the built-in default).
+    fn is_configured(&self) -> bool {
+        self.origin != "the built-in default"
+    }
+
+    /// Where the URL came from, and how to change it.
+    fn hint(&self) -> String {
+        if self.is_configured() {
+            format!("the URL is from {}", self.origin)
+        } else {
+            "the URL is the built-in default; set --database-url or SYNAPSE_DATABASE_URL, or run `make up`"
+                .to_owned()
+        }
+    }
+}
+
 /// Connects; a URL that does not parse is a configuration error. NOTIFY
 /// events matching `interest` move the returned [`Wakeups`].
 async fn connect(
-    url: &str,
+    database: &Setting,
     interest: Option<Arc<Interest>>,
 ) -> Result<(tokio_postgres::Client, Wakeups), Failure> {
+    let url = database.value.as_str();
     let mut config: tokio_postgres::Config = url.parse().map_err(|error| {
         Failure::Config(anyhow::anyhow!(
-            "--database-url is not a valid Postgres URL: {error}"
+            "the Postgres URL from {} is not valid: {error}",
+            database.origin
         ))
     })?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    let (client, mut connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .context("cannot connect to Postgres (check --database-url / SYNAPSE_DATABASE_URL)")?;
+    let (client, mut connection) =
+        config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|error| {
+                anyhow::anyhow!(
+                    "{} ({})",
+                    connection_error::cannot_connect(url, &error),
+                    database.hint()
+                )
+            })?;
     let (wake, wakeups) = watch::channel(0u64);
     tokio::spawn(async move {
         // Drive the connection; count the events of interest. Dropping `wake`
@@ -147,40 +187,84 @@ async fn next_event(
     changed.map_err(|_| anyhow::anyhow!("the Postgres connection closed while waiting"))
 }
 
-/// `submit`: records a goal; with `wait`, waits on its events until it ends.
+/// What `submit` records.
+pub enum Submission {
+    /// A goal text, planned by `planner`.
+    Goal {
+        /// The goal text.
+        text: String,
+        /// Planner name.
+        planner: String,
+    },
+    /// A blueprint file, submitted as it is (`synapse.submit_plan`).
+    Plan(std::path::PathBuf),
+}
+
+/// How `submit --wait` waits and reports.
+pub struct Wait {
+    /// Print the whole status as JSON, not the one-line summary.
+    pub json: bool,
+    /// Give up after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// Reads a JSON file the user named: unreadable is a configuration error
+/// (exit 64), not JSON an error about its content (exit 1).
+fn read_json_file(file: &std::path::Path) -> Result<Value, Failure> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read {}", file.display()))
+        .map_err(Failure::Config)?;
+    Ok(serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?)
+}
+
+/// `submit`: records a goal or a blueprint; with `wait`, waits on its events
+/// until it ends, then prints a one-line summary (or the status as JSON).
 pub async fn submit(
-    url: &str,
-    goal: &str,
+    database: &Setting,
+    what: Submission,
     input: &str,
-    planner: &str,
-    wait: bool,
-    timeout: Option<Duration>,
+    wait: Option<Wait>,
 ) -> Outcome {
     let input: Value = serde_json::from_str(input).context("--input is not JSON")?;
+    // Read before connecting: a missing file needs no database to be reported.
+    let what = match what {
+        Submission::Plan(file) => Ok(read_json_file(&file)?),
+        Submission::Goal { text, planner } => Err((text, planner)),
+    };
     let interest = Interest::new(true);
-    let (client, mut wakeups) = connect(url, wait.then(|| interest.clone())).await?;
-    if wait {
+    let (client, mut wakeups) = connect(database, wait.is_some().then(|| interest.clone())).await?;
+    if wait.is_some() {
         // Listen before submitting, so the end cannot slip by unseen.
         client
             .batch_execute("LISTEN synapse_events")
             .await
             .map_err(db_error)?;
     }
-    let id: i64 = client
-        .query_one(
-            "SELECT synapse.submit_goal($1, $2, $3)",
-            &[&goal, &input, &planner],
-        )
-        .await
-        .map_err(db_error)?
-        .get(0);
-    if !wait {
+    let submitted = match &what {
+        Ok(blueprint) => {
+            client
+                .query_one("SELECT synapse.submit_plan($1, $2)", &[blueprint, &input])
+                .await
+        }
+        Err((text, planner)) => {
+            client
+                .query_one(
+                    "SELECT synapse.submit_goal($1, $2, $3)",
+                    &[text, &input, planner],
+                )
+                .await
+        }
+    };
+    let id: i64 = submitted.map_err(db_error)?.get(0);
+    let Some(wait) = wait else {
         println!("{id}");
         return Ok(true);
-    }
+    };
     eprintln!("goal {id} submitted; waiting for it to end");
     interest.set_goal(id);
-    let deadline = timeout.map(|limit| tokio::time::Instant::now() + limit);
+    let deadline = wait
+        .timeout
+        .map(|limit| tokio::time::Instant::now() + limit);
     let status = loop {
         // Whatever arrived before this read is in it.
         wakeups.borrow_and_update();
@@ -190,16 +274,55 @@ pub async fn submit(
         }
         next_event(&mut wakeups, id, deadline).await?;
     };
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&status).context("printing the status")?
-    );
+    if wait.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).context("printing the status")?
+        );
+    } else {
+        // From submission to the end, as Postgres recorded them.
+        let seconds: Option<f64> = client
+            .query_one(
+                "SELECT extract(epoch FROM ($1::jsonb->>'finished_at')::timestamptz
+                                        - ($1::jsonb->>'created_at')::timestamptz)::float8",
+                &[&status],
+            )
+            .await
+            .map_err(db_error)?
+            .get(0);
+        println!("{}", summary(&status, seconds));
+    }
     Ok(status["status"] == "succeeded")
 }
 
+/// `goal 42 succeeded in 1.2 s: {"result":…}`, `goal 42 failed: <error>`,
+/// `goal 42 cancelled: <error>`.
+fn summary(status: &Value, seconds: Option<f64>) -> String {
+    let id = &status["id"];
+    let state = status["status"].as_str().unwrap_or("ended");
+    if state == "succeeded" {
+        let took = seconds.map_or_else(String::new, |s| format!(" in {}", format_seconds(s)));
+        format!("goal {id} succeeded{took}: {}", status["result"])
+    } else {
+        let error = status["error"].as_str().unwrap_or("no error recorded");
+        format!("goal {id} {state}: {error}")
+    }
+}
+
+/// `0.06 s`, `1.2 s`, `95 s`.
+fn format_seconds(seconds: f64) -> String {
+    if seconds < 1.0 {
+        format!("{seconds:.2} s")
+    } else if seconds < 10.0 {
+        format!("{seconds:.1} s")
+    } else {
+        format!("{seconds:.0} s")
+    }
+}
+
 /// `status`: the goal as JSON.
-pub async fn status(url: &str, id: i64) -> Outcome {
-    let (client, _) = connect(url, None).await?;
+pub async fn status(database: &Setting, id: i64) -> Outcome {
+    let (client, _) = connect(database, None).await?;
     let status = goal_status(&client, id).await?;
     println!(
         "{}",
@@ -209,8 +332,13 @@ pub async fn status(url: &str, id: i64) -> Outcome {
 }
 
 /// `graph`: Mermaid or DOT on stdout, or an SVG file rendered by Graphviz.
-pub async fn graph(url: &str, id: i64, format: &str, output: Option<&std::path::Path>) -> Outcome {
-    let (client, _) = connect(url, None).await?;
+pub async fn graph(
+    database: &Setting,
+    id: i64,
+    format: &str,
+    output: Option<&std::path::Path>,
+) -> Outcome {
+    let (client, _) = connect(database, None).await?;
     let format = if output.is_some() { "dot" } else { format };
     let text: String = client
         .query_one("SELECT synapse.goal_graph($1, $2)", &[&id, &format])
@@ -246,31 +374,175 @@ pub async fn graph(url: &str, id: i64, format: &str, output: Option<&std::path::
     Ok(true)
 }
 
-/// `validate`: every problem of a blueprint file, with its JSON path.
-pub async fn validate(url: &str, file: &std::path::Path) -> Outcome {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let doc: Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
-    // The extension knows the registered actions; the checks are the same code either way.
-    let (client, _) = connect(url, None).await?;
-    let problems: Value = client
-        .query_one("SELECT synapse.validate_blueprint($1)", &[&doc])
+/// One entry of an `--actions` catalogue. `description` and `params_schema`
+/// are accepted (and not used yet).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogueEntry {
+    name: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    description: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    params_schema: Option<Value>,
+}
+
+/// The action names of an `--actions` catalogue file.
+fn catalogue(file: &std::path::Path) -> Result<Vec<String>, Failure> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the --actions catalogue {}", file.display()))
+        .map_err(Failure::Config)?;
+    let entries: Vec<CatalogueEntry> = serde_json::from_str(&text)
+        .with_context(|| {
+            format!(
+                "the --actions catalogue {} is not a JSON list of {{\"name\", \"description\", \"params_schema\"}}",
+                file.display()
+            )
+        })
+        .map_err(Failure::Config)?;
+    Ok(entries.into_iter().map(|entry| entry.name).collect())
+}
+
+/// The actions registered in `synapse.actions`.
+async fn registered_actions(database: &Setting) -> Result<Vec<String>, Failure> {
+    let (client, _) = connect(database, None).await?;
+    let rows = client
+        .query("SELECT name FROM synapse.actions", &[])
         .await
-        .map_err(db_error)?
-        .get(0);
-    let problems = problems.as_array().cloned().unwrap_or_default();
+        .map_err(db_error)?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// `validate`: every problem of a blueprint file, with its JSON path, by the
+/// same checks the extension runs. Known actions: the built-ins, those of
+/// the `actions` catalogue and, when a database is configured, those
+/// registered in it. No database is needed otherwise.
+pub async fn validate(
+    database: &Setting,
+    file: &std::path::Path,
+    actions: Option<&std::path::Path>,
+) -> Outcome {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read {}", file.display()))
+        .map_err(Failure::Config)?;
+    let mut known: HashSet<String> = match actions {
+        Some(catalogue_file) => catalogue(catalogue_file)?.into_iter().collect(),
+        None => HashSet::new(),
+    };
+    if database.is_configured() {
+        match registered_actions(database).await {
+            Ok(registered) => known.extend(registered),
+            // The stack file is a convenience: without its stack, check offline.
+            Err(Failure::Other(error)) if database.origin == "./.synapse/env" => {
+                eprintln!("note: checking without the registered actions: {error:#}");
+            }
+            Err(failure) => return Err(failure),
+        }
+    }
+    let problems = match serde_json::from_str::<Value>(&text) {
+        Err(error) => vec![blueprint::Problem {
+            path: "$".to_owned(),
+            message: format!("not JSON: {error}"),
+        }],
+        Ok(doc) => match blueprint::validate(&doc, &|name| known.contains(name)) {
+            Ok(_) => Vec::new(),
+            Err(problems) => problems,
+        },
+    };
     for problem in &problems {
-        println!(
-            "{}: {}",
-            problem["path"].as_str().unwrap_or("$"),
-            problem["message"].as_str().unwrap_or("")
-        );
+        println!("{problem}");
     }
     if problems.is_empty() {
         println!("{}: ok", file.display());
     }
     Ok(problems.is_empty())
+}
+
+/// `plan`: how a goal text would be planned (`synapse.plan_preview`), told
+/// readably; `Ok(false)` when no template matches or there are problems.
+pub async fn plan(database: &Setting, goal: &str, input: &str, json: bool) -> Outcome {
+    let input: Value = serde_json::from_str(input).context("--input is not JSON")?;
+    let (client, _) = connect(database, None).await?;
+    let preview: Value = client
+        .query_one("SELECT synapse.plan_preview($1, $2)", &[&goal, &input])
+        .await
+        .map_err(db_error)?
+        .get(0);
+    let matched = preview["template"].is_string();
+    let problems = preview["problems"].as_array().cloned().unwrap_or_default();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&preview).context("printing the preview")?
+        );
+    } else {
+        print!("{}", render_preview(&preview));
+    }
+    Ok(matched && problems.is_empty())
+}
+
+fn render_preview(preview: &Value) -> String {
+    let mut out = String::new();
+    match preview["template"].as_str() {
+        Some(template) => out.push_str(&format!("template: {template}\n")),
+        None => out.push_str("template: none matches\n"),
+    }
+    if let Some(params) = preview["params"].as_object().filter(|p| !p.is_empty()) {
+        out.push_str("params:\n");
+        for (name, value) in params {
+            out.push_str(&format!("  {name} = {value}\n"));
+        }
+    }
+    let blueprint = &preview["blueprint"];
+    if let Some(steps) = blueprint["steps"].as_array() {
+        out.push_str("steps:\n");
+        for step in steps {
+            out.push_str(&format!(
+                "  {} ({})",
+                step["id"].as_str().unwrap_or("?"),
+                step["action"].as_str().unwrap_or("?")
+            ));
+            if let Some(params) = step.get("params").filter(|p| !p.is_null()) {
+                out.push_str(&format!(" {params}"));
+            }
+            out.push('\n');
+        }
+    }
+    if let Some(edges) = blueprint["edges"].as_array().filter(|e| !e.is_empty()) {
+        out.push_str("edges:\n");
+        for edge in edges {
+            out.push_str(&format!(
+                "  {} → {}",
+                edge["from"].as_str().unwrap_or("?"),
+                edge["to"].as_str().unwrap_or("?")
+            ));
+            if let Some(when) = edge["when"].as_str() {
+                out.push_str(&format!(" when {when}"));
+            }
+            if let Some(on) = edge["on"].as_str().filter(|on| *on != "success") {
+                out.push_str(&format!(" on {on}"));
+            }
+            out.push('\n');
+        }
+    }
+    if let Some(output) = blueprint.get("output").filter(|o| !o.is_null()) {
+        out.push_str(&format!("output: {output}\n"));
+    }
+    let problems = preview["problems"].as_array().cloned().unwrap_or_default();
+    if !problems.is_empty() {
+        out.push_str("problems:\n");
+        for problem in &problems {
+            match (problem["path"].as_str(), problem["message"].as_str()) {
+                (Some(path), Some(message)) => {
+                    out.push_str(&format!("  {path}: {message}\n"));
+                }
+                (None, Some(message)) => out.push_str(&format!("  {message}\n")),
+                _ => out.push_str(&format!("  {problem}\n")),
+            }
+        }
+    }
+    out
 }
 
 /// One line per step for `watch`.
@@ -329,31 +601,110 @@ fn render(status: &Value, rows: &[tokio_postgres::Row]) -> String {
     out
 }
 
-/// `watch`: a live view redrawn at each event of the goal; exits when it ends.
-pub async fn watch(url: &str, id: i64) -> Outcome {
+/// A task as `watch` compares it between reads: a change of any of these is
+/// a line.
+#[derive(PartialEq)]
+struct TaskState {
+    status: String,
+    attempts: i32,
+}
+
+/// One line for a task that changed, e.g. `fetch: succeeded (sql, attempt 1, 12ms)`
+/// or `load: retrying (fail, attempt 1, 4ms): connection reset`.
+fn change_line(row: &tokio_postgres::Row) -> String {
+    let step: &str = row.get(0);
+    let action: &str = row.get(1);
+    let status: &str = row.get(2);
+    let attempts: i32 = row.get(3);
+    let duration: Option<f64> = row.get(4);
+    let mut line = format!("{step}: {status} ({action}, attempt {attempts}");
+    if status != "running" {
+        if let Some(ms) = duration {
+            line.push_str(&format!(", {ms:.0}ms"));
+        }
+    }
+    line.push(')');
+    if let Some(error) = row.get::<_, Option<&str>>(5) {
+        line.push_str(&format!(": {error}"));
+    }
+    line
+}
+
+/// The lines a non-terminal `watch` prints for one read: the goal's first
+/// and changed states, and each task that appeared or changed.
+fn changes(
+    status: &Value,
+    rows: &[tokio_postgres::Row],
+    goal_shown: &mut Option<String>,
+    tasks_shown: &mut HashMap<String, TaskState>,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    let goal_state = status["status"].as_str().unwrap_or_default().to_owned();
+    if goal_shown.is_none() {
+        // The first read: which goal this is, and where it stands.
+        lines.push(format!(
+            "goal {} · {} · {goal_state}",
+            status["id"],
+            status["goal"].as_str().unwrap_or_default()
+        ));
+    }
+    for row in rows {
+        let state = TaskState {
+            status: row.get::<_, &str>(2).to_owned(),
+            attempts: row.get(3),
+        };
+        let step: String = row.get(0);
+        if tasks_shown.get(&step) != Some(&state) {
+            lines.push(change_line(row));
+            tasks_shown.insert(step, state);
+        }
+    }
+    let first = goal_shown.is_none();
+    let moved = goal_shown.as_deref() != Some(goal_state.as_str());
+    if (first && has_ended(status)) || (!first && moved) {
+        let mut line = format!("goal {} {goal_state}", status["id"]);
+        if has_ended(status) {
+            match status["error"].as_str() {
+                Some(error) => line.push_str(&format!(": {error}")),
+                None if goal_state == "succeeded" => {
+                    line.push_str(&format!(": {}", status["result"]));
+                }
+                None => {}
+            }
+        }
+        lines.push(line);
+    }
+    *goal_shown = Some(goal_state);
+    lines
+}
+
+/// `watch`: on a terminal, a live view redrawn at each event of the goal;
+/// otherwise (a pipe, a file) one line per change. Exits when the goal ends.
+pub async fn watch(database: &Setting, id: i64) -> Outcome {
     let interest = Interest::new(false);
     interest.set_goal(id);
-    let (client, mut wakeups) = connect(url, Some(interest)).await?;
+    let (client, mut wakeups) = connect(database, Some(interest)).await?;
     client
         .batch_execute("LISTEN synapse_events")
         .await
         .map_err(db_error)?;
     let terminal = std::io::stdout().is_terminal();
-    let mut shown = String::new();
+    let mut goal_shown = None;
+    let mut tasks_shown = HashMap::new();
     loop {
         // Whatever arrived before these reads is in them.
         wakeups.borrow_and_update();
         let status = goal_status(&client, id).await?;
         let rows = client.query(WATCH_QUERY, &[&id]).await.map_err(db_error)?;
-        let view = render(&status, &rows);
         if terminal {
             // Clear and redraw in place.
-            print!("\x1b[2J\x1b[H{view}");
-        } else if view != shown {
-            println!("{view}");
+            print!("\x1b[2J\x1b[H{}", render(&status, &rows));
+        } else {
+            for line in changes(&status, &rows, &mut goal_shown, &mut tasks_shown) {
+                println!("{line}");
+            }
         }
         std::io::stdout().flush().context("writing to stdout")?;
-        shown = view;
         if has_ended(&status) {
             return Ok(status["status"] == "succeeded");
         }

@@ -19,6 +19,8 @@ pub mod backoff;
 #[cfg(feature = "runtime")]
 pub mod completer;
 #[cfg(feature = "runtime")]
+pub mod connection_error;
+#[cfg(feature = "runtime")]
 pub mod consumer;
 #[cfg(feature = "runtime")]
 pub mod engine;

@@ -3,8 +3,11 @@ use std::future::Future;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::bail;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::collections::HashMap;
+
+use anyhow::{bail, Context};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
@@ -18,21 +21,30 @@ const EXIT_CONFIG: u8 = 64;
 /// Exit code when a goal did not succeed (or a blueprint is invalid).
 const EXIT_GOAL_FAILED: u8 = 1;
 
+/// Where the connection settings come from, for `--help`.
+const SETTINGS_HELP: &str = "\
+Connection settings: --database-url and --redis-url are taken from the flag, else the
+environment (SYNAPSE_DATABASE_URL, SYNAPSE_REDIS_URL), else the file ./.synapse/env of the
+current directory (`export NAME=value` lines; `make up` writes it for its local stack), else
+the built-in default.";
+
 #[derive(Parser)]
 #[command(
     name = "synapse-worker",
     version,
-    about = "Synapse worker and command-line client"
+    about = "Synapse worker and command-line client",
+    after_help = SETTINGS_HELP
 )]
 struct Cli {
-    /// Postgres with the synapse extension.
+    /// Postgres with the synapse extension [default: postgresql://postgres@127.0.0.1:5432/postgres,
+    /// or SYNAPSE_DATABASE_URL in ./.synapse/env].
     #[arg(
         long,
         env = "SYNAPSE_DATABASE_URL",
         global = true,
-        default_value = "postgresql://postgres@127.0.0.1:5432/postgres"
+        hide_env_values = true
     )]
-    database_url: String,
+    database_url: Option<String>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -53,25 +65,48 @@ enum Command {
         after_help = "Example:\n  synapse-worker run --queues critical,default --concurrency 32"
     )]
     Run(RunArgs),
-    /// Submit a goal; with --wait, wait for it to end (exit 0 succeeded, 1 otherwise).
+    /// Submit a goal (planned from its text) or a blueprint file (--plan); with --wait, wait for
+    /// it to end and print a one-line summary (exit 0 succeeded, 1 otherwise).
     #[command(
-        after_help = "Example:\n  synapse-worker submit 'triage incident 42' --input '{\"source\":\"pager\"}' --wait"
+        after_help = "Examples:\n  synapse-worker submit 'triage incident 42' --input '{\"source\":\"pager\"}' --wait\n  synapse-worker submit --plan order.json --input '{\"order_id\":1002}' --wait\n  synapse-worker submit 'triage incident 42' --wait --json   (the whole goal_status)"
     )]
     Submit {
+        /// The goal text.
+        #[arg(required_unless_present = "plan", conflicts_with = "plan")]
+        goal: Option<String>,
+        /// Submit this blueprint file (synapse.submit_plan) instead of a goal text.
+        #[arg(long, value_name = "FILE", conflicts_with = "planner")]
+        plan: Option<std::path::PathBuf>,
+        /// Goal input (JSON).
+        #[arg(long, default_value = "{}")]
+        input: String,
+        /// Planner name.
+        #[arg(long)]
+        planner: Option<String>,
+        /// Wait until the goal ends; print `goal ID succeeded in 1.2 s: RESULT` or `goal ID failed: ERROR`.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: print the goal's whole status (goal_status) as JSON instead of the summary.
+        #[arg(long, requires = "wait")]
+        json: bool,
+        /// With --wait: give up after this long (exit 1).
+        #[arg(long, value_parser = parse_duration, requires = "wait")]
+        timeout: Option<Duration>,
+    },
+    /// Preview how a goal text would be planned (synapse.plan_preview), without running anything;
+    /// exit 1 when no template matches or the blueprint has problems.
+    #[command(
+        after_help = "Example:\n  synapse-worker plan 'refund order 1001 because it arrived damaged' --input '{\"amount\": 20}'"
+    )]
+    Plan {
         /// The goal text.
         goal: String,
         /// Goal input (JSON).
         #[arg(long, default_value = "{}")]
         input: String,
-        /// Planner name.
-        #[arg(long, default_value = "template")]
-        planner: String,
-        /// Wait until the goal ends and print its status.
+        /// Print the preview as JSON.
         #[arg(long)]
-        wait: bool,
-        /// With --wait: give up after this long (exit 1).
-        #[arg(long, value_parser = parse_duration, requires = "wait")]
-        timeout: Option<Duration>,
+        json: bool,
     },
     /// Print a goal's status as JSON.
     #[command(after_help = "Example:\n  synapse-worker status 42")]
@@ -79,8 +114,11 @@ enum Command {
         /// Goal id.
         id: i64,
     },
-    /// Live view of a goal, redrawn as its events arrive; exits when it ends (0 succeeded, 1 otherwise).
-    #[command(after_help = "Example:\n  synapse-worker watch 42")]
+    /// Follow a goal until it ends (0 succeeded, 1 otherwise): on a terminal, a view redrawn at
+    /// each event; otherwise one line per change (task state, goal state).
+    #[command(
+        after_help = "Examples:\n  synapse-worker watch 42\n  synapse-worker watch 42 | tee goal-42.log"
+    )]
     Watch {
         /// Goal id.
         id: i64,
@@ -99,23 +137,28 @@ enum Command {
         #[arg(long)]
         output: Option<std::path::PathBuf>,
     },
-    /// Check a blueprint file and list every problem with its JSON path.
-    #[command(after_help = "Example:\n  synapse-worker validate plan.json")]
+    /// Check a blueprint file and list every problem with its JSON path (exit 0 valid, 1 problems,
+    /// 64 unreadable file or catalogue). Works without a database: it knows the built-in
+    /// actions, plus those of --actions; when a database is configured (flag, environment or
+    /// ./.synapse/env) it also knows the actions registered in synapse.actions.
+    #[command(
+        after_help = "Examples:\n  synapse-worker validate plan.json\n  synapse-worker validate plan.json --actions actions.json   (offline, e.g. in CI)\n\nThe --actions file is a JSON list of {\"name\": …, \"description\": …, \"params_schema\": …}\n(description and params_schema optional), e.g. [{\"name\": \"resize_image\"}]."
+    )]
     Validate {
         /// Blueprint JSON file.
         file: std::path::PathBuf,
+        /// A catalogue of custom actions (JSON list of {name, description?, params_schema?}).
+        #[arg(long, value_name = "FILE")]
+        actions: Option<std::path::PathBuf>,
     },
 }
 
 #[derive(Args)]
 struct RunArgs {
-    /// Redis the extension forwards events to.
-    #[arg(
-        long,
-        env = "SYNAPSE_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379/0"
-    )]
-    redis_url: String,
+    /// Redis the extension forwards events to [default: redis://127.0.0.1:6379/0, or
+    /// SYNAPSE_REDIS_URL in ./.synapse/env].
+    #[arg(long, env = "SYNAPSE_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
     /// Prefix of every Redis key (the extension's synapse.key_prefix).
     #[arg(long, env = "SYNAPSE_KEY_PREFIX", default_value = "synapse")]
     key_prefix: String,
@@ -151,7 +194,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     synapse_worker::blueprint::parse_duration(text)
 }
 
-fn config(database_url: String, args: RunArgs) -> anyhow::Result<(WorkerConfig, ResultLimit)> {
+fn config(
+    database_url: String,
+    redis_url: String,
+    args: RunArgs,
+) -> anyhow::Result<(WorkerConfig, ResultLimit)> {
     if let Some(bad) = args
         .queues
         .iter()
@@ -168,7 +215,7 @@ fn config(database_url: String, args: RunArgs) -> anyhow::Result<(WorkerConfig, 
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
     let config = WorkerConfig {
         database_url,
-        redis_url: args.redis_url,
+        redis_url,
         key_prefix: args.key_prefix,
         queues: args.queues,
         concurrency: args.concurrency,
@@ -193,9 +240,95 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Built-in defaults, used when neither flag, environment nor stack file says.
+const DEFAULT_DATABASE_URL: &str = "postgresql://postgres@127.0.0.1:5432/postgres";
+const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+/// The local stack's settings file, relative to the current directory.
+const STACK_FILE: &str = ".synapse/env";
+
+/// The settings of `./.synapse/env` (`export NAME=value` lines, `#` comments,
+/// values optionally quoted). No file: none. A file that cannot be read or
+/// has a line that is not an assignment is a configuration error.
+fn stack_settings(path: &std::path::Path) -> anyhow::Result<HashMap<String, String>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(error) => return Err(error).with_context(|| format!("cannot read {}", path.display())),
+    };
+    parse_settings(&text).with_context(|| format!("in {}", path.display()))
+}
+
+fn parse_settings(text: &str) -> anyhow::Result<HashMap<String, String>> {
+    let mut settings = HashMap::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let assignment = line.strip_prefix("export ").unwrap_or(line).trim_start();
+        let Some((name, value)) = assignment.split_once('=') else {
+            bail!("line {}: expected `export NAME=value`", number + 1);
+        };
+        let value = value.trim();
+        let value = ['\'', '"']
+            .iter()
+            .find_map(|quote| {
+                value
+                    .strip_prefix(*quote)
+                    .and_then(|inner| inner.strip_suffix(*quote))
+            })
+            .unwrap_or(value);
+        settings.insert(name.trim().to_owned(), value.to_owned());
+    }
+    Ok(settings)
+}
+
+/// A connection setting and where it came from (flag > environment > stack file > default).
+fn resolve(
+    given: Option<String>,
+    source: Option<ValueSource>,
+    flag: &'static str,
+    env: &'static str,
+    stack: &HashMap<String, String>,
+    default: &str,
+) -> client::Setting {
+    let (value, origin) = match (given, source) {
+        (Some(value), Some(ValueSource::EnvVariable)) => (value, env),
+        (Some(value), _) => (value, flag),
+        (None, _) => match stack.get(env) {
+            Some(value) => (value.clone(), "./.synapse/env"),
+            None => (default.to_owned(), "the built-in default"),
+        },
+    };
+    client::Setting { value, origin }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let database_source = matches.value_source("database_url");
+    let redis_source = matches
+        .subcommand_matches("run")
+        .and_then(|run| run.value_source("redis_url"));
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
     init_logging(cli.log_format);
+    let stack = match stack_settings(std::path::Path::new(STACK_FILE)) {
+        Ok(stack) => stack,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let database = resolve(
+        cli.database_url,
+        database_source,
+        "--database-url",
+        "SYNAPSE_DATABASE_URL",
+        &stack,
+        DEFAULT_DATABASE_URL,
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -215,12 +348,26 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let url = cli.database_url;
         match cli.command {
-            Command::Run(args) => {
-                let worker = config(url, args).and_then(|(config, limit)| {
-                    Worker::with_result_limit(config, ActionRegistry::new(), limit)
-                });
+            Command::Run(mut args) => {
+                let redis = resolve(
+                    args.redis_url.take(),
+                    redis_source,
+                    "--redis-url",
+                    "SYNAPSE_REDIS_URL",
+                    &stack,
+                    DEFAULT_REDIS_URL,
+                );
+                // Where the settings came from; the URLs themselves only (masked) when they fail.
+                tracing::info!(
+                    database_from = %database.origin,
+                    redis_from = %redis.origin,
+                    "settings"
+                );
+                let worker =
+                    config(database.value, redis.value, args).and_then(|(config, limit)| {
+                        Worker::with_result_limit(config, ActionRegistry::new(), limit)
+                    });
                 match worker {
                     Ok(worker) => report(run(worker, stop).await),
                     Err(error) => {
@@ -231,21 +378,38 @@ fn main() -> ExitCode {
             }
             Command::Submit {
                 goal,
+                plan,
                 input,
                 planner,
                 wait,
+                json,
                 timeout,
             } => {
-                let submit = client::submit(&url, &goal, &input, &planner, wait, timeout);
-                interruptible(submit, stop).await
+                let what = match (goal, plan) {
+                    (_, Some(file)) => client::Submission::Plan(file),
+                    (Some(text), None) => client::Submission::Goal {
+                        text,
+                        planner: planner.unwrap_or_else(|| "template".to_owned()),
+                    },
+                    // clap requires one of them.
+                    (None, None) => return ExitCode::from(2),
+                };
+                let wait = wait.then_some(client::Wait { json, timeout });
+                interruptible(client::submit(&database, what, &input, wait), stop).await
             }
-            Command::Status { id } => interruptible(client::status(&url, id), stop).await,
-            Command::Watch { id } => interruptible(client::watch(&url, id), stop).await,
+            Command::Plan { goal, input, json } => {
+                interruptible(client::plan(&database, &goal, &input, json), stop).await
+            }
+            Command::Status { id } => interruptible(client::status(&database, id), stop).await,
+            Command::Watch { id } => interruptible(client::watch(&database, id), stop).await,
             Command::Graph { id, format, output } => {
-                let graph = client::graph(&url, id, &format, output.as_deref());
+                let graph = client::graph(&database, id, &format, output.as_deref());
                 interruptible(graph, stop).await
             }
-            Command::Validate { file } => interruptible(client::validate(&url, &file), stop).await,
+            Command::Validate { file, actions } => {
+                let validate = client::validate(&database, &file, actions.as_deref());
+                interruptible(validate, stop).await
+            }
         }
     })
 }
@@ -322,4 +486,65 @@ async fn run(
         signals.cancel();
     });
     worker.run(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stack_file_is_read_as_export_lines() {
+        let settings = parse_settings(
+            "# comment\n\nexport SYNAPSE_DATABASE_URL='postgresql://postgres@127.0.0.1:25432/synapse'\n\
+             SYNAPSE_REDIS_URL=\"redis://127.0.0.1:26379/0\"\nexport  OTHER = plain \n",
+        )
+        .unwrap();
+        assert_eq!(
+            settings["SYNAPSE_DATABASE_URL"],
+            "postgresql://postgres@127.0.0.1:25432/synapse"
+        );
+        assert_eq!(settings["SYNAPSE_REDIS_URL"], "redis://127.0.0.1:26379/0");
+        assert_eq!(settings["OTHER"], "plain");
+        let bad = parse_settings("export\n").unwrap_err();
+        assert_eq!(bad.to_string(), "line 1: expected `export NAME=value`");
+    }
+
+    #[test]
+    fn flag_beats_environment_beats_stack_file_beats_default() {
+        let stack: HashMap<String, String> =
+            [("SYNAPSE_DATABASE_URL".to_owned(), "from-file".to_owned())].into();
+        let none = HashMap::new();
+        let pick = |given: Option<&str>, source, stack| {
+            let setting = resolve(
+                given.map(str::to_owned),
+                source,
+                "--database-url",
+                "SYNAPSE_DATABASE_URL",
+                stack,
+                "built-in",
+            );
+            (setting.value, setting.origin)
+        };
+        assert_eq!(
+            pick(Some("flag"), Some(ValueSource::CommandLine), &stack),
+            ("flag".to_owned(), "--database-url")
+        );
+        assert_eq!(
+            pick(Some("env"), Some(ValueSource::EnvVariable), &stack),
+            ("env".to_owned(), "SYNAPSE_DATABASE_URL")
+        );
+        assert_eq!(
+            pick(None, None, &stack),
+            ("from-file".to_owned(), "./.synapse/env")
+        );
+        assert_eq!(
+            pick(None, None, &none),
+            ("built-in".to_owned(), "the built-in default")
+        );
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
 }

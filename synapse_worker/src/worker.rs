@@ -12,6 +12,7 @@ use crate::actions::{ActionRegistry, ResultLimit};
 use crate::backoff::Backoff;
 use crate::blueprint::BUILTIN_ACTIONS;
 use crate::completer::{completer, Completer, CompletionQueue};
+use crate::connection_error;
 use crate::planner::PlannerRegistry;
 use crate::store;
 
@@ -109,7 +110,13 @@ impl Shared {
             pause.until = Some(std::time::Instant::now() + next);
             next
         };
-        warn!(%error, pause_ms = pause.as_millis() as u64, "postgres unreachable; messages handed back");
+        let url = &self.config.database_url;
+        warn!(
+            error = %crate::connection_error::describe(url, error),
+            database = %crate::connection_error::mask(url),
+            pause_ms = pause.as_millis() as u64,
+            "postgres unreachable; messages handed back"
+        );
         crate::metrics::METRICS
             .reconnects
             .with_label_values(&["postgres"])
@@ -337,11 +344,20 @@ async fn register_actions(shared: &Shared, shutdown: &CancellationToken) -> anyh
                 );
             }
             Err(error) => {
-                if let Some(refusal) = refused_connection(&error) {
-                    anyhow::bail!("postgres refused the connection: {refusal} (check --database-url / SYNAPSE_DATABASE_URL)");
+                let url = &shared.config.database_url;
+                if refused_for_good(&error) {
+                    anyhow::bail!(
+                        "{} (check --database-url, SYNAPSE_DATABASE_URL or ./.synapse/env)",
+                        connection_error::cannot_connect(url, &error)
+                    );
                 }
                 let pause = backoff.next_pause();
-                warn!(%error, retry_in_ms = pause.as_millis() as u64, "cannot reach postgres");
+                warn!(
+                    error = %connection_error::describe(url, &error),
+                    database = %connection_error::mask(url),
+                    retry_in_ms = pause.as_millis() as u64,
+                    "cannot reach postgres"
+                );
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(false),
                     () = tokio::time::sleep(pause) => {}
@@ -351,18 +367,18 @@ async fn register_actions(shared: &Shared, shutdown: &CancellationToken) -> anyh
     }
 }
 
-/// The server's message when it refused a new connection for good: the
-/// database does not exist, or the role may not log in (SQLSTATE 3D000 and
-/// class 28). Waiting would not help; other refusals (starting up, too many
+/// Whether the server refused a new connection for good: the database does
+/// not exist, or the role may not log in (SQLSTATE 3D000 and class 28).
+/// Waiting would not help; other refusals (starting up, too many
 /// connections) pass.
-fn refused_connection(error: &store::StoreError) -> Option<String> {
+fn refused_for_good(error: &store::StoreError) -> bool {
     let store::StoreError::Pool(deadpool_postgres::PoolError::Backend(error)) = error else {
-        return None;
+        return false;
     };
-    let db = error.as_db_error()?;
-    let code = db.code().code();
-    (code == "3D000" || code.starts_with("28"))
-        .then(|| format!("{} (SQLSTATE {code})", db.message()))
+    error.as_db_error().is_some_and(|db| {
+        let code = db.code().code();
+        code == "3D000" || code.starts_with("28")
+    })
 }
 
 #[cfg(test)]

@@ -218,7 +218,7 @@ async fn decide_outbound(
         let error = match &resolution {
             Resolution::Error(message) => {
                 let error = format!(
-                    "edge {} -> {}: cannot evaluate when \"{}\": {message}",
+                    "edge {} -> {}: condition failed (when \"{}\"): {message}",
                     from.step,
                     edge.to,
                     edge.when.as_deref().unwrap_or_default()

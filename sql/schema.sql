@@ -148,7 +148,7 @@ CREATE TABLE synapse.templates (
 );
 COMMENT ON TABLE synapse.templates IS 'Templates of the template planner: the first whose pattern matches a goal (highest priority, then name) gives its blueprint.';
 COMMENT ON COLUMN synapse.templates.name IS 'Unique template name.';
-COMMENT ON COLUMN synapse.templates.pattern IS 'Case-insensitive regular expression matched against the goal text; named captures become goal.params.';
+COMMENT ON COLUMN synapse.templates.pattern IS 'Case-insensitive regular expression that must match the whole goal text (it is anchored at both ends); named captures become goal.params.';
 COMMENT ON COLUMN synapse.templates.blueprint IS 'The plan blueprint the goal gets.';
 COMMENT ON COLUMN synapse.templates.description IS 'What the template is for.';
 COMMENT ON COLUMN synapse.templates.priority IS 'Higher priorities are tried first.';

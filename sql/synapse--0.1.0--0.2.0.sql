@@ -221,6 +221,52 @@ BEGIN
 END $$;
 
 
+-- A dry run of the template planner.
+CREATE FUNCTION synapse."plan_preview"(
+	"goal" TEXT,
+	"input" jsonb DEFAULT '{}',
+	"planner" TEXT DEFAULT 'template'
+) RETURNS jsonb
+STABLE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'plan_preview_wrapper';
+COMMENT ON COLUMN synapse.templates.pattern IS 'Case-insensitive regular expression that must match the whole goal text (it is anchored at both ends); named captures become goal.params.';
+
+-- Why a task failed: its action, or its definition (an expression).
+ALTER TABLE synapse.tasks ADD COLUMN failure_kind text CHECK (failure_kind IN ('action', 'definition'));
+COMMENT ON COLUMN synapse.tasks.failure_kind IS 'failed: ''action'' (the action failed) or ''definition'' (an expression of the step, or the when of an edge into it, could not be evaluated: only always edges are taken and the goal fails); NULL otherwise, and for a task failed because its lease lapsed.';
+CREATE OR REPLACE FUNCTION synapse.goal_status(goal_id bigint) RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    status jsonb;
+BEGIN
+    SELECT jsonb_build_object(
+        'id', g.id, 'goal', g.goal, 'status', g.status, 'error', g.error, 'result', g.result,
+        'planner', g.planner, 'template', g.template, 'input', g.input, 'params', g.params,
+        'created_at', g.created_at, 'started_at', g.started_at, 'finished_at', g.finished_at,
+        'tasks', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'step', t.step, 'action', t.action, 'status', t.status, 'attempts', t.attempts,
+                       'result', t.result, 'error', t.error, 'failure_kind', t.failure_kind,
+                       'started_at', t.started_at,
+                       'finished_at', t.finished_at, 'queue', t.queue, 'run_at', t.run_at)
+                   ORDER BY t.id)
+              FROM synapse.tasks AS t WHERE t.goal_id = g.id), '[]'),
+        'edges', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'from', e.from_step, 'to', e.to_step, 'when', e.when_expr, 'on', e.on_outcome,
+                       'state', e.state, 'error', e.error)
+                   ORDER BY e.position)
+              FROM synapse.edges AS e WHERE e.goal_id = g.id), '[]'))
+      INTO status
+      FROM synapse.goals AS g
+     WHERE g.id = goal_status.goal_id;
+    IF status IS NULL THEN
+        RAISE EXCEPTION 'goal % does not exist', goal_status.goal_id USING ERRCODE = 'P0002';
+    END IF;
+    RETURN status;
+END $$;
+
+
 -- Cancelled steps resolve their edges; one lock order.
 CREATE OR REPLACE FUNCTION synapse.cancel_goal(goal_id bigint) RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE

@@ -21,7 +21,7 @@ pub enum StoreError {
     #[error("postgres: {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
     /// No connection could be had from the pool.
-    #[error("postgres pool: {0}")]
+    #[error("postgres pool: {}", crate::connection_error::describe("", .0))]
     Pool(#[from] deadpool_postgres::PoolError),
     /// A row did not look as the schema promises.
     #[error("unexpected data: {0}")]
@@ -33,10 +33,7 @@ pub enum StoreError {
 
 /// The server's message and SQLSTATE when there is one ("db error" alone says nothing).
 fn describe(error: &tokio_postgres::Error) -> String {
-    match error.as_db_error() {
-        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => error.to_string(),
-    }
+    crate::connection_error::describe("", error)
 }
 
 impl StoreError {

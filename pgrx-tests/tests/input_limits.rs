@@ -136,14 +136,6 @@ fn every_entry_point_refuses_json_over_the_limits() {
         "54000",
         "input is more than 1 MiB of JSON text",
     );
-    // A number the engine cannot hold is bad input, not an internal error.
-    assert_refused(
-        &mut client,
-        submit_plan,
-        &[one_step, r#"{"n": 1e400}"#],
-        "22023",
-        "input cannot be read",
-    );
 
     // add_template.
     let add_template = "SELECT synapse.add_template('t', '^x$', $1::text::jsonb)";

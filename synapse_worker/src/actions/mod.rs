@@ -12,6 +12,7 @@ use serde_json::Value;
 mod exec;
 mod http;
 mod limit;
+mod numeric;
 mod simple;
 mod sql;
 mod statement;

@@ -9,6 +9,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
 use super::limit::ResultLimit;
+use super::numeric::Numeric;
 use super::simple::{evaluate_param, expected, optional_str, required_str};
 use super::statement;
 use super::{Action, ActionContext, ActionError, ActionFuture};
@@ -45,7 +46,9 @@ const RESET_SESSION: &str =
 /// action a pool of its own: never the engine's.
 ///
 /// Rows come back as JSON objects (column name → value, converted by
-/// Postgres's `to_jsonb`, so every column type works): the query is wrapped as
+/// Postgres's `to_jsonb`, so every column type works; a `numeric` is a JSON
+/// number with all its digits and its scale, `1250.00` stays `1250.00`, and
+/// `NaN` or `±Infinity` become the strings `to_jsonb` gives): the query is wrapped as
 /// `WITH q AS (<query>) SELECT coalesce(jsonb_agg(to_jsonb(q)), '[]') FROM q`,
 /// which covers `SELECT`, `VALUES` and `INSERT`/`UPDATE`/`DELETE … RETURNING`;
 /// the result is `{"rows": [...]}`, and rows larger than the result limit fail
@@ -57,7 +60,9 @@ const RESET_SESSION: &str =
 ///
 /// Arguments are bound by the type Postgres infers for each parameter: `bool`,
 /// `int2`/`int4`/`int8` (JSON integers, or strings holding one), `float4`/`float8`
-/// (numbers or numeric strings), `text`/`varchar`/`bpchar`/`name` and parameters of
+/// (numbers or numeric strings), `numeric` (a JSON number digit for digit, as
+/// written, or a string holding a number, `NaN` or `Infinity`; never through a
+/// float), `text`/`varchar`/`bpchar`/`name` and parameters of
 /// unknown type (strings; numbers and booleans as their JSON text, arrays and
 /// objects as JSON text), `json`/`jsonb` (any JSON value). JSON `null` binds SQL
 /// `NULL`. Parameters of other types must be written `$N::text::type` in the
@@ -314,6 +319,7 @@ pub(crate) fn to_param(n: usize, ty: &Type, value: &Value) -> Result<Param, Acti
                 .ok_or_else(misfit)
         }),
         Type::FLOAT8 => nullable(value, || to_float(value).ok_or_else(misfit)),
+        Type::NUMERIC => nullable(value, || to_numeric(value).ok_or_else(misfit)),
         Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
             nullable(value, || Ok(to_text(value)))
         }
@@ -370,6 +376,16 @@ fn to_float(value: &Value) -> Option<f64> {
     match value {
         Value::Number(n) => n.as_f64(),
         Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// An exact decimal: a JSON number as written (with `arbitrary_precision`, its
+/// text is the input's), or a string holding a number, `NaN` or `Infinity`.
+fn to_numeric(value: &Value) -> Option<Numeric> {
+    match value {
+        Value::Number(n) => Numeric::parse(&n.to_string()),
+        Value::String(s) => Numeric::parse(s),
         _ => None,
     }
 }
@@ -596,6 +612,29 @@ mod tests {
     }
 
     #[test]
+    fn numerics_bind_exactly() {
+        let exact = |text: &str| be(Numeric::parse(text).unwrap().to_binary());
+        let big: Value = serde_json::from_str("12345678901234567.89").unwrap();
+        assert_eq!(bound(Type::NUMERIC, big), exact("12345678901234567.89"));
+        let price: Value = serde_json::from_str("1250.00").unwrap();
+        assert_eq!(bound(Type::NUMERIC, price), exact("1250.00"));
+        assert_eq!(bound(Type::NUMERIC, json!(7)), exact("7"));
+        assert_eq!(bound(Type::NUMERIC, json!(" -0.5 ")), exact("-0.5"));
+        assert_eq!(bound(Type::NUMERIC, json!("NaN")), exact("NaN"));
+        let huge: Value = serde_json::from_str("1e400").unwrap();
+        assert_eq!(bound(Type::NUMERIC, huge), exact("1e400"));
+        assert_eq!(bound(Type::NUMERIC, json!(null)), None);
+        assert_eq!(
+            refused(2, Type::NUMERIC, json!("12,50")),
+            "params.args: parameter $2 has type numeric; \"12,50\" does not fit it"
+        );
+        refused(1, Type::NUMERIC, json!(true));
+        refused(1, Type::NUMERIC, json!([1]));
+        let beyond: Value = serde_json::from_str("1e200000").unwrap();
+        refused(1, Type::NUMERIC, beyond);
+    }
+
+    #[test]
     fn text() {
         for ty in [
             Type::TEXT,
@@ -635,7 +674,6 @@ mod tests {
             "params.args: parameter $2 has type uuid; pass it as text and cast in SQL ($2::text::uuid)"
         );
         refused(1, Type::TIMESTAMPTZ, json!(null));
-        refused(1, Type::NUMERIC, json!(1));
         refused(1, Type::INT4_ARRAY, json!([1, 2]));
     }
 

@@ -324,7 +324,16 @@ impl Expression {
     /// and panics come back as a readable message.
     pub fn evaluate(&self, vars: &Map<String, Value>) -> Result<Value, String> {
         let value = self.run(vars)?;
-        cel_to_json(&value).map_err(|e| explain(e, &self.references(), vars))
+        // Built only when the result holds a double: most results hold none.
+        let mut exact: Option<HashMap<u64, Option<Number>>> = None;
+        let mut restore = |f: f64| {
+            exact
+                .get_or_insert_with(|| exact_numbers(vars))
+                .get(&f.to_bits())
+                .cloned()
+                .flatten()
+        };
+        to_json(&value, &mut restore).map_err(|e| explain(e, &self.references(), vars))
     }
 
     /// The variables and steps the expression refers to.
@@ -506,7 +515,9 @@ fn explain(error: String, refs: &References, vars: &Map<String, Value>) -> Strin
 }
 
 /// Converts JSON to a CEL value: objects become maps with string keys, integers `int`
-/// (or `uint` when only `u64` holds them), other numbers `double`.
+/// (or `uint` when only `u64` holds them), other numbers `double` (the nearest one:
+/// JSON numbers keep all their digits, CEL has no decimal type; a number beyond
+/// `f64`'s range is an infinite double).
 pub fn json_to_cel(value: &Value) -> CelValue {
     match value {
         Value::Null => CelValue::Null,
@@ -517,8 +528,7 @@ pub fn json_to_cel(value: &Value) -> CelValue {
             } else if let Some(u) = n.as_u64() {
                 CelValue::UInt(u)
             } else {
-                // serde_json numbers are always one of i64, u64 or a finite f64.
-                CelValue::Float(n.as_f64().unwrap_or(f64::NAN))
+                CelValue::Float(as_double(n))
             }
         }
         Value::String(s) => CelValue::String(Arc::new(s.clone())),
@@ -533,6 +543,40 @@ pub fn json_to_cel(value: &Value) -> CelValue {
     }
 }
 
+/// The double nearest to a JSON number (infinite beyond `f64`'s range; a JSON
+/// number's text always reads as an `f64`).
+fn as_double(n: &Number) -> f64 {
+    n.as_f64()
+        .or_else(|| n.to_string().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// The numbers in `vars` that CEL sees as doubles, by the bits of that double:
+/// the JSON number to write back for it, `None` when numbers that differ in
+/// their text (`1250.0`, `1250.00`) read as the same double.
+fn exact_numbers(vars: &Map<String, Value>) -> HashMap<u64, Option<Number>> {
+    let mut found = HashMap::new();
+    let mut pending: Vec<&Value> = vars.values().collect();
+    while let Some(value) = pending.pop() {
+        match value {
+            Value::Number(n) if n.as_i64().is_none() && n.as_u64().is_none() => {
+                found
+                    .entry(as_double(n).to_bits())
+                    .and_modify(|known: &mut Option<Number>| {
+                        if known.as_ref() != Some(n) {
+                            *known = None;
+                        }
+                    })
+                    .or_insert_with(|| Some(n.clone()));
+            }
+            Value::Array(items) => pending.extend(items),
+            Value::Object(fields) => pending.extend(fields.values()),
+            _ => {}
+        }
+    }
+    found
+}
+
 /// Converts a CEL value back to JSON.
 ///
 /// Maps become objects; their `int`, `uint` and `bool` keys are written as strings since
@@ -540,18 +584,31 @@ pub fn json_to_cel(value: &Value) -> CelValue {
 /// base64 strings, timestamps and durations their CEL `string()` form. Non-finite
 /// doubles and functions have no JSON form and are errors.
 pub fn cel_to_json(value: &CelValue) -> Result<Value, String> {
+    to_json(value, &mut |_| None)
+}
+
+/// [`cel_to_json`], writing a double as the JSON number `restore` gives for it, if
+/// any. [`Expression::evaluate`] restores the variables' numbers: a double that is
+/// what exactly one of them reads as is written as that number, so a number CEL
+/// passed through unchanged comes back as written, and any double is written as
+/// a number that reads back as that double.
+fn to_json(
+    value: &CelValue,
+    restore: &mut impl FnMut(f64) -> Option<Number>,
+) -> Result<Value, String> {
     match value {
         CelValue::Null => Ok(Value::Null),
         CelValue::Bool(b) => Ok(Value::Bool(*b)),
         CelValue::Int(i) => Ok(Value::from(*i)),
         CelValue::UInt(u) => Ok(Value::from(*u)),
-        CelValue::Float(f) => Number::from_f64(*f)
+        CelValue::Float(f) => restore(*f)
+            .or_else(|| Number::from_f64(*f))
             .map(Value::Number)
             .ok_or_else(|| format!("the result {f} cannot be represented in JSON")),
         CelValue::String(s) => Ok(Value::String(s.to_string())),
         CelValue::List(items) => items
             .iter()
-            .map(cel_to_json)
+            .map(|item| to_json(item, restore))
             .collect::<Result<Vec<_>, _>>()
             .map(Value::Array),
         CelValue::Map(map) => {
@@ -564,7 +621,7 @@ pub fn cel_to_json(value: &CelValue) -> Result<Value, String> {
                          JSON object keys must be distinct strings"
                     ));
                 }
-                object.insert(name, cel_to_json(v)?);
+                object.insert(name, to_json(v, restore)?);
             }
             Ok(Value::Object(object))
         }
@@ -654,6 +711,45 @@ mod tests {
         // Arithmetic with ints works because JSON integers are CEL ints.
         let sum = compile("small + 1").unwrap();
         assert_eq!(sum.evaluate(&v), Ok(json!(8)));
+    }
+
+    #[test]
+    fn numbers_passed_through_stay_exact() {
+        let long = format!("-{}.5", "9".repeat(10_000));
+        let input: Value = serde_json::from_str(&format!(
+            r#"{{"big": 12345678901234567.89, "price": 1250.00, "huge": 1e400, "tiny": -1e-400,
+                "long": {long}, "count": 3}}"#
+        ))
+        .unwrap();
+        let v = vars(json!({ "input": input }));
+        let text = |v: &Map<String, Value>, expr: &str| {
+            compile(expr).unwrap().evaluate(v).map(|r| r.to_string())
+        };
+        assert_eq!(
+            text(&v, "[input.big, input.price, input.count]"),
+            Ok("[12345678901234567.89,1250.00,3]".to_owned())
+        );
+        assert_eq!(
+            text(&v, "{'p': input.price, 'h': input.huge, 't': input.tiny}"),
+            Ok(r#"{"h":1e+400,"p":1250.00,"t":-1e-400}"#.to_owned())
+        );
+        assert_eq!(text(&v, "input.long"), Ok(long.clone()));
+        assert_eq!(text(&v, "input"), Ok(input.to_string()));
+        // CEL computes with doubles.
+        assert_eq!(text(&v, "input.price * 2.0"), Ok("2500.0".to_owned()));
+        assert_eq!(
+            text(&v, "input.big > 1e16 && type(input.price) == double"),
+            Ok("true".to_owned())
+        );
+        assert_eq!(text(&v, "type(input.count) == int"), Ok("true".to_owned()));
+        // A double that is no variable's number and has no JSON form is an error.
+        let err = text(&v, "input.huge * 0.0").unwrap_err();
+        assert!(err.contains("cannot be represented"), "{err}");
+        // Numbers that read as one double: neither is picked.
+        let same: Value = serde_json::from_str(r#"[0.10, 0.1, 1e400, 2e400]"#).unwrap();
+        let v = vars(json!({ "same": same }));
+        assert_eq!(text(&v, "same[0]"), Ok("0.1".to_owned()));
+        assert!(text(&v, "same[2]").is_err());
     }
 
     #[test]

@@ -50,7 +50,13 @@ BEGIN
                        'step', t.step, 'action', t.action, 'status', t.status, 'attempts', t.attempts,
                        'result', t.result, 'error', t.error, 'failure_kind', t.failure_kind,
                        'started_at', t.started_at,
-                       'finished_at', t.finished_at, 'queue', t.queue, 'run_at', t.run_at)
+                       'finished_at', t.finished_at, 'queue', t.queue, 'run_at', t.run_at,
+                       'attempts_history', coalesce((
+                           SELECT jsonb_agg(jsonb_build_object(
+                                      'attempt', a.attempt, 'worker', a.worker, 'started_at', a.started_at,
+                                      'finished_at', a.finished_at, 'error', a.error)
+                                  ORDER BY a.finished_at, a.attempt)
+                             FROM synapse.attempts AS a WHERE a.task_id = t.id), '[]'))
                    ORDER BY t.id)
               FROM synapse.tasks AS t WHERE t.goal_id = g.id), '[]'),
         'edges', coalesce((
@@ -58,7 +64,25 @@ BEGIN
                        'from', e.from_step, 'to', e.to_step, 'when', e.when_expr, 'on', e.on_outcome,
                        'state', e.state, 'error', e.error)
                    ORDER BY e.position)
-              FROM synapse.edges AS e WHERE e.goal_id = g.id), '[]'))
+              FROM synapse.edges AS e WHERE e.goal_id = g.id), '[]'),
+        -- Work nothing will run: queued (or retrying) tasks of a queue no live
+        -- worker serves, a goal waiting for a planner while no worker is live.
+        -- Live: started, not stopped, and not lost (a lease of it lapsed)
+        -- unless seen since (see synapse.workers).
+        'notes', coalesce((
+            SELECT jsonb_agg(n.note ORDER BY n.note)
+              FROM (SELECT format('queue %s: no worker', q.queue) AS note
+                      FROM (SELECT DISTINCT t.queue FROM synapse.tasks AS t
+                             WHERE t.goal_id = g.id AND t.status IN ('queued', 'retrying')) AS q
+                     WHERE NOT EXISTS (SELECT FROM synapse.workers AS w
+                                        WHERE q.queue = ANY (w.queues) AND w.stopped_at IS NULL
+                                          AND (w.lost_at IS NULL OR w.last_seen_at > w.lost_at))
+                    UNION ALL
+                    SELECT 'planner: no worker'
+                     WHERE g.status = 'submitted'
+                       AND NOT EXISTS (SELECT FROM synapse.workers AS w
+                                        WHERE w.stopped_at IS NULL
+                                          AND (w.lost_at IS NULL OR w.last_seen_at > w.lost_at))) AS n), '[]'))
       INTO status
       FROM synapse.goals AS g
      WHERE g.id = goal_status.goal_id;
@@ -67,7 +91,7 @@ BEGIN
     END IF;
     RETURN status;
 END $$;
-COMMENT ON FUNCTION synapse.goal_status(bigint) IS 'The goal, its tasks and its edges (with how each resolved) as JSON.';
+COMMENT ON FUNCTION synapse.goal_status(bigint) IS 'The goal, its tasks (with their failed attempts) and its edges (with how each resolved) as JSON, and notes on work no live worker serves.';
 
 CREATE FUNCTION synapse.cancel_goal(goal_id bigint) RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE

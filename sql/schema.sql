@@ -236,3 +236,48 @@ SELECT pg_catalog.pg_extension_config_dump('synapse.actions', 'WHERE NOT builtin
 SELECT pg_catalog.pg_extension_config_dump('synapse.outbox', '');
 SELECT pg_catalog.pg_extension_config_dump('synapse.outbox_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('synapse.outbox_parked', '');
+
+-- Failed attempts: one row per attempt that failed (the step retried, gave
+-- up, or lost its worker), written in the statement that records the
+-- failure. A success costs nothing here; the task keeps its last error too.
+CREATE TABLE synapse.attempts (
+    task_id     bigint      NOT NULL REFERENCES synapse.tasks (id) ON DELETE CASCADE,
+    attempt     integer     NOT NULL CHECK (attempt >= 1),
+    worker      text,
+    started_at  timestamptz,
+    finished_at timestamptz NOT NULL DEFAULT now(),
+    error       text        NOT NULL
+);
+CREATE INDEX attempts_of_task ON synapse.attempts (task_id, attempt);
+COMMENT ON TABLE synapse.attempts IS 'Every failed attempt of a task: its error, worker, start and end. Written with the failure (by the worker, or by the forwarder when a lease lapsed); deleted with its task.';
+COMMENT ON COLUMN synapse.attempts.task_id IS 'The task the attempt belongs to.';
+COMMENT ON COLUMN synapse.attempts.attempt IS 'Attempt number (1 for the first); a goal run again with retry_goal numbers its attempts from 1 again.';
+COMMENT ON COLUMN synapse.attempts.worker IS 'Identity of the worker that ran the attempt.';
+COMMENT ON COLUMN synapse.attempts.started_at IS 'When the attempt was claimed.';
+COMMENT ON COLUMN synapse.attempts.finished_at IS 'When the failure was recorded (for a lost worker: when its lease was found lapsed).';
+COMMENT ON COLUMN synapse.attempts.error IS 'Why the attempt failed.';
+
+-- Workers, as they say themselves: at start, at stop and with the heartbeats
+-- of their running tasks (nothing polls, so an idle worker says nothing
+-- between its start and its stop). A worker is live from its start until its
+-- stop is recorded, or until the forwarder finds a lease of it lapsed (it
+-- stopped responding) and it has not been seen since. goal_status tells
+-- queued work that no live worker serves.
+CREATE TABLE synapse.workers (
+    identity     text        PRIMARY KEY,
+    queues       text[]      NOT NULL,
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    last_seen_at timestamptz NOT NULL DEFAULT now(),
+    stopped_at   timestamptz,
+    lost_at      timestamptz
+);
+COMMENT ON TABLE synapse.workers IS 'Workers and the queues they serve; a worker is live from its start until it stops, or until a lease of it lapsed and it was not seen since. Rows stopped more than 7 days ago are removed when a worker starts.';
+COMMENT ON COLUMN synapse.workers.identity IS 'The worker''s identity (leased_by of the tasks it runs).';
+COMMENT ON COLUMN synapse.workers.queues IS 'Queues it consumes, highest priority first.';
+COMMENT ON COLUMN synapse.workers.started_at IS 'When it (last) started.';
+COMMENT ON COLUMN synapse.workers.last_seen_at IS 'Its last sign of life: its start, a heartbeat of one of its tasks, or its stop.';
+COMMENT ON COLUMN synapse.workers.stopped_at IS 'When it stopped cleanly; NULL while it runs.';
+COMMENT ON COLUMN synapse.workers.lost_at IS 'When the forwarder found a lease of it lapsed: it stopped responding, unless seen after.';
+
+SELECT pg_catalog.pg_extension_config_dump('synapse.attempts', '');
+SELECT pg_catalog.pg_extension_config_dump('synapse.workers', '');

@@ -22,16 +22,29 @@ BEGIN
     GET DIAGNOSTICS n = ROW_COUNT;
     changed := changed + n;
     -- A lease that lapsed means the worker died or hung: run the task again if
-    -- an attempt is left, else fail it (attempts unchanged) saying so.
-    UPDATE synapse.tasks t
-       SET status = CASE WHEN t.attempts < t.max_attempts THEN 'queued' ELSE 'failed' END,
-           error = format('lease of attempt %s expired (worker %s)%s', t.attempts, coalesce(t.leased_by, 'unknown'),
-                          CASE WHEN t.attempts < t.max_attempts THEN '' ELSE '; no attempt left' END)
-      FROM (SELECT id FROM synapse.tasks WHERE status = 'running' AND lease_expires_at <= now()
-             ORDER BY lease_expires_at LIMIT batch FOR UPDATE SKIP LOCKED) lapsed
-     WHERE t.id = lapsed.id;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    changed := changed + n;
+    -- an attempt is left, else fail it (attempts unchanged) saying so. Either
+    -- way the attempt is kept in synapse.attempts, and the worker counts as
+    -- lost until it is seen again (a heartbeat) or restarts.
+    WITH lapsed AS (
+        SELECT id, leased_by FROM synapse.tasks WHERE status = 'running' AND lease_expires_at <= now()
+         ORDER BY lease_expires_at LIMIT batch FOR UPDATE SKIP LOCKED),
+    moved AS (
+        UPDATE synapse.tasks t
+           SET status = CASE WHEN t.attempts < t.max_attempts THEN 'queued' ELSE 'failed' END,
+               error = format('lease of attempt %s expired: worker %s stopped responding; '
+                              'whatever the step did may or may not have happened; %s',
+                              t.attempts, coalesce(t.leased_by, 'unknown'),
+                              CASE WHEN t.attempts < t.max_attempts THEN 'it runs again' ELSE 'no attempt left' END)
+          FROM lapsed
+         WHERE t.id = lapsed.id
+        RETURNING t.id, t.attempts, lapsed.leased_by, t.started_at, t.error),
+    lost AS (
+        UPDATE synapse.workers w SET lost_at = now()
+          FROM (SELECT identity FROM synapse.workers
+                 WHERE identity IN (SELECT leased_by FROM moved) FOR UPDATE SKIP LOCKED) l
+         WHERE w.identity = l.identity)
+    INSERT INTO synapse.attempts (task_id, attempt, worker, started_at, error)
+    SELECT id, attempts, leased_by, started_at, error FROM moved;
     -- Retention: whole goals, with their tasks and edges (ON DELETE CASCADE).
     IF retention_seconds > 0 THEN
         DELETE FROM synapse.goals g

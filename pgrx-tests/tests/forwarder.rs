@@ -366,7 +366,7 @@ fn an_expired_lease_is_requeued() {
     assert_eq!(row.get::<_, &str>(0), "queued");
     assert_eq!(
         row.get::<_, &str>(1),
-        "lease of attempt 1 expired (worker test)"
+        "lease of attempt 1 expired: worker test stopped responding; whatever the step did may or may not have happened; it runs again"
     );
     assert_eq!(row.get::<_, i32>(2), 1);
 }
@@ -515,7 +515,7 @@ fn an_expired_last_lease_fails_the_task_and_asks_a_worker_to_carry_on() {
     assert_eq!(row.get::<_, &str>(0), "failed");
     assert_eq!(
         row.get::<_, &str>(1),
-        "lease of attempt 1 expired (worker test); no attempt left"
+        "lease of attempt 1 expired: worker test stopped responding; whatever the step did may or may not have happened; no attempt left"
     );
     assert_eq!(row.get::<_, i32>(2), 1, "attempts unchanged");
 }

@@ -504,7 +504,10 @@ mod tests {
             "SELECT to_jsonb(t) FROM synapse.tasks t WHERE goal_id = {id} AND step = 'fetch'"
         ));
         assert_eq!(fetch["status"], "queued");
-        assert_eq!(fetch["error"], "lease of attempt 1 expired (worker w1)");
+        assert_eq!(
+            fetch["error"],
+            "lease of attempt 1 expired: worker w1 stopped responding; whatever the step did may or may not have happened; it runs again"
+        );
         assert_eq!(payloads().len(), 1);
         assert!(
             payloads()[0].contains(r#""event":"task.queued""#)
@@ -540,7 +543,7 @@ mod tests {
         assert_eq!(fetch["attempts"], 3);
         assert_eq!(
             fetch["error"],
-            "lease of attempt 3 expired (worker w2); no attempt left"
+            "lease of attempt 3 expired: worker w2 stopped responding; whatever the step did may or may not have happened; no attempt left"
         );
         assert_eq!(
             one::<String>("SELECT dispatch FROM synapse.outbox WHERE event = 'task.failed'"),

@@ -265,12 +265,17 @@ pub async fn submit(
     let deadline = wait
         .timeout
         .map(|limit| tokio::time::Instant::now() + limit);
+    let mut notes_shown = HashSet::new();
     let status = loop {
         // Whatever arrived before this read is in it.
         wakeups.borrow_and_update();
         let status = goal_status(&client, id).await?;
         if has_ended(&status) {
             break status;
+        }
+        // Work nothing will run, e.g. `queue gpu: no worker`: said once.
+        for note in new_notes(&status, &mut notes_shown) {
+            eprintln!("goal {id}: {note}");
         }
         next_event(&mut wakeups, id, deadline).await?;
     };
@@ -318,6 +323,54 @@ fn format_seconds(seconds: f64) -> String {
     } else {
         format!("{seconds:.0} s")
     }
+}
+
+/// The goal's notes (work no live worker serves) not in `shown` yet; adds them.
+fn new_notes(status: &Value, shown: &mut HashSet<String>) -> Vec<String> {
+    status["notes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .filter(|note| shown.insert((*note).to_owned()))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The failed attempts of `step` in a goal status, each as one line:
+/// `attempt 1 failed on w1 (01:02:03.456 → 01:02:03.789): boom`.
+fn attempt_lines(status: &Value, step: &str) -> Vec<(i64, String)> {
+    let history = status["tasks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|task| task["step"] == step)
+        .and_then(|task| task["attempts_history"].as_array());
+    let time = |value: &Value| {
+        // goal_status gives `2026-11-30T01:02:03.456789+00:00`: the time of day.
+        value
+            .as_str()
+            .and_then(|text| text.split_once('T'))
+            .map(|(_, time)| time.chars().take(12).collect::<String>())
+            .unwrap_or_else(|| "?".to_owned())
+    };
+    history
+        .into_iter()
+        .flatten()
+        .map(|attempt| {
+            let number = attempt["attempt"].as_i64().unwrap_or_default();
+            (
+                number,
+                format!(
+                    "attempt {number} failed on {} ({} → {}): {}",
+                    attempt["worker"].as_str().unwrap_or("an unknown worker"),
+                    time(&attempt["started_at"]),
+                    time(&attempt["finished_at"]),
+                    attempt["error"].as_str().unwrap_or_default()
+                ),
+            )
+        })
+        .collect()
 }
 
 /// `status`: the goal as JSON.
@@ -562,6 +615,9 @@ fn render(status: &Value, rows: &[tokio_postgres::Row]) -> String {
     if let Some(error) = status["error"].as_str() {
         out.push_str(&format!("  error: {error}\n"));
     }
+    for note in status["notes"].as_array().into_iter().flatten() {
+        out.push_str(&format!("  note: {}\n", note.as_str().unwrap_or_default()));
+    }
     out.push_str(&format!(
         "  {:<20} {:<10} {:<10} {:>7} {:>10}\n",
         "STEP", "ACTION", "STATUS", "ATTEMPT", "DURATION"
@@ -581,6 +637,9 @@ fn render(status: &Value, rows: &[tokio_postgres::Row]) -> String {
             out.push_str(&format!("  {error}"));
         }
         out.push('\n');
+        for (_, line) in attempt_lines(status, row.get::<_, &str>(0)) {
+            out.push_str(&format!("      {line}\n"));
+        }
     }
     for edge in status["edges"].as_array().into_iter().flatten() {
         let when = edge["when"]
@@ -630,6 +689,14 @@ fn change_line(row: &tokio_postgres::Row) -> String {
     line
 }
 
+/// What a non-terminal `watch` has printed besides task states: failed
+/// attempts (step, number, line) and notes.
+#[derive(Default)]
+struct Seen {
+    attempts: HashSet<(String, i64, String)>,
+    notes: HashSet<String>,
+}
+
 /// The lines a non-terminal `watch` prints for one read: the goal's first
 /// and changed states, and each task that appeared or changed.
 fn changes(
@@ -637,6 +704,7 @@ fn changes(
     rows: &[tokio_postgres::Row],
     goal_shown: &mut Option<String>,
     tasks_shown: &mut HashMap<String, TaskState>,
+    seen: &mut Seen,
 ) -> Vec<String> {
     let mut lines = Vec::new();
     let goal_state = status["status"].as_str().unwrap_or_default().to_owned();
@@ -654,9 +722,20 @@ fn changes(
             attempts: row.get(3),
         };
         let step: String = row.get(0);
+        // Failed attempts first: they happened before the state now shown.
+        for (number, line) in attempt_lines(status, &step) {
+            if seen.attempts.insert((step.clone(), number, line.clone())) {
+                lines.push(format!("{step}: {line}"));
+            }
+        }
         if tasks_shown.get(&step) != Some(&state) {
             lines.push(change_line(row));
             tasks_shown.insert(step, state);
+        }
+    }
+    if !has_ended(status) {
+        for note in new_notes(status, &mut seen.notes) {
+            lines.push(format!("goal {}: {note}", status["id"]));
         }
     }
     let first = goal_shown.is_none();
@@ -691,6 +770,7 @@ pub async fn watch(database: &Setting, id: i64) -> Outcome {
     let terminal = std::io::stdout().is_terminal();
     let mut goal_shown = None;
     let mut tasks_shown = HashMap::new();
+    let mut seen = Seen::default();
     loop {
         // Whatever arrived before these reads is in them.
         wakeups.borrow_and_update();
@@ -700,7 +780,7 @@ pub async fn watch(database: &Setting, id: i64) -> Outcome {
             // Clear and redraw in place.
             print!("\x1b[2J\x1b[H{}", render(&status, &rows));
         } else {
-            for line in changes(&status, &rows, &mut goal_shown, &mut tasks_shown) {
+            for line in changes(&status, &rows, &mut goal_shown, &mut tasks_shown, &mut seen) {
                 println!("{line}");
             }
         }

@@ -274,7 +274,14 @@ async fn hold_lease(shared: &Shared, task: &ClaimedTask) {
         let held = async {
             let mut client = shared.pool.get().await?;
             let tx = store::begin(&mut client).await?;
-            let held = store::heartbeat(&tx, task.id, task.attempt, shared.config.lease).await?;
+            let held = store::heartbeat(
+                &tx,
+                task.id,
+                task.attempt,
+                shared.config.lease,
+                &shared.config.identity,
+            )
+            .await?;
             tx.commit().await?;
             Ok::<_, StoreError>(held)
         };
@@ -297,17 +304,81 @@ async fn record(
     task: &ClaimedTask,
     outcome: AttemptOutcome,
 ) -> Result<Handled, StoreError> {
+    // Only a failure pays for this copy: what the WARN line below tells.
+    let failed = match &outcome {
+        AttemptOutcome::Succeeded(_) => None,
+        AttemptOutcome::Retry { error, delay } => Some((error.clone(), Some(*delay))),
+        AttemptOutcome::Failed(error) | AttemptOutcome::DefinitionError(error) => {
+            Some((error.clone(), None))
+        }
+    };
     let recording = shared.completer.record(task.clone(), outcome);
     tokio::pin!(recording);
-    tokio::select! {
+    let handled = tokio::select! {
         handled = &mut recording => handled,
         () = hold_lease(shared, task) => recording.await,
+    };
+    if let (Ok(Handled::Recorded(_)), Some((error, delay))) = (&handled, failed) {
+        let next = match delay {
+            Some(delay) => format!("retry at {}", rfc3339(std::time::SystemTime::now() + delay)),
+            None => "giving up".to_owned(),
+        };
+        warn!(
+            goal_id = task.goal_id,
+            step = %task.step,
+            attempt = task.attempt,
+            max_attempts = task.max_attempts,
+            %error,
+            next = %next,
+            "attempt failed"
+        );
     }
+    handled
+}
+
+/// `2026-11-30T01:22:59.123Z` (UTC, milliseconds).
+fn rfc3339(time: std::time::SystemTime) -> String {
+    let since = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let seconds = since.as_secs();
+    let (days, of_day) = ((seconds / 86_400) as i64, seconds % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        of_day / 3_600,
+        of_day % 3_600 / 60,
+        of_day % 60,
+        since.subsec_millis()
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_times_are_told_in_utc() {
+        let at = |seconds: u64, millis: u64| {
+            rfc3339(
+                std::time::UNIX_EPOCH
+                    + Duration::from_secs(seconds)
+                    + Duration::from_millis(millis),
+            )
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+        assert_eq!(at(1_796_001_779, 123), "2026-11-30T01:22:59.123Z");
+    }
 
     #[test]
     fn a_failed_task_message_asks_to_carry_on() {

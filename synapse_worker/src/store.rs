@@ -130,6 +130,8 @@ pub struct ClaimedTask {
     pub steps: Value,
     /// This attempt's number: the fencing token for every later write.
     pub attempt: i32,
+    /// Identity of the worker that claimed it (kept with a failed attempt).
+    pub worker: String,
     /// retries + 1.
     pub max_attempts: i32,
     /// Base backoff.
@@ -188,7 +190,7 @@ pub async fn claim_tasks(
         .await?;
     let mut claimed = Vec::with_capacity(rows.len());
     for row in &rows {
-        match claimed_task(row) {
+        match claimed_task(row, worker) {
             Ok(task) => claimed.push(task),
             // Not even its identity could be read: its lease lapses and the
             // timers deal with it.
@@ -200,7 +202,7 @@ pub async fn claim_tasks(
 
 /// One claimed row. `params` and `input` are user data: when they cannot be
 /// read, the task is still returned, marked [`ClaimedTask::unreadable`].
-fn claimed_task(row: &Row) -> Result<ClaimedTask> {
+fn claimed_task(row: &Row, worker: &str) -> Result<ClaimedTask> {
     let mut unreadable = None;
     let mut user_json = |index: usize, name: &str| match column::<Value>(row, index) {
         Ok(value) => value,
@@ -226,6 +228,7 @@ fn claimed_task(row: &Row) -> Result<ClaimedTask> {
         goal,
         steps,
         attempt: column(row, 6)?,
+        worker: worker.to_owned(),
         max_attempts: column(row, 7)?,
         backoff: Duration::from_millis(column::<i64>(row, 8)?.max(0) as u64),
         timeout: Duration::from_millis(column::<i64>(row, 9)?.max(0) as u64),
@@ -244,21 +247,26 @@ fn millis(duration: Duration) -> f64 {
 }
 
 /// Extends the lease; `false` when this attempt no longer holds the task
-/// (cancelled, or the lease expired and the task was re-queued).
+/// (cancelled, or the lease expired and the task was re-queued). The same
+/// statement notes that `worker` was seen (at most once a second).
 pub async fn heartbeat(
     client: &impl GenericClient,
     task_id: i64,
     attempt: i32,
     lease: Duration,
+    worker: &str,
 ) -> Result<bool> {
     let statement = client
         .prepare_cached(
-            "UPDATE synapse.tasks SET lease_expires_at = now() + $3 * interval '1 millisecond'
+            "WITH seen AS (
+                 UPDATE synapse.workers SET last_seen_at = now()
+                  WHERE identity = $4 AND last_seen_at < now() - interval '1 second')
+             UPDATE synapse.tasks SET lease_expires_at = now() + $3 * interval '1 millisecond'
               WHERE id = $1 AND status = 'running' AND attempts = $2",
         )
         .await?;
     Ok(client
-        .execute(&statement, &[&task_id, &attempt, &millis(lease)])
+        .execute(&statement, &[&task_id, &attempt, &millis(lease), &worker])
         .await?
         == 1)
 }
@@ -337,8 +345,10 @@ pub async fn record_outcomes(
     let mut errors: Vec<Option<&str>> = Vec::with_capacity(outcomes.len());
     let mut delays: Vec<Option<f64>> = Vec::with_capacity(outcomes.len());
     let mut kinds: Vec<Option<&str>> = Vec::with_capacity(outcomes.len());
+    let mut workers: Vec<&str> = Vec::with_capacity(outcomes.len());
     for (task, outcome) in outcomes {
         ids.push(task.id);
+        workers.push(task.worker.as_str());
         attempts.push(task.attempt);
         let (status, result, error, delay) = match outcome {
             AttemptOutcome::Succeeded(result) => ("succeeded", Some(result), None, None),
@@ -361,27 +371,36 @@ pub async fn record_outcomes(
     }
     let statement = tx
         .prepare_cached(
-            "UPDATE synapse.tasks t
+            "WITH recorded AS (
+             UPDATE synapse.tasks t
                 SET status = r.status, result = r.result, error = r.error, failure_kind = r.kind,
                     run_at = now() + r.delay_ms * interval '1 millisecond'
-               FROM unnest($1::bigint[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[], $7::text[])
-                    AS r(id, attempt, status, result, error, delay_ms, kind),
+               FROM unnest($1::bigint[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[], $7::text[],
+                           $8::text[])
+                    AS r(id, attempt, status, result, error, delay_ms, kind, worker),
                     synapse.goals g
               WHERE t.id = r.id AND t.status = 'running' AND t.attempts = r.attempt AND g.id = t.goal_id
           RETURNING t.id, r.attempt, g.goal, g.input, g.params,
                     (SELECT array_agg(e.to_step ORDER BY e.position) FROM synapse.edges e
-                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending'),
+                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending') AS to_steps,
                     (SELECT array_agg(e.when_expr ORDER BY e.position) FROM synapse.edges e
-                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending'),
+                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending') AS whens,
                     (SELECT array_agg(e.on_outcome ORDER BY e.position) FROM synapse.edges e
-                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending')",
+                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending') AS ons,
+                    r.status, r.error, r.worker, t.started_at),
+             -- Only a failure costs a row: the attempt, kept with its error.
+             kept AS (
+                 INSERT INTO synapse.attempts (task_id, attempt, worker, started_at, error)
+                 SELECT id, attempt, worker, started_at, error FROM recorded
+                  WHERE status IN ('retrying', 'failed'))
+             SELECT id, attempt, goal, input, params, to_steps, whens, ons FROM recorded",
         )
         .await?;
     let rows = tx
         .query(
             &statement,
             &[
-                &ids, &attempts, &statuses, &results, &errors, &delays, &kinds,
+                &ids, &attempts, &statuses, &results, &errors, &delays, &kinds, &workers,
             ],
         )
         .await?;
@@ -1047,5 +1066,53 @@ pub async fn register_actions(
             .execute(&statement, &[name, description, schema, builtin, &worker])
             .await?;
     }
+    Ok(())
+}
+
+/// What a starting worker learns of the extension's settings.
+pub struct ExtensionSettings {
+    /// `synapse.key_prefix`, if this session can read it.
+    pub key_prefix: Option<String>,
+    /// `synapse.redis_url`, if this role may read it (superuser-only).
+    pub redis_url: Option<String>,
+}
+
+/// Records that `worker` started and serves `queues` (a restart under the
+/// same identity starts afresh; workers stopped more than 7 days ago are
+/// forgotten), and reads the extension's Redis settings in the same statement.
+pub async fn worker_started(
+    client: &impl GenericClient,
+    worker: &str,
+    queues: &[String],
+) -> Result<ExtensionSettings> {
+    let statement = client
+        .prepare_cached(
+            "WITH forgotten AS (
+                 DELETE FROM synapse.workers
+                  WHERE stopped_at < now() - interval '7 days' AND identity <> $1)
+             INSERT INTO synapse.workers AS w (identity, queues) VALUES ($1, $2)
+             ON CONFLICT (identity) DO UPDATE
+                SET queues = excluded.queues, started_at = now(), last_seen_at = now(),
+                    stopped_at = NULL, lost_at = NULL
+          RETURNING current_setting('synapse.key_prefix', true),
+                    -- pg_settings shows only what this role may read.
+                    (SELECT setting FROM pg_catalog.pg_settings WHERE name = 'synapse.redis_url')",
+        )
+        .await?;
+    let row = client.query_one(&statement, &[&worker, &queues]).await?;
+    Ok(ExtensionSettings {
+        key_prefix: column(&row, 0)?,
+        redis_url: column(&row, 1)?,
+    })
+}
+
+/// Records that `worker` stopped: it serves no queue any more.
+pub async fn worker_stopped(client: &impl GenericClient, worker: &str) -> Result<()> {
+    let statement = client
+        .prepare_cached(
+            "UPDATE synapse.workers SET stopped_at = now(), last_seen_at = now() WHERE identity = $1",
+        )
+        .await?;
+    client.execute(&statement, &[&worker]).await?;
     Ok(())
 }

@@ -251,6 +251,7 @@ impl Worker {
             info!("stopped before starting");
             return Ok(());
         }
+        announce(&shared).await;
         let stop_completer = CancellationToken::new();
         let completer = tokio::spawn(crate::completer::run(
             shared.pool.clone(),
@@ -303,8 +304,67 @@ impl Worker {
         {
             warn!("the last outcomes could not be recorded; their leases will expire");
         }
+        // Its queues are no longer served by this worker.
+        let stopped = async {
+            let client = shared.pool.get().await?;
+            store::worker_stopped(&client, &shared.config.identity).await
+        };
+        match tokio::time::timeout(RELEASE_TIMEOUT, stopped).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(%error, "could not record that the worker stopped"),
+            Err(_) => warn!("could not record that the worker stopped in time"),
+        }
         info!("worker stopped");
         Ok(())
+    }
+}
+
+/// Records that this worker started and which queues it serves (what
+/// `goal_status` reads to tell work no worker serves), and warns when its
+/// Redis settings differ from the extension's: it would never see the work
+/// the forwarder dispatches. A failure here is logged, not fatal.
+async fn announce(shared: &Shared) {
+    let started = async {
+        let client = shared.pool.get().await?;
+        store::worker_started(&client, &shared.config.identity, &shared.config.queues).await
+    };
+    let settings = match started.await {
+        Ok(settings) => settings,
+        Err(error) => {
+            warn!(%error, "could not record the worker in synapse.workers (is the extension up to date?)");
+            return;
+        }
+    };
+    if let Some(prefix) = settings
+        .key_prefix
+        .filter(|p| *p != shared.config.key_prefix)
+    {
+        warn!(
+            key_prefix = %shared.config.key_prefix,
+            extension_key_prefix = %prefix,
+            "--key-prefix differs from the extension's synapse.key_prefix: this worker will not see the work the forwarder dispatches"
+        );
+    }
+    if let Some(url) = settings.redis_url {
+        if !same_redis(&url, &shared.config.redis_url) {
+            warn!(
+                redis = %connection_error::mask(&shared.config.redis_url),
+                extension_redis = %connection_error::mask(&url),
+                "--redis-url differs from the extension's synapse.redis_url: this worker may not see the work the forwarder dispatches"
+            );
+        }
+    }
+}
+
+/// Whether two Redis URLs name the same server and database (credentials
+/// aside); URLs that do not parse are not compared.
+fn same_redis(a: &str, b: &str) -> bool {
+    use redis::IntoConnectionInfo;
+    match (a.into_connection_info(), b.into_connection_info()) {
+        (Ok(a), Ok(b)) => {
+            a.addr() == b.addr() && a.redis_settings().db() == b.redis_settings().db()
+        }
+        _ => true,
     }
 }
 

@@ -45,6 +45,8 @@ BEGIN
          WHERE w.identity = l.identity)
     INSERT INTO synapse.attempts (task_id, attempt, worker, started_at, error)
     SELECT id, attempts, leased_by, started_at, error FROM moved;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    changed := changed + n;
     -- Retention: whole goals, with their tasks and edges (ON DELETE CASCADE).
     IF retention_seconds > 0 THEN
         DELETE FROM synapse.goals g

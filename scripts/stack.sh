@@ -80,7 +80,8 @@ CONF
     if ! psql_admin -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$DATABASE'" | grep -q 1; then
         psql_admin -d postgres -c "CREATE DATABASE $DATABASE"
     fi
-    psql_admin -d "$DATABASE" -c "CREATE EXTENSION IF NOT EXISTS synapse; CREATE EXTENSION IF NOT EXISTS pg_stat_statements;"
+    # A stack kept from an earlier release is updated to the installed one.
+    psql_admin -d "$DATABASE" -c "CREATE EXTENSION IF NOT EXISTS synapse; ALTER EXTENSION synapse UPDATE; CREATE EXTENSION IF NOT EXISTS pg_stat_statements;"
 }
 
 pg_stop() {

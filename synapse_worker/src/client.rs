@@ -427,8 +427,8 @@ pub async fn graph(
     Ok(true)
 }
 
-/// One entry of an `--actions` catalogue. `description` and `params_schema`
-/// are accepted (and not used yet).
+/// One entry of an `--actions` catalogue. `description` is accepted (and not
+/// used); `params_schema`, when given, must be a valid JSON Schema.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CatalogueEntry {
@@ -437,12 +437,11 @@ struct CatalogueEntry {
     #[allow(dead_code)]
     description: Option<String>,
     #[serde(default)]
-    #[allow(dead_code)]
     params_schema: Option<Value>,
 }
 
-/// The action names of an `--actions` catalogue file.
-fn catalogue(file: &std::path::Path) -> Result<Vec<String>, Failure> {
+/// The actions of an `--actions` catalogue file, with their `params_schema`.
+fn catalogue(file: &std::path::Path) -> Result<Vec<(String, Option<Value>)>, Failure> {
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("cannot read the --actions catalogue {}", file.display()))
         .map_err(Failure::Config)?;
@@ -454,23 +453,39 @@ fn catalogue(file: &std::path::Path) -> Result<Vec<String>, Failure> {
             )
         })
         .map_err(Failure::Config)?;
-    Ok(entries.into_iter().map(|entry| entry.name).collect())
+    for entry in &entries {
+        if let Some(schema) = &entry.params_schema {
+            if let Err(error) = blueprint::ParamsSchema::new(schema) {
+                return Err(Failure::Config(anyhow::anyhow!(
+                    "the --actions catalogue {}: the params_schema of \"{}\" is not a valid JSON Schema: {error}",
+                    file.display(),
+                    entry.name
+                )));
+            }
+        }
+    }
+    Ok(entries
+        .into_iter()
+        .map(|entry| (entry.name, entry.params_schema))
+        .collect())
 }
 
-/// The actions registered in `synapse.actions`.
-async fn registered_actions(database: &Setting) -> Result<Vec<String>, Failure> {
+/// The actions registered in `synapse.actions`, with their `params_schema`.
+async fn registered_actions(database: &Setting) -> Result<Vec<(String, Option<Value>)>, Failure> {
     let (client, _) = connect(database, None).await?;
     let rows = client
-        .query("SELECT name FROM synapse.actions", &[])
+        .query("SELECT name, params_schema FROM synapse.actions", &[])
         .await
         .map_err(db_error)?;
-    Ok(rows.iter().map(|row| row.get(0)).collect())
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
 }
 
 /// `validate`: every problem of a blueprint file, with its JSON path, by the
 /// same checks the extension runs. Known actions: the built-ins, those of
 /// the `actions` catalogue and, when a database is configured, those
-/// registered in it. No database is needed otherwise.
+/// registered in it (the catalogue's entry wins for an action in both). Each
+/// step's `params` are checked against its action's `params_schema`, if any.
+/// No database is needed otherwise.
 pub async fn validate(
     database: &Setting,
     file: &std::path::Path,
@@ -479,10 +494,11 @@ pub async fn validate(
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("cannot read {}", file.display()))
         .map_err(Failure::Config)?;
-    let mut known: HashSet<String> = match actions {
-        Some(catalogue_file) => catalogue(catalogue_file)?.into_iter().collect(),
-        None => HashSet::new(),
+    let listed = match actions {
+        Some(catalogue_file) => catalogue(catalogue_file)?,
+        None => Vec::new(),
     };
+    let mut known: HashMap<String, Option<Value>> = HashMap::new();
     if database.is_configured() {
         match registered_actions(database).await {
             Ok(registered) => known.extend(registered),
@@ -493,12 +509,18 @@ pub async fn validate(
             Err(failure) => return Err(failure),
         }
     }
+    known.extend(listed);
     let problems = match serde_json::from_str::<Value>(&text) {
         Err(error) => vec![blueprint::Problem {
             path: "$".to_owned(),
             message: format!("not JSON: {error}"),
         }],
-        Ok(doc) => match blueprint::validate(&doc, &|name| known.contains(name)) {
+        Ok(doc) => match blueprint::validate_with_params_schemas(
+            &doc,
+            &|name| known.contains_key(name),
+            &|name| known.get(name).cloned().flatten(),
+            &|| {},
+        ) {
             Ok(_) => Vec::new(),
             Err(problems) => problems,
         },

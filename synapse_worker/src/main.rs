@@ -142,7 +142,7 @@ enum Command {
     /// actions, plus those of --actions; when a database is configured (flag, environment or
     /// ./.synapse/env) it also knows the actions registered in synapse.actions.
     #[command(
-        after_help = "Examples:\n  synapse-worker validate plan.json\n  synapse-worker validate plan.json --actions actions.json   (offline, e.g. in CI)\n\nThe --actions file is a JSON list of {\"name\": …, \"description\": …, \"params_schema\": …}\n(description and params_schema optional), e.g. [{\"name\": \"resize_image\"}]."
+        after_help = "Examples:\n  synapse-worker validate plan.json\n  synapse-worker validate plan.json --actions actions.json   (offline, e.g. in CI)\n\nThe --actions file is a JSON list of {\"name\": …, \"description\": …, \"params_schema\": …}\n(description and params_schema optional; each step's params are checked against its\naction's params_schema, which must be a valid JSON Schema), e.g. [{\"name\": \"resize_image\"}]."
     )]
     Validate {
         /// Blueprint JSON file.

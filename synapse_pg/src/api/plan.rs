@@ -68,23 +68,25 @@ fn refusal(error: Error) -> Result<Problem> {
     }
 }
 
-fn known_actions() -> Result<HashSet<String>> {
+/// The registered actions, with their `params_schema` if they have one.
+fn known_actions() -> Result<HashMap<String, Option<Value>>> {
     Ok(Spi::connect(|client| {
         client
-            .select("SELECT name FROM synapse.actions", None, &[])?
-            .map(|row| row.get::<String>(1))
-            .collect::<std::result::Result<Vec<_>, _>>()
+            .select("SELECT name, params_schema FROM synapse.actions", None, &[])?
+            .map(|row| Ok((row.get::<String>(1)?, row.get::<JsonB>(2)?)))
+            .collect::<std::result::Result<Vec<_>, pgrx::spi::Error>>()
     })?
     .into_iter()
-    .flatten()
+    .filter_map(|(name, schema)| Some((name?, schema.map(|JsonB(schema)| schema))))
     .collect())
 }
 
 fn validate(doc: &Value) -> Result<std::result::Result<Blueprint, Vec<Problem>>> {
     let known = known_actions()?;
-    Ok(blueprint::validate_interruptible(
+    Ok(blueprint::validate_with_params_schemas(
         doc,
-        &|name| known.contains(name),
+        &|name| known.contains_key(name),
+        &|name| known.get(name).cloned().flatten(),
         &|| {
             pgrx::check_for_interrupts!();
         },

@@ -2,13 +2,15 @@
 //!
 //! This module is shared by the `synapse` extension (synchronous validation in
 //! `submit_plan` and `validate_blueprint`) and by the worker (planner, graph engine), so it
-//! depends on nothing beyond serde, `cel` and `regex`. Use [`validate`] to turn untrusted
+//! depends on nothing beyond serde, `cel`, `regex` and `jsonschema` (for the `params_schema`
+//! of registered actions). Use [`validate`] to turn untrusted
 //! JSON into a [`Blueprint`]: it reports every problem with its JSON path, whereas plain
 //! deserialization stops at the first.
 
 pub mod cel;
 pub mod duration;
 pub mod limits;
+mod params_schema;
 pub mod scope;
 mod validate;
 
@@ -19,9 +21,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use self::duration::{format_duration, parse_duration};
+pub use self::params_schema::ParamsSchema;
 pub use self::validate::{
-    is_valid_queue, kind as json_kind, validate, validate_interruptible, Problem,
-    MAX_BLUEPRINT_BYTES, MAX_STEPS,
+    is_valid_queue, kind as json_kind, validate, validate_interruptible,
+    validate_with_params_schemas, Problem, MAX_BLUEPRINT_BYTES, MAX_STEPS,
 };
 
 /// Actions every worker implements; any other action must be registered by a worker in

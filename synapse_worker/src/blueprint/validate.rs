@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 
 use super::duration::{format_duration, parse_duration};
 use super::limits::{depth_message, json_depth, json_len, size_message, MAX_JSON_DEPTH};
+use super::params_schema::ParamsSchema;
 use super::scope::{Site, CEL_NAMES};
 use super::{cel, Blueprint, BUILTIN_ACTIONS};
 
@@ -105,11 +106,26 @@ pub fn validate_interruptible(
     is_known_action: &dyn Fn(&str) -> bool,
     check_interrupts: &dyn Fn(),
 ) -> Result<Blueprint, Vec<Problem>> {
+    validate_with_params_schemas(doc, is_known_action, &|_| None, check_interrupts)
+}
+
+/// [`validate_interruptible`], also checking the `params` of each step whose
+/// (non-built-in) action has a `params_schema`: `params_schema` returns that
+/// schema, if any. A schema that is not a valid JSON Schema is reported as a
+/// problem of the steps using it.
+pub fn validate_with_params_schemas(
+    doc: &Value,
+    is_known_action: &dyn Fn(&str) -> bool,
+    params_schema: &dyn Fn(&str) -> Option<Value>,
+    check_interrupts: &dyn Fn(),
+) -> Result<Blueprint, Vec<Problem>> {
     let mut checker = Checker {
         problems: Vec::new(),
         step_refs: Vec::new(),
         dropped: 0,
         is_known_action,
+        params_schema,
+        schemas: HashMap::new(),
         check_interrupts,
     };
     checker.document(doc);
@@ -138,7 +154,7 @@ pub fn validate_interruptible(
 
 /// `path` followed by an object key, as `.key` or, for keys that are not identifiers,
 /// `["key"]`.
-fn key_path(path: &str, key: &str) -> String {
+pub(super) fn key_path(path: &str, key: &str) -> String {
     if PLAIN_KEY_RE.is_match(key) {
         format!("{path}.{key}")
     } else {
@@ -148,7 +164,7 @@ fn key_path(path: &str, key: &str) -> String {
 }
 
 /// `path` followed by an array index.
-fn index_path(path: &str, index: usize) -> String {
+pub(super) fn index_path(path: &str, index: usize) -> String {
     format!("{path}[{index}]")
 }
 
@@ -185,6 +201,9 @@ struct Checker<'a> {
     step_refs: Vec<StepRefs>,
     dropped: usize,
     is_known_action: &'a dyn Fn(&str) -> bool,
+    params_schema: &'a dyn Fn(&str) -> Option<Value>,
+    /// The compiled `params_schema` of each action met so far.
+    schemas: HashMap<String, Option<Result<ParamsSchema, String>>>,
     check_interrupts: &'a dyn Fn(),
 }
 
@@ -495,6 +514,9 @@ impl Checker<'_> {
         };
         if let (Some(action), Some(params)) = (action, params) {
             self.builtin_params(&params_path, action, params, i);
+            if !BUILTIN_ACTIONS.contains(&action) {
+                self.schema_params(&params_path, action, obj.get("params"));
+            }
         }
 
         self.optional_cel(path, obj, "input", Site::StepInput, Some(i));
@@ -529,6 +551,29 @@ impl Checker<'_> {
                     format!("expected \"any\" or \"all\", got \"{join}\""),
                 );
             }
+        }
+    }
+
+    /// Checks `params` (absent: `{}`) against the `params_schema` of `action`, if any.
+    fn schema_params(&mut self, path: &str, action: &str, params: Option<&Value>) {
+        if !self.schemas.contains_key(action) {
+            let compiled = (self.params_schema)(action).map(|schema| ParamsSchema::new(&schema));
+            self.schemas.insert(action.to_owned(), compiled);
+        }
+        let empty = Value::Object(Map::new());
+        let params = params.unwrap_or(&empty);
+        let problems = match self.schemas.get(action) {
+            Some(Some(Ok(schema))) => schema.check(path, params),
+            Some(Some(Err(error))) => vec![Problem {
+                path: path.to_owned(),
+                message: format!(
+                    "the params_schema of action \"{action}\" is not a valid JSON Schema: {error}"
+                ),
+            }],
+            _ => Vec::new(),
+        };
+        for problem in problems {
+            self.report(problem.path, problem.message);
         }
     }
 
@@ -1193,6 +1238,122 @@ mod tests {
         let doc = one_step(json!({"id": "a", "action": "send_mail"}));
         assert!(validate(&doc, &|name| name == "send_mail").is_ok());
         assert!(validate(&doc, &|_| false).is_err());
+    }
+
+    /// Validates `doc` where `fetch` is registered with `schema` as its params_schema.
+    fn with_schema(doc: &Value, schema: &Value) -> Result<Blueprint, Vec<Problem>> {
+        validate_with_params_schemas(
+            doc,
+            &|name| name == "fetch",
+            &|name| (name == "fetch").then(|| schema.clone()),
+            &|| {},
+        )
+    }
+
+    fn url_schema() -> Value {
+        json!({
+            "type": "object",
+            "required": ["url"],
+            "properties": {
+                "url": {"type": "string", "format": "uri"},
+                "tries": {"type": "integer"},
+                "tags": {"type": "array", "items": {"type": "string"}}
+            }
+        })
+    }
+
+    fn fetch_after_noop(params: Value) -> Value {
+        json!({"steps": [
+            {"id": "a", "action": "noop"},
+            {"id": "b", "action": "fetch", "params": params}
+        ]})
+    }
+
+    fn as_pairs(problems: &[Problem]) -> Vec<(&str, &str)> {
+        problems
+            .iter()
+            .map(|p| (p.path.as_str(), p.message.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn params_schema_requires_its_properties() {
+        let found = with_schema(&fetch_after_noop(json!({})), &url_schema()).unwrap_err();
+        assert_eq!(
+            as_pairs(&found),
+            [("$.steps[1].params", "\"url\" is a required property")]
+        );
+        // No params at all are checked as `{}`.
+        let doc = json!({"steps": [{"id": "b", "action": "fetch"}]});
+        let found = with_schema(&doc, &url_schema()).unwrap_err();
+        assert_eq!(
+            as_pairs(&found),
+            [("$.steps[0].params", "\"url\" is a required property")]
+        );
+    }
+
+    #[test]
+    fn params_schema_reports_each_wrong_value_with_its_path() {
+        let doc = fetch_after_noop(json!({"url": "x", "tries": "three", "tags": ["a", 2]}));
+        let found = with_schema(&doc, &url_schema()).unwrap_err();
+        let mut pairs = as_pairs(&found);
+        pairs.sort();
+        assert_eq!(
+            pairs,
+            [
+                ("$.steps[1].params.tags[1]", "2 is not of type \"string\""),
+                (
+                    "$.steps[1].params.tries",
+                    "\"three\" is not of type \"integer\""
+                ),
+                ("$.steps[1].params.url", "\"x\" is not a \"uri\""),
+            ]
+        );
+    }
+
+    #[test]
+    fn params_matching_the_schema_pass() {
+        let doc = fetch_after_noop(json!({"url": "https://example.com/a", "tries": 3, "tags": []}));
+        assert!(with_schema(&doc, &url_schema()).is_ok());
+        // CEL expressions are strings in JSON, checked as written.
+        let schema = json!({"type": "object", "properties": {"expr": {"type": "string"}}});
+        let doc = fetch_after_noop(json!({"expr": "input.x + 1"}));
+        assert!(with_schema(&doc, &schema).is_ok());
+        // Without a schema, anything goes.
+        let doc = fetch_after_noop(json!({"anything": [1]}));
+        assert!(validate(&doc, &|name| name == "fetch").is_ok());
+    }
+
+    #[test]
+    fn params_schema_is_not_applied_to_builtins() {
+        let doc = one_step(json!({"id": "a", "action": "sleep", "params": {"ms": 5}}));
+        let reject_all = json!({"not": {}});
+        let result =
+            validate_with_params_schemas(&doc, &|_| true, &|_| Some(reject_all.clone()), &|| {});
+        assert!(result.is_ok());
+    }
+
+    #[test]
+    fn an_invalid_params_schema_is_reported_not_fatal() {
+        for schema in [
+            json!({"type": "strnig"}),
+            json!({"minLength": -1}),
+            json!(7),
+            json!({"$ref": "https://example.com/schema.json"}),
+            json!({"pattern": "("}),
+        ] {
+            assert!(ParamsSchema::new(&schema).is_err(), "{schema} was accepted");
+            let found = with_schema(&fetch_after_noop(json!({"url": "x"})), &schema).unwrap_err();
+            assert_eq!(found.len(), 1, "{found:?}");
+            assert_eq!(found[0].path, "$.steps[1].params");
+            assert!(
+                found[0].message.starts_with(
+                    "the params_schema of action \"fetch\" is not a valid JSON Schema: "
+                ),
+                "{}",
+                found[0].message
+            );
+        }
     }
 
     #[test]

@@ -145,6 +145,25 @@ fn every_failed_attempt_is_kept_with_its_worker_times_and_error() {
             .len(),
         2
     );
+
+    // So does `watch`, one line per failed attempt when its output is a pipe.
+    let watched = Command::new(worker_binary())
+        .args(["watch", &id.to_string()])
+        .env("SYNAPSE_DATABASE_URL", stack.database_url())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(watched.status.code(), Some(0));
+    let watched = String::from_utf8_lossy(&watched.stdout);
+    for number in 1..=2 {
+        assert!(
+            watched.lines().any(|line| line
+                .starts_with(&format!("notify: attempt {number} failed on {identity}"))
+                && line.contains("answered 500")),
+            "{watched}"
+        );
+    }
 }
 
 #[test]
@@ -240,10 +259,37 @@ fn queued_work_no_live_worker_serves_is_told_until_one_starts() {
     assert_eq!(status["notes"], json!(["queue gpu: no worker"]), "{status}");
     assert_eq!(task(&status, "render")["status"], "queued", "{status}");
 
+    // `watch`, piped, tells it too, and follows the goal to its end.
+    let watch_out = dir.0.join("watch");
+    let mut watch = Command::new(worker_binary())
+        .args(["watch", &id.to_string()])
+        .env("SYNAPSE_DATABASE_URL", stack.database_url())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&watch_out).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until("watch to tell the missing worker", WAIT, || {
+        std::fs::read_to_string(&watch_out)
+            .unwrap_or_default()
+            .lines()
+            .any(|line| line == format!("goal {id}: queue gpu: no worker"))
+            .then_some(())
+    });
+
     let mut gpu = stack.start_worker("gpu", &["--queues", "gpu"]);
     wait_until("submit --wait to end", WAIT, || {
         submit.try_wait().unwrap().map(|_| ())
     });
+    let watched = wait_until("watch to end", WAIT, || watch.try_wait().unwrap());
+    assert!(watched.success());
+    let watched = std::fs::read_to_string(&watch_out).unwrap();
+    assert!(
+        watched
+            .lines()
+            .any(|line| line.starts_with(&format!("goal {id} succeeded"))),
+        "{watched}"
+    );
     let out = submit.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&out.stdout);

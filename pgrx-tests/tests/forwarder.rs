@@ -689,33 +689,42 @@ fn submitted_goals(
     ids
 }
 
-#[test]
-fn a_row_lock_held_elsewhere_does_not_hold_up_the_forwarder() {
-    let stack = Stack::start("row-lock", &["synapse.sweep_interval = '1s'"]);
-    let mut client = stack.pg();
-    let mut holder = stack.pg();
-    let mut redis = stack.redis();
-    let goals = submitted_goals(&mut client, &mut redis, 2);
+/// With one of two submitted goals locked by `holder`, the sweep passes it by
+/// and dispatches the other again, and new work is dispatched, while the lock
+/// is held.
+fn flows_past_a_locked_goal(
+    client: &mut postgres::Client,
+    holder: &mut postgres::Client,
+    redis: &mut redis::Connection,
+) {
+    let goals = submitted_goals(client, redis, 2);
     let mut tx = holder.transaction().unwrap();
     tx.execute(
         "SELECT FROM synapse.goals WHERE id = $1 FOR UPDATE",
         &[&goals[0]],
     )
     .unwrap();
-    // The sweep passes the locked goal by and dispatches the other again.
-    let payload = brpop(&mut redis, "synapse:planner", WAIT).expect("the sweep goes on");
+    let payload = brpop(redis, "synapse:planner", WAIT).expect("the sweep goes on");
     assert!(
         payload.contains(&format!("\"goal_id\":{}}}", goals[1])),
         "{payload}"
     );
-    // And new work is dispatched while the lock is still held.
-    let goal = submit_plan(&mut client, ONE_STEP);
-    let payload = brpop(&mut redis, "synapse:queue:default", WAIT).expect("new work flows");
+    let goal = submit_plan(client, ONE_STEP);
+    let payload = brpop(redis, "synapse:queue:default", WAIT).expect("new work flows");
     assert!(
         payload.contains(&format!("\"goal_id\":{goal}")),
         "{payload}"
     );
     tx.rollback().unwrap();
+}
+
+#[test]
+fn a_row_lock_held_elsewhere_does_not_hold_up_the_forwarder() {
+    let stack = Stack::start("row-lock", &["synapse.sweep_interval = '1s'"]);
+    let mut client = stack.pg();
+    let mut holder = stack.pg();
+    let mut redis = stack.redis();
+    flows_past_a_locked_goal(&mut client, &mut holder, &mut redis);
 }
 
 #[test]
@@ -743,27 +752,9 @@ fn a_database_timeout_does_not_crash_the_forwarder() {
         let pid = forwarder_pid(&mut client);
         (pid != old).then_some(pid)
     });
-    let goals = submitted_goals(&mut client, &mut redis, 2);
     let mut holder = stack.pg();
     holder.batch_execute("SET statement_timeout = 0").unwrap();
-    let mut tx = holder.transaction().unwrap();
-    tx.execute(
-        "SELECT FROM synapse.goals WHERE id = $1 FOR UPDATE",
-        &[&goals[0]],
-    )
-    .unwrap();
-    let payload = brpop(&mut redis, "synapse:planner", WAIT).expect("the sweep goes on");
-    assert!(
-        payload.contains(&format!("\"goal_id\":{}}}", goals[1])),
-        "{payload}"
-    );
-    let goal = submit_plan(&mut client, ONE_STEP);
-    let payload = brpop(&mut redis, "synapse:queue:default", WAIT).expect("new work flows");
-    assert!(
-        payload.contains(&format!("\"goal_id\":{goal}")),
-        "{payload}"
-    );
-    tx.rollback().unwrap();
+    flows_past_a_locked_goal(&mut client, &mut holder, &mut redis);
     assert_eq!(
         forwarder_pid(&mut client),
         pid,

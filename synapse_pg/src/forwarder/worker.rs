@@ -142,7 +142,8 @@ enum Drain {
     More,
 }
 
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+/// The earlier of two optional deadlines (or durations).
+fn earliest<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -297,7 +298,7 @@ impl Forwarder {
                 .send(&gucs::key_prefix(), &batch.events)
                 .map_err(Failure::Redis)?;
             let recorded = record_deliveries(&batch.ids, &deliveries)?;
-            batch.due.redrain = min_duration(batch.due.redrain, recorded.retry);
+            batch.due.redrain = earliest(batch.due.redrain, recorded.retry);
             let acknowledged = recorded.acknowledged;
             let now = unsafe { pg_sys::GetCurrentTimestamp() };
             update_state(|state| {
@@ -477,13 +478,6 @@ struct Batch {
     outbox: pg_sys::Oid,
 }
 
-fn min_duration(current: Option<Duration>, new: Option<Duration>) -> Option<Duration> {
-    match (current, new) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
 fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Batch, Failure> {
     Spi::connect(|client| {
         // One row at least: the snapshot's xmin comes with the events.
@@ -520,7 +514,7 @@ fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Bat
             let dispatch = row.get::<String>(2)?;
             let event = row.get::<String>(5)?.unwrap_or_default();
             if let Some(seconds_left) = row.get::<f64>(6)? {
-                batch.due.timers = min_duration(batch.due.timers, Some(seconds(seconds_left)));
+                batch.due.timers = earliest(batch.due.timers, Some(seconds(seconds_left)));
             }
             let finished_goal = matches!(
                 event.as_str(),
@@ -528,10 +522,10 @@ fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Bat
             );
             if finished_goal && retention_seconds > 0 {
                 let retention = Duration::from_secs(retention_seconds as u64);
-                batch.due.timers = min_duration(batch.due.timers, Some(retention));
+                batch.due.timers = earliest(batch.due.timers, Some(retention));
             }
             if dispatch.is_some() {
-                batch.due.sweep = min_duration(batch.due.sweep, Some(sweep));
+                batch.due.sweep = earliest(batch.due.sweep, Some(sweep));
             }
             batch.ids.push(id);
             batch.events.push(Event {

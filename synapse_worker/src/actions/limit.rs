@@ -6,7 +6,6 @@
 //! from outside (`http`, `exec`, `sql`) stop reading at the limit; every
 //! action's JSON result is measured again before it is recorded.
 use std::fmt;
-use std::io;
 
 use serde_json::Value;
 
@@ -88,13 +87,9 @@ impl ResultLimit {
 
     /// `Ok` if `value`, serialized as compact JSON, fits.
     pub fn check(&self, value: &Value) -> Result<(), ActionError> {
-        let mut counter = Counter {
-            written: 0,
-            limit: self.bytes,
-        };
-        match serde_json::to_writer(&mut counter, value) {
-            Ok(()) => Ok(()),
-            Err(_) => Err(self.exceeded("")),
+        match crate::blueprint::limits::json_len_within(value, self.bytes) {
+            Some(_) => Ok(()),
+            None => Err(self.exceeded("")),
         }
     }
 }
@@ -114,27 +109,6 @@ impl fmt::Display for ResultLimit {
         } else {
             write!(f, "{bytes} bytes")
         }
-    }
-}
-
-/// Counts serialized bytes and stops the serializer (with an error) as soon as
-/// they pass the limit, so an oversized value is never written out whole.
-struct Counter {
-    written: usize,
-    limit: usize,
-}
-
-impl io::Write for Counter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.written = self.written.saturating_add(buf.len());
-        if self.written > self.limit {
-            return Err(io::Error::other("over the limit"));
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 

@@ -18,20 +18,32 @@ pub const MAX_JSON_DEPTH: usize = 64;
 
 /// Length of the compact JSON text of `value`, without building the string.
 pub fn json_len(value: &Value) -> usize {
-    struct Counter(usize);
+    json_len_within(value, usize::MAX).unwrap_or(usize::MAX)
+}
+
+/// Length of the compact JSON text of `value` if it is at most `limit`
+/// bytes; `None` as soon as it passes the limit (the rest is never written).
+pub fn json_len_within(value: &Value, limit: usize) -> Option<usize> {
+    struct Counter {
+        written: usize,
+        limit: usize,
+    }
     impl io::Write for Counter {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0 += buf.len();
+            self.written = self.written.saturating_add(buf.len());
+            if self.written > self.limit {
+                return Err(io::Error::other("over the limit"));
+            }
             Ok(buf.len())
         }
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
     }
-    let mut counter = Counter(0);
-    // Serializing a `Value` into an infallible writer cannot fail.
-    let _ = serde_json::to_writer(&mut counter, value);
-    counter.0
+    let mut counter = Counter { written: 0, limit };
+    // Serializing a `Value` fails only when the counter stops it.
+    serde_json::to_writer(&mut counter, value).ok()?;
+    Some(counter.written)
 }
 
 /// How deeply arrays and objects nest in `value` (see [`MAX_JSON_DEPTH`]); iterative.

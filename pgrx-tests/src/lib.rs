@@ -140,6 +140,64 @@ impl Stack {
         std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
     }
 
+    /// Where events and work stand, for failure messages: the forwarder's
+    /// state, what waits in the outbox, the Redis lists, and the tails of
+    /// every log of the stack.
+    pub fn diagnostics(&self) -> String {
+        let mut report = String::new();
+        let query = "SELECT synapse.forwarder_status()::text,
+                            (SELECT json_agg(o ORDER BY o.id)::text FROM
+                               (SELECT id, event, task_id, dispatch, failures, retry_at
+                                  FROM synapse.outbox ORDER BY id LIMIT 20) o)";
+        match postgres::Client::connect(&self.database_url(), postgres::NoTls)
+            .and_then(|mut client| client.query_one(query, &[]))
+        {
+            Ok(row) => {
+                let forwarder: Option<String> = row.get(0);
+                let outbox: Option<String> = row.get(1);
+                report += &format!(
+                    "--- forwarder: {}\n--- outbox: {}\n",
+                    forwarder.unwrap_or_default(),
+                    outbox.unwrap_or_else(|| "empty".into())
+                );
+            }
+            Err(error) => report += &format!("--- postgres: {error}\n"),
+        }
+        let lists = redis::Client::open(self.test_redis_url())
+            .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(5)))
+            .and_then(|mut redis| {
+                let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut redis)?;
+                keys.into_iter()
+                    .map(|key| {
+                        let kind: String = redis::cmd("TYPE").arg(&key).query(&mut redis)?;
+                        let length: i64 = match kind.as_str() {
+                            "list" => redis::cmd("LLEN").arg(&key).query(&mut redis)?,
+                            "stream" => redis::cmd("XLEN").arg(&key).query(&mut redis)?,
+                            _ => -1,
+                        };
+                        Ok(format!("{key} ({kind}): {length}"))
+                    })
+                    .collect::<redis::RedisResult<Vec<_>>>()
+            });
+        report += &format!("--- redis: {lists:?}\n");
+        let mut logs: Vec<_> = std::fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+                    .filter(|path| path.extension().is_some_and(|ext| ext == "log"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        logs.sort();
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            report += &format!("--- {} (last 40 lines):\n{tail}\n", log.display());
+        }
+        report
+    }
+
     /// The postmaster and its children.
     pub fn postgres_pids(&self) -> Vec<u32> {
         let pidfile =
@@ -208,15 +266,19 @@ impl Stack {
         postgres::Client::connect(&url, postgres::NoTls).expect("connecting to postgres")
     }
 
-    /// A new Redis connection.
-    pub fn redis(&self) -> redis::Connection {
-        // The test itself skips verification; the processes under test verify.
-        let url = if self.secure.is_some() {
+    /// The Redis URL for the test's own connections, which skip verification
+    /// (the processes under test verify).
+    fn test_redis_url(&self) -> String {
+        if self.secure.is_some() {
             format!("{}#insecure", self.redis_url())
         } else {
             self.redis_url()
-        };
-        let connection = redis::Client::open(url)
+        }
+    }
+
+    /// A new Redis connection.
+    pub fn redis(&self) -> redis::Connection {
+        let connection = redis::Client::open(self.test_redis_url())
             .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(5)))
             .expect("connecting to redis");
         connection
@@ -469,7 +531,8 @@ pub fn wait_for_goal(stack: &Stack, id: i64, limit: Duration) -> serde_json::Val
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(
             !left.is_zero(),
-            "goal {id} did not end within {limit:?}: {status}"
+            "goal {id} did not end within {limit:?}: {status}\n{}",
+            stack.diagnostics()
         );
         // Any goal event may be ours; look again after each.
         let mut notifications = listener.notifications();

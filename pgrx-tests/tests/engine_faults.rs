@@ -99,7 +99,7 @@ async fn record_in_one_batch(
     pool: &deadpool_postgres::Pool,
     outcomes: Vec<(ClaimedTask, AttemptOutcome)>,
 ) -> Vec<String> {
-    let (completer, queue) = completer::completer();
+    let (completer, queue) = completer::completer(outcomes.len());
     let mut pending: Vec<Pin<Box<_>>> = outcomes
         .into_iter()
         .map(|(task, outcome)| Box::pin(completer.record(task, outcome)))

@@ -750,3 +750,58 @@ fn at_sigterm_a_task_that_outlives_the_grace_period_is_released_for_another_work
     assert_eq!(status["status"], "succeeded");
     assert_eq!(task(&status, "long")["attempts"], 1);
 }
+
+#[test]
+fn a_slot_is_free_for_the_next_task_while_an_outcome_waits_to_be_recorded() {
+    let stack = Stack::start("slots", &[]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    let queued = |redis: &mut redis::Connection| -> i64 {
+        redis::cmd("LLEN")
+            .arg("synapse:queue:default")
+            .query(redis)
+            .unwrap()
+    };
+    let blocked = submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "a", "action": "noop"}]}),
+    );
+    // The blocked goal's task is the first one popped.
+    wait_until("the first message", WAIT, || {
+        (queued(&mut redis) == 1).then_some(())
+    });
+    let free = submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "b", "action": "noop"}]}),
+    );
+    wait_until("the second message", WAIT, || {
+        (queued(&mut redis) == 2).then_some(())
+    });
+    // Recording an outcome locks its goal first: holding the first goal's row
+    // keeps its outcome waiting in the completer.
+    let mut holder = stack.pg();
+    let mut lock = holder.transaction().unwrap();
+    lock.execute(
+        "SELECT 1 FROM synapse.goals WHERE id = $1 FOR UPDATE",
+        &[&blocked],
+    )
+    .unwrap();
+    let _worker = stack.start_worker("w", &["--concurrency", "1"]);
+
+    // With its only slot free again, the worker runs and records the next task.
+    let status = wait_for_goal(&stack, free, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    let waiting: String = client
+        .query_one(
+            "SELECT status FROM synapse.tasks WHERE goal_id = $1",
+            &[&blocked],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(waiting, "running", "the first outcome is not recorded yet");
+
+    lock.commit().unwrap();
+    let status = wait_for_goal(&stack, blocked, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(task(&status, "a")["attempts"], 1);
+}

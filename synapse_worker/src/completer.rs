@@ -1,20 +1,25 @@
 //! Records task outcomes in batches: group commit.
 //!
-//! Executors hand their outcome to the completer and wait for the answer. The
-//! completer runs one transaction at a time; whatever arrived while the
-//! previous one ran goes into the next: outcomes, fencing checks and the
-//! engine for the whole batch, then one commit. A lone outcome is recorded at
-//! once, so batching adds no latency; under load the batches grow by
-//! themselves and the commits per task fall.
+//! Executors hand their outcome to the completer, free their concurrency slot
+//! (the next task can start while this one is recorded) and wait for the
+//! answer. Whatever arrived while earlier batches ran goes into the next:
+//! outcomes, fencing checks and the engine for the whole batch, then one
+//! commit. Two batches may be in flight, so one commits while the next is
+//! written. A lone outcome is recorded at once, so batching adds no latency;
+//! under load the batches grow by themselves and the commits per task fall.
+//! The outcomes waiting for an answer are bounded (the backlog): an executor
+//! with nowhere to put its outcome keeps its slot, so claims slow down.
 //!
 //! Each transaction locks the goals of its batch (in id order) before it
 //! writes any task row: goal first, then tasks, the order `cancel_goal`
-//! follows too, so a completion and a cancel never deadlock.
+//! follows too, so a completion and a cancel never deadlock, nor do two
+//! batches in flight.
 use std::ops::Range;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::engine;
@@ -23,6 +28,8 @@ use crate::store::{self, with_retries, AttemptOutcome, ClaimedTask, Recorded, St
 
 /// Most outcomes in one transaction.
 const MAX_BATCH: usize = 256;
+/// Transactions in flight at once.
+const IN_FLIGHT: usize = 2;
 
 struct Completion {
     task: ClaimedTask,
@@ -33,25 +40,48 @@ struct Completion {
 /// Where executors send their outcomes.
 pub struct Completer {
     sender: mpsc::UnboundedSender<Completion>,
+    backlog: Arc<Semaphore>,
 }
 
 /// The receiving end, consumed by [`run`].
 pub struct CompletionQueue(mpsc::UnboundedReceiver<Completion>);
 
-/// A completer and the queue its [`run`] loop serves.
-pub fn completer() -> (Completer, CompletionQueue) {
+/// A completer with room for `backlog` outcomes waiting for their answer,
+/// and the queue its [`run`] loop serves.
+pub fn completer(backlog: usize) -> (Completer, CompletionQueue) {
     let (sender, receiver) = mpsc::unbounded_channel();
-    (Completer { sender }, CompletionQueue(receiver))
+    let backlog = Arc::new(Semaphore::new(backlog.max(1)));
+    (Completer { sender, backlog }, CompletionQueue(receiver))
+}
+
+/// The answer to a handed-over outcome, still to come.
+pub struct Answer {
+    receiver: oneshot::Receiver<Result<Handled, StoreError>>,
+    /// Its place in the backlog, given back with the answer.
+    _place: OwnedSemaphorePermit,
+}
+
+impl Answer {
+    /// Waits for the batch that records the outcome to commit (or fail).
+    pub async fn wait(self) -> Result<Handled, StoreError> {
+        self.receiver.await.map_err(|_| StoreError::Stopped)?
+    }
 }
 
 impl Completer {
-    /// Records `outcome` of `task` (and runs the engine) in the next batch.
-    pub async fn record(
+    /// Hands `outcome` of `task` to the next batch, once the backlog has room.
+    pub async fn hand_over(
         &self,
         task: ClaimedTask,
         outcome: AttemptOutcome,
-    ) -> Result<Handled, StoreError> {
-        let (reply, answer) = oneshot::channel();
+    ) -> Result<Answer, StoreError> {
+        let place = self
+            .backlog
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Stopped)?;
+        let (reply, receiver) = oneshot::channel();
         self.sender
             .send(Completion {
                 task,
@@ -59,25 +89,46 @@ impl Completer {
                 reply,
             })
             .map_err(|_| StoreError::Stopped)?;
-        answer.await.map_err(|_| StoreError::Stopped)?
+        Ok(Answer {
+            receiver,
+            _place: place,
+        })
+    }
+
+    /// Records `outcome` of `task` (and runs the engine) in the next batch.
+    pub async fn record(
+        &self,
+        task: ClaimedTask,
+        outcome: AttemptOutcome,
+    ) -> Result<Handled, StoreError> {
+        self.hand_over(task, outcome).await?.wait().await
     }
 }
 
-/// Serves `queue` until `stop`, one batch at a time.
+/// Serves `queue` until `stop`, with up to [`IN_FLIGHT`] batches at once; at
+/// `stop`, the batches in flight still finish.
 pub async fn run(
     pool: deadpool_postgres::Pool,
     mut queue: CompletionQueue,
     stop: CancellationToken,
 ) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let transactions = Arc::new(Semaphore::new(IN_FLIGHT));
+    let in_flight = TaskTracker::new();
     loop {
         let first = tokio::select! {
             completion = queue.0.recv() => match completion {
                 Some(completion) => completion,
-                None => return,
+                None => break,
             },
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => break,
         };
+        // Waiting for a transaction lets the batch grow meanwhile.
+        let transaction = transactions
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let mut batch = Vec::with_capacity(MAX_BATCH);
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match queue.0.try_recv() {
@@ -85,8 +136,14 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        complete(&pool, std::mem::take(&mut batch)).await;
+        let pool = pool.clone();
+        in_flight.spawn(async move {
+            complete(&pool, batch).await;
+            drop(transaction);
+        });
     }
+    in_flight.close();
+    in_flight.wait().await;
 }
 
 async fn complete(pool: &deadpool_postgres::Pool, batch: Vec<Completion>) {

@@ -151,8 +151,7 @@ fn dispatch(
             let shared = shared.clone();
             let abort = abort.clone();
             runner.spawn(async move {
-                crate::executor::execute(&shared, task, &abort).await;
-                drop(slot);
+                crate::executor::execute(&shared, task, &abort, slot).await;
             });
         }
     });

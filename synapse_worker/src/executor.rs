@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -148,14 +149,20 @@ async fn carry_on_after(shared: &Shared, task_ids: &[i64]) {
     }
 }
 
-/// Runs a claimed task and records its outcome.
-pub async fn execute(shared: &Shared, claimed: ClaimedTask, abort: &CancellationToken) {
+/// Runs a claimed task, holding `slot` (one of the worker's concurrency
+/// slots) until its outcome is handed to the completer, and records it.
+pub async fn execute(
+    shared: &Shared,
+    claimed: ClaimedTask,
+    abort: &CancellationToken,
+    slot: OwnedSemaphorePermit,
+) {
     let task_id = claimed.id;
     let metrics = &crate::metrics::METRICS;
     metrics.queue_wait.observe(claimed.queue_wait.as_secs_f64());
     metrics.in_flight.inc();
     let started = std::time::Instant::now();
-    let handled = run_claimed(shared, &claimed, abort).await;
+    let handled = run_claimed(shared, &claimed, abort, slot).await;
     metrics.in_flight.dec();
     let elapsed = started.elapsed();
     metrics
@@ -201,11 +208,12 @@ async fn run_claimed(
     shared: &Shared,
     task: &ClaimedTask,
     abort: &CancellationToken,
+    slot: OwnedSemaphorePermit,
 ) -> Result<Handled, StoreError> {
     if let Some(error) = &task.unreadable {
         // Poison data: this task fails alone, saying why; its neighbours run.
         warn!(task_id = task.id, %error, "task cannot be read; failed");
-        return record(shared, task, AttemptOutcome::Failed(error.clone())).await;
+        return record(shared, task, AttemptOutcome::Failed(error.clone()), slot).await;
     }
     if task.attempt > task.max_attempts {
         // Re-queued after the lease of its last attempt expired: nothing left to try.
@@ -213,11 +221,11 @@ async fn run_claimed(
             .previous_error
             .clone()
             .unwrap_or_else(|| "lease expired".to_owned());
-        return record(shared, task, AttemptOutcome::Failed(error)).await;
+        return record(shared, task, AttemptOutcome::Failed(error), slot).await;
     }
     let Some(action) = shared.actions.get(&task.action) else {
         let error = format!("this worker has no action \"{}\"", task.action);
-        return record(shared, task, AttemptOutcome::Failed(error)).await;
+        return record(shared, task, AttemptOutcome::Failed(error), slot).await;
     };
     let context = ActionContext {
         goal_id: task.goal_id,
@@ -249,7 +257,7 @@ async fn run_claimed(
             return Ok(Handled::Released);
         }
     };
-    record(shared, task, outcome).await
+    record(shared, task, outcome, slot).await
 }
 
 fn failure(task: &ClaimedTask, error: String) -> AttemptOutcome {
@@ -295,7 +303,8 @@ async fn hold_lease(shared: &Shared, task: &ClaimedTask) {
 }
 
 /// Records the outcome (and runs the engine) through the completer, which
-/// batches it with the outcomes of other tasks. The lease is renewed while
+/// batches it with the outcomes of other tasks; `slot` is free for the next
+/// task as soon as the completer took the outcome. The lease is renewed while
 /// the outcome waits: a busy completer must not let finished work lapse and
 /// run again. Should the attempt lose the task meanwhile (cancelled), the
 /// completer still answers, and fences the outcome.
@@ -303,6 +312,7 @@ async fn record(
     shared: &Shared,
     task: &ClaimedTask,
     outcome: AttemptOutcome,
+    slot: OwnedSemaphorePermit,
 ) -> Result<Handled, StoreError> {
     // Only a failure pays for this copy: what the WARN line below tells.
     let failed = match &outcome {
@@ -312,7 +322,9 @@ async fn record(
             Some((error.clone(), None))
         }
     };
-    let recording = shared.completer.record(task.clone(), outcome);
+    let answer = shared.completer.hand_over(task.clone(), outcome).await?;
+    drop(slot);
+    let recording = answer.wait();
     tokio::pin!(recording);
     let handled = tokio::select! {
         handled = &mut recording => handled,

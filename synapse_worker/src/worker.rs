@@ -226,7 +226,9 @@ impl Worker {
         for action in extra.iter() {
             actions.register_shared(action.clone());
         }
-        let (completer, completions) = completer();
+        // Outcomes waiting for their answer: two batches in flight, each up to
+        // as many as tasks may run at once.
+        let (completer, completions) = completer(2 * config.concurrency);
         Ok(Worker {
             shared: Arc::new(Shared {
                 config,

@@ -66,12 +66,30 @@ $$;
 -- synapse.notify on, a NOTIFY each. Nothing at all for no events: even an
 -- INSERT of no rows would wake the forwarder.
 --
+-- synapse.observe leaves out the events nobody has to act on: 'goals' keeps
+-- goal events and those that dispatch work, 'dispatch' only the latter. The
+-- deadlines the left-out events carried (a lease expiry, a retry's run_at, a
+-- finished goal's end of retention) reach the forwarder directly.
+--
 -- The transaction has its id before it draws outbox ids (every writer of the
 -- outbox keeps this rule): the forwarder relies on it to read only above what
 -- it has forwarded once every transaction that could still commit a lower id
 -- has ended, instead of wading through rows deleted but not yet vacuumed.
 CREATE FUNCTION synapse._emit(events synapse._event[]) RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    observe text := lower(coalesce(current_setting('synapse.observe', true), 'all'));
 BEGIN
+    IF observe <> 'all' AND coalesce(cardinality(events), 0) > 0 THEN
+        PERFORM synapse._timers_due(min(e.due_at), bool_or(e.event IN ('goal.succeeded', 'goal.failed', 'goal.cancelled')))
+           FROM unnest(events) AS e
+          WHERE e.dispatch IS NULL AND (observe = 'dispatch' OR e.task_id IS NOT NULL)
+         HAVING count(*) > 0;
+        events := array(
+            SELECT ROW(e.event, e.goal_id, e.task_id, e.dispatch, e.payload, e.due_at)::synapse._event
+              FROM unnest(events) WITH ORDINALITY AS e(event, goal_id, task_id, dispatch, payload, due_at, n)
+             WHERE e.dispatch IS NOT NULL OR (observe = 'goals' AND e.task_id IS NULL)
+             ORDER BY e.n);
+    END IF;
     IF coalesce(cardinality(events), 0) > 0 THEN
         PERFORM pg_current_xact_id();
         INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload, due_at)

@@ -408,6 +408,9 @@ pub fn task_id(client: &mut postgres::Client, goal_id: i64, step: &str) -> i64 {
 /// A blueprint with one `noop` step, as JSON text.
 pub const ONE_STEP: &str = r#"{"steps":[{"id":"only","action":"noop"}]}"#;
 
+/// RUST_LOG of the workers tests start: the worker's debug lines in its log.
+const TEST_LOG: &str = "synapse_worker=debug,info";
+
 /// A `synapse-worker run` process against a stack; killed when dropped.
 pub struct WorkerProcess {
     child: std::process::Child,
@@ -438,6 +441,27 @@ impl Stack {
 
     /// Starts `binary` (a worker built on the library) with `args`, like [`Stack::start_worker`].
     pub fn start_worker_binary(&self, name: &str, binary: &Path, args: &[&str]) -> WorkerProcess {
+        let worker = self.spawn_worker_binary(name, binary, args, TEST_LOG);
+        worker.wait_started();
+        worker
+    }
+
+    /// Starts a worker with extra `run` flags, logging at `rust_log` (a
+    /// `RUST_LOG` value, e.g. `info`), without waiting for it to start (see
+    /// [`WorkerProcess::wait_started`]).
+    pub fn spawn_worker(&self, name: &str, flags: &[&str], rust_log: &str) -> WorkerProcess {
+        let mut args = vec!["--log-format", "text", "run"];
+        args.extend_from_slice(flags);
+        self.spawn_worker_binary(name, &worker_binary(), &args, rust_log)
+    }
+
+    fn spawn_worker_binary(
+        &self,
+        name: &str,
+        binary: &Path,
+        args: &[&str],
+        rust_log: &str,
+    ) -> WorkerProcess {
         let log = self.dir.join(format!("worker-{name}.log"));
         let file = std::fs::File::create(&log).expect("worker log");
         let child = Command::new(binary)
@@ -452,7 +476,7 @@ impl Stack {
                     PathBuf::new()
                 },
             )
-            .env("RUST_LOG", "synapse_worker=debug,info")
+            .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
             .stdout(file.try_clone().expect("log handle"))
             .stderr(file)
@@ -463,15 +487,18 @@ impl Stack {
                     binary.display()
                 )
             });
-        let worker = WorkerProcess { child, log };
-        wait_until("the worker to start", Duration::from_secs(30), || {
-            worker.log_text().contains("worker started").then_some(())
-        });
-        worker
+        WorkerProcess { child, log }
     }
 }
 
 impl WorkerProcess {
+    /// Waits until it has registered its actions (its "worker started" log line).
+    pub fn wait_started(&self) {
+        wait_until("the worker to start", Duration::from_secs(30), || {
+            self.log_text().contains("worker started").then_some(())
+        });
+    }
+
     /// Everything it logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -534,9 +561,10 @@ pub fn wait_for_goal(stack: &Stack, id: i64, limit: Duration) -> serde_json::Val
             "goal {id} did not end within {limit:?}: {status}\n{}",
             stack.diagnostics()
         );
-        // Any goal event may be ours; look again after each.
+        // Any goal event may be ours; look again after each, and at least
+        // every second (with synapse.observe or notify off, none may come).
         let mut notifications = listener.notifications();
-        let mut iter = notifications.timeout_iter(left);
+        let mut iter = notifications.timeout_iter(left.min(Duration::from_secs(1)));
         while let Ok(Some(note)) = iter.next() {
             if note.payload().contains(&format!("\"goal_id\":{id}}}")) {
                 break;

@@ -45,3 +45,44 @@ pub fn wake_at_commit() {
         WAKE_REGISTERED.with(|registered| registered.set(false));
     });
 }
+
+thread_local! {
+    /// The earliest deadline this transaction announces at commit, if any.
+    static DEADLINE: Cell<Option<i64>> = const { Cell::new(None) };
+}
+
+/// Deadlines of the events `synapse.observe` leaves out (a lease expiry, a
+/// retry's `run_at`, the end of a finished goal's retention): the forwarder
+/// learns them from here instead of from the outbox, once this transaction
+/// has committed (so that the timers it runs then see the rows).
+#[pg_extern(name = "_timers_due", volatile, parallel_unsafe)]
+fn timers_due(due: Option<TimestampWithTimeZone>, goals_finished: bool) {
+    if !forwarder::is_preloaded() {
+        return;
+    }
+    let mut earliest = due.map(i64::from);
+    let retention = crate::gucs::retention_seconds();
+    if goals_finished && retention > 0 {
+        // SAFETY: reads the clock; no error path.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        let end = now.saturating_add(i64::from(retention) * 1_000_000);
+        earliest = Some(earliest.map_or(end, |at| at.min(end)));
+    }
+    let Some(at) = earliest else {
+        return;
+    };
+    let first = DEADLINE.with(|deadline| {
+        let earlier = deadline.get().map_or(at, |known| known.min(at));
+        deadline.replace(Some(earlier)).is_none()
+    });
+    if first {
+        register_xact_callback(PgXactCallbackEvent::Commit, || {
+            if let Some(at) = DEADLINE.with(|deadline| deadline.take()) {
+                forwarder::announce_deadline(at);
+            }
+        });
+        register_xact_callback(PgXactCallbackEvent::Abort, || {
+            DEADLINE.with(|deadline| deadline.set(None));
+        });
+    }
+}

@@ -1,5 +1,5 @@
 //! Every `synapse.*` setting, defined in one place with typed getters.
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
 use std::time::Duration;
 
@@ -19,6 +19,22 @@ static KEY_PREFIX: GucSetting<Option<CString>> =
 static SWEEP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(30);
 /// Whether events are also sent with `pg_notify`.
 static NOTIFY: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Which state changes become events (outbox rows, stream entries, NOTIFYs).
+/// The triggers read it by name (`current_setting`); defining it here
+/// checks the values.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Observe {
+    /// Every goal and task state change.
+    #[name = c"all"]
+    All,
+    /// Goal changes and the events that dispatch work.
+    #[name = c"goals"]
+    Goals,
+    /// Only the events that dispatch work.
+    #[name = c"dispatch"]
+    Dispatch,
+}
+static OBSERVE: GucSetting<Observe> = GucSetting::<Observe>::new(Observe::All);
 /// Seconds finished goals are kept; 0 keeps them forever.
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
 
@@ -79,6 +95,14 @@ pub fn init(preloading: bool) {
         c"Off saves the commit-time NOTIFY lock when nobody LISTENs.",
         &NOTIFY,
         GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"synapse.observe",
+        c"Which state changes become events: all, goals or dispatch.",
+        c"all: every goal and task change; goals: goal changes and dispatching events; dispatch: only task.queued, goal.submitted and the messages workers act on. Less means less outbox, stream and NOTIFY traffic.",
+        &OBSERVE,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

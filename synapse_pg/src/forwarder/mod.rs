@@ -7,7 +7,7 @@
 use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 use std::time::Duration;
 
 mod floor;
@@ -69,6 +69,17 @@ static STATE: PgLwLock<ForwarderState> = unsafe { PgLwLock::new(c"synapse_forwar
 /// `pgprocno` of the running forwarder, or -1: whose latch a commit sets.
 static LATCH_OWNER: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"synapse_forwarder_procno") };
 
+/// The earliest deadline (a `TimestampTz`) announced by a writer whose event
+/// `synapse.observe` left out, not yet taken by the forwarder; `NO_DEADLINE`
+/// when none.
+static ANNOUNCED_DEADLINE: PgAtomic<AtomicI64> =
+    unsafe { PgAtomic::new(c"synapse_forwarder_announced_deadline") };
+/// When the forwarder runs its timers next (a `TimestampTz`), or
+/// `NO_DEADLINE`: only an earlier deadline needs to wake it.
+static TIMERS_NEXT: PgAtomic<AtomicI64> =
+    unsafe { PgAtomic::new(c"synapse_forwarder_timers_next") };
+const NO_DEADLINE: i64 = i64::MAX;
+
 /// Set in the postmaster by `_PG_init` and inherited by every backend it forks:
 /// shared memory exists only when the library was preloaded.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
@@ -77,6 +88,8 @@ static PRELOADED: AtomicBool = AtomicBool::new(false);
 pub fn register() {
     pg_shmem_init!(STATE = ForwarderState::new());
     pg_shmem_init!(LATCH_OWNER = AtomicI32::new(-1));
+    pg_shmem_init!(ANNOUNCED_DEADLINE = AtomicI64::new(NO_DEADLINE));
+    pg_shmem_init!(TIMERS_NEXT = AtomicI64::new(NO_DEADLINE));
     PRELOADED.store(true, Ordering::Relaxed);
     BackgroundWorkerBuilder::new(BACKEND_TYPE)
         .set_type(BACKEND_TYPE)
@@ -114,6 +127,35 @@ pub fn wake() {
         let proc = (*proc_global).allProcs.add(procno as usize);
         pg_sys::SetLatch(&raw mut (*proc).procLatch);
     }
+}
+
+/// A timer deadline (`TimestampTz`) the forwarder would otherwise have
+/// learnt from an event that was left out, announced by a transaction that
+/// committed: the forwarder is woken if it would sleep past it. Safe in a
+/// commit callback: atomics and a latch only.
+pub fn announce_deadline(at: i64) {
+    if !is_preloaded() {
+        return;
+    }
+    // SeqCst here and in the forwarder: either it sees this deadline after
+    // publishing when it sleeps until, or this sees what it published.
+    ANNOUNCED_DEADLINE.get().fetch_min(at, Ordering::SeqCst);
+    if at < TIMERS_NEXT.get().load(Ordering::SeqCst) {
+        wake();
+    }
+}
+
+/// Takes the earliest announced deadline, if any.
+pub(crate) fn take_announced_deadline() -> Option<i64> {
+    let at = ANNOUNCED_DEADLINE.get().swap(NO_DEADLINE, Ordering::SeqCst);
+    (at != NO_DEADLINE).then_some(at)
+}
+
+/// Publishes when the timers run next (`None`: no deadline is known).
+pub(crate) fn set_timers_next(at: Option<i64>) {
+    TIMERS_NEXT
+        .get()
+        .store(at.unwrap_or(NO_DEADLINE), Ordering::SeqCst);
 }
 
 /// A copy of the shared state, when preloaded.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::floor::ReadFloor;
 use super::redis_sink::{Delivery, Event, RedisSink, Target};
 use super::transaction;
-use super::{update_state, LATCH_OWNER};
+use super::{set_timers_next, take_announced_deadline, update_state, LATCH_OWNER};
 use crate::gucs;
 
 /// Events per transaction and per Redis round trip.
@@ -172,8 +172,47 @@ impl Forwarder {
         }
     }
 
-    /// One wake-up: drain, then timers and sweep. Returns how long to sleep at most.
+    /// One wake-up: drain, then timers and sweep. Returns how long to sleep at
+    /// most, having told writers when the timers run next.
     fn run(&mut self) -> Option<Duration> {
+        self.take_announced_deadline();
+        let sleep = self.work();
+        loop {
+            let now = Instant::now();
+            // SAFETY: reads the clock; no error path.
+            let clock = unsafe { pg_sys::GetCurrentTimestamp() };
+            set_timers_next(self.timers_due.map(|due| {
+                let micros = due.saturating_duration_since(now).as_micros();
+                clock.saturating_add(i64::try_from(micros).unwrap_or(i64::MAX))
+            }));
+            // A deadline announced before that was published did not wake us.
+            if !self.take_announced_deadline() {
+                return sleep;
+            }
+            if let Some(due) = self.timers_due {
+                let until_due = due.saturating_duration_since(now);
+                if sleep.is_none_or(|sleep| until_due < sleep) {
+                    return Some(until_due);
+                }
+            }
+        }
+    }
+
+    /// Merges a deadline a committed writer announced (see
+    /// `announce_deadline`) into the timers' next run; whether there was one.
+    fn take_announced_deadline(&mut self) -> bool {
+        let Some(at) = take_announced_deadline() else {
+            return false;
+        };
+        // SAFETY: reads the clock; no error path.
+        let clock = unsafe { pg_sys::GetCurrentTimestamp() };
+        let due = Instant::now() + seconds(at.saturating_sub(clock) as f64 / 1e6);
+        self.timers_due = earliest(self.timers_due, Some(due));
+        true
+    }
+
+    /// The turn itself; returns how long to sleep at most.
+    fn work(&mut self) -> Option<Duration> {
         let target = target();
         if !self.sink.targets(&target) {
             self.sink = RedisSink::new(target);

@@ -1,0 +1,41 @@
+-- 0.2.0 → 0.3.0
+
+-- synapse.observe: which state changes become events. The deadlines of the
+-- events it leaves out reach the forwarder through shared memory.
+CREATE FUNCTION synapse."_timers_due"(
+	"due" timestamp with time zone, /* Option < TimestampWithTimeZone > */
+	"goals_finished" bool /* bool */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'timers_due_wrapper';
+
+CREATE OR REPLACE FUNCTION synapse._emit(events synapse._event[]) RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    observe text := lower(coalesce(current_setting('synapse.observe', true), 'all'));
+BEGIN
+    IF observe <> 'all' AND coalesce(cardinality(events), 0) > 0 THEN
+        PERFORM synapse._timers_due(min(e.due_at), bool_or(e.event IN ('goal.succeeded', 'goal.failed', 'goal.cancelled')))
+           FROM unnest(events) AS e
+          WHERE e.dispatch IS NULL AND (observe = 'dispatch' OR e.task_id IS NOT NULL)
+         HAVING count(*) > 0;
+        events := array(
+            SELECT ROW(e.event, e.goal_id, e.task_id, e.dispatch, e.payload, e.due_at)::synapse._event
+              FROM unnest(events) WITH ORDINALITY AS e(event, goal_id, task_id, dispatch, payload, due_at, n)
+             WHERE e.dispatch IS NOT NULL OR (observe = 'goals' AND e.task_id IS NULL)
+             ORDER BY e.n);
+    END IF;
+    IF coalesce(cardinality(events), 0) > 0 THEN
+        PERFORM pg_current_xact_id();
+        INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload, due_at)
+        SELECT e.event, e.goal_id, e.task_id, e.dispatch, e.payload, e.due_at
+          FROM unnest(events) WITH ORDINALITY AS e(event, goal_id, task_id, dispatch, payload, due_at, n)
+         ORDER BY e.n;
+        IF current_setting('synapse.notify', true) IS DISTINCT FROM 'off' THEN
+            PERFORM pg_notify('synapse_events', e.payload)
+               FROM unnest(events) WITH ORDINALITY AS e(event, goal_id, task_id, dispatch, payload, due_at, n)
+              ORDER BY e.n;
+        END IF;
+    END IF;
+    RETURN coalesce(cardinality(events), 0);
+END $$;

@@ -805,3 +805,66 @@ fn a_slot_is_free_for_the_next_task_while_an_outcome_waits_to_be_recorded() {
     assert_eq!(status["status"], "succeeded", "{status}");
     assert_eq!(task(&status, "a")["attempts"], 1);
 }
+
+#[test]
+fn a_two_thousand_wide_fan_in_on_four_workers_joins_once_while_another_is_cancelled() {
+    let stack = Stack::start("fan-in", &[]);
+    let _workers: Vec<_> = (0..4)
+        .map(|i| stack.start_worker(&format!("w{i}"), &["--concurrency", "16"]))
+        .collect();
+    let width = 2000;
+    let mut steps = vec![json!({"id": "fan", "action": "noop"})];
+    let mut edges = Vec::new();
+    for i in 0..width {
+        let id = format!("p{i}");
+        steps.push(json!({"id": id, "action": "noop"}));
+        edges.push(json!({"from": "fan", "to": id}));
+        edges.push(json!({"from": id, "to": "join"}));
+    }
+    steps.push(json!({"id": "join", "action": "noop", "join": "all"}));
+    let blueprint = json!({"steps": steps, "edges": edges, "output": "{}"});
+    let mut client = stack.pg();
+    let finished = submit_plan(&mut client, &blueprint);
+    let cancelled = submit_plan(&mut client, &blueprint);
+
+    // Cancel the second while its parents complete on every worker.
+    wait_until("parents of the second goal to complete", WAIT, || {
+        let done: i64 = client
+            .query_one(
+                "SELECT count(*) FROM synapse.tasks WHERE goal_id = $1 AND status = 'succeeded'",
+                &[&cancelled],
+            )
+            .unwrap()
+            .get(0);
+        (done >= 200).then_some(())
+    });
+    let was_cancelled: bool = client
+        .query_one("SELECT synapse.cancel_goal($1)", &[&cancelled])
+        .unwrap()
+        .get(0);
+    assert!(was_cancelled);
+
+    let status = wait_for_goal(&stack, finished, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(task(&status, "join")["attempts"], 1);
+    let status = wait_for_goal(&stack, cancelled, WAIT);
+    assert_eq!(status["status"], "cancelled", "{status}");
+    assert_eq!(task(&status, "join")["status"], "cancelled");
+    assert_eq!(task(&status, "join")["attempts"], 0);
+    let unfinished: i64 = client
+        .query_one(
+            "SELECT count(*) FROM synapse.tasks WHERE goal_id = $1 AND finished_at IS NULL",
+            &[&cancelled],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(unfinished, 0, "every task of the cancelled goal ended");
+
+    // The join was queued once for the goal that finished, never for the other.
+    let joins_queued: Vec<i64> = stream_events(&mut stack.redis())
+        .iter()
+        .filter(|event| event["event"] == "task.queued" && event["step"] == "join")
+        .map(|event| event["goal_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(joins_queued, [finished]);
+}

@@ -50,7 +50,9 @@ test-e2e: install
 
 # Benchmarks on an isolated stack with release builds; prints a table and
 # writes target/bench/results.json. Not part of `make test` (see bench-smoke).
-# BENCH_ARGS passes flags, e.g. make bench BENCH_ARGS="--only latency,dag".
+# BENCH_ARGS passes flags, e.g. make bench BENCH_ARGS="--only latency,dag";
+# --only peer runs Synapse's drain beside Graphile Worker's (which the bench
+# installs with npm into target/bench/graphile).
 BENCH_ARGS ?=
 bench: setup
 	@$(ENV) cargo pgrx install --release -p synapse_pg --pg-config "$$PG_CONFIG" >/dev/null

@@ -23,6 +23,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# Node.js and npm, for the benchmark's peer (Graphile Worker, which the bench
+# installs itself with npm). Any node on PATH will do; Debian's otherwise.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "setup: installing nodejs npm"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+fi
+
 if [ "$(cargo pgrx --version 2>/dev/null || true)" != "cargo-pgrx $CARGO_PGRX_VERSION" ]; then
     echo "setup: installing cargo-pgrx $CARGO_PGRX_VERSION (a few minutes, once)"
     cargo install cargo-pgrx --version "$CARGO_PGRX_VERSION" --locked --quiet

@@ -1,0 +1,193 @@
+//! DAGs: a chain (each step as a ratio to a single task's latency, measured
+//! with the same worker), a 1 → W → 1 fan-out/fan-in on two workers with its
+//! join-start delay, and a transaction of diamonds.
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use synapse_e2e::{postgres, Stack};
+
+use crate::figure::{median, median_of, ms, Baseline, Figure};
+use crate::goals::{run_plan, submit_goals, wait_for_goals};
+use crate::latency::serial_commit_to_start;
+use crate::options::Sizes;
+use crate::targets::Metric;
+use crate::workers;
+
+/// A chain of `length` no-op steps; returns ms per step.
+fn chain(stack: &Stack, client: &mut postgres::Client, length: usize) -> f64 {
+    let steps: Vec<Value> = (0..length)
+        .map(|i| json!({"id": format!("s{i}"), "action": "noop", "input": "{}"}))
+        .collect();
+    let edges: Vec<Value> = (1..length)
+        .map(|i| json!({"from": format!("s{}", i - 1), "to": format!("s{i}")}))
+        .collect();
+    let blueprint = json!({"steps": steps, "edges": edges, "output": "{}"});
+    let (_, elapsed, _) = run_plan(stack, client, &blueprint);
+    ms(elapsed) / length as f64
+}
+
+/// What a fan-out/fan-in run measured.
+struct FanOutRun {
+    wall_ms: f64,
+    submit_ms: f64,
+    tasks_per_s: f64,
+    /// The join's `started_at` − the latest `finished_at` of its parents, ms.
+    join_delay_ms: f64,
+}
+
+/// 1 → width → 1 fan-out/fan-in in one goal, from submit sent to the goal's end.
+fn fan_out(stack: &Stack, client: &mut postgres::Client, width: usize) -> FanOutRun {
+    // Short ids keep wide fan-outs under the 1 MiB blueprint limit.
+    let mut steps = vec![json!({"id": "r", "action": "noop"})];
+    let mut edges = Vec::new();
+    for i in 0..width {
+        steps.push(json!({"id": format!("l{i}"), "action": "noop"}));
+        edges.push(json!({"from": "r", "to": format!("l{i}")}));
+        edges.push(json!({"from": format!("l{i}"), "to": "j"}));
+    }
+    steps.push(json!({"id": "j", "action": "noop", "join": "all", "input": "{}"}));
+    let blueprint = json!({"steps": steps, "edges": edges, "output": "{}"});
+    let (id, elapsed, submitted) = run_plan(stack, client, &blueprint);
+    let join_delay_ms: f64 = client
+        .query_one(
+            "SELECT (extract(epoch FROM j.started_at - p.last) * 1000)::float8
+               FROM synapse.tasks j,
+                    (SELECT max(finished_at) AS last FROM synapse.tasks
+                      WHERE goal_id = $1 AND step LIKE 'l%') p
+              WHERE j.goal_id = $1 AND j.step = 'j'",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    FanOutRun {
+        wall_ms: ms(elapsed),
+        submit_ms: ms(submitted),
+        tasks_per_s: (width + 2) as f64 / elapsed.as_secs_f64(),
+        join_delay_ms,
+    }
+}
+
+/// What a diamonds run measured.
+struct DiamondsRun {
+    wall_ms: f64,
+    tasks_per_s: f64,
+    submit_ms: f64,
+}
+
+/// `count` goals a → b, a → c, b → d, c → d (d joins all) submitted in one
+/// transaction; from its commit returned until every goal has ended.
+fn diamonds(client: &mut postgres::Client, count: usize) -> DiamondsRun {
+    let blueprint = json!({
+        "steps": [
+            {"id": "a", "action": "noop"},
+            {"id": "b", "action": "noop"},
+            {"id": "c", "action": "noop"},
+            {"id": "d", "action": "noop", "join": "all", "input": "{}"},
+        ],
+        "edges": [
+            {"from": "a", "to": "b"}, {"from": "a", "to": "c"},
+            {"from": "b", "to": "d"}, {"from": "c", "to": "d"},
+        ],
+        "output": "{}",
+    })
+    .to_string();
+    let sent = Instant::now();
+    let ids = submit_goals(client, &blueprint, count);
+    let committed = Instant::now();
+    wait_for_goals(client, ids, Duration::from_secs(600));
+    let elapsed = committed.elapsed();
+    let failed = client
+        .query_one(
+            "SELECT count(*) FROM synapse.goals WHERE id BETWEEN $1 AND $2 AND status <> 'succeeded'",
+            &[&ids.0, &ids.1],
+        )
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(failed, 0, "some diamonds did not succeed");
+    DiamondsRun {
+        wall_ms: ms(elapsed),
+        tasks_per_s: (4 * count) as f64 / elapsed.as_secs_f64(),
+        submit_ms: ms(committed - sent),
+    }
+}
+
+pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
+    let client = &mut stack.pg();
+    let mut figures = Vec::new();
+    let worker = workers::start_one(stack, "dag", 32);
+    // The chain's reference: single tasks one after another on the same worker.
+    let samples = sizes.samples;
+    let single: Vec<f64> = (0..runs)
+        .map(|_| median(serial_commit_to_start(stack, samples).0))
+        .collect();
+    figures.push(
+        Figure::new(
+            format!("single task, serial: commit → handler start p50 ({samples} samples)"),
+            median(single),
+            "ms",
+        )
+        .note("the chain's reference, on the chain's worker")
+        .is(Baseline::SerialLatency),
+    );
+    let length = sizes.chain;
+    let steps: Vec<f64> = (0..runs).map(|_| chain(stack, client, length)).collect();
+    figures.push(
+        Figure::new(
+            format!("chain of {length} steps, one worker"),
+            median(steps),
+            "ms/step",
+        )
+        .note("submit sent → goal ended, ÷ steps; ratio: chain step / single-task latency")
+        .versus(Baseline::SerialLatency)
+        .metric(Metric::ChainVsSingle),
+    );
+    drop(worker);
+
+    let width = sizes.width;
+    let pair = workers::start(stack, "fan-out", 2, 64);
+    let fans: Vec<FanOutRun> = (0..runs).map(|_| fan_out(stack, client, width)).collect();
+    drop(pair);
+    figures.push(
+        Figure::new(
+            format!("fan-out 1 → {width} → 1, 2 workers × concurrency 64"),
+            median_of(&fans, |run| run.tasks_per_s),
+            "tasks/s",
+        )
+        .note(format!(
+            "submit sent → goal ended; median wall {:.0} ms, of which the submit {:.0} ms",
+            median_of(&fans, |run| run.wall_ms),
+            median_of(&fans, |run| run.submit_ms),
+        ))
+        .versus(Baseline::PgLifecycle)
+        .metric(Metric::FanOut),
+    );
+    figures.push(
+        Figure::new(
+            format!("fan-out 1 → {width} → 1: join-start delay"),
+            median_of(&fans, |run| run.join_delay_ms),
+            "ms",
+        )
+        .note("join's started_at − last parent's finished_at (both transaction start times)")
+        .metric(Metric::JoinStart),
+    );
+
+    let worker = workers::start_one(stack, "diamonds", 32);
+    let count = sizes.diamonds;
+    let shapes: Vec<DiamondsRun> = (0..runs).map(|_| diamonds(client, count)).collect();
+    figures.push(
+        Figure::new(
+            format!("{count} diamonds in one transaction, one worker, concurrency 32"),
+            median_of(&shapes, |run| run.tasks_per_s),
+            "tasks/s",
+        )
+        .note(format!(
+            "{} tasks; commit → all ended {:.0} ms; the submit took {:.0} ms",
+            4 * count,
+            median_of(&shapes, |run| run.wall_ms),
+            median_of(&shapes, |run| run.submit_ms),
+        ))
+        .versus(Baseline::PgLifecycle),
+    );
+    drop(worker);
+    figures
+}

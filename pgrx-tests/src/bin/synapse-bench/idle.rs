@@ -1,0 +1,170 @@
+//! Idle: the stack and two workers left alone. What each side does while
+//! nothing is submitted: SQL statements, Redis commands, WAL bytes, CPU
+//! seconds per process.
+use std::collections::HashMap;
+use std::time::Duration;
+
+use synapse_e2e::{postgres, redis, wait_until, Stack, WorkerProcess};
+
+use crate::cpu::{cpu_seconds, redis_pid};
+use crate::figure::Figure;
+use crate::options::Sizes;
+use crate::targets::Metric;
+use crate::workers;
+
+pub fn section(stack: &Stack, sizes: &Sizes) -> Vec<Figure> {
+    let workers = workers::start(stack, "idle", 2, 32);
+    idle(stack, &workers.iter().collect::<Vec<_>>(), sizes.idle)
+}
+
+/// Names the processes to watch while idle: each worker, Redis, and each
+/// Postgres process by its backend type.
+fn idle_processes(
+    stack: &Stack,
+    client: &mut postgres::Client,
+    workers: &[&WorkerProcess],
+) -> Vec<(String, u32)> {
+    let types: HashMap<u32, String> = client
+        .query(
+            "SELECT pid, backend_type FROM pg_stat_activity WHERE pid <> pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .into_iter()
+        .map(|row| (row.get::<_, i32>(0) as u32, row.get(1)))
+        .collect();
+    let pids = stack.postgres_pids();
+    let postmaster = pids.first().copied();
+    let postgres = pids.into_iter().filter_map(|pid| {
+        let kind = if Some(pid) == postmaster {
+            "postmaster".to_owned()
+        } else {
+            // Ours (the probe's backend) is left out.
+            types.get(&pid)?.clone()
+        };
+        Some((format!("postgres {kind}"), pid))
+    });
+    workers
+        .iter()
+        .enumerate()
+        .map(|(i, worker)| (format!("worker {}", i + 1), worker.pid()))
+        .chain(postgres)
+        .chain(redis_pid(stack).map(|pid| ("redis".to_owned(), pid)))
+        .collect()
+}
+
+/// The stack and two workers left alone: what each side does while idle.
+fn idle(stack: &Stack, workers: &[&WorkerProcess], window: Duration) -> Vec<Figure> {
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    // Let the last events drain first.
+    wait_until("the outbox to drain", Duration::from_secs(60), || {
+        (stack.forwarder_status(&mut client)["pending"] == 0).then_some(())
+    });
+    // Autovacuum work left by the earlier sections would otherwise land in the window.
+    client.batch_execute("VACUUM (ANALYZE)").expect("VACUUM");
+    let statements = |client: &mut postgres::Client| -> i64 {
+        client
+            .query_one(
+                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements WHERE query NOT LIKE '%pg_stat%'
+                   AND query NOT LIKE '%pg_current_wal_lsn%'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let commands = |redis: &mut redis::Connection| -> i64 {
+        let info: String = redis::cmd("INFO").arg("commandstats").query(redis).unwrap();
+        info.lines()
+            .filter(|line| line.starts_with("cmdstat_") && !line.starts_with("cmdstat_info"))
+            .filter_map(|line| {
+                line.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<i64>()
+                    .ok()
+            })
+            .sum()
+    };
+    let wal = |client: &mut postgres::Client| -> i64 {
+        client
+            .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[])
+            .unwrap()
+            .get(0)
+    };
+    let processes = idle_processes(stack, &mut client, workers);
+    let cpu_before: Vec<f64> = processes.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
+    let (sql_before, redis_before, wal_before) = (
+        statements(&mut client),
+        commands(&mut redis),
+        wal(&mut client),
+    );
+    // Nothing announces "nothing happened": observe a quiet window.
+    std::thread::sleep(window);
+    let (sql_after, redis_after, wal_after) = (
+        statements(&mut client),
+        commands(&mut redis),
+        wal(&mut client),
+    );
+    let seconds = window.as_secs();
+    let mut figures = vec![
+        Figure::new(
+            format!("idle {seconds} s: SQL statements (all clients)"),
+            (sql_after - sql_before) as f64,
+            "",
+        )
+        .note("pg_stat_statements")
+        .metric(Metric::IdleStatements),
+        Figure::new(
+            format!("idle {seconds} s: Redis commands"),
+            (redis_after - redis_before) as f64,
+            "",
+        )
+        .note("INFO commandstats; blocked BRPOPs count when they return")
+        .metric(Metric::IdleRedisCommands),
+        Figure::new(
+            format!("idle {seconds} s: WAL bytes"),
+            (wal_after - wal_before) as f64,
+            "B",
+        )
+        .note("whole cluster, after a VACUUM"),
+    ];
+    // Postgres processes of one type are summed (e.g. the client backends).
+    let mut by_name: Vec<(String, f64, usize)> = Vec::new();
+    let mut postgres_total = 0.0;
+    for ((name, pid), before) in processes.iter().zip(cpu_before) {
+        let used = cpu_seconds(*pid) - before;
+        if name.starts_with("postgres") {
+            postgres_total += used;
+        }
+        match by_name.iter_mut().find(|(known, _, _)| known == name) {
+            Some(entry) => {
+                entry.1 += used;
+                entry.2 += 1;
+            }
+            None => by_name.push((name.clone(), used, 1)),
+        }
+    }
+    for (name, used, count) in by_name {
+        let name = if count > 1 {
+            format!("{name} ×{count}")
+        } else {
+            name
+        };
+        figures.push(Figure::new(
+            format!("idle {seconds} s: CPU of {name}"),
+            used,
+            "s",
+        ));
+    }
+    figures.push(
+        Figure::new(
+            format!("idle {seconds} s: CPU of all postgres processes"),
+            postgres_total,
+            "s",
+        )
+        .note("postmaster and children, forwarder included"),
+    );
+    figures
+}

@@ -1,0 +1,336 @@
+//! Throughput of no-op tasks, pre-queued and steady-state, over 1/2 workers ×
+//! concurrency 16/64 × `synapse.notify` on/off, with CPU (all processes),
+//! commits and WAL bytes per task beside each rate.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use synapse_e2e::{postgres, wait_until, Stack, WorkerProcess};
+
+use crate::cpu::{CpuUse, CpuWindow};
+use crate::figure::{median_of, ms, Baseline, Figure};
+use crate::goals::{
+    finished_goals, forget_goals, goals_finished, submit_goals, wait_for_goals, NOOP,
+};
+use crate::options::Sizes;
+use crate::sessions::{backend_pid, flush_stats, meter, wait_for_sessions_to_exit, xact_commit};
+use crate::wal::{self, WalWindow};
+use crate::workers;
+
+/// One point of the throughput matrix.
+pub struct Config {
+    pub workers: usize,
+    pub concurrency: usize,
+    pub notify: bool,
+}
+
+impl Config {
+    pub fn label(&self) -> String {
+        format!(
+            "{} worker{}, concurrency {}, notify {}",
+            self.workers,
+            if self.workers == 1 { "" } else { "s" },
+            self.concurrency,
+            if self.notify { "on" } else { "off" }
+        )
+    }
+
+    fn start_workers(&self, stack: &Stack) -> Vec<WorkerProcess> {
+        workers::start(stack, "throughput", self.workers, self.concurrency)
+    }
+}
+
+fn pids(workers: &[WorkerProcess]) -> Vec<u32> {
+    workers.iter().map(WorkerProcess::pid).collect()
+}
+
+/// `synapse.notify` for sessions opened from now on (the event triggers read it
+/// in the writing session, so producers and workers must connect afterwards).
+pub fn set_notify(stack: &Stack, meter: &mut postgres::Client, notify: Option<bool>) {
+    let sql = match notify {
+        Some(true) => "ALTER DATABASE synapse SET synapse.notify = on",
+        Some(false) => "ALTER DATABASE synapse SET synapse.notify = off",
+        None => "ALTER DATABASE synapse RESET synapse.notify",
+    };
+    meter.batch_execute(sql).expect(sql);
+    let seen: Option<String> = stack
+        .pg()
+        .query_one("SELECT current_setting('synapse.notify', true)", &[])
+        .expect("synapse.notify")
+        .get(0);
+    let off = seen.as_deref() == Some("off");
+    assert_eq!(
+        off,
+        notify == Some(false),
+        "a new session sees synapse.notify = {seen:?}"
+    );
+}
+
+/// What a Synapse drain's rate measures.
+pub const SYNAPSE_DRAIN: &str = "one goal per task; first worker's start → all goals ended";
+
+/// What a pre-queued drain measured (Synapse's or the peer's).
+pub struct DrainRun {
+    pub tasks_per_s: f64,
+    /// From the window's start until every worker process was ready (inside
+    /// the window), ms.
+    pub startup_ms: f64,
+    /// CPU of every process, by side, µs per task.
+    pub cpu_us_per_task: CpuUse,
+    pub xact_commits_per_task: f64,
+    pub wal_commits_per_task: f64,
+    pub wal_bytes_per_task: f64,
+}
+
+/// The figures of a drain: the rate first (named `name`, in `unit`, with
+/// `what` it measures as its note), then CPU, commits and WAL per task.
+/// `database` is the one whose sessions' commits `xact_commit` counts.
+pub fn drain_figures(
+    name: &str,
+    what: &str,
+    unit: &'static str,
+    runs: &[DrainRun],
+    database: &str,
+) -> Vec<Figure> {
+    let cpu = |side: fn(&CpuUse) -> f64| median_of(runs, |run| side(&run.cpu_us_per_task));
+    vec![
+        Figure::new(name, median_of(runs, |run| run.tasks_per_s), unit).note(format!(
+            "{what}; workers ready after {:.0} ms, inside the window",
+            median_of(runs, |run| run.startup_ms)
+        )),
+        Figure::new(
+            format!("{name}: CPU/task, all processes"),
+            cpu(CpuUse::total),
+            "µs",
+        )
+        .note(format!(
+            "postgres {:.0}, workers {:.0}, redis {:.0} µs; /proc utime+stime over the window",
+            cpu(|c| c.postgres),
+            cpu(|c| c.workers),
+            cpu(|c| c.redis),
+        )),
+        Figure::new(
+            format!("{name}: commits/task (xact_commit)"),
+            median_of(runs, |run| run.xact_commits_per_task),
+            "",
+        )
+        .note(format!(
+            "pg_stat_database '{database}': sessions' commits, read-only ones too, background workers' not"
+        )),
+        Figure::new(
+            format!("{name}: WAL commit records/task"),
+            median_of(runs, |run| run.wal_commits_per_task),
+            "",
+        )
+        .note("pg_walinspect: writing commits of the whole cluster"),
+        Figure::new(
+            format!("{name}: WAL bytes/task"),
+            median_of(runs, |run| run.wal_bytes_per_task),
+            "B",
+        )
+        .note("pg_wal_lsn_diff over the drain"),
+    ]
+}
+
+/// `tasks` single-step no-op goals queued (and forwarded to Redis) with no
+/// worker running, then drained by `config`'s workers: from just before the
+/// first worker starts until every goal has ended.
+pub fn pre_queued_drain(stack: &Stack, tasks: usize, config: &Config) -> DrainRun {
+    let mut meter = meter(stack);
+    let mut poller = stack.pg();
+    forget_goals(&mut poller);
+    let ids = submit_goals(&mut stack.pg(), NOOP, tasks);
+    wait_until(
+        "the queue to be in Redis",
+        Duration::from_secs(1800),
+        || (stack.forwarder_status(&mut poller)["pending"] == 0).then_some(()),
+    );
+    // As autovacuum would soon: the tables were just emptied and refilled.
+    poller
+        .batch_execute("ANALYZE synapse.goals, synapse.tasks")
+        .expect("ANALYZE");
+    // Every other session of ours has exited (its statistics are in) and the
+    // poller's are flushed: in the window, only its polls are ours.
+    let poller_pid = backend_pid(&mut poller);
+    wait_for_sessions_to_exit(&mut meter, synapse_e2e::DATABASE, &[poller_pid]);
+    flush_stats(&mut poller);
+    let wal = WalWindow::open(&mut meter);
+    let commits_before = xact_commit(&mut meter, synapse_e2e::DATABASE);
+    let cpu = CpuWindow::open(stack, &[]);
+    let started = Instant::now();
+    let workers = config.start_workers(stack);
+    let startup = started.elapsed();
+    let mut polls = 0;
+    wait_until("the queue to drain", Duration::from_secs(3600), || {
+        polls += 1;
+        goals_finished(&mut poller, ids).then_some(())
+    });
+    let elapsed = started.elapsed();
+    let cpu = cpu.close(stack, &pids(&workers));
+    let wal = wal.close(&mut meter);
+    drop(workers);
+    drop(poller);
+    wait_for_sessions_to_exit(&mut meter, synapse_e2e::DATABASE, &[]);
+    let commits = xact_commit(&mut meter, synapse_e2e::DATABASE) - commits_before - polls;
+    let tasks = tasks as f64;
+    DrainRun {
+        tasks_per_s: tasks / elapsed.as_secs_f64(),
+        startup_ms: ms(startup),
+        cpu_us_per_task: cpu.per_task_us(tasks),
+        xact_commits_per_task: commits as f64 / tasks,
+        wal_commits_per_task: wal.commits as f64 / tasks,
+        wal_bytes_per_task: wal.bytes as f64 / tasks,
+    }
+}
+
+/// What a steady-state window measured.
+struct SteadyRun {
+    tasks_per_s: f64,
+    cpu_us_per_task: f64,
+    wal_commits_per_task: f64,
+    wal_bytes_per_task: f64,
+}
+
+/// Workers running while a producer submits batches of no-op goals in a loop,
+/// keeping about `backlog` tasks unfinished (enough that no worker waits for
+/// work, few enough that the queue does not grow without end); after a
+/// warm-up, goals finished per second over a window.
+fn steady_state(stack: &Stack, config: &Config, sizes: &Sizes) -> SteadyRun {
+    let mut meter = meter(stack);
+    let mut observer = stack.pg();
+    forget_goals(&mut observer);
+    let workers = config.start_workers(stack);
+    let batch = sizes.steady_batch;
+    let backlog = (8 * config.workers * config.concurrency).max(4 * batch) as i64;
+    let stop = AtomicBool::new(false);
+    /// Stops the producer when the window ends, or fails: the scope waits for it.
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let run = std::thread::scope(|scope| {
+        let producer = scope.spawn(|| {
+            let mut client = stack.pg();
+            let unfinished = client
+                .prepare("SELECT count(*) FROM synapse.tasks WHERE finished_at IS NULL")
+                .unwrap();
+            let submit = client
+                .prepare(
+                    "SELECT synapse.submit_plan($1::text::jsonb) FROM generate_series(1, $2::int)",
+                )
+                .unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                let left: i64 = client.query_one(&unfinished, &[]).unwrap().get(0);
+                if left < backlog {
+                    client.query(&submit, &[&NOOP, &(batch as i32)]).unwrap();
+                } else {
+                    // Polled: with notify off, nothing announces completions.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        });
+        let stopper = StopOnDrop(&stop);
+        // The warm-up and the window are durations, not waits for a condition.
+        std::thread::sleep(sizes.warm_up);
+        let wal = WalWindow::open(&mut meter);
+        let cpu = CpuWindow::open(stack, &pids(&workers));
+        let started = Instant::now();
+        let before = finished_goals(&mut observer);
+        std::thread::sleep(sizes.window);
+        let elapsed = started.elapsed();
+        let done = finished_goals(&mut observer) - before;
+        let cpu = cpu.close(stack, &pids(&workers));
+        let wal = wal.close(&mut meter);
+        drop(stopper);
+        producer.join().unwrap();
+        assert!(done > 0, "no goal finished in the window");
+        let done = done as f64;
+        SteadyRun {
+            tasks_per_s: done / elapsed.as_secs_f64(),
+            cpu_us_per_task: cpu.per_task_us(done).total(),
+            wal_commits_per_task: wal.commits as f64 / done,
+            wal_bytes_per_task: wal.bytes as f64 / done,
+        }
+    });
+    // Leave nothing queued for the next run's workers.
+    wait_for_goals(&mut observer, (0, i64::MAX), Duration::from_secs(600));
+    drop(workers);
+    run
+}
+
+pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
+    let mut admin = meter(stack);
+    wal::install(&mut admin);
+    let mut figures = Vec::new();
+    let tasks = sizes.tasks;
+    for &(workers, concurrency, notify) in &sizes.matrix {
+        let config = Config {
+            workers,
+            concurrency,
+            notify,
+        };
+        set_notify(stack, &mut admin, Some(notify));
+        let label = config.label();
+        let drains: Vec<DrainRun> = (0..runs)
+            .map(|_| pre_queued_drain(stack, tasks, &config))
+            .collect();
+        let mut drain = drain_figures(
+            &format!("pre-queued {tasks} no-op tasks, {label}"),
+            SYNAPSE_DRAIN,
+            "tasks/s",
+            &drains,
+            synapse_e2e::DATABASE,
+        );
+        drain[0].versus.push(Baseline::PgLifecycle);
+        figures.extend(drain);
+
+        let steady: Vec<SteadyRun> = (0..runs)
+            .map(|_| steady_state(stack, &config, sizes))
+            .collect();
+        let name = format!("steady state, {label}");
+        let mut rate = Figure::new(
+            name.clone(),
+            median_of(&steady, |run| run.tasks_per_s),
+            "tasks/s",
+        )
+        .note(format!(
+            "goals ended over {:.1} s after {:.1} s warm-up; producer batches of {}",
+            sizes.window.as_secs_f64(),
+            sizes.warm_up.as_secs_f64(),
+            sizes.steady_batch
+        ))
+        .versus(Baseline::PgLifecycle);
+        if (workers, concurrency, notify) == (2, 64, true) {
+            rate = rate.metric(crate::targets::Metric::Steady);
+        }
+        figures.push(rate);
+        figures.push(
+            Figure::new(
+                format!("{name}: CPU/task, all processes"),
+                median_of(&steady, |run| run.cpu_us_per_task),
+                "µs",
+            )
+            .note("/proc utime+stime over the window; the producer's backend included"),
+        );
+        figures.push(
+            Figure::new(
+                format!("{name}: WAL commit records/task"),
+                median_of(&steady, |run| run.wal_commits_per_task),
+                "",
+            )
+            .note("pg_walinspect over the window; the producer's commits included"),
+        );
+        figures.push(
+            Figure::new(
+                format!("{name}: WAL bytes/task"),
+                median_of(&steady, |run| run.wal_bytes_per_task),
+                "B",
+            )
+            .note("pg_wal_lsn_diff over the window"),
+        );
+    }
+    set_notify(stack, &mut admin, None);
+    forget_goals(&mut stack.pg());
+    figures
+}

@@ -28,6 +28,9 @@ if (mode === "migrate") {
     preset,
     taskList: { noop: async () => {} },
   });
+  // The bench's sign that this process is up (Graphile's own "looking for
+  // jobs" line is silenced with NO_LOG_SUCCESS, as its per-job lines are).
+  console.log("runner: worker started");
   await runner.promise;
 } else {
   console.error("usage: node runner.mjs migrate|work");

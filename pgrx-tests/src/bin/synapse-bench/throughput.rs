@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use synapse_e2e::{postgres, wait_until, Stack, WorkerProcess};
 
 use crate::cpu::{CpuUse, CpuWindow};
-use crate::figure::{median_of, ms, Baseline, Figure};
+use crate::figure::{median, median_of, ms, Baseline, Figure};
 use crate::goals::{
     finished_goals, forget_goals, goals_finished, submit_goals, wait_for_goals, NOOP,
 };
@@ -71,14 +71,27 @@ pub const SYNAPSE_DRAIN: &str = "one goal per task; first worker's start → all
 /// What a pre-queued drain measured (Synapse's or the peer's).
 pub struct DrainRun {
     pub tasks_per_s: f64,
-    /// From the window's start until every worker process was ready (inside
-    /// the window), ms.
-    pub startup_ms: f64,
+    /// From the window's start until the first worker process was ready
+    /// (inside the window), ms; None if the drain ended before it was seen.
+    pub startup_ms: Option<f64>,
     /// CPU of every process, by side, µs per task.
     pub cpu_us_per_task: CpuUse,
     pub xact_commits_per_task: f64,
     pub wal_commits_per_task: f64,
     pub wal_bytes_per_task: f64,
+}
+
+/// When the first worker was ready, over the runs that saw it.
+fn startup_note(runs: &[DrainRun]) -> String {
+    let seen: Vec<f64> = runs.iter().filter_map(|run| run.startup_ms).collect();
+    if seen.is_empty() {
+        "the drain ended before a worker was seen ready".into()
+    } else {
+        format!(
+            "first worker ready after {:.0} ms, inside the window",
+            median(seen)
+        )
+    }
 }
 
 /// The figures of a drain: the rate first (named `name`, in `unit`, with
@@ -94,8 +107,8 @@ pub fn drain_figures(
     let cpu = |side: fn(&CpuUse) -> f64| median_of(runs, |run| side(&run.cpu_us_per_task));
     vec![
         Figure::new(name, median_of(runs, |run| run.tasks_per_s), unit).note(format!(
-            "{what}; workers ready after {:.0} ms, inside the window",
-            median_of(runs, |run| run.startup_ms)
+            "{what}; {}",
+            startup_note(runs)
         )),
         Figure::new(
             format!("{name}: CPU/task, all processes"),
@@ -157,8 +170,12 @@ pub fn pre_queued_drain(stack: &Stack, tasks: usize, config: &Config) -> DrainRu
     let commits_before = xact_commit(&mut meter, synapse_e2e::DATABASE);
     let cpu = CpuWindow::open(stack, &[]);
     let started = Instant::now();
-    let workers = config.start_workers(stack);
+    let workers = workers::spawn(stack, "drain", config.workers, config.concurrency);
+    workers[0].wait_started();
     let startup = started.elapsed();
+    for worker in &workers[1..] {
+        worker.wait_started();
+    }
     let mut polls = 0;
     wait_until("the queue to drain", Duration::from_secs(3600), || {
         polls += 1;
@@ -174,7 +191,7 @@ pub fn pre_queued_drain(stack: &Stack, tasks: usize, config: &Config) -> DrainRu
     let tasks = tasks as f64;
     DrainRun {
         tasks_per_s: tasks / elapsed.as_secs_f64(),
-        startup_ms: ms(startup),
+        startup_ms: Some(ms(startup)),
         cpu_us_per_task: cpu.per_task_us(tasks),
         xact_commits_per_task: commits as f64 / tasks,
         wal_commits_per_task: wal.commits as f64 / tasks,

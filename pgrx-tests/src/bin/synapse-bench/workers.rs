@@ -8,8 +8,18 @@ const LOG: &str = "info";
 /// Starts `count` workers with `concurrency` each, all at once, and waits
 /// until every one has started.
 pub fn start(stack: &Stack, name: &str, count: usize, concurrency: usize) -> Vec<WorkerProcess> {
+    let workers = spawn(stack, name, count, concurrency);
+    for worker in &workers {
+        worker.wait_started();
+    }
+    workers
+}
+
+/// Starts `count` workers with `concurrency` each, all at once, without
+/// waiting for them (see [`WorkerProcess::wait_started`]).
+pub fn spawn(stack: &Stack, name: &str, count: usize, concurrency: usize) -> Vec<WorkerProcess> {
     let concurrency = concurrency.to_string();
-    let workers: Vec<WorkerProcess> = (0..count)
+    (0..count)
         .map(|i| {
             stack.spawn_worker(
                 &format!("{name}-{i}"),
@@ -17,11 +27,7 @@ pub fn start(stack: &Stack, name: &str, count: usize, concurrency: usize) -> Vec
                 LOG,
             )
         })
-        .collect();
-    for worker in &workers {
-        worker.wait_started();
-    }
-    workers
+        .collect()
 }
 
 /// One worker with `concurrency`, started.

@@ -162,16 +162,18 @@ pub async fn claim_tasks(
 ) -> Result<Vec<ClaimedTask>> {
     let statement = client
         .prepare_cached(
+            // `status || ''`: the rows are found by id, never by scanning the
+            // partial index of all queued tasks (see record_outcomes).
             "WITH m AS (
                  SELECT c.id FROM synapse.tasks c
-                  WHERE c.id = ANY($1::bigint[]) AND c.status = 'queued'
+                  WHERE c.id = ANY($1::bigint[]) AND c.status || '' = 'queued'
                   ORDER BY c.id
                     FOR NO KEY UPDATE SKIP LOCKED)
              UPDATE synapse.tasks t
                 SET status = 'running', attempts = t.attempts + 1,
                     lease_expires_at = now() + $2 * interval '1 millisecond', leased_by = $3
                FROM m, synapse.goals g
-              WHERE t.id = m.id AND t.status = 'queued' AND g.id = t.goal_id
+              WHERE t.id = m.id AND t.status || '' = 'queued' AND g.id = t.goal_id
           RETURNING t.id, t.goal_id, t.step, t.action, t.params, coalesce(t.input, 'null'::jsonb), t.attempts,
                     t.max_attempts, t.backoff_ms, t.timeout_ms, t.error,
                     greatest(extract(epoch FROM now() - t.queued_at), 0)::float8,
@@ -369,6 +371,10 @@ pub async fn record_outcomes(
         errors.push(error);
         delays.push(delay);
     }
+    // `t.status || '' = 'running'` rather than `t.status = 'running'`: the
+    // plain form lets the planner scan the partial index of running tasks
+    // (tasks_lease_due) instead of looking the batch up by id, and that index
+    // holds a dead entry for every task that ran since the last vacuum.
     let statement = tx
         .prepare_cached(
             "WITH recorded AS (
@@ -379,7 +385,7 @@ pub async fn record_outcomes(
                            $8::text[])
                     AS r(id, attempt, status, result, error, delay_ms, kind, worker),
                     synapse.goals g
-              WHERE t.id = r.id AND t.status = 'running' AND t.attempts = r.attempt AND g.id = t.goal_id
+              WHERE t.id = r.id AND t.status || '' = 'running' AND t.attempts = r.attempt AND g.id = t.goal_id
           RETURNING t.id, r.attempt, g.goal, g.input, g.params,
                     (SELECT array_agg(e.to_step ORDER BY e.position) FROM synapse.edges e
                       WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending') AS to_steps,

@@ -68,6 +68,7 @@ CREATE TABLE synapse.tasks (
     error            text,
     started_at       timestamptz,
     finished_at      timestamptz,
+    pending_inbound  integer     NOT NULL DEFAULT 0 CHECK (pending_inbound >= 0),
     UNIQUE (goal_id, step),
     CHECK (step ~ '^[a-z][a-z0-9_]{0,62}$'),
     CHECK (status <> 'retrying' OR run_at IS NOT NULL),
@@ -98,6 +99,7 @@ COMMENT ON COLUMN synapse.tasks.result IS 'Action result (JSON) of the succeeded
 COMMENT ON COLUMN synapse.tasks.error IS 'Error of the last failed attempt, or why the step was skipped or cancelled.';
 COMMENT ON COLUMN synapse.tasks.started_at IS 'When the current or last attempt started.';
 COMMENT ON COLUMN synapse.tasks.finished_at IS 'When the task reached succeeded, failed, skipped or cancelled.';
+COMMENT ON COLUMN synapse.tasks.pending_inbound IS 'Inbound edges not resolved yet: the engine decides the step when it reaches 0.';
 
 -- The timers' hot paths: each is a partial index over the few rows in that state.
 CREATE INDEX tasks_retry_due ON synapse.tasks (run_at) WHERE status = 'retrying';
@@ -134,8 +136,6 @@ COMMENT ON COLUMN synapse.edges.state IS 'pending: from step not finished. taken
 COMMENT ON COLUMN synapse.edges.error IS 'Why the condition could not be evaluated.';
 COMMENT ON COLUMN synapse.edges.resolved_at IS 'When the edge resolved.';
 CREATE INDEX edges_to_step ON synapse.edges (goal_id, to_step);
--- "Is any inbound edge of this step still pending?", asked at every parent's end.
-CREATE INDEX edges_pending_into ON synapse.edges (goal_id, to_step) WHERE state = 'pending';
 
 CREATE TABLE synapse.templates (
     name        text        PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 200),

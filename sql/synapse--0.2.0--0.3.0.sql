@@ -39,3 +39,13 @@ BEGIN
     END IF;
     RETURN coalesce(cardinality(events), 0);
 END $$;
+-- Each task counts its inbound edges still pending: the engine decides a step
+-- when its count reaches 0, instead of looking for pending edges (through an
+-- index that kept an entry for every edge resolved since the last vacuum).
+ALTER TABLE synapse.tasks ADD COLUMN pending_inbound integer NOT NULL DEFAULT 0 CHECK (pending_inbound >= 0);
+COMMENT ON COLUMN synapse.tasks.pending_inbound IS 'Inbound edges not resolved yet: the engine decides the step when it reaches 0.';
+UPDATE synapse.tasks t SET pending_inbound = p.pending
+  FROM (SELECT goal_id, to_step, count(*)::int AS pending FROM synapse.edges
+         WHERE state = 'pending' GROUP BY 1, 2) p
+ WHERE t.goal_id = p.goal_id AND t.step = p.to_step;
+DROP INDEX synapse.edges_pending_into;

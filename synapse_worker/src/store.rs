@@ -629,11 +629,18 @@ pub async fn resolve_edges(tx: &Transaction<'_>, resolutions: &[EdgeResolution])
     }
     let statement = tx
         .prepare_cached(
-            "UPDATE synapse.edges e SET state = r.state, error = r.error, resolved_at = now()
-               FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
-                    AS r(goal_id, from_step, to_step, state, error)
-              WHERE e.goal_id = r.goal_id AND e.from_step = r.from_step AND e.to_step = r.to_step
-                AND e.state = 'pending'",
+            // Each edge resolved counts down its target's pending inbound
+            // edges, in the same statement: no later read has to look for them.
+            "WITH resolved AS (
+                 UPDATE synapse.edges e SET state = r.state, error = r.error, resolved_at = now()
+                   FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
+                        AS r(goal_id, from_step, to_step, state, error)
+                  WHERE e.goal_id = r.goal_id AND e.from_step = r.from_step AND e.to_step = r.to_step
+                    AND e.state = 'pending'
+              RETURNING e.goal_id, e.to_step)
+             UPDATE synapse.tasks t SET pending_inbound = t.pending_inbound - c.resolved
+               FROM (SELECT goal_id, to_step, count(*)::int AS resolved FROM resolved GROUP BY 1, 2) c
+              WHERE t.goal_id = c.goal_id AND t.step = c.to_step",
         )
         .await?;
     let goals: Vec<i64> = resolutions.iter().map(|r| r.goal_id).collect();
@@ -690,8 +697,8 @@ pub struct ReadyTask {
 /// Those of `steps` that are pending with every inbound edge resolved, in id
 /// order. Each step is looked at through index probes only (the LATERAL
 /// subqueries keep the planner from scanning the whole goal, which made long
-/// chains quadratic): first whether an inbound edge is still pending, so a
-/// wide join is read in full only once, by the engine that resolves its last
+/// chains quadratic): first its count of pending inbound edges, so a wide
+/// join is read in full only once, by the engine that resolves its last
 /// edge; then its inbound edges, with the parents' results when the default
 /// input needs them.
 pub async fn ready_tasks(
@@ -706,8 +713,7 @@ pub async fn ready_tasks(
              CROSS JOIN LATERAL (
                    SELECT c.id, c.step, c.join_mode, c.input_expr FROM synapse.tasks c
                     WHERE c.goal_id = $1 AND c.step = s.step AND c.status = 'pending'
-                      AND NOT EXISTS (SELECT FROM synapse.edges w
-                                       WHERE w.goal_id = $1 AND w.to_step = c.step AND w.state = 'pending')
+                      AND c.pending_inbound = 0
                     LIMIT 1) t
              CROSS JOIN LATERAL (
                    SELECT coalesce(array_agg(e.from_step ORDER BY e.position), '{}') AS from_steps,

@@ -241,6 +241,10 @@ fn install(
     root_inputs: &HashMap<usize, Option<Value>>,
     goal_input: &Value,
 ) -> Result<()> {
+    let mut inbound: HashMap<&str, usize> = HashMap::new();
+    for edge in &plan.edges {
+        *inbound.entry(edge.to.as_str()).or_default() += 1;
+    }
     let mut tasks = Vec::with_capacity(plan.steps.len());
     for (index, step) in plan.steps.iter().enumerate() {
         if index.is_multiple_of(INTERRUPT_EVERY) {
@@ -260,18 +264,29 @@ fn install(
             "backoff_ms": step.backoff.as_millis() as u64,
             "timeout_ms": step.timeout.as_millis() as u64,
             "status": if root.is_some() { "queued" } else { "pending" },
+            "pending_inbound": inbound.get(step.id.as_str()).copied().unwrap_or(0),
         }));
     }
+    // Between installing this build and `ALTER EXTENSION synapse UPDATE`, the
+    // tables are still 0.2.0's: plans go in without the counts, which the
+    // update then computes from the pending edges.
+    let (counts, count_values) = if tasks_count_inbound() {
+        (", pending_inbound", ", t.pending_inbound")
+    } else {
+        ("", "")
+    };
     Spi::run_with_args(
+        &format!(
         "INSERT INTO synapse.tasks (goal_id, step, action, params, input_expr, input, queue, join_mode,
-                                    max_attempts, backoff_ms, timeout_ms, status)
+                                    max_attempts, backoff_ms, timeout_ms, status{counts})
          SELECT $1, t.step, t.action, t.params, t.input_expr,
                 CASE WHEN t.goal_input THEN $3 ELSE t.input END, t.queue, t.join_mode,
-                t.max_attempts, t.backoff_ms, t.timeout_ms, t.status
+                t.max_attempts, t.backoff_ms, t.timeout_ms, t.status{count_values}
            FROM jsonb_to_recordset($2)
                 AS t(step text, action text, params jsonb, input_expr text, input jsonb, goal_input boolean,
                      queue text, join_mode text, max_attempts integer, backoff_ms bigint, timeout_ms bigint,
-                     status text)",
+                     status text, pending_inbound integer)"
+        ),
         &[
             goal_id.into(),
             JsonB(Value::Array(tasks)).into(),
@@ -295,6 +310,21 @@ fn install(
         )?;
     }
     Ok(())
+}
+
+/// Whether `synapse.tasks` has `pending_inbound` (from 0.3.0 on); syscache
+/// lookups only.
+fn tasks_count_inbound() -> bool {
+    // SAFETY: catalogue lookups by name, inside a transaction; each answers
+    // InvalidOid (or 0) when the object does not exist.
+    unsafe {
+        let schema = pg_sys::get_namespace_oid(c"synapse".as_ptr(), true);
+        if schema == pg_sys::InvalidOid {
+            return false;
+        }
+        let tasks = pg_sys::get_relname_relid(c"tasks".as_ptr(), schema);
+        tasks != pg_sys::InvalidOid && pg_sys::get_attnum(tasks, c"pending_inbound".as_ptr()) > 0
+    }
 }
 
 /// The planner's half of planning: validate the chosen blueprint and install it

@@ -242,6 +242,16 @@ fn graphile_drain(stack: &Stack, runner: &PathBuf, jobs: usize) -> DrainRun {
     }
 }
 
+/// `synapse.observe` for sessions opened from now on (the drain's workers
+/// connect after this); `None` for the default, every change an event.
+fn set_observe(meter: &mut postgres::Client, observe: Option<&str>) {
+    let sql = match observe {
+        Some(observe) => format!("ALTER DATABASE synapse SET synapse.observe = '{observe}'"),
+        None => "ALTER DATABASE synapse RESET synapse.observe".to_owned(),
+    };
+    meter.batch_execute(&sql).expect("setting synapse.observe");
+}
+
 pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
     let runner = install();
     let mut admin = meter(stack);
@@ -254,15 +264,18 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
         concurrency: CONCURRENCY,
         notify: true,
     };
-    // Alternated, so both see the machine in the same state.
-    let (synapse, graphile): (Vec<DrainRun>, Vec<DrainRun>) = (0..runs)
-        .map(|_| {
-            (
-                pre_queued_drain(stack, tasks, &config),
-                graphile_drain(stack, &runner, tasks),
-            )
-        })
-        .unzip();
+    // Alternated, so all see the machine in the same state. Synapse runs at
+    // its default (every change an event) and at its leanest setting.
+    let mut synapse = Vec::new();
+    let mut lean = Vec::new();
+    let mut graphile = Vec::new();
+    for _ in 0..runs {
+        synapse.push(pre_queued_drain(stack, tasks, &config));
+        set_observe(&mut admin, Some("dispatch"));
+        lean.push(pre_queued_drain(stack, tasks, &config));
+        set_observe(&mut admin, None);
+        graphile.push(graphile_drain(stack, &runner, tasks));
+    }
     let mut figures = drain_figures(
         &format!(
             "Synapse: pre-queued {tasks} no-op tasks, {}",
@@ -275,6 +288,18 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
     );
     figures[0].versus.push(Baseline::Graphile);
     figures[0].metric = Some(Metric::DrainVsPeer);
+    let mut leanest = drain_figures(
+        &format!(
+            "Synapse, synapse.observe = dispatch: pre-queued {tasks} no-op tasks, {}",
+            config.label()
+        ),
+        SYNAPSE_DRAIN,
+        "tasks/s",
+        &lean,
+        synapse_e2e::DATABASE,
+    );
+    leanest[0].versus.push(Baseline::Graphile);
+    figures.extend(leanest);
     let mut peer = drain_figures(
         &format!(
             "Graphile Worker {VERSION}: pre-queued {tasks} no-op jobs, \

@@ -109,7 +109,7 @@ async fn record_in_one_batch(
         poll_once(request.as_mut()).await;
     }
     let stop = CancellationToken::new();
-    let serving = tokio::spawn(completer::run(pool.clone(), queue, stop.clone()));
+    let serving = tokio::spawn(completer::run(pool.clone(), queue, stop.clone(), None));
     let mut answers = Vec::new();
     for request in pending {
         answers.push(handled(request.await));

@@ -868,3 +868,52 @@ fn a_two_thousand_wide_fan_in_on_four_workers_joins_once_while_another_is_cancel
         .collect();
     assert_eq!(joins_queued, [finished]);
 }
+
+#[test]
+fn a_successor_starts_in_the_transaction_that_recorded_its_parent_on_a_queue_the_worker_serves() {
+    let stack = Stack::start("continuation", &[]);
+    let serves_default = stack.start_worker("default", &["--queues", "default"]);
+    let serves_other = stack.start_worker("other", &["--queues", "other"]);
+    let mut client = stack.pg();
+
+    // b is claimed by the transaction that recorded a: same start time.
+    let chain = submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "a", "action": "noop"}, {"id": "b", "action": "noop"},
+                          {"id": "c", "action": "noop", "queue": "other"}],
+                "edges": [{"from": "a", "to": "b"}, {"from": "b", "to": "c"}]}),
+    );
+    let status = wait_for_goal(&stack, chain, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(
+        task(&status, "b")["started_at"],
+        task(&status, "a")["finished_at"],
+        "{status}"
+    );
+    assert_eq!(task(&status, "b")["attempts"], 1);
+    // c is on a queue this worker does not serve: the other worker runs it.
+    assert_ne!(
+        task(&status, "c")["started_at"],
+        task(&status, "b")["finished_at"]
+    );
+    let recorded_c = |worker: &synapse_e2e::WorkerProcess| {
+        worker
+            .log_text()
+            .lines()
+            .any(|line| line.contains("task recorded") && line.contains("step=c"))
+    };
+    assert!(recorded_c(&serves_other), "{}", serves_other.log_text());
+    assert!(!recorded_c(&serves_default));
+
+    // b's dispatch message still went out; whoever pops it drops it.
+    let mut redis = stack.redis();
+    wait_until("the queues to be consumed", WAIT, || {
+        let left: i64 = redis::cmd("LLEN")
+            .arg("synapse:queue:default")
+            .query(&mut redis)
+            .unwrap();
+        (left == 0).then_some(())
+    });
+    let status = wait_for_goal(&stack, chain, WAIT);
+    assert_eq!(task(&status, "b")["attempts"], 1);
+}

@@ -10,12 +10,18 @@
 //! The outcomes waiting for an answer are bounded (the backlog): an executor
 //! with nowhere to put its outcome keeps its slot, so claims slow down.
 //!
+//! Local continuation: the successors a batch queues on this worker's queues
+//! are claimed in the same transaction for its free slots, and run here
+//! without waiting for the forwarder, Redis and a claim of their own (their
+//! dispatch message still goes out, and is dropped by whoever pops it).
+//!
 //! Each transaction locks the goals of its batch (in id order) before it
 //! writes any task row: goal first, then tasks, the order `cancel_goal`
 //! follows too, so a completion and a cancel never deadlock, nor do two
 //! batches in flight.
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -24,7 +30,7 @@ use tracing::{debug, warn};
 
 use crate::engine;
 use crate::executor::Handled;
-use crate::store::{self, with_retries, AttemptOutcome, ClaimedTask, Recorded, StoreError};
+use crate::store::{self, with_retries, AttemptOutcome, ClaimedTask, Queued, Recorded, StoreError};
 
 /// Most outcomes in one transaction.
 const MAX_BATCH: usize = 256;
@@ -105,12 +111,65 @@ impl Completer {
     }
 }
 
+/// A task claimed by local continuation, with the slot it runs in.
+pub type Continued = (ClaimedTask, OwnedSemaphorePermit);
+
+/// How a worker takes the successors its batches queue (see the module doc).
+pub struct Continuation {
+    /// The worker's concurrency slots: only free ones are taken.
+    pub slots: Arc<Semaphore>,
+    /// The queues the worker serves.
+    pub queues: Vec<String>,
+    /// The lease of a claim.
+    pub lease: Duration,
+    /// The worker's identity (`leased_by`).
+    pub identity: String,
+    /// Where claimed tasks go, once their transaction committed.
+    pub run: mpsc::UnboundedSender<Continued>,
+    /// Once cancelled (the worker stops), nothing more is claimed.
+    pub stop: CancellationToken,
+}
+
+impl Continuation {
+    /// Claims, inside the batch's transaction, those of `queued` on this
+    /// worker's queues that its free slots can run.
+    async fn claim(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        queued: &[Queued],
+    ) -> Result<Vec<Continued>, StoreError> {
+        if self.stop.is_cancelled() {
+            return Ok(Vec::new());
+        }
+        let mut ids = Vec::new();
+        let mut slots = Vec::new();
+        for task in queued
+            .iter()
+            .filter(|task| self.queues.contains(&task.queue))
+        {
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                break;
+            };
+            ids.push(task.id);
+            slots.push(slot);
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let claimed = store::claim_tasks(tx, &ids, self.lease, &self.identity).await?;
+        // Slots left over (a task that could not be read) go back here.
+        Ok(claimed.into_iter().zip(slots).collect())
+    }
+}
+
 /// Serves `queue` until `stop`, with up to [`IN_FLIGHT`] batches at once; at
-/// `stop`, the batches in flight still finish.
+/// `stop`, the batches in flight still finish. With a `continuation`, the
+/// successors the batches queue are claimed for this worker.
 pub async fn run(
     pool: deadpool_postgres::Pool,
     mut queue: CompletionQueue,
     stop: CancellationToken,
+    continuation: Option<Arc<Continuation>>,
 ) {
     let transactions = Arc::new(Semaphore::new(IN_FLIGHT));
     let in_flight = TaskTracker::new();
@@ -137,8 +196,9 @@ pub async fn run(
             }
         }
         let pool = pool.clone();
+        let continuation = continuation.clone();
         in_flight.spawn(async move {
-            complete(&pool, batch).await;
+            complete(&pool, batch, continuation).await;
             drop(transaction);
         });
     }
@@ -146,13 +206,17 @@ pub async fn run(
     in_flight.wait().await;
 }
 
-async fn complete(pool: &deadpool_postgres::Pool, batch: Vec<Completion>) {
+async fn complete(
+    pool: &deadpool_postgres::Pool,
+    batch: Vec<Completion>,
+    continuation: Option<Arc<Continuation>>,
+) {
     let (work, replies): (Vec<_>, Vec<_>) = batch
         .into_iter()
         .map(|completion| ((completion.task, completion.outcome), completion.reply))
         .unzip();
     let work = Arc::new(work);
-    match record_isolated(pool, &work, 0..work.len()).await {
+    match record_isolated(pool, &work, 0..work.len(), &continuation).await {
         Ok(handled) => {
             for (reply, handled) in replies.into_iter().zip(handled) {
                 let _ = reply.send(Ok(handled));
@@ -166,7 +230,7 @@ async fn complete(pool: &deadpool_postgres::Pool, batch: Vec<Completion>) {
             // One task's bad data must not sink the others: each on its own.
             debug!(%error, size = work.len(), "batch failed; recording one by one");
             for (index, reply) in replies.into_iter().enumerate() {
-                let handled = record_isolated(pool, &work, index..index + 1)
+                let handled = record_isolated(pool, &work, index..index + 1, &continuation)
                     .await
                     .map(|mut handled| handled.remove(0));
                 if let Err(error) = &handled {
@@ -184,25 +248,29 @@ async fn record_isolated(
     pool: &deadpool_postgres::Pool,
     work: &Arc<Vec<(ClaimedTask, AttemptOutcome)>>,
     range: Range<usize>,
+    continuation: &Option<Arc<Continuation>>,
 ) -> Result<Vec<Handled>, StoreError> {
     let pool = pool.clone();
     let work = work.clone();
+    let continuation = continuation.clone();
     tokio::spawn(async move {
         let outcomes: Vec<(&ClaimedTask, &AttemptOutcome)> = work[range]
             .iter()
             .map(|(task, outcome)| (task, outcome))
             .collect();
-        record_batch(&pool, &outcomes).await
+        record_batch(&pool, &outcomes, continuation.as_deref()).await
     })
     .await
     .unwrap_or_else(|error| Err(StoreError::Data(format!("recording failed: {error}"))))
 }
 
-/// One transaction: the goals' locks, the outcomes (fenced by attempt), then
-/// the engine for every step that ended.
+/// One transaction: the goals' locks, the outcomes (fenced by attempt), the
+/// engine for every step that ended, then the claims of local continuation,
+/// whose tasks start once it committed.
 async fn record_batch(
     pool: &deadpool_postgres::Pool,
     outcomes: &[(&ClaimedTask, &AttemptOutcome)],
+    continuation: Option<&Continuation>,
 ) -> Result<Vec<Handled>, StoreError> {
     let mut goal_ids: Vec<i64> = outcomes.iter().map(|(task, _)| task.goal_id).collect();
     goal_ids.sort_unstable();
@@ -227,11 +295,24 @@ async fn record_batch(
                 }
             });
         }
+        let mut continued = Vec::new();
         if !ends.is_empty() {
-            engine::steps_ended_in_locked_goals(&tx, ends, running).await?;
+            let queued = engine::steps_ended_in_locked_goals(&tx, ends, running).await?;
+            if let Some(continuation) = continuation {
+                continued = continuation.claim(&tx, &queued).await?;
+            }
         }
         tx.commit().await?;
-        Ok(handled)
+        Ok((handled, continued))
     })
     .await
+    .map(|(handled, continued)| {
+        if let Some(continuation) = continuation {
+            for task in continued {
+                // Should the worker be gone, the lease lapses and the task runs again.
+                let _ = continuation.run.send(task);
+            }
+        }
+        handled
+    })
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -49,7 +49,7 @@ pub async fn consume(
 ) {
     let keys = shared.config.list_keys();
     let planner_key = keys[0].clone();
-    let slots = Arc::new(Semaphore::new(shared.config.concurrency));
+    let slots = shared.slots.clone();
     let mut popper: Option<Popper> = None;
     let mut reconnect = crate::backoff::Backoff::default();
     loop {

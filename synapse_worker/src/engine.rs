@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 
 use crate::blueprint::cel;
 use crate::blueprint::{EdgeOn, Join};
-use crate::store::{self, GoalEnding, GoalFinish, OutboundEdge, StepEnd, StoreError};
+use crate::store::{self, GoalEnding, GoalFinish, OutboundEdge, Queued, StepEnd, StoreError};
 
 /// How a step ended, as edges see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,7 +243,10 @@ async fn decide_outbound(
 /// step that ends because of them) and finishes the goals with nothing left
 /// to run. Locks the goals first (goal rows before task rows, in id order),
 /// then goes on as [`steps_ended_in_locked_goals`].
-pub async fn steps_ended(tx: &Transaction<'_>, ends: Vec<StepEnd>) -> Result<(), StoreError> {
+pub async fn steps_ended(
+    tx: &Transaction<'_>,
+    ends: Vec<StepEnd>,
+) -> Result<Vec<Queued>, StoreError> {
     let mut goal_ids: Vec<i64> = ends.iter().map(|end| end.goal_id).collect();
     goal_ids.sort_unstable();
     goal_ids.dedup();
@@ -255,12 +258,13 @@ pub async fn steps_ended(tx: &Transaction<'_>, ends: Vec<StepEnd>) -> Result<(),
 /// `running` is what [`store::lock_running_goals`] answered for the goals of
 /// `ends` (those not in it are no longer running, and nothing is decided
 /// for them). The statements serve the whole batch: a batch of single-step
-/// goals costs the same handful of statements as one goal.
+/// goals costs the same handful of statements as one goal. Returns the tasks
+/// it queued.
 pub async fn steps_ended_in_locked_goals(
     tx: &Transaction<'_>,
     ends: Vec<StepEnd>,
-    running: Vec<(i64, Option<String>)>,
-) -> Result<(), StoreError> {
+    running: Vec<i64>,
+) -> Result<Vec<Queued>, StoreError> {
     let mut goals: BTreeMap<i64, (GoalVariables, Vec<Resolved>)> = BTreeMap::new();
     let mut resolutions = Vec::new();
     for end in ends {
@@ -281,32 +285,28 @@ pub async fn steps_ended_in_locked_goals(
     store::resolve_edges(tx, &resolutions).await?;
     // Only the goals of `ends` that are running: a cancelled goal has
     // nothing left to decide.
-    let running: Vec<(i64, Option<String>)> = running
+    let running: Vec<i64> = running
         .into_iter()
-        .filter(|(goal_id, _)| goals.contains_key(goal_id))
+        .filter(|goal_id| goals.contains_key(goal_id))
         .collect();
-    for (goal_id, _) in &running {
+    let mut queued = Vec::new();
+    for goal_id in &running {
         let (goal, seeds) = &mut goals
             .get_mut(goal_id)
             .expect("filtered to the goals of ends");
-        propagate(tx, *goal_id, goal, std::mem::take(seeds)).await?;
+        queued.extend(propagate(tx, *goal_id, goal, std::mem::take(seeds)).await?);
     }
-    let running_ids: Vec<i64> = running.iter().map(|(id, _)| *id).collect();
-    let done = store::goals_with_every_step_ended(tx, &running_ids).await?;
-    if done.is_empty() {
-        return Ok(());
+    let endings = store::goal_endings(tx, &running).await?;
+    if endings.is_empty() {
+        return Ok(queued);
     }
-    let endings = store::goal_endings(tx, &done).await?;
     let mut finishes = Vec::with_capacity(endings.len());
-    let outputs: BTreeMap<i64, Option<String>> = running.into_iter().collect();
     for ending in endings {
-        let output = outputs
-            .get(&ending.goal_id)
-            .and_then(|output| output.as_deref());
         let goal = &goals[&ending.goal_id].0;
-        finishes.push(goal_finish(tx, goal, output, ending).await?);
+        finishes.push(goal_finish(tx, goal, ending).await?);
     }
-    store::finish_goals(tx, &finishes).await
+    store::finish_goals(tx, &finishes).await?;
+    Ok(queued)
 }
 
 /// The successors of a step whose outbound edges resolved, and the edges
@@ -314,13 +314,15 @@ pub async fn steps_ended_in_locked_goals(
 type Resolved = (Vec<String>, Vec<(String, String)>);
 
 /// Queues or skips the successors of `seeds` whose inbound edges have all
-/// resolved, following skips and failures until nothing more is decided.
+/// resolved, following skips and failures until nothing more is decided;
+/// returns the tasks it queued.
 async fn propagate(
     tx: &Transaction<'_>,
     goal_id: i64,
     goal: &GoalVariables,
     seeds: Vec<Resolved>,
-) -> Result<(), StoreError> {
+) -> Result<Vec<Queued>, StoreError> {
+    let mut queued_now = Vec::new();
     // The steps that ended together are looked at together: each successor
     // once, whatever number of them lead to it.
     let mut seen = std::collections::HashSet::new();
@@ -347,7 +349,7 @@ async fn propagate(
                     store::resolve_edges(tx, &resolutions).await?;
                     resolved
                 }
-                None => return Ok(()),
+                None => return Ok(queued_now),
             },
         };
         if successors.is_empty() {
@@ -403,7 +405,7 @@ async fn propagate(
                 }
             }
         }
-        store::queue_tasks(tx, &queued).await?;
+        queued_now.extend(store::queue_tasks(tx, &queued).await?);
         store::skip_tasks(tx, &skipped).await?;
     }
 }
@@ -412,9 +414,9 @@ async fn propagate(
 async fn goal_finish(
     tx: &Transaction<'_>,
     goal: &GoalVariables,
-    output: Option<&str>,
     ending: GoalEnding,
 ) -> Result<GoalFinish, StoreError> {
+    let output = ending.output.as_deref();
     let goal_id = ending.goal_id;
     let failed = |error: String| GoalFinish {
         goal_id,

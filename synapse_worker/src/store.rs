@@ -753,21 +753,39 @@ pub async fn ready_tasks(
 }
 
 /// `pending → queued` with their inputs, in one statement.
-pub async fn queue_tasks(tx: &Transaction<'_>, tasks: &[(i64, Value)]) -> Result<()> {
+pub async fn queue_tasks(tx: &Transaction<'_>, tasks: &[(i64, Value)]) -> Result<Vec<Queued>> {
     if tasks.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let statement = tx
         .prepare_cached(
             "UPDATE synapse.tasks t SET status = 'queued', input = r.input
                FROM unnest($1::bigint[], $2::jsonb[]) AS r(id, input)
-              WHERE t.id = r.id AND t.status = 'pending'",
+              WHERE t.id = r.id AND t.status = 'pending'
+          RETURNING t.id, t.queue",
         )
         .await?;
     let ids: Vec<i64> = tasks.iter().map(|(id, _)| *id).collect();
     let inputs: Vec<&Value> = tasks.iter().map(|(_, input)| input).collect();
-    tx.execute(&statement, &[&ids, &inputs]).await?;
-    Ok(())
+    tx.query(&statement, &[&ids, &inputs])
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(Queued {
+                id: column(row, 0)?,
+                queue: column(row, 1)?,
+            })
+        })
+        .collect()
+}
+
+/// A task the engine queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    /// Task id.
+    pub id: i64,
+    /// Its queue.
+    pub queue: String,
 }
 
 /// `pending → skipped`, each with its reason, in one statement.
@@ -788,41 +806,21 @@ pub async fn skip_tasks(tx: &Transaction<'_>, tasks: &[(i64, String)]) -> Result
     Ok(())
 }
 
-/// Locks those of `goal_ids` that are running, in id order; returns each
-/// locked goal's blueprint `output` expression.
+/// Locks those of `goal_ids` that are running, in id order, and returns
+/// their ids. Nothing else is read: a goal's blueprint (its `output`) is read
+/// only when the goal ends ([`goal_endings`]).
 ///
 /// Lock order, everywhere: a goal row first, then its task rows. The
 /// completer takes these locks before it records any outcome, as
 /// `cancel_goal` locks the goal before cancelling its tasks, so the two never
 /// wait for each other in a cycle; the id order keeps engine runs that touch
 /// several goals from deadlocking each other.
-pub async fn lock_running_goals(
-    tx: &Transaction<'_>,
-    goal_ids: &[i64],
-) -> Result<Vec<(i64, Option<String>)>> {
+pub async fn lock_running_goals(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<i64>> {
     let statement = tx
         .prepare_cached(
-            "SELECT id, blueprint ->> 'output' FROM synapse.goals
+            "SELECT id FROM synapse.goals
               WHERE id IN (SELECT unnest($1::bigint[])) AND status = 'running'
               ORDER BY id FOR NO KEY UPDATE",
-        )
-        .await?;
-    tx.query(&statement, &[&goal_ids])
-        .await?
-        .iter()
-        .map(|row| Ok((column(row, 0)?, column(row, 1)?)))
-        .collect()
-}
-
-/// Those of `goal_ids` whose every step has ended.
-pub async fn goals_with_every_step_ended(
-    tx: &Transaction<'_>,
-    goal_ids: &[i64],
-) -> Result<Vec<i64>> {
-    let statement = tx
-        .prepare_cached(
-            "SELECT g.id FROM unnest($1::bigint[]) AS g(id)
-              WHERE NOT EXISTS (SELECT FROM synapse.tasks t WHERE t.goal_id = g.id AND t.finished_at IS NULL)",
         )
         .await?;
     tx.query(&statement, &[&goal_ids])
@@ -836,6 +834,8 @@ pub async fn goals_with_every_step_ended(
 pub struct GoalEnding {
     /// Goal id.
     pub goal_id: i64,
+    /// The blueprint's `output` expression, if it has one.
+    pub output: Option<String>,
     /// Failed steps with no taken `failure`/`always` edge out of them, and steps failed
     /// by a definition error whatever their edges: `(step, error)`.
     pub unhandled_failures: Vec<(String, String)>,
@@ -843,11 +843,12 @@ pub struct GoalEnding {
     pub leaf_results: Value,
 }
 
-/// The endings of `goal_ids`, in one statement.
+/// The endings of those of `goal_ids` whose every step has ended, in one
+/// statement.
 pub async fn goal_endings(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<GoalEnding>> {
     let statement = tx
         .prepare_cached(
-            "SELECT g.id,
+            "SELECT g.id, g.blueprint ->> 'output',
                     (SELECT coalesce(array_agg(t.step ORDER BY t.id), '{}') FROM synapse.tasks t
                       WHERE t.goal_id = g.id AND t.status = 'failed'
                         AND (t.failure_kind IS NOT DISTINCT FROM 'definition'
@@ -863,19 +864,23 @@ pub async fn goal_endings(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<
                     (SELECT coalesce(jsonb_object_agg(t.step, t.result), '{}') FROM synapse.tasks t
                       WHERE t.goal_id = g.id AND t.status = 'succeeded'
                         AND NOT EXISTS (SELECT FROM synapse.edges e WHERE e.goal_id = t.goal_id AND e.from_step = t.step))
-               FROM unnest($1::bigint[]) AS g(id)",
+               FROM synapse.goals g
+              WHERE g.id = ANY($1::bigint[])
+                AND NOT EXISTS (SELECT FROM synapse.tasks t WHERE t.goal_id = g.id AND t.finished_at IS NULL)
+              ORDER BY g.id",
         )
         .await?;
     tx.query(&statement, &[&goal_ids])
         .await?
         .iter()
         .map(|row| {
-            let steps: Vec<String> = column(row, 1)?;
-            let errors: Vec<String> = column(row, 2)?;
+            let steps: Vec<String> = column(row, 2)?;
+            let errors: Vec<String> = column(row, 3)?;
             Ok(GoalEnding {
                 goal_id: column(row, 0)?,
+                output: column(row, 1)?,
                 unhandled_failures: steps.into_iter().zip(errors).collect(),
-                leaf_results: column(row, 3)?,
+                leaf_results: column(row, 4)?,
             })
         })
         .collect()

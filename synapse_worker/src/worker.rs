@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use crate::actions::{ActionRegistry, ResultLimit};
 use crate::backoff::Backoff;
 use crate::blueprint::BUILTIN_ACTIONS;
-use crate::completer::{completer, Completer, CompletionQueue};
+use crate::completer::{completer, Completer, CompletionQueue, Continuation};
 use crate::connection_error;
 use crate::planner::PlannerRegistry;
 use crate::store;
@@ -86,6 +86,8 @@ pub struct Shared {
     pub planners: PlannerRegistry,
     /// Records task outcomes, in batches.
     pub completer: Completer,
+    /// Concurrency slots: one per task (or planning) running.
+    pub slots: Arc<tokio::sync::Semaphore>,
     /// While Postgres is unreachable: when to pop again, and the next pause.
     pause: std::sync::Mutex<Pause>,
 }
@@ -229,6 +231,7 @@ impl Worker {
         // Outcomes waiting for their answer: two batches in flight, each up to
         // as many as tasks may run at once.
         let (completer, completions) = completer(2 * config.concurrency);
+        let slots = Arc::new(tokio::sync::Semaphore::new(config.concurrency));
         Ok(Worker {
             shared: Arc::new(Shared {
                 config,
@@ -237,6 +240,7 @@ impl Worker {
                 actions: actions.bounded(limit),
                 planners: PlannerRegistry::builtins(),
                 completer,
+                slots,
                 pause: std::sync::Mutex::new(Pause::default()),
             }),
             completions,
@@ -254,20 +258,42 @@ impl Worker {
             return Ok(());
         }
         announce(&shared).await;
+        let tasks = TaskTracker::new();
+        let abort = CancellationToken::new();
+        let (continued, mut to_run) = tokio::sync::mpsc::unbounded_channel();
+        let continuation = Continuation {
+            slots: shared.slots.clone(),
+            queues: shared.config.queues.clone(),
+            lease: shared.config.lease,
+            identity: shared.config.identity.clone(),
+            run: continued,
+            stop: shutdown.clone(),
+        };
         let stop_completer = CancellationToken::new();
         let completer = tokio::spawn(crate::completer::run(
             shared.pool.clone(),
             self.completions,
             stop_completer.clone(),
+            Some(Arc::new(continuation)),
         ));
+        // Tasks claimed by local continuation run like popped ones.
+        {
+            let (shared, tasks, abort) = (shared.clone(), tasks.clone(), abort.clone());
+            tokio::spawn(async move {
+                while let Some((task, slot)) = to_run.recv().await {
+                    let (shared, abort) = (shared.clone(), abort.clone());
+                    tasks.spawn(async move {
+                        crate::executor::execute(&shared, task, &abort, slot).await;
+                    });
+                }
+            });
+        }
         info!(
             queues = ?shared.config.queues,
             concurrency = shared.config.concurrency,
             identity = %shared.config.identity,
             "worker started"
         );
-        let tasks = TaskTracker::new();
-        let abort = CancellationToken::new();
         if let Some(addr) = shared.config.metrics_addr {
             let listener = crate::metrics::serve(addr, shutdown.clone());
             tokio::spawn(async move {

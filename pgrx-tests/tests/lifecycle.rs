@@ -120,6 +120,9 @@ fn an_extension_dropped_and_created_again_has_its_events_forwarded() {
             brpop(&mut redis, "synapse:planner", WAIT).expect("forwarded");
         }
     }
+    // This session keeps submit_plan's prepared statements across the drop.
+    submit_plan(&mut client, ONE_STEP);
+    brpop(&mut redis, "synapse:queue:default", WAIT).expect("forwarded");
     // In one transaction: the forwarder sees no error, only a new outbox
     // whose ids start at 1 again.
     client

@@ -10,7 +10,9 @@ use pgrx::pg_sys::panic::ErrorReport;
 use synapse_worker::blueprint::{self, cel, limits, Blueprint, Problem};
 
 mod json_arg;
+mod prepared;
 pub(super) use json_arg::JsonbArg;
+use prepared::{oid, prepared};
 
 /// How many steps are handled between two interrupt checks.
 const INTERRUPT_EVERY: usize = 256;
@@ -71,8 +73,13 @@ fn refusal(error: Error) -> Result<Problem> {
 /// The registered actions, with their `params_schema` if they have one.
 fn known_actions() -> Result<HashMap<String, Option<Value>>> {
     Ok(Spi::connect(|client| {
+        let actions = prepared(
+            client,
+            "SELECT name, params_schema FROM synapse.actions",
+            &[],
+        )?;
         client
-            .select("SELECT name, params_schema FROM synapse.actions", None, &[])?
+            .select(&*actions, None, &[])?
             .map(|row| Ok((row.get::<String>(1)?, row.get::<JsonB>(2)?)))
             .collect::<std::result::Result<Vec<_>, pgrx::spi::Error>>()
     })?
@@ -125,11 +132,21 @@ fn submit(
     // first RETURNING row never reaches its end, where the statement trigger
     // that records its event fires.
     let inserted = Spi::connect_mut(|client| {
+        let insert = prepared(
+            client,
+            "INSERT INTO synapse.goals (goal, input, planner, blueprint, status, idempotency_key)
+             VALUES ($1, $2, NULL, $3, 'running', $4)
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+            &[
+                oid(PgBuiltInOids::TEXTOID),
+                oid(PgBuiltInOids::JSONBOID),
+                oid(PgBuiltInOids::JSONBOID),
+                oid(PgBuiltInOids::TEXTOID),
+            ],
+        )?;
         client
             .update(
-                "INSERT INTO synapse.goals (goal, input, planner, blueprint, status, idempotency_key)
-                 VALUES ($1, $2, NULL, $3, 'running', $4)
-                 ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+                &*insert,
                 None,
                 &[
                     goal.text.clone().into(),
@@ -275,8 +292,7 @@ fn install(
     } else {
         ("", "")
     };
-    Spi::run_with_args(
-        &format!(
+    let insert_tasks = format!(
         "INSERT INTO synapse.tasks (goal_id, step, action, params, input_expr, input, queue, join_mode,
                                     max_attempts, backoff_ms, timeout_ms, status{counts})
          SELECT $1, t.step, t.action, t.params, t.input_expr,
@@ -286,13 +302,29 @@ fn install(
                 AS t(step text, action text, params jsonb, input_expr text, input jsonb, goal_input boolean,
                      queue text, join_mode text, max_attempts integer, backoff_ms bigint, timeout_ms bigint,
                      status text, pending_inbound integer)"
-        ),
-        &[
-            goal_id.into(),
-            JsonB(Value::Array(tasks)).into(),
-            JsonB(goal_input.clone()).into(),
-        ],
-    )?;
+    );
+    Spi::connect_mut(|client| {
+        let insert = prepared(
+            client,
+            &insert_tasks,
+            &[
+                oid(PgBuiltInOids::INT8OID),
+                oid(PgBuiltInOids::JSONBOID),
+                oid(PgBuiltInOids::JSONBOID),
+            ],
+        )?;
+        client
+            .update(
+                &*insert,
+                None,
+                &[
+                    goal_id.into(),
+                    JsonB(Value::Array(tasks)).into(),
+                    JsonB(goal_input.clone()).into(),
+                ],
+            )
+            .map(drop)
+    })?;
     pgrx::check_for_interrupts!();
     if !plan.edges.is_empty() {
         let edges: Vec<Value> = plan
@@ -301,13 +333,23 @@ fn install(
             .enumerate()
             .map(|(i, edge)| json!({"position": i + 1, "from": edge.from, "to": edge.to, "when": edge.when, "on": edge.on}))
             .collect();
-        Spi::run_with_args(
-            "INSERT INTO synapse.edges (goal_id, position, from_step, to_step, when_expr, on_outcome)
-             SELECT $1, e.position, e.\"from\", e.\"to\", e.\"when\", e.\"on\"
-               FROM jsonb_to_recordset($2)
-                    AS e(position integer, \"from\" text, \"to\" text, \"when\" text, \"on\" text)",
-            &[goal_id.into(), JsonB(Value::Array(edges)).into()],
-        )?;
+        Spi::connect_mut(|client| {
+            let insert = prepared(
+                client,
+                "INSERT INTO synapse.edges (goal_id, position, from_step, to_step, when_expr, on_outcome)
+                 SELECT $1, e.position, e.\"from\", e.\"to\", e.\"when\", e.\"on\"
+                   FROM jsonb_to_recordset($2)
+                        AS e(position integer, \"from\" text, \"to\" text, \"when\" text, \"on\" text)",
+                &[oid(PgBuiltInOids::INT8OID), oid(PgBuiltInOids::JSONBOID)],
+            )?;
+            client
+                .update(
+                    &*insert,
+                    None,
+                    &[goal_id.into(), JsonB(Value::Array(edges)).into()],
+                )
+                .map(drop)
+        })?;
     }
     Ok(())
 }

@@ -105,14 +105,11 @@ BEGIN
     RETURN coalesce(cardinality(events), 0);
 END $$;
 
--- A restore (pg_dump's data section, loaded by psql or pg_restore) copies
--- rows in whatever state they had, with their own timestamps; it must neither
--- be refused by the state machine nor record events again (the undelivered
--- events are restored with the outbox). Only the owner of the tables can COPY
--- into them, so this opens nothing to the users of the API.
-CREATE FUNCTION synapse._restoring() RETURNS boolean LANGUAGE sql STABLE AS $$
-    SELECT current_query() ~* '^\s*copy\s+synapse\.'
-$$;
+-- synapse._restoring() (events.rs) tells a restore apart: pg_dump's data
+-- section, loaded by psql or pg_restore, copies rows in whatever state they
+-- had, with their own timestamps; it must neither be refused by the state
+-- machine nor record events again (the undelivered events are restored with
+-- the outbox).
 
 -- BEFORE INSERT/UPDATE of each row: checks the transition and sets the
 -- timestamps. The events are recorded per statement, after it (below): one
@@ -215,7 +212,15 @@ CREATE TRIGGER task_status_changing BEFORE UPDATE OF status ON synapse.tasks
 
 -- task.<status> for each task whose status an UPDATE changed, and
 -- task.queued for each task inserted queued (pending ones wait silently).
+--
+-- plpgsql plans a query once per session, for the row count of its first
+-- run: a join of old and new rows first planned for a few rows stays a
+-- nested loop, O(n²) for a statement of thousands (a wide fan-out queued, a
+-- large goal cancelled). A statement of many rows is planned for its own
+-- size instead; the same query, written twice for that reason only.
 CREATE FUNCTION synapse._tasks_written() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    events synapse._event[];
 BEGIN
     IF TG_OP = 'INSERT' AND synapse._restoring() THEN
         RETURN NULL;
@@ -223,7 +228,7 @@ BEGIN
         PERFORM synapse._emit(array(
             SELECT synapse._task_event('task.queued', t.goal_id, t.id, t.step, t.queue, t.attempts + 1)
               FROM new_tasks t WHERE t.status = 'queued' ORDER BY t.id));
-    ELSE
+    ELSIF (SELECT count(*) FROM new_tasks) <= 64 THEN
         PERFORM synapse._emit(array(
             SELECT synapse._task_event('task.' || t.status, t.goal_id, t.id, t.step, t.queue,
                        CASE WHEN t.status = 'queued' THEN t.attempts + 1 ELSE t.attempts END,
@@ -234,6 +239,18 @@ BEGIN
               FROM new_tasks t JOIN old_tasks o ON o.id = t.id
              WHERE o.status IS DISTINCT FROM t.status
              ORDER BY t.id));
+    ELSE
+        EXECUTE $q$
+            SELECT array(
+            SELECT synapse._task_event('task.' || t.status, t.goal_id, t.id, t.step, t.queue,
+                       CASE WHEN t.status = 'queued' THEN t.attempts + 1 ELSE t.attempts END,
+                       CASE t.status WHEN 'running' THEN t.lease_expires_at WHEN 'retrying' THEN t.run_at END,
+                       t.status = 'failed' AND o.status = 'running' AND o.lease_expires_at <= now())
+              FROM new_tasks t JOIN old_tasks o ON o.id = t.id
+             WHERE o.status IS DISTINCT FROM t.status
+             ORDER BY t.id)
+        $q$ INTO events;
+        PERFORM synapse._emit(events);
     END IF;
     RETURN NULL;
 END $$;

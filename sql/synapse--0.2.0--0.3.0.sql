@@ -49,3 +49,48 @@ UPDATE synapse.tasks t SET pending_inbound = p.pending
          WHERE state = 'pending' GROUP BY 1, 2) p
  WHERE t.goal_id = p.goal_id AND t.step = p.to_step;
 DROP INDEX synapse.edges_pending_into;
+
+-- A statement changing many tasks is planned for its own size (see events.sql).
+CREATE OR REPLACE FUNCTION synapse._tasks_written() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    events synapse._event[];
+BEGIN
+    IF TG_OP = 'INSERT' AND synapse._restoring() THEN
+        RETURN NULL;
+    ELSIF TG_OP = 'INSERT' THEN
+        PERFORM synapse._emit(array(
+            SELECT synapse._task_event('task.queued', t.goal_id, t.id, t.step, t.queue, t.attempts + 1)
+              FROM new_tasks t WHERE t.status = 'queued' ORDER BY t.id));
+    ELSIF (SELECT count(*) FROM new_tasks) <= 64 THEN
+        PERFORM synapse._emit(array(
+            SELECT synapse._task_event('task.' || t.status, t.goal_id, t.id, t.step, t.queue,
+                       CASE WHEN t.status = 'queued' THEN t.attempts + 1 ELSE t.attempts END,
+                       CASE t.status WHEN 'running' THEN t.lease_expires_at WHEN 'retrying' THEN t.run_at END,
+                       -- The last attempt's lease lapsed (the forwarder failed it): no
+                       -- worker is there to resolve its edges, so one is asked to.
+                       t.status = 'failed' AND o.status = 'running' AND o.lease_expires_at <= now())
+              FROM new_tasks t JOIN old_tasks o ON o.id = t.id
+             WHERE o.status IS DISTINCT FROM t.status
+             ORDER BY t.id));
+    ELSE
+        EXECUTE $q$
+            SELECT array(
+            SELECT synapse._task_event('task.' || t.status, t.goal_id, t.id, t.step, t.queue,
+                       CASE WHEN t.status = 'queued' THEN t.attempts + 1 ELSE t.attempts END,
+                       CASE t.status WHEN 'running' THEN t.lease_expires_at WHEN 'retrying' THEN t.run_at END,
+                       t.status = 'failed' AND o.status = 'running' AND o.lease_expires_at <= now())
+              FROM new_tasks t JOIN old_tasks o ON o.id = t.id
+             WHERE o.status IS DISTINCT FROM t.status
+             ORDER BY t.id)
+        $q$ INTO events;
+        PERFORM synapse._emit(events);
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- synapse._restoring() reads the statement's first bytes in place, in C: the
+-- row triggers call it for every inserted row.
+CREATE OR REPLACE FUNCTION synapse."_restoring"() RETURNS bool /* bool */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'restoring_wrapper';

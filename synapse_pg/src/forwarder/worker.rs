@@ -177,25 +177,23 @@ impl Forwarder {
     fn run(&mut self) -> Option<Duration> {
         self.take_announced_deadline();
         let sleep = self.work();
-        loop {
-            let now = Instant::now();
-            // SAFETY: reads the clock; no error path.
-            let clock = unsafe { pg_sys::GetCurrentTimestamp() };
-            set_timers_next(self.timers_due.map(|due| {
-                let micros = due.saturating_duration_since(now).as_micros();
-                clock.saturating_add(i64::try_from(micros).unwrap_or(i64::MAX))
-            }));
-            // A deadline announced before that was published did not wake us.
-            if !self.take_announced_deadline() {
-                return sleep;
-            }
-            if let Some(due) = self.timers_due {
-                let until_due = due.saturating_duration_since(now);
-                if sleep.is_none_or(|sleep| until_due < sleep) {
-                    return Some(until_due);
-                }
-            }
+        let now = Instant::now();
+        // SAFETY: reads the clock; no error path.
+        let clock = unsafe { pg_sys::GetCurrentTimestamp() };
+        set_timers_next(self.timers_due.map(|due| {
+            let micros = due.saturating_duration_since(now).as_micros();
+            clock.saturating_add(i64::try_from(micros).unwrap_or(i64::MAX))
+        }));
+        // A deadline announced before that was published did not wake us. (What
+        // was published may now be later than the timers' next run: writers
+        // then wake us more often than needed, never less.)
+        if self.take_announced_deadline() {
+            let until_due = self
+                .timers_due
+                .map(|due| due.saturating_duration_since(now));
+            return earliest(sleep, until_due);
         }
+        sleep
     }
 
     /// Merges a deadline a committed writer announced (see

@@ -57,8 +57,25 @@ BEGIN
                                       'finished_at', a.finished_at, 'error', a.error)
                                   ORDER BY a.finished_at, a.attempt)
                              FROM synapse.attempts AS a WHERE a.task_id = t.id), '[]'))
+                   -- A map step once, with its instances; a loop with its iteration.
+                   || CASE WHEN t.for_each_expr IS NOT NULL THEN jsonb_build_object(
+                          'for_each', t.for_each_expr, 'size', t.map_size, 'ended', t.map_ended,
+                          'failed', t.map_failed,
+                          'instances', coalesce((
+                              SELECT jsonb_agg(jsonb_build_object(
+                                         'index', i.map_index, 'status', i.status, 'attempts', i.attempts,
+                                         'result', i.result, 'error', i.error, 'started_at', i.started_at,
+                                         'finished_at', i.finished_at)
+                                     ORDER BY i.map_index)
+                                FROM synapse.tasks AS i
+                               WHERE i.goal_id = t.goal_id AND i.step = t.step AND i.map_index IS NOT NULL), '[]'))
+                      ELSE '{}' END
+                   || CASE WHEN t.until_expr IS NOT NULL THEN jsonb_build_object(
+                          'until', t.until_expr, 'iteration', t.iteration,
+                          'max_iterations', t.max_iterations)
+                      ELSE '{}' END
                    ORDER BY t.id)
-              FROM synapse.tasks AS t WHERE t.goal_id = g.id), '[]'),
+              FROM synapse.tasks AS t WHERE t.goal_id = g.id AND t.map_index IS NULL), '[]'),
         'edges', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
                        'from', e.from_step, 'to', e.to_step, 'when', e.when_expr, 'on', e.on_outcome,
@@ -111,13 +128,13 @@ BEGIN
     WITH cancelled AS (
         UPDATE synapse.tasks AS t SET status = 'cancelled', error = 'goal cancelled'
           FROM (SELECT u.id FROM synapse.tasks AS u
-                 WHERE u.goal_id = cancel_goal.goal_id AND u.status IN ('pending', 'queued', 'running', 'retrying')
+                 WHERE u.goal_id = cancel_goal.goal_id AND u.status IN ('pending', 'queued', 'running', 'retrying', 'waiting')
                  ORDER BY u.id FOR UPDATE) AS open
          WHERE t.id = open.id
         RETURNING t.step)
     UPDATE synapse.edges AS e SET state = 'not_taken', resolved_at = now()
-      FROM cancelled
-     WHERE e.goal_id = cancel_goal.goal_id AND e.from_step = cancelled.step AND e.state = 'pending';
+      FROM (SELECT DISTINCT step FROM cancelled) AS c
+     WHERE e.goal_id = cancel_goal.goal_id AND e.from_step = c.step AND e.state = 'pending';
     UPDATE synapse.goals AS g SET status = 'cancelled', error = 'cancelled by ' || session_user
      WHERE g.id = cancel_goal.goal_id;
     RETURN true;

@@ -42,16 +42,19 @@ CREATE INDEX goals_finished ON synapse.goals (finished_at) WHERE finished_at IS 
 CREATE TYPE synapse._event AS (event text, goal_id bigint, task_id bigint, dispatch text, payload text, due_at timestamptz);
 
 -- Payloads, exactly as documented, schema version first. task.*:
--- {"v":1,"event":...,"goal_id":...,"task_id":...,"step":...,"queue":...,"attempt":...};
+-- {"v":1,"event":...,"goal_id":...,"task_id":...,"step":...,"queue":...,"attempt":...},
+-- and "index" for an instance of a map step;
 -- attempt is the attempt the event is about: the next one for task.queued,
 -- the current one otherwise. task.queued goes to the task's queue, and so does
 -- an event a worker must act on although nothing is to run (to_worker).
 CREATE FUNCTION synapse._task_event(event text, goal_id bigint, task_id bigint, step text, queue text, attempt integer,
-                                    due_at timestamptz DEFAULT NULL, to_worker boolean DEFAULT false)
+                                    due_at timestamptz DEFAULT NULL, to_worker boolean DEFAULT false,
+                                    map_index integer DEFAULT NULL)
 RETURNS synapse._event LANGUAGE sql STABLE AS $$
     SELECT ROW(event, goal_id, task_id, CASE WHEN event = 'task.queued' OR to_worker THEN 'queue:' || queue END,
-               format('{"v":1,"event":%s,"goal_id":%s,"task_id":%s,"step":%s,"queue":%s,"attempt":%s}',
-                      to_json(event), goal_id, task_id, to_json(step), to_json(queue), attempt),
+               format('{"v":1,"event":%s,"goal_id":%s,"task_id":%s,"step":%s,"queue":%s,"attempt":%s%s}',
+                      to_json(event), goal_id, task_id, to_json(step), to_json(queue), attempt,
+                      ',"index":' || map_index),
                due_at)::synapse._event;
 $$;
 
@@ -182,10 +185,13 @@ BEGIN
             RAISE EXCEPTION 'a new task cannot start as %', NEW.status USING ERRCODE = '22023';
         END IF;
     ELSIF NOT (CASE OLD.status
+            -- Only a map step waits for its instances, or succeeds unrun (an empty list).
             WHEN 'pending'  THEN NEW.status IN ('queued', 'skipped', 'failed', 'cancelled')
+                                 OR (NEW.status IN ('waiting', 'succeeded') AND NEW.for_each_expr IS NOT NULL)
             WHEN 'queued'   THEN NEW.status IN ('running', 'cancelled')
             WHEN 'running'  THEN NEW.status IN ('succeeded', 'failed', 'retrying', 'queued', 'cancelled')
             WHEN 'retrying' THEN NEW.status IN ('queued', 'cancelled')
+            WHEN 'waiting'  THEN NEW.status IN ('succeeded', 'failed', 'cancelled')
             ELSE false END) THEN
         RAISE EXCEPTION 'task % (step %): status cannot change from % to %', NEW.id, NEW.step, OLD.status, NEW.status
             USING ERRCODE = '55000';
@@ -193,7 +199,7 @@ BEGIN
     IF NEW.status = 'queued' THEN
         NEW.queued_at := now();
         NEW.run_at := NULL;
-    ELSIF NEW.status = 'running' THEN
+    ELSIF NEW.status IN ('running', 'waiting') THEN
         NEW.started_at := now();
     ELSIF NEW.status IN ('succeeded', 'failed', 'skipped', 'cancelled') THEN
         NEW.finished_at := now();
@@ -226,16 +232,20 @@ BEGIN
         RETURN NULL;
     ELSIF TG_OP = 'INSERT' THEN
         PERFORM synapse._emit(array(
-            SELECT synapse._task_event('task.queued', t.goal_id, t.id, t.step, t.queue, t.attempts + 1)
+            SELECT synapse._task_event('task.queued', t.goal_id, t.id, t.step, t.queue, t.attempts + 1,
+                                       map_index => t.map_index)
               FROM new_tasks t WHERE t.status = 'queued' ORDER BY t.id));
     ELSIF (SELECT count(*) FROM new_tasks) <= 64 THEN
         PERFORM synapse._emit(array(
             SELECT synapse._task_event('task.' || t.status, t.goal_id, t.id, t.step, t.queue,
                        CASE WHEN t.status = 'queued' THEN t.attempts + 1 ELSE t.attempts END,
                        CASE t.status WHEN 'running' THEN t.lease_expires_at WHEN 'retrying' THEN t.run_at END,
-                       -- The last attempt's lease lapsed (the forwarder failed it): no
+                       -- The last attempt's lease lapsed (the forwarder failed it), or a
+                       -- root map step's list was empty when its plan was installed: no
                        -- worker is there to resolve its edges, so one is asked to.
-                       t.status = 'failed' AND o.status = 'running' AND o.lease_expires_at <= now())
+                       (t.status = 'failed' AND o.status = 'running' AND o.lease_expires_at <= now())
+                       OR (t.status = 'succeeded' AND o.status = 'pending' AND t.for_each_expr IS NOT NULL),
+                       t.map_index)
               FROM new_tasks t JOIN old_tasks o ON o.id = t.id
              WHERE o.status IS DISTINCT FROM t.status
              ORDER BY t.id));
@@ -245,7 +255,9 @@ BEGIN
             SELECT synapse._task_event('task.' || t.status, t.goal_id, t.id, t.step, t.queue,
                        CASE WHEN t.status = 'queued' THEN t.attempts + 1 ELSE t.attempts END,
                        CASE t.status WHEN 'running' THEN t.lease_expires_at WHEN 'retrying' THEN t.run_at END,
-                       t.status = 'failed' AND o.status = 'running' AND o.lease_expires_at <= now())
+                       (t.status = 'failed' AND o.status = 'running' AND o.lease_expires_at <= now())
+                       OR (t.status = 'succeeded' AND o.status = 'pending' AND t.for_each_expr IS NOT NULL),
+                       t.map_index)
               FROM new_tasks t JOIN old_tasks o ON o.id = t.id
              WHERE o.status IS DISTINCT FROM t.status
              ORDER BY t.id)

@@ -53,12 +53,12 @@ CREATE TABLE synapse.tasks (
     input_expr       text,
     input            jsonb,
     queue            text        NOT NULL DEFAULT 'default',
-    join_mode        text        NOT NULL DEFAULT 'any' CHECK (join_mode IN ('any', 'all')),
+    join_mode        text        NOT NULL DEFAULT 'any' CHECK (join_mode ~ '^(any|all|first|[1-9][0-9]{0,4})$'),
     max_attempts     integer     NOT NULL DEFAULT 1 CHECK (max_attempts BETWEEN 1 AND 101),
     backoff_ms       bigint      NOT NULL DEFAULT 1000 CHECK (backoff_ms > 0),
     timeout_ms       bigint      NOT NULL DEFAULT 300000 CHECK (timeout_ms > 0),
     status           text        NOT NULL DEFAULT 'pending'
-                     CHECK (status IN ('pending', 'queued', 'running', 'retrying', 'succeeded', 'failed', 'skipped', 'cancelled')),
+                     CHECK (status IN ('pending', 'queued', 'running', 'retrying', 'waiting', 'succeeded', 'failed', 'skipped', 'cancelled')),
     attempts         integer     NOT NULL DEFAULT 0 CHECK (attempts >= 0),
     run_at           timestamptz,
     queued_at        timestamptz,
@@ -69,7 +69,20 @@ CREATE TABLE synapse.tasks (
     started_at       timestamptz,
     finished_at      timestamptz,
     pending_inbound  integer     NOT NULL DEFAULT 0 CHECK (pending_inbound >= 0),
-    UNIQUE (goal_id, step),
+    cancel_others    boolean     NOT NULL DEFAULT false,
+    for_each_expr    text,
+    max_parallel     integer     CHECK (max_parallel >= 1),
+    tolerate         integer     NOT NULL DEFAULT 0 CHECK (tolerate >= 0),
+    map_size         integer     CHECK (map_size >= 0),
+    map_next         integer     CHECK (map_next >= 0),
+    map_ended        integer     CHECK (map_ended >= 0),
+    map_failed       integer     CHECK (map_failed >= 0),
+    map_index        integer     CHECK (map_index >= 0),
+    map_item         jsonb,
+    until_expr       text,
+    max_iterations   integer     CHECK (max_iterations BETWEEN 1 AND 1000),
+    iteration        integer     CHECK (iteration >= 1),
+    attempts_before  integer     NOT NULL DEFAULT 0 CHECK (attempts_before >= 0),
     CHECK (step ~ '^[a-z][a-z0-9_]{0,62}$'),
     CHECK (status <> 'retrying' OR run_at IS NOT NULL),
     CHECK (status <> 'running' OR lease_expires_at IS NOT NULL),
@@ -85,11 +98,11 @@ COMMENT ON COLUMN synapse.tasks.params IS 'Action parameters from the blueprint.
 COMMENT ON COLUMN synapse.tasks.input_expr IS 'CEL expression computing the step input when it is queued; NULL means the default mapping.';
 COMMENT ON COLUMN synapse.tasks.input IS 'The evaluated input the action receives.';
 COMMENT ON COLUMN synapse.tasks.queue IS 'Redis queue the task is dispatched to ({prefix}:queue:{queue}).';
-COMMENT ON COLUMN synapse.tasks.join_mode IS 'any: runs if at least one inbound edge was taken. all: runs only if every inbound edge was taken.';
+COMMENT ON COLUMN synapse.tasks.join_mode IS 'any: once every inbound edge resolved, runs if at least one was taken. all: runs only if every inbound edge was taken. first / n: runs as soon as 1 / n inbound edges are taken; skipped as soon as that can no longer happen.';
 COMMENT ON COLUMN synapse.tasks.max_attempts IS 'retries + 1.';
 COMMENT ON COLUMN synapse.tasks.backoff_ms IS 'Base retry delay; doubles per attempt, with jitter.';
 COMMENT ON COLUMN synapse.tasks.timeout_ms IS 'Limit of one attempt.';
-COMMENT ON COLUMN synapse.tasks.status IS 'pending: waiting for its inbound edges. queued: runnable, dispatched to Redis. running: claimed by a worker holding a lease. retrying: failed, waits for run_at. succeeded / failed / skipped / cancelled: finished.';
+COMMENT ON COLUMN synapse.tasks.status IS 'pending: waiting for its inbound edges. queued: runnable, dispatched to Redis. running: claimed by a worker holding a lease. retrying: failed, waits for run_at. waiting: a map step whose instances run (no worker holds it). succeeded / failed / skipped / cancelled: finished.';
 COMMENT ON COLUMN synapse.tasks.attempts IS 'Attempts started so far. The current attempt number is the fencing token: only the worker holding it may record the outcome.';
 COMMENT ON COLUMN synapse.tasks.run_at IS 'retrying: when the forwarder queues the next attempt.';
 COMMENT ON COLUMN synapse.tasks.queued_at IS 'When the task was last queued or re-dispatched; the sweep re-dispatches tasks queued longer than synapse.sweep_interval.';
@@ -99,7 +112,21 @@ COMMENT ON COLUMN synapse.tasks.result IS 'Action result (JSON) of the succeeded
 COMMENT ON COLUMN synapse.tasks.error IS 'Error of the last failed attempt, or why the step was skipped or cancelled.';
 COMMENT ON COLUMN synapse.tasks.started_at IS 'When the current or last attempt started.';
 COMMENT ON COLUMN synapse.tasks.finished_at IS 'When the task reached succeeded, failed, skipped or cancelled.';
-COMMENT ON COLUMN synapse.tasks.pending_inbound IS 'Inbound edges not resolved yet: the engine decides the step when it reaches 0.';
+COMMENT ON COLUMN synapse.tasks.pending_inbound IS 'Inbound edges not resolved yet: the engine decides the step when it reaches 0 (join first or n: at every resolution).';
+COMMENT ON COLUMN synapse.tasks.cancel_others IS 'join first or n: when the step starts, its direct parents that have not ended are cancelled.';
+COMMENT ON COLUMN synapse.tasks.for_each_expr IS 'Map step: CEL list evaluated when the step would run; the step then runs once per item, as instances (rows with map_index).';
+COMMENT ON COLUMN synapse.tasks.max_parallel IS 'Map step: most instances queued or running at once (NULL: no bound).';
+COMMENT ON COLUMN synapse.tasks.tolerate IS 'Map step: instances that may fail with the step still succeeding.';
+COMMENT ON COLUMN synapse.tasks.map_size IS 'Map step: number of instances (set when it starts).';
+COMMENT ON COLUMN synapse.tasks.map_next IS 'Map step: index of the next instance to queue; those from here on wait for max_parallel.';
+COMMENT ON COLUMN synapse.tasks.map_ended IS 'Map step: instances ended so far.';
+COMMENT ON COLUMN synapse.tasks.map_failed IS 'Map step: instances failed so far.';
+COMMENT ON COLUMN synapse.tasks.map_index IS 'Instance of a map step: its index in the for_each list (NULL for a step).';
+COMMENT ON COLUMN synapse.tasks.map_item IS 'Instance of a map step: its item, when the step''s input is not the item itself.';
+COMMENT ON COLUMN synapse.tasks.until_expr IS 'Loop: CEL over result; the step runs again until it holds.';
+COMMENT ON COLUMN synapse.tasks.max_iterations IS 'Loop: most runs; the step fails after them if until never held.';
+COMMENT ON COLUMN synapse.tasks.iteration IS 'Loop: the current run, 1 for the first.';
+COMMENT ON COLUMN synapse.tasks.attempts_before IS 'Loop: attempts spent by earlier iterations (each iteration has its own retries; attempts keeps counting, as the fencing token).';
 
 -- The timers' hot paths: each is a partial index over the few rows in that state.
 CREATE INDEX tasks_retry_due ON synapse.tasks (run_at) WHERE status = 'retrying';
@@ -107,9 +134,11 @@ CREATE INDEX tasks_lease_due ON synapse.tasks (lease_expires_at) WHERE status = 
 CREATE INDEX tasks_queued_since ON synapse.tasks (queued_at) WHERE status = 'queued';
 -- The engine's "has every step of this goal ended?" check.
 CREATE INDEX tasks_unfinished ON synapse.tasks (goal_id) WHERE finished_at IS NULL;
+-- A step once per goal; the instances of a map step once per index.
+CREATE UNIQUE INDEX tasks_step ON synapse.tasks (goal_id, step, coalesce(map_index, -1));
 
 CREATE TABLE synapse.edges (
-    goal_id     bigint      NOT NULL,
+    goal_id     bigint      NOT NULL REFERENCES synapse.goals (id) ON DELETE CASCADE,
     position    integer     NOT NULL,
     from_step   text        NOT NULL,
     to_step     text        NOT NULL,
@@ -119,8 +148,6 @@ CREATE TABLE synapse.edges (
     error       text,
     resolved_at timestamptz,
     PRIMARY KEY (goal_id, from_step, to_step),
-    FOREIGN KEY (goal_id, from_step) REFERENCES synapse.tasks (goal_id, step) ON DELETE CASCADE,
-    FOREIGN KEY (goal_id, to_step) REFERENCES synapse.tasks (goal_id, step) ON DELETE CASCADE,
     CHECK (from_step <> to_step),
     CHECK ((state = 'pending') = (resolved_at IS NULL)),
     CHECK (state <> 'error' OR error IS NOT NULL)

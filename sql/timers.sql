@@ -99,9 +99,10 @@ BEGIN
                  WHERE status = 'queued' AND queued_at <= now() - sweep AND 'queue:' || queue = ANY (lists)
                  ORDER BY id LIMIT batch FOR UPDATE SKIP LOCKED) s
          WHERE t.id = s.id
-        RETURNING t.goal_id, t.id, t.step, t.queue, t.attempts)
+        RETURNING t.goal_id, t.id, t.step, t.queue, t.attempts, t.map_index)
     SELECT synapse._emit(array_agg(
-               synapse._task_event('task.queued', goal_id, id, step, queue, attempts + 1) ORDER BY id))
+               synapse._task_event('task.queued', goal_id, id, step, queue, attempts + 1, map_index => map_index)
+               ORDER BY id))
       INTO tasks FROM stale;
     goals := 0;
     IF 'planner' = ANY (lists) THEN

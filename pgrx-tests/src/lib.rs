@@ -398,7 +398,7 @@ pub fn submit_plan(
 pub fn task_id(client: &mut postgres::Client, goal_id: i64, step: &str) -> i64 {
     client
         .query_one(
-            "SELECT id FROM synapse.tasks WHERE goal_id = $1 AND step = $2",
+            "SELECT id FROM synapse.tasks WHERE goal_id = $1 AND step = $2 AND map_index IS NULL",
             &[&goal_id, &step],
         )
         .expect("task row")

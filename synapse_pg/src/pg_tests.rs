@@ -467,6 +467,11 @@ mod tests {
             "status cannot change from pending to succeeded",
         );
         expect_error(
+            &format!("UPDATE synapse.tasks SET status = 'waiting' WHERE goal_id = {id} AND step = 'close'"),
+            "55000",
+            "status cannot change from pending to waiting",
+        );
+        expect_error(
             &format!("UPDATE synapse.goals SET status = 'submitted' WHERE id = {id}"),
             "55000",
             "status cannot change from running to submitted",

@@ -288,6 +288,7 @@ async fn record_batch(
             handled.push(match recorded {
                 Recorded::Fenced => Handled::Fenced,
                 Recorded::Retrying => Handled::Recorded("retrying"),
+                Recorded::Again => Handled::Recorded("looped"),
                 Recorded::Ended(end) => {
                     let status = end.ended.outcome.status();
                     ends.push(end);

@@ -34,8 +34,9 @@ pub fn task_id(payload: &str) -> Option<i64> {
 pub enum QueueMessage {
     /// `task.queued`: claim the task and run it.
     Run(i64),
-    /// `task.failed`: its last lease lapsed and the forwarder failed it;
-    /// resolve its edges and carry its goal on.
+    /// `task.failed` or `task.succeeded`: it ended with no worker there (its
+    /// last lease lapsed, or a root map step's list was empty); resolve its
+    /// edges and carry its goal on.
     CarryOn(i64),
 }
 
@@ -44,7 +45,7 @@ pub fn queue_message(payload: &str) -> Option<QueueMessage> {
     let message = serde_json::from_str::<Value>(payload).ok()?;
     let task_id = message.get("task_id")?.as_i64()?;
     match message.get("event").and_then(Value::as_str) {
-        Some("task.failed") => Some(QueueMessage::CarryOn(task_id)),
+        Some("task.failed" | "task.succeeded") => Some(QueueMessage::CarryOn(task_id)),
         _ => Some(QueueMessage::Run(task_id)),
     }
 }
@@ -122,8 +123,10 @@ pub async fn claim(shared: &Shared, list: &str, payloads: &[String]) -> Vec<Clai
     }
 }
 
-/// Runs the engine for tasks the forwarder failed when their last lease
-/// lapsed: no worker recorded them, so none resolved their edges. Goals are
+/// Runs the engine for tasks that ended with no worker there: the forwarder
+/// failed them when their last lease lapsed, or they are root map steps whose
+/// list was empty. None resolved their edges (nor counted an instance on its
+/// map step). Goals are
 /// locked first, as everywhere. If this fails the goal waits for the next
 /// such message (a duplicate, or none): logged loudly.
 async fn carry_on_after(shared: &Shared, task_ids: &[i64]) {
@@ -132,7 +135,9 @@ async fn carry_on_after(shared: &Shared, task_ids: &[i64]) {
         let tx = store::begin(&mut client).await?;
         let goal_ids = store::goals_of_tasks(&tx, task_ids).await?;
         let running = store::lock_running_goals(&tx, &goal_ids).await?;
-        let ends = store::failed_without_a_worker(&tx, task_ids).await?;
+        let ends = store::ended_without_a_worker(&tx, task_ids).await?;
+        let instances: Vec<i64> = task_ids.to_vec();
+        store::map::recount(&tx, &instances).await?;
         let carried = ends.len();
         if carried > 0 {
             crate::engine::steps_ended_in_locked_goals(&tx, ends, running).await?;
@@ -215,7 +220,7 @@ async fn run_claimed(
         warn!(task_id = task.id, %error, "task cannot be read; failed");
         return record(shared, task, AttemptOutcome::Failed(error.clone()), slot).await;
     }
-    if task.attempt > task.max_attempts {
+    if task.attempt_in_iteration() > task.max_attempts {
         // Re-queued after the lease of its last attempt expired: nothing left to try.
         let error = task
             .previous_error
@@ -236,12 +241,16 @@ async fn run_claimed(
         input: task.input.clone(),
         goal: task.goal.clone(),
         steps: task.steps.clone(),
+        extras: task.extras.clone(),
         timeout: task.timeout,
     };
     let run = tokio::time::timeout(task.timeout, action.run(&context));
     let outcome = tokio::select! {
         result = run => match result {
-            Ok(Ok(value)) => AttemptOutcome::Succeeded(value),
+            Ok(Ok(value)) => match &task.looping {
+                None => AttemptOutcome::Succeeded(value),
+                Some(looping) => crate::engine::looping::after_run(&context, looping, value),
+            },
             // Another attempt would evaluate the same expression over the same values.
             Ok(Err(ActionError::Definition(error))) => AttemptOutcome::DefinitionError(error),
             Ok(Err(error)) if error.is_retryable() => failure(task, error.message().to_owned()),
@@ -261,11 +270,12 @@ async fn run_claimed(
 }
 
 fn failure(task: &ClaimedTask, error: String) -> AttemptOutcome {
-    if task.attempt < task.max_attempts {
+    let attempt = task.attempt_in_iteration();
+    if attempt < task.max_attempts {
         let jitter = 0.5 + rand::random::<f64>();
         AttemptOutcome::Retry {
             error,
-            delay: retry_delay(task.backoff, task.attempt, jitter),
+            delay: retry_delay(task.backoff, attempt, jitter),
         }
     } else {
         AttemptOutcome::Failed(error)
@@ -316,7 +326,7 @@ async fn record(
 ) -> Result<Handled, StoreError> {
     // Only a failure pays for this copy: what the WARN line below tells.
     let failed = match &outcome {
-        AttemptOutcome::Succeeded(_) => None,
+        AttemptOutcome::Succeeded(_) | AttemptOutcome::Again { .. } => None,
         AttemptOutcome::Retry { error, delay } => Some((error.clone(), Some(*delay))),
         AttemptOutcome::Failed(error) | AttemptOutcome::DefinitionError(error) => {
             Some((error.clone(), None))
@@ -397,6 +407,12 @@ mod tests {
         assert_eq!(
             queue_message(
                 r#"{"v":1,"event":"task.failed","goal_id":1,"task_id":9,"step":"a","queue":"default","attempt":1}"#
+            ),
+            Some(QueueMessage::CarryOn(9))
+        );
+        assert_eq!(
+            queue_message(
+                r#"{"v":1,"event":"task.succeeded","goal_id":1,"task_id":9,"step":"a","queue":"default","attempt":0}"#
             ),
             Some(QueueMessage::CarryOn(9))
         );

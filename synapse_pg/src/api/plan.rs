@@ -10,6 +10,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use synapse_worker::blueprint::{self, cel, limits, Blueprint, Problem};
 
 mod json_arg;
+mod map;
 mod prepared;
 pub(super) use json_arg::JsonbArg;
 use prepared::{oid, prepared};
@@ -169,8 +170,8 @@ fn submit(
     };
     goal.id = id;
     // An error here aborts the transaction, taking the goal row with it.
-    let roots = root_inputs(&plan, &goal)?;
-    install(id, &plan, &roots, &goal.input)?;
+    let roots = root_starts(&plan, &goal)?;
+    install(id, &plan, roots, &goal.input)?;
     Ok(id)
 }
 
@@ -205,14 +206,24 @@ impl GoalContext {
     }
 }
 
-/// The inputs of the root steps, by step index: `None` for `goal.input` (the
-/// default), else the step's `input` expression evaluated over `goal` (no step
-/// has run yet). Every evaluation problem is listed; an evaluated input over the
-/// JSON limits is refused.
-fn root_inputs(plan: &Blueprint, goal: &GoalContext) -> Result<HashMap<usize, Option<Value>>> {
+/// How a root step starts when its plan is installed.
+enum RootStart {
+    /// Queued with `goal.input` (the default).
+    GoalInput,
+    /// Queued with its `input` expression evaluated.
+    Input(Value),
+    /// A map step: its instances, from its list evaluated.
+    Map(map::Expansion),
+}
+
+/// How the root steps start, by step index: each `input` expression (and
+/// `for_each` list) evaluated over `goal` (no step has run yet). Every
+/// evaluation problem is listed; an evaluated input over the JSON limits is
+/// refused.
+fn root_starts(plan: &Blueprint, goal: &GoalContext) -> Result<HashMap<usize, RootStart>> {
     let vars = goal.variables();
     let roots: HashSet<&str> = plan.roots().into_iter().collect();
-    let mut inputs = HashMap::with_capacity(roots.len());
+    let mut starts = HashMap::with_capacity(roots.len());
     let mut problems = Vec::new();
     for (index, step) in plan.steps.iter().enumerate() {
         if index.is_multiple_of(INTERRUPT_EVERY) {
@@ -221,17 +232,38 @@ fn root_inputs(plan: &Blueprint, goal: &GoalContext) -> Result<HashMap<usize, Op
         if !roots.contains(step.id.as_str()) {
             continue;
         }
+        if let Some(for_each) = &step.for_each {
+            match map::expand(&step.id, for_each, step.input.as_deref(), &vars) {
+                Ok(expansion) => {
+                    starts.insert(index, RootStart::Map(expansion));
+                }
+                Err(message) => problems.push(Problem {
+                    path: format!("$.steps[{index}].for_each"),
+                    message,
+                }),
+            }
+            continue;
+        }
         let Some(source) = &step.input else {
-            inputs.insert(index, None);
+            starts.insert(index, RootStart::GoalInput);
             continue;
         };
         let path = format!("$.steps[{index}].input");
-        match cel::compile(source).and_then(|expr| expr.evaluate(&vars)) {
+        let evaluated = if step.until.is_some() {
+            // A loop's first run: no previous result yet.
+            let mut first_run = vars.clone();
+            first_run.insert("previous".into(), Value::Null);
+            first_run.insert("iteration".into(), json!(1));
+            cel::compile(source).and_then(|expr| expr.evaluate(&first_run))
+        } else {
+            cel::compile(source).and_then(|expr| expr.evaluate(&vars))
+        };
+        match evaluated {
             Ok(value) => {
                 let what = format!("the input of root step \"{}\"", step.id);
                 limits::check_json(&what, &value)
                     .map_err(|message| Error::LimitExceeded { path, message })?;
-                inputs.insert(index, Some(value));
+                starts.insert(index, RootStart::Input(value));
             }
             Err(message) => problems.push(Problem {
                 path,
@@ -243,19 +275,19 @@ fn root_inputs(plan: &Blueprint, goal: &GoalContext) -> Result<HashMap<usize, Op
         }
     }
     if problems.is_empty() {
-        Ok(inputs)
+        Ok(starts)
     } else {
         Err(Error::InvalidBlueprint(problems))
     }
 }
 
 /// Writes every task and edge of `plan` for goal `goal_id`; roots are queued
-/// with their inputs (`goal_input` passed once, not copied per root), the rest
-/// wait as pending.
+/// with their inputs (`goal_input` passed once, not copied per root), root
+/// map steps start with their instances, the rest wait as pending.
 fn install(
     goal_id: i64,
     plan: &Blueprint,
-    root_inputs: &HashMap<usize, Option<Value>>,
+    mut root_starts: HashMap<usize, RootStart>,
     goal_input: &Value,
 ) -> Result<()> {
     let mut inbound: HashMap<&str, usize> = HashMap::new();
@@ -267,41 +299,71 @@ fn install(
         if index.is_multiple_of(INTERRUPT_EVERY) {
             pgrx::check_for_interrupts!();
         }
-        let root = root_inputs.get(&index);
+        let root = root_starts.get(&index);
+        let queued = matches!(root, Some(RootStart::GoalInput | RootStart::Input(_)));
         tasks.push(json!({
             "step": step.id,
             "action": step.action,
             "params": step.params,
             "input_expr": step.input,
-            "input": root.and_then(Option::as_ref),
-            "goal_input": matches!(root, Some(None)),
+            "input": match root {
+                Some(RootStart::Input(input)) => Some(input),
+                _ => None,
+            },
+            "goal_input": matches!(root, Some(RootStart::GoalInput)),
             "queue": step.queue,
-            "join_mode": step.join,
+            "join_mode": step.join.to_column(),
             "max_attempts": step.retries + 1,
             "backoff_ms": step.backoff.as_millis() as u64,
             "timeout_ms": step.timeout.as_millis() as u64,
-            "status": if root.is_some() { "queued" } else { "pending" },
+            "status": if queued { "queued" } else { "pending" },
             "pending_inbound": inbound.get(step.id.as_str()).copied().unwrap_or(0),
+            "cancel_others": step.cancel_others,
+            "for_each_expr": step.for_each,
+            "max_parallel": step.max_parallel,
+            "tolerate": step.tolerate,
+            "until_expr": step.until,
+            "max_iterations": step.until.as_ref().map(|_| {
+                step.max_iterations.unwrap_or(blueprint::DEFAULT_MAX_ITERATIONS)
+            }),
+            "iteration": step.until.as_ref().map(|_| 1),
         }));
     }
     // Between installing this build and `ALTER EXTENSION synapse UPDATE`, the
-    // tables are still 0.2.0's: plans go in without the counts, which the
-    // update then computes from the pending edges.
-    let (counts, count_values) = if tasks_count_inbound() {
+    // tables are still those of the release installed: plans go in with the
+    // columns it has (the update computes the inbound counts 0.2.0 lacks), and
+    // a plan that needs a later column is refused until the update.
+    let columns = task_columns();
+    let (counts, count_values) = if columns >= TaskColumns::InboundCounts {
         (", pending_inbound", ", t.pending_inbound")
+    } else {
+        ("", "")
+    };
+    let (growth, growth_values) = if columns >= TaskColumns::PlansThatGrow {
+        (
+            ", cancel_others, for_each_expr, max_parallel, tolerate, until_expr, max_iterations, iteration",
+            ", t.cancel_others, t.for_each_expr, t.max_parallel, t.tolerate, t.until_expr, t.max_iterations,
+               t.iteration",
+        )
+    } else if plan.steps.iter().any(grows) {
+        return Err(Error::InvalidParameter(
+            "this plan maps, loops or joins early: run ALTER EXTENSION synapse UPDATE first".into(),
+        ));
     } else {
         ("", "")
     };
     let insert_tasks = format!(
         "INSERT INTO synapse.tasks (goal_id, step, action, params, input_expr, input, queue, join_mode,
-                                    max_attempts, backoff_ms, timeout_ms, status{counts})
+                                    max_attempts, backoff_ms, timeout_ms, status{counts}{growth})
          SELECT $1, t.step, t.action, t.params, t.input_expr,
                 CASE WHEN t.goal_input THEN $3 ELSE t.input END, t.queue, t.join_mode,
-                t.max_attempts, t.backoff_ms, t.timeout_ms, t.status{count_values}
+                t.max_attempts, t.backoff_ms, t.timeout_ms, t.status{count_values}{growth_values}
            FROM jsonb_to_recordset($2)
                 AS t(step text, action text, params jsonb, input_expr text, input jsonb, goal_input boolean,
                      queue text, join_mode text, max_attempts integer, backoff_ms bigint, timeout_ms bigint,
-                     status text, pending_inbound integer)"
+                     status text, pending_inbound integer, cancel_others boolean, for_each_expr text,
+                     max_parallel integer, tolerate integer, until_expr text, max_iterations integer,
+                     iteration integer)"
     );
     Spi::connect_mut(|client| {
         let insert = prepared(
@@ -351,21 +413,56 @@ fn install(
                 .map(drop)
         })?;
     }
+    for (index, start) in root_starts.drain() {
+        if let RootStart::Map(expansion) = start {
+            let task_id = Spi::get_one_with_args::<i64>(
+                "SELECT id FROM synapse.tasks WHERE goal_id = $1 AND step = $2 AND map_index IS NULL",
+                &[goal_id.into(), plan.steps[index].id.as_str().into()],
+            )?
+            .ok_or_else(|| Error::InvalidParameter("a map step was not installed".into()))?;
+            map::start(task_id, expansion)?;
+        }
+    }
     Ok(())
 }
 
-/// Whether `synapse.tasks` has `pending_inbound` (from 0.3.0 on); syscache
-/// lookups only.
-fn tasks_count_inbound() -> bool {
+/// Whether a step needs the columns of plans that grow (0.4.0).
+fn grows(step: &blueprint::Step) -> bool {
+    step.for_each.is_some()
+        || step.until.is_some()
+        || step.cancel_others
+        || step.join.early().is_some()
+}
+
+/// Which release's columns `synapse.tasks` has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TaskColumns {
+    /// 0.1.0 and 0.2.0.
+    Original,
+    /// 0.3.0: `pending_inbound`.
+    InboundCounts,
+    /// 0.4.0: maps, loops and early joins.
+    PlansThatGrow,
+}
+
+/// Which columns `synapse.tasks` has; syscache lookups only.
+fn task_columns() -> TaskColumns {
     // SAFETY: catalogue lookups by name, inside a transaction; each answers
     // InvalidOid (or 0) when the object does not exist.
-    unsafe {
+    let has = |column: &std::ffi::CStr| unsafe {
         let schema = pg_sys::get_namespace_oid(c"synapse".as_ptr(), true);
         if schema == pg_sys::InvalidOid {
             return false;
         }
         let tasks = pg_sys::get_relname_relid(c"tasks".as_ptr(), schema);
-        tasks != pg_sys::InvalidOid && pg_sys::get_attnum(tasks, c"pending_inbound".as_ptr()) > 0
+        tasks != pg_sys::InvalidOid && pg_sys::get_attnum(tasks, column.as_ptr()) > 0
+    };
+    if has(c"for_each_expr") {
+        TaskColumns::PlansThatGrow
+    } else if has(c"pending_inbound") {
+        TaskColumns::InboundCounts
+    } else {
+        TaskColumns::Original
     }
 }
 
@@ -413,7 +510,7 @@ fn plan_goal(
         params: params.clone(),
     };
     let outcome = match validate(&doc)? {
-        Ok(plan) => match root_inputs(&plan, &goal) {
+        Ok(plan) => match root_starts(&plan, &goal) {
             Ok(roots) => Ok((plan, roots)),
             Err(Error::InvalidBlueprint(problems)) => Err(problems),
             Err(error) => Err(vec![refusal(error)?]),
@@ -426,7 +523,7 @@ fn plan_goal(
                 "UPDATE synapse.goals SET blueprint = $2, template = $3, params = $4, status = 'running' WHERE id = $1",
                 &[goal_id.into(), JsonB(doc).into(), template.into(), JsonB(params).into()],
             )?;
-            install(goal_id, &plan, &roots, &goal.input)?;
+            install(goal_id, &plan, roots, &goal.input)?;
             Ok(Vec::new())
         }
         Err(problems) => {

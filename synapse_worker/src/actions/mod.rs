@@ -43,6 +43,10 @@ pub struct ActionContext {
     /// `steps` for the step's expressions (id → `{status, result}`); null when no
     /// parameter expression of the step reads it.
     pub steps: Value,
+    /// What the step's expressions see besides `goal`, `steps` and `input`:
+    /// `item` and `index` in an instance of a map step, `previous` and
+    /// `iteration` in a loop; empty otherwise.
+    pub extras: serde_json::Map<String, Value>,
     /// The attempt's time limit; the executor enforces it, actions may use it
     /// for their own I/O timeouts.
     pub timeout: Duration,

@@ -85,6 +85,7 @@ pub(super) fn evaluate_param(
     vars.insert("goal".to_owned(), context.goal.clone());
     vars.insert("steps".to_owned(), context.steps.clone());
     vars.insert("input".to_owned(), context.input.clone());
+    vars.extend(context.extras.clone());
     program.evaluate(&vars).map_err(|e| {
         ActionError::Definition(format!("cannot evaluate params.{key} \"{expr}\": {e}"))
     })
@@ -233,6 +234,7 @@ pub(super) mod tests {
             goal: json!({"id": 1, "goal": "g", "input": {"threshold": 3}, "params": {}}),
             steps: json!({"a": {"status": "succeeded", "result": {"n": 7}},
                           "skipped": {"status": "skipped", "result": null}}),
+            extras: serde_json::Map::new(),
             timeout: Duration::from_secs(10),
         }
     }

@@ -79,6 +79,36 @@ pub struct Step {
     /// How the step combines its inbound edges.
     #[serde(default)]
     pub join: Join,
+    /// With `first` or n: when the step starts, its direct parents that have not ended
+    /// are cancelled (§4.8).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_others: bool,
+    /// CEL giving a list: the step runs once per item, as instances (§4.6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_each: Option<String>,
+    /// Most instances of a map step queued or running at once; unbounded when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel: Option<u32>,
+    /// How many instances of a map step may fail with the step still succeeding.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tolerate: u32,
+    /// CEL boolean over `result`: the step runs again until it holds (§4.8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    /// Most runs of a looping step (default [`DEFAULT_MAX_ITERATIONS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_iterations: Option<u32>,
+}
+
+/// Most items a `for_each` list may have.
+pub const MAX_MAP_ITEMS: usize = 10_000;
+/// Runs of a looping step when `max_iterations` is not given.
+pub const DEFAULT_MAX_ITERATIONS: u32 = 10;
+/// Highest `max_iterations` accepted.
+pub const MAX_ITERATIONS: u32 = 1_000;
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 fn default_params() -> serde_json::Value {
@@ -97,15 +127,87 @@ fn default_timeout() -> Duration {
     Duration::from_secs(300)
 }
 
-/// How a step with several inbound edges decides to run once they have all resolved.
+/// How a step with several inbound edges decides to run (§4, §4.8). In JSON: `"any"`,
+/// `"all"`, `"first"`, or an integer n.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "JoinJson", into = "JoinJson")]
 pub enum Join {
-    /// Run if at least one inbound edge was taken.
+    /// Once every inbound edge resolved: run if at least one was taken.
     #[default]
     Any,
-    /// Run only if every inbound edge was taken.
+    /// Once every inbound edge resolved: run only if every one was taken.
     All,
+    /// Run as soon as one inbound edge is taken; skipped once none can be.
+    First,
+    /// Run as soon as n inbound edges are taken; skipped once n no longer can be.
+    Count(u32),
+}
+
+impl Join {
+    /// How many taken inbound edges start the step without waiting for the others
+    /// (`first` and n), or `None` for a join that waits for every edge.
+    pub fn early(self) -> Option<u32> {
+        match self {
+            Join::First => Some(1),
+            Join::Count(n) => Some(n),
+            Join::Any | Join::All => None,
+        }
+    }
+
+    /// How the join is stored in `synapse.tasks.join_mode`.
+    pub fn to_column(self) -> String {
+        match self {
+            Join::Any => "any".into(),
+            Join::All => "all".into(),
+            Join::First => "first".into(),
+            Join::Count(n) => n.to_string(),
+        }
+    }
+
+    /// Reads `synapse.tasks.join_mode` back.
+    pub fn from_column(text: &str) -> Option<Join> {
+        match text {
+            "any" => Some(Join::Any),
+            "all" => Some(Join::All),
+            "first" => Some(Join::First),
+            count => count.parse().ok().map(Join::Count),
+        }
+    }
+}
+
+/// [`Join`] as JSON: a name or a count.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum JoinJson {
+    Count(u32),
+    Name(String),
+}
+
+impl TryFrom<JoinJson> for Join {
+    type Error = String;
+
+    fn try_from(json: JoinJson) -> Result<Self, Self::Error> {
+        match json {
+            JoinJson::Count(n) => Ok(Join::Count(n)),
+            JoinJson::Name(name) => match name.as_str() {
+                "any" => Ok(Join::Any),
+                "all" => Ok(Join::All),
+                "first" => Ok(Join::First),
+                other => Err(format!(
+                    "expected \"any\", \"all\", \"first\" or a count, got \"{other}\""
+                )),
+            },
+        }
+    }
+}
+
+impl From<Join> for JoinJson {
+    fn from(join: Join) -> Self {
+        match join {
+            Join::Count(n) => JoinJson::Count(n),
+            other => JoinJson::Name(other.to_column()),
+        }
+    }
 }
 
 /// Which outcome of the `from` step an edge follows.
@@ -258,6 +360,16 @@ mod tests {
             json!("always")
         );
         assert_eq!(serde_json::to_value(Join::All).unwrap(), json!("all"));
+        assert_eq!(serde_json::to_value(Join::Count(2)).unwrap(), json!(2));
+        let step: Step =
+            serde_json::from_value(json!({"id": "x", "action": "noop", "join": "first"})).unwrap();
+        assert_eq!(step.join, Join::First);
+        let step: Step =
+            serde_json::from_value(json!({"id": "x", "action": "noop", "join": 2})).unwrap();
+        assert_eq!(step.join, Join::Count(2));
+        for join in [Join::Any, Join::All, Join::First, Join::Count(3)] {
+            assert_eq!(Join::from_column(&join.to_column()), Some(join));
+        }
     }
 
     #[test]

@@ -17,8 +17,8 @@ use serde_json::{Map, Value};
 use super::duration::{format_duration, parse_duration};
 use super::limits::{depth_message, json_depth, json_len, size_message, MAX_JSON_DEPTH};
 use super::params_schema::ParamsSchema;
-use super::scope::{Site, CEL_NAMES};
-use super::{cel, Blueprint, BUILTIN_ACTIONS};
+use super::scope::{Site, StepKind, CEL_NAMES};
+use super::{cel, Blueprint, Join, BUILTIN_ACTIONS, MAX_ITERATIONS, MAX_MAP_ITEMS};
 
 /// The most steps a blueprint may have.
 pub const MAX_STEPS: usize = 10_000;
@@ -48,7 +48,21 @@ const MAX_PROBLEMS: usize = 1_000;
 
 const TOP_FIELDS: &[&str] = &["name", "steps", "edges", "output"];
 const STEP_FIELDS: &[&str] = &[
-    "id", "action", "params", "input", "queue", "retries", "backoff", "timeout", "join",
+    "id",
+    "action",
+    "params",
+    "input",
+    "queue",
+    "retries",
+    "backoff",
+    "timeout",
+    "join",
+    "cancel_others",
+    "for_each",
+    "max_parallel",
+    "tolerate",
+    "until",
+    "max_iterations",
 ];
 const EDGE_FIELDS: &[&str] = &["from", "to", "when", "on"];
 const HTTP_METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"];
@@ -180,11 +194,37 @@ pub fn kind(value: &Value) -> &'static str {
     }
 }
 
+/// Whether `key` is set to something other than `null` (which counts as absent).
+fn is_present(obj: &Map<String, Value>, key: &str) -> bool {
+    obj.get(key).is_some_and(|value| !value.is_null())
+}
+
 /// What the step walk learned that the edge and cycle checks need.
 struct StepIndex {
     /// Every step id that is a string, valid or not, with its first index: an edge naming
     /// a step whose id is malformed should not also be reported as naming an unknown step.
     ids: HashMap<String, usize>,
+    /// The steps with `join` "first" or n, whose count is checked against their inbound
+    /// edges once the edges are known.
+    early_joins: Vec<EarlyJoin>,
+}
+
+/// A step that runs after its first n taken inbound edges: it needs at least n of them.
+struct EarlyJoin {
+    path: String,
+    step: String,
+    join: Join,
+}
+
+/// What the edge walk learned.
+struct EdgeWalk<'v> {
+    /// Edges as (from, to) step indices, or `None` when the graph has a cycle or `edges`
+    /// is not an array.
+    graph: Option<Vec<(usize, usize)>>,
+    /// How many edges lead into each step, by id, counting every edge whose `to` names a
+    /// step (even one reported for another reason, so that a typo in `from` does not add
+    /// a join problem); `None` when `edges` is not an array.
+    inbound: Option<HashMap<&'v str, usize>>,
 }
 
 /// A compiled expression that names steps: checked once every step and edge is known.
@@ -295,8 +335,9 @@ impl Checker<'_> {
     }
 
     /// Reports `expr` at `path` unless it compiles as CEL and uses only the variables
-    /// its `site` sees; the steps it names are checked later ([`Self::step_references`]).
-    fn cel(&mut self, path: &str, expr: &str, site: Site, owner: Option<usize>) {
+    /// its `site` sees in a step of this `kind`; the steps it names are checked later
+    /// ([`Self::step_references`]).
+    fn cel(&mut self, path: &str, expr: &str, site: Site, kind: StepKind, owner: Option<usize>) {
         let compiled = match cel::compile(expr) {
             Ok(compiled) => compiled,
             Err(e) => {
@@ -305,16 +346,18 @@ impl Checker<'_> {
             }
         };
         let refs = compiled.references();
-        let visible = site.variables();
+        let visible = site.variables(kind);
         for name in &refs.variables {
             if !visible.contains(&name.as_str()) && !CEL_NAMES.contains(&name.as_str()) {
-                self.report(
-                    path,
-                    format!(
-                        "unknown variable \"{name}\" (this expression sees: {})",
-                        visible.join(", ")
-                    ),
+                let mut message = format!(
+                    "unknown variable \"{name}\" (this expression sees: {})",
+                    visible.join(", ")
                 );
+                if let Some(hint) = site.unseen_hint(kind, name) {
+                    message.push_str("; ");
+                    message.push_str(hint);
+                }
+                self.report(path, message);
             }
         }
         if !refs.steps.is_empty() {
@@ -334,10 +377,11 @@ impl Checker<'_> {
         obj: &Map<String, Value>,
         key: &str,
         site: Site,
+        kind: StepKind,
         owner: Option<usize>,
     ) {
         if let Some(expr) = self.optional_str(path, obj, key) {
-            self.cel(&key_path(path, key), expr, site, owner);
+            self.cel(&key_path(path, key), expr, site, kind, owner);
         }
     }
 
@@ -401,6 +445,19 @@ impl Checker<'_> {
         }
     }
 
+    /// An integer from `min` to `max`; the value itself is quoted when it is a number
+    /// out of range (negative, fractional or too large), so the message shows what to fix.
+    fn integer_in(&mut self, path: &str, value: &Value, name: &str, min: u64, max: u64) {
+        match (value, value.as_u64()) {
+            (_, Some(n)) if (min..=max).contains(&n) => {}
+            (Value::Number(n), _) => self.report(
+                path,
+                format!("{name} must be an integer from {min} to {max}, got {n}"),
+            ),
+            (other, _) => self.expected(path, &format!("an integer from {min} to {max}"), other),
+        }
+    }
+
     fn document(&mut self, doc: &Value) {
         let Some(obj) = doc.as_object() else {
             self.report(
@@ -433,14 +490,43 @@ impl Checker<'_> {
         }
 
         let index = self.steps(obj.get("steps"));
-        let graph = self.edges(obj.get("edges"), &index);
-        self.optional_cel("$", obj, "output", Site::Output, None);
-        self.step_references(&index, graph.as_deref());
+        let edges = self.edges(obj.get("edges"), &index);
+        if let Some(inbound) = &edges.inbound {
+            self.early_joins(&index.early_joins, inbound);
+        }
+        self.optional_cel("$", obj, "output", Site::Output, StepKind::Plain, None);
+        self.step_references(&index, edges.graph.as_deref());
+    }
+
+    /// A `join` of "first" or n needs that many inbound edges: with fewer, the step
+    /// could never run.
+    fn early_joins(&mut self, joins: &[EarlyJoin], inbound: &HashMap<&str, usize>) {
+        for early in joins {
+            let has = inbound.get(early.step.as_str()).copied().unwrap_or(0);
+            let needs = early.join.early().unwrap_or(0) as usize;
+            if has >= needs {
+                continue;
+            }
+            let has = match has {
+                0 => "none".to_owned(),
+                n => n.to_string(),
+            };
+            let step = &early.step;
+            let message = match early.join {
+                Join::Count(n) => format!(
+                    "join {n} needs at least {n} inbound edge{}; step \"{step}\" has {has}",
+                    if n == 1 { "" } else { "s" }
+                ),
+                _ => format!("join \"first\" needs an inbound edge; step \"{step}\" has none"),
+            };
+            self.report(early.path.as_str(), message);
+        }
     }
 
     fn steps(&mut self, steps: Option<&Value>) -> StepIndex {
         let mut index = StepIndex {
             ids: HashMap::new(),
+            early_joins: Vec::new(),
         };
         let steps = match steps {
             None => {
@@ -478,7 +564,8 @@ impl Checker<'_> {
         };
         self.unknown_fields(path, obj, STEP_FIELDS);
 
-        if let Some(id) = self.required_str(path, obj, "id") {
+        let id = self.required_str(path, obj, "id");
+        if let Some(id) = id {
             let id_path = key_path(path, "id");
             if !STEP_ID_RE.is_match(id) {
                 self.report(
@@ -497,6 +584,12 @@ impl Checker<'_> {
             }
         }
 
+        // Known before any expression is checked: a map or loop step's expressions see
+        // more variables.
+        let has_for_each = is_present(obj, "for_each");
+        let has_until = is_present(obj, "until");
+        let kind = StepKind::from_fields(has_for_each, has_until);
+
         let action = self.required_str(path, obj, "action");
         if let Some(action) = action {
             self.action(&key_path(path, "action"), action);
@@ -513,13 +606,13 @@ impl Checker<'_> {
             }
         };
         if let (Some(action), Some(params)) = (action, params) {
-            self.builtin_params(&params_path, action, params, i);
+            self.builtin_params(&params_path, action, params, kind, i);
             if !BUILTIN_ACTIONS.contains(&action) {
                 self.schema_params(&params_path, action, obj.get("params"));
             }
         }
 
-        self.optional_cel(path, obj, "input", Site::StepInput, Some(i));
+        self.optional_cel(path, obj, "input", Site::StepInput, kind, Some(i));
 
         if let Some(queue) = self.defaulted_str(path, obj, "queue") {
             if !QUEUE_RE.is_match(queue) {
@@ -544,13 +637,126 @@ impl Checker<'_> {
             self.duration(path, obj, key);
         }
 
-        if let Some(join) = self.defaulted_str(path, obj, "join") {
-            if join != "any" && join != "all" {
-                self.report(
-                    key_path(path, "join"),
-                    format!("expected \"any\" or \"all\", got \"{join}\""),
-                );
+        let join = self.join(path, obj);
+        if let (Some(join @ (Join::First | Join::Count(_))), Some(id)) = (join, id) {
+            index.early_joins.push(EarlyJoin {
+                path: key_path(path, "join"),
+                step: id.to_owned(),
+                join,
+            });
+        }
+        self.cancel_others(path, obj, join);
+
+        self.optional_cel(path, obj, "for_each", Site::ForEach, kind, Some(i));
+        self.map_only(path, obj, "max_parallel", 1, has_for_each);
+        self.map_only(path, obj, "tolerate", 0, has_for_each);
+
+        let until_path = key_path(path, "until");
+        if let Some(until) = self.optional_str(path, obj, "until") {
+            self.cel(&until_path, until, Site::Until, kind, Some(i));
+        }
+        if has_for_each && has_until {
+            self.report(
+                until_path,
+                "for_each and until do not combine on one step; run the loop (or the map) \
+                 in a child goal, a step with action \"goal\"",
+            );
+        }
+        if let Some(value) = obj.get("max_iterations").filter(|v| !v.is_null()) {
+            let field = key_path(path, "max_iterations");
+            if has_until {
+                let max = u64::from(MAX_ITERATIONS);
+                self.integer_in(&field, value, "max_iterations", 1, max);
+            } else {
+                self.report(field, "max_iterations applies only to a step with until");
             }
+        }
+    }
+
+    /// The step's `join` (absent: `any`), or `None` when it is not a valid one.
+    fn join(&mut self, path: &str, obj: &Map<String, Value>) -> Option<Join> {
+        const EXPECTED: &str = "\"any\", \"all\", \"first\" or a number of edges";
+        let field = key_path(path, "join");
+        let refuse = |checker: &mut Self, message: String| {
+            checker.report(field.as_str(), message);
+            None
+        };
+        match obj.get("join") {
+            None => Some(Join::Any),
+            Some(Value::String(name)) => match name.as_str() {
+                "any" => Some(Join::Any),
+                "all" => Some(Join::All),
+                "first" => Some(Join::First),
+                other => refuse(self, format!("expected {EXPECTED}, got \"{other}\"")),
+            },
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(0) => refuse(
+                    self,
+                    "join counts inbound edges and must be at least 1, got 0".into(),
+                ),
+                Some(count) => match u32::try_from(count) {
+                    Ok(count) => Some(Join::Count(count)),
+                    Err(_) => refuse(
+                        self,
+                        format!("join {count} is more edges than a blueprint can have"),
+                    ),
+                },
+                None => refuse(
+                    self,
+                    format!("join counts inbound edges and must be a whole number, got {n}"),
+                ),
+            },
+            Some(other) => {
+                self.expected(&field, EXPECTED, other);
+                None
+            }
+        }
+    }
+
+    /// `cancel_others: true` cancels the parents a step did not wait for, so it needs a
+    /// join that does not wait for them all. `join` is `None` when it was refused, so as
+    /// not to report the same mistake twice.
+    fn cancel_others(&mut self, path: &str, obj: &Map<String, Value>, join: Option<Join>) {
+        let field = key_path(path, "cancel_others");
+        match obj.get("cancel_others") {
+            None | Some(Value::Bool(false)) => {}
+            Some(Value::Bool(true)) => {
+                if let Some(join @ (Join::Any | Join::All)) = join {
+                    self.report(
+                        field,
+                        format!(
+                            "cancel_others needs join \"first\" or a count; this step's join is \"{}\"",
+                            join.to_column()
+                        ),
+                    );
+                }
+            }
+            Some(other) => self.expected(&field, "a boolean", other),
+        }
+    }
+
+    /// A field of map steps only (`max_parallel`, `tolerate`): an integer from `min` to
+    /// [`MAX_MAP_ITEMS`], on a step with `for_each`.
+    fn map_only(
+        &mut self,
+        path: &str,
+        obj: &Map<String, Value>,
+        key: &str,
+        min: u64,
+        has_for_each: bool,
+    ) {
+        // `max_parallel` is optional, so `null` means absent; `tolerate` has a default,
+        // which (like serde) refuses `null`.
+        let value = match obj.get(key) {
+            None => return,
+            Some(Value::Null) if key == "max_parallel" => return,
+            Some(value) => value,
+        };
+        let field = key_path(path, key);
+        if has_for_each {
+            self.integer_in(&field, value, key, min, MAX_MAP_ITEMS as u64);
+        } else {
+            self.report(field, format!("{key} applies only to a step with for_each"));
         }
     }
 
@@ -623,6 +829,7 @@ impl Checker<'_> {
         path: &str,
         action: &str,
         params: &Map<String, Value>,
+        kind: StepKind,
         step: usize,
     ) {
         match action {
@@ -637,7 +844,13 @@ impl Checker<'_> {
             }
             "transform" => {
                 if let Some(expr) = self.required_str(path, params, "expr") {
-                    self.cel(&key_path(path, "expr"), expr, Site::StepParam, Some(step));
+                    self.cel(
+                        &key_path(path, "expr"),
+                        expr,
+                        Site::StepParam,
+                        kind,
+                        Some(step),
+                    );
                 }
             }
             "http" => self.http_params(path, params),
@@ -649,7 +862,13 @@ impl Checker<'_> {
                     }
                 }
                 if let Some(args) = self.defaulted_str(path, params, "args") {
-                    self.cel(&key_path(path, "args"), args, Site::StepParam, Some(step));
+                    self.cel(
+                        &key_path(path, "args"),
+                        args,
+                        Site::StepParam,
+                        kind,
+                        Some(step),
+                    );
                 }
             }
             _ => {}
@@ -713,17 +932,25 @@ impl Checker<'_> {
         }
     }
 
-    /// Checks the edges; returns the graph (edges as step indices) unless it has a cycle
-    /// or is not an array.
-    fn edges(&mut self, edges: Option<&Value>, index: &StepIndex) -> Option<Vec<(usize, usize)>> {
+    /// Checks the edges; returns the graph and how many edges lead into each step.
+    fn edges<'v>(&mut self, edges: Option<&'v Value>, index: &StepIndex) -> EdgeWalk<'v> {
         let edges = match edges {
-            None => return Some(Vec::new()),
+            None => {
+                return EdgeWalk {
+                    graph: Some(Vec::new()),
+                    inbound: Some(HashMap::new()),
+                }
+            }
             Some(Value::Array(edges)) => edges,
             Some(other) => {
                 self.expected("$.edges", "an array", other);
-                return None;
+                return EdgeWalk {
+                    graph: None,
+                    inbound: None,
+                };
             }
         };
+        let mut inbound: HashMap<&str, usize> = HashMap::new();
         // Edges that name two distinct existing steps, once each: the graph the cycle check
         // walks, as (from, to) step indices.
         let mut graph: Vec<(usize, usize)> = Vec::new();
@@ -741,6 +968,9 @@ impl Checker<'_> {
             let from = self.edge_end(&path, obj, "from", index);
             let to = self.edge_end(&path, obj, "to", index);
             let from_i = from.map(|(_, i)| i);
+            if let Some((to, _)) = to {
+                *inbound.entry(to).or_default() += 1;
+            }
             if let (Some((from, from_i)), Some((to, to_i))) = (from, to) {
                 if from == to {
                     self.report(
@@ -759,7 +989,7 @@ impl Checker<'_> {
                     graph.push((from_i, to_i));
                 }
             }
-            self.optional_cel(&path, obj, "when", Site::When, from_i);
+            self.optional_cel(&path, obj, "when", Site::When, StepKind::Plain, from_i);
             if let Some(on) = self.defaulted_str(&path, obj, "on") {
                 if !["success", "failure", "always"].contains(&on) {
                     self.report(
@@ -770,11 +1000,17 @@ impl Checker<'_> {
             }
         }
         (self.check_interrupts)();
-        if let Some(cycle) = find_cycle(index, &graph, self.check_interrupts) {
-            self.report("$.edges", format!("cycle: {}", cycle.join(" -> ")));
-            return None;
+        let graph = match find_cycle(index, &graph, self.check_interrupts) {
+            Some(cycle) => {
+                self.report("$.edges", format!("cycle: {}", cycle.join(" -> ")));
+                None
+            }
+            None => Some(graph),
+        };
+        EdgeWalk {
+            graph,
+            inbound: Some(inbound),
         }
-        Some(graph)
     }
 
     /// An edge's `from` or `to`: a string naming a declared step, returned with its index.
@@ -925,6 +1161,7 @@ fn find_cycle(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blueprint::scope::StepKind;
     use crate::blueprint::{EdgeOn, Join};
     use serde_json::json;
     use std::time::Duration;
@@ -1382,7 +1619,10 @@ mod tests {
                 "$.steps[2].id",
                 "duplicate step id \"b\" (first used by $.steps[1])",
             ),
-            ("$.steps[2].join", "expected \"any\" or \"all\""),
+            (
+                "$.steps[2].join",
+                "expected \"any\", \"all\", \"first\" or a number of edges, got \"both\"",
+            ),
             ("$.edges[0].to", "unknown step \"nowhere\""),
             ("$.edges[0].when", "invalid CEL expression"),
             ("$.output", "invalid CEL expression"),
@@ -1777,17 +2017,455 @@ mod tests {
     }
 
     #[test]
-    fn join_any_or_all() {
+    fn join_is_a_name_or_a_number_of_edges() {
         assert_only(
             one_step(json!({"id": "a", "action": "noop", "join": "ALL"})),
             "$.steps[0].join",
-            "expected \"any\" or \"all\", got \"ALL\"",
+            "expected \"any\", \"all\", \"first\" or a number of edges, got \"ALL\"",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "join": true})),
+            "$.steps[0].join",
+            "expected \"any\", \"all\", \"first\" or a number of edges, got a boolean",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "join": null})),
+            "$.steps[0].join",
+            "got null",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "join": 0})),
+            "$.steps[0].join",
+            "join counts inbound edges and must be at least 1, got 0",
+        );
+        for n in [json!(-1), json!(1.5)] {
+            assert_only(
+                one_step(json!({"id": "a", "action": "noop", "join": n})),
+                "$.steps[0].join",
+                &format!("join counts inbound edges and must be a whole number, got {n}"),
+            );
+        }
+    }
+
+    /// Steps a, b and c all lead into d, whose fields are `d`.
+    fn three_into_one(d: Value) -> Value {
+        let mut d = d;
+        d["id"] = json!("d");
+        d["action"] = json!("noop");
+        json!({
+            "steps": [{"id": "a", "action": "noop"}, {"id": "b", "action": "noop"},
+                      {"id": "c", "action": "noop"}, d],
+            "edges": [{"from": "a", "to": "d"}, {"from": "b", "to": "d"}, {"from": "c", "to": "d"}]
+        })
+    }
+
+    #[test]
+    fn join_first_and_counts_up_to_the_inbound_edges_are_valid() {
+        let bp = valid(three_into_one(
+            json!({"join": "first", "cancel_others": true}),
+        ));
+        assert_eq!(bp.steps[3].join, Join::First);
+        assert!(bp.steps[3].cancel_others);
+        for n in 1..=3 {
+            let bp = valid(three_into_one(json!({"join": n})));
+            assert_eq!(bp.steps[3].join, Join::Count(n));
+            assert!(!bp.steps[3].cancel_others);
+        }
+    }
+
+    #[test]
+    fn join_count_above_the_inbound_edges_is_refused() {
+        assert_only(
+            three_into_one(json!({"join": 4})),
+            "$.steps[3].join",
+            "join 4 needs at least 4 inbound edges; step \"d\" has 3",
+        );
+        assert_only(
+            json!({
+                "steps": [{"id": "a", "action": "noop"}, {"id": "b", "action": "noop"},
+                          {"id": "x", "action": "noop", "join": 3}],
+                "edges": [{"from": "a", "to": "x"}, {"from": "b", "to": "x"}]
+            }),
+            "$.steps[2].join",
+            "join 3 needs at least 3 inbound edges; step \"x\" has 2",
+        );
+        assert_only(
+            json!({
+                "steps": [{"id": "a", "action": "noop"}, {"id": "x", "action": "noop", "join": 2}],
+                "edges": [{"from": "a", "to": "x"}]
+            }),
+            "$.steps[1].join",
+            "join 2 needs at least 2 inbound edges; step \"x\" has 1",
+        );
+    }
+
+    #[test]
+    fn join_first_or_a_count_on_a_root_step_is_refused() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "join": "first"})),
+            "$.steps[0].join",
+            "join \"first\" needs an inbound edge; step \"a\" has none",
         );
         assert_only(
             one_step(json!({"id": "a", "action": "noop", "join": 1})),
             "$.steps[0].join",
-            "expected a string",
+            "join 1 needs at least 1 inbound edge; step \"a\" has none",
         );
+        // `any` and `all` on a root are fine: the step is queued at install.
+        valid(one_step(
+            json!({"id": "a", "action": "noop", "join": "all"}),
+        ));
+    }
+
+    #[test]
+    fn an_edge_with_a_wrong_from_still_counts_toward_join() {
+        let mut doc = three_into_one(json!({"join": 3}));
+        doc["edges"][0]["from"] = json!("zz");
+        assert_only(doc, "$.edges[0].from", "unknown step \"zz\"");
+    }
+
+    #[test]
+    fn join_counts_are_not_checked_when_edges_is_not_an_array() {
+        assert_only(
+            json!({"steps": [{"id": "a", "action": "noop", "join": 2}], "edges": {}}),
+            "$.edges",
+            "expected an array",
+        );
+    }
+
+    #[test]
+    fn cancel_others_needs_join_first_or_a_count() {
+        assert_only(
+            three_into_one(json!({"cancel_others": true})),
+            "$.steps[3].cancel_others",
+            "cancel_others needs join \"first\" or a count; this step's join is \"any\"",
+        );
+        assert_only(
+            three_into_one(json!({"join": "all", "cancel_others": true})),
+            "$.steps[3].cancel_others",
+            "cancel_others needs join \"first\" or a count; this step's join is \"all\"",
+        );
+        valid(three_into_one(json!({"join": 2, "cancel_others": true})));
+        valid(three_into_one(json!({"cancel_others": false})));
+        assert_only(
+            three_into_one(json!({"join": "first", "cancel_others": "yes"})),
+            "$.steps[3].cancel_others",
+            "expected a boolean, got a string",
+        );
+        // A refused join is reported once, not again through cancel_others.
+        assert_only(
+            three_into_one(json!({"join": "frist", "cancel_others": true})),
+            "$.steps[3].join",
+            "got \"frist\"",
+        );
+    }
+
+    /// A map step over `goal.input.urls`, with `fields` added.
+    fn map_step(fields: Value) -> Value {
+        let mut step = json!({"id": "fetch", "action": "noop", "for_each": "goal.input.urls"});
+        for (key, value) in fields.as_object().into_iter().flatten() {
+            step[key] = value.clone();
+        }
+        one_step(step)
+    }
+
+    #[test]
+    fn a_map_step_sees_item_and_index_in_input_and_params() {
+        let bp = valid(json!({
+            "steps": [
+                {"id": "list", "action": "noop"},
+                {"id": "fetch", "action": "transform", "for_each": "steps.list.result.urls",
+                 "input": "{'url': item, 'n': index, 'g': goal.input}",
+                 "params": {"expr": "{'url': input.url, 'again': item, 'at': index}"},
+                 "max_parallel": 4, "tolerate": 2},
+                {"id": "store", "action": "sql", "for_each": "[1, 2]",
+                 "params": {"query": "select $1", "args": "[item, index, input]"},
+                 "max_parallel": null}
+            ],
+            "edges": [{"from": "list", "to": "fetch"}]
+        }));
+        let fetch = &bp.steps[1];
+        assert_eq!(fetch.for_each.as_deref(), Some("steps.list.result.urls"));
+        assert_eq!(fetch.max_parallel, Some(4));
+        assert_eq!(fetch.tolerate, 2);
+        assert_eq!(bp.steps[2].max_parallel, None);
+        assert_eq!(StepKind::of(fetch), StepKind::Map);
+        assert_eq!(StepKind::of(&bp.steps[0]), StepKind::Plain);
+        valid(map_step(json!({"for_each": null, "input": "goal.input"})));
+    }
+
+    #[test]
+    fn item_and_index_are_refused_outside_a_map_step() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "input": "item"})),
+            "$.steps[0].input",
+            "unknown variable \"item\" (this expression sees: goal, steps); item and index \
+             exist only in a map step (with for_each)",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "transform", "params": {"expr": "input[index]"}})),
+            "$.steps[0].params.expr",
+            "unknown variable \"index\" (this expression sees: goal, steps, input)",
+        );
+        // An edge condition is about the whole step, not one instance.
+        let found = problems(&json!({
+            "steps": [{"id": "a", "action": "noop", "for_each": "[1]"}, {"id": "b", "action": "noop"}],
+            "edges": [{"from": "a", "to": "b", "when": "item == 1"}]
+        }));
+        assert_eq!(as_pairs(&found), vec![("$.edges[0].when",
+            "unknown variable \"item\" (this expression sees: goal, steps, result, error, status, input)")]);
+    }
+
+    #[test]
+    fn for_each_is_evaluated_before_its_instances_so_it_sees_no_item() {
+        assert_only(
+            map_step(json!({"for_each": "[index, 2]"})),
+            "$.steps[0].for_each",
+            "unknown variable \"index\" (this expression sees: goal, steps); for_each is \
+             evaluated before its instances exist",
+        );
+        assert_only(
+            map_step(json!({"for_each": "input.urls"})),
+            "$.steps[0].for_each",
+            "unknown variable \"input\"",
+        );
+    }
+
+    #[test]
+    fn for_each_must_be_a_cel_string_that_compiles() {
+        assert_only(
+            map_step(json!({"for_each": ["a", "b"]})),
+            "$.steps[0].for_each",
+            "expected a string, got an array",
+        );
+        assert_only(
+            map_step(json!({"for_each": "[1,"})),
+            "$.steps[0].for_each",
+            "invalid CEL expression",
+        );
+    }
+
+    #[test]
+    fn for_each_and_until_read_only_upstream_steps() {
+        let siblings = |field: &str, expr: &str| {
+            let mut c = json!({"id": "c", "action": "noop", "for_each": "[1]"});
+            c[field] = json!(expr);
+            json!({
+                "steps": [{"id": "a", "action": "noop"}, {"id": "b", "action": "noop"}, c],
+                "edges": [{"from": "a", "to": "b"}, {"from": "a", "to": "c"}]
+            })
+        };
+        valid(siblings("for_each", "steps.a.result"));
+        assert_only(
+            siblings("for_each", "steps.b.result"),
+            "$.steps[2].for_each",
+            "steps.b is not upstream of step c",
+        );
+        let mut doc = siblings("until", "steps.b.status == 'succeeded'");
+        doc["steps"][2]["for_each"] = Value::Null;
+        assert_only(doc, "$.steps[2].until", "steps.b is not upstream of step c");
+        let mut doc = siblings("until", "steps.a.status == 'succeeded'");
+        doc["steps"][2]["for_each"] = Value::Null;
+        valid(doc);
+    }
+
+    #[test]
+    fn max_parallel_and_tolerate_ranges() {
+        assert_only(
+            map_step(json!({"max_parallel": 0})),
+            "$.steps[0].max_parallel",
+            "max_parallel must be an integer from 1 to 10000, got 0",
+        );
+        assert_only(
+            map_step(json!({"max_parallel": 10_001})),
+            "$.steps[0].max_parallel",
+            "max_parallel must be an integer from 1 to 10000, got 10001",
+        );
+        assert_only(
+            map_step(json!({"max_parallel": "4"})),
+            "$.steps[0].max_parallel",
+            "expected an integer from 1 to 10000, got a string",
+        );
+        assert_only(
+            map_step(json!({"tolerate": -1})),
+            "$.steps[0].tolerate",
+            "tolerate must be an integer from 0 to 10000, got -1",
+        );
+        assert_only(
+            map_step(json!({"tolerate": 0.5})),
+            "$.steps[0].tolerate",
+            "tolerate must be an integer from 0 to 10000, got 0.5",
+        );
+        // tolerate has a default, so, as for serde, null is not "absent".
+        assert_only(
+            map_step(json!({"tolerate": null})),
+            "$.steps[0].tolerate",
+            "expected an integer from 0 to 10000, got null",
+        );
+        let bp = valid(map_step(
+            json!({"max_parallel": 10_000, "tolerate": 10_000}),
+        ));
+        assert_eq!(bp.steps[0].max_parallel, Some(10_000));
+        assert_eq!(bp.steps[0].tolerate, 10_000);
+        valid(map_step(json!({"max_parallel": 1, "tolerate": 0})));
+    }
+
+    #[test]
+    fn max_parallel_and_tolerate_need_for_each() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "max_parallel": 2})),
+            "$.steps[0].max_parallel",
+            "max_parallel applies only to a step with for_each",
+        );
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "tolerate": 1})),
+            "$.steps[0].tolerate",
+            "tolerate applies only to a step with for_each",
+        );
+        assert_only(
+            map_step(json!({"for_each": null, "tolerate": 1})),
+            "$.steps[0].tolerate",
+            "tolerate applies only to a step with for_each",
+        );
+        valid(one_step(
+            json!({"id": "a", "action": "noop", "max_parallel": null}),
+        ));
+    }
+
+    /// A loop step that polls until `result.done`, with `fields` added.
+    fn loop_step(fields: Value) -> Value {
+        let mut step = json!({"id": "poll", "action": "noop", "until": "result.done"});
+        for (key, value) in fields.as_object().into_iter().flatten() {
+            step[key] = value.clone();
+        }
+        one_step(step)
+    }
+
+    #[test]
+    fn a_loop_step_sees_previous_and_iteration_and_its_until_sees_result() {
+        let bp = valid(loop_step(json!({
+            "action": "transform",
+            "input": "previous == null ? goal.input : previous",
+            "params": {"expr": "{'n': iteration, 'last': previous, 'in': input}"},
+            "until": "result.done || (iteration >= 3 && input == previous)",
+            "max_iterations": 1000
+        })));
+        let poll = &bp.steps[0];
+        assert_eq!(
+            poll.until.as_deref(),
+            Some("result.done || (iteration >= 3 && input == previous)")
+        );
+        assert_eq!(poll.max_iterations, Some(1000));
+        assert_eq!(StepKind::of(poll), StepKind::Loop);
+        let bp = valid(loop_step(json!({"max_iterations": null})));
+        assert_eq!(bp.steps[0].max_iterations, None);
+    }
+
+    #[test]
+    fn previous_and_iteration_are_refused_outside_a_loop_step() {
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "input": "previous"})),
+            "$.steps[0].input",
+            "unknown variable \"previous\" (this expression sees: goal, steps); previous and \
+             iteration exist only in a loop step (with until, without for_each)",
+        );
+        assert_only(
+            map_step(json!({"action": "transform", "params": {"expr": "iteration"}})),
+            "$.steps[0].params.expr",
+            "unknown variable \"iteration\" (this expression sees: goal, steps, input, item, index)",
+        );
+        assert_only(
+            json!({"steps": [{"id": "a", "action": "noop", "until": "true"}],
+                   "output": "iteration"}),
+            "$.output",
+            "unknown variable \"iteration\" (this expression sees: goal, steps)",
+        );
+    }
+
+    #[test]
+    fn result_is_seen_by_until_only_among_a_step_expressions() {
+        valid(loop_step(json!({"until": "result.done && input != null"})));
+        assert_only(
+            loop_step(json!({"input": "result"})),
+            "$.steps[0].input",
+            "unknown variable \"result\" (this expression sees: goal, steps, previous, iteration)",
+        );
+    }
+
+    #[test]
+    fn until_must_be_a_cel_string_that_compiles() {
+        assert_only(
+            loop_step(json!({"until": true})),
+            "$.steps[0].until",
+            "expected a string, got a boolean",
+        );
+        assert_only(
+            loop_step(json!({"until": "result.done &&"})),
+            "$.steps[0].until",
+            "invalid CEL expression",
+        );
+        assert_only(
+            loop_step(json!({"until": "reslt.done"})),
+            "$.steps[0].until",
+            "unknown variable \"reslt\" (this expression sees: goal, steps, input, previous, \
+             iteration, result)",
+        );
+    }
+
+    #[test]
+    fn max_iterations_range_and_needs_until() {
+        for n in [json!(0), json!(1001), json!(-3)] {
+            assert_only(
+                loop_step(json!({"max_iterations": n})),
+                "$.steps[0].max_iterations",
+                &format!("max_iterations must be an integer from 1 to 1000, got {n}"),
+            );
+        }
+        assert_only(
+            loop_step(json!({"max_iterations": "5"})),
+            "$.steps[0].max_iterations",
+            "expected an integer from 1 to 1000, got a string",
+        );
+        valid(loop_step(json!({"max_iterations": 1})));
+        assert_only(
+            one_step(json!({"id": "a", "action": "noop", "max_iterations": 5})),
+            "$.steps[0].max_iterations",
+            "max_iterations applies only to a step with until",
+        );
+        assert_only(
+            loop_step(json!({"until": null, "max_iterations": 5})),
+            "$.steps[0].max_iterations",
+            "max_iterations applies only to a step with until",
+        );
+    }
+
+    #[test]
+    fn for_each_and_until_on_one_step_are_refused() {
+        assert_only(
+            map_step(json!({"until": "result.size() > 0"})),
+            "$.steps[0].until",
+            "for_each and until do not combine on one step; run the loop (or the map) in a \
+             child goal",
+        );
+    }
+
+    #[test]
+    fn new_step_fields_round_trip() {
+        let doc = json!({
+            "steps": [
+                {"id": "a", "action": "noop"}, {"id": "b", "action": "noop"},
+                {"id": "m", "action": "noop", "join": 2, "cancel_others": true,
+                 "for_each": "[1, 2, 3]", "max_parallel": 2, "tolerate": 1},
+                {"id": "l", "action": "noop", "join": "first", "until": "result == null",
+                 "max_iterations": 7}
+            ],
+            "edges": [{"from": "a", "to": "m"}, {"from": "b", "to": "m"}, {"from": "m", "to": "l"}]
+        });
+        let bp = valid(doc);
+        let again = valid(serde_json::to_value(&bp).unwrap());
+        assert_eq!(again, bp);
+        assert_eq!(bp.steps[2].join, Join::Count(2));
+        assert_eq!(bp.steps[3].join, Join::First);
     }
 
     // Built-in action parameters.

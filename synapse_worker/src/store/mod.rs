@@ -14,6 +14,8 @@ use tracing::{debug, warn};
 use crate::blueprint::{EdgeOn, Join};
 use crate::engine::{goal_value, EndedStep, GoalVariables, Outcome};
 
+pub mod map;
+
 /// A database failure, and whether retrying the transaction may help.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -145,6 +147,37 @@ pub struct ClaimedTask {
     /// Why its `params` or `input` could not be read (`params` and `input`
     /// are then null): the attempt fails with this error, unrun.
     pub unreadable: Option<String>,
+    /// Instance of a map step: its index.
+    pub map_index: Option<i32>,
+    /// What its expressions see besides `goal`, `steps` and `input`: `item`
+    /// and `index` in a map instance, `previous` and `iteration` in a loop.
+    pub extras: Map<String, Value>,
+    /// A looping step: when it runs again.
+    pub looping: Option<Looping>,
+    /// Attempts spent by earlier iterations of a loop: this iteration's
+    /// attempt is `attempt - attempts_before`.
+    pub attempts_before: i32,
+}
+
+/// A step that runs again until `until` holds (§4.8).
+#[derive(Debug, Clone)]
+pub struct Looping {
+    /// CEL over `result` (and what the step's expressions see).
+    pub until: String,
+    /// The step's `input` expression, evaluated again for the next iteration.
+    pub input_expr: Option<String>,
+    /// This run, 1 for the first.
+    pub iteration: i32,
+    /// Most runs.
+    pub max_iterations: i32,
+}
+
+impl ClaimedTask {
+    /// This attempt's number within its iteration (a step that does not loop
+    /// has one iteration): what `retries` counts.
+    pub fn attempt_in_iteration(&self) -> i32 {
+        self.attempt - self.attempts_before
+    }
 }
 
 /// Claims the queued tasks among `task_ids` in one statement: `queued →
@@ -165,10 +198,14 @@ pub async fn claim_tasks(
             // `status || ''`: the rows are found by id, never by scanning the
             // partial index of all queued tasks (see record_outcomes).
             "WITH m AS (
-                 SELECT c.id FROM synapse.tasks c
+                 -- The expressions the worker evaluates: only those that mention
+                 -- goal or steps pay for them.
+                 SELECT c.id, concat(c.params ->> 'expr', ' ', c.params ->> 'args', ' ', c.until_expr, ' ',
+                                     CASE WHEN c.until_expr IS NOT NULL THEN c.input_expr END) AS expressions
+                   FROM synapse.tasks c
                   WHERE c.id = ANY($1::bigint[]) AND c.status || '' = 'queued'
                   ORDER BY c.id
-                    FOR NO KEY UPDATE SKIP LOCKED)
+                    FOR NO KEY UPDATE OF c SKIP LOCKED)
              UPDATE synapse.tasks t
                 SET status = 'running', attempts = t.attempts + 1,
                     lease_expires_at = now() + $2 * interval '1 millisecond', leased_by = $3
@@ -178,13 +215,16 @@ pub async fn claim_tasks(
                     t.max_attempts, t.backoff_ms, t.timeout_ms, t.error,
                     greatest(extract(epoch FROM now() - t.queued_at), 0)::float8,
                     -- Only a parameter expression that mentions them pays for goal and steps.
-                    CASE WHEN concat(t.params ->> 'expr', ' ', t.params ->> 'args') LIKE '%goal%'
+                    CASE WHEN m.expressions LIKE '%goal%'
                          THEN jsonb_build_object('id', g.id, 'goal', g.goal, 'input', g.input, 'params', g.params)
                          ELSE 'null'::jsonb END,
-                    CASE WHEN concat(t.params ->> 'expr', ' ', t.params ->> 'args') LIKE '%steps%'
+                    CASE WHEN m.expressions LIKE '%steps%'
                          THEN (SELECT coalesce(jsonb_object_agg(s.step, jsonb_build_object('status', s.status, 'result', s.result)), '{}')
-                                 FROM synapse.tasks s WHERE s.goal_id = t.goal_id)
-                         ELSE 'null'::jsonb END",
+                                 FROM synapse.tasks s WHERE s.goal_id = t.goal_id AND s.map_index IS NULL)
+                         ELSE 'null'::jsonb END,
+                    t.map_index, CASE WHEN t.map_index IS NOT NULL THEN coalesce(t.map_item, t.input) END,
+                    t.until_expr, t.input_expr, t.iteration, t.max_iterations, t.attempts_before,
+                    CASE WHEN t.iteration > 1 THEN t.result END",
         )
         .await?;
     let rows = client
@@ -220,6 +260,33 @@ fn claimed_task(row: &Row, worker: &str) -> Result<ClaimedTask> {
     let input = user_json(5, "input");
     let goal = user_json(12, "goal");
     let steps = user_json(13, "steps");
+    let map_index: Option<i32> = column(row, 14)?;
+    let mut extras = Map::new();
+    if let Some(index) = map_index {
+        extras.insert("item".into(), user_json(15, "item"));
+        extras.insert("index".into(), Value::from(index));
+    }
+    let until: Option<String> = column(row, 16)?;
+    let looping = match until {
+        Some(until) => {
+            let iteration: i32 = column::<Option<i32>>(row, 18)?.unwrap_or(1);
+            extras.insert(
+                "previous".into(),
+                column::<Option<Value>>(row, 21)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(Value::Null),
+            );
+            extras.insert("iteration".into(), Value::from(iteration));
+            Some(Looping {
+                until,
+                input_expr: column(row, 17)?,
+                iteration,
+                max_iterations: column::<Option<i32>>(row, 19)?.unwrap_or(1),
+            })
+        }
+        None => None,
+    };
     Ok(ClaimedTask {
         id: column(row, 0)?,
         goal_id: column(row, 1)?,
@@ -241,6 +308,10 @@ fn claimed_task(row: &Row, worker: &str) -> Result<ClaimedTask> {
                 .unwrap_or(0.0),
         ),
         unreadable,
+        map_index,
+        extras,
+        looping,
+        attempts_before: column(row, 20)?,
     })
 }
 
@@ -302,6 +373,14 @@ pub enum AttemptOutcome {
     /// Failed for good because an expression of the step could not be evaluated: a
     /// definition error, which takes only `always` edges and fails the goal.
     DefinitionError(String),
+    /// A loop's run succeeded and `until` did not hold: it runs again with
+    /// this input, `previous` being this result.
+    Again {
+        /// This run's result.
+        result: Value,
+        /// The next run's input.
+        input: Value,
+    },
 }
 
 /// What recording an outcome did.
@@ -311,6 +390,8 @@ pub enum Recorded {
     Fenced,
     /// The task waits for its next attempt.
     Retrying,
+    /// A loop was queued for its next iteration.
+    Again,
     /// The step ended; the engine takes it from here.
     Ended(StepEnd),
 }
@@ -324,8 +405,11 @@ pub struct StepEnd {
     pub goal: GoalVariables,
     /// How it ended.
     pub ended: EndedStep,
-    /// Its outbound edges, still pending, in blueprint order.
+    /// Its outbound edges, still pending, in blueprint order (none for an
+    /// instance of a map step: the step's edges resolve once, for all).
     pub outbound: Vec<OutboundEdge>,
+    /// Instance of a map step: its index.
+    pub map_index: Option<i32>,
 }
 
 /// Records many attempts' outcomes in one statement, each only if its attempt
@@ -348,6 +432,7 @@ pub async fn record_outcomes(
     let mut delays: Vec<Option<f64>> = Vec::with_capacity(outcomes.len());
     let mut kinds: Vec<Option<&str>> = Vec::with_capacity(outcomes.len());
     let mut workers: Vec<&str> = Vec::with_capacity(outcomes.len());
+    let mut inputs: Vec<Option<&Value>> = Vec::with_capacity(outcomes.len());
     for (task, outcome) in outcomes {
         ids.push(task.id);
         workers.push(task.worker.as_str());
@@ -360,7 +445,12 @@ pub async fn record_outcomes(
             AttemptOutcome::Failed(error) | AttemptOutcome::DefinitionError(error) => {
                 ("failed", None, Some(error.as_str()), None)
             }
+            AttemptOutcome::Again { result, .. } => ("queued", Some(result), None, None),
         };
+        inputs.push(match outcome {
+            AttemptOutcome::Again { input, .. } => Some(input),
+            _ => None,
+        });
         kinds.push(match outcome {
             AttemptOutcome::Failed(_) => Some("action"),
             AttemptOutcome::DefinitionError(_) => Some("definition"),
@@ -380,33 +470,50 @@ pub async fn record_outcomes(
             "WITH recorded AS (
              UPDATE synapse.tasks t
                 SET status = r.status, result = r.result, error = r.error, failure_kind = r.kind,
-                    run_at = now() + r.delay_ms * interval '1 millisecond'
+                    run_at = now() + r.delay_ms * interval '1 millisecond',
+                    -- A loop's next iteration: its own input, and retries of its own.
+                    input = coalesce(r.input, t.input),
+                    iteration = t.iteration + (r.status = 'queued')::int,
+                    attempts_before = CASE WHEN r.status = 'queued' THEN t.attempts ELSE t.attempts_before END
                FROM unnest($1::bigint[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[], $7::text[],
-                           $8::text[])
-                    AS r(id, attempt, status, result, error, delay_ms, kind, worker),
+                           $8::text[], $9::jsonb[])
+                    AS r(id, attempt, status, result, error, delay_ms, kind, worker, input),
                     synapse.goals g
               WHERE t.id = r.id AND t.status || '' = 'running' AND t.attempts = r.attempt AND g.id = t.goal_id
           RETURNING t.id, r.attempt, g.goal, g.input, g.params,
+                    -- An instance's end resolves no edge: its map step's does, once.
+                    CASE WHEN t.map_index IS NULL THEN
                     (SELECT array_agg(e.to_step ORDER BY e.position) FROM synapse.edges e
-                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending') AS to_steps,
+                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending') END AS to_steps,
+                    CASE WHEN t.map_index IS NULL THEN
                     (SELECT array_agg(e.when_expr ORDER BY e.position) FROM synapse.edges e
-                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending') AS whens,
+                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending') END AS whens,
+                    CASE WHEN t.map_index IS NULL THEN
                     (SELECT array_agg(e.on_outcome ORDER BY e.position) FROM synapse.edges e
-                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending') AS ons,
-                    r.status, r.error, r.worker, t.started_at),
+                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending') END AS ons,
+                    r.status, r.error, r.worker, t.started_at, t.goal_id, t.step, t.map_index),
+             -- Each instance that ended counts on its map step, in this statement
+             -- (the goal lock orders the counts); the engine decides the step.
+             counted AS (
+                 UPDATE synapse.tasks m SET map_ended = m.map_ended + c.ended, map_failed = m.map_failed + c.failed
+                   FROM (SELECT goal_id, step, count(*)::int AS ended,
+                                count(*) FILTER (WHERE status = 'failed')::int AS failed
+                           FROM recorded WHERE map_index IS NOT NULL AND status IN ('succeeded', 'failed')
+                          GROUP BY goal_id, step) c
+                  WHERE m.goal_id = c.goal_id AND m.step = c.step AND m.map_index IS NULL AND m.status = 'waiting'),
              -- Only a failure costs a row: the attempt, kept with its error.
              kept AS (
                  INSERT INTO synapse.attempts (task_id, attempt, worker, started_at, error)
                  SELECT id, attempt, worker, started_at, error FROM recorded
                   WHERE status IN ('retrying', 'failed'))
-             SELECT id, attempt, goal, input, params, to_steps, whens, ons FROM recorded",
+             SELECT id, attempt, goal, input, params, to_steps, whens, ons, map_index FROM recorded",
         )
         .await?;
     let rows = tx
         .query(
             &statement,
             &[
-                &ids, &attempts, &statuses, &results, &errors, &delays, &kinds, &workers,
+                &ids, &attempts, &statuses, &results, &errors, &delays, &kinds, &workers, &inputs,
             ],
         )
         .await?;
@@ -445,6 +552,10 @@ pub async fn record_outcomes(
                 recorded.insert(index, Recorded::Retrying);
                 continue;
             }
+            AttemptOutcome::Again { .. } => {
+                recorded.insert(index, Recorded::Again);
+                continue;
+            }
         };
         let goal = GoalVariables {
             goal: goal_value(
@@ -465,6 +576,7 @@ pub async fn record_outcomes(
                     column(&row, 6)?,
                     column(&row, 7)?,
                 )?,
+                map_index: column(&row, 8)?,
             }),
         );
     }
@@ -487,12 +599,13 @@ pub async fn goals_of_tasks(tx: &Transaction<'_>, task_ids: &[i64]) -> Result<Ve
         .collect()
 }
 
-/// Those of `task_ids` that failed with no worker to carry on (their last
-/// lease lapsed: the forwarder failed them) while their goal runs, as steps
-/// that ended, with their still pending outbound edges. The caller holds the
+/// Those of `task_ids` that ended with no worker to carry on while their goal
+/// runs, as steps that ended, with their still pending outbound edges: tasks
+/// the forwarder failed when their last lease lapsed, and root map steps
+/// whose list was empty when their plan was installed. The caller holds the
 /// goal locks. A task already carried on has no pending edge left and costs
 /// the engine nothing more than a look at its goal.
-pub async fn failed_without_a_worker(
+pub async fn ended_without_a_worker(
     tx: &Transaction<'_>,
     task_ids: &[i64],
 ) -> Result<Vec<StepEnd>> {
@@ -505,9 +618,10 @@ pub async fn failed_without_a_worker(
                     (SELECT array_agg(e.when_expr ORDER BY e.position) FROM synapse.edges e
                       WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending'),
                     (SELECT array_agg(e.on_outcome ORDER BY e.position) FROM synapse.edges e
-                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending')
+                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending'),
+                    t.status = 'succeeded', coalesce(t.result, 'null'::jsonb), t.map_index
                FROM synapse.tasks t JOIN synapse.goals g ON g.id = t.goal_id
-              WHERE t.id = ANY($1::bigint[]) AND t.status = 'failed' AND g.status = 'running'
+              WHERE t.id = ANY($1::bigint[]) AND t.status IN ('failed', 'succeeded') AND g.status = 'running'
               ORDER BY t.id",
         )
         .await?;
@@ -516,6 +630,8 @@ pub async fn failed_without_a_worker(
         .iter()
         .map(|row| {
             let goal_id: i64 = column(row, 0)?;
+            let map_index: Option<i32> = column(row, 13)?;
+            let succeeded: bool = column(row, 11)?;
             Ok(StepEnd {
                 goal_id,
                 goal: GoalVariables {
@@ -523,13 +639,23 @@ pub async fn failed_without_a_worker(
                 },
                 ended: EndedStep {
                     step: column(row, 1)?,
-                    outcome: Outcome::Failed,
-                    result: Value::Null,
+                    outcome: if succeeded {
+                        Outcome::Succeeded
+                    } else {
+                        Outcome::Failed
+                    },
+                    result: column(row, 12)?,
                     error: column(row, 2)?,
                     input: column(row, 3)?,
                     definition_error: column(row, 7)?,
                 },
-                outbound: outbound_from_arrays(column(row, 8)?, column(row, 9)?, column(row, 10)?)?,
+                outbound: match map_index {
+                    Some(_) => Vec::new(),
+                    None => {
+                        outbound_from_arrays(column(row, 8)?, column(row, 9)?, column(row, 10)?)?
+                    }
+                },
+                map_index,
             })
         })
         .collect()
@@ -540,7 +666,7 @@ pub async fn steps_map(tx: &Transaction<'_>, goal_id: i64) -> Result<Value> {
     let statement = tx
         .prepare_cached(
             "SELECT coalesce(jsonb_object_agg(step, jsonb_build_object('status', status, 'result', result)), '{}')
-               FROM synapse.tasks WHERE goal_id = $1",
+               FROM synapse.tasks WHERE goal_id = $1 AND map_index IS NULL",
         )
         .await?;
     column(&tx.query_one(&statement, &[&goal_id]).await?, 0)
@@ -664,7 +790,7 @@ pub async fn fail_pending_task(
     let statement = tx
         .prepare_cached(
             "UPDATE synapse.tasks SET status = 'failed', error = $3, failure_kind = 'definition'
-              WHERE goal_id = $1 AND step = $2 AND status = 'pending'",
+              WHERE goal_id = $1 AND step = $2 AND map_index IS NULL AND status = 'pending'",
         )
         .await?;
     let failed = tx.execute(&statement, &[&goal_id, &step, &error]).await? == 1;
@@ -692,10 +818,16 @@ pub struct ReadyTask {
     pub inbound: Vec<(String, String)>,
     /// Parent id → result for the taken inbound edges: the default input.
     pub taken_parent_results: Map<String, Value>,
+    /// A map step: it starts its instances instead of being queued.
+    pub is_map: bool,
+    /// When it starts, its parents that have not ended are cancelled.
+    pub cancel_others: bool,
+    /// A loop: its input sees `previous` (null) and `iteration` (1).
+    pub looping: bool,
 }
 
-/// Those of `steps` that are pending with every inbound edge resolved, in id
-/// order. Each step is looked at through index probes only (the LATERAL
+/// Those of `steps` that are pending with every inbound edge resolved (or,
+/// for a join `first` or n, with any resolved), in id order. Each step is looked at through index probes only (the LATERAL
 /// subqueries keep the planner from scanning the whole goal, which made long
 /// chains quadratic): first its count of pending inbound edges, so a wide
 /// join is read in full only once, by the engine that resolves its last
@@ -708,19 +840,21 @@ pub async fn ready_tasks(
 ) -> Result<Vec<ReadyTask>> {
     let statement = tx
         .prepare_cached(
-            "SELECT t.id, t.step, t.join_mode, t.input_expr, inbound.from_steps, inbound.states, inbound.parent_results
+            "SELECT t.id, t.step, t.join_mode, t.input_expr, inbound.from_steps, inbound.states, inbound.parent_results,
+                    t.for_each_expr IS NOT NULL, t.cancel_others, t.until_expr IS NOT NULL
               FROM unnest($2::text[]) AS s(step)
              CROSS JOIN LATERAL (
-                   SELECT c.id, c.step, c.join_mode, c.input_expr FROM synapse.tasks c
-                    WHERE c.goal_id = $1 AND c.step = s.step AND c.status = 'pending'
-                      AND c.pending_inbound = 0
+                   SELECT c.id, c.step, c.join_mode, c.input_expr, c.for_each_expr, c.cancel_others, c.until_expr
+                     FROM synapse.tasks c
+                    WHERE c.goal_id = $1 AND c.step = s.step AND c.map_index IS NULL AND c.status = 'pending'
+                      AND (c.pending_inbound = 0 OR c.join_mode NOT IN ('any', 'all'))
                     LIMIT 1) t
              CROSS JOIN LATERAL (
                    SELECT coalesce(array_agg(e.from_step ORDER BY e.position), '{}') AS from_steps,
                           coalesce(array_agg(e.state ORDER BY e.position), '{}') AS states,
                           coalesce(jsonb_object_agg(e.from_step,
                                        (SELECT coalesce(p.result, 'null'::jsonb) FROM synapse.tasks p
-                                         WHERE p.goal_id = $1 AND p.step = e.from_step))
+                                         WHERE p.goal_id = $1 AND p.step = e.from_step AND p.map_index IS NULL))
                                    FILTER (WHERE e.state = 'taken' AND t.input_expr IS NULL), '{}') AS parent_results
                      FROM synapse.edges e
                     WHERE e.goal_id = $1 AND e.to_step = t.step) inbound
@@ -739,14 +873,17 @@ pub async fn ready_tasks(
             Ok(ReadyTask {
                 id: column(&row, 0)?,
                 step: column(&row, 1)?,
-                join: if column::<&str>(&row, 2)? == "all" {
-                    Join::All
-                } else {
-                    Join::Any
+                join: {
+                    let join: &str = column(&row, 2)?;
+                    Join::from_column(join)
+                        .ok_or_else(|| StoreError::Data(format!("join mode {join:?}")))?
                 },
                 input_expr: column(&row, 3)?,
                 inbound: from.into_iter().zip(states).collect(),
                 taken_parent_results,
+                is_map: column(&row, 7)?,
+                cancel_others: column(&row, 8)?,
+                looping: column(&row, 9)?,
             })
         })
         .collect()
@@ -786,6 +923,30 @@ pub struct Queued {
     pub id: i64,
     /// Its queue.
     pub queue: String,
+}
+
+/// Cancels the direct parents of `step` that have not ended (with their
+/// instances, for a map step): `step` started without them (`cancel_others`).
+/// A running parent stops at its next heartbeat and its outcome is not
+/// recorded. Returns the parent steps cancelled.
+pub async fn cancel_parents(tx: &Transaction<'_>, goal_id: i64, step: &str) -> Result<Vec<String>> {
+    let statement = tx
+        .prepare_cached(
+            "UPDATE synapse.tasks t SET status = 'cancelled', error = format('cancelled: step %s started without it', $2::text)
+               FROM (SELECT from_step FROM synapse.edges
+                      WHERE goal_id = $1 AND to_step = $2 AND state = 'pending') p
+              WHERE t.goal_id = $1 AND t.step = p.from_step
+                AND t.status IN ('pending', 'queued', 'running', 'retrying', 'waiting')
+          RETURNING t.step, t.map_index IS NULL",
+        )
+        .await?;
+    let mut cancelled = Vec::new();
+    for row in tx.query(&statement, &[&goal_id, &step]).await? {
+        if column::<bool>(&row, 1)? {
+            cancelled.push(column(&row, 0)?);
+        }
+    }
+    Ok(cancelled)
 }
 
 /// `pending → skipped`, each with its reason, in one statement.
@@ -850,19 +1011,19 @@ pub async fn goal_endings(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<
         .prepare_cached(
             "SELECT g.id, g.blueprint ->> 'output',
                     (SELECT coalesce(array_agg(t.step ORDER BY t.id), '{}') FROM synapse.tasks t
-                      WHERE t.goal_id = g.id AND t.status = 'failed'
+                      WHERE t.goal_id = g.id AND t.status = 'failed' AND t.map_index IS NULL
                         AND (t.failure_kind IS NOT DISTINCT FROM 'definition'
                              OR NOT EXISTS (SELECT FROM synapse.edges e
                                              WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'taken'
                                                AND e.on_outcome IN ('failure', 'always')))),
                     (SELECT coalesce(array_agg(coalesce(t.error, 'failed') ORDER BY t.id), '{}') FROM synapse.tasks t
-                      WHERE t.goal_id = g.id AND t.status = 'failed'
+                      WHERE t.goal_id = g.id AND t.status = 'failed' AND t.map_index IS NULL
                         AND (t.failure_kind IS NOT DISTINCT FROM 'definition'
                              OR NOT EXISTS (SELECT FROM synapse.edges e
                                              WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'taken'
                                                AND e.on_outcome IN ('failure', 'always')))),
                     (SELECT coalesce(jsonb_object_agg(t.step, t.result), '{}') FROM synapse.tasks t
-                      WHERE t.goal_id = g.id AND t.status = 'succeeded'
+                      WHERE t.goal_id = g.id AND t.status = 'succeeded' AND t.map_index IS NULL
                         AND NOT EXISTS (SELECT FROM synapse.edges e WHERE e.goal_id = t.goal_id AND e.from_step = t.step))
                FROM synapse.goals g
               WHERE g.id = ANY($1::bigint[])

@@ -22,6 +22,9 @@ use crate::blueprint::cel;
 use crate::blueprint::{EdgeOn, Join};
 use crate::store::{self, GoalEnding, GoalFinish, OutboundEdge, Queued, StepEnd, StoreError};
 
+pub mod looping;
+pub mod map;
+
 /// How a step ended, as edges see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -129,16 +132,33 @@ pub enum JoinDecision {
 }
 
 /// Decides a step from the states of its inbound edges (`(from, state)`).
+/// `any` and `all` wait for every edge; `first` and n decide as soon as
+/// enough edges are taken, or as soon as too few still can be (§4.8).
 pub fn decide_join(join: Join, inbound: &[(String, String)]) -> JoinDecision {
-    if inbound.iter().any(|(_, state)| state == "pending") {
+    let taken = inbound.iter().filter(|(_, state)| state == "taken").count();
+    let pending = inbound
+        .iter()
+        .filter(|(_, state)| state == "pending")
+        .count();
+    if let Some(needed) = join.early() {
+        let needed = needed as usize;
+        return if taken >= needed {
+            JoinDecision::Run
+        } else if taken + pending < needed {
+            JoinDecision::Skip(format!(
+                "join {}: {taken} of {} inbound edges taken, {needed} needed",
+                join.to_column(),
+                inbound.len()
+            ))
+        } else {
+            JoinDecision::Wait
+        };
+    }
+    if pending > 0 {
         return JoinDecision::Wait;
     }
-    let taken = inbound.iter().filter(|(_, state)| state == "taken").count();
     match join {
-        Join::Any if taken > 0 => JoinDecision::Run,
-        Join::Any => JoinDecision::Skip("no inbound edge was taken".to_owned()),
-        Join::All if taken == inbound.len() => JoinDecision::Run,
-        Join::All => {
+        Join::All if taken < inbound.len() => {
             let missing: Vec<&str> = inbound
                 .iter()
                 .filter(|(_, state)| state != "taken")
@@ -149,6 +169,8 @@ pub fn decide_join(join: Join, inbound: &[(String, String)]) -> JoinDecision {
                 missing.join(", ")
             ))
         }
+        _ if taken > 0 => JoinDecision::Run,
+        _ => JoinDecision::Skip("no inbound edge was taken".to_owned()),
     }
 }
 
@@ -267,6 +289,41 @@ pub async fn steps_ended_in_locked_goals(
 ) -> Result<Vec<Queued>, StoreError> {
     let mut goals: BTreeMap<i64, (GoalVariables, Vec<Resolved>)> = BTreeMap::new();
     let mut resolutions = Vec::new();
+    // Instances end their map step only when the last of them (or one too
+    // many failing) ends: decided first, the steps that ended join the rest.
+    let (instance_ends, mut ends): (Vec<StepEnd>, Vec<StepEnd>) =
+        ends.into_iter().partition(|end| end.map_index.is_some());
+    let mut queued = Vec::new();
+    if !instance_ends.is_empty() {
+        let mut maps: Vec<(i64, String)> = instance_ends
+            .iter()
+            .filter(|end| running.contains(&end.goal_id))
+            .map(|end| (end.goal_id, end.ended.step.clone()))
+            .collect();
+        maps.sort_unstable();
+        maps.dedup();
+        let (ended_maps, instances) = map::instances_ended(tx, &maps).await?;
+        queued.extend(instances);
+        for (goal_id, ended) in ended_maps {
+            let goal = match instance_ends.iter().find(|end| end.goal_id == goal_id) {
+                Some(end) => end.goal.clone(),
+                None => continue,
+            };
+            let outbound = store::outbound_edges(tx, goal_id, &ended.step).await?;
+            ends.push(StepEnd {
+                goal_id,
+                goal,
+                ended,
+                outbound,
+                map_index: None,
+            });
+        }
+        for end in instance_ends {
+            goals
+                .entry(end.goal_id)
+                .or_insert_with(|| (end.goal, Vec::new()));
+        }
+    }
     for end in ends {
         let resolved = if end.outbound.is_empty() {
             None
@@ -289,7 +346,6 @@ pub async fn steps_ended_in_locked_goals(
         .into_iter()
         .filter(|goal_id| goals.contains_key(goal_id))
         .collect();
-    let mut queued = Vec::new();
     for goal_id in &running {
         let (goal, seeds) = &mut goals
             .get_mut(goal_id)
@@ -367,12 +423,32 @@ async fn propagate(
         let input_vars = variables_for(tx, goal_id, goal, needs_steps).await?;
         let mut queued = Vec::new();
         let mut skipped = Vec::new();
+        let mut maps = Vec::new();
+        let mut cancelling = Vec::new();
         for task in ready {
             match decide_join(task.join, &task.inbound) {
                 JoinDecision::Wait => {}
+                JoinDecision::Run if task.is_map => {
+                    if task.cancel_others {
+                        cancelling.push(task.step.clone());
+                    }
+                    // Its input is evaluated per instance, with `item`.
+                    maps.push((task.id, task.step));
+                }
                 JoinDecision::Run => {
+                    if task.cancel_others {
+                        cancelling.push(task.step.clone());
+                    }
                     let input = match &task.input_expr {
                         None => Ok(Value::Object(task.taken_parent_results)),
+                        Some(source) if task.looping => {
+                            // A loop's first run: no previous result yet.
+                            let mut first_run = input_vars.clone();
+                            first_run.insert("previous".into(), Value::Null);
+                            first_run.insert("iteration".into(), Value::from(1));
+                            cel::compile(source)
+                                .and_then(|expression| expression.evaluate(&first_run))
+                        }
                         Some(source) => cel::compile(source)
                             .and_then(|expression| expression.evaluate(&input_vars)),
                     };
@@ -407,6 +483,41 @@ async fn propagate(
         }
         queued_now.extend(store::queue_tasks(tx, &queued).await?);
         store::skip_tasks(tx, &skipped).await?;
+        let map_ids: Vec<i64> = maps.iter().map(|(id, _)| *id).collect();
+        for started in store::map::start(tx, &map_ids).await? {
+            let Some((_, step)) = maps.iter().find(|(id, _)| *id == started.task_id) else {
+                continue;
+            };
+            match started.status.as_str() {
+                "succeeded" => worklist.push(map::map_ended(
+                    step.clone(),
+                    Outcome::Succeeded,
+                    Value::Array(Vec::new()),
+                    None,
+                    false,
+                )),
+                "failed" => worklist.push(map::map_ended(
+                    step.clone(),
+                    Outcome::Failed,
+                    Value::Null,
+                    started.error,
+                    true,
+                )),
+                _ => {}
+            }
+        }
+        for step in cancelling {
+            for parent in store::cancel_parents(tx, goal_id, &step).await? {
+                worklist.push(EndedStep {
+                    step: parent,
+                    outcome: Outcome::Cancelled,
+                    result: Value::Null,
+                    error: None,
+                    input: Value::Null,
+                    definition_error: false,
+                });
+            }
+        }
     }
 }
 
@@ -602,6 +713,44 @@ mod tests {
         assert_eq!(
             decide_join(Join::All, &edges(&[("a", "taken"), ("b", "not_taken")])),
             JoinDecision::Skip("join all: edge from b not taken".into())
+        );
+    }
+
+    #[test]
+    fn first_and_n_run_as_soon_as_enough_edges_are_taken() {
+        assert_eq!(
+            decide_join(Join::First, &edges(&[("a", "pending"), ("b", "taken")])),
+            JoinDecision::Run
+        );
+        assert_eq!(
+            decide_join(Join::First, &edges(&[("a", "pending"), ("b", "not_taken")])),
+            JoinDecision::Wait
+        );
+        let three = |states: [&'static str; 3]| {
+            edges(&[("a", states[0]), ("b", states[1]), ("c", states[2])])
+        };
+        assert_eq!(
+            decide_join(Join::Count(2), &three(["taken", "pending", "taken"])),
+            JoinDecision::Run
+        );
+        assert_eq!(
+            decide_join(Join::Count(2), &three(["taken", "pending", "pending"])),
+            JoinDecision::Wait
+        );
+    }
+
+    #[test]
+    fn first_and_n_are_skipped_as_soon_as_they_can_no_longer_be_reached() {
+        assert_eq!(
+            decide_join(Join::First, &edges(&[("a", "not_taken"), ("b", "error")])),
+            JoinDecision::Skip("join first: 0 of 2 inbound edges taken, 1 needed".into())
+        );
+        assert_eq!(
+            decide_join(
+                Join::Count(2),
+                &edges(&[("a", "not_taken"), ("b", "pending"), ("c", "not_taken")])
+            ),
+            JoinDecision::Skip("join 2: 0 of 3 inbound edges taken, 2 needed".into())
         );
     }
 

@@ -1,0 +1,251 @@
+//! Starting map steps (SPEC §4.6): when a step with `for_each` would run, its
+//! list is evaluated and the step becomes one instance per item (task rows
+//! with `map_index`), the first `max_parallel` of them queued. The step itself
+//! waits (`waiting`, no worker) until the worker's engine has seen every
+//! instance end. Root maps start when their plan is installed; the others
+//! when the engine decides them (`synapse._start_maps`).
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::{Map, Value};
+
+use super::prepared::{oid, prepared};
+use super::INTERRUPT_EVERY;
+use crate::error::Result;
+use synapse_worker::blueprint::{cel, limits, MAX_MAP_ITEMS};
+
+/// A map step's list and the input of each of its instances.
+pub(super) struct Expansion {
+    /// The `for_each` items.
+    items: Vec<Value>,
+    /// Each instance's input, when the step has an `input` expression (else
+    /// the input is the item).
+    inputs: Option<Vec<Value>>,
+}
+
+/// Evaluates `for_each` over `vars` (`goal`, `steps`), then each instance's
+/// input with `item` and `index` added; an error says which expression and
+/// which item could not be evaluated.
+pub(super) fn expand(
+    step: &str,
+    for_each: &str,
+    input_expr: Option<&str>,
+    vars: &Map<String, Value>,
+) -> std::result::Result<Expansion, String> {
+    let list = cel::compile(for_each)
+        .and_then(|expression| expression.evaluate(vars))
+        .map_err(|message| {
+            format!("cannot evaluate the for_each \"{for_each}\" of step {step}: {message}")
+        })?;
+    let Value::Array(items) = list else {
+        return Err(format!(
+            "the for_each \"{for_each}\" of step {step} gave {}, not a list",
+            synapse_worker::blueprint::json_kind(&list)
+        ));
+    };
+    if items.len() > MAX_MAP_ITEMS {
+        return Err(format!(
+            "the for_each \"{for_each}\" of step {step} gave {} items; the limit is {MAX_MAP_ITEMS}",
+            items.len()
+        ));
+    }
+    let inputs = match input_expr {
+        None => None,
+        Some(source) => {
+            let expression = cel::compile(source).map_err(|message| {
+                format!("cannot evaluate the input \"{source}\" of step {step}: {message}")
+            })?;
+            let mut instance_vars = vars.clone();
+            let mut inputs = Vec::with_capacity(items.len());
+            for (index, item) in items.iter().enumerate() {
+                if index.is_multiple_of(INTERRUPT_EVERY) {
+                    pgrx::check_for_interrupts!();
+                }
+                instance_vars.insert("item".into(), item.clone());
+                instance_vars.insert("index".into(), Value::from(index));
+                let input = expression.evaluate(&instance_vars).map_err(|message| {
+                    format!(
+                        "cannot evaluate the input \"{source}\" of step {step} for item {index}: {message}"
+                    )
+                })?;
+                inputs.push(input);
+            }
+            Some(inputs)
+        }
+    };
+    for (index, input) in inputs.as_ref().unwrap_or(&items).iter().enumerate() {
+        limits::check_json(
+            &format!("the input of instance {index} of step {step}"),
+            input,
+        )?;
+    }
+    Ok(Expansion { items, inputs })
+}
+
+/// Starts map step `task_id` (pending) with its evaluated list: `waiting`
+/// with its instances written, or `succeeded` with `[]` at once for an empty
+/// list. Returns the status it took.
+pub(super) fn start(task_id: i64, expansion: Expansion) -> Result<&'static str> {
+    if expansion.items.is_empty() {
+        Spi::run_with_args(
+            "UPDATE synapse.tasks SET status = 'succeeded', result = '[]', map_size = 0, map_next = 0,
+                    map_ended = 0, map_failed = 0
+              WHERE id = $1 AND status = 'pending'",
+            &[task_id.into()],
+        )?;
+        return Ok("succeeded");
+    }
+    let size = expansion.items.len() as i32;
+    let (inputs, items) = match expansion.inputs {
+        Some(inputs) => (inputs, Some(expansion.items)),
+        None => (expansion.items, None),
+    };
+    Spi::connect_mut(|client| {
+        // The map row first: the instances copy its configuration.
+        let started = prepared(
+            client,
+            "UPDATE synapse.tasks SET status = 'waiting', map_size = $2, map_ended = 0, map_failed = 0,
+                    map_next = least($2, coalesce(max_parallel, $2))
+              WHERE id = $1 AND status = 'pending'",
+            &[oid(PgBuiltInOids::INT8OID), oid(PgBuiltInOids::INT4OID)],
+        )?;
+        client.update(&*started, None, &[task_id.into(), size.into()])?;
+        let instances = prepared(
+            client,
+            "INSERT INTO synapse.tasks (goal_id, step, action, params, input, queue, max_attempts, backoff_ms,
+                                        timeout_ms, status, map_index, map_item)
+             SELECT m.goal_id, m.step, m.action, m.params, i.input, m.queue, m.max_attempts, m.backoff_ms,
+                    m.timeout_ms, CASE WHEN i.n <= m.map_next THEN 'queued' ELSE 'pending' END,
+                    (i.n - 1)::integer, i.item
+               FROM synapse.tasks m,
+                    ROWS FROM (jsonb_array_elements($2), jsonb_array_elements($3)) WITH ORDINALITY AS i(input, item, n)
+              WHERE m.id = $1
+              ORDER BY i.n",
+            &[
+                oid(PgBuiltInOids::INT8OID),
+                oid(PgBuiltInOids::JSONBOID),
+                oid(PgBuiltInOids::JSONBOID),
+            ],
+        )?;
+        client
+            .update(
+                &*instances,
+                None,
+                &[
+                    task_id.into(),
+                    JsonB(Value::Array(inputs)).into(),
+                    items.map(|items| JsonB(Value::Array(items))).into(),
+                ],
+            )
+            .map(drop)
+    })?;
+    Ok("waiting")
+}
+
+/// Fails map step `task_id` (pending) whose list or inputs could not be
+/// evaluated: a definition error, which takes only `always` edges.
+fn fail(task_id: i64, error: &str) -> Result<()> {
+    Spi::run_with_args(
+        "UPDATE synapse.tasks SET status = 'failed', error = $2, failure_kind = 'definition'
+          WHERE id = $1 AND status = 'pending'",
+        &[task_id.into(), error.into()],
+    )?;
+    Ok(())
+}
+
+/// Starts the map steps `task_ids` that the engine decided to run (the caller
+/// holds their goals' locks): each answers the status it took (`waiting`,
+/// `succeeded` for an empty list, `failed` when its list or an input could
+/// not be evaluated) and the error. Tasks that are not pending map steps are
+/// left out.
+#[pg_extern(name = "_start_maps")]
+fn start_maps(
+    task_ids: Vec<i64>,
+) -> std::result::Result<
+    TableIterator<
+        'static,
+        (
+            name!(task_id, i64),
+            name!(status, String),
+            name!(error, Option<String>),
+        ),
+    >,
+    pgrx::pg_sys::panic::ErrorReport,
+> {
+    let mut started = Vec::with_capacity(task_ids.len());
+    for task_id in task_ids {
+        pgrx::check_for_interrupts!();
+        let Some(map) = pending_map(task_id)? else {
+            continue;
+        };
+        match expand(
+            &map.step,
+            &map.for_each,
+            map.input_expr.as_deref(),
+            &map.variables()?,
+        ) {
+            Ok(expansion) => started.push((task_id, start(task_id, expansion)?.to_owned(), None)),
+            Err(error) => {
+                fail(task_id, &error)?;
+                started.push((task_id, "failed".to_owned(), Some(error)));
+            }
+        }
+    }
+    Ok(TableIterator::new(started))
+}
+
+/// A map step about to start, with what its expressions see.
+struct PendingMap {
+    goal_id: i64,
+    step: String,
+    for_each: String,
+    input_expr: Option<String>,
+    goal: Value,
+}
+
+impl PendingMap {
+    /// `goal`, and `steps` when an expression reads it.
+    fn variables(&self) -> Result<Map<String, Value>> {
+        let mut vars = Map::new();
+        vars.insert("goal".into(), self.goal.clone());
+        let reads_steps = self.for_each.contains("steps")
+            || self
+                .input_expr
+                .as_deref()
+                .is_some_and(|source| source.contains("steps"));
+        let steps = if reads_steps {
+            Spi::get_one_with_args::<JsonB>(
+                "SELECT coalesce(jsonb_object_agg(step, jsonb_build_object('status', status, 'result', result)), '{}')
+                   FROM synapse.tasks WHERE goal_id = $1 AND map_index IS NULL",
+                &[self.goal_id.into()],
+            )?
+            .map_or(Value::Null, |JsonB(steps)| steps)
+        } else {
+            Value::Object(Map::new())
+        };
+        vars.insert("steps".into(), steps);
+        Ok(vars)
+    }
+}
+
+fn pending_map(task_id: i64) -> Result<Option<PendingMap>> {
+    Ok(Spi::connect(|client| {
+        let row = client.select(
+            "SELECT t.goal_id, t.step, t.for_each_expr, t.input_expr,
+                    jsonb_build_object('id', g.id, 'goal', g.goal, 'input', g.input, 'params', g.params)
+               FROM synapse.tasks t JOIN synapse.goals g ON g.id = t.goal_id
+              WHERE t.id = $1 AND t.status = 'pending' AND t.for_each_expr IS NOT NULL",
+            Some(1),
+            &[task_id.into()],
+        )?;
+        let Some(row) = row.into_iter().next() else {
+            return Ok::<_, pgrx::spi::Error>(None);
+        };
+        Ok(Some(PendingMap {
+            goal_id: row.get::<i64>(1)?.unwrap_or_default(),
+            step: row.get::<String>(2)?.unwrap_or_default(),
+            for_each: row.get::<String>(3)?.unwrap_or_default(),
+            input_expr: row.get::<String>(4)?,
+            goal: row.get::<JsonB>(5)?.map_or(Value::Null, |JsonB(goal)| goal),
+        }))
+    })?)
+}

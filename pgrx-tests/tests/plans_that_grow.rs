@@ -5,9 +5,21 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use synapse_e2e::{edge_state, stream_events, submit_plan, task, wait_for_goal, Stack};
+use synapse_e2e::{
+    edge_state, stream_events, submit_plan, task, wait_for_goal, worker_binary, Stack,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// `synapse-worker watch ID` of an ended goal, into a pipe: the lines it prints.
+fn cli_watch(stack: &Stack, goal: i64) -> String {
+    let output = std::process::Command::new(worker_binary())
+        .args(["watch", &goal.to_string()])
+        .env("SYNAPSE_DATABASE_URL", stack.database_url())
+        .output()
+        .expect("synapse-worker status");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
 
 /// The instances of map step `step`, in index order.
 fn instances<'a>(status: &'a Value, step: &str) -> &'a Vec<Value> {
@@ -86,6 +98,18 @@ fn a_map_runs_once_per_item_of_a_list_found_at_run_time_and_keeps_their_order() 
     assert!(events
         .iter()
         .any(|e| e["event"] == "task.waiting" && e["step"] == "scale" && e.get("index").is_none()));
+    // Pictures and the CLI draw the map step once, with its counts.
+    for format in ["mermaid", "dot"] {
+        let graph: String = client
+            .query_one("SELECT synapse.goal_graph($1, $2)", &[&goal, &format])
+            .unwrap()
+            .get(0);
+        assert!(graph.contains("×6 · 6 ok · 0 failed"), "{graph}");
+        assert_eq!(graph.matches("sql · succeeded").count(), 1, "{graph}");
+    }
+    let printed = cli_watch(&stack, goal);
+    assert!(printed.contains("×6 · 6 ok · 0 failed"), "{printed}");
+    assert_eq!(printed.matches("scale: ").count(), 1, "{printed}");
 }
 
 #[test]
@@ -303,6 +327,8 @@ fn a_loop_runs_until_its_condition_holds_or_fails_after_max_iterations() {
     let count = task(&status, "count");
     assert_eq!(count["result"], json!({"n": 3, "iteration": 3}));
     assert_eq!(count["iteration"], 3);
+    let printed = cli_watch(&stack, goal);
+    assert!(printed.contains("iteration 3"), "{printed}");
 
     let goal = submit_plan(
         &mut client,

@@ -620,12 +620,28 @@ fn render_preview(preview: &Value) -> String {
     out
 }
 
-/// One line per step for `watch`.
+/// One line per step for `watch` (a map step once, with its instances' counts).
 const WATCH_QUERY: &str = "
     SELECT t.step, t.action, t.status, t.attempts,
            (extract(epoch FROM coalesce(t.finished_at, clock_timestamp()) - t.started_at) * 1000)::float8,
-           t.error
-      FROM synapse.tasks t WHERE t.goal_id = $1 ORDER BY t.id";
+           t.error, t.map_size, t.map_ended, t.map_failed, t.iteration, t.until_expr IS NOT NULL
+      FROM synapse.tasks t WHERE t.goal_id = $1 AND t.map_index IS NULL ORDER BY t.id";
+
+/// What a step's line adds: a map step's counts, a loop's iteration.
+fn detail(row: &tokio_postgres::Row) -> Option<String> {
+    if let Some(size) = row.get::<_, Option<i32>>(6) {
+        let count = |index| i64::from(row.get::<_, Option<i32>>(index).unwrap_or_default());
+        return Some(synapse_worker::graph::map_counts(
+            size.into(),
+            count(7),
+            count(8),
+        ));
+    }
+    row.get::<_, bool>(10)
+        .then(|| row.get::<_, Option<i32>>(9))
+        .flatten()
+        .map(|iteration| format!("iteration {iteration}"))
+}
 
 fn render(status: &Value, rows: &[tokio_postgres::Row]) -> String {
     let mut out = format!(
@@ -655,6 +671,9 @@ fn render(status: &Value, rows: &[tokio_postgres::Row]) -> String {
             row.get::<_, i32>(3),
             duration
         ));
+        if let Some(detail) = detail(row) {
+            out.push_str(&format!("  {detail}"));
+        }
         if let Some(error) = row.get::<_, Option<&str>>(5) {
             out.push_str(&format!("  {error}"));
         }
@@ -688,6 +707,7 @@ fn render(status: &Value, rows: &[tokio_postgres::Row]) -> String {
 struct TaskState {
     status: String,
     attempts: i32,
+    detail: Option<String>,
 }
 
 /// One line for a task that changed, e.g. `fetch: succeeded (sql, attempt 1, 12ms)`
@@ -705,6 +725,9 @@ fn change_line(row: &tokio_postgres::Row) -> String {
         }
     }
     line.push(')');
+    if let Some(detail) = detail(row) {
+        line.push_str(&format!(" {detail}"));
+    }
     if let Some(error) = row.get::<_, Option<&str>>(5) {
         line.push_str(&format!(": {error}"));
     }
@@ -742,6 +765,7 @@ fn changes(
         let state = TaskState {
             status: row.get::<_, &str>(2).to_owned(),
             attempts: row.get(3),
+            detail: detail(row),
         };
         let step: String = row.get(0);
         // Failed attempts first: they happened before the state now shown.

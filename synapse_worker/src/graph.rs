@@ -14,6 +14,39 @@ pub struct Node<'a> {
     pub status: &'a str,
     /// Attempts started.
     pub attempts: i32,
+    /// What else the node says: a map step's counts, a loop's iteration.
+    pub detail: Option<String>,
+}
+
+/// A map step's counts as drawn: `×10 000 · 9 998 ok · 2 failed`, and how
+/// many are left while instances run.
+pub fn map_counts(size: i64, ended: i64, failed: i64) -> String {
+    let mut counts = format!(
+        "×{} · {} ok · {} failed",
+        grouped(size),
+        grouped(ended - failed),
+        grouped(failed)
+    );
+    if ended < size {
+        let _ = write!(counts, " · {} left", grouped(size - ended));
+    }
+    counts
+}
+
+/// `10000` as `10 000`.
+fn grouped(number: i64) -> String {
+    let digits = number.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (position, digit) in digits.chars().enumerate() {
+        if position > 0 && (digits.len() - position).is_multiple_of(3) {
+            out.push(' ');
+        }
+        out.push(digit);
+    }
+    if number < 0 {
+        out.insert(0, '-');
+    }
+    out
 }
 
 /// An edge as drawn.
@@ -57,17 +90,18 @@ fn colours(status: &str) -> (&'static str, &'static str) {
     match status {
         "succeeded" => ("#c8e6c9", "#2e7d32"),
         "failed" => ("#ffcdd2", "#c62828"),
-        "running" => ("#bbdefb", "#1565c0"),
+        "running" | "waiting" => ("#bbdefb", "#1565c0"),
         "queued" | "retrying" => ("#fff9c4", "#f9a825"),
         "skipped" | "cancelled" => ("#eeeeee", "#9e9e9e"),
         _ => ("#ffffff", "#616161"),
     }
 }
 
-const STATUSES: [&str; 8] = [
+const STATUSES: [&str; 9] = [
     "pending",
     "queued",
     "running",
+    "waiting",
     "retrying",
     "succeeded",
     "failed",
@@ -117,14 +151,20 @@ fn mermaid(title: &str, nodes: &[Node<'_>], links: &[Link<'_>]) -> String {
         } else {
             String::new()
         };
+        let detail = node
+            .detail
+            .as_deref()
+            .map(|detail| format!("<br/>{}", mermaid_text(detail)))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "    {}[\"<b>{}</b><br/>{} · {}{}\"]:::{}",
+            "    {}[\"<b>{}</b><br/>{} · {}{}{}\"]:::{}",
             node.step,
             node.step,
             mermaid_text(node.action),
             node.status,
             attempts,
+            detail,
             node.status
         );
     }
@@ -181,14 +221,20 @@ fn dot(title: &str, nodes: &[Node<'_>], links: &[Link<'_>]) -> String {
         } else {
             String::new()
         };
+        let detail = node
+            .detail
+            .as_deref()
+            .map(|detail| format!("\\n{}", dot_text(detail)))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "    \"{}\" [label=\"{}\\n{} · {}{}\", fillcolor=\"{fill}\", color=\"{stroke}\"];",
+            "    \"{}\" [label=\"{}\\n{} · {}{}{}\", fillcolor=\"{fill}\", color=\"{stroke}\"];",
             node.step,
             node.step,
             dot_text(node.action),
             node.status,
-            attempts
+            attempts,
+            detail
         );
     }
     for link in links {
@@ -222,18 +268,21 @@ mod tests {
                     action: "transform",
                     status: "succeeded",
                     attempts: 1,
+                    detail: None,
                 },
                 Node {
                     step: "page",
                     action: "http",
                     status: "failed",
                     attempts: 3,
+                    detail: Some(map_counts(10_000, 10_000, 2)),
                 },
                 Node {
                     step: "backlog",
                     action: "noop",
                     status: "skipped",
                     attempts: 0,
+                    detail: None,
                 },
             ],
             vec![
@@ -253,6 +302,17 @@ mod tests {
                 },
             ],
         )
+    }
+
+    #[test]
+    fn map_counts_are_grouped_and_say_what_is_left() {
+        assert_eq!(
+            map_counts(10_000, 10_000, 2),
+            "×10 000 · 9 998 ok · 2 failed"
+        );
+        assert_eq!(map_counts(3, 1, 0), "×3 · 1 ok · 0 failed · 2 left");
+        assert_eq!(grouped(1_234_567), "1 234 567");
+        assert_eq!(grouped(999), "999");
     }
 
     #[test]

@@ -30,13 +30,35 @@ fn render(goal_id: i64, format: &str) -> Result<String> {
             row.get::<String>(1)?.unwrap_or_default(),
             row.get::<String>(2)?.unwrap_or_default()
         );
-        let tasks: Vec<(String, String, String, i32)> = client
+        // A map step is one node, with its instances' counts.
+        let tasks: Vec<(String, String, String, i32, Option<String>)> = client
             .select(
-                "SELECT step, action, status, attempts FROM synapse.tasks WHERE goal_id = $1 ORDER BY id",
+                "SELECT step, action, status, attempts, for_each_expr IS NOT NULL, map_size, map_ended, map_failed,
+                        CASE WHEN until_expr IS NOT NULL THEN iteration END
+                   FROM synapse.tasks WHERE goal_id = $1 AND map_index IS NULL ORDER BY id",
                 None,
                 &[goal_id.into()],
             )?
-            .map(|row| Ok((row.get(1)?.unwrap_or_default(), row.get(2)?.unwrap_or_default(), row.get(3)?.unwrap_or_default(), row.get(4)?.unwrap_or_default())))
+            .map(|row| {
+                let detail = if row.get::<bool>(5)?.unwrap_or_default() {
+                    row.get::<i32>(6)?.map(|size| {
+                        graph::map_counts(
+                            size.into(),
+                            row.get::<i32>(7).ok().flatten().unwrap_or_default().into(),
+                            row.get::<i32>(8).ok().flatten().unwrap_or_default().into(),
+                        )
+                    })
+                } else {
+                    row.get::<i32>(9)?.map(|iteration| format!("iteration {iteration}"))
+                };
+                Ok((
+                    row.get(1)?.unwrap_or_default(),
+                    row.get(2)?.unwrap_or_default(),
+                    row.get(3)?.unwrap_or_default(),
+                    row.get(4)?.unwrap_or_default(),
+                    detail,
+                ))
+            })
             .collect::<std::result::Result<_, pgrx::spi::Error>>()?;
         let edges: Vec<(String, String, Option<String>, String, String)> = client
             .select(
@@ -57,11 +79,12 @@ fn render(goal_id: i64, format: &str) -> Result<String> {
             .collect::<std::result::Result<_, pgrx::spi::Error>>()?;
         let nodes: Vec<Node<'_>> = tasks
             .iter()
-            .map(|(step, action, status, attempts)| Node {
+            .map(|(step, action, status, attempts, detail)| Node {
                 step,
                 action,
                 status,
                 attempts: *attempts,
+                detail: detail.clone(),
             })
             .collect();
         let links: Vec<Link<'_>> = edges

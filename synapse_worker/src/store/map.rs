@@ -1,6 +1,10 @@
 //! The statements of map steps (SPEC §4.6): starting them (the extension
 //! evaluates the list and writes the instances), reading their progress,
 //! queueing instances held back by `max_parallel`, and ending them.
+//!
+//! A step's own row is looked up as `coalesce(map_index, -1) = -1`, the key
+//! of the `tasks_step` index: `map_index IS NULL` would make Postgres walk
+//! every instance of the step to find it.
 use deadpool_postgres::Transaction;
 use serde_json::Value;
 
@@ -69,7 +73,7 @@ pub async fn progress(tx: &Transaction<'_>, maps: &[(i64, String)]) -> Result<Ve
             "SELECT m.id, m.goal_id, m.step, m.map_size, m.map_next, m.map_ended, m.map_failed, m.max_parallel,
                     m.tolerate
                FROM unnest($1::bigint[], $2::text[]) AS s(goal_id, step)
-               JOIN synapse.tasks m ON m.goal_id = s.goal_id AND m.step = s.step AND m.map_index IS NULL
+               JOIN synapse.tasks m ON m.goal_id = s.goal_id AND m.step = s.step AND coalesce(m.map_index, -1) = -1
               WHERE m.status = 'waiting'
               ORDER BY m.id",
         )
@@ -111,7 +115,7 @@ pub async fn recount(tx: &Transaction<'_>, instance_ids: &[i64]) -> Result<()> {
                                      AND i.status = 'failed')
                FROM (SELECT DISTINCT goal_id, step FROM synapse.tasks
                       WHERE id = ANY($1::bigint[]) AND map_index IS NOT NULL) s
-              WHERE m.goal_id = s.goal_id AND m.step = s.step AND m.map_index IS NULL AND m.status = 'waiting'",
+              WHERE m.goal_id = s.goal_id AND m.step = s.step AND coalesce(m.map_index, -1) = -1 AND m.status = 'waiting'",
         )
         .await?;
     tx.execute(&statement, &[&instance_ids]).await?;

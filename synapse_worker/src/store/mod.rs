@@ -500,7 +500,7 @@ pub async fn record_outcomes(
                                 count(*) FILTER (WHERE status = 'failed')::int AS failed
                            FROM recorded WHERE map_index IS NOT NULL AND status IN ('succeeded', 'failed')
                           GROUP BY goal_id, step) c
-                  WHERE m.goal_id = c.goal_id AND m.step = c.step AND m.map_index IS NULL AND m.status = 'waiting'),
+                  WHERE m.goal_id = c.goal_id AND m.step = c.step AND coalesce(m.map_index, -1) = -1 AND m.status = 'waiting'),
              -- Only a failure costs a row: the attempt, kept with its error.
              kept AS (
                  INSERT INTO synapse.attempts (task_id, attempt, worker, started_at, error)
@@ -790,7 +790,7 @@ pub async fn fail_pending_task(
     let statement = tx
         .prepare_cached(
             "UPDATE synapse.tasks SET status = 'failed', error = $3, failure_kind = 'definition'
-              WHERE goal_id = $1 AND step = $2 AND map_index IS NULL AND status = 'pending'",
+              WHERE goal_id = $1 AND step = $2 AND coalesce(map_index, -1) = -1 AND status = 'pending'",
         )
         .await?;
     let failed = tx.execute(&statement, &[&goal_id, &step, &error]).await? == 1;
@@ -846,7 +846,7 @@ pub async fn ready_tasks(
              CROSS JOIN LATERAL (
                    SELECT c.id, c.step, c.join_mode, c.input_expr, c.for_each_expr, c.cancel_others, c.until_expr
                      FROM synapse.tasks c
-                    WHERE c.goal_id = $1 AND c.step = s.step AND c.map_index IS NULL AND c.status = 'pending'
+                    WHERE c.goal_id = $1 AND c.step = s.step AND coalesce(c.map_index, -1) = -1 AND c.status = 'pending'
                       AND (c.pending_inbound = 0 OR c.join_mode NOT IN ('any', 'all'))
                     LIMIT 1) t
              CROSS JOIN LATERAL (
@@ -854,7 +854,7 @@ pub async fn ready_tasks(
                           coalesce(array_agg(e.state ORDER BY e.position), '{}') AS states,
                           coalesce(jsonb_object_agg(e.from_step,
                                        (SELECT coalesce(p.result, 'null'::jsonb) FROM synapse.tasks p
-                                         WHERE p.goal_id = $1 AND p.step = e.from_step AND p.map_index IS NULL))
+                                         WHERE p.goal_id = $1 AND p.step = e.from_step AND coalesce(p.map_index, -1) = -1))
                                    FILTER (WHERE e.state = 'taken' AND t.input_expr IS NULL), '{}') AS parent_results
                      FROM synapse.edges e
                     WHERE e.goal_id = $1 AND e.to_step = t.step) inbound

@@ -1,6 +1,7 @@
 //! DAGs: a chain (each step as a ratio to a single task's latency, measured
 //! with the same worker), a 1 → W → 1 fan-out/fan-in on two workers with its
-//! join-start delay, and a transaction of diamonds.
+//! join-start delay, the same width as one map step, and a transaction of
+//! diamonds.
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -65,6 +66,26 @@ fn fan_out(stack: &Stack, client: &mut postgres::Client, width: usize) -> FanOut
         tasks_per_s: (width + 2) as f64 / elapsed.as_secs_f64(),
         join_delay_ms,
     }
+}
+
+/// A map step of `size` no-op instances over the goal's input, from submit
+/// sent to the goal's end; instances/s and wall ms.
+fn map(stack: &Stack, client: &mut postgres::Client, size: usize) -> (f64, f64) {
+    let blueprint = json!({"steps": [{"id": "each", "action": "noop", "for_each": "goal.input.items"}],
+                           "output": "size(steps.each.result)"});
+    let input = json!({ "items": (0..size).collect::<Vec<usize>>() });
+    let started = Instant::now();
+    let id: i64 = client
+        .query_one(
+            "SELECT synapse.submit_plan($1::text::jsonb, $2::text::jsonb)",
+            &[&blueprint.to_string(), &input.to_string()],
+        )
+        .unwrap()
+        .get(0);
+    let status = synapse_e2e::wait_for_goal(stack, id, Duration::from_secs(600));
+    let elapsed = started.elapsed();
+    assert_eq!(status["result"], json!(size), "{}", status["error"]);
+    (size as f64 / elapsed.as_secs_f64(), ms(elapsed))
 }
 
 /// What a diamonds run measured.
@@ -146,7 +167,10 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
     let width = sizes.width;
     let pair = workers::start(stack, "fan-out", 2, 64);
     let fans: Vec<FanOutRun> = (0..runs).map(|_| fan_out(stack, client, width)).collect();
+    let size = sizes.map;
+    let maps: Vec<(f64, f64)> = (0..runs).map(|_| map(stack, client, size)).collect();
     drop(pair);
+
     figures.push(
         Figure::new(
             format!("fan-out 1 → {width} → 1, 2 workers × concurrency 64"),
@@ -169,6 +193,18 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
         )
         .note("join's started_at − last parent's finished_at (both transaction start times)")
         .metric(Metric::JoinStart),
+    );
+    figures.push(
+        Figure::new(
+            format!("map step of {size} no-op instances, 2 workers × concurrency 64"),
+            median_of(&maps, |run| run.0),
+            "instances/s",
+        )
+        .note(format!(
+            "submit sent → goal ended, median wall {:.0} ms; milestone of plans that grow: ≥ 5 000/s",
+            median_of(&maps, |run| run.1)
+        ))
+        .versus(Baseline::PgLifecycle),
     );
 
     let worker = workers::start_one(stack, "diamonds", 32);

@@ -101,6 +101,8 @@ pub struct Sizes {
     pub width: usize,
     pub chain: usize,
     pub diamonds: usize,
+    /// Instances of the map step.
+    pub map: usize,
     pub tasks: usize,
     /// Fresh connections, each timing its first `submit_plan`.
     pub connections: usize,
@@ -135,6 +137,7 @@ impl Sizes {
                 width: 100,
                 chain: 20,
                 diamonds: 50,
+                map: 300,
                 tasks: 300,
                 connections: 5,
                 bulk: 300,
@@ -155,6 +158,7 @@ impl Sizes {
                 width: 2_000,
                 chain: 500,
                 diamonds: 1_000,
+                map: 10_000,
                 tasks: 100_000,
                 connections: 50,
                 bulk: 10_000,

@@ -64,3 +64,26 @@ SELECT synapse.add_template(
       ]
     }$$::jsonb,
     'Load daily totals; when the primary load keeps failing after its retries, a failure edge loads through the fallback.');
+
+SELECT synapse.add_template(
+    'review-open-incidents',
+    'review open incidents',
+    $${
+      "name": "review open incidents",
+      "steps": [
+        {"id": "find", "action": "sql", "params": {"query": "select id from incidents where status = 'open' order by id"}},
+        {"id": "triage", "action": "goal", "for_each": "steps.find.result.rows", "max_parallel": 2,
+         "params": {"goal": "'triage incident ' + string(item.id)"}},
+        {"id": "plan_summary", "action": "transform",
+         "params": {"expr": "{'steps': [{'id': 'count', 'action': 'noop'}]}"}},
+        {"id": "summary", "action": "goal", "params": {"blueprint": "steps.plan_summary.result"},
+         "input": "{'triaged': size(steps.triage.result), 'paged': steps.triage.result.filter(r, r.paged).size()}"}
+      ],
+      "edges": [
+        {"from": "find", "to": "triage"},
+        {"from": "triage", "to": "plan_summary"},
+        {"from": "plan_summary", "to": "summary"}
+      ],
+      "output": "steps.summary.result.count"
+    }$$::jsonb,
+    'Find the open incidents at run time, triage each as a child goal (a map over a goal step), then run a summary plan an earlier step made.');

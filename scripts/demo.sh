@@ -49,7 +49,12 @@ import json, sys
 s = json.loads(sys.argv[1])
 print(f"goal {s['id']}: {s['status']}  result={json.dumps(s['result'])}" + (f"  error={s['error']}" if s['error'] else ""))
 for t in s["tasks"]:
-    print(f"  {t['step']:<14} {t['status']:<10} attempts={t['attempts']}" + (f"  ({t['error']})" if t['error'] else ""))
+    extra = ""
+    if "instances" in t:
+        extra = "  instances: " + ", ".join(f"{i['index']}→goal {i.get('child_goal_id', '-')} {i['status']}" for i in t["instances"])
+    elif "child_goal_id" in t:
+        extra = f"  child goal {t['child_goal_id']}"
+    print(f"  {t['step']:<14} {t['status']:<10} attempts={t['attempts']}" + (f"  ({t['error']})" if t['error'] else "") + extra)
 for e in s["edges"]:
     label = f" when {e['when']}" if e["when"] else ""
     label += f" on {e['on']}" if e["on"] != "success" else ""
@@ -63,6 +68,7 @@ PY
     LAST_GOAL=$id
 }
 
+run_goal "review open incidents" live
 run_goal "triage incident 42"
 FIRST_GOAL=$LAST_GOAL
 run_goal "triage incident 43"

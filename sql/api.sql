@@ -45,6 +45,12 @@ BEGIN
         'id', g.id, 'goal', g.goal, 'status', g.status, 'error', g.error, 'result', g.result,
         'planner', g.planner, 'template', g.template, 'input', g.input, 'params', g.params,
         'created_at', g.created_at, 'started_at', g.started_at, 'finished_at', g.finished_at,
+        'parent', CASE WHEN g.parent_goal_id IS NOT NULL THEN jsonb_build_object(
+                      'goal_id', g.parent_goal_id,
+                      'step', (SELECT p.step FROM synapse.tasks AS p WHERE p.id = g.parent_task_id),
+                      'index', (SELECT p.map_index FROM synapse.tasks AS p WHERE p.id = g.parent_task_id))
+                  END,
+        'depth', g.depth,
         'tasks', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
                        'step', t.step, 'action', t.action, 'status', t.status, 'attempts', t.attempts,
@@ -66,10 +72,15 @@ BEGIN
                                          'index', i.map_index, 'status', i.status, 'attempts', i.attempts,
                                          'result', i.result, 'error', i.error, 'started_at', i.started_at,
                                          'finished_at', i.finished_at)
+                                     || CASE WHEN i.child_goal_id IS NOT NULL
+                                             THEN jsonb_build_object('child_goal_id', i.child_goal_id)
+                                             ELSE '{}' END
                                      ORDER BY i.map_index)
                                 FROM synapse.tasks AS i
                                WHERE i.goal_id = t.goal_id AND i.step = t.step AND i.map_index IS NOT NULL), '[]'))
                       ELSE '{}' END
+                   || CASE WHEN t.child_goal_id IS NOT NULL
+                           THEN jsonb_build_object('child_goal_id', t.child_goal_id) ELSE '{}' END
                    || CASE WHEN t.until_expr IS NOT NULL THEN jsonb_build_object(
                           'until', t.until_expr, 'iteration', t.iteration,
                           'max_iterations', t.max_iterations)
@@ -137,6 +148,12 @@ BEGIN
      WHERE e.goal_id = cancel_goal.goal_id AND e.from_step = c.step AND e.state = 'pending';
     UPDATE synapse.goals AS g SET status = 'cancelled', error = 'cancelled by ' || session_user
      WHERE g.id = cancel_goal.goal_id;
+    -- Child goals go with their parent (children have higher ids: the lock
+    -- order holds).
+    PERFORM synapse.cancel_goal(c.id)
+       FROM synapse.goals AS c
+      WHERE c.parent_goal_id = cancel_goal.goal_id AND c.status IN ('submitted', 'planning', 'running')
+      ORDER BY c.id;
     RETURN true;
 END $$;
 COMMENT ON FUNCTION synapse.cancel_goal(bigint) IS 'Cancels what has not finished; false if the goal had already finished.';

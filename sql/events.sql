@@ -59,10 +59,17 @@ RETURNS synapse._event LANGUAGE sql STABLE AS $$
 $$;
 
 -- goal.*: {"v":1,"event":...,"goal_id":...}; goal.submitted goes to the planner list.
-CREATE FUNCTION synapse._goal_event(event text, goal_id bigint)
+-- A child goal's end also goes to the queue of the goal step waiting for it,
+-- with "parent_task_id": a worker there ends that step.
+CREATE FUNCTION synapse._goal_event(event text, goal_id bigint, parent_task_id bigint DEFAULT NULL,
+                                    parent_queue text DEFAULT NULL)
 RETURNS synapse._event LANGUAGE sql STABLE AS $$
-    SELECT ROW(event, goal_id, NULL, CASE WHEN event = 'goal.submitted' THEN 'planner' END,
-               format('{"v":1,"event":%s,"goal_id":%s}', to_json(event), goal_id), NULL)::synapse._event;
+    SELECT ROW(event, goal_id, NULL,
+               CASE WHEN event = 'goal.submitted' THEN 'planner'
+                    WHEN parent_queue IS NOT NULL THEN 'queue:' || parent_queue END,
+               format('{"v":1,"event":%s,"goal_id":%s%s}', to_json(event), goal_id,
+                      ',"parent_task_id":' || parent_task_id),
+               NULL)::synapse._event;
 $$;
 
 -- Records events in order: one INSERT for all their outbox rows, and with
@@ -160,8 +167,10 @@ BEGIN
             SELECT synapse._goal_event('goal.' || g.status, g.id) FROM new_goals g ORDER BY g.id));
     ELSE
         PERFORM synapse._emit(array(
-            SELECT synapse._goal_event('goal.' || g.status, g.id)
+            SELECT synapse._goal_event('goal.' || g.status, g.id, g.parent_task_id, p.queue)
               FROM new_goals g JOIN old_goals o ON o.id = g.id
+              LEFT JOIN synapse.tasks p
+                     ON p.id = g.parent_task_id AND g.status IN ('succeeded', 'failed', 'cancelled')
              WHERE o.status IS DISTINCT FROM g.status AND g.status <> 'planning'
              ORDER BY g.id));
     END IF;
@@ -189,9 +198,12 @@ BEGIN
             WHEN 'pending'  THEN NEW.status IN ('queued', 'skipped', 'failed', 'cancelled')
                                  OR (NEW.status IN ('waiting', 'succeeded') AND NEW.for_each_expr IS NOT NULL)
             WHEN 'queued'   THEN NEW.status IN ('running', 'cancelled')
+            -- A goal step waits for its child goal, and retries with a new one.
             WHEN 'running'  THEN NEW.status IN ('succeeded', 'failed', 'retrying', 'queued', 'cancelled')
+                                 OR (NEW.status = 'waiting' AND NEW.child_goal_id IS NOT NULL)
             WHEN 'retrying' THEN NEW.status IN ('queued', 'cancelled')
             WHEN 'waiting'  THEN NEW.status IN ('succeeded', 'failed', 'cancelled')
+                                 OR (NEW.status = 'retrying' AND NEW.child_goal_id IS NOT NULL)
             ELSE false END) THEN
         RAISE EXCEPTION 'task % (step %): status cannot change from % to %', NEW.id, NEW.step, OLD.status, NEW.status
             USING ERRCODE = '55000';

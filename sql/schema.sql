@@ -25,7 +25,11 @@ CREATE TABLE synapse.goals (
     finished_at     timestamptz,
     CHECK ((status IN ('succeeded', 'failed', 'cancelled')) = (finished_at IS NOT NULL)),
     CHECK (status <> 'running' OR blueprint IS NOT NULL),
-    CHECK (status <> 'failed' OR error IS NOT NULL)
+    CHECK (status <> 'failed' OR error IS NOT NULL),
+    parent_goal_id  bigint      REFERENCES synapse.goals (id) ON DELETE CASCADE,
+    parent_task_id  bigint,
+    depth           integer     NOT NULL DEFAULT 0 CHECK (depth >= 0),
+    CONSTRAINT goals_parent_check CHECK ((parent_goal_id IS NULL) = (parent_task_id IS NULL))
 );
 COMMENT ON TABLE synapse.goals IS 'A high-level goal and the workflow it was planned into. One row per synapse.submit_goal / submit_plan call.';
 COMMENT ON COLUMN synapse.goals.id IS 'Goal id returned by submit_goal / submit_plan.';
@@ -43,6 +47,10 @@ COMMENT ON COLUMN synapse.goals.plan_attempts IS 'Times a planner claimed the go
 COMMENT ON COLUMN synapse.goals.created_at IS 'When the goal was submitted.';
 COMMENT ON COLUMN synapse.goals.started_at IS 'When the goal started running (its plan was installed).';
 COMMENT ON COLUMN synapse.goals.finished_at IS 'When the goal reached succeeded, failed or cancelled.';
+COMMENT ON COLUMN synapse.goals.parent_goal_id IS 'A child goal: the goal whose goal step started it (cancelling that goal cancels this one).';
+COMMENT ON COLUMN synapse.goals.parent_task_id IS 'A child goal: the task of the goal step (or of its map instance) that waits for it.';
+COMMENT ON COLUMN synapse.goals.depth IS 'How many parents the goal has (0 for a goal submitted directly); at most synapse.max_depth.';
+CREATE INDEX goals_children ON synapse.goals (parent_goal_id) WHERE parent_goal_id IS NOT NULL;
 
 CREATE TABLE synapse.tasks (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -83,6 +91,7 @@ CREATE TABLE synapse.tasks (
     max_iterations   integer     CHECK (max_iterations BETWEEN 1 AND 1000),
     iteration        integer     CHECK (iteration >= 1),
     attempts_before  integer     NOT NULL DEFAULT 0 CHECK (attempts_before >= 0),
+    child_goal_id    bigint,
     CHECK (step ~ '^[a-z][a-z0-9_]{0,62}$'),
     CHECK (status <> 'retrying' OR run_at IS NOT NULL),
     CHECK (status <> 'running' OR lease_expires_at IS NOT NULL),
@@ -102,7 +111,7 @@ COMMENT ON COLUMN synapse.tasks.join_mode IS 'any: once every inbound edge resol
 COMMENT ON COLUMN synapse.tasks.max_attempts IS 'retries + 1.';
 COMMENT ON COLUMN synapse.tasks.backoff_ms IS 'Base retry delay; doubles per attempt, with jitter.';
 COMMENT ON COLUMN synapse.tasks.timeout_ms IS 'Limit of one attempt.';
-COMMENT ON COLUMN synapse.tasks.status IS 'pending: waiting for its inbound edges. queued: runnable, dispatched to Redis. running: claimed by a worker holding a lease. retrying: failed, waits for run_at. waiting: a map step whose instances run (no worker holds it). succeeded / failed / skipped / cancelled: finished.';
+COMMENT ON COLUMN synapse.tasks.status IS 'pending: waiting for its inbound edges. queued: runnable, dispatched to Redis. running: claimed by a worker holding a lease. retrying: failed, waits for run_at. waiting: a map step whose instances run, or a goal step whose child goal runs (no worker holds it). succeeded / failed / skipped / cancelled: finished.';
 COMMENT ON COLUMN synapse.tasks.attempts IS 'Attempts started so far. The current attempt number is the fencing token: only the worker holding it may record the outcome.';
 COMMENT ON COLUMN synapse.tasks.run_at IS 'retrying: when the forwarder queues the next attempt.';
 COMMENT ON COLUMN synapse.tasks.queued_at IS 'When the task was last queued or re-dispatched; the sweep re-dispatches tasks queued longer than synapse.sweep_interval.';
@@ -126,6 +135,7 @@ COMMENT ON COLUMN synapse.tasks.map_item IS 'Instance of a map step: its item, w
 COMMENT ON COLUMN synapse.tasks.until_expr IS 'Loop: CEL over result; the step runs again until it holds.';
 COMMENT ON COLUMN synapse.tasks.max_iterations IS 'Loop: most runs; the step fails after them if until never held.';
 COMMENT ON COLUMN synapse.tasks.iteration IS 'Loop: the current run, 1 for the first.';
+COMMENT ON COLUMN synapse.tasks.child_goal_id IS 'A goal step: the child goal its current attempt waits for.';
 COMMENT ON COLUMN synapse.tasks.attempts_before IS 'Loop: attempts spent by earlier iterations (each iteration has its own retries; attempts keeps counting, as the fencing token).';
 
 -- The timers' hot paths: each is a partial index over the few rows in that state.
@@ -205,7 +215,8 @@ INSERT INTO synapse.actions (name, description, builtin) VALUES
     ('transform', 'Evaluates the CEL expression params.expr over input.', true),
     ('http', 'HTTP request (method, url, headers, body); result {status, headers, body}; non-2xx fails.', true),
     ('exec', 'Runs params.argv with the input as JSON on stdin; result is the JSON on stdout. Only programs the worker allows.', true),
-    ('sql', 'Runs params.query with $1... bound from params.args (a CEL list); result {rows}.', true);
+    ('sql', 'Runs params.query with $1... bound from params.args (a CEL list); result {rows}.', true),
+    ('goal', 'Runs a child goal (params.goal, planned by params.planner, or params.blueprint) with the input; ends with it.', true);
 
 CREATE TABLE synapse.outbox (
     id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

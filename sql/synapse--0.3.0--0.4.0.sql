@@ -30,8 +30,20 @@ ALTER TABLE synapse.tasks
     ADD COLUMN iteration        integer     CHECK (iteration >= 1),
     ADD COLUMN attempts_before  integer     NOT NULL DEFAULT 0 CHECK (attempts_before >= 0);
 CREATE UNIQUE INDEX tasks_step ON synapse.tasks (goal_id, step, coalesce(map_index, -1));
+ALTER TABLE synapse.tasks ADD COLUMN child_goal_id bigint;
+
+-- Child goals: a goal step's attempt runs a goal of its own.
+ALTER TABLE synapse.goals
+    ADD COLUMN parent_goal_id  bigint      REFERENCES synapse.goals (id) ON DELETE CASCADE,
+    ADD COLUMN parent_task_id  bigint,
+    ADD COLUMN depth           integer     NOT NULL DEFAULT 0 CHECK (depth >= 0),
+    ADD CONSTRAINT goals_parent_check CHECK ((parent_goal_id IS NULL) = (parent_task_id IS NULL));
+CREATE INDEX goals_children ON synapse.goals (parent_goal_id) WHERE parent_goal_id IS NOT NULL;
+INSERT INTO synapse.actions (name, description, builtin) VALUES
+    ('goal', 'Runs a child goal (params.goal, planned by params.planner, or params.blueprint) with the input; ends with it.', true)
+ON CONFLICT (name) DO UPDATE SET description = excluded.description, builtin = true;
 COMMENT ON COLUMN synapse.tasks.join_mode IS 'any: once every inbound edge resolved, runs if at least one was taken. all: runs only if every inbound edge was taken. first / n: runs as soon as 1 / n inbound edges are taken; skipped as soon as that can no longer happen.';
-COMMENT ON COLUMN synapse.tasks.status IS 'pending: waiting for its inbound edges. queued: runnable, dispatched to Redis. running: claimed by a worker holding a lease. retrying: failed, waits for run_at. waiting: a map step whose instances run (no worker holds it). succeeded / failed / skipped / cancelled: finished.';
+COMMENT ON COLUMN synapse.tasks.status IS 'pending: waiting for its inbound edges. queued: runnable, dispatched to Redis. running: claimed by a worker holding a lease. retrying: failed, waits for run_at. waiting: a map step whose instances run, or a goal step whose child goal runs (no worker holds it). succeeded / failed / skipped / cancelled: finished.';
 COMMENT ON COLUMN synapse.tasks.pending_inbound IS 'Inbound edges not resolved yet: the engine decides the step when it reaches 0 (join first or n: at every resolution).';
 COMMENT ON COLUMN synapse.tasks.cancel_others IS 'join first or n: when the step starts, its direct parents that have not ended are cancelled.';
 COMMENT ON COLUMN synapse.tasks.for_each_expr IS 'Map step: CEL list evaluated when the step would run; the step then runs once per item, as instances (rows with map_index).';
@@ -46,7 +58,11 @@ COMMENT ON COLUMN synapse.tasks.map_item IS 'Instance of a map step: its item, w
 COMMENT ON COLUMN synapse.tasks.until_expr IS 'Loop: CEL over result; the step runs again until it holds.';
 COMMENT ON COLUMN synapse.tasks.max_iterations IS 'Loop: most runs; the step fails after them if until never held.';
 COMMENT ON COLUMN synapse.tasks.iteration IS 'Loop: the current run, 1 for the first.';
+COMMENT ON COLUMN synapse.tasks.child_goal_id IS 'A goal step: the child goal its current attempt waits for.';
 COMMENT ON COLUMN synapse.tasks.attempts_before IS 'Loop: attempts spent by earlier iterations (each iteration has its own retries; attempts keeps counting, as the fencing token).';
+COMMENT ON COLUMN synapse.goals.parent_goal_id IS 'A child goal: the goal whose goal step started it (cancelling that goal cancels this one).';
+COMMENT ON COLUMN synapse.goals.parent_task_id IS 'A child goal: the task of the goal step (or of its map instance) that waits for it.';
+COMMENT ON COLUMN synapse.goals.depth IS 'How many parents the goal has (0 for a goal submitted directly); at most synapse.max_depth.';
 
 -- Events of an instance carry its index; a map step waits while its
 -- instances run.
@@ -75,9 +91,12 @@ BEGIN
             WHEN 'pending'  THEN NEW.status IN ('queued', 'skipped', 'failed', 'cancelled')
                                  OR (NEW.status IN ('waiting', 'succeeded') AND NEW.for_each_expr IS NOT NULL)
             WHEN 'queued'   THEN NEW.status IN ('running', 'cancelled')
+            -- A goal step waits for its child goal, and retries with a new one.
             WHEN 'running'  THEN NEW.status IN ('succeeded', 'failed', 'retrying', 'queued', 'cancelled')
+                                 OR (NEW.status = 'waiting' AND NEW.child_goal_id IS NOT NULL)
             WHEN 'retrying' THEN NEW.status IN ('queued', 'cancelled')
             WHEN 'waiting'  THEN NEW.status IN ('succeeded', 'failed', 'cancelled')
+                                 OR (NEW.status = 'retrying' AND NEW.child_goal_id IS NOT NULL)
             ELSE false END) THEN
         RAISE EXCEPTION 'task % (step %): status cannot change from % to %', NEW.id, NEW.step, OLD.status, NEW.status
             USING ERRCODE = '55000';
@@ -95,6 +114,38 @@ BEGIN
         NEW.leased_by := NULL;
     END IF;
     RETURN NEW;
+END $$;
+
+-- A child goal's end reaches the queue of the step that waits for it.
+DROP FUNCTION synapse._goal_event(text, bigint);
+CREATE FUNCTION synapse._goal_event(event text, goal_id bigint, parent_task_id bigint DEFAULT NULL,
+                                    parent_queue text DEFAULT NULL)
+RETURNS synapse._event LANGUAGE sql STABLE AS $$
+    SELECT ROW(event, goal_id, NULL,
+               CASE WHEN event = 'goal.submitted' THEN 'planner'
+                    WHEN parent_queue IS NOT NULL THEN 'queue:' || parent_queue END,
+               format('{"v":1,"event":%s,"goal_id":%s%s}', to_json(event), goal_id,
+                      ',"parent_task_id":' || parent_task_id),
+               NULL)::synapse._event;
+$$;
+
+CREATE OR REPLACE FUNCTION synapse._goals_written() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' AND synapse._restoring() THEN
+        RETURN NULL;
+    ELSIF TG_OP = 'INSERT' THEN
+        PERFORM synapse._emit(array(
+            SELECT synapse._goal_event('goal.' || g.status, g.id) FROM new_goals g ORDER BY g.id));
+    ELSE
+        PERFORM synapse._emit(array(
+            SELECT synapse._goal_event('goal.' || g.status, g.id, g.parent_task_id, p.queue)
+              FROM new_goals g JOIN old_goals o ON o.id = g.id
+              LEFT JOIN synapse.tasks p
+                     ON p.id = g.parent_task_id AND g.status IN ('succeeded', 'failed', 'cancelled')
+             WHERE o.status IS DISTINCT FROM g.status AND g.status <> 'planning'
+             ORDER BY g.id));
+    END IF;
+    RETURN NULL;
 END $$;
 
 CREATE OR REPLACE FUNCTION synapse._tasks_written() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -183,6 +234,12 @@ BEGIN
         'id', g.id, 'goal', g.goal, 'status', g.status, 'error', g.error, 'result', g.result,
         'planner', g.planner, 'template', g.template, 'input', g.input, 'params', g.params,
         'created_at', g.created_at, 'started_at', g.started_at, 'finished_at', g.finished_at,
+        'parent', CASE WHEN g.parent_goal_id IS NOT NULL THEN jsonb_build_object(
+                      'goal_id', g.parent_goal_id,
+                      'step', (SELECT p.step FROM synapse.tasks AS p WHERE p.id = g.parent_task_id),
+                      'index', (SELECT p.map_index FROM synapse.tasks AS p WHERE p.id = g.parent_task_id))
+                  END,
+        'depth', g.depth,
         'tasks', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
                        'step', t.step, 'action', t.action, 'status', t.status, 'attempts', t.attempts,
@@ -204,10 +261,15 @@ BEGIN
                                          'index', i.map_index, 'status', i.status, 'attempts', i.attempts,
                                          'result', i.result, 'error', i.error, 'started_at', i.started_at,
                                          'finished_at', i.finished_at)
+                                     || CASE WHEN i.child_goal_id IS NOT NULL
+                                             THEN jsonb_build_object('child_goal_id', i.child_goal_id)
+                                             ELSE '{}' END
                                      ORDER BY i.map_index)
                                 FROM synapse.tasks AS i
                                WHERE i.goal_id = t.goal_id AND i.step = t.step AND i.map_index IS NOT NULL), '[]'))
                       ELSE '{}' END
+                   || CASE WHEN t.child_goal_id IS NOT NULL
+                           THEN jsonb_build_object('child_goal_id', t.child_goal_id) ELSE '{}' END
                    || CASE WHEN t.until_expr IS NOT NULL THEN jsonb_build_object(
                           'until', t.until_expr, 'iteration', t.iteration,
                           'max_iterations', t.max_iterations)
@@ -274,6 +336,12 @@ BEGIN
      WHERE e.goal_id = cancel_goal.goal_id AND e.from_step = c.step AND e.state = 'pending';
     UPDATE synapse.goals AS g SET status = 'cancelled', error = 'cancelled by ' || session_user
      WHERE g.id = cancel_goal.goal_id;
+    -- Child goals go with their parent (children have higher ids: the lock
+    -- order holds).
+    PERFORM synapse.cancel_goal(c.id)
+       FROM synapse.goals AS c
+      WHERE c.parent_goal_id = cancel_goal.goal_id AND c.status IN ('submitted', 'planning', 'running')
+      ORDER BY c.id;
     RETURN true;
 END $$;
 
@@ -288,3 +356,17 @@ CREATE FUNCTION synapse."_start_maps"(
 STRICT
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'start_maps_wrapper';
+
+-- Starts the child goal of a goal step's attempt.
+CREATE FUNCTION synapse."_start_child"(
+	"task_id" bigint, /* i64 */
+	"attempt" INT, /* i32 */
+	"goal" TEXT, /* Option < & str > */
+	"planner" TEXT, /* Option < & str > */
+	"blueprint" jsonb, /* Option < JsonbArg > */
+	"input" jsonb /* JsonbArg */
+) RETURNS bigint /* std :: result :: Result < Option < i64 > , pgrx :: pg_sys :: panic ::
+ErrorReport > */
+
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'start_child_wrapper';

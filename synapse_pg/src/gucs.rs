@@ -37,6 +37,8 @@ pub enum Observe {
 static OBSERVE: GucSetting<Observe> = GucSetting::<Observe>::new(Observe::All);
 /// Seconds finished goals are kept; 0 keeps them forever.
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
+/// Deepest chain of child goals.
+static MAX_DEPTH: GucSetting<i32> = GucSetting::<i32>::new(10);
 
 /// Defines the GUCs and reserves the `synapse` prefix. `preloading`: called
 /// from `shared_preload_libraries`; a library loaded later by a session must
@@ -115,6 +117,16 @@ pub fn init(preloading: bool) {
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
+    GucRegistry::define_int_guc(
+        c"synapse.max_depth",
+        c"Deepest chain of child goals (a goal step's goal is one deeper than its own).",
+        c"A goal step whose child would be deeper fails saying so: it stops a plan that recurses without end.",
+        &MAX_DEPTH,
+        1,
+        1_000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"synapse".as_ptr()) };
 }
 
@@ -151,6 +163,11 @@ pub fn key_prefix() -> String {
 /// `synapse.sweep_interval`.
 pub fn sweep_interval() -> Duration {
     Duration::from_secs(SWEEP_INTERVAL_S.get().max(1) as u64)
+}
+
+/// `synapse.max_depth`.
+pub fn max_depth() -> i32 {
+    MAX_DEPTH.get().max(1)
 }
 
 /// `synapse.retention` in seconds; 0 keeps finished goals forever.

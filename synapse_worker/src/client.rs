@@ -624,10 +624,13 @@ fn render_preview(preview: &Value) -> String {
 const WATCH_QUERY: &str = "
     SELECT t.step, t.action, t.status, t.attempts,
            (extract(epoch FROM coalesce(t.finished_at, clock_timestamp()) - t.started_at) * 1000)::float8,
-           t.error, t.map_size, t.map_ended, t.map_failed, t.iteration, t.until_expr IS NOT NULL
+           t.error, t.map_size, t.map_ended, t.map_failed,
+           CASE WHEN t.until_expr IS NOT NULL THEN format('iteration %s', t.iteration)
+                WHEN t.child_goal_id IS NOT NULL THEN format('child goal %s', t.child_goal_id) END
       FROM synapse.tasks t WHERE t.goal_id = $1 AND t.map_index IS NULL ORDER BY t.id";
 
-/// What a step's line adds: a map step's counts, a loop's iteration.
+/// What a step's line adds: a map step's counts, a loop's iteration, a goal
+/// step's child goal.
 fn detail(row: &tokio_postgres::Row) -> Option<String> {
     if let Some(size) = row.get::<_, Option<i32>>(6) {
         let count = |index| i64::from(row.get::<_, Option<i32>>(index).unwrap_or_default());
@@ -637,10 +640,7 @@ fn detail(row: &tokio_postgres::Row) -> Option<String> {
             count(8),
         ));
     }
-    row.get::<_, bool>(10)
-        .then(|| row.get::<_, Option<i32>>(9))
-        .flatten()
-        .map(|iteration| format!("iteration {iteration}"))
+    row.get(9)
 }
 
 fn render(status: &Value, rows: &[tokio_postgres::Row]) -> String {

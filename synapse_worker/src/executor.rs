@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::actions::{ActionContext, ActionError};
+use crate::engine::child;
 use crate::store::{self, AttemptOutcome, ClaimedTask, StoreError};
 use crate::worker::Shared;
 
@@ -35,14 +36,18 @@ pub enum QueueMessage {
     /// `task.queued`: claim the task and run it.
     Run(i64),
     /// `task.failed` or `task.succeeded`: it ended with no worker there (its
-    /// last lease lapsed, or a root map step's list was empty); resolve its
-    /// edges and carry its goal on.
+    /// last lease lapsed, or a root map step's list was empty); or the end of
+    /// the child goal a goal step waits for (`goal.*` with `parent_task_id`):
+    /// end the step, resolve its edges and carry its goal on.
     CarryOn(i64),
 }
 
 /// Reads a queue message; `None` if it is malformed.
 pub fn queue_message(payload: &str) -> Option<QueueMessage> {
     let message = serde_json::from_str::<Value>(payload).ok()?;
+    if let Some(parent_task_id) = message.get("parent_task_id").and_then(Value::as_i64) {
+        return Some(QueueMessage::CarryOn(parent_task_id));
+    }
     let task_id = message.get("task_id")?.as_i64()?;
     match message.get("event").and_then(Value::as_str) {
         Some("task.failed" | "task.succeeded") => Some(QueueMessage::CarryOn(task_id)),
@@ -135,6 +140,7 @@ async fn carry_on_after(shared: &Shared, task_ids: &[i64]) {
         let tx = store::begin(&mut client).await?;
         let goal_ids = store::goals_of_tasks(&tx, task_ids).await?;
         let running = store::lock_running_goals(&tx, &goal_ids).await?;
+        store::child::settle(&tx, task_ids).await?;
         let ends = store::ended_without_a_worker(&tx, task_ids).await?;
         let instances: Vec<i64> = task_ids.to_vec();
         store::map::recount(&tx, &instances).await?;
@@ -228,10 +234,6 @@ async fn run_claimed(
             .unwrap_or_else(|| "lease expired".to_owned());
         return record(shared, task, AttemptOutcome::Failed(error), slot).await;
     }
-    let Some(action) = shared.actions.get(&task.action) else {
-        let error = format!("this worker has no action \"{}\"", task.action);
-        return record(shared, task, AttemptOutcome::Failed(error), slot).await;
-    };
     let context = ActionContext {
         goal_id: task.goal_id,
         task_id: task.id,
@@ -243,6 +245,13 @@ async fn run_claimed(
         steps: task.steps.clone(),
         extras: task.extras.clone(),
         timeout: task.timeout,
+    };
+    if task.action == child::ACTION {
+        return start_child(shared, task, &context, slot).await;
+    }
+    let Some(action) = shared.actions.get(&task.action) else {
+        let error = format!("this worker has no action \"{}\"", task.action);
+        return record(shared, task, AttemptOutcome::Failed(error), slot).await;
     };
     let run = tokio::time::timeout(task.timeout, action.run(&context));
     let outcome = tokio::select! {
@@ -267,6 +276,43 @@ async fn run_claimed(
         }
     };
     record(shared, task, outcome, slot).await
+}
+
+/// A goal step's attempt: starts its child goal, and the step waits for it
+/// without this worker (its slot is free at once). A child that cannot be
+/// started fails the attempt, saying why.
+async fn start_child(
+    shared: &Shared,
+    task: &ClaimedTask,
+    context: &ActionContext,
+    slot: OwnedSemaphorePermit,
+) -> Result<Handled, StoreError> {
+    let child = match child::child_of(context) {
+        Ok(child) => child,
+        Err(error) => {
+            return record(shared, task, AttemptOutcome::DefinitionError(error), slot).await
+        }
+    };
+    let started = {
+        let mut client = shared.pool.get().await?;
+        let tx = store::begin(&mut client).await?;
+        let started = store::child::start(&tx, task.id, task.attempt, &child, &task.input).await?;
+        tx.commit().await?;
+        started
+    };
+    match started {
+        store::child::Started::Child(child_goal_id) => {
+            info!(
+                task_id = task.id,
+                child_goal_id, "child goal started; the step waits for it"
+            );
+            Ok(Handled::Recorded("waiting"))
+        }
+        store::child::Started::Fenced => Ok(Handled::Fenced),
+        store::child::Started::Refused(error) => {
+            record(shared, task, AttemptOutcome::Failed(error), slot).await
+        }
+    }
 }
 
 fn failure(task: &ClaimedTask, error: String) -> AttemptOutcome {
@@ -421,6 +467,10 @@ mod tests {
                 r#"{"v":1,"event":"task.queued","goal_id":1,"task_id":9,"step":"a","queue":"default","attempt":2}"#
             ),
             Some(QueueMessage::Run(9))
+        );
+        assert_eq!(
+            queue_message(r#"{"v":1,"event":"goal.failed","goal_id":12,"parent_task_id":9}"#),
+            Some(QueueMessage::CarryOn(9))
         );
         assert_eq!(queue_message("not json"), None);
     }

@@ -275,7 +275,14 @@ mod tests {
                     action: "http",
                     status: "failed",
                     attempts: 3,
-                    detail: Some(map_counts(10_000, 10_000, 2)),
+                    detail: None,
+                },
+                Node {
+                    step: "resize",
+                    action: "noop",
+                    status: "waiting",
+                    attempts: 0,
+                    detail: Some(map_counts(10_000, 9_000, 2)),
                 },
                 Node {
                     step: "backlog",
@@ -325,6 +332,13 @@ mod tests {
             "{text}"
         );
         assert!(
+            text.contains(
+                "resize[\"<b>resize</b><br/>noop · waiting<br/>×10 000 · 8 998 ok · 2 failed · 1 000 left\"]:::waiting"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("classDef waiting"), "{text}");
+        assert!(
             text.contains("classify ==>|\"result.severity == #quot;high#quot;\"| page"),
             "{text}"
         );
@@ -343,6 +357,12 @@ mod tests {
         assert!(text.contains("label=\"goal \\\"7\\\"\""), "{text}");
         assert!(
             text.contains("\"backlog\" [label=\"backlog\\nnoop · skipped\", fillcolor=\"#eeeeee\""),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "[label=\"resize\\nnoop · waiting\\n×10 000 · 8 998 ok · 2 failed · 1 000 left\""
+            ),
             "{text}"
         );
         assert!(

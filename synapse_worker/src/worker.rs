@@ -177,19 +177,39 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The `sql` action's pool: one connection per concurrent task at most, so a
-/// step never waits for another's.
+/// step never waits for another's. Its sessions keep the database's settings.
 fn pool_for_sql(url: &str, concurrency: usize) -> anyhow::Result<deadpool_postgres::Pool> {
-    pool(url, concurrency)
+    pool_of(connection_config(url)?, concurrency)
 }
 
-/// A Postgres pool for `url`, sized for `connections`.
+/// The engine's pool for `url`, sized for `connections`. Its sessions never
+/// JIT-compile: the engine's statements touch a handful of rows, but a
+/// generic plan estimated over a few large goals can cost enough to cross
+/// `jit_above_cost`, and compiling took 0.2 s per statement, under the goal's lock.
 pub fn pool(url: &str, connections: usize) -> anyhow::Result<deadpool_postgres::Pool> {
+    let mut config = connection_config(url)?;
+    let options = match config.get_options() {
+        Some(options) => format!("{options} -c jit=off"),
+        None => "-c jit=off".to_owned(),
+    };
+    config.options(&options);
+    pool_of(config, connections)
+}
+
+fn connection_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
     let mut config: tokio_postgres::Config = url
         .parse()
         .context("--database-url is not a valid Postgres URL")?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
+    Ok(config)
+}
+
+fn pool_of(
+    config: tokio_postgres::Config,
+    connections: usize,
+) -> anyhow::Result<deadpool_postgres::Pool> {
     let manager = deadpool_postgres::Manager::from_config(
         config,
         tokio_postgres::NoTls,

@@ -34,7 +34,8 @@ fn render(goal_id: i64, format: &str) -> Result<String> {
         let tasks: Vec<(String, String, String, i32, Option<String>)> = client
             .select(
                 "SELECT step, action, status, attempts, for_each_expr IS NOT NULL, map_size, map_ended, map_failed,
-                        CASE WHEN until_expr IS NOT NULL THEN iteration END
+                        CASE WHEN until_expr IS NOT NULL THEN format('iteration %s', iteration)
+                             WHEN child_goal_id IS NOT NULL THEN format('child goal %s', child_goal_id) END
                    FROM synapse.tasks WHERE goal_id = $1 AND map_index IS NULL ORDER BY id",
                 None,
                 &[goal_id.into()],
@@ -49,7 +50,7 @@ fn render(goal_id: i64, format: &str) -> Result<String> {
                         )
                     })
                 } else {
-                    row.get::<i32>(9)?.map(|iteration| format!("iteration {iteration}"))
+                    row.get::<String>(9)?
                 };
                 Ok((
                     row.get(1)?.unwrap_or_default(),

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use pgrx::pg_sys::panic::ErrorReport;
 use synapse_worker::blueprint::{self, cel, limits, Blueprint, Problem};
 
+mod child;
 mod json_arg;
 mod map;
 mod prepared;

@@ -29,7 +29,16 @@ pub use self::validate::{
 
 /// Actions every worker implements; any other action must be registered by a worker in
 /// `synapse.actions`.
-pub const BUILTIN_ACTIONS: &[&str] = &["noop", "sleep", "fail", "transform", "http", "exec", "sql"];
+pub const BUILTIN_ACTIONS: &[&str] = &[
+    "noop",
+    "sleep",
+    "fail",
+    "transform",
+    "http",
+    "exec",
+    "sql",
+    "goal",
+];
 
 /// A workflow plan: steps, the edges between them, and how to compute the goal's result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -448,7 +457,16 @@ mod tests {
 
     #[test]
     fn builtin_actions_are_listed() {
-        for name in ["noop", "sleep", "fail", "transform", "http", "exec", "sql"] {
+        for name in [
+            "noop",
+            "sleep",
+            "fail",
+            "transform",
+            "http",
+            "exec",
+            "sql",
+            "goal",
+        ] {
             assert!(BUILTIN_ACTIONS.contains(&name), "{name}");
         }
     }

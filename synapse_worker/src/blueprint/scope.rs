@@ -13,8 +13,9 @@ pub enum Site {
     /// A step's `for_each`: evaluated once, when the step would run, before its instances
     /// exist (so without `item` and `index`).
     ForEach,
-    /// A step's parameter expression (`params.expr`, `params.args`): evaluated by the
-    /// action, over the step's evaluated input.
+    /// A step's parameter expression (`params.expr`, `params.args`, and a child goal's
+    /// `params.goal` and `params.blueprint` when given as CEL): evaluated by the action,
+    /// over the step's evaluated input.
     StepParam,
     /// A step's `until`: evaluated after each successful run of a loop step.
     Until,

@@ -66,6 +66,7 @@ const STEP_FIELDS: &[&str] = &[
 ];
 const EDGE_FIELDS: &[&str] = &["from", "to", "when", "on"];
 const HTTP_METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"];
+const GOAL_PARAMS: &[&str] = &["goal", "planner", "blueprint"];
 
 const STEP_ID_PATTERN: &str = "^[a-z][a-z0-9_]{0,62}$";
 const QUEUE_PATTERN: &str = "^[A-Za-z0-9_.:-]{1,64}$";
@@ -77,6 +78,13 @@ static STEP_ID_RE: LazyLock<Regex> =
 pub fn is_valid_queue(name: &str) -> bool {
     QUEUE_RE.is_match(name)
 }
+
+/// Planners are named like steps (SPEC §4.7); which ones exist is known only to the
+/// workers, so the name is checked here and the planner when the child is planned.
+const PLANNER_PATTERN: &str = "^[a-z][a-z0-9_]{0,62}$";
+
+static PLANNER_RE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(PLANNER_PATTERN).expect("valid planner pattern"));
 
 static QUEUE_RE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(QUEUE_PATTERN).expect("valid queue pattern"));
@@ -855,6 +863,7 @@ impl Checker<'_> {
             }
             "http" => self.http_params(path, params),
             "exec" => self.exec_params(path, params),
+            "goal" => self.goal_params(path, params, kind, step),
             "sql" => {
                 if let Some(query) = self.required_str(path, params, "query") {
                     if query.trim().is_empty() {
@@ -906,6 +915,112 @@ impl Checker<'_> {
                 }
             }
             Some(other) => self.expected(&headers_path, "an object", other),
+        }
+    }
+
+    /// A child goal (SPEC §4.7): a goal text to plan or a blueprint to run, never both.
+    /// Presence is by key, so that `null` is reported as a wrong value rather than as
+    /// a missing one.
+    fn goal_params(
+        &mut self,
+        path: &str,
+        params: &Map<String, Value>,
+        kind: StepKind,
+        step: usize,
+    ) {
+        self.unknown_fields(path, params, GOAL_PARAMS);
+        let has_goal = params.contains_key("goal");
+        let has_blueprint = params.contains_key("blueprint");
+        match (has_goal, has_blueprint) {
+            (false, false) => self.report(
+                path,
+                "a goal step needs params.goal (a goal text) or params.blueprint (a plan)",
+            ),
+            (true, true) => self.report(
+                path,
+                "params.goal and params.blueprint do not combine: give a goal text to plan \
+                 or a blueprint to run, not both",
+            ),
+            _ => {}
+        }
+
+        let goal_path = key_path(path, "goal");
+        match params.get("goal") {
+            None => {}
+            Some(Value::String(expr)) => {
+                self.cel(&goal_path, expr, Site::StepParam, kind, Some(step))
+            }
+            Some(other) => self.expected(
+                &goal_path,
+                "a string (a CEL expression giving the goal text)",
+                other,
+            ),
+        }
+
+        if let Some(planner) = self.defaulted_str(path, params, "planner") {
+            let planner_path = key_path(path, "planner");
+            if !PLANNER_RE.is_match(planner) {
+                self.report(
+                    planner_path.as_str(),
+                    format!("invalid planner \"{planner}\": must match {PLANNER_PATTERN}"),
+                );
+            }
+            // With both goal and blueprint, the "do not combine" problem already says it.
+            if has_blueprint && !has_goal {
+                self.report(
+                    planner_path,
+                    "params.planner applies only with params.goal: a given blueprint is not \
+                     planned",
+                );
+            }
+        }
+
+        let blueprint_path = key_path(path, "blueprint");
+        match params.get("blueprint") {
+            None => {}
+            Some(doc @ Value::Object(_)) => self.nested_blueprint(&blueprint_path, doc),
+            Some(Value::String(expr)) => {
+                self.cel(&blueprint_path, expr, Site::StepParam, kind, Some(step))
+            }
+            Some(other) => self.expected(
+                &blueprint_path,
+                "an object (a blueprint) or a string (a CEL expression giving one)",
+                other,
+            ),
+        }
+    }
+
+    /// A blueprint given inline for a child goal: checked now, by the same rules, with
+    /// its problems placed under `path`. It is a goal of its own, so its expressions name
+    /// its own steps; a fresh checker keeps them apart from this blueprint's. Recursion
+    /// is bounded, as every level adds to the JSON nesting the outer document already
+    /// passed.
+    fn nested_blueprint(&mut self, path: &str, doc: &Value) {
+        let mut inner = Checker {
+            problems: Vec::new(),
+            step_refs: Vec::new(),
+            dropped: 0,
+            is_known_action: self.is_known_action,
+            params_schema: self.params_schema,
+            schemas: std::mem::take(&mut self.schemas),
+            check_interrupts: self.check_interrupts,
+        };
+        inner.document(doc);
+        self.schemas = std::mem::take(&mut inner.schemas);
+        self.dropped += inner.dropped;
+        let clean = inner.problems.is_empty();
+        for problem in inner.problems {
+            // Every path the walk makes starts with `$`; should one not, it still lands
+            // under the child rather than being lost.
+            let rest = problem.path.strip_prefix('$').unwrap_or(&problem.path);
+            self.report(format!("{path}{rest}"), problem.message);
+        }
+        // As at the top level: the walk and the model are meant to agree, but if they
+        // ever do not, the child would only fail when its step runs.
+        if clean {
+            if let Err(e) = Blueprint::deserialize(doc) {
+                self.report(path, e.to_string());
+            }
         }
     }
 
@@ -1887,7 +2002,7 @@ mod tests {
         assert_only(
             one_step(json!({"id": "a", "action": "foo"})),
             "$.steps[0].action",
-            "unknown action \"foo\" (built-ins: noop, sleep, fail, transform, http, exec, sql; \
+            "unknown action \"foo\" (built-ins: noop, sleep, fail, transform, http, exec, sql, goal; \
              others must be registered by a worker in synapse.actions)",
         );
     }
@@ -2629,6 +2744,307 @@ mod tests {
     fn registered_action_params_are_not_checked_here() {
         let doc = one_step(json!({"id": "a", "action": "custom", "params": {"anything": [1]}}));
         assert!(validate(&doc, &|_| true).is_ok());
+    }
+
+    // Child goals (action "goal", SPEC §4.7).
+
+    /// Validates with `goal` known whether or not it is listed among the built-ins, so
+    /// that these tests do not depend on the order in which the action lands.
+    fn check_goal(doc: &Value) -> Result<Blueprint, Vec<Problem>> {
+        validate(doc, &|name| name == "goal")
+    }
+
+    fn goal_valid(doc: Value) -> Blueprint {
+        match check_goal(&doc) {
+            Ok(bp) => bp,
+            Err(problems) => panic!("unexpected problems: {problems:#?}"),
+        }
+    }
+
+    /// Every problem as `path: message`.
+    fn goal_problems(doc: Value) -> Vec<String> {
+        match check_goal(&doc) {
+            Ok(bp) => panic!("expected problems, got a valid blueprint: {bp:?}"),
+            Err(problems) => problems.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// Asserts exactly one problem, at `path`, whose message contains `fragment`.
+    fn assert_goal_only(doc: Value, path: &str, fragment: &str) {
+        let found = check_goal(&doc).err().unwrap_or_default();
+        assert_eq!(found.len(), 1, "expected one problem, got {found:#?}");
+        assert_eq!(found[0].path, path, "{found:#?}");
+        assert!(
+            found[0].message.contains(fragment),
+            "message {:?} lacks {fragment:?}",
+            found[0].message
+        );
+    }
+
+    /// One goal step, `g`, with these params.
+    fn goal_step(params: Value) -> Value {
+        one_step(json!({"id": "g", "action": "goal", "params": params}))
+    }
+
+    /// `find` then `g` (a goal step with these params), and `other`, a sibling of both.
+    fn after_find(params: Value) -> Value {
+        json!({
+            "steps": [{"id": "find", "action": "noop"}, {"id": "other", "action": "noop"},
+                      {"id": "g", "action": "goal", "params": params}],
+            "edges": [{"from": "find", "to": "g"}],
+            "output": "steps.other.result"
+        })
+    }
+
+    #[test]
+    fn goal_step_with_a_goal_text_is_valid() {
+        let bp = goal_valid(one_step(json!({
+            "id": "g", "action": "goal", "input": "{'topic': goal.input.topic}",
+            "params": {"goal": "'summarize ' + input.topic", "planner": "template"}
+        })));
+        assert_eq!(bp.steps[0].params["planner"], "template");
+        goal_valid(goal_step(json!({"goal": "'triage ' + goal.goal"})));
+    }
+
+    #[test]
+    fn goal_step_needs_a_goal_or_a_blueprint() {
+        let needs = "$.steps[0].params: a goal step needs params.goal (a goal text) or \
+                     params.blueprint (a plan)";
+        assert_eq!(goal_problems(goal_step(json!({}))), [needs]);
+        assert_eq!(
+            goal_problems(one_step(json!({"id": "g", "action": "goal"}))),
+            [needs]
+        );
+    }
+
+    #[test]
+    fn goal_and_blueprint_do_not_combine() {
+        assert_eq!(
+            goal_problems(goal_step(json!({
+                "goal": "'x'", "planner": "template",
+                "blueprint": {"steps": [{"id": "a", "action": "noop"}]}
+            }))),
+            [
+                "$.steps[0].params: params.goal and params.blueprint do not combine: give a goal \
+              text to plan or a blueprint to run, not both"
+            ]
+        );
+    }
+
+    #[test]
+    fn goal_params_refuse_unknown_keys() {
+        assert_eq!(
+            goal_problems(goal_step(json!({"goal": "'x'", "input": "goal.input"}))),
+            [
+                "$.steps[0].params.input: unknown field \"input\" (expected one of: goal, \
+              planner, blueprint)"
+            ]
+        );
+    }
+
+    #[test]
+    fn goal_text_must_be_a_cel_string_over_the_step_param_scope() {
+        assert_goal_only(
+            goal_step(json!({"goal": 5})),
+            "$.steps[0].params.goal",
+            "expected a string (a CEL expression giving the goal text), got a number",
+        );
+        // null is a wrong value, not a missing one: one problem, not two.
+        assert_goal_only(
+            goal_step(json!({"goal": null})),
+            "$.steps[0].params.goal",
+            "got null",
+        );
+        assert_goal_only(
+            goal_step(json!({"goal": "'summarize ' +"})),
+            "$.steps[0].params.goal",
+            "invalid CEL expression",
+        );
+        // A plain goal text is not CEL: it must be quoted.
+        assert_goal_only(
+            goal_step(json!({"goal": "summarize the report"})),
+            "$.steps[0].params.goal",
+            "invalid CEL expression",
+        );
+        assert_goal_only(
+            goal_step(json!({"goal": "'summarize ' + item"})),
+            "$.steps[0].params.goal",
+            "unknown variable \"item\" (this expression sees: goal, steps, input); item and \
+             index exist only in a map step (with for_each)",
+        );
+    }
+
+    #[test]
+    fn goal_text_reads_upstream_steps_only() {
+        goal_valid(after_find(json!({"goal": "steps.find.result.text"})));
+        assert_eq!(
+            goal_problems(after_find(json!({"goal": "steps.other.result.text"}))),
+            [
+                "$.steps[2].params.goal: steps.other is not upstream of step g, so it may not \
+              have ended when this expression is evaluated"
+            ]
+        );
+        assert_goal_only(
+            after_find(json!({"goal": "steps.fnd.result.text"})),
+            "$.steps[2].params.goal",
+            "steps.fnd is not a step",
+        );
+    }
+
+    #[test]
+    fn planner_is_a_name() {
+        for name in [
+            "template",
+            "llm2",
+            "my_planner",
+            &format!("p{}", "x".repeat(62)),
+        ] {
+            goal_valid(goal_step(json!({"goal": "'x'", "planner": name})));
+        }
+        for name in [
+            "Template",
+            "",
+            "2fast",
+            "my-planner",
+            &format!("p{}", "x".repeat(63)),
+        ] {
+            assert_goal_only(
+                goal_step(json!({"goal": "'x'", "planner": name})),
+                "$.steps[0].params.planner",
+                &format!("invalid planner \"{name}\": must match ^[a-z][a-z0-9_]{{0,62}}$"),
+            );
+        }
+        for planner in [json!(3), json!(null)] {
+            assert_goal_only(
+                goal_step(json!({"goal": "'x'", "planner": planner})),
+                "$.steps[0].params.planner",
+                "expected a string",
+            );
+        }
+    }
+
+    #[test]
+    fn planner_applies_only_with_a_goal_text() {
+        assert_eq!(
+            goal_problems(goal_step(json!({
+                "planner": "template",
+                "blueprint": {"steps": [{"id": "a", "action": "noop"}]}
+            }))),
+            [
+                "$.steps[0].params.planner: params.planner applies only with params.goal: a \
+              given blueprint is not planned"
+            ]
+        );
+    }
+
+    #[test]
+    fn inline_blueprint_is_validated_and_kept() {
+        let child = json!({
+            "name": "child",
+            "steps": [{"id": "a", "action": "transform", "params": {"expr": "input"}},
+                      {"id": "b", "action": "noop", "input": "steps.a.result"}],
+            "edges": [{"from": "a", "to": "b"}],
+            "output": "steps.b.result"
+        });
+        let bp = goal_valid(goal_step(json!({ "blueprint": child })));
+        assert_eq!(bp.steps[0].params["blueprint"], child);
+    }
+
+    #[test]
+    fn inline_blueprint_problems_have_paths_under_the_step() {
+        assert_goal_only(
+            goal_step(json!({"blueprint": {"steps": [
+                {"id": "a", "action": "noop"}, {"id": "b", "action": "nope"}
+            ]}})),
+            "$.steps[0].params.blueprint.steps[1].action",
+            "unknown action \"nope\"",
+        );
+        assert_eq!(
+            goal_problems(goal_step(json!({"blueprint": {"stpes": []}}))),
+            [
+                "$.steps[0].params.blueprint.stpes: unknown field \"stpes\" (expected one \
+                 of: name, steps, edges, output)",
+                "$.steps[0].params.blueprint.steps: \"steps\" is required"
+            ]
+        );
+        // A grandchild's problem lands under both levels.
+        assert_goal_only(
+            json!({"steps": [{"id": "a", "action": "noop"},
+                {"id": "g", "action": "goal", "params": {"blueprint": {"steps": [
+                    {"id": "h", "action": "goal",
+                     "params": {"blueprint": {"steps": [{"id": "Bad", "action": "noop"}]}}}
+                ]}}}
+            ]}),
+            "$.steps[1].params.blueprint.steps[0].params.blueprint.steps[0].id",
+            "invalid step id \"Bad\"",
+        );
+    }
+
+    #[test]
+    fn inline_blueprint_names_its_own_steps() {
+        // The child is a goal of its own: `steps` there are the child's, and the
+        // parent's steps are out of its reach.
+        assert_goal_only(
+            after_find(json!({"blueprint": {
+                "steps": [{"id": "a", "action": "noop", "input": "steps.find.result"}]
+            }})),
+            "$.steps[2].params.blueprint.steps[0].input",
+            "steps.find is not a step",
+        );
+        goal_valid(goal_step(json!({"blueprint": {
+            "steps": [{"id": "g", "action": "noop"}], "output": "steps.g.result"
+        }})));
+    }
+
+    #[test]
+    fn blueprint_may_be_an_expression_over_upstream_steps() {
+        goal_valid(after_find(json!({"blueprint": "steps.find.result"})));
+        assert_goal_only(
+            after_find(json!({"blueprint": "steps.other.result"})),
+            "$.steps[2].params.blueprint",
+            "steps.other is not upstream of step g",
+        );
+        assert_goal_only(
+            goal_step(json!({"blueprint": "steps.find.result +"})),
+            "$.steps[0].params.blueprint",
+            "invalid CEL expression",
+        );
+        assert_goal_only(
+            goal_step(json!({"blueprint": "plan"})),
+            "$.steps[0].params.blueprint",
+            "unknown variable \"plan\" (this expression sees: goal, steps, input)",
+        );
+    }
+
+    #[test]
+    fn blueprint_of_another_type_is_refused() {
+        for (value, got) in [
+            (json!(7), "a number"),
+            (json!([{"id": "a", "action": "noop"}]), "an array"),
+            (json!(null), "null"),
+        ] {
+            assert_eq!(
+                goal_problems(goal_step(json!({ "blueprint": value }))),
+                [format!(
+                    "$.steps[0].params.blueprint: expected an object (a blueprint) or a \
+                     string (a CEL expression giving one), got {got}"
+                )]
+            );
+        }
+    }
+
+    #[test]
+    fn a_map_over_a_goal_step_runs_one_child_per_item() {
+        let bp = goal_valid(one_step(json!({
+            "id": "g", "action": "goal", "for_each": "goal.input.topics", "max_parallel": 2,
+            "tolerate": 1, "input": "{'topic': item, 'n': index}",
+            "params": {"goal": "'research ' + item + ' (' + string(index) + ')'"}
+        })));
+        assert_eq!(StepKind::of(&bp.steps[0]), StepKind::Map);
+        goal_valid(one_step(json!({
+            "id": "g", "action": "goal", "for_each": "goal.input.plans",
+            "params": {"blueprint": "item"}
+        })));
     }
 
     // Edge rules.

@@ -22,6 +22,7 @@ use crate::blueprint::cel;
 use crate::blueprint::{EdgeOn, Join};
 use crate::store::{self, GoalEnding, GoalFinish, OutboundEdge, Queued, StepEnd, StoreError};
 
+pub mod child;
 pub mod looping;
 pub mod map;
 
@@ -177,7 +178,9 @@ pub fn decide_join(join: Join, inbound: &[(String, String)]) -> JoinDecision {
 /// What expressions see of the goal.
 #[derive(Debug, Clone)]
 pub struct GoalVariables {
-    /// `goal`: `{id, goal, input, params}`.
+    /// `goal`: `{id, goal, input, params}`; null until an expression needs it
+    /// (the end of a map step's instance does not read it: a goal's input
+    /// may be the large list the step maps over).
     pub goal: Value,
 }
 
@@ -193,7 +196,14 @@ async fn variables_for(
     with_steps: bool,
 ) -> Result<Map<String, Value>, StoreError> {
     let mut vars = Map::new();
-    vars.insert("goal".into(), goal.goal.clone());
+    let goal = match &goal.goal {
+        Value::Null => store::goal_variables(tx, &[goal_id])
+            .await?
+            .remove(&goal_id)
+            .map_or(Value::Null, |variables| variables.goal),
+        goal => goal.clone(),
+    };
+    vars.insert("goal".into(), goal);
     let steps = if with_steps {
         store::steps_map(tx, goal_id).await?
     } else {

@@ -14,6 +14,7 @@ use tracing::{debug, warn};
 use crate::blueprint::{EdgeOn, Join};
 use crate::engine::{goal_value, EndedStep, GoalVariables, Outcome};
 
+pub mod child;
 pub mod map;
 
 /// A database failure, and whether retrying the transaction may help.
@@ -201,7 +202,9 @@ pub async fn claim_tasks(
                  -- The expressions the worker evaluates: only those that mention
                  -- goal or steps pay for them.
                  SELECT c.id, concat(c.params ->> 'expr', ' ', c.params ->> 'args', ' ', c.until_expr, ' ',
-                                     CASE WHEN c.until_expr IS NOT NULL THEN c.input_expr END) AS expressions
+                                     CASE WHEN c.until_expr IS NOT NULL THEN c.input_expr END, ' ',
+                                     CASE WHEN c.action = 'goal' THEN concat(c.params ->> 'goal', ' ', c.params ->> 'blueprint') END)
+                        AS expressions
                    FROM synapse.tasks c
                   WHERE c.id = ANY($1::bigint[]) AND c.status || '' = 'queued'
                   ORDER BY c.id
@@ -480,7 +483,12 @@ pub async fn record_outcomes(
                     AS r(id, attempt, status, result, error, delay_ms, kind, worker, input),
                     synapse.goals g
               WHERE t.id = r.id AND t.status || '' = 'running' AND t.attempts = r.attempt AND g.id = t.goal_id
-          RETURNING t.id, r.attempt, g.goal, g.input, g.params,
+          RETURNING t.id, r.attempt,
+                    -- What expressions see of the goal, for a step's end only: an
+                    -- instance's end reads neither (a goal's input may be a large list).
+                    CASE WHEN t.map_index IS NULL THEN g.goal END AS goal,
+                    CASE WHEN t.map_index IS NULL THEN g.input END AS input,
+                    CASE WHEN t.map_index IS NULL THEN g.params END AS params,
                     -- An instance's end resolves no edge: its map step's does, once.
                     CASE WHEN t.map_index IS NULL THEN
                     (SELECT array_agg(e.to_step ORDER BY e.position) FROM synapse.edges e
@@ -558,12 +566,10 @@ pub async fn record_outcomes(
             }
         };
         let goal = GoalVariables {
-            goal: goal_value(
-                task.goal_id,
-                column(&row, 2)?,
-                column(&row, 3)?,
-                column(&row, 4)?,
-            ),
+            goal: match column::<Option<String>>(&row, 2)? {
+                Some(text) => goal_value(task.goal_id, &text, column(&row, 3)?, column(&row, 4)?),
+                None => Value::Null,
+            },
         };
         recorded.insert(
             index,
@@ -583,6 +589,27 @@ pub async fn record_outcomes(
     Ok((0..outcomes.len())
         .map(|index| recorded.remove(&index).unwrap_or(Recorded::Fenced))
         .collect())
+}
+
+/// What expressions see of each of `goal_ids`.
+pub async fn goal_variables(
+    tx: &Transaction<'_>,
+    goal_ids: &[i64],
+) -> Result<HashMap<i64, GoalVariables>> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT id, goal, input, params FROM synapse.goals WHERE id = ANY($1::bigint[])",
+        )
+        .await?;
+    tx.query(&statement, &[&goal_ids])
+        .await?
+        .iter()
+        .map(|row| {
+            let goal_id: i64 = column(row, 0)?;
+            let goal = goal_value(goal_id, column(row, 1)?, column(row, 2)?, column(row, 3)?);
+            Ok((goal_id, GoalVariables { goal }))
+        })
+        .collect()
 }
 
 /// The goals of `task_ids`, in id order: what to lock before touching them.

@@ -1,7 +1,7 @@
 //! DAGs: a chain (each step as a ratio to a single task's latency, measured
 //! with the same worker), a 1 → W → 1 fan-out/fan-in on two workers with its
-//! join-start delay, the same width as one map step, and a transaction of
-//! diamonds.
+//! join-start delay, the same width as one map step, what a child goal adds
+//! to the same work as a plain step, and a transaction of diamonds.
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -88,6 +88,23 @@ fn map(stack: &Stack, client: &mut postgres::Client, size: usize) -> (f64, f64) 
     (size as f64 / elapsed.as_secs_f64(), ms(elapsed))
 }
 
+/// Goals of one no-op step run one after another, `samples` times, the step
+/// plain and as a one-step child goal; the medians, submit sent → goal ended, ms.
+fn child_goal(stack: &Stack, client: &mut postgres::Client, samples: usize) -> (f64, f64) {
+    let plain = json!({"steps": [{"id": "work", "action": "noop"}], "output": "{}"});
+    let child = json!({"steps": [{"id": "work", "action": "goal",
+                                  "params": {"blueprint": {"steps": [{"id": "work", "action": "noop"}],
+                                                           "output": "{}"}}}],
+                       "output": "{}"});
+    let mut plain_ms = Vec::with_capacity(samples);
+    let mut child_ms = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        plain_ms.push(ms(run_plan(stack, client, &plain).1));
+        child_ms.push(ms(run_plan(stack, client, &child).1));
+    }
+    (median(plain_ms), median(child_ms))
+}
+
 /// What a diamonds run measured.
 struct DiamondsRun {
     wall_ms: f64,
@@ -161,6 +178,22 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
         .note("submit sent → goal ended, ÷ steps; ratio: chain step / single-task latency")
         .versus(Baseline::SerialLatency)
         .metric(Metric::ChainVsSingle),
+    );
+    let samples = sizes.samples.min(100);
+    let children: Vec<(f64, f64)> = (0..runs)
+        .map(|_| child_goal(stack, client, samples))
+        .collect();
+    figures.push(
+        Figure::new(
+            format!("child goal: one no-op step as a child goal, more than as a plain step ({samples} samples)"),
+            median_of(&children, |run| run.1 - run.0),
+            "ms",
+        )
+        .note(format!(
+            "submit sent → goal ended, medians: plain {:.2} ms, as a child {:.2} ms; milestone ≤ 5 ms",
+            median_of(&children, |run| run.0),
+            median_of(&children, |run| run.1)
+        )),
     );
     drop(worker);
 

@@ -167,10 +167,12 @@ BEGIN
             SELECT synapse._goal_event('goal.' || g.status, g.id) FROM new_goals g ORDER BY g.id));
     ELSE
         PERFORM synapse._emit(array(
-            SELECT synapse._goal_event('goal.' || g.status, g.id, g.parent_task_id, p.queue)
+            SELECT synapse._goal_event('goal.' || g.status, g.id, g.parent_task_id,
+                       -- Only a child goal's end looks its parent step up (a join here
+                       -- may be planned as a scan of every task).
+                       CASE WHEN g.parent_task_id IS NOT NULL AND g.status IN ('succeeded', 'failed', 'cancelled')
+                            THEN (SELECT p.queue FROM synapse.tasks p WHERE p.id = g.parent_task_id) END)
               FROM new_goals g JOIN old_goals o ON o.id = g.id
-              LEFT JOIN synapse.tasks p
-                     ON p.id = g.parent_task_id AND g.status IN ('succeeded', 'failed', 'cancelled')
              WHERE o.status IS DISTINCT FROM g.status AND g.status <> 'planning'
              ORDER BY g.id));
     END IF;

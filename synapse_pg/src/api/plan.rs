@@ -295,6 +295,9 @@ fn install(
     for edge in &plan.edges {
         *inbound.entry(edge.to.as_str()).or_default() += 1;
     }
+    // Only a plan that maps, loops or joins early writes those columns: the
+    // common plan's statement stays as lean as before they existed.
+    let grows_plan = plan.steps.iter().any(grows);
     let mut tasks = Vec::with_capacity(plan.steps.len());
     for (index, step) in plan.steps.iter().enumerate() {
         if index.is_multiple_of(INTERRUPT_EVERY) {
@@ -302,7 +305,7 @@ fn install(
         }
         let root = root_starts.get(&index);
         let queued = matches!(root, Some(RootStart::GoalInput | RootStart::Input(_)));
-        tasks.push(json!({
+        let mut task = json!({
             "step": step.id,
             "action": step.action,
             "params": step.params,
@@ -319,16 +322,24 @@ fn install(
             "timeout_ms": step.timeout.as_millis() as u64,
             "status": if queued { "queued" } else { "pending" },
             "pending_inbound": inbound.get(step.id.as_str()).copied().unwrap_or(0),
-            "cancel_others": step.cancel_others,
-            "for_each_expr": step.for_each,
-            "max_parallel": step.max_parallel,
-            "tolerate": step.tolerate,
-            "until_expr": step.until,
-            "max_iterations": step.until.as_ref().map(|_| {
-                step.max_iterations.unwrap_or(blueprint::DEFAULT_MAX_ITERATIONS)
-            }),
-            "iteration": step.until.as_ref().map(|_| 1),
-        }));
+        });
+        if grows_plan {
+            let growth = json!({
+                "cancel_others": step.cancel_others,
+                "for_each_expr": step.for_each,
+                "max_parallel": step.max_parallel,
+                "tolerate": step.tolerate,
+                "until_expr": step.until,
+                "max_iterations": step.until.as_ref().map(|_| {
+                    step.max_iterations.unwrap_or(blueprint::DEFAULT_MAX_ITERATIONS)
+                }),
+                "iteration": step.until.as_ref().map(|_| 1),
+            });
+            if let (Value::Object(task), Value::Object(growth)) = (&mut task, growth) {
+                task.extend(growth);
+            }
+        }
+        tasks.push(task);
     }
     // Between installing this build and `ALTER EXTENSION synapse UPDATE`, the
     // tables are still those of the release installed: plans go in with the
@@ -340,18 +351,21 @@ fn install(
     } else {
         ("", "")
     };
-    let (growth, growth_values) = if columns >= TaskColumns::PlansThatGrow {
-        (
+    let (growth, growth_values, growth_types) = match (grows_plan, columns) {
+        (false, _) => ("", "", ""),
+        (true, TaskColumns::PlansThatGrow) => (
             ", cancel_others, for_each_expr, max_parallel, tolerate, until_expr, max_iterations, iteration",
             ", t.cancel_others, t.for_each_expr, t.max_parallel, t.tolerate, t.until_expr, t.max_iterations,
                t.iteration",
-        )
-    } else if plan.steps.iter().any(grows) {
-        return Err(Error::InvalidParameter(
-            "this plan maps, loops or joins early: run ALTER EXTENSION synapse UPDATE first".into(),
-        ));
-    } else {
-        ("", "")
+            ", cancel_others boolean, for_each_expr text, max_parallel integer, tolerate integer,
+               until_expr text, max_iterations integer, iteration integer",
+        ),
+        (true, _) => {
+            return Err(Error::InvalidParameter(
+                "this plan maps, loops or joins early: run ALTER EXTENSION synapse UPDATE first"
+                    .into(),
+            ))
+        }
     };
     let insert_tasks = format!(
         "INSERT INTO synapse.tasks (goal_id, step, action, params, input_expr, input, queue, join_mode,
@@ -362,9 +376,7 @@ fn install(
            FROM jsonb_to_recordset($2)
                 AS t(step text, action text, params jsonb, input_expr text, input jsonb, goal_input boolean,
                      queue text, join_mode text, max_attempts integer, backoff_ms bigint, timeout_ms bigint,
-                     status text, pending_inbound integer, cancel_others boolean, for_each_expr text,
-                     max_parallel integer, tolerate integer, until_expr text, max_iterations integer,
-                     iteration integer)"
+                     status text, pending_inbound integer{growth_types})"
     );
     Spi::connect_mut(|client| {
         let insert = prepared(

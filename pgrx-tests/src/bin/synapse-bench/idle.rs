@@ -1,10 +1,12 @@
-//! Idle: the stack and two workers left alone. What each side does while
-//! nothing is submitted: SQL statements, Redis commands, WAL bytes, CPU
-//! seconds per process.
+//! Idle: the stack and two workers left alone, with a plan that grew left
+//! waiting (a map of child goals whose steps retry hours later). What each
+//! side does while nothing is submitted: SQL statements, Redis commands, WAL
+//! bytes, CPU seconds per process.
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use synapse_e2e::{postgres, redis, wait_until, Stack, WorkerProcess};
+use serde_json::json;
+use synapse_e2e::{postgres, redis, submit_plan, wait_until, Stack, WorkerProcess};
 
 use crate::cpu::{cpu_seconds, redis_pid};
 use crate::figure::Figure;
@@ -17,7 +19,37 @@ const LEASE: Duration = Duration::from_secs(30);
 
 pub fn section(stack: &Stack, sizes: &Sizes) -> Vec<Figure> {
     let workers = workers::start(stack, "idle", 2, 32);
+    park_a_plan_that_grew(stack);
     idle(stack, &workers.iter().collect::<Vec<_>>(), sizes.idle)
+}
+
+/// Leaves a goal waiting: a map step over three goal steps, each child's
+/// only step failed once and retries in 12 h or more. Waiting maps and
+/// children must cost nothing while idle.
+fn park_a_plan_that_grew(stack: &Stack) {
+    let mut client = stack.pg();
+    let goal = submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "each", "action": "goal", "for_each": "[1, 2, 3]",
+                           "params": {"blueprint": {"steps": [{"id": "later", "action": "fail",
+                                                                "params": {"message": "not yet"},
+                                                                "retries": 1, "backoff": "24h"}]}}}]}),
+    );
+    wait_until(
+        "three child goals to wait for their retry",
+        Duration::from_secs(60),
+        || {
+            let retrying: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM synapse.tasks t JOIN synapse.goals c ON c.id = t.goal_id
+                      WHERE c.parent_goal_id = $1 AND t.status = 'retrying'",
+                    &[&goal],
+                )
+                .unwrap()
+                .get(0);
+            (retrying == 3).then_some(())
+        },
+    );
 }
 
 /// Names the processes to watch while idle: each worker, Redis, and each
@@ -132,7 +164,7 @@ fn idle(stack: &Stack, workers: &[&WorkerProcess], window: Duration) -> Vec<Figu
             (sql_after - sql_before) as f64,
             "",
         )
-        .note("pg_stat_statements")
+        .note("pg_stat_statements; a map of three child goals waits meanwhile")
         .metric(Metric::IdleStatements),
         Figure::new(
             format!("idle {seconds} s: Redis commands"),

@@ -142,8 +142,7 @@ async fn carry_on_after(shared: &Shared, task_ids: &[i64]) {
         let running = store::lock_running_goals(&tx, &goal_ids).await?;
         store::child::settle(&tx, task_ids).await?;
         let ends = store::ended_without_a_worker(&tx, task_ids).await?;
-        let instances: Vec<i64> = task_ids.to_vec();
-        store::map::recount(&tx, &instances).await?;
+        store::map::recount(&tx, task_ids).await?;
         let carried = ends.len();
         if carried > 0 {
             crate::engine::steps_ended_in_locked_goals(&tx, ends, running).await?;

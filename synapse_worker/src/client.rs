@@ -624,23 +624,21 @@ fn render_preview(preview: &Value) -> String {
 const WATCH_QUERY: &str = "
     SELECT t.step, t.action, t.status, t.attempts,
            (extract(epoch FROM coalesce(t.finished_at, clock_timestamp()) - t.started_at) * 1000)::float8,
-           t.error, t.map_size, t.map_ended, t.map_failed,
-           CASE WHEN t.until_expr IS NOT NULL THEN format('iteration %s', t.iteration)
-                WHEN t.child_goal_id IS NOT NULL THEN format('child goal %s', t.child_goal_id) END
+           t.error, t.map_size, coalesce(t.map_ended, 0), coalesce(t.map_failed, 0),
+           CASE WHEN t.until_expr IS NOT NULL THEN t.iteration END, t.child_goal_id
       FROM synapse.tasks t WHERE t.goal_id = $1 AND t.map_index IS NULL ORDER BY t.id";
 
 /// What a step's line adds: a map step's counts, a loop's iteration, a goal
 /// step's child goal.
 fn detail(row: &tokio_postgres::Row) -> Option<String> {
-    if let Some(size) = row.get::<_, Option<i32>>(6) {
-        let count = |index| i64::from(row.get::<_, Option<i32>>(index).unwrap_or_default());
-        return Some(synapse_worker::graph::map_counts(
+    let map = row.get::<_, Option<i32>>(6).map(|size| {
+        (
             size.into(),
-            count(7),
-            count(8),
-        ));
-    }
-    row.get(9)
+            row.get::<_, i32>(7).into(),
+            row.get::<_, i32>(8).into(),
+        )
+    });
+    synapse_worker::graph::detail(map, row.get(9), row.get(10))
 }
 
 fn render(status: &Value, rows: &[tokio_postgres::Row]) -> String {

@@ -18,6 +18,22 @@ pub struct Node<'a> {
     pub detail: Option<String>,
 }
 
+/// What a step's node (or line) says besides its status: a map step's
+/// counts (`map`: instances, ended, failed), a loop's iteration, or a goal
+/// step's child goal.
+pub fn detail(
+    map: Option<(i64, i64, i64)>,
+    iteration: Option<i32>,
+    child_goal_id: Option<i64>,
+) -> Option<String> {
+    match (map, iteration, child_goal_id) {
+        (Some((size, ended, failed)), _, _) => Some(map_counts(size, ended, failed)),
+        (None, Some(iteration), _) => Some(format!("iteration {iteration}")),
+        (None, None, Some(child)) => Some(format!("child goal {child}")),
+        (None, None, None) => None,
+    }
+}
+
 /// A map step's counts as drawn: `×10 000 · 9 998 ok · 2 failed`, and how
 /// many are left while instances run.
 pub fn map_counts(size: i64, ended: i64, failed: i64) -> String {
@@ -319,6 +335,9 @@ mod tests {
         );
         assert_eq!(map_counts(3, 1, 0), "×3 · 1 ok · 0 failed · 2 left");
         assert_eq!(grouped(1_234_567), "1 234 567");
+        assert_eq!(detail(None, Some(3), None).as_deref(), Some("iteration 3"));
+        assert_eq!(detail(None, None, Some(9)).as_deref(), Some("child goal 9"));
+        assert_eq!(detail(None, None, None), None);
         assert_eq!(grouped(999), "999");
     }
 

@@ -33,25 +33,22 @@ fn render(goal_id: i64, format: &str) -> Result<String> {
         // A map step is one node, with its instances' counts.
         let tasks: Vec<(String, String, String, i32, Option<String>)> = client
             .select(
-                "SELECT step, action, status, attempts, for_each_expr IS NOT NULL, map_size, map_ended, map_failed,
-                        CASE WHEN until_expr IS NOT NULL THEN format('iteration %s', iteration)
-                             WHEN child_goal_id IS NOT NULL THEN format('child goal %s', child_goal_id) END
+                "SELECT step, action, status, attempts, map_size, coalesce(map_ended, 0), coalesce(map_failed, 0),
+                        CASE WHEN until_expr IS NOT NULL THEN iteration END, child_goal_id
                    FROM synapse.tasks WHERE goal_id = $1 AND map_index IS NULL ORDER BY id",
                 None,
                 &[goal_id.into()],
             )?
             .map(|row| {
-                let detail = if row.get::<bool>(5)?.unwrap_or_default() {
-                    row.get::<i32>(6)?.map(|size| {
-                        graph::map_counts(
-                            size.into(),
-                            row.get::<i32>(7).ok().flatten().unwrap_or_default().into(),
-                            row.get::<i32>(8).ok().flatten().unwrap_or_default().into(),
-                        )
-                    })
-                } else {
-                    row.get::<String>(9)?
+                let map = match row.get::<i32>(5)? {
+                    Some(size) => Some((
+                        size.into(),
+                        row.get::<i32>(6)?.unwrap_or_default().into(),
+                        row.get::<i32>(7)?.unwrap_or_default().into(),
+                    )),
+                    None => None,
                 };
+                let detail = graph::detail(map, row.get(8)?, row.get(9)?);
                 Ok((
                     row.get(1)?.unwrap_or_default(),
                     row.get(2)?.unwrap_or_default(),

@@ -52,6 +52,19 @@ pub struct ActionContext {
     pub timeout: Duration,
 }
 
+impl ActionContext {
+    /// What the step's expressions see (SPEC §4 contexts): `goal`, `steps`,
+    /// `input`, and the extras of a map instance or a loop.
+    pub fn variables(&self) -> serde_json::Map<String, Value> {
+        let mut vars = serde_json::Map::new();
+        vars.insert("goal".to_owned(), self.goal.clone());
+        vars.insert("steps".to_owned(), self.steps.clone());
+        vars.insert("input".to_owned(), self.input.clone());
+        vars.extend(self.extras.clone());
+        vars
+    }
+}
+
 /// Why an attempt failed, and what should happen next.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ActionError {

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::{Action, ActionContext, ActionError, ActionFuture};
 use crate::blueprint::cel;
@@ -81,12 +81,7 @@ pub(super) fn evaluate_param(
     let program = cel::compile(expr).map_err(|e| {
         ActionError::Definition(format!("params.{key}: invalid CEL expression: {e}"))
     })?;
-    let mut vars = Map::new();
-    vars.insert("goal".to_owned(), context.goal.clone());
-    vars.insert("steps".to_owned(), context.steps.clone());
-    vars.insert("input".to_owned(), context.input.clone());
-    vars.extend(context.extras.clone());
-    program.evaluate(&vars).map_err(|e| {
+    program.evaluate(&context.variables()).map_err(|e| {
         ActionError::Definition(format!("cannot evaluate params.{key} \"{expr}\": {e}"))
     })
 }

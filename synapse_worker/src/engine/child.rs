@@ -1,7 +1,7 @@
 //! Child goals (SPEC §4.7): what a `goal` step's attempt starts, from its
 //! params evaluated over what the step's expressions see. The child runs as a
 //! goal of its own; the step waits for it, holding no worker, and ends with it.
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::actions::ActionContext;
 use crate::blueprint::cel;
@@ -29,12 +29,8 @@ pub enum Child {
 /// error: the message says which.
 pub fn child_of(context: &ActionContext) -> Result<Child, String> {
     let params = context.params.as_object().cloned().unwrap_or_default();
+    let vars = context.variables();
     let evaluate = |key: &str, source: &str| -> Result<Value, String> {
-        let mut vars = Map::new();
-        vars.insert("goal".into(), context.goal.clone());
-        vars.insert("steps".into(), context.steps.clone());
-        vars.insert("input".into(), context.input.clone());
-        vars.extend(context.extras.clone());
         cel::compile(source)
             .and_then(|expression| expression.evaluate(&vars))
             .map_err(|message| format!("cannot evaluate params.{key} \"{source}\": {message}"))
@@ -71,7 +67,7 @@ pub fn child_of(context: &ActionContext) -> Result<Child, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Map};
     use std::time::Duration;
 
     fn context(params: Value, input: Value) -> ActionContext {

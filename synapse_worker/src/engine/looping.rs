@@ -12,11 +12,7 @@ use crate::store::{AttemptOutcome, Looping};
 /// next iteration while it does not, failure after `max_iterations`. An
 /// expression that cannot be evaluated is a definition error.
 pub fn after_run(context: &ActionContext, looping: &Looping, result: Value) -> AttemptOutcome {
-    let mut vars = Map::new();
-    vars.insert("goal".into(), context.goal.clone());
-    vars.insert("steps".into(), context.steps.clone());
-    vars.insert("input".into(), context.input.clone());
-    vars.extend(context.extras.clone());
+    let mut vars = context.variables();
     vars.insert("result".into(), result.clone());
     let until = &looping.until;
     let met = cel::compile(until).and_then(|expression| expression.evaluate_bool(&vars));

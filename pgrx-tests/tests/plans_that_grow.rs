@@ -471,3 +471,77 @@ fn a_map_of_ten_thousand_survives_a_killed_worker_and_ends_each_instance_once() 
     assert_eq!(ends.len(), 10_000);
     assert!(ends.values().all(|count| *count == 1));
 }
+
+#[test]
+fn each_instance_of_a_map_has_its_own_retries() {
+    let stack = Stack::start("map-retries", &[]);
+    let _worker = stack.start_worker("w", &[]);
+    let mut client = stack.pg();
+    // Sequences count attempts outside the steps' transactions (a failed
+    // `sql` step rolls back its own writes): each instance's first attempt
+    // fails with a serialization failure, which is worth retrying.
+    client
+        .batch_execute(
+            "CREATE SEQUENCE tries_0; CREATE SEQUENCE tries_1; CREATE SEQUENCE tries_2;
+             CREATE FUNCTION flaky(i int, v int) RETURNS int LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF nextval(format('tries_%s', i)) = 1 THEN
+                     RAISE EXCEPTION 'not this time' USING ERRCODE = '40001';
+                 END IF;
+                 RETURN v;
+             END $$;",
+        )
+        .unwrap();
+    let goal = submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "flaky", "action": "sql", "for_each": "[10, 20, 30]",
+                           "retries": 1, "backoff": "10ms",
+                           "params": {"query": "SELECT flaky($1::int, $2::int) AS v",
+                                      "args": "[index, item]"}}]}),
+    );
+    let status = wait_for_goal(&stack, goal, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    let flaky = task(&status, "flaky");
+    assert_eq!(
+        flaky["result"],
+        json!([{"rows": [{"v": 10}]}, {"rows": [{"v": 20}]}, {"rows": [{"v": 30}]}])
+    );
+    for instance in instances(&status, "flaky") {
+        assert_eq!(instance["attempts"], 2, "{instance}");
+        assert_eq!(instance["status"], "succeeded", "{instance}");
+    }
+}
+
+#[test]
+fn the_cli_validates_the_new_fields_without_a_database() {
+    let dir = std::env::temp_dir().join(format!("synapse-grow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("plan.json");
+    std::fs::write(
+        &file,
+        json!({"steps": [
+            {"id": "a", "action": "noop"},
+            {"id": "b", "action": "noop", "join": 2},
+            {"id": "c", "action": "noop", "for_each": "[1]", "until": "true", "max_parallel": 0}
+        ], "edges": [{"from": "a", "to": "b"}]})
+        .to_string(),
+    )
+    .unwrap();
+    let output = std::process::Command::new(worker_binary())
+        .arg("validate")
+        .arg(&file)
+        .current_dir(&dir)
+        .env_remove("SYNAPSE_DATABASE_URL")
+        .output()
+        .expect("synapse-worker validate");
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{printed}");
+    for path in [
+        "$.steps[1].join",
+        "$.steps[2].until",
+        "$.steps[2].max_parallel",
+    ] {
+        assert!(printed.contains(&format!("{path}:")), "{path} in {printed}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

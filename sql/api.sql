@@ -87,6 +87,13 @@ BEGIN
                       ELSE '{}' END
                    ORDER BY t.id)
               FROM synapse.tasks AS t WHERE t.goal_id = g.id AND t.map_index IS NULL), '[]'),
+        -- Signals delivered to the goal: taken by a wait step, or kept for one.
+        'signals', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'name', s.name, 'payload', s.payload, 'sent_at', s.sent_at, 'taken_at', s.taken_at,
+                       'taken_by', (SELECT w.step FROM synapse.tasks AS w WHERE w.id = s.taken_by))
+                   ORDER BY s.id)
+              FROM synapse.signals AS s WHERE s.goal_id = g.id), '[]'),
         'edges', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
                        'from', e.from_step, 'to', e.to_step, 'when', e.when_expr, 'on', e.on_outcome,

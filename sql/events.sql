@@ -59,14 +59,16 @@ RETURNS synapse._event LANGUAGE sql STABLE AS $$
 $$;
 
 -- goal.*: {"v":1,"event":...,"goal_id":...}; goal.submitted goes to the planner list.
--- A child goal's end also goes to the queue of the goal step waiting for it,
--- with "parent_task_id": a worker there ends that step.
+-- An event a worker must act on also goes to to_queue: a child goal's end to
+-- the queue of the goal step waiting for it, with "parent_task_id" (a worker
+-- there ends that step); a goal running again (retry_goal) to the queue of a
+-- step it starts with (a worker there starts its steps).
 CREATE FUNCTION synapse._goal_event(event text, goal_id bigint, parent_task_id bigint DEFAULT NULL,
-                                    parent_queue text DEFAULT NULL)
+                                    to_queue text DEFAULT NULL)
 RETURNS synapse._event LANGUAGE sql STABLE AS $$
     SELECT ROW(event, goal_id, NULL,
                CASE WHEN event = 'goal.submitted' THEN 'planner'
-                    WHEN parent_queue IS NOT NULL THEN 'queue:' || parent_queue END,
+                    WHEN to_queue IS NOT NULL THEN 'queue:' || to_queue END,
                format('{"v":1,"event":%s,"goal_id":%s%s}', to_json(event), goal_id,
                       ',"parent_task_id":' || parent_task_id),
                NULL)::synapse._event;
@@ -137,7 +139,8 @@ BEGIN
             WHEN 'submitted' THEN NEW.status IN ('planning', 'running', 'failed', 'cancelled')
             WHEN 'planning'  THEN NEW.status IN ('submitted', 'running', 'failed', 'cancelled')
             WHEN 'running'   THEN NEW.status IN ('succeeded', 'failed', 'cancelled')
-            ELSE false END) THEN
+            -- retry_goal runs a finished goal again.
+            ELSE NEW.status = 'running' END) THEN
         RAISE EXCEPTION 'goal %: status cannot change from % to %', NEW.id, OLD.status, NEW.status
             USING ERRCODE = '55000';
     END IF;
@@ -171,7 +174,13 @@ BEGIN
                        -- Only a child goal's end looks its parent step up (a join here
                        -- may be planned as a scan of every task).
                        CASE WHEN g.parent_task_id IS NOT NULL AND g.status IN ('succeeded', 'failed', 'cancelled')
-                            THEN (SELECT p.queue FROM synapse.tasks p WHERE p.id = g.parent_task_id) END)
+                            THEN (SELECT p.queue FROM synapse.tasks p WHERE p.id = g.parent_task_id)
+                            -- Run again: the queue of a step that can start (a wait step
+                            -- needs no particular worker: the others' queues first).
+                            WHEN g.status = 'running' AND o.status IN ('succeeded', 'failed', 'cancelled')
+                            THEN (SELECT t.queue FROM synapse.tasks t
+                                   WHERE t.goal_id = g.id AND t.status = 'pending' AND t.pending_inbound = 0
+                                   ORDER BY t.action = 'wait', t.id LIMIT 1) END)
               FROM new_goals g JOIN old_goals o ON o.id = g.id
              WHERE o.status IS DISTINCT FROM g.status AND g.status <> 'planning'
              ORDER BY g.id));
@@ -196,9 +205,11 @@ BEGIN
             RAISE EXCEPTION 'a new task cannot start as %', NEW.status USING ERRCODE = '22023';
         END IF;
     ELSIF NOT (CASE OLD.status
-            -- Only a map step waits for its instances, or succeeds unrun (an empty list).
+            -- Only a map step waits for its instances, or succeeds unrun (an empty
+            -- list); a wait step waits without being queued.
             WHEN 'pending'  THEN NEW.status IN ('queued', 'skipped', 'failed', 'cancelled')
                                  OR (NEW.status IN ('waiting', 'succeeded') AND NEW.for_each_expr IS NOT NULL)
+                                 OR (NEW.status = 'waiting' AND NEW.action = 'wait')
             WHEN 'queued'   THEN NEW.status IN ('running', 'cancelled')
             -- A goal step waits for its child goal, and retries with a new one.
             WHEN 'running'  THEN NEW.status IN ('succeeded', 'failed', 'retrying', 'queued', 'cancelled')
@@ -206,7 +217,8 @@ BEGIN
             WHEN 'retrying' THEN NEW.status IN ('queued', 'cancelled')
             WHEN 'waiting'  THEN NEW.status IN ('succeeded', 'failed', 'cancelled')
                                  OR (NEW.status = 'retrying' AND NEW.child_goal_id IS NOT NULL)
-            ELSE false END) THEN
+            -- retry_goal: an ended step starts afresh, its attempts from 1 again.
+            ELSE NEW.status = 'pending' AND NEW.attempts = 0 END) THEN
         RAISE EXCEPTION 'task % (step %): status cannot change from % to %', NEW.id, NEW.step, OLD.status, NEW.status
             USING ERRCODE = '55000';
     END IF;
@@ -253,27 +265,32 @@ BEGIN
         PERFORM synapse._emit(array(
             SELECT synapse._task_event('task.' || t.status, t.goal_id, t.id, t.step, t.queue,
                        CASE WHEN t.status = 'queued' THEN t.attempts + 1 ELSE t.attempts END,
-                       CASE t.status WHEN 'running' THEN t.lease_expires_at WHEN 'retrying' THEN t.run_at END,
-                       -- The last attempt's lease lapsed (the forwarder failed it), or a
-                       -- root map step's list was empty when its plan was installed: no
-                       -- worker is there to resolve its edges, so one is asked to.
+                       CASE t.status WHEN 'running' THEN t.lease_expires_at WHEN 'retrying' THEN t.run_at
+                                   WHEN 'waiting' THEN t.run_at END,
+                       -- The last attempt's lease lapsed (the forwarder failed it), a
+                       -- root map step's list was empty when its plan was installed, or a
+                       -- wait ended (its signal came, or its time): no worker is there to
+                       -- resolve its edges, so one is asked to.
                        (t.status = 'failed' AND o.status = 'running' AND o.lease_expires_at <= now())
-                       OR (t.status = 'succeeded' AND o.status = 'pending' AND t.for_each_expr IS NOT NULL),
+                       OR (t.status = 'succeeded' AND o.status = 'pending' AND t.for_each_expr IS NOT NULL)
+                       OR (t.status IN ('succeeded', 'failed') AND o.status = 'waiting' AND t.action = 'wait'),
                        t.map_index)
               FROM new_tasks t JOIN old_tasks o ON o.id = t.id
-             WHERE o.status IS DISTINCT FROM t.status
+             WHERE o.status IS DISTINCT FROM t.status AND t.status <> 'pending'
              ORDER BY t.id));
     ELSE
         EXECUTE $q$
             SELECT array(
             SELECT synapse._task_event('task.' || t.status, t.goal_id, t.id, t.step, t.queue,
                        CASE WHEN t.status = 'queued' THEN t.attempts + 1 ELSE t.attempts END,
-                       CASE t.status WHEN 'running' THEN t.lease_expires_at WHEN 'retrying' THEN t.run_at END,
+                       CASE t.status WHEN 'running' THEN t.lease_expires_at WHEN 'retrying' THEN t.run_at
+                                   WHEN 'waiting' THEN t.run_at END,
                        (t.status = 'failed' AND o.status = 'running' AND o.lease_expires_at <= now())
-                       OR (t.status = 'succeeded' AND o.status = 'pending' AND t.for_each_expr IS NOT NULL),
+                       OR (t.status = 'succeeded' AND o.status = 'pending' AND t.for_each_expr IS NOT NULL)
+                       OR (t.status IN ('succeeded', 'failed') AND o.status = 'waiting' AND t.action = 'wait'),
                        t.map_index)
               FROM new_tasks t JOIN old_tasks o ON o.id = t.id
-             WHERE o.status IS DISTINCT FROM t.status
+             WHERE o.status IS DISTINCT FROM t.status AND t.status <> 'pending'
              ORDER BY t.id)
         $q$ INTO events;
         PERFORM synapse._emit(events);

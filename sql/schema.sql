@@ -111,7 +111,7 @@ COMMENT ON COLUMN synapse.tasks.join_mode IS 'any: once every inbound edge resol
 COMMENT ON COLUMN synapse.tasks.max_attempts IS 'retries + 1.';
 COMMENT ON COLUMN synapse.tasks.backoff_ms IS 'Base retry delay; doubles per attempt, with jitter.';
 COMMENT ON COLUMN synapse.tasks.timeout_ms IS 'Limit of one attempt.';
-COMMENT ON COLUMN synapse.tasks.status IS 'pending: waiting for its inbound edges. queued: runnable, dispatched to Redis. running: claimed by a worker holding a lease. retrying: failed, waits for run_at. waiting: a map step whose instances run, or a goal step whose child goal runs (no worker holds it). succeeded / failed / skipped / cancelled: finished.';
+COMMENT ON COLUMN synapse.tasks.status IS 'pending: waiting for its inbound edges. queued: runnable, dispatched to Redis. running: claimed by a worker holding a lease. retrying: failed, waits for run_at. waiting: a map step whose instances run, a goal step whose child goal runs, or a wait step waiting for its signal or time (no worker holds it). succeeded / failed / skipped / cancelled: finished.';
 COMMENT ON COLUMN synapse.tasks.attempts IS 'Attempts started so far. The current attempt number is the fencing token: only the worker holding it may record the outcome.';
 COMMENT ON COLUMN synapse.tasks.run_at IS 'retrying: when the forwarder queues the next attempt.';
 COMMENT ON COLUMN synapse.tasks.queued_at IS 'When the task was last queued or re-dispatched; the sweep re-dispatches tasks queued longer than synapse.sweep_interval.';
@@ -216,7 +216,8 @@ INSERT INTO synapse.actions (name, description, builtin) VALUES
     ('http', 'HTTP request (method, url, headers, body); result {status, headers, body}; non-2xx fails.', true),
     ('exec', 'Runs params.argv with the input as JSON on stdin; result is the JSON on stdout. Only programs the worker allows.', true),
     ('sql', 'Runs params.query with $1... bound from params.args (a CEL list); result {rows}.', true),
-    ('goal', 'Runs a child goal (params.goal, planned by params.planner, or params.blueprint) with the input; ends with it.', true);
+    ('goal', 'Runs a child goal (params.goal, planned by params.planner, or params.blueprint) with the input; ends with it.', true),
+    ('wait', 'Waits, with no worker, for a signal (params.signal, optional params.timeout) or a time (params.for or params.until).', true);
 
 CREATE TABLE synapse.outbox (
     id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -4,7 +4,8 @@
 -- and retries with a pause.
 
 -- Moves due retries to queued, re-queues tasks whose lease lapsed (or fails
--- them when no attempt is left) and deletes goals finished longer ago than
+-- them when no attempt is left), ends the waits whose time came, submits the
+-- scheduled goals that are due and deletes goals finished longer ago than
 -- retention_seconds (0: never). Returns how many rows it changed, and when
 -- the next of these deadlines comes (NULL: none; sleep until an event).
 CREATE FUNCTION synapse._run_timers(retention_seconds integer, batch integer DEFAULT 1000,
@@ -47,6 +48,22 @@ BEGIN
     SELECT id, attempts, leased_by, started_at, error FROM moved;
     GET DIAGNOSTICS n = ROW_COUNT;
     changed := changed + n;
+    -- Waits whose time came: a `for` or `until` wait succeeds, a signal wait
+    -- times out (an action failure, so that `on: failure` edges handle it).
+    -- Their events ask a worker to resolve the steps' edges (events.sql).
+    UPDATE synapse.tasks t
+       SET status = CASE WHEN t.params ? 'signal' THEN 'failed' ELSE 'succeeded' END,
+           result = CASE WHEN t.params ? 'signal' THEN NULL ELSE jsonb_build_object('woke_at', now()) END,
+           error = CASE WHEN t.params ? 'signal'
+                        THEN format('timed out after %s waiting for signal "%s"', t.params ->> 'timeout',
+                                    t.params ->> 'signal') END,
+           failure_kind = CASE WHEN t.params ? 'signal' THEN 'action' END
+      FROM (SELECT id FROM synapse.tasks WHERE status = 'waiting' AND run_at <= now()
+             ORDER BY run_at LIMIT batch FOR UPDATE SKIP LOCKED) due
+     WHERE t.id = due.id AND t.action = 'wait';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    changed := changed + n;
+    changed := changed + synapse._run_schedules(batch);
     -- Retention: whole goals, with their tasks and edges (ON DELETE CASCADE).
     IF retention_seconds > 0 THEN
         DELETE FROM synapse.goals g
@@ -60,6 +77,8 @@ BEGIN
     SELECT least(
         (SELECT min(run_at) FROM synapse.tasks WHERE status = 'retrying'),
         (SELECT min(lease_expires_at) FROM synapse.tasks WHERE status = 'running'),
+        (SELECT min(run_at) FROM synapse.tasks WHERE status = 'waiting' AND run_at IS NOT NULL),
+        (SELECT min(next_run_at) FROM synapse.schedules),
         CASE WHEN retention_seconds > 0 THEN
             (SELECT min(finished_at) FROM synapse.goals WHERE finished_at IS NOT NULL)
                 + make_interval(secs => retention_seconds) END)

@@ -20,6 +20,13 @@ extension_sql_file!(
     requires = ["schema", events::wake_forwarder_at_commit]
 );
 extension_sql_file!("../../sql/api.sql", name = "api", requires = ["events"]);
+extension_sql_file!("../../sql/waits.sql", name = "waits", requires = ["api"]);
+extension_sql_file!(
+    "../../sql/schedules.sql",
+    name = "schedules",
+    requires = ["api"]
+);
+extension_sql_file!("../../sql/retry.sql", name = "retry", requires = ["events"]);
 extension_sql_file!(
     "../../sql/timers.sql",
     name = "timers",

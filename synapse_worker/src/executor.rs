@@ -40,6 +40,8 @@ pub enum QueueMessage {
     /// the child goal a goal step waits for (`goal.*` with `parent_task_id`):
     /// end the step, resolve its edges and carry its goal on.
     CarryOn(i64),
+    /// `goal.running` of a goal run again (`retry_goal`): start its steps.
+    Resume(i64),
 }
 
 /// Reads a queue message; `None` if it is malformed.
@@ -47,6 +49,9 @@ pub fn queue_message(payload: &str) -> Option<QueueMessage> {
     let message = serde_json::from_str::<Value>(payload).ok()?;
     if let Some(parent_task_id) = message.get("parent_task_id").and_then(Value::as_i64) {
         return Some(QueueMessage::CarryOn(parent_task_id));
+    }
+    if message.get("event").and_then(Value::as_str) == Some("goal.running") {
+        return Some(QueueMessage::Resume(message.get("goal_id")?.as_i64()?));
     }
     let task_id = message.get("task_id")?.as_i64()?;
     match message.get("event").and_then(Value::as_str) {
@@ -82,15 +87,20 @@ pub enum Handled {
 pub async fn claim(shared: &Shared, list: &str, payloads: &[String]) -> Vec<ClaimedTask> {
     let mut task_ids = Vec::with_capacity(payloads.len());
     let mut carry_on = Vec::new();
+    let mut resume = Vec::new();
     for payload in payloads {
         match queue_message(payload) {
             Some(QueueMessage::Run(id)) => task_ids.push(id),
             Some(QueueMessage::CarryOn(id)) => carry_on.push(id),
+            Some(QueueMessage::Resume(goal_id)) => resume.push(goal_id),
             None => warn!(payload, "dropping a malformed queue message"),
         }
     }
     if !carry_on.is_empty() {
         carry_on_after(shared, &carry_on).await;
+    }
+    if !resume.is_empty() {
+        resume_goals(shared, &mut resume).await;
     }
     if task_ids.is_empty() {
         return Vec::new();
@@ -156,6 +166,25 @@ async fn carry_on_after(shared: &Shared, task_ids: &[i64]) {
         Err(error) => {
             warn!(?task_ids, %error, "could not carry on after tasks whose lease lapsed")
         }
+    }
+}
+
+/// Starts the steps of goals run again (`retry_goal`). If this fails the
+/// goal waits for the next such message: logged loudly.
+async fn resume_goals(shared: &Shared, goal_ids: &mut Vec<i64>) {
+    goal_ids.sort_unstable();
+    goal_ids.dedup();
+    let resumed = with_retries(|| async {
+        let mut client = shared.pool.get().await?;
+        let tx = store::begin(&mut client).await?;
+        let queued = crate::engine::resume(&tx, goal_ids).await?;
+        tx.commit().await?;
+        Ok(queued.len())
+    })
+    .await;
+    match resumed {
+        Ok(queued) => debug!(?goal_ids, queued, "goals run again"),
+        Err(error) => warn!(?goal_ids, %error, "could not start the steps of goals run again"),
     }
 }
 
@@ -445,6 +474,15 @@ mod tests {
         assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
         assert_eq!(at(951_782_400, 5), "2000-02-29T00:00:00.005Z");
         assert_eq!(at(1_796_001_779, 123), "2026-11-30T01:22:59.123Z");
+    }
+
+    #[test]
+    fn a_goal_running_again_asks_to_start_its_steps() {
+        assert_eq!(
+            queue_message(r#"{"v":1,"event":"goal.running","goal_id":12}"#),
+            Some(QueueMessage::Resume(12))
+        );
+        assert_eq!(queue_message(r#"{"v":1,"event":"goal.running"}"#), None);
     }
 
     #[test]

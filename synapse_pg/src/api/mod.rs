@@ -4,4 +4,5 @@ mod forwarder_status;
 mod graph;
 mod plan;
 mod preview;
+mod schedule;
 mod templates;

@@ -13,6 +13,7 @@ mod child;
 mod json_arg;
 mod map;
 mod prepared;
+mod wait;
 pub(super) use json_arg::JsonbArg;
 use prepared::{oid, prepared};
 
@@ -172,7 +173,7 @@ fn submit(
     goal.id = id;
     // An error here aborts the transaction, taking the goal row with it.
     let roots = root_starts(&plan, &goal)?;
-    install(id, &plan, roots, &goal.input)?;
+    install(id, &plan, roots, &goal)?;
     Ok(id)
 }
 
@@ -187,6 +188,16 @@ fn goal_with_key(key: &str) -> Result<Option<i64>> {
     })?)
 }
 
+/// `steps` as expressions see it: step id → `{status, result}`.
+fn steps_variable(goal_id: i64) -> std::result::Result<Value, pgrx::spi::Error> {
+    Ok(Spi::get_one_with_args::<JsonB>(
+        "SELECT coalesce(jsonb_object_agg(step, jsonb_build_object('status', status, 'result', result)), '{}')
+           FROM synapse.tasks WHERE goal_id = $1 AND map_index IS NULL",
+        &[goal_id.into()],
+    )?
+    .map_or(Value::Null, |JsonB(steps)| steps))
+}
+
 /// What expressions see as `goal`.
 struct GoalContext {
     id: i64,
@@ -196,12 +207,14 @@ struct GoalContext {
 }
 
 impl GoalContext {
+    /// `goal`: `{id, goal, input, params}`.
+    fn value(&self) -> Value {
+        json!({"id": self.id, "goal": self.text, "input": self.input, "params": self.params})
+    }
+
     fn variables(&self) -> Map<String, Value> {
         let mut vars = Map::new();
-        vars.insert(
-            "goal".into(),
-            json!({"id": self.id, "goal": self.text, "input": self.input, "params": self.params}),
-        );
+        vars.insert("goal".into(), self.value());
         vars.insert("steps".into(), json!({}));
         vars
     }
@@ -215,6 +228,8 @@ enum RootStart {
     Input(Value),
     /// A map step: its instances, from its list evaluated.
     Map(map::Expansion),
+    /// A wait step (never queued), with its input.
+    Wait(Value),
 }
 
 /// How the root steps start, by step index: each `input` expression (and
@@ -245,8 +260,17 @@ fn root_starts(plan: &Blueprint, goal: &GoalContext) -> Result<HashMap<usize, Ro
             }
             continue;
         }
+        let waits = step.action == blueprint::wait::ACTION;
         let Some(source) = &step.input else {
-            starts.insert(index, RootStart::GoalInput);
+            let start = if waits {
+                RootStart::Wait(goal.input.clone())
+            } else {
+                RootStart::GoalInput
+            };
+            if let RootStart::Wait(input) = &start {
+                problems.extend(wait::until_problem(index, step, &goal.value(), input));
+            }
+            starts.insert(index, start);
             continue;
         };
         let path = format!("$.steps[{index}].input");
@@ -264,7 +288,13 @@ fn root_starts(plan: &Blueprint, goal: &GoalContext) -> Result<HashMap<usize, Ro
                 let what = format!("the input of root step \"{}\"", step.id);
                 limits::check_json(&what, &value)
                     .map_err(|message| Error::LimitExceeded { path, message })?;
-                starts.insert(index, RootStart::Input(value));
+                let start = if waits {
+                    problems.extend(wait::until_problem(index, step, &goal.value(), &value));
+                    RootStart::Wait(value)
+                } else {
+                    RootStart::Input(value)
+                };
+                starts.insert(index, start);
             }
             Err(message) => problems.push(Problem {
                 path,
@@ -289,8 +319,9 @@ fn install(
     goal_id: i64,
     plan: &Blueprint,
     mut root_starts: HashMap<usize, RootStart>,
-    goal_input: &Value,
+    goal: &GoalContext,
 ) -> Result<()> {
+    let goal_input = &goal.input;
     let mut inbound: HashMap<&str, usize> = HashMap::new();
     for edge in &plan.edges {
         *inbound.entry(edge.to.as_str()).or_default() += 1;
@@ -426,14 +457,25 @@ fn install(
                 .map(drop)
         })?;
     }
+    let step_task = |index: usize| {
+        Spi::get_one_with_args::<i64>(
+            "SELECT id FROM synapse.tasks WHERE goal_id = $1 AND step = $2 AND map_index IS NULL",
+            &[goal_id.into(), plan.steps[index].id.as_str().into()],
+        )?
+        .ok_or_else(|| Error::InvalidParameter("a root step was not installed".into()))
+    };
     for (index, start) in root_starts.drain() {
-        if let RootStart::Map(expansion) = start {
-            let task_id = Spi::get_one_with_args::<i64>(
-                "SELECT id FROM synapse.tasks WHERE goal_id = $1 AND step = $2 AND map_index IS NULL",
-                &[goal_id.into(), plan.steps[index].id.as_str().into()],
-            )?
-            .ok_or_else(|| Error::InvalidParameter("a map step was not installed".into()))?;
-            map::start(task_id, expansion)?;
+        match start {
+            RootStart::Map(expansion) => {
+                map::start(step_task(index)?, expansion)?;
+            }
+            // A failed start cannot happen here (root_starts evaluated its
+            // `until`); a kept signal taken at once has its edges resolved by
+            // a worker (its event asks one to).
+            RootStart::Wait(input) => {
+                wait::start(step_task(index)?, &goal.value(), input)?;
+            }
+            RootStart::GoalInput | RootStart::Input(_) => {}
         }
     }
     Ok(())
@@ -536,7 +578,7 @@ fn plan_goal(
                 "UPDATE synapse.goals SET blueprint = $2, template = $3, params = $4, status = 'running' WHERE id = $1",
                 &[goal_id.into(), JsonB(doc).into(), template.into(), JsonB(params).into()],
             )?;
-            install(goal_id, &plan, roots, &goal.input)?;
+            install(goal_id, &plan, roots, &goal)?;
             Ok(Vec::new())
         }
         Err(problems) => {

@@ -1,4 +1,4 @@
-//! Durations as blueprints write them: one integer and one unit (`250ms`, `30s`, `5m`, `1h`).
+//! Durations as blueprints write them: one integer and one unit (`250ms`, `30s`, `5m`, `1h`, `7d`).
 //!
 //! The grammar is deliberately small: a single unit keeps what a user reads in
 //! `goal_status` identical to what they wrote, and avoids the ambiguity of `1m30s`
@@ -8,17 +8,23 @@ use std::time::Duration;
 
 /// The units a duration may use, with their length in milliseconds, longest suffix first
 /// so that `ms` is not read as `m` followed by garbage.
-const UNITS: &[(&str, u64)] = &[("ms", 1), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)];
+const UNITS: &[(&str, u64)] = &[
+    ("ms", 1),
+    ("d", 86_400_000),
+    ("h", 3_600_000),
+    ("m", 60_000),
+    ("s", 1_000),
+];
 
-/// Parses `250ms`, `30s`, `5m` or `1h` (one non-negative integer followed by one unit).
+/// Parses `250ms`, `30s`, `5m`, `1h` or `7d` (one non-negative integer followed by one unit).
 ///
 /// The error is a readable sentence that quotes the input, ready to become a
 /// validation problem.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let invalid = || {
         format!(
-            "invalid duration \"{s}\": expected an integer followed by ms, s, m or h \
-             (e.g. \"250ms\", \"30s\", \"5m\", \"1h\")"
+            "invalid duration \"{s}\": expected an integer followed by ms, s, m, h or d \
+             (e.g. \"250ms\", \"30s\", \"5m\", \"1h\", \"7d\")"
         )
     };
     let (digits, millis_per_unit) = UNITS
@@ -83,6 +89,7 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
     }
 
@@ -90,7 +97,7 @@ mod tests {
     fn rejects_what_is_not_one_integer_and_one_unit() {
         for bad in [
             "", "s", "ms", "5", "5x", "1.5s", "-1s", "+1s", " 1s", "1s ", "1m30s", "1S", "1 s",
-            "5d",
+            "5w",
         ] {
             let err = parse_duration(bad).unwrap_err();
             assert!(err.contains("invalid duration"), "{bad:?}: {err}");

@@ -13,6 +13,7 @@ pub mod limits;
 mod params_schema;
 pub mod scope;
 mod validate;
+pub mod wait;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -38,6 +39,7 @@ pub const BUILTIN_ACTIONS: &[&str] = &[
     "exec",
     "sql",
     "goal",
+    "wait",
 ];
 
 /// A workflow plan: steps, the edges between them, and how to compute the goal's result.
@@ -82,7 +84,8 @@ pub struct Step {
     /// Base delay before a retry (grows exponentially, with jitter).
     #[serde(default = "default_backoff", with = "duration::serde_str")]
     pub backoff: Duration,
-    /// Time limit of one attempt.
+    /// Time limit of one attempt. A `wait` step has none (validation refuses the field):
+    /// its limit is `params.timeout`.
     #[serde(default = "default_timeout", with = "duration::serde_str")]
     pub timeout: Duration,
     /// How the step combines its inbound edges.
@@ -466,6 +469,7 @@ mod tests {
             "exec",
             "sql",
             "goal",
+            wait::ACTION,
         ] {
             assert!(BUILTIN_ACTIONS.contains(&name), "{name}");
         }

@@ -13,9 +13,10 @@ pub enum Site {
     /// A step's `for_each`: evaluated once, when the step would run, before its instances
     /// exist (so without `item` and `index`).
     ForEach,
-    /// A step's parameter expression (`params.expr`, `params.args`, and a child goal's
-    /// `params.goal` and `params.blueprint` when given as CEL): evaluated by the action,
-    /// over the step's evaluated input.
+    /// A step's parameter expression (`params.expr`, `params.args`, a child goal's
+    /// `params.goal` and `params.blueprint` when given as CEL, and a wait step's
+    /// `params.until`): evaluated by the action (for a wait, by the engine when the step
+    /// starts waiting), over the step's evaluated input.
     StepParam,
     /// A step's `until`: evaluated after each successful run of a loop step.
     Until,

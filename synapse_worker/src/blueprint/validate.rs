@@ -18,6 +18,7 @@ use super::duration::{format_duration, parse_duration};
 use super::limits::{depth_message, json_depth, json_len, size_message, MAX_JSON_DEPTH};
 use super::params_schema::ParamsSchema;
 use super::scope::{Site, StepKind, CEL_NAMES};
+use super::wait::{self, Wait};
 use super::{cel, Blueprint, Join, BUILTIN_ACTIONS, MAX_ITERATIONS, MAX_MAP_ITEMS};
 
 /// The most steps a blueprint may have.
@@ -205,6 +206,13 @@ pub fn kind(value: &Value) -> &'static str {
 /// Whether `key` is set to something other than `null` (which counts as absent).
 fn is_present(obj: &Map<String, Value>, key: &str) -> bool {
     obj.get(key).is_some_and(|value| !value.is_null())
+}
+
+/// Whether a step asks for retries: `retries` is a positive integer.
+fn retries_asked(obj: &Map<String, Value>) -> bool {
+    obj.get("retries")
+        .and_then(Value::as_u64)
+        .is_some_and(|n| n > 0)
 }
 
 /// What the step walk learned that the edge and cycle checks need.
@@ -631,7 +639,16 @@ impl Checker<'_> {
             }
         }
 
-        if let Some(retries) = obj.get("retries") {
+        let is_wait = action == Some(wait::ACTION);
+        if is_wait {
+            self.wait_step(path, obj);
+        }
+
+        // On a wait step, any retry at all is the problem, however many.
+        if let Some(retries) = obj
+            .get("retries")
+            .filter(|_| !is_wait || !retries_asked(obj))
+        {
             self.bounded_uint(
                 &key_path(path, "retries"),
                 retries,
@@ -640,9 +657,10 @@ impl Checker<'_> {
                 "",
             );
         }
-
-        for key in ["backoff", "timeout"] {
-            self.duration(path, obj, key);
+        self.duration(path, obj, "backoff");
+        // A wait step's timeout was refused above whatever its value.
+        if !is_wait {
+            self.duration(path, obj, "timeout");
         }
 
         let join = self.join(path, obj);
@@ -663,7 +681,8 @@ impl Checker<'_> {
         if let Some(until) = self.optional_str(path, obj, "until") {
             self.cel(&until_path, until, Site::Until, kind, Some(i));
         }
-        if has_for_each && has_until {
+        // A wait step's for_each and until were each refused already.
+        if has_for_each && has_until && !is_wait {
             self.report(
                 until_path,
                 "for_each and until do not combine on one step; run the loop (or the map) \
@@ -864,6 +883,7 @@ impl Checker<'_> {
             "http" => self.http_params(path, params),
             "exec" => self.exec_params(path, params),
             "goal" => self.goal_params(path, params, kind, step),
+            wait::ACTION => self.wait_params(path, params, kind, step),
             "sql" => {
                 if let Some(query) = self.required_str(path, params, "query") {
                     if query.trim().is_empty() {
@@ -987,6 +1007,71 @@ impl Checker<'_> {
                 "an object (a blueprint) or a string (a CEL expression giving one)",
                 other,
             ),
+        }
+    }
+
+    /// A wait (SPEC §4.9): its params as [`Wait::from_params`] reads them, and
+    /// `params.until` as a step parameter expression.
+    fn wait_params(
+        &mut self,
+        path: &str,
+        params: &Map<String, Value>,
+        kind: StepKind,
+        step: usize,
+    ) {
+        let fault = match Wait::from_object(params) {
+            Ok(_) => None,
+            Err((key, message)) => {
+                let at = if key.is_empty() {
+                    path.to_owned()
+                } else {
+                    key_path(path, key)
+                };
+                self.report(at, message);
+                Some(key)
+            }
+        };
+        // Checked even when another param is at fault, so that one pass lists both.
+        if fault != Some("until") {
+            if let Some(Value::String(expr)) = params.get("until") {
+                if !expr.trim().is_empty() {
+                    let until_path = key_path(path, "until");
+                    self.cel(&until_path, expr, Site::StepParam, kind, Some(step));
+                }
+            }
+        }
+    }
+
+    /// The step fields a wait step refuses: it holds no worker and runs no attempt, so
+    /// it cannot map, loop, retry or have an attempt's time limit.
+    fn wait_step(&mut self, path: &str, obj: &Map<String, Value>) {
+        if is_present(obj, "for_each") {
+            self.report(
+                key_path(path, "for_each"),
+                "a wait step cannot have for_each: to wait once per item, map a child goal \
+                 (a step with action \"goal\" and for_each) whose blueprint holds the wait",
+            );
+        }
+        if is_present(obj, "until") {
+            self.report(
+                key_path(path, "until"),
+                "a wait step cannot loop with until: to wait again and again, loop a child \
+                 goal (a step with action \"goal\" and until) whose blueprint holds the wait; \
+                 to wait until a time, use params.until",
+            );
+        }
+        if retries_asked(obj) {
+            self.report(
+                key_path(path, "retries"),
+                "a wait step does not retry: handle its timeout with an on: failure edge",
+            );
+        }
+        if obj.contains_key("timeout") {
+            self.report(
+                key_path(path, "timeout"),
+                "a wait step's time limit is params.timeout (with params.signal); the step \
+                 timeout, a limit on one attempt, does not apply",
+            );
         }
     }
 
@@ -2002,8 +2087,8 @@ mod tests {
         assert_only(
             one_step(json!({"id": "a", "action": "foo"})),
             "$.steps[0].action",
-            "unknown action \"foo\" (built-ins: noop, sleep, fail, transform, http, exec, sql, goal; \
-             others must be registered by a worker in synapse.actions)",
+            "unknown action \"foo\" (built-ins: noop, sleep, fail, transform, http, exec, sql, goal, \
+             wait; others must be registered by a worker in synapse.actions)",
         );
     }
 
@@ -3045,6 +3130,245 @@ mod tests {
             "id": "g", "action": "goal", "for_each": "goal.input.plans",
             "params": {"blueprint": "item"}
         })));
+    }
+
+    // Waits (action "wait", SPEC §4.9).
+
+    /// One wait step, `w`, with these params and other fields.
+    fn wait_step(params: Value, fields: Value) -> Value {
+        let mut step = json!({"id": "w", "action": "wait", "params": params});
+        for (key, value) in fields.as_object().into_iter().flatten() {
+            step[key] = value.clone();
+        }
+        one_step(step)
+    }
+
+    /// Every problem as `path: message`.
+    fn all_problems(doc: Value) -> Vec<String> {
+        problems(&doc).iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_signal_wait_with_a_timeout_handled_by_a_failure_edge_is_valid() {
+        let bp = valid(json!({
+            "steps": [
+                {"id": "ask", "action": "noop"},
+                {"id": "approval", "action": "wait",
+                 "params": {"signal": "order.42:approved", "timeout": "5m"}},
+                {"id": "ship", "action": "noop", "input": "steps.approval.result.payload"},
+                {"id": "escalate", "action": "noop"}
+            ],
+            "edges": [
+                {"from": "ask", "to": "approval"},
+                {"from": "approval", "to": "ship"},
+                {"from": "approval", "to": "escalate", "on": "failure"}
+            ]
+        }));
+        let wait = Wait::from_params(&bp.steps[1].params).unwrap();
+        assert_eq!(
+            wait,
+            Wait::Signal {
+                name: "order.42:approved".into(),
+                timeout: Some(Duration::from_secs(300)),
+                timeout_text: Some("5m".into())
+            }
+        );
+        assert_eq!(bp.edges[2].on, EdgeOn::Failure);
+        // retries: 0 asks for no retry, so it is not refused.
+        valid(wait_step(json!({"signal": "go"}), json!({"retries": 0})));
+    }
+
+    #[test]
+    fn a_wait_for_a_duration_is_valid() {
+        let bp = valid(wait_step(json!({"for": "720h"}), json!({})));
+        assert_eq!(
+            Wait::from_params(&bp.steps[0].params),
+            Ok(Wait::For(Duration::from_secs(720 * 3600)))
+        );
+    }
+
+    #[test]
+    fn a_wait_until_a_time_sees_input_and_goal() {
+        let until = "has(input.deadline) ? input.deadline : goal.input.deadline";
+        let bp = valid(wait_step(
+            json!({ "until": until }),
+            json!({"input": "goal.input.order"}),
+        ));
+        assert_eq!(
+            Wait::from_params(&bp.steps[0].params),
+            Ok(Wait::Until(until.into()))
+        );
+        // Upstream steps are readable, like any step parameter.
+        valid(json!({
+            "steps": [{"id": "plan", "action": "noop"},
+                      {"id": "w", "action": "wait",
+                       "params": {"until": "steps.plan.result.at"}}],
+            "edges": [{"from": "plan", "to": "w"}]
+        }));
+    }
+
+    #[test]
+    fn a_wait_until_is_a_step_param_expression() {
+        assert_only(
+            wait_step(json!({"until": "deadline"}), json!({})),
+            "$.steps[0].params.until",
+            "unknown variable \"deadline\" (this expression sees: goal, steps, input)",
+        );
+        assert_only(
+            wait_step(json!({"until": "result.at"}), json!({})),
+            "$.steps[0].params.until",
+            "unknown variable \"result\"",
+        );
+        assert_only(
+            wait_step(json!({"until": "goal.input.at +"}), json!({})),
+            "$.steps[0].params.until",
+            "invalid CEL expression",
+        );
+        assert_eq!(
+            all_problems(json!({
+                "steps": [{"id": "other", "action": "noop"},
+                          {"id": "w", "action": "wait",
+                           "params": {"until": "steps.other.result.at"}}]
+            })),
+            [
+                "$.steps[1].params.until: steps.other is not upstream of step w, so it may not \
+              have ended when this expression is evaluated"
+            ]
+        );
+    }
+
+    #[test]
+    fn wait_params_problems_are_at_their_key() {
+        assert_eq!(
+            all_problems(one_step(json!({"id": "w", "action": "wait"}))),
+            [
+                "$.steps[0].params: a wait step needs one of params.signal (a signal name), \
+              params.for (a duration such as \"10m\") or params.until (a CEL expression \
+              giving an RFC 3339 time)"
+            ]
+        );
+        assert_eq!(
+            all_problems(wait_step(json!({"signal": "a", "payload": {}}), json!({}))),
+            [
+                "$.steps[0].params.payload: unknown field \"payload\" (expected one of: signal, \
+              for, until, timeout)"
+            ]
+        );
+        assert_eq!(
+            all_problems(wait_step(json!({"signal": "a", "for": "1m"}), json!({}))),
+            [
+                "$.steps[0].params.for: params.signal and params.for do not combine: a wait \
+              step waits for one thing (a signal, a duration or a time)"
+            ]
+        );
+        assert_eq!(
+            all_problems(wait_step(json!({"for": "1m", "timeout": "2m"}), json!({}))),
+            [
+                "$.steps[0].params.timeout: params.timeout applies only with params.signal: a \
+              wait for a duration or a time ends when it comes"
+            ]
+        );
+        assert_only(
+            wait_step(json!({"signal": "needs approval"}), json!({})),
+            "$.steps[0].params.signal",
+            "invalid signal name \"needs approval\": ' ' is not allowed",
+        );
+        assert_only(
+            wait_step(json!({"signal": "a", "timeout": "5 m"}), json!({})),
+            "$.steps[0].params.timeout",
+            "invalid duration \"5 m\"",
+        );
+        assert_only(
+            wait_step(json!({"for": "0s"}), json!({})),
+            "$.steps[0].params.for",
+            "params.for must be longer than 0, got \"0s\"",
+        );
+        assert_only(
+            wait_step(json!({"until": ""}), json!({})),
+            "$.steps[0].params.until",
+            "params.until must not be empty",
+        );
+    }
+
+    #[test]
+    fn wait_until_is_checked_even_when_another_param_is_at_fault() {
+        assert_eq!(
+            all_problems(wait_step(
+                json!({"until": "deadline", "timeout": "1m"}),
+                json!({})
+            )),
+            [
+                "$.steps[0].params.timeout: params.timeout applies only with params.signal: \
+                 a wait for a duration or a time ends when it comes",
+                "$.steps[0].params.until: unknown variable \"deadline\" (this expression \
+                 sees: goal, steps, input)"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_wait_step_does_not_map() {
+        assert_only(
+            wait_step(
+                json!({"signal": "a"}),
+                json!({"for_each": "goal.input.items"}),
+            ),
+            "$.steps[0].for_each",
+            "a wait step cannot have for_each: to wait once per item, map a child goal (a \
+             step with action \"goal\" and for_each) whose blueprint holds the wait",
+        );
+    }
+
+    #[test]
+    fn a_wait_step_does_not_loop() {
+        assert_only(
+            wait_step(
+                json!({"for": "1m"}),
+                json!({"until": "result.woke_at != null"}),
+            ),
+            "$.steps[0].until",
+            "a wait step cannot loop with until: to wait again and again, loop a child goal \
+             (a step with action \"goal\" and until) whose blueprint holds the wait; to wait \
+             until a time, use params.until",
+        );
+        // With for_each too: each is refused, and nothing more is said.
+        assert_eq!(
+            all_problems(wait_step(
+                json!({"for": "1m"}),
+                json!({"for_each": "[1]", "until": "true"})
+            ))
+            .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn a_wait_step_does_not_retry() {
+        for retries in [1, 100, 101] {
+            assert_only(
+                wait_step(json!({"signal": "a"}), json!({ "retries": retries })),
+                "$.steps[0].retries",
+                "a wait step does not retry: handle its timeout with an on: failure edge",
+            );
+        }
+        // A malformed count is reported as such.
+        assert_only(
+            wait_step(json!({"signal": "a"}), json!({"retries": -1})),
+            "$.steps[0].retries",
+            "expected a non-negative integer",
+        );
+    }
+
+    #[test]
+    fn a_wait_step_has_no_step_timeout() {
+        for timeout in [json!("5m"), json!("0s"), json!(null)] {
+            assert_only(
+                wait_step(json!({"signal": "a"}), json!({ "timeout": timeout })),
+                "$.steps[0].timeout",
+                "a wait step's time limit is params.timeout (with params.signal); the step \
+                 timeout, a limit on one attempt, does not apply",
+            );
+        }
     }
 
     // Edge rules.

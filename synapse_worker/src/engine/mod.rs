@@ -136,6 +136,10 @@ pub enum JoinDecision {
 /// `any` and `all` wait for every edge; `first` and n decide as soon as
 /// enough edges are taken, or as soon as too few still can be (§4.8).
 pub fn decide_join(join: Join, inbound: &[(String, String)]) -> JoinDecision {
+    if inbound.is_empty() {
+        // A root step (decided when its goal runs again): nothing holds it back.
+        return JoinDecision::Run;
+    }
     let taken = inbound.iter().filter(|(_, state)| state == "taken").count();
     let pending = inbound
         .iter()
@@ -362,17 +366,44 @@ pub async fn steps_ended_in_locked_goals(
             .expect("filtered to the goals of ends");
         queued.extend(propagate(tx, *goal_id, goal, std::mem::take(seeds)).await?);
     }
-    let endings = store::goal_endings(tx, &running).await?;
+    finish_goals_with_nothing_left(tx, &running, |goal_id| &goals[&goal_id].0).await?;
+    Ok(queued)
+}
+
+/// Carries on goals that run again (`retry_goal`): decides their pending
+/// steps with no inbound edge left to resolve, as if those edges had just
+/// resolved, and goes on from there. A goal asked twice has nothing left to
+/// decide the second time.
+pub async fn resume(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<Queued>, StoreError> {
+    let running = store::lock_running_goals(tx, goal_ids).await?;
+    let goal = GoalVariables { goal: Value::Null };
+    let mut queued = Vec::new();
+    for goal_id in &running {
+        let steps = store::undecided_steps(tx, *goal_id).await?;
+        if !steps.is_empty() {
+            queued.extend(propagate(tx, *goal_id, &goal, vec![(steps, Vec::new())]).await?);
+        }
+    }
+    finish_goals_with_nothing_left(tx, &running, |_| &goal).await?;
+    Ok(queued)
+}
+
+/// Finishes those of the `running` goals (locked) whose steps have all ended.
+async fn finish_goals_with_nothing_left<'g>(
+    tx: &Transaction<'_>,
+    running: &[i64],
+    goal_of: impl Fn(i64) -> &'g GoalVariables,
+) -> Result<(), StoreError> {
+    let endings = store::goal_endings(tx, running).await?;
     if endings.is_empty() {
-        return Ok(queued);
+        return Ok(());
     }
     let mut finishes = Vec::with_capacity(endings.len());
     for ending in endings {
-        let goal = &goals[&ending.goal_id].0;
+        let goal = goal_of(ending.goal_id);
         finishes.push(goal_finish(tx, goal, ending).await?);
     }
-    store::finish_goals(tx, &finishes).await?;
-    Ok(queued)
+    store::finish_goals(tx, &finishes).await
 }
 
 /// The successors of a step whose outbound edges resolved, and the edges
@@ -434,6 +465,7 @@ async fn propagate(
         let mut queued = Vec::new();
         let mut skipped = Vec::new();
         let mut maps = Vec::new();
+        let mut waits = Vec::new();
         let mut cancelling = Vec::new();
         for task in ready {
             match decide_join(task.join, &task.inbound) {
@@ -450,6 +482,12 @@ async fn propagate(
                         cancelling.push(task.step.clone());
                     }
                     let input = match &task.input_expr {
+                        // A root's default input is the goal's.
+                        None if task.inbound.is_empty() => Ok(input_vars
+                            .get("goal")
+                            .and_then(|goal| goal.get("input"))
+                            .cloned()
+                            .unwrap_or(Value::Null)),
                         None => Ok(Value::Object(task.taken_parent_results)),
                         Some(source) if task.looping => {
                             // A loop's first run: no previous result yet.
@@ -463,6 +501,7 @@ async fn propagate(
                             .and_then(|expression| expression.evaluate(&input_vars)),
                     };
                     match input {
+                        Ok(input) if task.is_wait => waits.push((task.id, task.step, input)),
                         Ok(input) => queued.push((task.id, input)),
                         Err(message) => {
                             let error = format!(
@@ -513,6 +552,31 @@ async fn propagate(
                     started.error,
                     true,
                 )),
+                _ => {}
+            }
+        }
+        let to_start: Vec<(i64, Value)> = waits
+            .iter()
+            .map(|(id, _, input)| (*id, input.clone()))
+            .collect();
+        for started in store::wait::start(tx, &to_start).await? {
+            let Some((_, step, input)) = waits.iter().find(|(id, _, _)| *id == started.task_id)
+            else {
+                continue;
+            };
+            let ended = |outcome, result, error, definition_error| EndedStep {
+                step: step.clone(),
+                outcome,
+                result,
+                error,
+                input: input.clone(),
+                definition_error,
+            };
+            match started.status.as_str() {
+                "succeeded" => {
+                    worklist.push(ended(Outcome::Succeeded, started.result, None, false))
+                }
+                "failed" => worklist.push(ended(Outcome::Failed, Value::Null, started.error, true)),
                 _ => {}
             }
         }

@@ -16,6 +16,7 @@ use crate::engine::{goal_value, EndedStep, GoalVariables, Outcome};
 
 pub mod child;
 pub mod map;
+pub mod wait;
 
 /// A database failure, and whether retrying the transaction may help.
 #[derive(Debug, thiserror::Error)]
@@ -851,6 +852,8 @@ pub struct ReadyTask {
     pub cancel_others: bool,
     /// A loop: its input sees `previous` (null) and `iteration` (1).
     pub looping: bool,
+    /// A wait step: it waits instead of being queued.
+    pub is_wait: bool,
 }
 
 /// Those of `steps` that are pending with every inbound edge resolved (or,
@@ -868,10 +871,11 @@ pub async fn ready_tasks(
     let statement = tx
         .prepare_cached(
             "SELECT t.id, t.step, t.join_mode, t.input_expr, inbound.from_steps, inbound.states, inbound.parent_results,
-                    t.for_each_expr IS NOT NULL, t.cancel_others, t.until_expr IS NOT NULL
+                    t.for_each_expr IS NOT NULL, t.cancel_others, t.until_expr IS NOT NULL, t.action = 'wait'
               FROM unnest($2::text[]) AS s(step)
              CROSS JOIN LATERAL (
-                   SELECT c.id, c.step, c.join_mode, c.input_expr, c.for_each_expr, c.cancel_others, c.until_expr
+                   SELECT c.id, c.step, c.join_mode, c.input_expr, c.for_each_expr, c.cancel_others, c.until_expr,
+                          c.action
                      FROM synapse.tasks c
                     WHERE c.goal_id = $1 AND c.step = s.step AND coalesce(c.map_index, -1) = -1 AND c.status = 'pending'
                       AND (c.pending_inbound = 0 OR c.join_mode NOT IN ('any', 'all'))
@@ -911,8 +915,28 @@ pub async fn ready_tasks(
                 is_map: column(&row, 7)?,
                 cancel_others: column(&row, 8)?,
                 looping: column(&row, 9)?,
+                is_wait: column(&row, 10)?,
             })
         })
+        .collect()
+}
+
+/// The pending steps of `goal_id` with no inbound edge left to resolve: what
+/// a goal run again (`retry_goal`) starts with. In a goal that runs, the
+/// engine decides each step as its last inbound edge resolves, so there are
+/// none; asking twice finds none the second time.
+pub async fn undecided_steps(tx: &Transaction<'_>, goal_id: i64) -> Result<Vec<String>> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT step FROM synapse.tasks
+              WHERE goal_id = $1 AND status = 'pending' AND map_index IS NULL AND pending_inbound = 0
+              ORDER BY id",
+        )
+        .await?;
+    tx.query(&statement, &[&goal_id])
+        .await?
+        .iter()
+        .map(|row| column(row, 0))
         .collect()
 }
 

@@ -130,7 +130,7 @@ fn planned(parent: &Parent, depth: i32, doc: Value, input: Value) -> Result<i64>
         params: json!({}),
     };
     let roots = root_starts(&plan, &goal)?;
-    install(id, &plan, roots, &goal.input)?;
+    install(id, &plan, roots, &goal)?;
     Ok(id)
 }
 

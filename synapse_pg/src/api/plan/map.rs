@@ -213,12 +213,7 @@ impl PendingMap {
                 .as_deref()
                 .is_some_and(|source| source.contains("steps"));
         let steps = if reads_steps {
-            Spi::get_one_with_args::<JsonB>(
-                "SELECT coalesce(jsonb_object_agg(step, jsonb_build_object('status', status, 'result', result)), '{}')
-                   FROM synapse.tasks WHERE goal_id = $1 AND map_index IS NULL",
-                &[self.goal_id.into()],
-            )?
-            .map_or(Value::Null, |JsonB(steps)| steps)
+            super::steps_variable(self.goal_id)?
         } else {
             Value::Object(Map::new())
         };

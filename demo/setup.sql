@@ -87,3 +87,45 @@ SELECT synapse.add_template(
       "output": "steps.summary.result.count"
     }$$::jsonb,
     'Find the open incidents at run time, triage each as a child goal (a map over a goal step), then run a summary plan an earlier step made.');
+
+CREATE TABLE IF NOT EXISTS public.expenses (
+    id     bigint PRIMARY KEY,
+    amount numeric(12, 2) NOT NULL,
+    status text NOT NULL DEFAULT 'submitted'
+);
+INSERT INTO public.expenses (id, amount) VALUES (7, 1250.00)
+ON CONFLICT (id) DO UPDATE SET status = 'submitted';
+
+SELECT synapse.add_template(
+    'expense-approval',
+    'approve expense (?P<id>\d+)',
+    $${
+      "name": "expense approval",
+      "steps": [
+        {"id": "fetch", "action": "sql", "input": "{'id': int(goal.params.id)}",
+         "params": {"query": "select id, amount::text as amount from expenses where id = $1", "args": "[input.id]"}},
+        {"id": "approval", "action": "wait", "params": {"signal": "approval", "timeout": "1h"}},
+        {"id": "pay", "action": "sql", "input": "steps.fetch.result.rows[0]",
+         "params": {"query": "update expenses set status = 'paid' where id = $1 returning id, status, amount::text as amount", "args": "[input.id]"}},
+        {"id": "reject", "action": "sql", "input": "steps.fetch.result.rows[0]",
+         "params": {"query": "update expenses set status = 'rejected' where id = $1 returning id, status", "args": "[input.id]"}},
+        {"id": "escalate", "action": "noop", "input": "{'expense': int(goal.params.id), 'reason': 'no answer within the hour'}"}
+      ],
+      "edges": [
+        {"from": "fetch", "to": "approval"},
+        {"from": "approval", "to": "pay", "when": "result.payload.approved"},
+        {"from": "approval", "to": "reject", "when": "!result.payload.approved"},
+        {"from": "approval", "to": "escalate", "on": "failure"}
+      ],
+      "output": "{'status': steps.pay.status == 'succeeded' ? 'paid' : steps.reject.status == 'succeeded' ? 'rejected' : 'escalated', 'approved_by': steps.approval.status == 'succeeded' ? steps.approval.result.payload.by : null}"
+    }$$::jsonb,
+    'Fetch an expense, wait (no worker held) for a person to send the approval signal, then pay or reject it; with no answer within the hour, escalate.');
+
+CREATE TABLE IF NOT EXISTS public.heartbeats (at timestamptz PRIMARY KEY DEFAULT now());
+
+SELECT synapse.add_template(
+    'heartbeat',
+    'record a heartbeat',
+    $${"steps": [{"id": "beat", "action": "sql",
+                  "params": {"query": "insert into heartbeats default values returning at::text"}}]}$$::jsonb,
+    'Insert a row into heartbeats: what the demo schedule runs.');

@@ -30,21 +30,8 @@ fi
 
 PGOPTIONS="-c client_min_messages=warning" "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 "$SYNAPSE_DATABASE_URL" -f demo/setup.sql >/dev/null
 
-run_goal() {
-    local goal="$1" live="${2:-}"
-    echo
-    local status
-    if [ -n "$live" ]; then
-        echo "━━━ synapse-worker submit '$goal'; synapse-worker watch ID   (live, redrawn at each event)"
-        local submitted
-        submitted=$("$WORKER" submit "$goal")
-        "$WORKER" watch "$submitted" || true
-        status=$("$WORKER" status "$submitted")
-    else
-        echo "━━━ synapse-worker submit '$goal' --wait"
-        status=$("$WORKER" submit "$goal" --wait --json --timeout 60s 2>/dev/null) || true
-    fi
-    python3 - "$status" <<'PY'
+show_status() {
+    python3 - "$1" <<'PY'
 import json, sys
 s = json.loads(sys.argv[1])
 print(f"goal {s['id']}: {s['status']}  result={json.dumps(s['result'])}" + (f"  error={s['error']}" if s['error'] else ""))
@@ -60,6 +47,23 @@ for e in s["edges"]:
     label += f" on {e['on']}" if e["on"] != "success" else ""
     print(f"  {e['from']} -> {e['to']}{label}: {e['state']}")
 PY
+}
+
+run_goal() {
+    local goal="$1" live="${2:-}"
+    echo
+    local status
+    if [ -n "$live" ]; then
+        echo "━━━ synapse-worker submit '$goal'; synapse-worker watch ID   (live, redrawn at each event)"
+        local submitted
+        submitted=$("$WORKER" submit "$goal")
+        "$WORKER" watch "$submitted" || true
+        status=$("$WORKER" status "$submitted")
+    else
+        echo "━━━ synapse-worker submit '$goal' --wait"
+        status=$("$WORKER" submit "$goal" --wait --json --timeout 60s 2>/dev/null) || true
+    fi
+    show_status "$status"
     local id
     id=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["id"])' "$status")
     "$WORKER" graph "$id" >"$DEMO/goal-$id.mmd"
@@ -74,6 +78,35 @@ FIRST_GOAL=$LAST_GOAL
 run_goal "triage incident 43"
 run_goal "compute totals for 2026-11-24" live
 run_goal "deploy the moon base"
+
+echo
+echo "━━━ an approval: the goal waits (no worker held) until someone sends the signal"
+EXPENSE_GOAL=$("$WORKER" submit "approve expense 7")
+for _ in $(seq 200); do
+    [ "$("$WORKER" status "$EXPENSE_GOAL" | python3 -c 'import json,sys; print(next(t["status"] for t in json.load(sys.stdin)["tasks"] if t["step"] == "approval"))')" = waiting ] && break
+    sleep 0.05
+done
+echo "goal $EXPENSE_GOAL: step approval is waiting for the signal \"approval\""
+echo "\$ synapse-worker signal $EXPENSE_GOAL approval --payload '{\"approved\": true, \"by\": \"ana\"}'"
+"$WORKER" signal "$EXPENSE_GOAL" approval --payload '{"approved": true, "by": "ana"}'
+"$WORKER" watch "$EXPENSE_GOAL" >/dev/null || true
+show_status "$("$WORKER" status "$EXPENSE_GOAL")"
+
+echo
+echo "━━━ a schedule: the forwarder submits \"record a heartbeat\" every 5 seconds (no polling: it sleeps until the next run)"
+PGOPTIONS="-c client_min_messages=warning" "$PG_BIN/psql" -X -q -At "$SYNAPSE_DATABASE_URL" \
+    -c "SELECT 'next run at ' || synapse.schedule('demo-heartbeat', '*/5 * * * * *', 'record a heartbeat')"
+SCHEDULED=""
+for _ in $(seq 200); do
+    SCHEDULED=$(PGOPTIONS="-c client_min_messages=warning" "$PG_BIN/psql" -X -q -At "$SYNAPSE_DATABASE_URL" \
+        -c "SELECT last_goal_id FROM synapse.schedules WHERE name = 'demo-heartbeat'")
+    [ -n "$SCHEDULED" ] && break
+    sleep 0.05
+done
+"$WORKER" watch "$SCHEDULED" >/dev/null || true
+PGOPTIONS="-c client_min_messages=warning" "$PG_BIN/psql" -X -q -At "$SYNAPSE_DATABASE_URL" \
+    -c "SELECT format('goal %s (idempotency key %s): %s', id, idempotency_key, status) FROM synapse.goals WHERE id = $SCHEDULED" \
+    -c "SELECT 'now every hour, next run at ' || synapse.schedule('demo-heartbeat', '0 * * * *', 'record a heartbeat')"
 
 echo
 echo "Mermaid of goal $FIRST_GOAL (paste into any Mermaid viewer):"

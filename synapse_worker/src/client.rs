@@ -384,6 +384,45 @@ pub async fn status(database: &Setting, id: i64) -> Outcome {
     Ok(true)
 }
 
+/// `signal`: delivers a signal; says whether a waiting step took it or it
+/// is kept for one.
+pub async fn signal(database: &Setting, id: i64, name: &str, payload: &str) -> Outcome {
+    let payload: Value = serde_json::from_str(payload).context("--payload is not JSON")?;
+    let (client, _) = connect(database, None).await?;
+    let taken: bool = client
+        .query_one(
+            "SELECT synapse.signal($1, $2, $3::text::jsonb)",
+            &[&id, &name, &payload.to_string()],
+        )
+        .await
+        .map_err(db_error)?
+        .get(0);
+    if taken {
+        println!("signal {name} taken by a waiting step of goal {id}");
+    } else {
+        println!("signal {name} kept until a step of goal {id} waits for it");
+    }
+    Ok(true)
+}
+
+/// `retry`: runs a finished goal again from `from` (default: its failed
+/// and cancelled steps); false when it is still running.
+pub async fn retry(database: &Setting, id: i64, from: &[String]) -> Outcome {
+    let (client, _) = connect(database, None).await?;
+    let steps = (!from.is_empty()).then_some(from);
+    let retried: bool = client
+        .query_one("SELECT synapse.retry_goal($1, $2)", &[&id, &steps])
+        .await
+        .map_err(db_error)?
+        .get(0);
+    if retried {
+        println!("goal {id} runs again (follow it with: synapse-worker watch {id})");
+    } else {
+        eprintln!("goal {id} has not finished: nothing to run again");
+    }
+    Ok(retried)
+}
+
 /// `graph`: Mermaid or DOT on stdout, or an SVG file rendered by Graphviz.
 pub async fn graph(
     database: &Setting,

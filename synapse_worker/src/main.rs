@@ -123,6 +123,32 @@ enum Command {
         /// Goal id.
         id: i64,
     },
+    /// Deliver a signal to a goal (synapse.signal): a step waiting for it takes it now, or it is
+    /// kept until one waits.
+    #[command(
+        after_help = "Example:\n  synapse-worker signal 42 approval --payload '{\"approved\": true, \"by\": \"ana\"}'"
+    )]
+    Signal {
+        /// Goal id.
+        id: i64,
+        /// Signal name (what the wait step's params.signal names).
+        name: String,
+        /// Signal payload (JSON), in the step's result as `payload`.
+        #[arg(long, default_value = "{}")]
+        payload: String,
+    },
+    /// Run a finished goal again (synapse.retry_goal) from the given steps, or from its failed
+    /// and cancelled ones; what ran upstream is kept. Exit 1 if the goal is still running.
+    #[command(
+        after_help = "Examples:\n  synapse-worker retry 42\n  synapse-worker retry 42 --from charge --from notify"
+    )]
+    Retry {
+        /// Goal id.
+        id: i64,
+        /// A step to run again, with everything downstream of it (repeat the flag for more).
+        #[arg(long = "from", value_name = "STEP")]
+        from: Vec<String>,
+    },
     /// Print a goal's DAG as Mermaid or Graphviz DOT, or render it to SVG.
     #[command(
         after_help = "Examples:\n  synapse-worker graph 42\n  synapse-worker graph 42 --format dot\n  synapse-worker graph 42 --output goal-42.svg   (needs Graphviz)"
@@ -402,6 +428,12 @@ fn main() -> ExitCode {
             }
             Command::Status { id } => interruptible(client::status(&database, id), stop).await,
             Command::Watch { id } => interruptible(client::watch(&database, id), stop).await,
+            Command::Signal { id, name, payload } => {
+                interruptible(client::signal(&database, id, &name, &payload), stop).await
+            }
+            Command::Retry { id, from } => {
+                interruptible(client::retry(&database, id, &from), stop).await
+            }
             Command::Graph { id, format, output } => {
                 let graph = client::graph(&database, id, &format, output.as_deref());
                 interruptible(graph, stop).await

@@ -535,6 +535,51 @@ impl Drop for WorkerProcess {
     }
 }
 
+/// `synapse.goal_status(goal)` as JSON.
+pub fn goal_status(client: &mut postgres::Client, goal: i64) -> serde_json::Value {
+    let text: String = client
+        .query_one("SELECT synapse.goal_status($1)::text", &[&goal])
+        .unwrap_or_else(|error| panic!("goal_status({goal}): {error}"))
+        .get(0);
+    serde_json::from_str(&text).expect("goal_status is JSON")
+}
+
+/// The status of `step` (the step's own row, not a map instance) in goal `goal`.
+pub fn step_status(client: &mut postgres::Client, goal: i64, step: &str) -> String {
+    client
+        .query_one(
+            "SELECT status FROM synapse.tasks WHERE goal_id = $1 AND step = $2 AND map_index IS NULL",
+            &[&goal, &step],
+        )
+        .unwrap_or_else(|error| panic!("the status of step {step} of goal {goal}: {error}"))
+        .get(0)
+}
+
+/// Waits until `step` of goal `goal` has status `status`.
+pub fn wait_for_step(client: &mut postgres::Client, goal: i64, step: &str, status: &str) {
+    wait_until(
+        &format!("step {step} of goal {goal} to be {status}"),
+        Duration::from_secs(60),
+        || (step_status(client, goal, step) == status).then_some(()),
+    );
+}
+
+/// Runs `sql`, which must fail: its SQLSTATE and message.
+pub fn refused(
+    client: &mut postgres::Client,
+    sql: &str,
+    params: &[&(dyn postgres::types::ToSql + Sync)],
+) -> (String, String) {
+    let error = client
+        .query(sql, params)
+        .map(|rows| panic!("{sql} was accepted: {rows:?}"))
+        .unwrap_err();
+    let db = error
+        .as_db_error()
+        .unwrap_or_else(|| panic!("{sql}: not a database error: {error}"));
+    (db.code().code().to_owned(), db.message().to_owned())
+}
+
 /// Waits, on NOTIFY events rather than by polling, until goal `id` has ended;
 /// returns its `goal_status()`.
 pub fn wait_for_goal(stack: &Stack, id: i64, limit: Duration) -> serde_json::Value {

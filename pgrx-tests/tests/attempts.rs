@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use synapse_e2e::{
-    submit_plan, task, wait_for_goal, wait_for_running_task, wait_until, worker_binary, Stack,
+    goal_status, submit_plan, task, wait_for_goal, wait_for_running_task, wait_until,
+    worker_binary, Stack,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -49,14 +50,6 @@ fn flaky_server(failures: usize, requests: usize) -> u16 {
         }
     });
     port
-}
-
-fn goal_status(client: &mut synapse_e2e::postgres::Client, id: i64) -> Value {
-    let text: String = client
-        .query_one("SELECT synapse.goal_status($1)::text", &[&id])
-        .unwrap()
-        .get(0);
-    serde_json::from_str(&text).unwrap()
 }
 
 /// The identity a worker process records (`host:pid`).

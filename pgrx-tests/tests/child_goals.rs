@@ -4,17 +4,9 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use synapse_e2e::{postgres, submit_plan, task, wait_for_goal, wait_until, Stack};
+use synapse_e2e::{goal_status, postgres, submit_plan, task, wait_for_goal, wait_until, Stack};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn goal_status(client: &mut postgres::Client, goal: i64) -> Value {
-    let text: String = client
-        .query_one("SELECT synapse.goal_status($1)::text", &[&goal])
-        .unwrap()
-        .get(0);
-    serde_json::from_str(&text).unwrap()
-}
 
 fn add_template(client: &mut postgres::Client, name: &str, pattern: &str, blueprint: &Value) {
     client

@@ -3,18 +3,10 @@
 use std::time::Duration;
 
 use synapse_e2e::{
-    brpop, edge_state, postgres, submit_plan, task, Stack, ONE_STEP, WITHOUT_PRELOAD,
+    brpop, edge_state, goal_status, postgres, submit_plan, task, Stack, ONE_STEP, WITHOUT_PRELOAD,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn goal_status(client: &mut postgres::Client, goal: i64) -> serde_json::Value {
-    let text: String = client
-        .query_one("SELECT synapse.goal_status($1)::text", &[&goal])
-        .expect("goal_status")
-        .get(0);
-    serde_json::from_str(&text).expect("JSON")
-}
 
 /// Every call of the SQL API a session makes, in one session.
 fn use_the_api(client: &mut postgres::Client) -> i64 {

@@ -179,8 +179,8 @@ BEGIN
                             -- needs no particular worker: the others' queues first).
                             WHEN g.status = 'running' AND o.status IN ('succeeded', 'failed', 'cancelled')
                             THEN (SELECT t.queue FROM synapse.tasks t
-                                   WHERE t.goal_id = g.id AND t.status = 'pending' AND t.pending_inbound = 0
-                                   ORDER BY t.action = 'wait', t.id LIMIT 1) END)
+                                   WHERE t.goal_id = g.id AND t.status = 'pending' AND t.map_index IS NULL
+                                   ORDER BY t.pending_inbound > 0, t.action = 'wait', t.id LIMIT 1) END)
               FROM new_goals g JOIN old_goals o ON o.id = g.id
              WHERE o.status IS DISTINCT FROM g.status AND g.status <> 'planning'
              ORDER BY g.id));

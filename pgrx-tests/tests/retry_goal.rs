@@ -431,3 +431,41 @@ fn signal_confirm(client: &mut postgres::Client, goal: i64) -> bool {
         .unwrap()
         .get(0)
 }
+
+#[test]
+fn a_goal_cancelled_before_a_step_was_carried_on_resumes_from_that_step() {
+    let stack = Stack::start("retry-unresolved", &[]);
+    let mut client = stack.pg();
+    // No worker yet: the wait ends (a signal), but nobody resolves its edges
+    // before the goal is cancelled.
+    let goal = submit_plan(
+        &mut client,
+        &json!({"steps": [
+            {"id": "approval", "action": "wait", "params": {"signal": "approval"}},
+            {"id": "pay", "action": "transform", "params": {"expr": "input.approval.payload.amount"}}
+        ], "edges": [{"from": "approval", "to": "pay"}]})
+        .to_string(),
+    );
+    let taken: bool = client
+        .query_one(
+            "SELECT synapse.signal($1, 'approval', '{\"amount\": 12}')",
+            &[&goal],
+        )
+        .unwrap()
+        .get(0);
+    assert!(taken);
+    let cancelled: bool = client
+        .query_one("SELECT synapse.cancel_goal($1)", &[&goal])
+        .unwrap()
+        .get(0);
+    assert!(cancelled);
+    assert_eq!(step_status(&mut client, goal, "approval"), "succeeded");
+    assert_eq!(step_status(&mut client, goal, "pay"), "cancelled");
+    // pay runs again; its inbound edge, never resolved, is resolved now.
+    assert!(retry(&mut client, goal));
+    let _worker = stack.start_worker("w", &[]);
+    let status = wait_for_goal(&stack, goal, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(task(&status, "pay")["result"], json!(12));
+    assert_eq!(edge_state(&status, "approval", "pay"), "taken");
+}

@@ -370,14 +370,24 @@ pub async fn steps_ended_in_locked_goals(
     Ok(queued)
 }
 
-/// Carries on goals that run again (`retry_goal`): decides their pending
-/// steps with no inbound edge left to resolve, as if those edges had just
-/// resolved, and goes on from there. A goal asked twice has nothing left to
-/// decide the second time.
+/// Carries on goals that run again (`retry_goal`): first the steps that
+/// ended with edges left unresolved (the goal was cancelled before their
+/// carry-on), then the pending steps with no inbound edge left to resolve,
+/// as if those edges had just resolved; and goes on from there. A goal
+/// asked twice has nothing left to decide the second time.
 pub async fn resume(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<Queued>, StoreError> {
     let running = store::lock_running_goals(tx, goal_ids).await?;
-    let goal = GoalVariables { goal: Value::Null };
+    let mut unresolved = Vec::new();
+    for goal_id in &running {
+        unresolved.extend(store::ended_with_pending_edges(tx, *goal_id).await?);
+    }
     let mut queued = Vec::new();
+    if !unresolved.is_empty() {
+        let ends = store::ended_without_a_worker(tx, &unresolved).await?;
+        queued.extend(steps_ended_in_locked_goals(tx, ends, running.clone()).await?);
+    }
+    let running = store::lock_running_goals(tx, &running).await?;
+    let goal = GoalVariables { goal: Value::Null };
     for goal_id in &running {
         let steps = store::undecided_steps(tx, *goal_id).await?;
         if !steps.is_empty() {

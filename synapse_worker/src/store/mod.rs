@@ -940,6 +940,26 @@ pub async fn undecided_steps(tx: &Transaction<'_>, goal_id: i64) -> Result<Vec<S
         .collect()
 }
 
+/// The steps of `goal_id` that ended (succeeded or failed) with outbound
+/// edges still pending: their carry-on never happened (their goal was
+/// cancelled first), which a goal run again must make up for.
+pub async fn ended_with_pending_edges(tx: &Transaction<'_>, goal_id: i64) -> Result<Vec<i64>> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT t.id FROM synapse.tasks t
+              WHERE t.goal_id = $1 AND t.map_index IS NULL AND t.status IN ('succeeded', 'failed')
+                AND EXISTS (SELECT FROM synapse.edges e
+                             WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending')
+              ORDER BY t.id",
+        )
+        .await?;
+    tx.query(&statement, &[&goal_id])
+        .await?
+        .iter()
+        .map(|row| column(row, 0))
+        .collect()
+}
+
 /// `pending → queued` with their inputs, in one statement.
 pub async fn queue_tasks(tx: &Transaction<'_>, tasks: &[(i64, Value)]) -> Result<Vec<Queued>> {
     if tasks.is_empty() {

@@ -1,7 +1,8 @@
-//! Idle: the stack and two workers left alone, with a plan that grew left
-//! waiting (a map of child goals whose steps retry hours later). What each
-//! side does while nothing is submitted: SQL statements, Redis commands, WAL
-//! bytes, CPU seconds per process.
+//! Idle: the stack and two workers left alone, with plans left waiting (a
+//! map of child goals whose steps retry hours later, ten thousand steps
+//! waiting for a signal or a time hours away, and a daily schedule). What
+//! each side does while nothing is submitted: SQL statements, Redis commands,
+//! WAL bytes, CPU seconds per process.
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ const LEASE: Duration = Duration::from_secs(30);
 pub fn section(stack: &Stack, sizes: &Sizes) -> Vec<Figure> {
     let workers = workers::start(stack, "idle", 2, 32);
     park_a_plan_that_grew(stack);
+    park_waits(stack);
     idle(stack, &workers.iter().collect::<Vec<_>>(), sizes.idle)
 }
 
@@ -50,6 +52,55 @@ fn park_a_plan_that_grew(stack: &Stack) {
             (retrying == 3).then_some(())
         },
     );
+}
+
+/// Steps waiting for what is hours away: 10 000 signals (half with a
+/// timeout in 12 h), 100 timers of 12 h, and a schedule that runs daily. Each
+/// armed deadline is the forwarder's to keep, without looking before it.
+fn park_waits(stack: &Stack) {
+    let mut client = stack.pg();
+    let plans = [
+        (
+            5_000,
+            json!({"steps": [{"id": "hold", "action": "wait", "params": {"signal": "never"}}]}),
+        ),
+        (
+            5_000,
+            json!({"steps": [{"id": "hold", "action": "wait",
+                              "params": {"signal": "never", "timeout": "12h"}}]}),
+        ),
+        (
+            100,
+            json!({"steps": [{"id": "hold", "action": "wait", "params": {"for": "12h"}}]}),
+        ),
+    ];
+    for (count, plan) in &plans {
+        client
+            .execute(
+                "SELECT synapse.submit_plan($1::text::jsonb) FROM generate_series(1, $2::int)",
+                &[&plan.to_string(), count],
+            )
+            .expect("parking waits");
+    }
+    // Twelve hours from now, whatever the time of day.
+    client
+        .execute(
+            "SELECT synapse.schedule('bench-daily', format('%s %s * * *', extract(minute FROM t)::int,
+                                                            extract(hour FROM t)::int), 'bench daily run')
+               FROM (SELECT now() AT TIME ZONE 'UTC' + interval '12 hours' AS t) later",
+            &[],
+        )
+        .expect("scheduling");
+    wait_until("the waits to wait", Duration::from_secs(120), || {
+        let waiting: i64 = client
+            .query_one(
+                "SELECT count(*) FROM synapse.tasks WHERE step = 'hold' AND status = 'waiting'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        (waiting == 10_100).then_some(())
+    });
 }
 
 /// Names the processes to watch while idle: each worker, Redis, and each
@@ -164,7 +215,7 @@ fn idle(stack: &Stack, workers: &[&WorkerProcess], window: Duration) -> Vec<Figu
             (sql_after - sql_before) as f64,
             "",
         )
-        .note("pg_stat_statements; a map of three child goals waits meanwhile")
+        .note("pg_stat_statements; a map of three child goals, 10 100 wait steps and a schedule wait meanwhile")
         .metric(Metric::IdleStatements),
         Figure::new(
             format!("idle {seconds} s: Redis commands"),

@@ -83,6 +83,15 @@ fn a_signal_to_a_waiting_step_ends_its_wait_and_its_payload_picks_the_branch() {
     let mut client = stack.pg();
     let goal = submit_plan(&mut client, &approval_plan());
     wait_for_step(&mut client, goal, "ask", "waiting");
+    // The picture says what the step waits for.
+    let graph: String = client
+        .query_one("SELECT synapse.goal_graph($1, 'dot')", &[&goal])
+        .unwrap()
+        .get(0);
+    assert!(
+        graph.contains("wait · waiting\\nsignal \\\"approval\\\""),
+        "{graph}"
+    );
 
     let payload = json!({"approved": true, "by": "ana"});
     assert!(

@@ -664,11 +664,12 @@ const WATCH_QUERY: &str = "
     SELECT t.step, t.action, t.status, t.attempts,
            (extract(epoch FROM coalesce(t.finished_at, clock_timestamp()) - t.started_at) * 1000)::float8,
            t.error, t.map_size, coalesce(t.map_ended, 0), coalesce(t.map_failed, 0),
-           CASE WHEN t.until_expr IS NOT NULL THEN t.iteration END, t.child_goal_id
+           CASE WHEN t.until_expr IS NOT NULL THEN t.iteration END, t.child_goal_id,
+           CASE WHEN t.action = 'wait' THEN t.params END
       FROM synapse.tasks t WHERE t.goal_id = $1 AND t.map_index IS NULL ORDER BY t.id";
 
 /// What a step's line adds: a map step's counts, a loop's iteration, a goal
-/// step's child goal.
+/// step's child goal, what a wait step waits for.
 fn detail(row: &tokio_postgres::Row) -> Option<String> {
     let map = row.get::<_, Option<i32>>(6).map(|size| {
         (
@@ -677,7 +678,8 @@ fn detail(row: &tokio_postgres::Row) -> Option<String> {
             row.get::<_, i32>(8).into(),
         )
     });
-    synapse_worker::graph::detail(map, row.get(9), row.get(10))
+    let wait: Option<Value> = row.get(11);
+    synapse_worker::graph::detail(map, row.get(9), row.get(10), wait.as_ref())
 }
 
 fn render(status: &Value, rows: &[tokio_postgres::Row]) -> String {

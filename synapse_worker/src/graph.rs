@@ -19,19 +19,36 @@ pub struct Node<'a> {
 }
 
 /// What a step's node (or line) says besides its status: a map step's
-/// counts (`map`: instances, ended, failed), a loop's iteration, or a goal
-/// step's child goal.
+/// counts (`map`: instances, ended, failed), a loop's iteration, a goal
+/// step's child goal, or what a wait step waits for (`wait`: its params).
 pub fn detail(
     map: Option<(i64, i64, i64)>,
     iteration: Option<i32>,
     child_goal_id: Option<i64>,
+    wait: Option<&serde_json::Value>,
 ) -> Option<String> {
     match (map, iteration, child_goal_id) {
         (Some((size, ended, failed)), _, _) => Some(map_counts(size, ended, failed)),
         (None, Some(iteration), _) => Some(format!("iteration {iteration}")),
         (None, None, Some(child)) => Some(format!("child goal {child}")),
-        (None, None, None) => None,
+        (None, None, None) => wait.and_then(|params| waits_for(params).ok()),
     }
+}
+
+/// A wait step's `params` as drawn: `signal "approval" · timeout 2d`,
+/// `for 10m`, `until goal.input.at`.
+fn waits_for(params: &serde_json::Value) -> Result<String, (&'static str, String)> {
+    use crate::blueprint::wait::Wait;
+    Ok(match Wait::from_params(params)? {
+        Wait::Signal {
+            name, timeout_text, ..
+        } => match timeout_text {
+            Some(timeout) => format!("signal \"{name}\" · timeout {timeout}"),
+            None => format!("signal \"{name}\""),
+        },
+        Wait::For(duration) => format!("for {}", crate::blueprint::format_duration(duration)),
+        Wait::Until(source) => format!("until {source}"),
+    })
 }
 
 /// A map step's counts as drawn: `×10 000 · 9 998 ok · 2 failed`, and how
@@ -335,10 +352,37 @@ mod tests {
         );
         assert_eq!(map_counts(3, 1, 0), "×3 · 1 ok · 0 failed · 2 left");
         assert_eq!(grouped(1_234_567), "1 234 567");
-        assert_eq!(detail(None, Some(3), None).as_deref(), Some("iteration 3"));
-        assert_eq!(detail(None, None, Some(9)).as_deref(), Some("child goal 9"));
-        assert_eq!(detail(None, None, None), None);
+        assert_eq!(
+            detail(None, Some(3), None, None).as_deref(),
+            Some("iteration 3")
+        );
+        assert_eq!(
+            detail(None, None, Some(9), None).as_deref(),
+            Some("child goal 9")
+        );
+        assert_eq!(detail(None, None, None, None), None);
         assert_eq!(grouped(999), "999");
+    }
+
+    #[test]
+    fn a_wait_step_says_what_it_waits_for() {
+        let says = |params: serde_json::Value| detail(None, None, None, Some(&params));
+        assert_eq!(
+            says(serde_json::json!({"signal": "approval", "timeout": "2d"})).as_deref(),
+            Some("signal \"approval\" · timeout 2d")
+        );
+        assert_eq!(
+            says(serde_json::json!({"signal": "go"})).as_deref(),
+            Some("signal \"go\"")
+        );
+        assert_eq!(
+            says(serde_json::json!({"for": "600s"})).as_deref(),
+            Some("for 10m")
+        );
+        assert_eq!(
+            says(serde_json::json!({"until": "goal.input.at"})).as_deref(),
+            Some("until goal.input.at")
+        );
     }
 
     #[test]

@@ -34,7 +34,8 @@ fn render(goal_id: i64, format: &str) -> Result<String> {
         let tasks: Vec<(String, String, String, i32, Option<String>)> = client
             .select(
                 "SELECT step, action, status, attempts, map_size, coalesce(map_ended, 0), coalesce(map_failed, 0),
-                        CASE WHEN until_expr IS NOT NULL THEN iteration END, child_goal_id
+                        CASE WHEN until_expr IS NOT NULL THEN iteration END, child_goal_id,
+                        CASE WHEN action = 'wait' THEN params END
                    FROM synapse.tasks WHERE goal_id = $1 AND map_index IS NULL ORDER BY id",
                 None,
                 &[goal_id.into()],
@@ -48,7 +49,8 @@ fn render(goal_id: i64, format: &str) -> Result<String> {
                     )),
                     None => None,
                 };
-                let detail = graph::detail(map, row.get(8)?, row.get(9)?);
+                let wait = row.get::<pgrx::JsonB>(10)?.map(|pgrx::JsonB(params)| params);
+                let detail = graph::detail(map, row.get(8)?, row.get(9)?, wait.as_ref());
                 Ok((
                     row.get(1)?.unwrap_or_default(),
                     row.get(2)?.unwrap_or_default(),

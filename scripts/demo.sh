@@ -24,7 +24,7 @@ if ! running "$DEMO/receiver.pid"; then
 fi
 for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/58080) 2>/dev/null && break; sleep 0.05; done
 if ! running "$DEMO/worker.pid"; then
-    "$WORKER" run --concurrency 8 >"$DEMO/worker.log" 2>&1 &
+    "$WORKER" run --concurrency 8 --allow-http 127.0.0.1:58080 >"$DEMO/worker.log" 2>&1 &
     echo $! >"$DEMO/worker.pid"
 fi
 

@@ -18,6 +18,9 @@ EXTRA_CONF="${SYNAPSE_PG_CONF:-}"
 # Optional: Redis over TLS (a self-signed CA made here) and/or with a password.
 REDIS_TLS="${SYNAPSE_REDIS_TLS:-}"
 REDIS_PASSWORD="${SYNAPSE_REDIS_PASSWORD:-}"
+# Optional: Postgres over TLS (a certificate from the same CA) and only over TLS,
+# with a password, for every role but the superuser postgres.
+PG_TLS="${SYNAPSE_PG_TLS:-}"
 TLS_DIR="$STACK_DIR/tls"
 REDIS_SCHEME=redis
 [ -n "$REDIS_TLS" ] && REDIS_SCHEME=rediss
@@ -41,6 +44,33 @@ make_certificates() {
     openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=127.0.0.1" \
         -addext "subjectAltName=IP:127.0.0.1" -keyout "$TLS_DIR/server.key" -out "$TLS_DIR/ca.crt" 2>/dev/null
     chmod 644 "$TLS_DIR/server.key"
+}
+
+# Postgres's certificate, for 127.0.0.1 and localhost, signed by the CA above.
+make_postgres_certificate() {
+    make_certificates
+    [ -f "$TLS_DIR/postgres.crt" ] && return 0
+    openssl req -new -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+        -keyout "$TLS_DIR/postgres.key" -out "$TLS_DIR/postgres.csr" 2>/dev/null
+    openssl x509 -req -days 30 -in "$TLS_DIR/postgres.csr" -CA "$TLS_DIR/ca.crt" -CAkey "$TLS_DIR/server.key" \
+        -CAcreateserial -CAserial "$TLS_DIR/ca.srl" -out "$TLS_DIR/postgres.crt" \
+        -extfile <(printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n') 2>/dev/null
+    # Readable by the cluster's user, which copies it (Postgres wants its own 0600 copy).
+    chmod 644 "$TLS_DIR/postgres.key"
+}
+
+# TLS on, and pg_hba.conf letting in only TLS connections with a password;
+# the superuser postgres also without TLS, for the test harness's own client.
+configure_postgres_tls() {
+    make_postgres_certificate
+    as_pg cp "$TLS_DIR/postgres.crt" "$DATA/server.crt"
+    as_pg cp "$TLS_DIR/postgres.key" "$DATA/server.key"
+    as_pg chmod 600 "$DATA/server.key"
+    cat >"$STACK_DIR/pg_hba.conf" <<HBA
+host    all postgres 127.0.0.1/32 trust
+hostssl all all      127.0.0.1/32 scram-sha-256
+HBA
+    as_pg cp "$STACK_DIR/pg_hba.conf" "$DATA/pg_hba.conf"
 }
 
 # initdb refuses to run as root: run the cluster as postgres then.
@@ -68,9 +98,11 @@ synapse.database = '$DATABASE'
 synapse.redis_url = '$REDIS_URL'
 max_connections = 200
 log_min_messages = warning
+${PG_TLS:+ssl = on}
 $EXTRA_CONF
 CONF
     as_pg cp "$STACK_DIR/synapse.conf" "$DATA/synapse.conf"
+    if [ -n "$PG_TLS" ]; then configure_postgres_tls; fi
     if ! as_pg "$PG_BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
         # With TLS, the forwarder trusts the stack's own CA.
         local trust=()

@@ -68,7 +68,7 @@ fn identity_of(worker: &synapse_e2e::WorkerProcess) -> String {
 fn every_failed_attempt_is_kept_with_its_worker_times_and_error() {
     let stack = Stack::start("attempts-history", &[]);
     let mut client = stack.pg();
-    let worker = stack.start_worker("w", &[]);
+    let worker = stack.start_worker("w", &["--allow-http", "127.0.0.1"]);
     let identity = identity_of(&worker);
     assert!(
         identity.ends_with(&format!(":{}", worker.pid())),

@@ -3,19 +3,13 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use synapse_e2e::{
-    assert_quiet, edge_state, redis, stream_events, submit_plan, task, wait_for_goal,
+    assert_quiet, edge_state, redis, run_plan, stream_events, submit_plan, task, wait_for_goal,
     wait_for_running_task, wait_until, Stack,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn run_plan(stack: &Stack, blueprint: Value) -> Value {
-    let mut client = stack.pg();
-    let id = submit_plan(&mut client, &blueprint);
-    wait_for_goal(stack, id, WAIT)
-}
 
 #[test]
 fn a_goal_is_planned_from_a_template_and_takes_the_branch_its_data_chooses() {
@@ -487,7 +481,10 @@ fn the_sql_http_and_exec_actions_work_against_real_services() {
     client
         .batch_execute("CREATE TABLE public.orders (id bigint PRIMARY KEY, amount int NOT NULL, placed date NOT NULL)")
         .unwrap();
-    let _worker = stack.start_worker("w", &["--allow-exec", "/bin/cat"]);
+    let _worker = stack.start_worker(
+        "w",
+        &["--allow-exec", "/bin/cat", "--allow-http", "127.0.0.1"],
+    );
     let port = http_receiver(200, 1);
     let status = run_plan(
         &stack,

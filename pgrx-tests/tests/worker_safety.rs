@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use synapse_e2e::{
-    postgres, submit_plan, task, wait_for_goal, wait_for_running_task, wait_until, worker_binary,
-    Stack,
+    error_of, postgres, run_plan, submit_plan, task, wait_for_goal, wait_for_running_task,
+    wait_until, worker_binary, Stack,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -27,19 +27,6 @@ fn submit_plan_with_input(client: &mut postgres::Client, blueprint: &Value, inpu
         )
         .expect("submit_plan")
         .get(0)
-}
-
-fn run_plan(stack: &Stack, blueprint: Value) -> Value {
-    let mut client = stack.pg();
-    let id = submit_plan(&mut client, &blueprint);
-    wait_for_goal(stack, id, WAIT)
-}
-
-fn error_of(status: &Value, step: &str) -> String {
-    task(status, step)["error"]
-        .as_str()
-        .unwrap_or_else(|| panic!("step {step} has no error: {status}"))
-        .to_owned()
 }
 
 /// A local port nothing listens on.
@@ -310,7 +297,11 @@ const MIB: usize = 1024 * 1024;
 #[test]
 fn results_over_the_limit_fail_their_step_and_the_worker_keeps_serving() {
     let stack = Stack::start("result-limit", &[]);
-    let mut default_limit = worker(&stack, "default", &["--allow-exec", "/bin/sh"]);
+    let mut default_limit = worker(
+        &stack,
+        "default",
+        &["--allow-exec", "/bin/sh", "--allow-http", "127.0.0.1"],
+    );
     let port = big_body_server(vec![(2 * MIB, true), (2 * MIB, false), (1000, true)]);
     let limit_error = "result is larger than the 1 MiB limit (--max-result-size)";
     let http = |id: &str, path: &str| {

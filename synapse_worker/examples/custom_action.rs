@@ -67,6 +67,7 @@ async fn main() -> ExitCode {
         lease: std::time::Duration::from_secs(30),
         grace: std::time::Duration::from_secs(30),
         identity: format!("word-count:{}", std::process::id()),
+        allow_http: synapse_worker::actions::HttpFence::none(),
         allow_exec: Vec::new(),
         metrics_addr: None,
     };

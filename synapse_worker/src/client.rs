@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use synapse_worker::blueprint;
 use synapse_worker::connection_error;
+use synapse_worker::postgres_tls;
 
 /// A failure of a client command, and the exit code it maps to.
 pub enum Failure {
@@ -109,7 +110,7 @@ async fn connect(
     interest: Option<Arc<Interest>>,
 ) -> Result<(tokio_postgres::Client, Wakeups), Failure> {
     let url = database.value.as_str();
-    let mut config: tokio_postgres::Config = url.parse().map_err(|error| {
+    let (mut config, tls) = postgres_tls::configure(url).map_err(|error| {
         Failure::Config(anyhow::anyhow!(
             "the Postgres URL from {} is not valid: {error}",
             database.origin
@@ -118,17 +119,13 @@ async fn connect(
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    let (client, mut connection) =
-        config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|error| {
-                anyhow::anyhow!(
-                    "{} ({})",
-                    connection_error::cannot_connect(url, &error),
-                    database.hint()
-                )
-            })?;
+    let (client, mut connection) = config.connect(tls).await.map_err(|error| {
+        anyhow::anyhow!(
+            "{} ({})",
+            connection_error::cannot_connect(url, &error),
+            database.hint()
+        )
+    })?;
     let (wake, wakeups) = watch::channel(0u64);
     tokio::spawn(async move {
         // Drive the connection; count the events of interest. Dropping `wake`

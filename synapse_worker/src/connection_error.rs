@@ -20,17 +20,30 @@ pub fn cannot_connect(url: &str, error: &(dyn Error + 'static)) -> String {
 /// happened: the server's message with its SQLSTATE (`database "x" does not
 /// exist`, `password authentication failed for user "app"`), `connection
 /// refused`, `could not translate host name "x" to address: …`, `connection
-/// timed out`; otherwise every message of the chain. `url` names the host a
-/// failed name lookup was for; it is never part of the answer otherwise.
+/// timed out`, `the server does not accept TLS`, `the server's certificate
+/// is not trusted: …`; otherwise every message of the chain. `url` names the
+/// host a failed name lookup was for and the `sslrootcert` a certificate was
+/// checked against; it is never part of the answer otherwise.
 pub fn describe(url: &str, error: &(dyn Error + 'static)) -> String {
     let mut cause: Option<&(dyn Error + 'static)> = Some(error);
     while let Some(current) = cause {
         if let Some(postgres) = current.downcast_ref::<tokio_postgres::Error>() {
             if let Some(db) = postgres.as_db_error() {
-                return format!("{} (SQLSTATE {})", db.message(), db.code().code());
+                let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+                // pg_hba.conf refused a plaintext connection: the server's words
+                // do not say that TLS may be let in.
+                if db.code().code().starts_with("28") && db.message().ends_with("no encryption") {
+                    text.push_str(
+                        "; the server may accept it over TLS: set sslmode=verify-full (or require) in the URL",
+                    );
+                }
+                return text;
             }
             if postgres.is_closed() {
                 return "the server closed the connection".to_owned();
+            }
+            if let Some(tls) = describe_tls(url, postgres) {
+                return tls;
             }
         }
         if let Some(io) = current.downcast_ref::<std::io::Error>() {
@@ -39,6 +52,52 @@ pub fn describe(url: &str, error: &(dyn Error + 'static)) -> String {
         cause = current.source();
     }
     chain(error)
+}
+
+/// Why a TLS handshake failed, if `error` says one did.
+fn describe_tls(url: &str, error: &tokio_postgres::Error) -> Option<String> {
+    // tokio-postgres tells this failure only by its message.
+    if error.to_string() != "error performing TLS handshake" {
+        return None;
+    }
+    let Some(cause) = error.source() else {
+        return Some("the TLS handshake failed".to_owned());
+    };
+    let text = cause.to_string();
+    if cause.downcast_ref::<native_tls::Error>().is_none() {
+        return Some(match text.as_str() {
+            "server does not support TLS" => {
+                "the server does not accept TLS, which the URL's sslmode requires".to_owned()
+            }
+            _ => format!("the TLS handshake failed: {text}"),
+        });
+    }
+    if !text.contains("certificate verify failed") {
+        return Some(format!("the TLS handshake failed: {text}"));
+    }
+    // OpenSSL's reason comes last, in parentheses, after its error stack.
+    let reason = text
+        .rsplit_once(" (")
+        .and_then(|(_, reason)| reason.strip_suffix(')'))
+        .unwrap_or(&text);
+    if reason == "hostname mismatch" {
+        return Some(match host(url) {
+            Some(host) => {
+                format!("the server's certificate is not for host \"{host}\" (hostname mismatch)")
+            }
+            None => "the server's certificate is not for the host connected to (hostname mismatch)"
+                .to_owned(),
+        });
+    }
+    let trusted = match crate::postgres_tls::split(url).map(|(_, tls)| tls.root_cert) {
+        Ok(Some(crate::postgres_tls::RootCert::File(path))) => {
+            format!("by the CAs of sslrootcert {}", path.display())
+        }
+        _ => "by the system's CAs; give its CA's file as sslrootcert".to_owned(),
+    };
+    Some(format!(
+        "the server's certificate is not trusted: {reason} ({trusted})"
+    ))
 }
 
 /// Every message of the chain, joined by `: `, each once (a wrapper that
@@ -82,7 +141,7 @@ fn describe_io(url: &str, error: &std::io::Error) -> String {
 
 /// The (first) host named by a connection string, if it parses.
 fn host(url: &str) -> Option<String> {
-    let config: tokio_postgres::Config = url.parse().ok()?;
+    let (config, _) = crate::postgres_tls::parse(url).ok()?;
     config.get_hosts().iter().find_map(|host| match host {
         tokio_postgres::config::Host::Tcp(name) => Some(name.clone()),
         #[cfg(unix)]
@@ -170,9 +229,9 @@ mod tests {
     async fn a_closed_port_is_connection_refused_through_every_wrapper() {
         // Port 1 on the loopback: nothing listens there.
         let url = "postgresql://app:s3cret@127.0.0.1:1/app";
-        let config: tokio_postgres::Config = url.parse().unwrap();
+        let (config, tls) = crate::postgres_tls::configure(url).unwrap();
         let error = config
-            .connect(tokio_postgres::NoTls)
+            .connect(tls)
             .await
             .err()
             .expect("nothing listens on port 1");
@@ -187,6 +246,40 @@ mod tests {
         let wrapped = anyhow::Error::new(pooled).context("registering actions");
         assert!(describe(url, wrapped.as_ref()).starts_with("connection refused"));
         assert!(!text.contains("s3cret"));
+    }
+
+    /// A server that answers every TLS request with "no".
+    async fn plaintext_only_server() -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = [0u8; 8];
+                if socket.read_exact(&mut request).await.is_ok() {
+                    let _ = socket.write_all(b"N").await;
+                }
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_server_without_tls_is_named_when_the_url_requires_it() {
+        let port = plaintext_only_server().await;
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let url = format!("postgresql://app:s3cret@127.0.0.1:{port}/app?sslmode={mode}");
+            let (config, tls) = crate::postgres_tls::configure(&url).unwrap();
+            let error = config.connect(tls).await.err().expect("TLS refused");
+            let pooled = deadpool_postgres::PoolError::Backend(error);
+            assert_eq!(
+                cannot_connect(&url, &pooled),
+                format!(
+                    "cannot connect to Postgres at postgresql://app:***@127.0.0.1:{port}/app?sslmode={mode}: \
+                     the server does not accept TLS, which the URL's sslmode requires"
+                )
+            );
+        }
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub mod metrics;
 #[cfg(feature = "runtime")]
 pub mod planner;
 #[cfg(feature = "runtime")]
+pub mod postgres_tls;
+#[cfg(feature = "runtime")]
 pub mod store;
 #[cfg(feature = "runtime")]
 pub mod worker;

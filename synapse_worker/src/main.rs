@@ -11,7 +11,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use synapse_worker::actions::{ActionRegistry, ResultLimit};
+use synapse_worker::actions::{ActionRegistry, HttpFence, ResultLimit};
 use synapse_worker::{Worker, WorkerConfig};
 
 mod client;
@@ -208,6 +208,12 @@ struct RunArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9187).
     #[arg(long, env = "SYNAPSE_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Destinations the http action may reach (comma list): host names (api.example.com,
+    /// *.example.com), IP addresses, CIDRs (10.0.0.0/8), or *, each optionally with :port
+    /// (api.example.com:443, [::1]:8080). Checked on the addresses the worker resolves.
+    /// Default: none.
+    #[arg(long, env = "SYNAPSE_ALLOW_HTTP", value_delimiter = ',')]
+    allow_http: Vec<String>,
     /// Programs the exec action may run (comma list, exactly as blueprints name them).
     #[arg(long, env = "SYNAPSE_ALLOW_EXEC", value_delimiter = ',')]
     allow_exec: Vec<String>,
@@ -238,6 +244,7 @@ fn config(
     if args.lease < Duration::from_secs(1) {
         bail!("--lease must be at least 1s");
     }
+    let allow_http = HttpFence::parse(&args.allow_http).map_err(anyhow::Error::msg)?;
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
     let config = WorkerConfig {
         database_url,
@@ -248,6 +255,7 @@ fn config(
         lease: args.lease,
         grace: args.grace,
         identity: format!("{host}:{}", std::process::id()),
+        allow_http,
         allow_exec: args.allow_exec,
         metrics_addr: args.metrics_addr,
     };

@@ -8,12 +8,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::actions::{ActionRegistry, ResultLimit};
+use crate::actions::{ActionRegistry, HttpFence, ResultLimit};
 use crate::backoff::Backoff;
 use crate::blueprint::BUILTIN_ACTIONS;
 use crate::completer::{completer, Completer, CompletionQueue, Continuation};
 use crate::connection_error;
 use crate::planner::PlannerRegistry;
+use crate::postgres_tls::{self, MakeTlsConnector};
 use crate::store;
 
 /// How a worker runs (validated; see the CLI for the flags). Its `Debug`
@@ -36,6 +37,8 @@ pub struct WorkerConfig {
     pub grace: Duration,
     /// Name recorded as `leased_by` and `registered_by`.
     pub identity: String,
+    /// Destinations the `http` action may reach.
+    pub allow_http: HttpFence,
     /// Programs the `exec` action may run.
     pub allow_exec: Vec<String>,
     /// Where to serve Prometheus metrics, if anywhere.
@@ -53,6 +56,7 @@ impl std::fmt::Debug for WorkerConfig {
             .field("lease", &self.lease)
             .field("grace", &self.grace)
             .field("identity", &self.identity)
+            .field("allow_http", &self.allow_http)
             .field("allow_exec", &self.allow_exec)
             .field("metrics_addr", &self.metrics_addr)
             .finish()
@@ -179,7 +183,8 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The `sql` action's pool: one connection per concurrent task at most, so a
 /// step never waits for another's. Its sessions keep the database's settings.
 fn pool_for_sql(url: &str, concurrency: usize) -> anyhow::Result<deadpool_postgres::Pool> {
-    pool_of(connection_config(url)?, concurrency)
+    let (config, tls) = connection_config(url)?;
+    pool_of(config, tls, concurrency)
 }
 
 /// The engine's pool for `url`, sized for `connections`. Its sessions never
@@ -187,32 +192,33 @@ fn pool_for_sql(url: &str, concurrency: usize) -> anyhow::Result<deadpool_postgr
 /// generic plan estimated over a few large goals can cost enough to cross
 /// `jit_above_cost`, and compiling took 0.2 s per statement, under the goal's lock.
 pub fn pool(url: &str, connections: usize) -> anyhow::Result<deadpool_postgres::Pool> {
-    let mut config = connection_config(url)?;
+    let (mut config, tls) = connection_config(url)?;
     let options = match config.get_options() {
         Some(options) => format!("{options} -c jit=off"),
         None => "-c jit=off".to_owned(),
     };
     config.options(&options);
-    pool_of(config, connections)
+    pool_of(config, tls, connections)
 }
 
-fn connection_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .context("--database-url is not a valid Postgres URL")?;
+/// The configuration and TLS connector `url` asks for (`sslmode`, `sslrootcert`).
+fn connection_config(url: &str) -> anyhow::Result<(tokio_postgres::Config, MakeTlsConnector)> {
+    let (mut config, tls) =
+        postgres_tls::configure(url).context("--database-url is not a valid Postgres URL")?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    Ok(config)
+    Ok((config, tls))
 }
 
 fn pool_of(
     config: tokio_postgres::Config,
+    tls: MakeTlsConnector,
     connections: usize,
 ) -> anyhow::Result<deadpool_postgres::Pool> {
     let manager = deadpool_postgres::Manager::from_config(
         config,
-        tokio_postgres::NoTls,
+        tls,
         deadpool_postgres::ManagerConfig {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         },
@@ -244,7 +250,12 @@ impl Worker {
         let sql_pool = pool_for_sql(&config.database_url, config.concurrency)?;
         let redis = redis::Client::open(config.redis_url.as_str())
             .context("--redis-url is not a valid Redis URL")?;
-        let mut actions = ActionRegistry::builtins(sql_pool, config.allow_exec.clone(), limit);
+        let mut actions = ActionRegistry::builtins(
+            sql_pool,
+            config.allow_http.clone(),
+            config.allow_exec.clone(),
+            limit,
+        );
         for action in extra.iter() {
             actions.register_shared(action.clone());
         }
@@ -504,6 +515,7 @@ mod tests {
             lease: Duration::from_secs(30),
             grace: Duration::from_secs(30),
             identity: "w".to_owned(),
+            allow_http: HttpFence::none(),
             allow_exec: Vec::new(),
             metrics_addr: None,
         };

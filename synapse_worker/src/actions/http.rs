@@ -1,11 +1,18 @@
-//! The `http` built-in: one HTTP request per attempt.
+//! The `http` built-in: one HTTP request per attempt, to the destinations
+//! `--allow-http` allows.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use reqwest::header::{
+    HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, LOCATION,
+    TRANSFER_ENCODING,
+};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{json, Map, Value};
+use tokio::time::Instant;
 
+use super::http_fence::{HttpFence, NameCheck};
 use super::limit::ResultLimit;
 use super::simple::{expected, optional_str, param, required_str};
 use super::{Action, ActionContext, ActionError, ActionFuture};
@@ -20,6 +27,12 @@ const BODY_QUOTE_CHARS: usize = 200;
 /// UTF-8.
 const ERROR_BODY_BYTES: usize = 4 * BODY_QUOTE_CHARS;
 
+/// The most redirects one request follows.
+const MAX_REDIRECTS: usize = 5;
+
+/// How many clients pinned to a host name's addresses are kept.
+const PINNED_CLIENTS: usize = 16;
+
 /// `http`: sends one request and returns `{status, headers, body}`.
 ///
 /// Params (as validation accepts them): `url` (required, `http://` or `https://`),
@@ -33,34 +46,52 @@ const ERROR_BODY_BYTES: usize = 4 * BODY_QUOTE_CHARS;
 /// `", "`), and its `body` is the parsed JSON when the response says it is JSON
 /// and parses, else the text. A non-2xx answer fails the attempt: 5xx, 408 and
 /// 429 retryably, like connection errors and timeouts; any other status
-/// permanently. The attempt's timeout bounds the whole request. Credentials in
-/// the URL's userinfo are sent as basic auth but never appear in messages.
+/// permanently. The attempt's timeout bounds the whole request, redirects
+/// included. Credentials in the URL's userinfo are sent as basic auth but never
+/// appear in messages.
+///
+/// Only destinations the [`HttpFence`] allows are reached (`--allow-http`;
+/// nothing by default), and a refused one fails the attempt permanently,
+/// saying what to allow. The worker resolves the URL's host name itself,
+/// checks every address it resolves to, and connects only to those: the name
+/// is never looked up again, so a DNS answer that changes after the check
+/// cannot redirect the request. Proxy settings of the environment are ignored
+/// (a proxy would choose the address itself). Redirects (301, 302, 303, 307,
+/// 308) are followed up to 5 times, each destination checked the same way; a
+/// redirect to another origin (scheme, host and port) drops every header the
+/// step set. 301, 302 and 303 turn the request into a `GET` without a body,
+/// as browsers do.
 ///
 /// The body is read as it arrives and no further than the result limit (1 MiB
 /// unless [`Http::with_result_limit`] says otherwise): a longer one fails the
 /// attempt permanently, and so does a `Content-Length` over the limit, before
 /// any of the body is read.
 pub struct Http {
-    client: reqwest::Client,
+    fence: HttpFence,
     limit: ResultLimit,
+    /// The client of URLs whose host is an IP address: they resolve nothing.
+    direct: reqwest::Client,
+    pinned: PinnedClients,
 }
 
 impl Http {
-    /// An `http` action with its own connection pool, shared by all its requests.
+    /// An `http` action that reaches only what `fence` allows (the worker's
+    /// `--allow-http`); [`HttpFence::none`] allows nothing.
     ///
     /// # Panics
     ///
     /// If the TLS backend cannot be initialised (e.g. the system's TLS library is
     /// unusable): the worker cannot make HTTPS requests at all then, and says so
     /// at start rather than on every step.
-    pub fn new() -> Self {
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("synapse-worker/", env!("CARGO_PKG_VERSION")))
+    pub fn new(fence: HttpFence) -> Self {
+        let direct = client_builder()
             .build()
             .expect("the HTTP client (TLS backend) could not be initialised");
         Self {
-            client,
+            fence,
             limit: ResultLimit::default(),
+            direct,
+            pinned: PinnedClients::default(),
         }
     }
 
@@ -70,57 +101,46 @@ impl Http {
         self
     }
 
+    /// The destinations this action may reach, as given to [`Http::new`].
+    pub fn fence(&self) -> &HttpFence {
+        &self.fence
+    }
+
     async fn execute(&self, context: &ActionContext) -> Result<Value, ActionError> {
         let request = Request::from_params(context)?;
-        let shown = request.shown_url();
-        let method = request.method.clone();
-
-        let mut builder = self
-            .client
-            .request(request.method, request.url)
-            .headers(request.headers)
-            .timeout(context.timeout);
-        builder = match request.body {
-            Body::None => builder,
-            Body::Raw(text) => builder.body(text),
-            Body::Json(value) => builder.json(value),
-        };
-
-        let mut response = builder
-            .send()
-            .await
-            .map_err(|e| send_error(&method, &shown, context.timeout, e))?;
+        let deadline = Instant::now() + context.timeout;
+        let (mut response, what) = self.send(request, context.timeout, deadline).await?;
         let status = response.status();
         let headers = headers_json(response.headers());
         let is_json = is_json(response.headers());
         let cap = if status.is_success() {
             let announced = response.content_length().unwrap_or(0);
             if usize::try_from(announced).map_or(true, |length| length > self.limit.bytes()) {
-                return Err(self.limit.exceeded(&format!("{method} {shown}")));
+                return Err(self.limit.exceeded(&what));
             }
             self.limit.bytes()
         } else {
             ERROR_BODY_BYTES
         };
         let (bytes, cut) = read_body(&mut response, cap).await.map_err(|e| {
-            let what = if e.is_timeout() {
+            let how = if e.is_timeout() {
                 format!("timed out after {:?} reading the response", context.timeout)
             } else {
                 format!("failed reading the response: {}", error_chain(e))
             };
-            ActionError::Retryable(format!("{method} {shown} {what}"))
+            ActionError::Retryable(format!("{what} {how}"))
         })?;
         if cut && status.is_success() {
-            return Err(self.limit.exceeded(&format!("{method} {shown}")));
+            return Err(self.limit.exceeded(&what));
         }
         let text = String::from_utf8_lossy(&bytes);
 
         if !status.is_success() {
             let quoted: String = text.trim().chars().take(BODY_QUOTE_CHARS).collect();
             let message = if quoted.is_empty() {
-                format!("{method} {shown} answered {}", status.as_u16())
+                format!("{what} answered {}", status.as_u16())
             } else {
-                format!("{method} {shown} answered {}: {quoted}", status.as_u16())
+                format!("{what} answered {}: {quoted}", status.as_u16())
             };
             return Err(if is_retryable_status(status) {
                 ActionError::Retryable(message)
@@ -136,11 +156,135 @@ impl Http {
         };
         Ok(json!({"status": status.as_u16(), "headers": headers, "body": body}))
     }
+
+    /// Sends `request`, following allowed redirects, until `deadline`; returns
+    /// the last answer and what messages call the request (`GET url`, plus
+    /// where it was redirected).
+    async fn send(
+        &self,
+        request: Request<'_>,
+        timeout: Duration,
+        deadline: Instant,
+    ) -> Result<(reqwest::Response, String), ActionError> {
+        let Request {
+            mut method,
+            mut url,
+            mut headers,
+            mut body,
+        } = request;
+        let first = format!("{method} {}", without_userinfo(&url));
+        let mut what = first.clone();
+        let mut redirects = 0;
+        loop {
+            let client = self
+                .client_for(&url, deadline)
+                .await
+                .map_err(|refusal| refusal.into_error(&what, timeout))?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let mut builder = client
+                .request(method.clone(), url.clone())
+                .headers(headers.clone())
+                .timeout(remaining);
+            builder = match &body {
+                Body::None => builder,
+                Body::Raw(text) => builder.body(text.clone()),
+                Body::Json(value) => builder.json(value),
+            };
+            let response = builder
+                .send()
+                .await
+                .map_err(|e| send_error(&what, timeout, e))?;
+
+            let status = response.status();
+            let Some(location) = redirect_location(&response) else {
+                return Ok((response, what));
+            };
+            // Parse errors never quote the URL, which may hold credentials.
+            let next = url.join(location).map_err(|e| {
+                ActionError::Permanent(format!("{what}: redirected to an invalid URL: {e}"))
+            })?;
+            let shown_next = without_userinfo(&next);
+            if !matches!(next.scheme(), "http" | "https") {
+                return Err(ActionError::Permanent(format!(
+                    "{what}: redirected to {shown_next}: only http and https redirects are followed"
+                )));
+            }
+            if redirects == MAX_REDIRECTS {
+                return Err(ActionError::Permanent(format!(
+                    "{what}: redirected again, to {shown_next}: more than {MAX_REDIRECTS} redirects"
+                )));
+            }
+            redirects += 1;
+            if next.origin() != url.origin() {
+                // Tokens and keys the step set were meant for its host only.
+                headers.clear();
+            }
+            if matches!(
+                status,
+                StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND | StatusCode::SEE_OTHER
+            ) {
+                body = Body::None;
+                for name in [
+                    CONTENT_TYPE,
+                    CONTENT_LENGTH,
+                    CONTENT_ENCODING,
+                    TRANSFER_ENCODING,
+                ] {
+                    headers.remove(name);
+                }
+                if method != Method::GET && method != Method::HEAD {
+                    method = Method::GET;
+                }
+            }
+            what = format!("{first} (redirected to {shown_next})");
+            url = next;
+        }
+    }
+
+    /// A client for one request to `url`: its destination checked against the
+    /// fence, its host name resolved here, once, and the client pinned to the
+    /// addresses checked.
+    async fn client_for(&self, url: &Url, deadline: Instant) -> Result<reqwest::Client, Refusal> {
+        // http and https URLs always have a host and a known default port.
+        let host = url.host_str().unwrap_or_default();
+        let port = url.port_or_known_default().unwrap_or(80);
+        let literal = host
+            .strip_prefix('[')
+            .and_then(|inner| inner.strip_suffix(']'))
+            .unwrap_or(host);
+        if let Ok(address) = literal.parse::<IpAddr>() {
+            // An address is connected to as it is: there is nothing to resolve.
+            self.fence
+                .check_address(address, port)
+                .map_err(Refusal::Denied)?;
+            return Ok(self.direct.clone());
+        }
+        let check = self.fence.check_name(host, port).map_err(Refusal::Denied)?;
+        let resolved = tokio::time::timeout_at(deadline, tokio::net::lookup_host((host, port)))
+            .await
+            .map_err(|_| Refusal::TimedOut)?
+            .map_err(|e| Refusal::Unresolved(format!("cannot resolve {host}: {e}")))?;
+        let mut addresses: Vec<IpAddr> = resolved.map(|address| address.ip()).collect();
+        addresses.sort_unstable();
+        addresses.dedup();
+        if addresses.is_empty() {
+            return Err(Refusal::Unresolved(format!(
+                "cannot resolve {host}: no address"
+            )));
+        }
+        if check == NameCheck::Resolve {
+            self.fence
+                .check_resolved(host, port, &addresses)
+                .map_err(Refusal::Denied)?;
+        }
+        self.pinned.get(host, addresses).await
+    }
 }
 
 impl Default for Http {
+    /// An `http` action that reaches nothing.
     fn default() -> Self {
-        Self::new()
+        Self::new(HttpFence::none())
     }
 }
 
@@ -169,6 +313,146 @@ impl Action for Http {
     fn run<'a>(&'a self, context: &'a ActionContext) -> ActionFuture<'a> {
         Box::pin(self.execute(context))
     }
+}
+
+/// Clients pinned to a host name's addresses, the most recently used first:
+/// building one loads the TLS trust store (tens of milliseconds), and a kept
+/// one keeps its idle connections for the next request.
+///
+/// A client is shared only by requests whose host name resolved to exactly its
+/// addresses, each of them checked against the fence for its own port.
+#[derive(Default)]
+struct PinnedClients {
+    clients: std::sync::Mutex<std::collections::VecDeque<Pinned>>,
+}
+
+/// A client that connects `host` to `addresses` (sorted) and nothing else.
+struct Pinned {
+    host: String,
+    addresses: Vec<IpAddr>,
+    client: reqwest::Client,
+}
+
+impl PinnedClients {
+    /// The client that connects `host` to `addresses` (sorted) and nothing
+    /// else: a kept one, or a new one, kept.
+    async fn get(&self, host: &str, addresses: Vec<IpAddr>) -> Result<reqwest::Client, Refusal> {
+        if let Some(client) = self.find(host, &addresses) {
+            return Ok(client);
+        }
+        // Port 0: the URL's port is used (its default when it names none).
+        let pinned: Vec<SocketAddr> = addresses
+            .iter()
+            .map(|address| SocketAddr::new(*address, 0))
+            .collect();
+        let name = host.to_owned();
+        // Loading the trust store is blocking work.
+        let client = tokio::task::spawn_blocking(move || {
+            client_builder().resolve_to_addrs(&name, &pinned).build()
+        })
+        .await
+        .map_err(|e| Refusal::Client(e.to_string()))?
+        .map_err(|e| Refusal::Client(error_chain(e)))?;
+        let mut clients = self.lock();
+        if let Some(kept) = clients
+            .iter()
+            .find(|kept| kept.host == host && kept.addresses == addresses)
+        {
+            // Built meanwhile by another request: one is enough.
+            return Ok(kept.client.clone());
+        }
+        clients.push_front(Pinned {
+            host: host.to_owned(),
+            addresses,
+            client: client.clone(),
+        });
+        clients.truncate(PINNED_CLIENTS);
+        Ok(client)
+    }
+
+    fn find(&self, host: &str, addresses: &[IpAddr]) -> Option<reqwest::Client> {
+        let mut clients = self.lock();
+        let at = clients
+            .iter()
+            .position(|kept| kept.host == host && kept.addresses == addresses)?;
+        let kept = clients.remove(at)?;
+        let client = kept.client.clone();
+        clients.push_front(kept);
+        Some(client)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Pinned>> {
+        // The list stays consistent whatever panicked while holding it.
+        self.clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Why a request could not be sent to where its URL points.
+enum Refusal {
+    /// The fence does not allow it (says what to allow).
+    Denied(String),
+    /// The host name did not resolve.
+    Unresolved(String),
+    /// The deadline passed while resolving.
+    TimedOut,
+    /// No client could be built.
+    Client(String),
+}
+
+impl Refusal {
+    fn into_error(self, what: &str, timeout: Duration) -> ActionError {
+        match self {
+            // The worker's configuration decides, not the moment.
+            Refusal::Denied(why) => ActionError::Permanent(format!("{what}: {why}")),
+            Refusal::Unresolved(why) => ActionError::Retryable(format!("{what} failed: {why}")),
+            Refusal::TimedOut => {
+                ActionError::Retryable(format!("{what} timed out after {timeout:?}"))
+            }
+            Refusal::Client(why) => ActionError::Retryable(format!("{what} failed: {why}")),
+        }
+    }
+}
+
+/// The settings every request's client shares.
+fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .user_agent(concat!("synapse-worker/", env!("CARGO_PKG_VERSION")))
+        // A proxy would pick the address, out of the fence's sight.
+        .no_proxy()
+        // Followed by `Http::send`, each destination checked.
+        .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(Unresolved)
+}
+
+/// The resolver of the clients: resolves nothing. The only names a client may
+/// reach are those pinned (`resolve_to_addrs`) after the fence checked them,
+/// so no name is ever looked up again behind the check.
+struct Unresolved;
+
+impl reqwest::dns::Resolve for Unresolved {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let message = format!("{} was not checked against --allow-http", name.as_str());
+        Box::pin(std::future::ready(Err(message.into())))
+    }
+}
+
+/// Where a redirect answer sends the request: its `Location`, for the
+/// statuses that are followed.
+fn redirect_location(response: &reqwest::Response) -> Option<&str> {
+    let followed = matches!(
+        response.status(),
+        StatusCode::MOVED_PERMANENTLY
+            | StatusCode::FOUND
+            | StatusCode::SEE_OTHER
+            | StatusCode::TEMPORARY_REDIRECT
+            | StatusCode::PERMANENT_REDIRECT
+    );
+    if !followed {
+        return None;
+    }
+    response.headers().get(LOCATION)?.to_str().ok()
 }
 
 /// What to send as the request body.
@@ -251,11 +535,6 @@ impl<'a> Request<'a> {
             headers,
             body,
         })
-    }
-
-    /// The URL as messages show it: without user name and password.
-    fn shown_url(&self) -> String {
-        without_userinfo(&self.url)
     }
 }
 
@@ -346,19 +625,14 @@ fn is_retryable_status(status: StatusCode) -> bool {
         || status == StatusCode::TOO_MANY_REQUESTS
 }
 
-/// The error of a request that got no response.
-fn send_error(
-    method: &Method,
-    shown: &str,
-    timeout: Duration,
-    error: reqwest::Error,
-) -> ActionError {
+/// The error of a request (`what`) that got no response.
+fn send_error(what: &str, timeout: Duration, error: reqwest::Error) -> ActionError {
     if error.is_timeout() {
-        return ActionError::Retryable(format!("{method} {shown} timed out after {timeout:?}"));
+        return ActionError::Retryable(format!("{what} timed out after {timeout:?}"));
     }
-    // A request that cannot be built, or a redirect loop, will not get better.
-    let permanent = error.is_builder() || error.is_redirect();
-    let message = format!("{method} {shown} failed: {}", error_chain(error));
+    // A request that cannot be built will not get better.
+    let permanent = error.is_builder();
+    let message = format!("{what} failed: {}", error_chain(error));
     if permanent {
         ActionError::Permanent(message)
     } else {
@@ -395,38 +669,57 @@ mod tests {
     /// Starts a server that answers one request with `response` (raw HTTP/1.1)
     /// and hands back the request it received.
     async fn serve_once(response: String) -> (String, JoinHandle<String>) {
+        let (base, server) = serve(vec![response]).await;
+        let server = tokio::spawn(async move { server.await.unwrap().remove(0) });
+        (base, server)
+    }
+
+    /// Starts a server that answers one request per connection with each of
+    /// `responses` in turn, and hands back the requests it received.
+    async fn serve(responses: Vec<String>) -> (String, JoinHandle<Vec<String>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut received = Vec::new();
-            let mut chunk = [0u8; 4096];
-            loop {
-                let n = socket.read(&mut chunk).await.unwrap();
-                if n == 0 {
-                    break;
-                }
-                received.extend_from_slice(&chunk[..n]);
-                let text = String::from_utf8_lossy(&received).into_owned();
-                if let Some(end) = text.find("\r\n\r\n") {
-                    let length = text[..end]
-                        .lines()
-                        .find_map(|line| {
-                            let (name, value) = line.split_once(':')?;
-                            name.eq_ignore_ascii_case("content-length")
-                                .then(|| value.trim().parse::<usize>().unwrap())
-                        })
-                        .unwrap_or(0);
-                    if received.len() >= end + 4 + length {
+            let mut requests = Vec::new();
+            for response in responses {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut received = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = socket.read(&mut chunk).await.unwrap();
+                    if n == 0 {
                         break;
                     }
+                    received.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&received).into_owned();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|line| {
+                                let (name, value) = line.split_once(':')?;
+                                name.eq_ignore_ascii_case("content-length")
+                                    .then(|| value.trim().parse::<usize>().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if received.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
                 }
+                socket.write_all(response.as_bytes()).await.unwrap();
+                socket.shutdown().await.unwrap();
+                requests.push(String::from_utf8_lossy(&received).into_owned());
             }
-            socket.write_all(response.as_bytes()).await.unwrap();
-            socket.shutdown().await.unwrap();
-            String::from_utf8_lossy(&received).into_owned()
+            requests
         });
         (format!("http://{address}"), server)
+    }
+
+    fn redirect(status: &str, location: &str) -> String {
+        format!(
+            "HTTP/1.1 {status}\r\nLocation: {location}\r\nContent-Length: 0\r\n\
+             Connection: close\r\n\r\n"
+        )
     }
 
     fn response(status: &str, content_type: &str, body: &str) -> String {
@@ -437,8 +730,13 @@ mod tests {
         )
     }
 
+    /// An `http` action that may reach this machine's 127.0.0.1 only.
+    fn local() -> Http {
+        Http::new(HttpFence::parse(&["127.0.0.1"]).unwrap())
+    }
+
     async fn run(params: Value, input: Value) -> Result<Value, ActionError> {
-        Http::new().run(&context(params, input)).await
+        local().run(&context(params, input)).await
     }
 
     #[tokio::test]
@@ -564,7 +862,7 @@ mod tests {
 
     #[tokio::test]
     async fn bodies_over_the_limit_fail_permanently_announced_or_not() {
-        let limited = || Http::new().with_result_limit(ResultLimit::new(1000));
+        let limited = || local().with_result_limit(ResultLimit::new(1000));
         let expected = |base: &str| {
             ActionError::Permanent(format!(
                 "GET {base}/big: result is larger than the 1000 bytes limit (--max-result-size)"
@@ -633,7 +931,7 @@ mod tests {
         });
         let mut ctx = context(json!({"url": format!("http://{address}/slow")}), json!({}));
         ctx.timeout = Duration::from_millis(200);
-        let err = Http::new().run(&ctx).await.unwrap_err();
+        let err = local().run(&ctx).await.unwrap_err();
         server.abort();
         assert_eq!(
             err,
@@ -723,5 +1021,172 @@ mod tests {
                 "{code}"
             );
         }
+    }
+    /// What an `http` action that reaches nothing says about `url`.
+    async fn refused_by_default(url: &str) -> ActionError {
+        let ctx = context(json!({ "url": url }), json!({}));
+        Http::default().run(&ctx).await.unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn destinations_outside_the_fence_are_refused_before_connecting() {
+        let err = refused_by_default("http://169.254.169.254/latest/meta-data/").await;
+        assert_eq!(
+            err,
+            ActionError::Permanent(
+                "GET http://169.254.169.254/latest/meta-data/: 169.254.169.254:80 is not allowed: \
+                 start the worker with --allow-http 169.254.169.254 (or a CIDR or * that covers it)"
+                    .to_owned()
+            )
+        );
+        // Refused before it is resolved: no DNS answer is needed to say no.
+        let err = refused_by_default("http://metadata.google.internal/computeMetadata/v1/").await;
+        assert_eq!(
+            err,
+            ActionError::Permanent(
+                "GET http://metadata.google.internal/computeMetadata/v1/: \
+                 metadata.google.internal:80 is not allowed: start the worker with \
+                 --allow-http metadata.google.internal (or a wildcard, CIDR or * that covers it)"
+                    .to_owned()
+            )
+        );
+        // An IPv4 address written as IPv6 is the IPv4 address.
+        let err = run(json!({"url": "http://[::ffff:a9fe:a9fe]/"}), json!({}))
+            .await
+            .unwrap_err();
+        assert!(
+            err.message()
+                .ends_with("169.254.169.254:80 is not allowed: start the worker with --allow-http 169.254.169.254 (or a CIDR or * that covers it)"),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_host_name_is_allowed_by_name_or_by_every_address_it_resolves_to() {
+        let (base, _server) = serve(vec![response("200 OK", "text/plain", "hi"); 2]).await;
+        let port = base.rsplit(':').next().unwrap().to_owned();
+        let url = format!("http://localhost:{port}/x");
+        let by_name = Http::new(HttpFence::parse(&["LOCALHOST"]).unwrap());
+        for _ in 0..2 {
+            let result = by_name
+                .run(&context(json!({"url": url}), json!({})))
+                .await
+                .unwrap();
+            assert_eq!(result["body"], json!("hi"));
+        }
+        {
+            // One client, pinned to what the name resolved to, serves both.
+            let kept = by_name.pinned.lock();
+            assert_eq!(kept.len(), 1);
+            assert_eq!(kept[0].host, "localhost");
+            assert!(kept[0].addresses.contains(&IpAddr::from([127, 0, 0, 1])));
+        }
+
+        let elsewhere = Http::new(HttpFence::parse(&["10.0.0.0/8"]).unwrap());
+        let err = elsewhere
+            .run(&context(json!({"url": url}), json!({})))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ActionError::Permanent(format!(
+                "GET {url}: localhost:{port} resolves to 127.0.0.1, which is not allowed: \
+                 start the worker with --allow-http localhost (or an IP address, CIDR or * that \
+                 covers 127.0.0.1)"
+            ))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_clients_resolve_no_name_themselves() {
+        let err = client_builder()
+            .build()
+            .unwrap()
+            .get("http://localhost:1/")
+            .send()
+            .await
+            .unwrap_err();
+        assert!(
+            error_chain(err).contains("localhost was not checked against --allow-http"),
+            "only names pinned after the check are reached"
+        );
+    }
+
+    #[tokio::test]
+    async fn redirects_are_followed_and_the_step_s_headers_stay_with_their_origin() {
+        let (other, other_server) =
+            serve_once(response("200 OK", "application/json", r#"{"at":"other"}"#)).await;
+        let (base, server) = serve(vec![
+            redirect("307 Temporary Redirect", "/moved"),
+            redirect("302 Found", &format!("{other}/final")),
+        ])
+        .await;
+        let result = run(
+            json!({"url": format!("{base}/start"), "method": "POST",
+                   "headers": {"Authorization": "Bearer t0k", "X-Api-Key": "k3y"}}),
+            json!({"a": 1}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(result["body"], json!({"at": "other"}));
+        let requests = server.await.unwrap();
+        // Same origin, 307: the same request again.
+        let moved = requests[1].to_ascii_lowercase();
+        assert!(moved.starts_with("post /moved http/1.1\r\n"), "{moved}");
+        assert!(moved.contains("authorization: bearer t0k\r\n"), "{moved}");
+        assert!(moved.contains("x-api-key: k3y\r\n"), "{moved}");
+        assert!(moved.ends_with(r#"{"a":1}"#), "{moved}");
+        // Another origin, 302: a GET without a body and without the step's headers.
+        let last = other_server.await.unwrap().to_ascii_lowercase();
+        assert!(last.starts_with("get /final http/1.1\r\n"), "{last}");
+        assert!(!last.contains("authorization"), "{last}");
+        assert!(!last.contains("x-api-key"), "{last}");
+        assert!(!last.contains("content-type"), "{last}");
+        assert!(last.ends_with("\r\n\r\n"), "{last}");
+    }
+
+    #[tokio::test]
+    async fn redirects_out_of_the_fence_or_too_many_fail() {
+        let (base, _server) = serve(vec![redirect(
+            "301 Moved Permanently",
+            "http://127.0.0.2:9/x",
+        )])
+        .await;
+        let port = base.rsplit(':').next().unwrap();
+        let only_this_port = Http::new(HttpFence::parse(&[format!("127.0.0.1:{port}")]).unwrap());
+        let err = only_this_port
+            .run(&context(json!({"url": format!("{base}/a")}), json!({})))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ActionError::Permanent(format!(
+                "GET {base}/a (redirected to http://127.0.0.2:9/x): 127.0.0.2:9 is not allowed: \
+                 start the worker with --allow-http 127.0.0.2 (or a CIDR or * that covers it)"
+            ))
+        );
+
+        let (base, _server) = serve(vec![redirect("302 Found", "/again"); 6]).await;
+        let err = run(json!({"url": format!("{base}/a")}), json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ActionError::Permanent(format!(
+                "GET {base}/a (redirected to {base}/again): redirected again, to {base}/again: \
+                 more than 5 redirects"
+            ))
+        );
+
+        let (base, _server) = serve(vec![redirect("302 Found", "file:///etc/passwd")]).await;
+        let err = run(json!({"url": format!("{base}/a")}), json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ActionError::Permanent(format!(
+                "GET {base}/a: redirected to file:///etc/passwd: only http and https redirects are followed"
+            ))
+        );
     }
 }

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 mod exec;
 mod http;
+mod http_fence;
 mod limit;
 mod numeric;
 mod simple;
@@ -19,6 +20,7 @@ mod statement;
 
 pub use exec::Exec;
 pub use http::Http;
+pub use http_fence::HttpFence;
 pub use limit::ResultLimit;
 pub use simple::{Fail, Noop, Sleep, Transform};
 pub use sql::Sql;
@@ -129,12 +131,13 @@ impl ActionRegistry {
         Self::default()
     }
 
-    /// The built-in actions. `exec` runs only the programs in `allowed_programs`;
-    /// `sql` uses `sql_pool`, which must be a pool of its own (it resets every
-    /// connection after each step); `http`, `exec` and `sql` stop reading at
-    /// `limit`.
+    /// The built-in actions. `http` reaches only what `allowed_http` allows;
+    /// `exec` runs only the programs in `allowed_programs`; `sql` uses
+    /// `sql_pool`, which must be a pool of its own (it resets every connection
+    /// after each step); `http`, `exec` and `sql` stop reading at `limit`.
     pub fn builtins(
         sql_pool: deadpool_postgres::Pool,
+        allowed_http: HttpFence,
         allowed_programs: Vec<String>,
         limit: ResultLimit,
     ) -> Self {
@@ -143,7 +146,7 @@ impl ActionRegistry {
         registry.register(Sleep);
         registry.register(Fail);
         registry.register(Transform);
-        registry.register(Http::new().with_result_limit(limit));
+        registry.register(Http::new(allowed_http).with_result_limit(limit));
         registry.register(Exec::new(allowed_programs).with_result_limit(limit));
         registry.register(Sql::new(sql_pool).with_result_limit(limit));
         registry

@@ -505,11 +505,14 @@ impl Drop for Busy {
         let token = object.cancel_token();
         // Detached from the pool and dropped: the connection closes.
         drop(deadpool_postgres::Object::take(object));
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            // Best effort: cancel requests are answered on a fresh connection, and
-            // Postgres accepts them without TLS or authentication.
+        if let (Ok(runtime), Some(tls)) = (
+            tokio::runtime::Handle::try_current(),
+            crate::postgres_tls::cancel_connector(),
+        ) {
+            // Best effort: cancel requests are answered on a fresh connection,
+            // over TLS if the connection had it, without authentication.
             runtime.spawn(async move {
-                let _ = token.cancel_query(tokio_postgres::NoTls).await;
+                let _ = token.cancel_query(tls).await;
             });
         }
     }
@@ -835,9 +838,9 @@ mod tests {
     fn test_pool(options: &str) -> deadpool_postgres::Pool {
         let url = std::env::var("SYNAPSE_TEST_DATABASE_URL")
             .expect("set SYNAPSE_TEST_DATABASE_URL to run this test");
-        let mut config: tokio_postgres::Config = url.parse().unwrap();
+        let (mut config, tls) = crate::postgres_tls::configure(&url).unwrap();
         config.options(options);
-        let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
+        let manager = deadpool_postgres::Manager::new(config, tls);
         deadpool_postgres::Pool::builder(manager)
             .max_size(2)
             .build()

@@ -1,12 +1,9 @@
 -- The part of the SQL API that is plain SQL. The rest (submit_plan,
 -- validate_blueprint, add_template, goal_graph, forwarder_status) is Rust.
 
-CREATE FUNCTION synapse.submit_goal(
-    goal text,
-    input jsonb DEFAULT '{}',
-    planner text DEFAULT 'template',
-    idempotency_key text DEFAULT NULL
-) RETURNS bigint LANGUAGE plpgsql AS $$
+-- submit_goal for owner: the caller's, or a schedule's.
+CREATE FUNCTION synapse._submit_goal(goal text, input jsonb, planner text, idempotency_key text, owner regrole)
+RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     new_id bigint;
 BEGIN
@@ -21,21 +18,32 @@ BEGIN
     END IF;
     -- 1 MiB of JSON text and 64 levels of nesting (SQLSTATE 54000), checked on
     -- the jsonb value before anything parses it.
-    PERFORM synapse._check_json(submit_goal.input, 'input');
+    PERFORM synapse._check_json(_submit_goal.input, 'input');
     IF planner IS NULL OR planner !~ '^[a-z][a-z0-9_]{0,62}$' THEN
         RAISE EXCEPTION 'planner must be a planner name like ''template'', got %', coalesce(quote_literal(planner), 'NULL')
             USING ERRCODE = '22023';
     END IF;
-    INSERT INTO synapse.goals AS g (goal, input, planner, idempotency_key)
-    VALUES (submit_goal.goal, submit_goal.input, submit_goal.planner, submit_goal.idempotency_key)
-    ON CONFLICT ON CONSTRAINT goals_idempotency_key_key DO NOTHING
+    INSERT INTO synapse.goals AS g (goal, input, planner, idempotency_key, owner)
+    VALUES (_submit_goal.goal, _submit_goal.input, _submit_goal.planner, _submit_goal.idempotency_key,
+            _submit_goal.owner)
+    ON CONFLICT ON CONSTRAINT goals_owner_idempotency_key_key DO NOTHING
     RETURNING g.id INTO new_id;
     IF new_id IS NULL THEN
-        SELECT g.id INTO new_id FROM synapse.goals AS g WHERE g.idempotency_key = submit_goal.idempotency_key;
+        SELECT g.id INTO new_id FROM synapse.goals AS g
+         WHERE g.owner = _submit_goal.owner AND g.idempotency_key = _submit_goal.idempotency_key;
     END IF;
     RETURN new_id;
 END $$;
-COMMENT ON FUNCTION synapse.submit_goal(text, jsonb, text, text) IS 'Records a goal for a planner; returns its id. The same idempotency key returns the same id.';
+
+CREATE FUNCTION synapse.submit_goal(
+    goal text,
+    input jsonb DEFAULT '{}',
+    planner text DEFAULT 'template',
+    idempotency_key text DEFAULT NULL
+) RETURNS bigint LANGUAGE sql AS $$
+    SELECT synapse._submit_goal(goal, input, planner, idempotency_key, synapse._caller())
+$$;
+COMMENT ON FUNCTION synapse.submit_goal(text, jsonb, text, text) IS 'Records a goal for a planner; returns its id. The same idempotency key (per owner) returns the same id.';
 
 CREATE FUNCTION synapse.goal_status(goal_id bigint) RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -50,7 +58,7 @@ BEGIN
                       'step', (SELECT p.step FROM synapse.tasks AS p WHERE p.id = g.parent_task_id),
                       'index', (SELECT p.map_index FROM synapse.tasks AS p WHERE p.id = g.parent_task_id))
                   END,
-        'depth', g.depth,
+        'depth', g.depth, 'owner', g.owner,
         'tasks', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
                        'step', t.step, 'action', t.action, 'status', t.status, 'attempts', t.attempts,
@@ -132,7 +140,8 @@ CREATE FUNCTION synapse.cancel_goal(goal_id bigint) RETURNS boolean LANGUAGE plp
 DECLARE
     current_status text;
 BEGIN
-    SELECT g.status INTO current_status FROM synapse.goals AS g WHERE g.id = cancel_goal.goal_id FOR UPDATE;
+    SELECT g.status INTO current_status FROM synapse.goals AS g
+     WHERE g.id = cancel_goal.goal_id AND synapse._may_act_on(g.owner) FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'goal % does not exist', cancel_goal.goal_id USING ERRCODE = 'P0002';
     END IF;

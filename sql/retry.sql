@@ -11,7 +11,8 @@ DECLARE
     reset text[];
 BEGIN
     -- The goal's lock first, as the engine and cancel_goal take it.
-    SELECT g.status INTO goal_status FROM synapse.goals AS g WHERE g.id = retry_goal.goal_id FOR NO KEY UPDATE;
+    SELECT g.status INTO goal_status FROM synapse.goals AS g
+     WHERE g.id = retry_goal.goal_id AND synapse._may_act_on(g.owner) FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'goal % does not exist', retry_goal.goal_id USING ERRCODE = 'P0002';
     END IF;

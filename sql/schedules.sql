@@ -13,7 +13,8 @@ CREATE TABLE synapse.schedules (
     last_run_at  timestamptz,
     last_goal_id bigint,
     created_at   timestamptz NOT NULL DEFAULT now(),
-    updated_at   timestamptz NOT NULL DEFAULT now()
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    owner        regrole     NOT NULL DEFAULT synapse._caller()
 );
 COMMENT ON TABLE synapse.schedules IS 'Goals submitted at the times of a cron expression, by the forwarder; change them with synapse.schedule() and synapse.unschedule().';
 COMMENT ON COLUMN synapse.schedules.name IS 'Unique schedule name; part of the idempotency key of each run (schedule:<name>:<time>).';
@@ -27,6 +28,7 @@ COMMENT ON COLUMN synapse.schedules.last_run_at IS 'The time of the last run (it
 COMMENT ON COLUMN synapse.schedules.last_goal_id IS 'The goal the last run submitted (it may since have been deleted by retention).';
 COMMENT ON COLUMN synapse.schedules.created_at IS 'When the schedule was first made.';
 COMMENT ON COLUMN synapse.schedules.updated_at IS 'When it was last changed.';
+COMMENT ON COLUMN synapse.schedules.owner IS 'The role that last made or changed the schedule: the owner of the goals it submits.';
 CREATE INDEX schedules_due ON synapse.schedules (next_run_at);
 SELECT pg_catalog.pg_extension_config_dump('synapse.schedules', '');
 
@@ -56,7 +58,8 @@ BEGIN
     VALUES (schedule.name, schedule.cron, schedule.time_zone, schedule.goal, schedule.input, schedule.planner, next_run)
     ON CONFLICT ON CONSTRAINT schedules_pkey DO UPDATE
        SET cron = excluded.cron, time_zone = excluded.time_zone, goal = excluded.goal, input = excluded.input,
-           planner = excluded.planner, next_run_at = excluded.next_run_at, updated_at = now();
+           planner = excluded.planner, next_run_at = excluded.next_run_at, updated_at = now(),
+           owner = excluded.owner;
     -- No event carries this deadline: the forwarder learns it at commit.
     PERFORM synapse._timers_due(next_run, false);
     RETURN next_run;
@@ -79,13 +82,14 @@ DECLARE
     goal_id bigint;
     runs bigint := 0;
 BEGIN
-    FOR due IN SELECT s.name, s.cron, s.time_zone, s.goal, s.input, s.planner, s.next_run_at
+    FOR due IN SELECT s.name, s.cron, s.time_zone, s.goal, s.input, s.planner, s.next_run_at, s.owner
                  FROM synapse.schedules AS s
                 WHERE s.next_run_at <= now()
                 ORDER BY s.next_run_at LIMIT batch FOR UPDATE SKIP LOCKED LOOP
-        goal_id := synapse.submit_goal(due.goal, due.input, due.planner,
+        goal_id := synapse._submit_goal(due.goal, due.input, due.planner,
                        format('schedule:%s:%s', due.name,
-                              to_char(due.next_run_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')));
+                              to_char(due.next_run_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')),
+                       due.owner);
         UPDATE synapse.schedules AS s
            SET last_run_at = due.next_run_at, last_goal_id = goal_id,
                next_run_at = synapse._cron_next(due.cron, due.time_zone, greatest(now(), due.next_run_at))

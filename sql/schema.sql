@@ -6,6 +6,13 @@
 -- timestamps honest, and write one outbox row per change (plus an optional
 -- NOTIFY). Users read these tables; they change them only through the API.
 
+-- The role a call of the API acts for: the role set with SET ROLE, else
+-- the session's. Unlike current_user it stays the caller's inside the API's
+-- SECURITY DEFINER functions, which run as the extension's owner.
+CREATE FUNCTION synapse._caller() RETURNS regrole LANGUAGE sql STABLE AS $$
+    SELECT CASE current_setting('role') WHEN 'none' THEN session_user ELSE current_setting('role') END::regrole
+$$;
+
 CREATE TABLE synapse.goals (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     goal            text        NOT NULL CHECK (length(goal) BETWEEN 1 AND 10000),
@@ -18,7 +25,7 @@ CREATE TABLE synapse.goals (
                     CHECK (status IN ('submitted', 'planning', 'running', 'succeeded', 'failed', 'cancelled')),
     error           text,
     result          jsonb,
-    idempotency_key text        UNIQUE,
+    idempotency_key text,
     plan_attempts   integer     NOT NULL DEFAULT 0 CHECK (plan_attempts >= 0),
     created_at      timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
@@ -29,7 +36,9 @@ CREATE TABLE synapse.goals (
     parent_goal_id  bigint      REFERENCES synapse.goals (id) ON DELETE CASCADE,
     parent_task_id  bigint,
     depth           integer     NOT NULL DEFAULT 0 CHECK (depth >= 0),
-    CONSTRAINT goals_parent_check CHECK ((parent_goal_id IS NULL) = (parent_task_id IS NULL))
+    CONSTRAINT goals_parent_check CHECK ((parent_goal_id IS NULL) = (parent_task_id IS NULL)),
+    owner           regrole     NOT NULL DEFAULT synapse._caller(),
+    CONSTRAINT goals_owner_idempotency_key_key UNIQUE (owner, idempotency_key)
 );
 COMMENT ON TABLE synapse.goals IS 'A high-level goal and the workflow it was planned into. One row per synapse.submit_goal / submit_plan call.';
 COMMENT ON COLUMN synapse.goals.id IS 'Goal id returned by submit_goal / submit_plan.';
@@ -42,7 +51,8 @@ COMMENT ON COLUMN synapse.goals.blueprint IS 'The plan blueprint (DAG of steps);
 COMMENT ON COLUMN synapse.goals.status IS 'submitted: waiting for a planner. planning: a worker is planning it. running: tasks exist and run. succeeded / failed / cancelled: finished.';
 COMMENT ON COLUMN synapse.goals.error IS 'Why the goal failed: planning or validation problems, or the failed steps.';
 COMMENT ON COLUMN synapse.goals.result IS 'The blueprint output expression evaluated, or the results of the succeeded leaf steps.';
-COMMENT ON COLUMN synapse.goals.idempotency_key IS 'Optional caller key: submitting again with the same key returns the same goal.';
+COMMENT ON COLUMN synapse.goals.idempotency_key IS 'Optional caller key: the same owner submitting again with the same key gets the same goal.';
+COMMENT ON COLUMN synapse.goals.owner IS 'The role that submitted the goal (a child goal: its parent''s owner; a scheduled goal: the schedule''s). Row security shows a goal to the members of its owner, and to admins and workers.';
 COMMENT ON COLUMN synapse.goals.plan_attempts IS 'Times a planner claimed the goal; a goal whose planning keeps failing is failed instead of re-sent forever.';
 COMMENT ON COLUMN synapse.goals.created_at IS 'When the goal was submitted.';
 COMMENT ON COLUMN synapse.goals.started_at IS 'When the goal started running (its plan was installed).';

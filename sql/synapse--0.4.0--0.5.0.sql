@@ -3,7 +3,21 @@
 -- durable) or its time comes; schedules submit goals at the times of a cron
 -- expression; retry_goal runs a finished goal again from some of its steps.
 -- The forwarder's timers end the waits that are due and submit the runs of
--- schedules.
+-- schedules. And safe to share: goals have owners, row security shows each
+-- goal to the members of its owner, nothing is granted to PUBLIC, and
+-- grant_submitter, grant_worker and grant_admin give roles what they need.
+
+-- Goals have an owner: the role that submitted them. Idempotency keys are
+-- per owner. Goals submitted before this release belong to the role that
+-- updates the extension.
+CREATE FUNCTION synapse._caller() RETURNS regrole LANGUAGE sql STABLE AS $$
+    SELECT CASE current_setting('role') WHEN 'none' THEN session_user ELSE current_setting('role') END::regrole
+$$;
+ALTER TABLE synapse.goals ADD COLUMN owner regrole NOT NULL DEFAULT synapse._caller(),
+                          DROP CONSTRAINT goals_idempotency_key_key,
+                          ADD CONSTRAINT goals_owner_idempotency_key_key UNIQUE (owner, idempotency_key);
+COMMENT ON COLUMN synapse.goals.idempotency_key IS 'Optional caller key: the same owner submitting again with the same key gets the same goal.';
+COMMENT ON COLUMN synapse.goals.owner IS 'The role that submitted the goal (a child goal: its parent''s owner; a scheduled goal: the schedule''s). Row security shows a goal to the members of its owner, and to admins and workers.';
 
 -- Plans that wait (SPEC §4.9): a `wait` step holds its task in `waiting`,
 -- with no worker and no polling, until a signal of its name is delivered or
@@ -74,7 +88,8 @@ BEGIN
     PERFORM synapse._check_json(signal.payload, 'payload');
     -- The goal's lock, as the engine holds it when a step starts to wait:
     -- a wait and a signal never miss each other.
-    SELECT g.status INTO goal_status FROM synapse.goals AS g WHERE g.id = signal.goal_id FOR NO KEY UPDATE;
+    SELECT g.status INTO goal_status FROM synapse.goals AS g
+     WHERE g.id = signal.goal_id AND synapse._may_act_on(g.owner) FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'goal % does not exist', signal.goal_id USING ERRCODE = 'P0002';
     END IF;
@@ -116,7 +131,8 @@ CREATE TABLE synapse.schedules (
     last_run_at  timestamptz,
     last_goal_id bigint,
     created_at   timestamptz NOT NULL DEFAULT now(),
-    updated_at   timestamptz NOT NULL DEFAULT now()
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    owner        regrole     NOT NULL DEFAULT synapse._caller()
 );
 COMMENT ON TABLE synapse.schedules IS 'Goals submitted at the times of a cron expression, by the forwarder; change them with synapse.schedule() and synapse.unschedule().';
 COMMENT ON COLUMN synapse.schedules.name IS 'Unique schedule name; part of the idempotency key of each run (schedule:<name>:<time>).';
@@ -130,6 +146,7 @@ COMMENT ON COLUMN synapse.schedules.last_run_at IS 'The time of the last run (it
 COMMENT ON COLUMN synapse.schedules.last_goal_id IS 'The goal the last run submitted (it may since have been deleted by retention).';
 COMMENT ON COLUMN synapse.schedules.created_at IS 'When the schedule was first made.';
 COMMENT ON COLUMN synapse.schedules.updated_at IS 'When it was last changed.';
+COMMENT ON COLUMN synapse.schedules.owner IS 'The role that last made or changed the schedule: the owner of the goals it submits.';
 CREATE INDEX schedules_due ON synapse.schedules (next_run_at);
 SELECT pg_catalog.pg_extension_config_dump('synapse.schedules', '');
 
@@ -159,7 +176,8 @@ BEGIN
     VALUES (schedule.name, schedule.cron, schedule.time_zone, schedule.goal, schedule.input, schedule.planner, next_run)
     ON CONFLICT ON CONSTRAINT schedules_pkey DO UPDATE
        SET cron = excluded.cron, time_zone = excluded.time_zone, goal = excluded.goal, input = excluded.input,
-           planner = excluded.planner, next_run_at = excluded.next_run_at, updated_at = now();
+           planner = excluded.planner, next_run_at = excluded.next_run_at, updated_at = now(),
+           owner = excluded.owner;
     -- No event carries this deadline: the forwarder learns it at commit.
     PERFORM synapse._timers_due(next_run, false);
     RETURN next_run;
@@ -182,13 +200,14 @@ DECLARE
     goal_id bigint;
     runs bigint := 0;
 BEGIN
-    FOR due IN SELECT s.name, s.cron, s.time_zone, s.goal, s.input, s.planner, s.next_run_at
+    FOR due IN SELECT s.name, s.cron, s.time_zone, s.goal, s.input, s.planner, s.next_run_at, s.owner
                  FROM synapse.schedules AS s
                 WHERE s.next_run_at <= now()
                 ORDER BY s.next_run_at LIMIT batch FOR UPDATE SKIP LOCKED LOOP
-        goal_id := synapse.submit_goal(due.goal, due.input, due.planner,
+        goal_id := synapse._submit_goal(due.goal, due.input, due.planner,
                        format('schedule:%s:%s', due.name,
-                              to_char(due.next_run_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')));
+                              to_char(due.next_run_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')),
+                       due.owner);
         UPDATE synapse.schedules AS s
            SET last_run_at = due.next_run_at, last_goal_id = goal_id,
                next_run_at = synapse._cron_next(due.cron, due.time_zone, greatest(now(), due.next_run_at))
@@ -211,7 +230,8 @@ DECLARE
     reset text[];
 BEGIN
     -- The goal's lock first, as the engine and cancel_goal take it.
-    SELECT g.status INTO goal_status FROM synapse.goals AS g WHERE g.id = retry_goal.goal_id FOR NO KEY UPDATE;
+    SELECT g.status INTO goal_status FROM synapse.goals AS g
+     WHERE g.id = retry_goal.goal_id AND synapse._may_act_on(g.owner) FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'goal % does not exist', retry_goal.goal_id USING ERRCODE = 'P0002';
     END IF;
@@ -432,7 +452,51 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- goal_status lists the goal's signals.
+-- Goals are submitted for an owner; goal_status shows the owner and the
+-- signals; only members of a goal's owner (and admins) cancel it.
+CREATE FUNCTION synapse._submit_goal(goal text, input jsonb, planner text, idempotency_key text, owner regrole)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    new_id bigint;
+BEGIN
+    IF goal IS NULL OR btrim(goal) = '' THEN
+        RAISE EXCEPTION 'goal must be a non-empty text' USING ERRCODE = '22023';
+    END IF;
+    IF length(goal) > 10000 THEN
+        RAISE EXCEPTION 'goal is % characters; the limit is 10000', length(goal) USING ERRCODE = '22023';
+    END IF;
+    IF input IS NULL THEN
+        RAISE EXCEPTION 'input must be JSON, not NULL (use ''{}'')' USING ERRCODE = '22023';
+    END IF;
+    -- 1 MiB of JSON text and 64 levels of nesting (SQLSTATE 54000), checked on
+    -- the jsonb value before anything parses it.
+    PERFORM synapse._check_json(_submit_goal.input, 'input');
+    IF planner IS NULL OR planner !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+        RAISE EXCEPTION 'planner must be a planner name like ''template'', got %', coalesce(quote_literal(planner), 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO synapse.goals AS g (goal, input, planner, idempotency_key, owner)
+    VALUES (_submit_goal.goal, _submit_goal.input, _submit_goal.planner, _submit_goal.idempotency_key,
+            _submit_goal.owner)
+    ON CONFLICT ON CONSTRAINT goals_owner_idempotency_key_key DO NOTHING
+    RETURNING g.id INTO new_id;
+    IF new_id IS NULL THEN
+        SELECT g.id INTO new_id FROM synapse.goals AS g
+         WHERE g.owner = _submit_goal.owner AND g.idempotency_key = _submit_goal.idempotency_key;
+    END IF;
+    RETURN new_id;
+END $$;
+
+CREATE OR REPLACE FUNCTION synapse.submit_goal(
+    goal text,
+    input jsonb DEFAULT '{}',
+    planner text DEFAULT 'template',
+    idempotency_key text DEFAULT NULL
+) RETURNS bigint LANGUAGE sql AS $$
+    SELECT synapse._submit_goal(goal, input, planner, idempotency_key, synapse._caller())
+$$;
+COMMENT ON FUNCTION synapse.submit_goal(text, jsonb, text, text) IS 'Records a goal for a planner; returns its id. The same idempotency key (per owner) returns the same id.';
+
 CREATE OR REPLACE FUNCTION synapse.goal_status(goal_id bigint) RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
 DECLARE
     status jsonb;
@@ -446,7 +510,7 @@ BEGIN
                       'step', (SELECT p.step FROM synapse.tasks AS p WHERE p.id = g.parent_task_id),
                       'index', (SELECT p.map_index FROM synapse.tasks AS p WHERE p.id = g.parent_task_id))
                   END,
-        'depth', g.depth,
+        'depth', g.depth, 'owner', g.owner,
         'tasks', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
                        'step', t.step, 'action', t.action, 'status', t.status, 'attempts', t.attempts,
@@ -523,6 +587,44 @@ BEGIN
     RETURN status;
 END $$;
 COMMENT ON FUNCTION synapse.goal_status(bigint) IS 'The goal, its tasks (with their failed attempts) and its edges (with how each resolved) as JSON, and notes on work no live worker serves.';
+
+CREATE OR REPLACE FUNCTION synapse.cancel_goal(goal_id bigint) RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    current_status text;
+BEGIN
+    SELECT g.status INTO current_status FROM synapse.goals AS g
+     WHERE g.id = cancel_goal.goal_id AND synapse._may_act_on(g.owner) FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'goal % does not exist', cancel_goal.goal_id USING ERRCODE = 'P0002';
+    END IF;
+    IF current_status IN ('succeeded', 'failed', 'cancelled') THEN
+        RETURN false;
+    END IF;
+    -- Lock order, as everywhere: the goal row (above), then its task rows in id
+    -- order. Running tasks are marked too: their worker sees it at its next
+    -- heartbeat and stops. The edges out of every cancelled step resolve, not
+    -- taken (SPEC §4 rule 2), so why each step did not run stays answerable.
+    WITH cancelled AS (
+        UPDATE synapse.tasks AS t SET status = 'cancelled', error = 'goal cancelled'
+          FROM (SELECT u.id FROM synapse.tasks AS u
+                 WHERE u.goal_id = cancel_goal.goal_id AND u.status IN ('pending', 'queued', 'running', 'retrying', 'waiting')
+                 ORDER BY u.id FOR UPDATE) AS open
+         WHERE t.id = open.id
+        RETURNING t.step)
+    UPDATE synapse.edges AS e SET state = 'not_taken', resolved_at = now()
+      FROM (SELECT DISTINCT step FROM cancelled) AS c
+     WHERE e.goal_id = cancel_goal.goal_id AND e.from_step = c.step AND e.state = 'pending';
+    UPDATE synapse.goals AS g SET status = 'cancelled', error = 'cancelled by ' || session_user
+     WHERE g.id = cancel_goal.goal_id;
+    -- Child goals go with their parent (children have higher ids: the lock
+    -- order holds).
+    PERFORM synapse.cancel_goal(c.id)
+       FROM synapse.goals AS c
+      WHERE c.parent_goal_id = cancel_goal.goal_id AND c.status IN ('submitted', 'planning', 'running')
+      ORDER BY c.id;
+    RETURN true;
+END $$;
+COMMENT ON FUNCTION synapse.cancel_goal(bigint) IS 'Cancels what has not finished; false if the goal had already finished.';
 
 -- The timers end due waits and submit due schedules.
 CREATE OR REPLACE FUNCTION synapse._run_timers(retention_seconds integer, batch integer DEFAULT 1000,
@@ -626,4 +728,189 @@ STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'cron_next_wrapper';
 
+-- Safe to share (SPEC §7). Installing Synapse widens nobody's rights: nothing
+-- is granted to PUBLIC, and roles get what they need with grant_submitter,
+-- grant_worker and grant_admin. Only the extension's own code writes the
+-- tables: the API functions that write run as the extension's owner
+-- (SECURITY DEFINER, with a pinned search_path), and so do the triggers that
+-- write events, so no role needs (or gets) a write privilege on the outbox.
+-- Row security shows each goal, with its tasks, edges, signals and attempts,
+-- to the members of its owner, and to admins and workers.
+
+CREATE TABLE synapse.role_grants (
+    role       regrole     NOT NULL,
+    capability text        NOT NULL CHECK (capability IN ('submitter', 'worker', 'admin')),
+    granted_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (role, capability)
+);
+COMMENT ON TABLE synapse.role_grants IS 'The capabilities given with grant_submitter, grant_worker and grant_admin; every upgrade grants them again on what it adds.';
+COMMENT ON COLUMN synapse.role_grants.role IS 'The role (and through it, its members).';
+COMMENT ON COLUMN synapse.role_grants.capability IS 'submitter, worker or admin.';
+COMMENT ON COLUMN synapse.role_grants.granted_at IS 'When it was granted.';
+SELECT pg_catalog.pg_extension_config_dump('synapse.role_grants', '');
+
+-- Whether the querying role sees every goal (an admin or a worker): the
+-- row security policies' first test, evaluated once per statement.
+CREATE FUNCTION synapse._sees_all() RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT FROM synapse.role_grants AS g
+                    WHERE g.capability IN ('admin', 'worker') AND pg_catalog.pg_has_role(g.role, 'MEMBER'))
+$$;
+
+-- Whether the caller may act on a goal of owner: a member of it, or an admin.
+CREATE FUNCTION synapse._may_act_on(owner regrole) RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT pg_catalog.pg_has_role(synapse._caller(), owner, 'MEMBER')
+        OR EXISTS (SELECT FROM synapse.role_grants AS g
+                    WHERE g.capability = 'admin' AND pg_catalog.pg_has_role(synapse._caller(), g.role, 'MEMBER'))
+$$;
+
+ALTER TABLE synapse.goals ENABLE ROW LEVEL SECURITY;
+CREATE POLICY goals_of_members ON synapse.goals
+    USING ((SELECT synapse._sees_all()) OR pg_catalog.pg_has_role(owner, 'MEMBER'));
+ALTER TABLE synapse.tasks ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tasks_of_visible_goals ON synapse.tasks
+    USING ((SELECT synapse._sees_all()) OR EXISTS (SELECT FROM synapse.goals AS g WHERE g.id = goal_id));
+ALTER TABLE synapse.edges ENABLE ROW LEVEL SECURITY;
+CREATE POLICY edges_of_visible_goals ON synapse.edges
+    USING ((SELECT synapse._sees_all()) OR EXISTS (SELECT FROM synapse.goals AS g WHERE g.id = goal_id));
+ALTER TABLE synapse.signals ENABLE ROW LEVEL SECURITY;
+CREATE POLICY signals_of_visible_goals ON synapse.signals
+    USING ((SELECT synapse._sees_all()) OR EXISTS (SELECT FROM synapse.goals AS g WHERE g.id = goal_id));
+ALTER TABLE synapse.attempts ENABLE ROW LEVEL SECURITY;
+CREATE POLICY attempts_of_visible_tasks ON synapse.attempts
+    USING ((SELECT synapse._sees_all()) OR EXISTS (SELECT FROM synapse.tasks AS t WHERE t.id = task_id));
+
+-- Gives role exactly what its capabilities in role_grants allow, on every
+-- object of the schema (after revoking what it had): the one place the
+-- privileges of each capability are listed.
+CREATE FUNCTION synapse._apply_grants(role regrole) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    capabilities text[];
+    functions text[] := '{}';
+    readable text[] := '{}';
+    f text;
+    t text;
+    goal_columns text;
+BEGIN
+    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA synapse FROM %s', role);
+    EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA synapse FROM %s', role);
+    EXECUTE format('REVOKE ALL ON SCHEMA synapse FROM %s', role);
+    SELECT array_agg(g.capability) INTO capabilities FROM synapse.role_grants AS g WHERE g.role = _apply_grants.role;
+    IF capabilities IS NULL THEN
+        RETURN;
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA synapse TO %s', role);
+    -- Everyone granted anything reads through row security.
+    functions := ARRAY['synapse._caller()', 'synapse._sees_all()', 'synapse.goal_status(bigint)',
+                       'synapse.goal_graph(bigint, text)', 'synapse.validate_blueprint(jsonb)'];
+    readable := ARRAY['goals', 'tasks', 'edges', 'signals', 'attempts', 'workers', 'actions', 'role_grants'];
+    IF capabilities && ARRAY['submitter', 'admin'] THEN
+        functions := functions || ARRAY[
+            'synapse.submit_goal(text, jsonb, text, text)', 'synapse.submit_plan(jsonb, jsonb, text)',
+            'synapse.plan_preview(text, jsonb, text)', 'synapse.cancel_goal(bigint)',
+            'synapse.signal(bigint, text, jsonb)', 'synapse.retry_goal(bigint, text[])'];
+    END IF;
+    IF 'worker' = ANY (capabilities) THEN
+        -- Planning, claiming, recording, registering actions: the state
+        -- machine's triggers check every change it makes.
+        functions := functions || ARRAY[
+            'synapse._restoring()', 'synapse._install_plan(bigint, jsonb, text, jsonb)',
+            'synapse._start_child(bigint, integer, text, text, jsonb, jsonb)', 'synapse._start_maps(bigint[])',
+            'synapse._start_waits(jsonb)'];
+        readable := readable || ARRAY['templates'];
+        SELECT string_agg(quote_ident(a.attname), ', ') INTO goal_columns
+          FROM pg_catalog.pg_attribute AS a
+         WHERE a.attrelid = 'synapse.goals'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+           AND a.attname NOT IN ('id', 'owner');
+        EXECUTE format('GRANT UPDATE (%s) ON synapse.goals TO %s', goal_columns, role);
+        EXECUTE format('GRANT UPDATE ON synapse.tasks, synapse.edges TO %s', role);
+        EXECUTE format('GRANT INSERT ON synapse.attempts TO %s', role);
+        EXECUTE format('GRANT INSERT, UPDATE, DELETE ON synapse.workers TO %s', role);
+        EXECUTE format('GRANT INSERT, UPDATE ON synapse.actions TO %s', role);
+    END IF;
+    IF 'admin' = ANY (capabilities) THEN
+        functions := functions || ARRAY[
+            'synapse.add_template(text, text, jsonb, text, integer)',
+            'synapse.schedule(text, text, text, jsonb, text, text)', 'synapse.unschedule(text)',
+            'synapse.forwarder_status()', 'synapse.replay_parked_events()', 'synapse._wake_forwarder()',
+            'synapse.grant_submitter(regrole)', 'synapse.grant_worker(regrole)', 'synapse.grant_admin(regrole)',
+            'synapse.revoke_submitter(regrole)', 'synapse.revoke_worker(regrole)', 'synapse.revoke_admin(regrole)'];
+        SELECT array_agg(c.relname::text) INTO readable FROM pg_catalog.pg_class AS c
+         WHERE c.relnamespace = 'synapse'::regnamespace AND c.relkind IN ('r', 'p', 'v');
+    END IF;
+    FOREACH f IN ARRAY functions LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, role);
+    END LOOP;
+    FOREACH t IN ARRAY readable LOOP
+        EXECUTE format('GRANT SELECT ON synapse.%I TO %s', t, role);
+    END LOOP;
+END $$;
+
+-- Records or removes a capability of role and applies what it gives.
+CREATE FUNCTION synapse._set_capability(role regrole, capability text, granted boolean) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    IF granted THEN
+        INSERT INTO synapse.role_grants AS g (role, capability) VALUES (_set_capability.role, _set_capability.capability)
+        ON CONFLICT ON CONSTRAINT role_grants_pkey DO NOTHING;
+    ELSE
+        DELETE FROM synapse.role_grants AS g WHERE g.role = _set_capability.role AND g.capability = _set_capability.capability;
+    END IF;
+    PERFORM synapse._apply_grants(role);
+END $$;
+
+CREATE FUNCTION synapse.grant_submitter(role regrole) RETURNS void LANGUAGE sql AS $$
+    SELECT synapse._set_capability(role, 'submitter', true)
+$$;
+COMMENT ON FUNCTION synapse.grant_submitter(regrole) IS 'Lets role (and its members) submit goals and see, cancel, signal and retry the goals of roles it is a member of.';
+CREATE FUNCTION synapse.grant_worker(role regrole) RETURNS void LANGUAGE sql AS $$
+    SELECT synapse._set_capability(role, 'worker', true)
+$$;
+COMMENT ON FUNCTION synapse.grant_worker(regrole) IS 'Lets role run synapse-worker: plan goals, claim tasks, record outcomes, register actions.';
+CREATE FUNCTION synapse.grant_admin(role regrole) RETURNS void LANGUAGE sql AS $$
+    SELECT synapse._set_capability(role, 'admin', true)
+$$;
+COMMENT ON FUNCTION synapse.grant_admin(regrole) IS 'Lets role do everything: every goal, templates, schedules, forwarder_status, and granting.';
+CREATE FUNCTION synapse.revoke_submitter(role regrole) RETURNS void LANGUAGE sql AS $$
+    SELECT synapse._set_capability(role, 'submitter', false)
+$$;
+COMMENT ON FUNCTION synapse.revoke_submitter(regrole) IS 'Undoes grant_submitter.';
+CREATE FUNCTION synapse.revoke_worker(role regrole) RETURNS void LANGUAGE sql AS $$
+    SELECT synapse._set_capability(role, 'worker', false)
+$$;
+COMMENT ON FUNCTION synapse.revoke_worker(regrole) IS 'Undoes grant_worker.';
+CREATE FUNCTION synapse.revoke_admin(role regrole) RETURNS void LANGUAGE sql AS $$
+    SELECT synapse._set_capability(role, 'admin', false)
+$$;
+COMMENT ON FUNCTION synapse.revoke_admin(regrole) IS 'Undoes grant_admin.';
+
+-- What runs with the owner's rights, and so pins its search_path.
+DO $$
+DECLARE
+    f text;
+BEGIN
+    FOREACH f IN ARRAY ARRAY[
+        'synapse.submit_goal(text, jsonb, text, text)', 'synapse.submit_plan(jsonb, jsonb, text)',
+        'synapse.plan_preview(text, jsonb, text)', 'synapse.cancel_goal(bigint)',
+        'synapse.signal(bigint, text, jsonb)', 'synapse.retry_goal(bigint, text[])',
+        'synapse.add_template(text, text, jsonb, text, integer)',
+        'synapse.schedule(text, text, text, jsonb, text, text)', 'synapse.unschedule(text)',
+        'synapse.replay_parked_events()', 'synapse._install_plan(bigint, jsonb, text, jsonb)',
+        'synapse._start_child(bigint, integer, text, text, jsonb, jsonb)', 'synapse._start_maps(bigint[])',
+        'synapse._start_waits(jsonb)', 'synapse._goals_written()', 'synapse._tasks_written()',
+        'synapse.grant_submitter(regrole)', 'synapse.grant_worker(regrole)', 'synapse.grant_admin(regrole)',
+        'synapse.revoke_submitter(regrole)', 'synapse.revoke_worker(regrole)', 'synapse.revoke_admin(regrole)']
+    LOOP
+        EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER SET search_path = pg_catalog, pg_temp', f);
+    END LOOP;
+END $$;
+
+-- Nothing for PUBLIC; what was granted before (an upgrade) is granted again,
+-- on everything that exists now.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA synapse FROM PUBLIC;
+SELECT synapse._apply_grants(g.role) FROM (SELECT DISTINCT role FROM synapse.role_grants) AS g;
+
+-- A forwarder that started before the extension existed sleeps until now.
 SELECT synapse._wake_forwarder();

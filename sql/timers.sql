@@ -161,6 +161,3 @@ BEGIN
     RETURN n;
 END $$;
 COMMENT ON FUNCTION synapse.replay_parked_events() IS 'Sends the events Redis refused too often (synapse.outbox_parked) again; returns how many.';
-
--- A forwarder that started before the extension existed sleeps until now.
-SELECT synapse._wake_forwarder();

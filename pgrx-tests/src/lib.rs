@@ -20,6 +20,9 @@ pub struct Stack {
     extra_conf: String,
     /// Redis speaks TLS (with a CA made for the stack) and wants this password.
     secure: Option<&'static str>,
+    /// Postgres speaks TLS (a certificate from the stack's CA), and only TLS
+    /// to every role but `postgres`.
+    postgres_tls: bool,
 }
 
 /// Database the forwarder serves in test stacks.
@@ -46,17 +49,25 @@ impl Stack {
     /// Starts a stack named after the test. `conf` lines are appended to
     /// postgresql.conf (e.g. `synapse.sweep_interval = '1s'`).
     pub fn start(name: &str, conf: &[&str]) -> Stack {
-        Self::start_with(name, conf, None)
+        Self::start_with(name, conf, None, false)
     }
 
     /// Like [`Stack::start`], with Redis behind TLS and `password`.
     pub fn start_secure(name: &str, password: &'static str) -> Stack {
-        Self::start_with(name, &[], Some(password))
+        Self::start_with(name, &[], Some(password), false)
+    }
+
+    /// Like [`Stack::start`], with Postgres behind TLS (a certificate for
+    /// 127.0.0.1 and localhost, signed by [`Stack::ca_file`]). Every role but
+    /// `postgres` gets in only over TLS and with a password; `postgres` also
+    /// without TLS, since the harness's own client ([`Stack::pg`]) has none.
+    pub fn start_postgres_tls(name: &str) -> Stack {
+        Self::start_with(name, &[], None, true)
     }
 
     /// A stack whose Postgres does not preload `synapse`: no forwarder runs.
     pub fn start_without_preload(name: &str) -> Stack {
-        Self::start_with(name, &[WITHOUT_PRELOAD], None)
+        Self::start_with(name, &[WITHOUT_PRELOAD], None, false)
     }
 
     /// Stops Postgres, replaces the extra configuration lines, and starts it
@@ -70,7 +81,12 @@ impl Stack {
         }
     }
 
-    fn start_with(name: &str, conf: &[&str], secure: Option<&'static str>) -> Stack {
+    fn start_with(
+        name: &str,
+        conf: &[&str],
+        secure: Option<&'static str>,
+        postgres_tls: bool,
+    ) -> Stack {
         let dir = workspace_root()
             .join("target/e2e")
             .join(format!("{name}-{}", std::process::id()));
@@ -85,6 +101,7 @@ impl Stack {
                 redis_port: free_port(),
                 extra_conf: conf.join("\n"),
                 secure,
+                postgres_tls,
             };
             match stack.try_script(&["up"]) {
                 Ok(()) => {
@@ -116,6 +133,7 @@ impl Stack {
                 if self.secure.is_some() { "1" } else { "" },
             )
             .env("SYNAPSE_REDIS_PASSWORD", self.secure.unwrap_or_default())
+            .env("SYNAPSE_PG_TLS", if self.postgres_tls { "1" } else { "" })
             .output()
             .expect("running scripts/stack.sh");
         if output.status.success() {
@@ -245,7 +263,8 @@ impl Stack {
         self.dir.join(name)
     }
 
-    /// The CA that signed a secure stack's Redis certificate.
+    /// The CA that signed a secure stack's Redis certificate, and the
+    /// Postgres certificate of a stack started with [`Stack::start_postgres_tls`].
     pub fn ca_file(&self) -> PathBuf {
         self.dir.join("tls/ca.crt")
     }
@@ -533,6 +552,21 @@ impl Drop for WorkerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Submits `blueprint` and waits for its goal to end: its `goal_status()`.
+pub fn run_plan(stack: &Stack, blueprint: serde_json::Value) -> serde_json::Value {
+    let mut client = stack.pg();
+    let id = submit_plan(&mut client, &blueprint);
+    wait_for_goal(stack, id, Duration::from_secs(60))
+}
+
+/// The error of `step` in a goal's status (it must have one).
+pub fn error_of(status: &serde_json::Value, step: &str) -> String {
+    task(status, step)["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("step {step} has no error: {status}"))
+        .to_owned()
 }
 
 /// `synapse.goal_status(goal)` as JSON.

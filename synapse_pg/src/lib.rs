@@ -30,9 +30,10 @@ extension_sql_file!("../../sql/retry.sql", name = "retry", requires = ["events"]
 extension_sql_file!(
     "../../sql/timers.sql",
     name = "timers",
-    requires = ["events"],
-    finalize
+    requires = ["events"]
 );
+// Last: it sets the rights of everything created before it.
+extension_sql_file!("../../sql/security.sql", name = "security", finalize);
 
 /// Called when the library is loaded: defines the GUCs and, when preloaded,
 /// registers the forwarder background worker and its shared memory.

@@ -134,12 +134,20 @@ fn submit(
     // No row limit (Spi::get_one_* sets one): a DML statement stopped at its
     // first RETURNING row never reaches its end, where the statement trigger
     // that records its event fires.
+    let conflict = if goals_have_owners() {
+        "(owner, idempotency_key)"
+    } else {
+        "(idempotency_key)"
+    };
+    let insert_goal = format!(
+        "INSERT INTO synapse.goals (goal, input, planner, blueprint, status, idempotency_key)
+         VALUES ($1, $2, NULL, $3, 'running', $4)
+         ON CONFLICT {conflict} DO NOTHING RETURNING id"
+    );
     let inserted = Spi::connect_mut(|client| {
         let insert = prepared(
             client,
-            "INSERT INTO synapse.goals (goal, input, planner, blueprint, status, idempotency_key)
-             VALUES ($1, $2, NULL, $3, 'running', $4)
-             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+            &insert_goal,
             &[
                 oid(PgBuiltInOids::TEXTOID),
                 oid(PgBuiltInOids::JSONBOID),
@@ -179,7 +187,11 @@ fn submit(
 
 fn goal_with_key(key: &str) -> Result<Option<i64>> {
     Ok(Spi::get_one_with_args::<i64>(
-        "SELECT id FROM synapse.goals WHERE idempotency_key = $1",
+        if goals_have_owners() {
+            "SELECT id FROM synapse.goals WHERE owner = synapse._caller() AND idempotency_key = $1"
+        } else {
+            "SELECT id FROM synapse.goals WHERE idempotency_key = $1"
+        },
         &[key.into()],
     )
     .or_else(|error| match error {
@@ -500,18 +512,29 @@ enum TaskColumns {
     PlansThatGrow,
 }
 
-/// Which columns `synapse.tasks` has; syscache lookups only.
-fn task_columns() -> TaskColumns {
+/// Whether `synapse.<table>` has `column`; syscache lookups only.
+pub(super) fn has_column(table: &std::ffi::CStr, column: &std::ffi::CStr) -> bool {
     // SAFETY: catalogue lookups by name, inside a transaction; each answers
     // InvalidOid (or 0) when the object does not exist.
-    let has = |column: &std::ffi::CStr| unsafe {
+    unsafe {
         let schema = pg_sys::get_namespace_oid(c"synapse".as_ptr(), true);
         if schema == pg_sys::InvalidOid {
             return false;
         }
-        let tasks = pg_sys::get_relname_relid(c"tasks".as_ptr(), schema);
-        tasks != pg_sys::InvalidOid && pg_sys::get_attnum(tasks, column.as_ptr()) > 0
-    };
+        let relation = pg_sys::get_relname_relid(table.as_ptr(), schema);
+        relation != pg_sys::InvalidOid && pg_sys::get_attnum(relation, column.as_ptr()) > 0
+    }
+}
+
+/// Whether goals have owners (0.5.0): until `ALTER EXTENSION synapse
+/// UPDATE`, idempotency keys stay global, as the release installed has them.
+fn goals_have_owners() -> bool {
+    has_column(c"goals", c"owner")
+}
+
+/// Which columns `synapse.tasks` has; syscache lookups only.
+fn task_columns() -> TaskColumns {
+    let has = |column: &std::ffi::CStr| has_column(c"tasks", column);
     if has(c"for_each_expr") {
         TaskColumns::PlansThatGrow
     } else if has(c"pending_inbound") {

@@ -1,0 +1,424 @@
+//! Safe to share (SPEC §7), as NOSUPERUSER roles on the real stack: nothing
+//! is granted to PUBLIC; submitters see and act on only the goals of roles
+//! they are members of; only the extension's own code writes the tables; a
+//! worker that is not a superuser runs goals end to end.
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use synapse_e2e::{postgres, submit_plan, task, wait_for_goal, wait_for_step, wait_until, Stack};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A session as `role` (the stack trusts local connections).
+fn connect_as(stack: &Stack, role: &str) -> postgres::Client {
+    postgres::Client::connect(
+        &format!(
+            "postgresql://{role}@127.0.0.1:{}/{}",
+            stack.pg_port,
+            synapse_e2e::DATABASE
+        ),
+        postgres::NoTls,
+    )
+    .unwrap_or_else(|error| panic!("connecting as {role}: {error}"))
+}
+
+/// Creates login roles that are not superusers, and gives each its capability.
+fn roles(admin: &mut postgres::Client, grants: &[(&str, Option<&str>)]) {
+    for (role, capability) in grants {
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"
+            ))
+            .unwrap();
+        if let Some(capability) = capability {
+            admin
+                .execute(
+                    &format!("SELECT synapse.grant_{capability}($1::text::regrole)"),
+                    &[role],
+                )
+                .unwrap();
+        }
+    }
+}
+
+/// The SQLSTATE `sql` fails with (it must fail).
+fn sqlstate(client: &mut postgres::Client, sql: &str) -> String {
+    match client.batch_execute(sql) {
+        Ok(()) => panic!("{sql} was accepted"),
+        Err(error) => error
+            .as_db_error()
+            .map(|db| format!("{}: {}", db.code().code(), db.message()))
+            .unwrap_or_else(|| panic!("{sql}: {error}")),
+    }
+}
+
+fn one_i64(client: &mut postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).unwrap().get(0)
+}
+
+const WAITING: &str = r#"{"steps":[{"id":"hold","action":"wait","params":{"signal":"go"}},
+                                   {"id":"after","action":"noop"}],
+                          "edges":[{"from":"hold","to":"after"}]}"#;
+
+#[test]
+fn a_role_with_no_grant_can_do_nothing() {
+    let stack = Stack::start("roles-none", &[]);
+    let mut admin = stack.pg();
+    roles(&mut admin, &[("nobody", None)]);
+    let goal = submit_plan(&mut admin, WAITING);
+    let mut nobody = connect_as(&stack, "nobody");
+    for sql in [
+        "SELECT synapse.submit_goal('x')".to_owned(),
+        "SELECT synapse.submit_plan('{\"steps\":[{\"id\":\"a\",\"action\":\"noop\"}]}')".to_owned(),
+        format!("SELECT synapse.goal_status({goal})"),
+        format!("SELECT synapse.signal({goal}, 'go')"),
+        format!("SELECT synapse.cancel_goal({goal})"),
+        "SELECT * FROM synapse.goals".to_owned(),
+        "SELECT synapse.forwarder_status()".to_owned(),
+    ] {
+        let refused = sqlstate(&mut nobody, &sql);
+        assert!(refused.starts_with("42501"), "{sql}: {refused}");
+    }
+    // Not even with USAGE on the schema: no function is PUBLIC's.
+    admin
+        .batch_execute("GRANT USAGE ON SCHEMA synapse TO nobody")
+        .unwrap();
+    for sql in [
+        "SELECT synapse.submit_goal('x')",
+        "SELECT synapse._emit(NULL)",
+        "SELECT synapse._wake_forwarder()",
+        "SELECT synapse._run_timers(0)",
+        "SELECT synapse.grant_admin('nobody')",
+        "SELECT * FROM synapse.outbox",
+    ] {
+        let refused = sqlstate(&mut nobody, sql);
+        assert!(refused.starts_with("42501"), "{sql}: {refused}");
+    }
+    let public: i64 = one_i64(
+        &mut admin,
+        "SELECT count(*) FROM pg_proc p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+          WHERE p.pronamespace = 'synapse'::regnamespace AND a.grantee = 0",
+    );
+    assert_eq!(public, 0, "functions executable by PUBLIC");
+}
+
+#[test]
+fn two_submitters_cannot_see_or_touch_each_others_goals() {
+    let stack = Stack::start("roles-submitters", &[]);
+    let mut admin = stack.pg();
+    roles(
+        &mut admin,
+        &[("alice", Some("submitter")), ("bob", Some("submitter"))],
+    );
+    let mut alice = connect_as(&stack, "alice");
+    let mut bob = connect_as(&stack, "bob");
+    let submit = |client: &mut postgres::Client, key: &str| -> i64 {
+        client
+            .query_one(
+                "SELECT synapse.submit_plan($1::text::jsonb, '{}', $2)",
+                &[&WAITING, &key],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let alices = submit(&mut alice, "order-1");
+    // Idempotency keys are per owner: the same key is another goal for bob,
+    // and the same goal again for alice.
+    let bobs = submit(&mut bob, "order-1");
+    assert_ne!(alices, bobs);
+    assert_eq!(submit(&mut alice, "order-1"), alices);
+    let goal_key: i64 = alice
+        .query_one(
+            "SELECT synapse.submit_goal('triage 1', '{}', 'template', 'order-1')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(goal_key, alices, "one key, one goal per owner");
+
+    // Bob sees only his own goal, in every table, and nothing of alice's
+    // through the API: her goal "does not exist" for him.
+    for (table, goal_column) in [("goals", "id"), ("tasks", "goal_id"), ("edges", "goal_id")] {
+        let (all, his) = (
+            one_i64(&mut bob, &format!("SELECT count(*) FROM synapse.{table}")),
+            one_i64(
+                &mut bob,
+                &format!("SELECT count(*) FROM synapse.{table} WHERE {goal_column} = {bobs}"),
+            ),
+        );
+        assert!(
+            his > 0 && all == his,
+            "bob sees {all} rows of {table}, {his} of them his"
+        );
+    }
+    for sql in [
+        format!("SELECT synapse.goal_status({alices})"),
+        format!("SELECT synapse.goal_graph({alices})"),
+        format!("SELECT synapse.signal({alices}, 'go')"),
+        format!("SELECT synapse.cancel_goal({alices})"),
+        format!("SELECT synapse.retry_goal({alices})"),
+    ] {
+        let refused = sqlstate(&mut bob, &sql);
+        assert_eq!(
+            refused,
+            format!("P0002: goal {alices} does not exist"),
+            "{sql}"
+        );
+    }
+    // None of that touched alice's goal: it still waits, and takes her signal.
+    assert_eq!(
+        one_i64(&mut admin, "SELECT count(*) FROM synapse.signals"),
+        0
+    );
+    let taken: bool = alice
+        .query_one("SELECT synapse.signal($1, 'go')", &[&alices])
+        .unwrap()
+        .get(0);
+    assert!(taken);
+    let status: Value = serde_json::from_str(
+        &alice
+            .query_one("SELECT synapse.goal_status($1)::text", &[&alices])
+            .unwrap()
+            .get::<_, String>(0),
+    )
+    .unwrap();
+    assert_eq!(status["owner"], "alice");
+    assert_eq!(task(&status, "hold")["status"], "succeeded", "{status}");
+    // Bob cancels his own.
+    let cancelled: bool = bob
+        .query_one("SELECT synapse.cancel_goal($1)", &[&bobs])
+        .unwrap()
+        .get(0);
+    assert!(cancelled);
+}
+
+#[test]
+fn members_of_an_owner_role_share_its_goals() {
+    let stack = Stack::start("roles-team", &[]);
+    let mut admin = stack.pg();
+    roles(
+        &mut admin,
+        &[
+            ("payments", Some("submitter")),
+            ("alice", None),
+            ("carol", None),
+            ("dave", Some("submitter")),
+        ],
+    );
+    admin
+        .batch_execute("GRANT payments TO alice, carol")
+        .unwrap();
+    let mut alice = connect_as(&stack, "alice");
+    alice.batch_execute("SET ROLE payments").unwrap();
+    let goal: i64 = alice
+        .query_one("SELECT synapse.submit_plan($1::text::jsonb)", &[&WAITING])
+        .unwrap()
+        .get(0);
+    let mut carol = connect_as(&stack, "carol");
+    let owner: String = carol
+        .query_one(
+            "SELECT owner::text FROM synapse.goals WHERE id = $1",
+            &[&goal],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, "payments");
+    let taken: bool = carol
+        .query_one("SELECT synapse.signal($1, 'go')", &[&goal])
+        .unwrap()
+        .get(0);
+    assert!(taken, "a member of the owner acts on its goals");
+    let mut dave = connect_as(&stack, "dave");
+    assert_eq!(
+        one_i64(&mut dave, "SELECT count(*) FROM synapse.goals"),
+        0,
+        "a submitter outside the team sees none of its goals"
+    );
+}
+
+#[test]
+fn only_the_extension_writes_the_tables() {
+    let stack = Stack::start("roles-writes", &[]);
+    let mut admin = stack.pg();
+    roles(
+        &mut admin,
+        &[
+            ("alice", Some("submitter")),
+            ("wk", Some("worker")),
+            ("boss", Some("admin")),
+        ],
+    );
+    let goal = submit_plan(&mut admin, WAITING);
+    let hold = synapse_e2e::task_id(&mut admin, goal, "hold");
+    wait_for_step(&mut admin, goal, "hold", "waiting");
+    for role in ["alice", "wk", "boss"] {
+        let mut client = connect_as(&stack, role);
+        for sql in [
+            "INSERT INTO synapse.outbox (event, goal_id, dispatch, payload) VALUES ('x', 1, 'queue:default', '{}')"
+                .to_owned(),
+            format!("INSERT INTO synapse.tasks (goal_id, step, action, status) VALUES ({goal}, 'x', 'sql', 'queued')"),
+            "INSERT INTO synapse.goals (goal, status) VALUES ('x', 'submitted')".to_owned(),
+            "COPY synapse.tasks (goal_id, step, action, status) FROM stdin".to_owned(),
+            format!("DELETE FROM synapse.tasks WHERE goal_id = {goal}"),
+            "UPDATE synapse.templates SET priority = 1".to_owned(),
+            format!("UPDATE synapse.goals SET owner = '{role}' WHERE id = {goal}"),
+            "SELECT synapse._emit(NULL)".to_owned(),
+            format!("SELECT synapse._take_signal({hold}, 1)"),
+            "SELECT synapse._submit_goal('x', '{}', 'template', NULL, 'alice')".to_owned(),
+            "SELECT synapse._apply_grants('alice')".to_owned(),
+            "SELECT synapse._run_timers(0)".to_owned(),
+        ] {
+            let refused = sqlstate(&mut client, &sql);
+            assert!(refused.starts_with("42501"), "{role}: {sql}: {refused}");
+        }
+    }
+    // The worker changes tasks only along the state machine.
+    let mut worker = connect_as(&stack, "wk");
+    let skipped = sqlstate(
+        &mut worker,
+        &format!("UPDATE synapse.tasks SET status = 'succeeded' WHERE goal_id = {goal} AND step = 'after'"),
+    );
+    assert!(skipped.starts_with("55000"), "{skipped}");
+    // A submitter never writes a table at all, even its own goal's rows.
+    let mut alice = connect_as(&stack, "alice");
+    let own = sqlstate(&mut alice, "UPDATE synapse.goals SET status = 'cancelled'");
+    assert!(own.starts_with("42501"), "{own}");
+}
+
+#[test]
+fn a_worker_that_is_not_a_superuser_runs_goals_of_every_owner() {
+    let stack = Stack::start("roles-worker", &[]);
+    let mut admin = stack.pg();
+    roles(
+        &mut admin,
+        &[
+            ("alice", Some("submitter")),
+            ("wk", Some("worker")),
+            ("boss", Some("admin")),
+        ],
+    );
+    let url = format!(
+        "postgresql://wk@127.0.0.1:{}/{}",
+        stack.pg_port,
+        synapse_e2e::DATABASE
+    );
+    let _worker = stack.start_worker("wk", &["--database-url", &url]);
+    let mut boss = connect_as(&stack, "boss");
+    boss.execute(
+        "SELECT synapse.add_template('twice', 'twice (?<n>\\d+)', $1::text::jsonb)",
+        &[&json!({"steps": [{"id": "double", "action": "transform",
+                             "params": {"expr": "int(goal.params.n) * 2"}}]})
+        .to_string()],
+    )
+    .unwrap();
+    let mut alice = connect_as(&stack, "alice");
+    // Planning, a map, a child goal and a wait, all for alice, by a worker
+    // that is not a superuser.
+    let planned: i64 = alice
+        .query_one("SELECT synapse.submit_goal('twice 21')", &[])
+        .unwrap()
+        .get(0);
+    let grown: i64 = alice
+        .query_one(
+            "SELECT synapse.submit_plan($1::text::jsonb)",
+            &[&json!({"steps": [
+                {"id": "each", "action": "transform", "for_each": "[1, 2, 3]", "params": {"expr": "input * 10"}},
+                {"id": "child", "action": "goal", "params": {"goal": "'twice ' + string(steps.each.result[2])"}},
+                {"id": "hold", "action": "wait", "params": {"signal": "go"}}
+            ], "edges": [{"from": "each", "to": "child"}, {"from": "child", "to": "hold"}]})
+            .to_string()],
+        )
+        .unwrap()
+        .get(0);
+    let status = wait_for_goal(&stack, planned, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(task(&status, "double")["result"], json!(42));
+    wait_until("the wait to wait", WAIT, || {
+        let waiting: i64 = alice
+            .query_one(
+                "SELECT count(*) FROM synapse.tasks WHERE goal_id = $1 AND step = 'hold' AND status = 'waiting'",
+                &[&grown],
+            )
+            .unwrap()
+            .get(0);
+        (waiting == 1).then_some(())
+    });
+    let taken: bool = alice
+        .query_one("SELECT synapse.signal($1, 'go')", &[&grown])
+        .unwrap()
+        .get(0);
+    assert!(taken);
+    let status = wait_for_goal(&stack, grown, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    let child = task(&status, "child")["child_goal_id"].as_i64().unwrap();
+    let owner: String = alice
+        .query_one(
+            "SELECT owner::text FROM synapse.goals WHERE id = $1",
+            &[&child],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, "alice", "a child goal belongs to its parent's owner");
+    // The admin's schedule submits goals the admin owns.
+    boss.execute(
+        "SELECT synapse.schedule('tick', '* * * * * *', 'twice 1')",
+        &[],
+    )
+    .unwrap();
+    let scheduled = wait_until("a scheduled goal", WAIT, || {
+        boss.query_opt(
+            "SELECT last_goal_id FROM synapse.schedules WHERE name = 'tick' AND last_goal_id IS NOT NULL",
+            &[],
+        )
+        .unwrap()
+        .map(|row| row.get::<_, i64>(0))
+    });
+    boss.execute("SELECT synapse.unschedule('tick')", &[])
+        .unwrap();
+    let status = wait_for_goal(&stack, scheduled, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(status["owner"], "boss");
+    // Alice does not see the admin's goal; the admin sees hers.
+    assert_eq!(
+        one_i64(
+            &mut alice,
+            &format!("SELECT count(*) FROM synapse.goals WHERE id = {scheduled}")
+        ),
+        0
+    );
+    assert_eq!(
+        one_i64(
+            &mut boss,
+            &format!("SELECT count(*) FROM synapse.goals WHERE id = {grown}")
+        ),
+        1
+    );
+}
+
+#[test]
+fn revoking_a_capability_takes_its_rights_away() {
+    let stack = Stack::start("roles-revoke", &[]);
+    let mut admin = stack.pg();
+    roles(
+        &mut admin,
+        &[("alice", Some("submitter")), ("boss", Some("admin"))],
+    );
+    let mut boss = connect_as(&stack, "boss");
+    // An admin grants and revokes (as the extension's owner does).
+    boss.execute("SELECT synapse.revoke_submitter('alice')", &[])
+        .unwrap();
+    let mut alice = connect_as(&stack, "alice");
+    let refused = sqlstate(&mut alice, "SELECT synapse.submit_goal('x')");
+    assert!(refused.starts_with("42501"), "{refused}");
+    boss.execute("SELECT synapse.grant_submitter('alice')", &[])
+        .unwrap();
+    let mut alice = connect_as(&stack, "alice");
+    alice
+        .execute("SELECT synapse.submit_goal('x')", &[])
+        .unwrap();
+    let recorded = one_i64(
+        &mut admin,
+        "SELECT count(*) FROM synapse.role_grants WHERE role = 'alice'::regrole AND capability = 'submitter'",
+    );
+    assert_eq!(recorded, 1);
+}

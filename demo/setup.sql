@@ -129,3 +129,16 @@ SELECT synapse.add_template(
     $${"steps": [{"id": "beat", "action": "sql",
                   "params": {"query": "insert into heartbeats default values returning at::text"}}]}$$::jsonb,
     'Insert a row into heartbeats: what the demo schedule runs.');
+
+-- The demo's worker is not a superuser: the worker capability, and on the
+-- demo's own tables exactly what its sql steps do.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'synapse_demo_worker') THEN
+        CREATE ROLE synapse_demo_worker LOGIN;
+    END IF;
+END $$;
+SELECT synapse.grant_worker('synapse_demo_worker');
+GRANT SELECT, UPDATE ON public.incidents, public.expenses TO synapse_demo_worker;
+GRANT SELECT, INSERT, UPDATE ON public.daily_totals TO synapse_demo_worker;
+GRANT SELECT, INSERT ON public.heartbeats TO synapse_demo_worker;

@@ -23,12 +23,14 @@ if ! running "$DEMO/receiver.pid"; then
     echo $! >"$DEMO/receiver.pid"
 fi
 for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/58080) 2>/dev/null && break; sleep 0.05; done
+PGOPTIONS="-c client_min_messages=warning" "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 "$SYNAPSE_DATABASE_URL" -f demo/setup.sql >/dev/null
+# The worker runs as a role that is not a superuser (demo/setup.sql makes it),
+# reaching exactly the demo's own paging receiver.
 if ! running "$DEMO/worker.pid"; then
-    "$WORKER" run --concurrency 8 --allow-http 127.0.0.1:58080 >"$DEMO/worker.log" 2>&1 &
+    "$WORKER" run --concurrency 8 --allow-http 127.0.0.1:58080 \
+        --database-url "postgresql://synapse_demo_worker@127.0.0.1:$PGPORT/synapse" >"$DEMO/worker.log" 2>&1 &
     echo $! >"$DEMO/worker.pid"
 fi
-
-PGOPTIONS="-c client_min_messages=warning" "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 "$SYNAPSE_DATABASE_URL" -f demo/setup.sql >/dev/null
 
 show_status() {
     python3 - "$1" <<'PY'

@@ -130,8 +130,8 @@ SELECT synapse.add_template(
                   "params": {"query": "insert into heartbeats default values returning at::text"}}]}$$::jsonb,
     'Insert a row into heartbeats: what the demo schedule runs.');
 
--- The demo's worker is not a superuser: the worker capability, and on the
--- demo's own tables exactly what its sql steps do.
+-- The demo's worker is not a superuser: the worker capability, nothing
+-- more (its goals' sql steps run as their owner).
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'synapse_demo_worker') THEN
@@ -139,6 +139,5 @@ BEGIN
     END IF;
 END $$;
 SELECT synapse.grant_worker('synapse_demo_worker');
-GRANT SELECT, UPDATE ON public.incidents, public.expenses TO synapse_demo_worker;
-GRANT SELECT, INSERT, UPDATE ON public.daily_totals TO synapse_demo_worker;
-GRANT SELECT, INSERT ON public.heartbeats TO synapse_demo_worker;
+-- A stack made by an earlier demo gave it more.
+REVOKE ALL ON public.incidents, public.expenses, public.daily_totals, public.heartbeats FROM synapse_demo_worker;

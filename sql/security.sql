@@ -77,7 +77,10 @@ BEGIN
         functions := functions || ARRAY[
             'synapse.submit_goal(text, jsonb, text, text)', 'synapse.submit_plan(jsonb, jsonb, text)',
             'synapse.plan_preview(text, jsonb, text)', 'synapse.cancel_goal(bigint)',
-            'synapse.signal(bigint, text, jsonb)', 'synapse.retry_goal(bigint, text[])'];
+            'synapse.signal(bigint, text, jsonb)', 'synapse.retry_goal(bigint, text[])',
+            -- A sql step of theirs leaves their identity with it, given the
+            -- worker's token (see step_role.rs).
+            'synapse._leave_step(text)'];
     END IF;
     IF 'worker' = ANY (capabilities) THEN
         -- Planning, claiming, recording, registering actions: the state
@@ -85,7 +88,7 @@ BEGIN
         functions := functions || ARRAY[
             'synapse._restoring()', 'synapse._install_plan(bigint, jsonb, text, jsonb)',
             'synapse._start_child(bigint, integer, text, text, jsonb, jsonb)', 'synapse._start_maps(bigint[])',
-            'synapse._start_waits(jsonb)'];
+            'synapse._start_waits(jsonb)', 'synapse._enter_step(bigint, integer)', 'synapse._leave_step(text)'];
         readable := readable || ARRAY['templates'];
         SELECT string_agg(quote_ident(a.attname), ', ') INTO goal_columns
           FROM pg_catalog.pg_attribute AS a
@@ -167,7 +170,8 @@ BEGIN
         'synapse.signal(bigint, text, jsonb)', 'synapse.retry_goal(bigint, text[])',
         'synapse.add_template(text, text, jsonb, text, integer)',
         'synapse.schedule(text, text, text, jsonb, text, text)', 'synapse.unschedule(text)',
-        'synapse.replay_parked_events()', 'synapse._install_plan(bigint, jsonb, text, jsonb)',
+        'synapse.replay_parked_events()', 'synapse.forwarder_status()',
+        'synapse._install_plan(bigint, jsonb, text, jsonb)',
         'synapse._start_child(bigint, integer, text, text, jsonb, jsonb)', 'synapse._start_maps(bigint[])',
         'synapse._start_waits(jsonb)', 'synapse._goals_written()', 'synapse._tasks_written()',
         'synapse.grant_submitter(regrole)', 'synapse.grant_worker(regrole)', 'synapse.grant_admin(regrole)',

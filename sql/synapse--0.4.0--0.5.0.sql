@@ -728,6 +728,23 @@ STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'cron_next_wrapper';
 
+-- A sql step runs as its goal's owner: the worker enters it...
+CREATE FUNCTION synapse."_enter_step"(
+	"task_id" bigint, /* i64 */
+	"attempt" INT /* i32 */
+) RETURNS TEXT /* std :: result :: Result < String, pgrx :: pg_sys :: panic :: ErrorReport > */
+STRICT VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'enter_step_wrapper';
+
+-- ... and leaves it.
+CREATE FUNCTION synapse."_leave_step"(
+	"token" TEXT /* & str */
+) RETURNS VOID /* std :: result :: Result < (), pgrx :: pg_sys :: panic :: ErrorReport > */
+STRICT VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'leave_step_wrapper';
+
 -- Safe to share (SPEC §7). Installing Synapse widens nobody's rights: nothing
 -- is granted to PUBLIC, and roles get what they need with grant_submitter,
 -- grant_worker and grant_admin. Only the extension's own code writes the
@@ -807,7 +824,10 @@ BEGIN
         functions := functions || ARRAY[
             'synapse.submit_goal(text, jsonb, text, text)', 'synapse.submit_plan(jsonb, jsonb, text)',
             'synapse.plan_preview(text, jsonb, text)', 'synapse.cancel_goal(bigint)',
-            'synapse.signal(bigint, text, jsonb)', 'synapse.retry_goal(bigint, text[])'];
+            'synapse.signal(bigint, text, jsonb)', 'synapse.retry_goal(bigint, text[])',
+            -- A sql step of theirs leaves their identity with it, given the
+            -- worker's token (see step_role.rs).
+            'synapse._leave_step(text)'];
     END IF;
     IF 'worker' = ANY (capabilities) THEN
         -- Planning, claiming, recording, registering actions: the state
@@ -815,7 +835,7 @@ BEGIN
         functions := functions || ARRAY[
             'synapse._restoring()', 'synapse._install_plan(bigint, jsonb, text, jsonb)',
             'synapse._start_child(bigint, integer, text, text, jsonb, jsonb)', 'synapse._start_maps(bigint[])',
-            'synapse._start_waits(jsonb)'];
+            'synapse._start_waits(jsonb)', 'synapse._enter_step(bigint, integer)', 'synapse._leave_step(text)'];
         readable := readable || ARRAY['templates'];
         SELECT string_agg(quote_ident(a.attname), ', ') INTO goal_columns
           FROM pg_catalog.pg_attribute AS a
@@ -897,7 +917,8 @@ BEGIN
         'synapse.signal(bigint, text, jsonb)', 'synapse.retry_goal(bigint, text[])',
         'synapse.add_template(text, text, jsonb, text, integer)',
         'synapse.schedule(text, text, text, jsonb, text, text)', 'synapse.unschedule(text)',
-        'synapse.replay_parked_events()', 'synapse._install_plan(bigint, jsonb, text, jsonb)',
+        'synapse.replay_parked_events()', 'synapse.forwarder_status()',
+        'synapse._install_plan(bigint, jsonb, text, jsonb)',
         'synapse._start_child(bigint, integer, text, text, jsonb, jsonb)', 'synapse._start_maps(bigint[])',
         'synapse._start_waits(jsonb)', 'synapse._goals_written()', 'synapse._tasks_written()',
         'synapse.grant_submitter(regrole)', 'synapse.grant_worker(regrole)', 'synapse.grant_admin(regrole)',

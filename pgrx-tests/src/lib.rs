@@ -275,6 +275,17 @@ impl Stack {
             .expect("connecting to postgres")
     }
 
+    /// The stack's database URL for `role` (the stack trusts local connections).
+    pub fn database_url_as(&self, role: &str) -> String {
+        format!("postgresql://{role}@127.0.0.1:{}/{DATABASE}", self.pg_port)
+    }
+
+    /// A session as `role`.
+    pub fn pg_as(&self, role: &str) -> postgres::Client {
+        postgres::Client::connect(&self.database_url_as(role), postgres::NoTls)
+            .unwrap_or_else(|error| panic!("connecting as {role}: {error}"))
+    }
+
     /// A new Postgres connection to another database of the cluster, e.g.
     /// `postgres`: its sessions stay out of the test database's statistics.
     pub fn pg_database(&self, database: &str) -> postgres::Client {

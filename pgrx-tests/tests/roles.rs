@@ -9,19 +9,6 @@ use synapse_e2e::{postgres, submit_plan, task, wait_for_goal, wait_for_step, wai
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A session as `role` (the stack trusts local connections).
-fn connect_as(stack: &Stack, role: &str) -> postgres::Client {
-    postgres::Client::connect(
-        &format!(
-            "postgresql://{role}@127.0.0.1:{}/{}",
-            stack.pg_port,
-            synapse_e2e::DATABASE
-        ),
-        postgres::NoTls,
-    )
-    .unwrap_or_else(|error| panic!("connecting as {role}: {error}"))
-}
-
 /// Creates login roles that are not superusers, and gives each its capability.
 fn roles(admin: &mut postgres::Client, grants: &[(&str, Option<&str>)]) {
     for (role, capability) in grants {
@@ -66,7 +53,7 @@ fn a_role_with_no_grant_can_do_nothing() {
     let mut admin = stack.pg();
     roles(&mut admin, &[("nobody", None)]);
     let goal = submit_plan(&mut admin, WAITING);
-    let mut nobody = connect_as(&stack, "nobody");
+    let mut nobody = stack.pg_as("nobody");
     for sql in [
         "SELECT synapse.submit_goal('x')".to_owned(),
         "SELECT synapse.submit_plan('{\"steps\":[{\"id\":\"a\",\"action\":\"noop\"}]}')".to_owned(),
@@ -110,8 +97,8 @@ fn two_submitters_cannot_see_or_touch_each_others_goals() {
         &mut admin,
         &[("alice", Some("submitter")), ("bob", Some("submitter"))],
     );
-    let mut alice = connect_as(&stack, "alice");
-    let mut bob = connect_as(&stack, "bob");
+    let mut alice = stack.pg_as("alice");
+    let mut bob = stack.pg_as("bob");
     let submit = |client: &mut postgres::Client, key: &str| -> i64 {
         client
             .query_one(
@@ -208,13 +195,13 @@ fn members_of_an_owner_role_share_its_goals() {
     admin
         .batch_execute("GRANT payments TO alice, carol")
         .unwrap();
-    let mut alice = connect_as(&stack, "alice");
+    let mut alice = stack.pg_as("alice");
     alice.batch_execute("SET ROLE payments").unwrap();
     let goal: i64 = alice
         .query_one("SELECT synapse.submit_plan($1::text::jsonb)", &[&WAITING])
         .unwrap()
         .get(0);
-    let mut carol = connect_as(&stack, "carol");
+    let mut carol = stack.pg_as("carol");
     let owner: String = carol
         .query_one(
             "SELECT owner::text FROM synapse.goals WHERE id = $1",
@@ -228,7 +215,7 @@ fn members_of_an_owner_role_share_its_goals() {
         .unwrap()
         .get(0);
     assert!(taken, "a member of the owner acts on its goals");
-    let mut dave = connect_as(&stack, "dave");
+    let mut dave = stack.pg_as("dave");
     assert_eq!(
         one_i64(&mut dave, "SELECT count(*) FROM synapse.goals"),
         0,
@@ -252,7 +239,7 @@ fn only_the_extension_writes_the_tables() {
     let hold = synapse_e2e::task_id(&mut admin, goal, "hold");
     wait_for_step(&mut admin, goal, "hold", "waiting");
     for role in ["alice", "wk", "boss"] {
-        let mut client = connect_as(&stack, role);
+        let mut client = stack.pg_as(role);
         for sql in [
             "INSERT INTO synapse.outbox (event, goal_id, dispatch, payload) VALUES ('x', 1, 'queue:default', '{}')"
                 .to_owned(),
@@ -273,14 +260,14 @@ fn only_the_extension_writes_the_tables() {
         }
     }
     // The worker changes tasks only along the state machine.
-    let mut worker = connect_as(&stack, "wk");
+    let mut worker = stack.pg_as("wk");
     let skipped = sqlstate(
         &mut worker,
         &format!("UPDATE synapse.tasks SET status = 'succeeded' WHERE goal_id = {goal} AND step = 'after'"),
     );
     assert!(skipped.starts_with("55000"), "{skipped}");
     // A submitter never writes a table at all, even its own goal's rows.
-    let mut alice = connect_as(&stack, "alice");
+    let mut alice = stack.pg_as("alice");
     let own = sqlstate(&mut alice, "UPDATE synapse.goals SET status = 'cancelled'");
     assert!(own.starts_with("42501"), "{own}");
 }
@@ -297,13 +284,9 @@ fn a_worker_that_is_not_a_superuser_runs_goals_of_every_owner() {
             ("boss", Some("admin")),
         ],
     );
-    let url = format!(
-        "postgresql://wk@127.0.0.1:{}/{}",
-        stack.pg_port,
-        synapse_e2e::DATABASE
-    );
+    let url = stack.database_url_as("wk");
     let _worker = stack.start_worker("wk", &["--database-url", &url]);
-    let mut boss = connect_as(&stack, "boss");
+    let mut boss = stack.pg_as("boss");
     boss.execute(
         "SELECT synapse.add_template('twice', 'twice (?<n>\\d+)', $1::text::jsonb)",
         &[&json!({"steps": [{"id": "double", "action": "transform",
@@ -311,7 +294,7 @@ fn a_worker_that_is_not_a_superuser_runs_goals_of_every_owner() {
         .to_string()],
     )
     .unwrap();
-    let mut alice = connect_as(&stack, "alice");
+    let mut alice = stack.pg_as("alice");
     // Planning, a map, a child goal and a wait, all for alice, by a worker
     // that is not a superuser.
     let planned: i64 = alice
@@ -359,6 +342,17 @@ fn a_worker_that_is_not_a_superuser_runs_goals_of_every_owner() {
         .unwrap()
         .get(0);
     assert_eq!(owner, "alice", "a child goal belongs to its parent's owner");
+    // An admin reads the forwarder's state (a submitter does not).
+    let running: bool = boss
+        .query_one(
+            "SELECT (synapse.forwarder_status() ->> 'running')::boolean",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(running);
+    let refused = sqlstate(&mut alice, "SELECT synapse.forwarder_status()");
+    assert!(refused.starts_with("42501"), "{refused}");
     // The admin's schedule submits goals the admin owns.
     boss.execute(
         "SELECT synapse.schedule('tick', '* * * * * *', 'twice 1')",
@@ -403,16 +397,16 @@ fn revoking_a_capability_takes_its_rights_away() {
         &mut admin,
         &[("alice", Some("submitter")), ("boss", Some("admin"))],
     );
-    let mut boss = connect_as(&stack, "boss");
+    let mut boss = stack.pg_as("boss");
     // An admin grants and revokes (as the extension's owner does).
     boss.execute("SELECT synapse.revoke_submitter('alice')", &[])
         .unwrap();
-    let mut alice = connect_as(&stack, "alice");
+    let mut alice = stack.pg_as("alice");
     let refused = sqlstate(&mut alice, "SELECT synapse.submit_goal('x')");
     assert!(refused.starts_with("42501"), "{refused}");
     boss.execute("SELECT synapse.grant_submitter('alice')", &[])
         .unwrap();
-    let mut alice = connect_as(&stack, "alice");
+    let mut alice = stack.pg_as("alice");
     alice
         .execute("SELECT synapse.submit_goal('x')", &[])
         .unwrap();

@@ -31,6 +31,9 @@ pub enum Error {
     /// The goal id names no goal.
     #[error("goal {0} does not exist")]
     GoalNotFound(i64),
+    /// A task is not in the state the call needs (e.g. a lapsed attempt).
+    #[error("{0}")]
+    NotRunning(String),
     /// SPI failed underneath us.
     #[error("internal error: {0}")]
     Spi(#[from] pgrx::spi::Error),
@@ -60,6 +63,7 @@ impl Error {
             Error::InvalidPattern { .. } => PgSqlErrorCode::ERRCODE_INVALID_REGULAR_EXPRESSION,
             Error::LimitExceeded { .. } => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             Error::GoalNotFound(_) => PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
+            Error::NotRunning(_) => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             Error::Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }
     }

@@ -264,45 +264,57 @@ async fn record_isolated(
     .unwrap_or_else(|error| Err(StoreError::Data(format!("recording failed: {error}"))))
 }
 
-/// One transaction: the goals' locks, the outcomes (fenced by attempt), the
-/// engine for every step that ended, then the claims of local continuation,
+/// In `tx`: the goals' locks, the outcomes (fenced by attempt) and the engine
+/// for every step that ended. Returns what became of each outcome, and the
+/// tasks the engine queued.
+pub(crate) async fn record_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    outcomes: &[(&ClaimedTask, &AttemptOutcome)],
+) -> Result<(Vec<Handled>, Vec<Queued>), StoreError> {
+    let mut goal_ids: Vec<i64> = outcomes.iter().map(|(task, _)| task.goal_id).collect();
+    goal_ids.sort_unstable();
+    goal_ids.dedup();
+    // A goal that is not running (cancelled) is not locked: its tasks are
+    // not running either, so their outcomes are fenced.
+    let running = store::lock_running_goals(tx, &goal_ids).await?;
+    let recorded = store::record_outcomes(tx, outcomes).await?;
+    let mut handled = Vec::with_capacity(recorded.len());
+    let mut ends = Vec::new();
+    for recorded in recorded {
+        handled.push(match recorded {
+            Recorded::Fenced => Handled::Fenced,
+            Recorded::Retrying => Handled::Recorded("retrying"),
+            Recorded::Again => Handled::Recorded("looped"),
+            Recorded::Ended(end) => {
+                let status = end.ended.outcome.status();
+                ends.push(end);
+                Handled::Recorded(status)
+            }
+        });
+    }
+    let queued = if ends.is_empty() {
+        Vec::new()
+    } else {
+        engine::steps_ended_in_locked_goals(tx, ends, running).await?
+    };
+    Ok((handled, queued))
+}
+
+/// One transaction: [`record_in`], then the claims of local continuation,
 /// whose tasks start once it committed.
 async fn record_batch(
     pool: &deadpool_postgres::Pool,
     outcomes: &[(&ClaimedTask, &AttemptOutcome)],
     continuation: Option<&Continuation>,
 ) -> Result<Vec<Handled>, StoreError> {
-    let mut goal_ids: Vec<i64> = outcomes.iter().map(|(task, _)| task.goal_id).collect();
-    goal_ids.sort_unstable();
-    goal_ids.dedup();
     with_retries(|| async {
         let mut client = pool.get().await?;
         let tx = store::begin(&mut client).await?;
-        // A goal that is not running (cancelled) is not locked: its tasks are
-        // not running either, so their outcomes are fenced.
-        let running = store::lock_running_goals(&tx, &goal_ids).await?;
-        let recorded = store::record_outcomes(&tx, outcomes).await?;
-        let mut handled = Vec::with_capacity(recorded.len());
-        let mut ends = Vec::new();
-        for recorded in recorded {
-            handled.push(match recorded {
-                Recorded::Fenced => Handled::Fenced,
-                Recorded::Retrying => Handled::Recorded("retrying"),
-                Recorded::Again => Handled::Recorded("looped"),
-                Recorded::Ended(end) => {
-                    let status = end.ended.outcome.status();
-                    ends.push(end);
-                    Handled::Recorded(status)
-                }
-            });
-        }
-        let mut continued = Vec::new();
-        if !ends.is_empty() {
-            let queued = engine::steps_ended_in_locked_goals(&tx, ends, running).await?;
-            if let Some(continuation) = continuation {
-                continued = continuation.claim(&tx, &queued).await?;
-            }
-        }
+        let (handled, queued) = record_in(&tx, outcomes).await?;
+        let continued = match continuation {
+            Some(continuation) if !queued.is_empty() => continuation.claim(&tx, &queued).await?,
+            _ => Vec::new(),
+        };
         tx.commit().await?;
         Ok((handled, continued))
     })

@@ -277,6 +277,9 @@ async fn run_claimed(
     if task.action == child::ACTION {
         return start_child(shared, task, &context, slot).await;
     }
+    if task.action == crate::sql_step::ACTION {
+        return crate::sql_step::run(shared, task, &context, abort, slot).await;
+    }
     let Some(action) = shared.actions.get(&task.action) else {
         let error = format!("this worker has no action \"{}\"", task.action);
         return record(shared, task, AttemptOutcome::Failed(error), slot).await;
@@ -284,14 +287,7 @@ async fn run_claimed(
     let run = tokio::time::timeout(task.timeout, action.run(&context));
     let outcome = tokio::select! {
         result = run => match result {
-            Ok(Ok(value)) => match &task.looping {
-                None => AttemptOutcome::Succeeded(value),
-                Some(looping) => crate::engine::looping::after_run(&context, looping, value),
-            },
-            // Another attempt would evaluate the same expression over the same values.
-            Ok(Err(ActionError::Definition(error))) => AttemptOutcome::DefinitionError(error),
-            Ok(Err(error)) if error.is_retryable() => failure(task, error.message().to_owned()),
-            Ok(Err(error)) => AttemptOutcome::Failed(error.message().to_owned()),
+            Ok(result) => outcome_of(task, &context, result),
             Err(_) => failure(task, format!("timed out after {}", crate::blueprint::format_duration(task.timeout))),
         },
         () = hold_lease(shared, task) => return Ok(Handled::Lost),
@@ -343,7 +339,26 @@ async fn start_child(
     }
 }
 
-fn failure(task: &ClaimedTask, error: String) -> AttemptOutcome {
+/// What an attempt that ran to its end comes to: its result (or, for a loop,
+/// another iteration), or a failure to retry or not.
+pub(crate) fn outcome_of(
+    task: &ClaimedTask,
+    context: &ActionContext,
+    result: Result<Value, ActionError>,
+) -> AttemptOutcome {
+    match result {
+        Ok(value) => match &task.looping {
+            None => AttemptOutcome::Succeeded(value),
+            Some(looping) => crate::engine::looping::after_run(context, looping, value),
+        },
+        // Another attempt would evaluate the same expression over the same values.
+        Err(ActionError::Definition(error)) => AttemptOutcome::DefinitionError(error),
+        Err(error) if error.is_retryable() => failure(task, error.message().to_owned()),
+        Err(error) => AttemptOutcome::Failed(error.message().to_owned()),
+    }
+}
+
+pub(crate) fn failure(task: &ClaimedTask, error: String) -> AttemptOutcome {
     let attempt = task.attempt_in_iteration();
     if attempt < task.max_attempts {
         let jitter = 0.5 + rand::random::<f64>();
@@ -359,7 +374,7 @@ fn failure(task: &ClaimedTask, error: String) -> AttemptOutcome {
 /// Heartbeats every third of the lease; returns when the attempt no longer
 /// holds the task (the goal was cancelled, or the lease lapsed and the task
 /// went to another worker).
-async fn hold_lease(shared: &Shared, task: &ClaimedTask) {
+pub(crate) async fn hold_lease(shared: &Shared, task: &ClaimedTask) {
     let period = shared.config.lease / 3;
     loop {
         tokio::time::sleep(period).await;
@@ -392,7 +407,7 @@ async fn hold_lease(shared: &Shared, task: &ClaimedTask) {
 /// the outcome waits: a busy completer must not let finished work lapse and
 /// run again. Should the attempt lose the task meanwhile (cancelled), the
 /// completer still answers, and fences the outcome.
-async fn record(
+pub(crate) async fn record(
     shared: &Shared,
     task: &ClaimedTask,
     outcome: AttemptOutcome,

@@ -33,6 +33,8 @@ pub mod planner;
 #[cfg(feature = "runtime")]
 pub mod postgres_tls;
 #[cfg(feature = "runtime")]
+pub mod sql_step;
+#[cfg(feature = "runtime")]
 pub mod store;
 #[cfg(feature = "runtime")]
 pub mod worker;

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::actions::{ActionRegistry, HttpFence, ResultLimit};
+use crate::actions::{ActionRegistry, HttpFence, ResultLimit, Sql};
 use crate::backoff::Backoff;
 use crate::blueprint::BUILTIN_ACTIONS;
 use crate::completer::{completer, Completer, CompletionQueue, Continuation};
@@ -86,6 +86,8 @@ pub struct Shared {
     pub redis: redis::Client,
     /// Actions by name.
     pub actions: ActionRegistry,
+    /// The `sql` action, whose steps run in the transaction that records them.
+    pub sql: Sql,
     /// Planners by name.
     pub planners: PlannerRegistry,
     /// Records task outcomes, in batches.
@@ -247,11 +249,12 @@ impl Worker {
         let pool = pool(&config.database_url, config.concurrency + 4)?;
         // `sql` steps get connections of their own: whatever a step does to its
         // session can never reach the claims, heartbeats and the completer.
-        let sql_pool = pool_for_sql(&config.database_url, config.concurrency)?;
+        let sql = Sql::new(pool_for_sql(&config.database_url, config.concurrency)?)
+            .with_result_limit(limit);
         let redis = redis::Client::open(config.redis_url.as_str())
             .context("--redis-url is not a valid Redis URL")?;
         let mut actions = ActionRegistry::builtins(
-            sql_pool,
+            sql.clone(),
             config.allow_http.clone(),
             config.allow_exec.clone(),
             limit,
@@ -269,6 +272,7 @@ impl Worker {
                 pool,
                 redis,
                 actions: actions.bounded(limit),
+                sql,
                 planners: PlannerRegistry::builtins(),
                 completer,
                 slots,

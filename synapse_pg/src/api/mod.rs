@@ -5,4 +5,5 @@ mod graph;
 mod plan;
 mod preview;
 mod schedule;
+mod step_role;
 mod templates;

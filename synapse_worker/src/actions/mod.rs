@@ -15,7 +15,7 @@ mod http_fence;
 mod limit;
 mod numeric;
 mod simple;
-mod sql;
+pub(crate) mod sql;
 mod statement;
 
 pub use exec::Exec;
@@ -132,11 +132,11 @@ impl ActionRegistry {
     }
 
     /// The built-in actions. `http` reaches only what `allowed_http` allows;
-    /// `exec` runs only the programs in `allowed_programs`; `sql` uses
-    /// `sql_pool`, which must be a pool of its own (it resets every connection
-    /// after each step); `http`, `exec` and `sql` stop reading at `limit`.
+    /// `exec` runs only the programs in `allowed_programs`; `sql` is given
+    /// (its pool must be one of its own: it resets every connection after
+    /// each step); `http` and `exec` stop reading at `limit`.
     pub fn builtins(
-        sql_pool: deadpool_postgres::Pool,
+        sql: Sql,
         allowed_http: HttpFence,
         allowed_programs: Vec<String>,
         limit: ResultLimit,
@@ -148,7 +148,7 @@ impl ActionRegistry {
         registry.register(Transform);
         registry.register(Http::new(allowed_http).with_result_limit(limit));
         registry.register(Exec::new(allowed_programs).with_result_limit(limit));
-        registry.register(Sql::new(sql_pool).with_result_limit(limit));
+        registry.register(sql);
         registry
     }
 

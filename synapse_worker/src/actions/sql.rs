@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::Statement;
 
 use super::limit::ResultLimit;
 use super::numeric::Numeric;
@@ -74,9 +74,17 @@ const RESET_SESSION: &str =
 /// `statement_timeout`) are retryable, like failing to get a connection; other
 /// Postgres errors are permanent, and their message gives the SQLSTATE. A
 /// cancelled attempt cancels its running statement and closes its connection.
+#[derive(Clone)]
 pub struct Sql {
     pool: deadpool_postgres::Pool,
     limit: ResultLimit,
+}
+
+/// A step's statement, checked, with its arguments evaluated.
+pub(crate) struct StepStatement {
+    query: String,
+    wrapped: String,
+    args: Vec<Value>,
 }
 
 impl Sql {
@@ -95,7 +103,9 @@ impl Sql {
         self
     }
 
-    async fn execute(&self, context: &ActionContext) -> Result<Value, ActionError> {
+    /// `params.query` checked (one statement that neither controls the
+    /// transaction nor changes the session) and `params.args` evaluated.
+    pub(crate) fn statement(&self, context: &ActionContext) -> Result<StepStatement, ActionError> {
         let query = required_str(context, "query")?;
         let query = statement::single(query)
             .map_err(|refusal| ActionError::Permanent(refusal.message()))?
@@ -113,23 +123,53 @@ impl Sql {
                 }
             },
         };
-        let wrapped = wrap(query, self.limit);
+        Ok(StepStatement {
+            wrapped: wrap(query, self.limit),
+            query: query.to_owned(),
+            args,
+        })
+    }
 
+    /// A connection of this action's pool, for one attempt.
+    pub(crate) async fn connection(&self) -> Result<Busy, ActionError> {
         let object = self.pool.get().await.map_err(|e| {
             ActionError::Retryable(format!("sql: could not get a database connection: {e}"))
         })?;
-        let connection = Busy::new(object);
-        let outcome = run_in_transaction(
-            connection.client(),
-            query,
-            &wrapped,
-            &args,
-            context.timeout,
-            self.limit,
-        )
+        Ok(Busy::new(object))
+    }
+
+    /// The most a result may weigh.
+    pub(crate) fn limit(&self) -> ResultLimit {
+        self.limit
+    }
+
+    /// The statement in a transaction of its own (the worker runs its steps
+    /// in the transaction that records them instead: see `sql_step`).
+    async fn execute(&self, context: &ActionContext) -> Result<Value, ActionError> {
+        let statement = self.statement(context)?;
+        let mut connection = self.connection().await?;
+        let outcome = async {
+            let tx = connection
+                .object_mut()
+                .transaction()
+                .await
+                .map_err(postgres_error)?;
+            tx.batch_execute(&statement_timeout(context.timeout))
+                .await
+                .map_err(postgres_error)?;
+            let value = execute_in(&tx, &statement, self.limit).await?;
+            tx.commit().await.map_err(postgres_error)?;
+            Ok(value)
+        }
         .await;
         connection.finish(outcome).await
     }
+}
+
+/// `SET LOCAL statement_timeout` to a step's timeout.
+pub(crate) fn statement_timeout(timeout: Duration) -> String {
+    let timeout_ms = timeout.as_millis().clamp(1, i32::MAX as u128);
+    format!("SET LOCAL statement_timeout = {timeout_ms}")
 }
 
 impl Action for Sql {
@@ -174,42 +214,37 @@ enum Prepared {
     AsWritten(Statement),
 }
 
-/// Prepares the statement (wrapped if Postgres accepts that, else as is), then
-/// runs it in a transaction limited by `statement_timeout`. The transaction is
-/// left open: [`Busy::finish`] ends it.
-///
-/// Preparing comes first and outside the transaction: a wrapped form Postgres
-/// refuses would otherwise abort it.
-async fn run_in_transaction(
-    client: &Client,
-    query: &str,
-    wrapped: &str,
-    args: &[Value],
-    timeout: Duration,
+/// Runs `statement` in the open transaction `tx` (its `statement_timeout`
+/// set by the caller): wrapped, so that Postgres returns all rows as one
+/// `jsonb` array, if Postgres accepts that (tried under a savepoint, so a
+/// refusal aborts nothing), else as written. An error leaves `tx` aborted:
+/// the caller rolls back (to its savepoint).
+pub(crate) async fn execute_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    statement: &StepStatement,
     limit: ResultLimit,
 ) -> Result<Value, ActionError> {
-    let prepared = match client.prepare(wrapped).await {
-        Ok(statement) => Prepared::Wrapped(statement),
+    tx.batch_execute("SAVEPOINT synapse_wrap")
+        .await
+        .map_err(postgres_error)?;
+    let prepared = match tx.prepare(&statement.wrapped).await {
+        Ok(prepared) => Prepared::Wrapped(prepared),
         Err(e) if cannot_wrap(&e) => {
-            Prepared::AsWritten(client.prepare(query).await.map_err(postgres_error)?)
+            tx.batch_execute("ROLLBACK TO SAVEPOINT synapse_wrap")
+                .await
+                .map_err(postgres_error)?;
+            Prepared::AsWritten(tx.prepare(&statement.query).await.map_err(postgres_error)?)
         }
         Err(e) => return Err(postgres_error(e)),
     };
-    let statement = match &prepared {
-        Prepared::Wrapped(statement) | Prepared::AsWritten(statement) => statement,
+    let types = match &prepared {
+        Prepared::Wrapped(prepared) | Prepared::AsWritten(prepared) => prepared.params(),
     };
-    let params = bind_all(statement.params(), args)?;
-    let timeout_ms = timeout.as_millis().clamp(1, i32::MAX as u128);
-    client
-        .batch_execute(&format!(
-            "BEGIN; SET LOCAL statement_timeout = {timeout_ms}"
-        ))
-        .await
-        .map_err(postgres_error)?;
+    let params = bind_all(types, &statement.args)?;
     match prepared {
-        Prepared::Wrapped(statement) => {
-            let row = client
-                .query_one(&statement, &param_refs(&params))
+        Prepared::Wrapped(prepared) => {
+            let row = tx
+                .query_one(&prepared, &param_refs(&params))
                 .await
                 .map_err(postgres_error)?;
             let size: i64 = row.try_get(1).map_err(postgres_error)?;
@@ -221,9 +256,9 @@ async fn run_in_transaction(
                 _ => Err(limit.exceeded("sql")),
             }
         }
-        Prepared::AsWritten(statement) => {
-            let affected = client
-                .execute(&statement, &param_refs(&params))
+        Prepared::AsWritten(prepared) => {
+            let affected = tx
+                .execute(&prepared, &param_refs(&params))
                 .await
                 .map_err(postgres_error)?;
             Ok(json!({ "rows": [], "rows_affected": affected }))
@@ -399,7 +434,7 @@ fn to_text(value: &Value) -> String {
 }
 
 /// An error from Postgres (or the connection), classified.
-fn postgres_error(error: tokio_postgres::Error) -> ActionError {
+pub(crate) fn postgres_error(error: tokio_postgres::Error) -> ActionError {
     if let Some(db) = error.as_db_error() {
         let code = db.code().code();
         let mut message = format!("sql: SQLSTATE {code}: {}", db.message());
@@ -453,7 +488,7 @@ fn is_retryable_sqlstate(code: &str) -> bool {
 /// asks Postgres to cancel the statement and keeps the connection out of the
 /// pool, closing it. Only [`Busy::finish`], once the transaction has ended and
 /// the session was reset, gives the connection back.
-struct Busy {
+pub(crate) struct Busy {
     object: Option<deadpool_postgres::Object>,
 }
 
@@ -464,36 +499,30 @@ impl Busy {
         }
     }
 
-    fn client(&self) -> &Client {
-        match &self.object {
+    /// The connection, to open the attempt's transaction on.
+    pub(crate) fn object_mut(&mut self) -> &mut deadpool_postgres::Object {
+        match &mut self.object {
             Some(object) => object,
             // `object` is only taken by `finish` and `drop`, which consume `self`.
             None => unreachable!("connection used after release"),
         }
     }
 
-    /// The statement is over: commits if `outcome` is a success (a failed
-    /// commit becomes the outcome), else rolls back; then resets the session.
-    /// The connection goes back to the pool only if all of that worked; else
-    /// it is closed, so no state of this step can reach another.
-    async fn finish(mut self, outcome: Result<Value, ActionError>) -> Result<Value, ActionError> {
-        let client = self.client();
-        let end = if outcome.is_ok() {
-            "COMMIT"
-        } else {
-            "ROLLBACK"
-        };
-        let ended = client.batch_execute(end).await;
-        let clean = ended.is_ok() && client.batch_execute(RESET_SESSION).await.is_ok();
+    /// The attempt's transaction has ended (committed, or rolled back when
+    /// dropped): resets the session, and gives the connection back only if
+    /// that worked; else closes it, so no state of this step can reach
+    /// another. Statements prepared on it are gone with the reset.
+    pub(crate) async fn finish<T>(mut self, outcome: T) -> T {
+        // A transaction not committed was rolled back when it was dropped.
+        let object = self.object_mut();
+        let clean = object.batch_execute(RESET_SESSION).await.is_ok();
+        object.statement_cache.clear();
         let object = self.object.take();
         if !clean {
             // Detached from the pool and dropped: the connection closes.
             drop(object.map(deadpool_postgres::Object::take));
         }
-        match (outcome, ended) {
-            (Ok(_), Err(error)) => Err(postgres_error(error)),
-            (outcome, _) => outcome,
-        }
+        outcome
     }
 }
 

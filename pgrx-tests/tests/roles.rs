@@ -416,3 +416,70 @@ fn revoking_a_capability_takes_its_rights_away() {
     );
     assert_eq!(recorded, 1);
 }
+
+/// The Redis users of the README's least-privilege recipe: each may run only
+/// the commands its side sends, on the keys under the prefix.
+const REDIS_USERS: [&str; 2] = [
+    "synapse-forwarder on >fwd-secret ~synapse:* resetchannels -@all +lpush +xadd +llen +ping +hello +auth +select",
+    "synapse-worker on >wk-secret ~synapse:* resetchannels -@all +blmpop +rpush +ping +hello +auth +select +client|id +client|unblock",
+];
+
+#[test]
+fn redis_users_with_only_the_commands_they_need_carry_the_work() {
+    let mut stack = Stack::start("roles-redis", &[]);
+    let mut redis = stack.redis();
+    for user in REDIS_USERS {
+        let mut command = synapse_e2e::redis::cmd("ACL");
+        command.arg("SETUSER");
+        for rule in user.split(' ') {
+            command.arg(rule);
+        }
+        let _: () = command.query(&mut redis).unwrap();
+    }
+    let forwarder_url = format!(
+        "synapse.redis_url = 'redis://synapse-forwarder:fwd-secret@127.0.0.1:{}/0'",
+        stack.redis_port
+    );
+    stack.restart_postgres_with(&["synapse.sweep_interval = '1s'", &forwarder_url]);
+    let worker_url = format!(
+        "redis://synapse-worker:wk-secret@127.0.0.1:{}/0",
+        stack.redis_port
+    );
+    let _worker = stack.start_worker("w", &["--redis-url", &worker_url]);
+    let mut admin = stack.pg();
+    let goal = submit_plan(
+        &mut admin,
+        &json!({"steps": [{"id": "a", "action": "noop"}]}),
+    );
+    assert_eq!(wait_for_goal(&stack, goal, WAIT)["status"], "succeeded");
+    // Work for a queue nobody serves, whose message Redis lost: the sweep
+    // (LLEN, then LPUSH) dispatches it again.
+    submit_plan(
+        &mut admin,
+        &json!({"steps": [{"id": "a", "action": "noop", "queue": "elsewhere"}]}),
+    );
+    let list = "synapse:queue:elsewhere";
+    wait_until("the dispatch", WAIT, || {
+        let length: i64 = synapse_e2e::redis::cmd("LLEN")
+            .arg(list)
+            .query(&mut redis)
+            .unwrap();
+        (length == 1).then_some(())
+    });
+    let _: i64 = synapse_e2e::redis::cmd("DEL")
+        .arg(list)
+        .query(&mut redis)
+        .unwrap();
+    wait_until("the sweep to dispatch it again", WAIT, || {
+        let length: i64 = synapse_e2e::redis::cmd("LLEN")
+            .arg(list)
+            .query(&mut redis)
+            .unwrap();
+        (length == 1).then_some(())
+    });
+    let refused: Vec<synapse_e2e::redis::Value> = synapse_e2e::redis::cmd("ACL")
+        .arg("LOG")
+        .query(&mut redis)
+        .unwrap();
+    assert!(refused.is_empty(), "Redis refused commands: {refused:?}");
+}

@@ -366,3 +366,73 @@ fn statement_timeout_cancels_a_long_validation() {
         .get(0);
     assert_eq!(problems, "[]");
 }
+
+/// `[0, 1, …, n-1]` as CEL.
+fn range(n: usize) -> String {
+    let items: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    format!("[{}]", items.join(", "))
+}
+
+#[test]
+fn a_cel_bomb_ends_at_its_budget_with_a_clear_error() {
+    let stack = Stack::start("limits-cel", &[]);
+    let _worker = stack.start_worker("w", &[]);
+    let mut client = stack.pg();
+    let hundred = range(100);
+    let bomb = format!("{hundred}.map(a, {hundred}.map(b, {hundred}.exists(c, false)))");
+    // In the backend, at the door: 54000 naming the expression's place.
+    let plan = json!({"steps": [{"id": "a", "action": "noop", "input": bomb}]}).to_string();
+    assert_refused(
+        &mut client,
+        "SELECT synapse.submit_plan($1::text::jsonb)",
+        &[&plan],
+        "54000",
+        "evaluation over its budget",
+    );
+    assert_nothing_left(&mut client);
+    // In a worker: the step fails with a definition error naming it, and the
+    // worker goes on.
+    let plan = json!({"steps": [
+        {"id": "a", "action": "noop"},
+        {"id": "b", "action": "transform", "params": {"expr": bomb}}
+    ], "edges": [{"from": "a", "to": "b"}]})
+    .to_string();
+    let goal: i64 = client
+        .query_one("SELECT synapse.submit_plan($1::text::jsonb)", &[&plan])
+        .unwrap()
+        .get(0);
+    let status = wait_for_goal(&stack, goal, WAIT);
+    let step = synapse_e2e::task(&status, "b");
+    assert_eq!(step["failure_kind"], "definition", "{status}");
+    let error = step["error"].as_str().unwrap();
+    assert!(error.contains("evaluation over its budget"), "{error}");
+    let next: i64 = client
+        .query_one(
+            "SELECT synapse.submit_plan('{\"steps\":[{\"id\":\"a\",\"action\":\"noop\"}]}')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(wait_for_goal(&stack, next, WAIT)["status"], "succeeded");
+}
+
+#[test]
+fn statement_timeout_cancels_a_long_evaluation() {
+    let stack = Stack::start("limits-cel-cancel", &[]);
+    let mut client = stack.pg();
+    // Under its budget, but long: a cancel stops it between iterations.
+    let long = format!("{}.all(a, {}.all(b, b >= 0))", range(490), range(490));
+    let plan = json!({"steps": [{"id": "a", "action": "noop", "input": long}]}).to_string();
+    client
+        .batch_execute("SET statement_timeout = '20ms'")
+        .unwrap();
+    assert_refused(
+        &mut client,
+        "SELECT synapse.submit_plan($1::text::jsonb)",
+        &[&plan],
+        "57014",
+        "statement timeout",
+    );
+    client.batch_execute("RESET statement_timeout").unwrap();
+    assert_nothing_left(&mut client);
+}

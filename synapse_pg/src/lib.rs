@@ -45,6 +45,11 @@ pub extern "C-unwind" fn _PG_init() {
     }
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     gucs::init(preloading);
+    // A cancel or statement_timeout stops a CEL evaluation between iterations.
+    synapse_worker::blueprint::cel_budget::set_interrupt_probe(|| {
+        // SAFETY: reads a flag the signal handlers set.
+        unsafe { std::ptr::read_volatile(&raw const pg_sys::InterruptPending) != 0 }
+    });
     if preloading {
         forwarder::register();
     }

@@ -265,10 +265,13 @@ fn root_starts(plan: &Blueprint, goal: &GoalContext) -> Result<HashMap<usize, Ro
                 Ok(expansion) => {
                     starts.insert(index, RootStart::Map(expansion));
                 }
-                Err(message) => problems.push(Problem {
-                    path: format!("$.steps[{index}].for_each"),
-                    message,
-                }),
+                Err(message) => {
+                    let path = format!("$.steps[{index}].for_each");
+                    if let Some(error) = over_budget(&path, &message) {
+                        return Err(error);
+                    }
+                    problems.push(Problem { path, message })
+                }
             }
             continue;
         }
@@ -308,13 +311,16 @@ fn root_starts(plan: &Blueprint, goal: &GoalContext) -> Result<HashMap<usize, Ro
                 };
                 starts.insert(index, start);
             }
-            Err(message) => problems.push(Problem {
-                path,
-                message: format!(
+            Err(message) => {
+                let message = format!(
                     "cannot evaluate the input of root step \"{}\": {message}",
                     step.id
-                ),
-            }),
+                );
+                if let Some(error) = over_budget(&path, &message) {
+                    return Err(error);
+                }
+                problems.push(Problem { path, message })
+            }
         }
     }
     if problems.is_empty() {
@@ -322,6 +328,19 @@ fn root_starts(plan: &Blueprint, goal: &GoalContext) -> Result<HashMap<usize, Ro
     } else {
         Err(Error::InvalidBlueprint(problems))
     }
+}
+
+/// An evaluation a cancel stopped ends the statement as Postgres cancels it;
+/// one over its budget is refused as such (54000), not as a wrong plan.
+fn over_budget(path: &str, message: &str) -> Option<Error> {
+    use synapse_worker::blueprint::cel_budget::{EXCEEDED, INTERRUPTED};
+    if message.contains(INTERRUPTED) {
+        pgrx::check_for_interrupts!();
+    }
+    message.contains(EXCEEDED).then(|| Error::LimitExceeded {
+        path: path.to_owned(),
+        message: message.to_owned(),
+    })
 }
 
 /// Writes every task and edge of `plan` for goal `goal_id`; roots are queued

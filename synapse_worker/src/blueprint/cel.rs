@@ -15,6 +15,8 @@ use cel::common::ast::{operators, EntryExpr, Expr, LiteralValue};
 use cel::common::value::Val;
 use cel::objects::{Key, Map as CelMap, ValueType};
 use cel::IdedExpr;
+
+use super::cel_budget;
 use cel::{Context, Env, Program, Value as CelValue};
 use serde_json::{Map, Number, Value};
 
@@ -30,7 +32,14 @@ fn with_root<R>(f: impl FnOnce(&Arc<Env>, &Context<'static, 'static>) -> R) -> R
     ROOT.with(|cell| {
         if cell.borrow().is_none() {
             let env = Arc::new(Env::stdlib());
-            let root = Context::with_env(Arc::clone(&env));
+            let mut root = Context::with_env(Arc::clone(&env));
+            // The meter of every comprehension's iterations (cel_budget).
+            root.add_function(cel_budget::METER, |value: CelValue| {
+                cel_budget::spend(&value)
+                    .map(|()| value)
+                    .map_err(|error| cel::ExecutionError::function_error(cel_budget::METER, error))
+            })
+            .expect("a name no standard function has");
             *cell.borrow_mut() = Some((env, root));
         }
         let guard = cell.borrow();
@@ -57,6 +66,8 @@ fn guarded<R>(what: &str, f: impl FnOnce() -> R) -> Result<R, String> {
 #[derive(Clone)]
 pub struct Expression {
     program: Arc<Program>,
+    /// The program's tree with its comprehensions metered: what runs.
+    metered: Arc<IdedExpr>,
     source: String,
 }
 
@@ -289,6 +300,7 @@ pub fn compile(expr: &str) -> Result<Expression, String> {
     let compiled = guarded("compiling", || with_root(|env, _| env.compile(expr)))?;
     match compiled {
         Ok(program) => Ok(Expression {
+            metered: Arc::new(cel_budget::metered(program.expression().clone())),
             program: Arc::new(program),
             source: expr.to_owned(),
         }),
@@ -371,7 +383,8 @@ impl Expression {
                         .map_err(|e| format!("variable {name}: {e}"))?;
                     scope.add_variable_as_val(name.as_str(), val);
                 }
-                self.program.execute(&scope).map_err(|e| e.to_string())
+                cel_budget::start();
+                CelValue::resolve(&self.metered, &scope).map_err(|e| e.to_string())
             })
         })?;
         outcome.map_err(|e| explain(e, &self.references(), vars))

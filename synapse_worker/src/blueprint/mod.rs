@@ -8,6 +8,7 @@
 //! deserialization stops at the first.
 
 pub mod cel;
+pub mod cel_budget;
 pub mod duration;
 pub mod limits;
 mod params_schema;

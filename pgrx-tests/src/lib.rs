@@ -730,6 +730,16 @@ pub fn assert_quiet(
             .collect::<Vec<_>>()
             .join(";")
     };
+    // What was under way when the caller saw its work done (the forwarder
+    // finishing its turn) ends first: the count must hold still for a moment.
+    let mut last = statements(client);
+    wait_until("the statements to settle", Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = statements(client);
+        let settled = now == last;
+        last = now;
+        settled.then_some(())
+    });
     let sql_before = statements(client);
     let redis_before = commands(redis);
     // Nothing announces "nothing happened": observe a quiet window.

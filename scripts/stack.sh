@@ -77,7 +77,7 @@ HBA
 as_pg() {
     if [ "$(id -u)" -eq 0 ]; then sudo -u postgres env -u PGDATA "$@"; else "$@"; fi
 }
-psql_admin() { PGOPTIONS="-c client_min_messages=warning" "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PGPORT" -U postgres "$@"; }
+psql_admin() { PGOPTIONS="-c client_min_messages=warning -c statement_timeout=0 -c lock_timeout=0" "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PGPORT" -U postgres "$@"; }
 
 pg_start() {
     if [ ! -f "$DATA/PG_VERSION" ]; then
@@ -114,6 +114,12 @@ CONF
     fi
     # A stack kept from an earlier release is updated to the installed one.
     psql_admin -d "$DATABASE" -c "CREATE EXTENSION IF NOT EXISTS synapse; ALTER EXTENSION synapse UPDATE; CREATE EXTENSION IF NOT EXISTS pg_stat_statements;"
+    # Workers run as a role with the worker capability only, never as a superuser.
+    psql_admin -d "$DATABASE" -qc "DO \$\$ BEGIN
+            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'synapse_worker') THEN
+                CREATE ROLE synapse_worker LOGIN NOSUPERUSER;
+            END IF;
+        END \$\$; SELECT synapse.grant_worker('synapse_worker');" >/dev/null
 }
 
 pg_stop() {

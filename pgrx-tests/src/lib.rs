@@ -438,6 +438,9 @@ pub fn task_id(client: &mut postgres::Client, goal_id: i64, step: &str) -> i64 {
 /// A blueprint with one `noop` step, as JSON text.
 pub const ONE_STEP: &str = r#"{"steps":[{"id":"only","action":"noop"}]}"#;
 
+/// The role workers run as (scripts/stack.sh makes it): the worker capability, no superuser.
+pub const WORKER_ROLE: &str = "synapse_worker";
+
 /// RUST_LOG of the workers tests start: the worker's debug lines in its log.
 const TEST_LOG: &str = "synapse_worker=debug,info";
 
@@ -496,7 +499,7 @@ impl Stack {
         let file = std::fs::File::create(&log).expect("worker log");
         let child = Command::new(binary)
             .args(args)
-            .env("SYNAPSE_DATABASE_URL", self.database_url())
+            .env("SYNAPSE_DATABASE_URL", self.database_url_as(WORKER_ROLE))
             .env("SYNAPSE_REDIS_URL", self.redis_url())
             .env(
                 "SSL_CERT_FILE",

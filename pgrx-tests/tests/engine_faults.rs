@@ -65,7 +65,7 @@ async fn claim(
 ) -> Vec<ClaimedTask> {
     let mut client = pool.get().await.expect("a pooled connection");
     let tx = store::begin(&mut client).await.expect("BEGIN");
-    let claimed = store::claim_tasks(&tx, task_ids, lease, "engine-faults-test")
+    let claimed = store::claim_tasks(&tx, task_ids, &["default"], lease, "engine-faults-test")
         .await
         .expect("claim_tasks");
     tx.commit().await.expect("COMMIT");

@@ -447,8 +447,18 @@ fn events_reach_a_redis_behind_tls_and_a_password_that_is_never_shown() {
         format!(r#"{{"v":1,"event":"goal.submitted","goal_id":{goal}}}"#)
     );
 
-    // A worker over TLS too: it plans (and fails) the next goal.
-    let _worker = stack.start_worker("w", &[]);
+    // A worker over TLS too, its password from a file: it plans (and fails) the next goal.
+    let worker_password = stack.path("worker-redis-password");
+    std::fs::write(&worker_password, format!("{PASSWORD}\n")).unwrap();
+    let _worker = stack.start_worker(
+        "w",
+        &[
+            "--redis-url",
+            &format!("rediss://127.0.0.1:{}/0", stack.redis_port),
+            "--redis-password-file",
+            &worker_password.display().to_string(),
+        ],
+    );
     let next: i64 = client
         .query_one("SELECT synapse.submit_goal('no template')", &[])
         .unwrap()

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use synapse_e2e::{
-    edge_state, stream_events, submit_plan, task, wait_for_goal, worker_binary, Stack,
+    edge_state, stream_events, submit_plan, task, wait_for_goal, wait_for_step, worker_binary,
+    Stack,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -352,12 +353,13 @@ fn join_first_runs_on_the_first_parent_and_cancels_the_others() {
     let stack = Stack::start("join-first", &[]);
     let worker = stack.start_worker("w", &["--lease", "2s"]);
     let mut client = stack.pg();
+    // "fast" ends only once "slow" is running, so that the cancel has a running step to stop.
     let goal = submit_plan(
         &mut client,
         &json!({
             "steps": [
                 {"id": "start", "action": "noop"},
-                {"id": "fast", "action": "noop"},
+                {"id": "fast", "action": "wait", "params": {"signal": "go"}},
                 {"id": "slow", "action": "sleep", "params": {"ms": 600000}},
                 {"id": "winner", "action": "noop", "join": "first", "cancel_others": true}
             ],
@@ -365,13 +367,20 @@ fn join_first_runs_on_the_first_parent_and_cancels_the_others() {
                       {"from": "fast", "to": "winner"}, {"from": "slow", "to": "winner"}]
         }),
     );
+    wait_for_step(&mut client, goal, "slow", "running");
+    client
+        .execute("SELECT synapse.signal($1, 'go')", &[&goal])
+        .expect("signal");
     let status = wait_for_goal(&stack, goal, WAIT);
     assert_eq!(status["status"], "succeeded", "{status}");
     assert_eq!(task(&status, "winner")["status"], "succeeded");
+    let winner_result = &task(&status, "winner")["result"];
     assert_eq!(
-        task(&status, "winner")["result"],
-        json!({"fast": {"start": {}}})
+        winner_result.as_object().map(|parents| parents.len()),
+        Some(1),
+        "{winner_result}"
     );
+    assert_eq!(winner_result["fast"]["signal"], "go", "{winner_result}");
     let slow = task(&status, "slow");
     assert_eq!(slow["status"], "cancelled", "{slow}");
     assert_eq!(slow["error"], "cancelled: step winner started without it");

@@ -436,16 +436,34 @@ fn redis_users_with_only_the_commands_they_need_carry_the_work() {
         }
         let _: () = command.query(&mut redis).unwrap();
     }
+    // Each password in a file, as the README's recipe has it.
+    let forwarder_password = stack.path("forwarder-password");
+    std::fs::write(&forwarder_password, "fwd-secret\n").unwrap();
     let forwarder_url = format!(
-        "synapse.redis_url = 'redis://synapse-forwarder:fwd-secret@127.0.0.1:{}/0'",
+        "synapse.redis_url = 'redis://synapse-forwarder@127.0.0.1:{}/0'",
         stack.redis_port
     );
-    stack.restart_postgres_with(&["synapse.sweep_interval = '1s'", &forwarder_url]);
-    let worker_url = format!(
-        "redis://synapse-worker:wk-secret@127.0.0.1:{}/0",
-        stack.redis_port
+    let forwarder_password_setting = format!(
+        "synapse.redis_password_file = '{}'",
+        forwarder_password.display()
     );
-    let _worker = stack.start_worker("w", &["--redis-url", &worker_url]);
+    stack.restart_postgres_with(&[
+        "synapse.sweep_interval = '1s'",
+        &forwarder_url,
+        &forwarder_password_setting,
+    ]);
+    let worker_password = stack.path("worker-password");
+    std::fs::write(&worker_password, "wk-secret\n").unwrap();
+    let worker_url = format!("redis://synapse-worker@127.0.0.1:{}/0", stack.redis_port);
+    let _worker = stack.start_worker(
+        "w",
+        &[
+            "--redis-url",
+            &worker_url,
+            "--redis-password-file",
+            &worker_password.display().to_string(),
+        ],
+    );
     let mut admin = stack.pg();
     let goal = submit_plan(
         &mut admin,
@@ -482,4 +500,112 @@ fn redis_users_with_only_the_commands_they_need_carry_the_work() {
         .query(&mut redis)
         .unwrap();
     assert!(refused.is_empty(), "Redis refused commands: {refused:?}");
+}
+
+#[test]
+fn a_schema_on_the_databases_path_captures_neither_the_forwarder_nor_the_workers() {
+    let mut stack = Stack::start("roles-search-path", &[]);
+    let mut admin = stack.pg();
+    roles(&mut admin, &[("mallory", Some("submitter"))]);
+    // Mallory's functions shadow the catalog's, first on the database's path
+    // (as a database owner who is not a superuser could set it): whoever
+    // calls one leaves its name behind.
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA evil AUTHORIZATION mallory;
+             CREATE TABLE evil.captured (by_role name, backend text);
+             ALTER TABLE evil.captured OWNER TO mallory;
+             GRANT INSERT ON evil.captured TO PUBLIC;
+             GRANT USAGE ON SCHEMA evil TO PUBLIC;
+             CREATE FUNCTION evil.clock_timestamp() RETURNS timestamptz LANGUAGE sql VOLATILE AS $$
+                 INSERT INTO evil.captured
+                 SELECT current_user, backend_type FROM pg_catalog.pg_stat_activity WHERE pid = pg_catalog.pg_backend_pid();
+                 SELECT pg_catalog.clock_timestamp() $$;
+             CREATE FUNCTION evil.now() RETURNS timestamptz LANGUAGE sql VOLATILE AS $$
+                 INSERT INTO evil.captured
+                 SELECT current_user, backend_type FROM pg_catalog.pg_stat_activity WHERE pid = pg_catalog.pg_backend_pid();
+                 SELECT pg_catalog.now() $$;
+             ALTER FUNCTION evil.clock_timestamp() OWNER TO mallory;
+             ALTER FUNCTION evil.now() OWNER TO mallory;
+             ALTER DATABASE {} SET search_path = evil, pg_catalog, public;",
+            synapse_e2e::DATABASE
+        ))
+        .unwrap();
+    drop(admin);
+    // Every session, the forwarder's included, takes the database's settings when it starts.
+    stack.restart_postgres_with(&[]);
+    let _worker = stack.start_worker("w", &[]);
+    let mut mallory = stack.pg_as("mallory");
+    // Events to forward, a timer to run, steps to claim, record and plan, and
+    // a `sql` step (run as mallory, with the database's path) to record.
+    let goal = submit_plan(
+        &mut mallory,
+        r#"{"steps":[{"id":"nap","action":"wait","params":{"for":"1s"}},
+                     {"id":"after","action":"noop"},
+                     {"id":"ask","action":"sql","params":{"query":"SELECT now() AS at"}}],
+            "edges":[{"from":"nap","to":"after"},{"from":"after","to":"ask"}]}"#,
+    );
+    wait_until("the goal to succeed", WAIT, || {
+        let status: String = mallory
+            .query_one("SELECT status FROM synapse.goals WHERE id = $1", &[&goal])
+            .unwrap()
+            .get(0);
+        (status == "succeeded").then_some(())
+    });
+    let captured: Vec<(String, String)> = mallory
+        .query(
+            "SELECT by_role::text, backend FROM evil.captured WHERE by_role <> 'mallory'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(captured, Vec::<(String, String)>::new());
+}
+
+#[test]
+fn a_task_message_pushed_onto_another_queues_list_runs_nothing() {
+    let stack = Stack::start("roles-queue", &[]);
+    let _worker = stack.start_worker("w", &[]);
+    let mut admin = stack.pg();
+    let elsewhere = submit_plan(
+        &mut admin,
+        &json!({"steps": [{"id": "a", "action": "noop", "queue": "elsewhere"}]}),
+    );
+    let task_id: i64 = admin
+        .query_one(
+            "SELECT id FROM synapse.tasks WHERE goal_id = $1",
+            &[&elsewhere],
+        )
+        .unwrap()
+        .get(0);
+    // Whoever may write to Redis pushes it onto the list of the queue the worker serves.
+    let mut redis = stack.redis();
+    let _: i64 = synapse_e2e::redis::cmd("LPUSH")
+        .arg("synapse:queue:default")
+        .arg(format!(
+            r#"{{"v":1,"event":"task.queued","task_id":{task_id}}}"#
+        ))
+        .query(&mut redis)
+        .unwrap();
+    // Work of the default queue, dispatched after it: once it ran, the forged message was taken.
+    let goal = submit_plan(
+        &mut admin,
+        &json!({"steps": [{"id": "a", "action": "noop"}]}),
+    );
+    assert_eq!(wait_for_goal(&stack, goal, WAIT)["status"], "succeeded");
+    let left: i64 = synapse_e2e::redis::cmd("LLEN")
+        .arg("synapse:queue:default")
+        .query(&mut redis)
+        .unwrap();
+    assert_eq!(left, 0);
+    let (status, attempts): (String, i32) = admin
+        .query_one(
+            "SELECT status, attempts FROM synapse.tasks WHERE id = $1",
+            &[&task_id],
+        )
+        .map(|row| (row.get(0), row.get(1)))
+        .unwrap();
+    assert_eq!((status.as_str(), attempts), ("queued", 0));
 }

@@ -113,6 +113,7 @@ fn the_worker_and_the_cli_speak_tls_as_the_url_asks() {
         .unwrap();
     let (config, tls) =
         postgres_tls::configure(&url(&stack, "127.0.0.1", "sslmode=require")).unwrap();
+    let cancel_tls = tls.clone();
     let client = runtime.block_on(async {
         let (client, connection) = config.connect(tls).await.expect("connecting over TLS");
         tokio::spawn(connection);
@@ -131,9 +132,8 @@ fn the_worker_and_the_cli_speak_tls_as_the_url_asks() {
             .get(0);
         (running == 1).then_some(())
     });
-    let tls = postgres_tls::cancel_connector().expect("a TLS connector");
     runtime
-        .block_on(token.cancel_query(tls))
+        .block_on(token.cancel_query(cancel_tls))
         .expect("the cancel request is sent");
     let error = runtime
         .block_on(sleeping)
@@ -143,6 +143,56 @@ fn the_worker_and_the_cli_speak_tls_as_the_url_asks() {
         error.code().map(|code| code.code()),
         Some("57014"),
         "{error}"
+    );
+
+    // The password from a file: in neither the command line nor the environment.
+    let file = stack.path("postgres-password");
+    std::fs::write(&file, format!("{PASSWORD}\n")).unwrap();
+    let without_password = format!(
+        "postgresql://app@127.0.0.1:{}/{DATABASE}?sslmode=verify-full&sslrootcert={ca}",
+        stack.pg_port
+    );
+    let from_file = stack.start_worker(
+        "password-file",
+        &[
+            "--database-url",
+            &without_password,
+            "--database-password-file",
+            &file.display().to_string(),
+        ],
+    );
+    for exposed in ["cmdline", "environ"] {
+        let text = std::fs::read(format!("/proc/{}/{exposed}", from_file.pid())).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&text).contains(PASSWORD),
+            "{exposed}"
+        );
+    }
+    drop(from_file);
+    let status = Command::new(worker_binary())
+        .args([
+            "--database-url",
+            &without_password,
+            "status",
+            &goal.to_string(),
+        ])
+        .env("SYNAPSE_DATABASE_PASSWORD_FILE", &file)
+        .output()
+        .unwrap();
+    assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
+    std::fs::write(&file, "wrong\n").unwrap();
+    assert_refused(
+        &cli(
+            &without_password,
+            &[
+                "--database-password-file",
+                &file.display().to_string(),
+                "status",
+                "1",
+            ],
+        ),
+        1,
+        &["password authentication failed for user \"app\""],
     );
 
     // verify-full against the stack's CA: by address and by name.
@@ -191,18 +241,16 @@ fn the_worker_and_the_cli_speak_tls_as_the_url_asks() {
             "(by the system's CAs; give its CA's file as sslrootcert)",
         ],
     );
-    // The worker says the same while it waits for a certificate it can trust.
-    let untrusted = stack.spawn_worker("untrusted", &["--database-url", &system], "info");
-    let logged = wait_until("the worker to say why", Duration::from_secs(30), || {
-        let text = untrusted.log_text();
-        text.contains("cannot reach postgres").then_some(text)
-    });
+    // The worker says the same, and ends: waiting would not make it trusted.
+    let mut untrusted = stack.spawn_worker("untrusted", &["--database-url", &system], "info");
+    let exit = untrusted.wait(Duration::from_secs(30));
+    let logged = untrusted.log_text();
+    assert_eq!(exit.code(), Some(1), "{logged}");
     assert!(
         logged.contains("the server's certificate is not trusted"),
         "{logged}"
     );
     assert!(!logged.contains(PASSWORD), "{logged}");
-    drop(untrusted);
 
     // Without TLS, the server refuses the role, and the CLI says why.
     assert_refused(

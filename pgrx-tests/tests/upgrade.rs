@@ -136,6 +136,13 @@ fn every_release_updates_to_this_one_with_goals_in_flight() {
             "{release} updated differs from a fresh install.\nonly in the fresh install:\n{fresh_only:#?}\nonly after the update:\n{updated_only:#?}"
         );
 
+        // The extension was dropped and made again: its capabilities with it.
+        client
+            .execute(
+                "SELECT synapse.grant_worker($1::text::regrole)",
+                &[&synapse_e2e::WORKER_ROLE],
+            )
+            .unwrap();
         let worker = stack.start_worker(&format!("after-{release}"), &[]);
         for goal in in_flight {
             let status = wait_for_goal(&stack, goal, WAIT);

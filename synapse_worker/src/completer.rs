@@ -156,7 +156,8 @@ impl Continuation {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let claimed = store::claim_tasks(tx, &ids, self.lease, &self.identity).await?;
+        let queues: Vec<&str> = self.queues.iter().map(String::as_str).collect();
+        let claimed = store::claim_tasks(tx, &ids, &queues, self.lease, &self.identity).await?;
         // Slots left over (a task that could not be read) go back here.
         Ok(claimed.into_iter().zip(slots).collect())
     }

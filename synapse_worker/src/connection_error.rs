@@ -54,6 +54,21 @@ pub fn describe(url: &str, error: &(dyn Error + 'static)) -> String {
     chain(error)
 }
 
+/// Whether `error` is a TLS handshake the server's certificate failed, or
+/// that a server without TLS refused: the URL's TLS settings must change,
+/// waiting would not help.
+pub fn tls_refused(error: &tokio_postgres::Error) -> bool {
+    if error.to_string() != "error performing TLS handshake" {
+        return false;
+    }
+    error.source().is_some_and(|cause| {
+        let text = cause.to_string();
+        text == "server does not support TLS"
+            || (cause.downcast_ref::<native_tls::Error>().is_some()
+                && text.contains("certificate verify failed"))
+    })
+}
+
 /// Why a TLS handshake failed, if `error` says one did.
 fn describe_tls(url: &str, error: &tokio_postgres::Error) -> Option<String> {
     // tokio-postgres tells this failure only by its message.

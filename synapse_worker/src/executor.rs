@@ -105,12 +105,24 @@ pub async fn claim(shared: &Shared, list: &str, payloads: &[String]) -> Vec<Clai
     if task_ids.is_empty() {
         return Vec::new();
     }
+    let Some(queue) = shared.config.queue_of(list) else {
+        warn!(
+            list,
+            "task messages on a list this worker does not serve; dropped"
+        );
+        return Vec::new();
+    };
     let claimed = with_retries(|| async {
         let mut client = shared.pool.get().await?;
         let tx = store::begin(&mut client).await?;
-        let claimed =
-            store::claim_tasks(&tx, &task_ids, shared.config.lease, &shared.config.identity)
-                .await?;
+        let claimed = store::claim_tasks(
+            &tx,
+            &task_ids,
+            &[queue],
+            shared.config.lease,
+            &shared.config.identity,
+        )
+        .await?;
         tx.commit().await?;
         Ok(claimed)
     })

@@ -29,6 +29,8 @@ pub mod executor;
 #[cfg(feature = "runtime")]
 pub mod metrics;
 #[cfg(feature = "runtime")]
+pub mod password_file;
+#[cfg(feature = "runtime")]
 pub mod planner;
 #[cfg(feature = "runtime")]
 pub mod postgres_tls;

@@ -12,6 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use synapse_worker::actions::{ActionRegistry, HttpFence, ResultLimit};
+use synapse_worker::password_file;
 use synapse_worker::{Worker, WorkerConfig};
 
 mod client;
@@ -45,6 +46,15 @@ struct Cli {
         hide_env_values = true
     )]
     database_url: Option<String>,
+    /// File holding the Postgres password (replacing any in the URL),
+    /// kept out of `ps` output and the environment.
+    #[arg(
+        long,
+        env = "SYNAPSE_DATABASE_PASSWORD_FILE",
+        global = true,
+        value_name = "FILE"
+    )]
+    database_password_file: Option<std::path::PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -185,6 +195,9 @@ struct RunArgs {
     /// SYNAPSE_REDIS_URL in ./.synapse/env].
     #[arg(long, env = "SYNAPSE_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
+    /// File holding the Redis password (replacing any in the URL).
+    #[arg(long, env = "SYNAPSE_REDIS_PASSWORD_FILE", value_name = "FILE")]
+    redis_password_file: Option<std::path::PathBuf>,
     /// Prefix of every Redis key (the extension's synapse.key_prefix).
     #[arg(long, env = "SYNAPSE_KEY_PREFIX", default_value = "synapse")]
     key_prefix: String,
@@ -355,7 +368,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let database = resolve(
+    let mut database = resolve(
         cli.database_url,
         database_source,
         "--database-url",
@@ -363,6 +376,17 @@ fn main() -> ExitCode {
         &stack,
         DEFAULT_DATABASE_URL,
     );
+    if let Some(file) = &cli.database_password_file {
+        match password_file::read(file, "--database-password-file") {
+            Ok(password) => {
+                database.value = password_file::postgres_url_with(&database.value, &password)
+            }
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -384,7 +408,7 @@ fn main() -> ExitCode {
         };
         match cli.command {
             Command::Run(mut args) => {
-                let redis = resolve(
+                let mut redis = resolve(
                     args.redis_url.take(),
                     redis_source,
                     "--redis-url",
@@ -392,6 +416,19 @@ fn main() -> ExitCode {
                     &stack,
                     DEFAULT_REDIS_URL,
                 );
+                if let Some(file) = &args.redis_password_file {
+                    let with_password = password_file::read(file, "--redis-password-file")
+                        .and_then(|password| {
+                            password_file::redis_url_with(&redis.value, &password)
+                        });
+                    match with_password {
+                        Ok(url) => redis.value = url,
+                        Err(error) => {
+                            eprintln!("error: {error:#}");
+                            return ExitCode::from(EXIT_CONFIG);
+                        }
+                    }
+                }
                 // Where the settings came from; the URLs themselves only (masked) when they fail.
                 tracing::info!(
                     database_from = %database.origin,

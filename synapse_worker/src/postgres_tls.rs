@@ -16,7 +16,6 @@
 //! `sslrootcert`, so both are taken out of the string here and tokio-postgres
 //! parses the rest; the connector made here checks what the mode asks.
 use std::path::PathBuf;
-use std::sync::OnceLock;
 
 use native_tls::{Certificate, TlsConnector};
 pub use postgres_native_tls::MakeTlsConnector;
@@ -266,26 +265,6 @@ pub fn split(url: &str) -> Result<(String, TlsSettings), ConfigError> {
         return Err(ConfigError::WeakModeWithSystemRoots(mode.name()));
     }
     Ok((rest, TlsSettings { mode, root_cert }))
-}
-
-/// The connector for cancel requests, which encrypts without checking the
-/// server (`None` if the TLS library fails). tokio-postgres wants one for a
-/// connection made with TLS required. A cancel request carries only the
-/// backend's id and the key that lets it cancel that backend's query; this
-/// worker sends one only for a connection it then closes, so the key is
-/// worth nothing afterwards (libpq before Postgres 17 sent it in plaintext).
-pub fn cancel_connector() -> Option<MakeTlsConnector> {
-    static CONNECTOR: OnceLock<Option<MakeTlsConnector>> = OnceLock::new();
-    CONNECTOR
-        .get_or_init(|| {
-            TlsConnector::builder()
-                .danger_accept_invalid_certs(true)
-                .disable_built_in_roots(true)
-                .build()
-                .ok()
-                .map(MakeTlsConnector::new)
-        })
-        .clone()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -661,7 +640,6 @@ hrpc4BqvTaBQ4KuQvg==
         // The system's roots, or none checked at all.
         assert!(configure("postgresql://db/app?sslmode=verify-full").is_ok());
         assert!(configure("postgresql://db/app?sslmode=require").is_ok());
-        assert!(cancel_connector().is_some());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -23,6 +23,12 @@ use crate::worker::Shared;
 /// The action's name.
 pub const ACTION: &str = "sql";
 
+/// Once the step is over, the transaction records it as the engine's pool
+/// does: no step timeout, and only the system catalogs on the path (the
+/// step itself ran with the database's).
+const ENGINE_SETTINGS: &str =
+    "SET LOCAL statement_timeout = 0; SET LOCAL search_path = pg_catalog, pg_temp";
+
 /// Runs and records one attempt of a `sql` step, holding `slot` until the
 /// outcome is committed.
 pub async fn run(
@@ -106,8 +112,10 @@ async fn run_and_record(
         // An extension older than this worker: the step cannot run as its
         // owner, so it does not run at all.
         Err(error) if error.code().is_some_and(|code| code.code() == "42883") => {
-            tx.batch_execute("ROLLBACK TO SAVEPOINT synapse_step; SET LOCAL statement_timeout = 0")
-                .await?;
+            tx.batch_execute(&format!(
+                "ROLLBACK TO SAVEPOINT synapse_step; {ENGINE_SETTINGS}"
+            ))
+            .await?;
             let outcome = AttemptOutcome::Failed(
                 "sql: the synapse extension is older than this worker, whose sql steps run as \
                  their goal's owner: run ALTER EXTENSION synapse UPDATE"
@@ -130,13 +138,12 @@ async fn run_and_record(
         Err(error) => Err(error),
     };
     // Kept if the statement succeeded; else its writes and its identity go
-    // together. Recording is the worker's own work again, with no step
-    // timeout on it.
+    // together. Recording is the worker's own work again.
     let back = match result {
         Ok(_) => "RELEASE SAVEPOINT synapse_step",
         Err(_) => "ROLLBACK TO SAVEPOINT synapse_step",
     };
-    tx.batch_execute(&format!("{back}; SET LOCAL statement_timeout = 0"))
+    tx.batch_execute(&format!("{back}; {ENGINE_SETTINGS}"))
         .await?;
     commit_outcome(tx, task, outcome_of(task, context, result)).await
 }

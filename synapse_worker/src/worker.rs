@@ -74,6 +74,17 @@ impl WorkerConfig {
             )
             .collect()
     }
+
+    /// The queue whose list is `list` (`{prefix}:queue:{queue}`), if this worker serves it.
+    pub fn queue_of(&self, list: &str) -> Option<&str> {
+        let queue = list
+            .strip_prefix(self.key_prefix.as_str())?
+            .strip_prefix(":queue:")?;
+        self.queues
+            .iter()
+            .map(String::as_str)
+            .find(|served| *served == queue)
+    }
 }
 
 /// What every task of a worker shares.
@@ -182,22 +193,25 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// expire and the forwarder queues them again.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The `sql` action's pool: one connection per concurrent task at most, so a
+/// The `sql` action, with a pool of its own: one connection per concurrent task at most, so a
 /// step never waits for another's. Its sessions keep the database's settings.
-fn pool_for_sql(url: &str, concurrency: usize) -> anyhow::Result<deadpool_postgres::Pool> {
+fn sql_action(url: &str, concurrency: usize) -> anyhow::Result<Sql> {
     let (config, tls) = connection_config(url)?;
-    pool_of(config, tls, concurrency)
+    Ok(Sql::new(pool_of(config, tls.clone(), concurrency)?, tls))
 }
 
 /// The engine's pool for `url`, sized for `connections`. Its sessions never
 /// JIT-compile: the engine's statements touch a handful of rows, but a
 /// generic plan estimated over a few large goals can cost enough to cross
-/// `jit_above_cost`, and compiling took 0.2 s per statement, under the goal's lock.
+/// `jit_above_cost`, and compiling took 0.2 s per statement, under the goal's
+/// lock. Their path holds only the system catalogs: a schema someone puts on
+/// the database's path cannot capture a name the engine uses.
 pub fn pool(url: &str, connections: usize) -> anyhow::Result<deadpool_postgres::Pool> {
     let (mut config, tls) = connection_config(url)?;
+    const ENGINE_OPTIONS: &str = r"-c jit=off -c search_path=pg_catalog,pg_temp";
     let options = match config.get_options() {
-        Some(options) => format!("{options} -c jit=off"),
-        None => "-c jit=off".to_owned(),
+        Some(options) => format!("{options} {ENGINE_OPTIONS}"),
+        None => ENGINE_OPTIONS.to_owned(),
     };
     config.options(&options);
     pool_of(config, tls, connections)
@@ -249,8 +263,7 @@ impl Worker {
         let pool = pool(&config.database_url, config.concurrency + 4)?;
         // `sql` steps get connections of their own: whatever a step does to its
         // session can never reach the claims, heartbeats and the completer.
-        let sql = Sql::new(pool_for_sql(&config.database_url, config.concurrency)?)
-            .with_result_limit(limit);
+        let sql = sql_action(&config.database_url, config.concurrency)?.with_result_limit(limit);
         let redis = redis::Client::open(config.redis_url.as_str())
             .context("--redis-url is not a valid Redis URL")?;
         let mut actions = ActionRegistry::builtins(
@@ -491,26 +504,27 @@ async fn register_actions(shared: &Shared, shutdown: &CancellationToken) -> anyh
 }
 
 /// Whether the server refused a new connection for good: the database does
-/// not exist, or the role may not log in (SQLSTATE 3D000 and class 28).
-/// Waiting would not help; other refusals (starting up, too many
-/// connections) pass.
+/// not exist, the role may not log in (SQLSTATE 3D000 and class 28), or the
+/// TLS the URL asks for cannot be had (a certificate not trusted, a server
+/// without TLS). Waiting would not help; other refusals (starting up, too
+/// many connections) pass.
 fn refused_for_good(error: &store::StoreError) -> bool {
     let store::StoreError::Pool(deadpool_postgres::PoolError::Backend(error)) = error else {
         return false;
     };
-    error.as_db_error().is_some_and(|db| {
-        let code = db.code().code();
-        code == "3D000" || code.starts_with("28")
-    })
+    connection_error::tls_refused(error)
+        || error.as_db_error().is_some_and(|db| {
+            let code = db.code().code();
+            code == "3D000" || code.starts_with("28")
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn debug_output_hides_the_connection_strings() {
-        let config = WorkerConfig {
+    fn config() -> WorkerConfig {
+        WorkerConfig {
             database_url: "postgresql://app:s3cret@db/app".to_owned(),
             redis_url: "rediss://:s3cret@cache:6379/0".to_owned(),
             key_prefix: "synapse".to_owned(),
@@ -522,9 +536,26 @@ mod tests {
             allow_http: HttpFence::none(),
             allow_exec: Vec::new(),
             metrics_addr: None,
-        };
-        let shown = format!("{config:?}");
+        }
+    }
+
+    #[test]
+    fn debug_output_hides_the_connection_strings() {
+        let shown = format!("{:?}", config());
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("queues: [\"default\"]"), "{shown}");
+    }
+
+    #[test]
+    fn a_list_names_its_queue_only_if_the_worker_serves_it() {
+        let config = WorkerConfig {
+            queues: vec!["default".to_owned(), "payments".to_owned()],
+            ..config()
+        };
+        assert_eq!(config.queue_of("synapse:queue:default"), Some("default"));
+        assert_eq!(config.queue_of("synapse:queue:payments"), Some("payments"));
+        assert_eq!(config.queue_of("synapse:queue:other"), None);
+        assert_eq!(config.queue_of("other:queue:default"), None);
+        assert_eq!(config.queue_of("synapse:planner"), None);
     }
 }

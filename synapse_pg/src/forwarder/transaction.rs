@@ -15,6 +15,8 @@ const LOCK_TIMEOUT: &CStr = c"5s";
 /// Whatever the database sets: a forwarder statement is never cut short by
 /// a limit meant for clients, only by this bound on the unforeseen.
 const STATEMENT_TIMEOUT: &CStr = c"5min";
+/// Only the system catalogs (every name the forwarder uses is qualified).
+const SEARCH_PATH: &CStr = c"pg_catalog, pg_temp";
 
 /// Runs `body` in a transaction of its own, always READ COMMITTED whatever the
 /// database's default, and commits if it returns `Ok`. An ERROR raised inside
@@ -36,6 +38,9 @@ where
     let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
         set_local(c"lock_timeout", LOCK_TIMEOUT);
         set_local(c"statement_timeout", STATEMENT_TIMEOUT);
+        // The forwarder runs as a superuser: no schema a database's owner
+        // puts on the path may capture a name its statements or timers use.
+        set_local(c"search_path", SEARCH_PATH);
         Ok::<_, String>(body())
     }))
     .catch_others(|error| Err(describe(error)))

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use postgres_native_tls::MakeTlsConnector;
 use serde_json::{json, Value};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
@@ -78,6 +79,7 @@ const RESET_SESSION: &str =
 pub struct Sql {
     pool: deadpool_postgres::Pool,
     limit: ResultLimit,
+    tls: MakeTlsConnector,
 }
 
 /// A step's statement, checked, with its arguments evaluated.
@@ -90,10 +92,13 @@ pub(crate) struct StepStatement {
 impl Sql {
     /// An `sql` action running statements on connections from `pool`, which
     /// should serve nothing else: this action resets every connection it uses.
-    pub fn new(pool: deadpool_postgres::Pool) -> Self {
+    /// `tls` is the connector the pool connects with: cancel requests check
+    /// the server as the connections do.
+    pub fn new(pool: deadpool_postgres::Pool, tls: MakeTlsConnector) -> Self {
         Self {
             pool,
             limit: ResultLimit::default(),
+            tls,
         }
     }
 
@@ -135,7 +140,7 @@ impl Sql {
         let object = self.pool.get().await.map_err(|e| {
             ActionError::Retryable(format!("sql: could not get a database connection: {e}"))
         })?;
-        Ok(Busy::new(object))
+        Ok(Busy::new(object, self.tls.clone()))
     }
 
     /// The most a result may weigh.
@@ -490,12 +495,14 @@ fn is_retryable_sqlstate(code: &str) -> bool {
 /// the session was reset, gives the connection back.
 pub(crate) struct Busy {
     object: Option<deadpool_postgres::Object>,
+    tls: MakeTlsConnector,
 }
 
 impl Busy {
-    fn new(object: deadpool_postgres::Object) -> Self {
+    fn new(object: deadpool_postgres::Object, tls: MakeTlsConnector) -> Self {
         Self {
             object: Some(object),
+            tls,
         }
     }
 
@@ -534,12 +541,10 @@ impl Drop for Busy {
         let token = object.cancel_token();
         // Detached from the pool and dropped: the connection closes.
         drop(deadpool_postgres::Object::take(object));
-        if let (Ok(runtime), Some(tls)) = (
-            tokio::runtime::Handle::try_current(),
-            crate::postgres_tls::cancel_connector(),
-        ) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let tls = self.tls.clone();
             // Best effort: cancel requests are answered on a fresh connection,
-            // over TLS if the connection had it, without authentication.
+            // over TLS checked as the connection was, without authentication.
             runtime.spawn(async move {
                 let _ = token.cancel_query(tls).await;
             });
@@ -773,29 +778,26 @@ mod tests {
         }
     }
 
-    /// A pool whose server refuses connections: no Postgres needed.
-    fn unreachable_pool() -> deadpool_postgres::Pool {
+    /// The action on a pool whose server refuses connections: no Postgres needed.
+    fn unreachable_sql() -> Sql {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("127.0.0.1")
-            .port(port)
-            .user("nobody")
-            .dbname("none");
-        let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
-        deadpool_postgres::Pool::builder(manager)
+        let url = format!("postgresql://nobody@127.0.0.1:{port}/none");
+        let (config, tls) = crate::postgres_tls::configure(&url).unwrap();
+        let manager = deadpool_postgres::Manager::new(config, tls.clone());
+        let pool = deadpool_postgres::Pool::builder(manager)
             .max_size(1)
             .build()
-            .unwrap()
+            .unwrap();
+        Sql::new(pool, tls)
     }
 
     #[tokio::test]
     async fn no_connection_is_retryable() {
-        let sql = Sql::new(unreachable_pool());
+        let sql = unreachable_sql();
         let err = sql
             .run(&context(json!({"query": "select 1"}), json!({})))
             .await
@@ -810,7 +812,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_params_fail_before_connecting() {
-        let sql = Sql::new(unreachable_pool());
+        let sql = unreachable_sql();
         for (params, message) in [
             (json!({}), "params.query: \"query\" is required"),
             (
@@ -862,24 +864,25 @@ mod tests {
         );
     }
 
-    /// A pool on the database named by `SYNAPSE_TEST_DATABASE_URL`, with `options`
-    /// (server settings such as `-c statement_timeout=100`).
-    fn test_pool(options: &str) -> deadpool_postgres::Pool {
+    /// The action on the database named by `SYNAPSE_TEST_DATABASE_URL`, with
+    /// `options` (server settings such as `-c statement_timeout=100`).
+    fn test_sql(options: &str) -> Sql {
         let url = std::env::var("SYNAPSE_TEST_DATABASE_URL")
             .expect("set SYNAPSE_TEST_DATABASE_URL to run this test");
         let (mut config, tls) = crate::postgres_tls::configure(&url).unwrap();
         config.options(options);
-        let manager = deadpool_postgres::Manager::new(config, tls);
-        deadpool_postgres::Pool::builder(manager)
+        let manager = deadpool_postgres::Manager::new(config, tls.clone());
+        let pool = deadpool_postgres::Pool::builder(manager)
             .max_size(2)
             .build()
-            .unwrap()
+            .unwrap();
+        Sql::new(pool, tls)
     }
 
     #[tokio::test]
     #[ignore = "needs Postgres: set SYNAPSE_TEST_DATABASE_URL and run with --ignored"]
     async fn against_postgres() {
-        let sql = Sql::new(test_pool(""));
+        let sql = test_sql("");
         let run = |params: Value, input: Value| {
             let sql = &sql;
             async move { sql.run(&context(params, input)).await }
@@ -1025,7 +1028,7 @@ mod tests {
 
         // The step's timeout is the statement's statement_timeout, whatever the
         // session's (57014, worth retrying).
-        let limited = Sql::new(test_pool("-c statement_timeout=0"));
+        let limited = test_sql("-c statement_timeout=0");
         let mut ctx = context(json!({"query": "select pg_sleep(2)"}), json!({}));
         ctx.timeout = std::time::Duration::from_millis(100);
         let timed_out = limited.run(&ctx).await.unwrap_err();
@@ -1046,7 +1049,7 @@ mod tests {
             refused.message().starts_with("sql: SET is refused"),
             "{refused:?}"
         );
-        let single = Sql::new(test_pool(""));
+        let single = test_sql("");
         single
             .run(&context(
                 json!({"query": "select set_config('search_path', 'nowhere', false)"}),
@@ -1065,7 +1068,7 @@ mod tests {
             assert_eq!(path, json!({"rows": [{"p": "\"$user\", public"}]}));
         }
         // Rows over the limit are measured by Postgres and never sent.
-        let small = Sql::new(test_pool("")).with_result_limit(ResultLimit::new(1000));
+        let small = test_sql("").with_result_limit(ResultLimit::new(1000));
         let err = small
             .run(&context(
                 json!({"query": "select repeat('x', 2000) as big"}),

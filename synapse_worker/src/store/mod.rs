@@ -188,10 +188,13 @@ impl ClaimedTask {
 /// another transaction has locked (a cancel, a timer, another claim): a claim
 /// never waits, and the skipped task is cancelled anyway or dispatched again
 /// by the sweep. A task whose row cannot be read comes back with
-/// [`ClaimedTask::unreadable`] set, so that it fails alone.
+/// [`ClaimedTask::unreadable`] set, so that it fails alone. Only tasks of
+/// `queues` are claimed: a message pushed onto the wrong list (whoever may
+/// write to Redis) never runs a task on a worker not meant for its queue.
 pub async fn claim_tasks(
     client: &impl GenericClient,
     task_ids: &[i64],
+    queues: &[&str],
     lease: Duration,
     worker: &str,
 ) -> Result<Vec<ClaimedTask>> {
@@ -207,7 +210,7 @@ pub async fn claim_tasks(
                                      CASE WHEN c.action = 'goal' THEN concat(c.params ->> 'goal', ' ', c.params ->> 'blueprint') END)
                         AS expressions
                    FROM synapse.tasks c
-                  WHERE c.id = ANY($1::bigint[]) AND c.status || '' = 'queued'
+                  WHERE c.id = ANY($1::bigint[]) AND c.status || '' = 'queued' AND c.queue = ANY($4::text[])
                   ORDER BY c.id
                     FOR NO KEY UPDATE OF c SKIP LOCKED)
              UPDATE synapse.tasks t
@@ -232,7 +235,7 @@ pub async fn claim_tasks(
         )
         .await?;
     let rows = client
-        .query(&statement, &[&task_ids, &millis(lease), &worker])
+        .query(&statement, &[&task_ids, &millis(lease), &worker, &queues])
         .await?;
     let mut claimed = Vec::with_capacity(rows.len());
     for row in &rows {

@@ -524,6 +524,35 @@ impl Stack {
     }
 }
 
+/// A `synapse-worker ui` process; killed when dropped.
+pub struct ConsoleProcess {
+    /// The process (its log, signals).
+    pub process: WorkerProcess,
+    /// Where it serves, e.g. `http://127.0.0.1:41234/`.
+    pub url: String,
+}
+
+impl Stack {
+    /// Starts the console as `role` on a free loopback port, with extra `ui`
+    /// flags; waits until it listens.
+    pub fn start_console(&self, name: &str, role: &str, flags: &[&str]) -> ConsoleProcess {
+        let url = self.database_url_as(role);
+        let mut args = vec!["--log-format", "text", "--database-url", &url, "ui"];
+        if !flags.contains(&"--addr") {
+            args.extend_from_slice(&["--addr", "127.0.0.1:0"]);
+        }
+        args.extend_from_slice(flags);
+        let process = self.spawn_worker_binary(name, &worker_binary(), &args, TEST_LOG);
+        let url = wait_until("the console to listen", Duration::from_secs(30), || {
+            let log = process.log_text();
+            let start = log.find("console started url=")? + "console started url=".len();
+            let url = log[start..].split_whitespace().next()?.to_owned();
+            Some(url)
+        });
+        ConsoleProcess { process, url }
+    }
+}
+
 impl WorkerProcess {
     /// Waits until it has registered its actions (its "worker started" log line).
     pub fn wait_started(&self) {

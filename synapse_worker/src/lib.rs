@@ -21,6 +21,8 @@ pub mod completer;
 #[cfg(feature = "runtime")]
 pub mod connection_error;
 #[cfg(feature = "runtime")]
+pub mod console;
+#[cfg(feature = "runtime")]
 pub mod consumer;
 #[cfg(feature = "runtime")]
 pub mod engine;

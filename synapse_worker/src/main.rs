@@ -187,6 +187,20 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         actions: Option<std::path::PathBuf>,
     },
+    /// Serve the web console: goals, their plans drawn live, and the system, read with the
+    /// database role of --database-url (row security decides what it shows).
+    #[command(
+        after_help = "Examples:\n  synapse-worker ui                          (http://127.0.0.1:8765/)\n  SYNAPSE_UI_TOKEN=… synapse-worker ui --addr 0.0.0.0:8765   (open http://host:8765/?token=…)"
+    )]
+    Ui {
+        /// Where to listen. A non-loopback address needs --token.
+        #[arg(long, env = "SYNAPSE_UI_ADDR", default_value = "127.0.0.1:8765")]
+        addr: std::net::SocketAddr,
+        /// A secret every request must carry (as the cookie a ?token= link sets, or
+        /// Authorization: Bearer); at least 16 characters.
+        #[arg(long, env = "SYNAPSE_UI_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -487,6 +501,20 @@ fn main() -> ExitCode {
                 let validate = client::validate(&database, &file, actions.as_deref());
                 interruptible(validate, stop).await
             }
+            Command::Ui { addr, token } => {
+                if let Err(error) =
+                    synapse_worker::console::access::check_listen(&addr, token.as_deref())
+                {
+                    eprintln!("error: {error}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+                let config = synapse_worker::console::ConsoleConfig {
+                    addr,
+                    token,
+                    database_url: database.value,
+                };
+                report(synapse_worker::console::serve(config, cancelled_by(stop)).await)
+            }
         }
     })
 }
@@ -550,11 +578,8 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-/// Runs `worker` until SIGTERM or SIGINT, then lets it stop (exit 0).
-async fn run(
-    worker: Worker,
-    stop: impl Future<Output = Stop> + Send + 'static,
-) -> anyhow::Result<()> {
+/// A token cancelled (and logged) at the first SIGTERM or SIGINT.
+fn cancelled_by(stop: impl Future<Output = Stop> + Send + 'static) -> CancellationToken {
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -562,7 +587,15 @@ async fn run(
         tracing::info!(signal = signal.name, "stopping");
         signals.cancel();
     });
-    worker.run(shutdown).await
+    shutdown
+}
+
+/// Runs `worker` until SIGTERM or SIGINT, then lets it stop (exit 0).
+async fn run(
+    worker: Worker,
+    stop: impl Future<Output = Stop> + Send + 'static,
+) -> anyhow::Result<()> {
+    worker.run(cancelled_by(stop)).await
 }
 
 #[cfg(test)]

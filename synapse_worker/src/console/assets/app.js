@@ -14,7 +14,7 @@ const ENDED = new Set(["succeeded", "failed", "cancelled"]);
 const TASK_ENDED = new Set(["succeeded", "failed", "skipped", "cancelled"]);
 const FILTER_KEYS = ["status", "q", "template", "owner", "since", "until", "before"];
 const TASK_COLUMNS = ["step", "action", "status", "attempts", "queue", "started", "duration", "input", "result", "error / skip reason"];
-const MAX_INSTANCE_ROWS = 1000; // rows of a map's instances in the task table
+const MAX_INSTANCE_ROWS = 500; // rows of a map's instances in the task table
 const MAX_TIMELINE_INSTANCES = 200; // above this a map gets one aggregated timeline bar
 const MAX_EVENTS = 2000; // events listed (the newest ones)
 
@@ -35,6 +35,9 @@ const state = {
 /* ---------- DOM helpers ---------- */
 
 const $ = (selector, root = document) => root.querySelector(selector);
+
+/** Replaces a node's children (same rules as append). */
+function fill(node, ...children) { node.replaceChildren(); return append(node, children); }
 
 /** Appends children: strings/numbers become text nodes; null, false, "" are skipped; arrays are flattened. */
 function append(node, children) {
@@ -85,23 +88,16 @@ function keepOpenDetails(root, render) {
   for (const d of root.querySelectorAll("details[data-key]")) if (open.has(d.dataset.key)) d.open = true;
 }
 
-function readStored(key) {
-  try { return localStorage.getItem(key); } catch { return null; }
-}
-function store(key, value) {
-  try { localStorage.setItem(key, value); } catch { /* storage unavailable: keep it in memory */ }
-}
+// localStorage may be unavailable (privacy modes): then the setting lives in memory only
+function readStored(key) { try { return localStorage.getItem(key); } catch { return null; } }
+function store(key, value) { try { localStorage.setItem(key, value); } catch { /* in memory only */ } }
 
 /* ---------- JSON and text ---------- */
 
 const clip = (text, max) => (text.length > max ? `${text.slice(0, max - 1)}…` : text);
 
-function oneLine(value) {
-  try { return JSON.stringify(value) ?? String(value); } catch { return String(value); }
-}
-function pretty(value) {
-  try { return JSON.stringify(value, null, 2) ?? String(value); } catch { return String(value); }
-}
+function oneLine(value) { try { return JSON.stringify(value) ?? String(value); } catch { return String(value); } }
+function pretty(value) { try { return JSON.stringify(value, null, 2) ?? String(value); } catch { return String(value); } }
 const preview = (value, max = 60) => clip(oneLine(value), max);
 
 /** Small JSON inline; large JSON folded in <details> with a one-line preview (≤ 60 chars). */
@@ -124,7 +120,7 @@ function textBlock(value, key, cls) {
 /** Milliseconds of an ISO (or Postgres text) timestamp, or null. */
 function parseTime(value) {
   if (!value) return null;
-  const text = String(value).replace(" ", "T").replace(/(\.\d{3})\d+/, "$1").replace(/([+-]\d\d)$/, "$1:00");
+  const text = String(value).replace(" ", "T").replace(/(\.\d{3})\d+/, "$1").replace(/(:\d\d(?:\.\d+)?[+-]\d\d)$/, "$1:00");
   const ms = Date.parse(text);
   return Number.isNaN(ms) ? null : ms;
 }
@@ -141,16 +137,12 @@ function fmtClock(ms, millis) {
   if (millis) options.fractionalSecondDigits = 3;
   return new Date(ms).toLocaleTimeString(undefined, options);
 }
+/** "3 min ago", "in 2 h"; the local date past 30 days. */
 function fmtRelative(ms) {
-  const diff = Date.now() - ms;
-  const s = Math.floor(Math.abs(diff) / 1000);
-  let text;
+  const diff = Date.now() - ms, s = Math.floor(Math.abs(diff) / 1000);
   if (s < 10) return diff >= 0 ? "just now" : "in a moment";
-  if (s < 60) text = `${s} s`;
-  else if (s < 3600) text = `${Math.floor(s / 60)} min`;
-  else if (s < 86400) text = `${Math.floor(s / 3600)} h`;
-  else if (s < 30 * 86400) text = `${Math.floor(s / 86400)} d`;
-  else return fmtLocal(ms);
+  if (s >= 30 * 86400) return fmtLocal(ms);
+  const text = s < 60 ? `${s} s` : s < 3600 ? `${Math.floor(s / 60)} min` : s < 86400 ? `${Math.floor(s / 3600)} h` : `${Math.floor(s / 86400)} d`;
   return diff >= 0 ? `${text} ago` : `in ${text}`;
 }
 function fmtDuration(ms) {
@@ -201,17 +193,10 @@ function toLocalInput(iso) {
 /* ---------- API ---------- */
 
 class ApiError extends Error {
-  constructor(message, status, sqlstate) {
-    super(message);
-    this.status = status;
-    this.sqlstate = sqlstate;
-  }
+  constructor(message, status, sqlstate) { super(message); Object.assign(this, { status, sqlstate }); }
 }
 
-function csrfToken() {
-  const meta = document.querySelector('meta[name="synapse-csrf"]');
-  return meta ? meta.content : "";
-}
+const csrfToken = () => (document.querySelector('meta[name="synapse-csrf"]') || {}).content || "";
 
 /** GET `path`, or POST `body` as JSON with the CSRF token; resolves to the JSON answer. */
 async function api(path, body) {
@@ -223,11 +208,7 @@ async function api(path, body) {
     init.body = JSON.stringify(body);
   }
   let response;
-  try {
-    response = await fetch(path, init);
-  } catch (e) {
-    throw new ApiError(`cannot reach the server (${e.message})`, 0, null);
-  }
+  try { response = await fetch(path, init); } catch (e) { throw new ApiError(`cannot reach the server (${e.message})`, 0, null); }
   const text = await response.text();
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch { /* not JSON */ }
@@ -265,14 +246,10 @@ function loader(url, render, fail) {
 
 function showBanner(message) {
   const banner = $("#banner");
-  banner.replaceChildren(el("span", {}, message), el("button", { type: "button", class: "close", "aria-label": "dismiss", onclick: clearBanner }));
+  fill(banner, el("span", {}, message), el("button", { type: "button", class: "close", "aria-label": "dismiss", onclick: clearBanner }));
   banner.hidden = false;
 }
-function clearBanner() {
-  const banner = $("#banner");
-  banner.hidden = true;
-  banner.replaceChildren();
-}
+function clearBanner() { fill($("#banner")).hidden = true; }
 
 function setLive(open) {
   const live = $("#live");
@@ -292,10 +269,7 @@ function debounce(key, ms, fn) {
   const delay = Math.max(0, Math.min(now + ms, first + 4 * ms) - now);
   timers.set(key, { first, timer: setTimeout(() => { timers.delete(key); fn(); }, delay) });
 }
-function cancelDebounces() {
-  for (const { timer } of timers.values()) clearTimeout(timer);
-  timers.clear();
-}
+function cancelDebounces() { for (const { timer } of timers.values()) clearTimeout(timer); timers.clear(); }
 
 /* ---------- routing ---------- */
 
@@ -339,20 +313,20 @@ function route() {
   const main = $("#view");
   if (r.view === "goals") {
     document.title = "Goals · Synapse";
-    main.replaceChildren(goalsSkeleton());
+    fill(main, goalsSkeleton());
     loadGoals();
   } else if (r.view === "goal") {
     document.title = `Goal ${r.id} · Synapse`;
     if (previous.id !== r.id) Object.assign(state, { goal: null, childIds: new Set(), selected: null, expanded: new Set(), zoom: 1 });
-    main.replaceChildren(goalSkeleton(r.id));
+    fill(main, goalSkeleton(r.id));
     loadGoal();
   } else if (r.view === "system") {
     document.title = "System · Synapse";
-    main.replaceChildren(systemSkeleton());
+    fill(main, systemSkeleton());
     loadSystem();
   } else {
     document.title = "Not found · Synapse";
-    main.replaceChildren(el("p", {}, "Nothing here. ", el("a", { href: "#/" }, "Back to the goals")));
+    fill(main, el("p", {}, "Nothing here. ", el("a", { href: "#/" }, "Back to the goals")));
     showBanner(`no page at #${r.path}`);
   }
   if (previous.view !== r.view || previous.id !== r.id) window.scrollTo(0, 0);
@@ -422,14 +396,14 @@ const loadGoals = loader(() => {
 function renderGoals(data) {
   const counts = data.counts || {};
   const active = state.params.get("status") || "";
-  $("#counts").replaceChildren(...GOAL_STATUSES.map((s) => el("button", {
+  fill($("#counts"), GOAL_STATUSES.map((s) => el("button", {
     type: "button", class: `chip status-${s}${s === active ? " active" : ""}`, dataset: { status: s },
     "aria-pressed": String(s === active), title: s === active ? "show every status" : `show only ${s} goals`,
     onclick: () => setFilter("status", s === active ? "" : s),
   }, `${s} `, el("b", {}, String(counts[s] ?? 0)))));
   const goals = data.goals || [];
-  $("#goals tbody").replaceChildren(...(goals.length ? goals.map(goalRow) : [emptyRow(8, "none")]));
-  $("#pager").replaceChildren(
+  fill($("#goals tbody"), goals.length ? goals.map(goalRow) : emptyRow(8, "none"));
+  fill($("#pager"),
     state.params.get("before") && el("button", { type: "button", id: "newest", onclick: () => setFilter("before", "") }, "« Newest"),
     data.next_before != null && el("button", { type: "button", id: "older", onclick: () => setFilter("before", data.next_before) }, "Older »"));
 }
@@ -469,13 +443,13 @@ function stepsSummary(s) {
 /* ---------- goal page ---------- */
 
 function goalSkeleton(id) {
-  const dag = el("div", { id: "dag", class: "dag-wrap", onclick: onDagClick, ondblclick: onDagDoubleClick, onkeydown: onDagKey });
+  const dag = el("div", { id: "dag", class: "dag-wrap", onclick: onDagEvent, ondblclick: onDagEvent, onkeydown: onDagEvent });
   return el("article", { id: "goal-page" },
     el("section", { id: "goal-header", class: "card" }, el("h1", {}, `Goal ${id}`)),
     actionsSection(),
     el("section", { class: "card" },
       el("div", { class: "section-head" }, el("h2", {}, "Plan"), dagToolbar()),
-      el("div", { id: "dag-selection", class: "selection" }), dag),
+      el("div", { id: "dag-selection", class: "selection" }), dag, el("div", { id: "edges-box" })),
     el("section", { class: "card" }, el("h2", {}, "Tasks"), el("div", { class: "scroll-x" }, el("table", { id: "tasks", class: "grid tasks" }))),
     el("section", { class: "card" }, el("h2", {}, "Timeline"), el("div", { id: "timeline", class: "timeline" })),
     el("section", { class: "card" }, el("h2", {}, "Events"), el("p", { id: "events-note", class: "muted", hidden: true }),
@@ -500,6 +474,7 @@ function renderGoal(data) {
     renderGoalHeader(g);
     updateActions(g);
     renderDag(data.svg);
+    renderEdgesAndSignals(g);
     renderTasks(g);
     renderTimeline(g);
     renderEvents(data.events || []);
@@ -513,7 +488,7 @@ function renderGoalHeader(g) {
     ["created", timeEl(g.created_at)], ["started", timeEl(g.started_at)], ["finished", timeEl(g.finished_at)],
     ["duration", durationText(g.started_at || g.created_at, g.finished_at) || dash()],
   ];
-  $("#goal-header").replaceChildren(
+  fill($("#goal-header"),
     el("div", { class: "title-row" },
       el("span", { class: "muted goal-number" }, `goal ${g.id}`), badge(g.status, "goal-status"),
       g.parent && el("span", { class: "parent" }, "child of ",
@@ -533,14 +508,12 @@ function actionsSection() {
   const result = el("div", { id: "action-result", role: "status", "aria-live": "polite" });
   const error = el("div", { id: "action-error", role: "alert" });
   const clear = () => { result.textContent = ""; error.textContent = ""; };
-
   const cancel = el("button", { type: "button", id: "cancel", class: "danger", onclick: () => {
     clear();
     const id = state.id;
     if (!confirm(`Cancel goal ${id}? Its unfinished steps will be cancelled.`)) return;
     act(cancel, "cancel", {}, () => `goal ${id} cancelled`);
   } }, "Cancel goal");
-
   const signal = el("form", { id: "signal-form", class: "inline-form", onsubmit: (e) => {
     e.preventDefault();
     clear();
@@ -553,10 +526,9 @@ function actionsSection() {
       ? `signal ${name} taken by a waiting step`
       : `signal ${name} kept until a step waits for it`));
   } },
-    el("label", {}, el("span", {}, "signal"), el("input", { name: "name", required: true, placeholder: "name", autocomplete: "off" })),
+    el("label", {}, el("span", {}, "signal"), el("input", { name: "name", placeholder: "name", autocomplete: "off" })),
     el("label", { class: "grow" }, el("span", {}, "payload (JSON)"), el("textarea", { name: "payload", rows: 1, spellcheck: "false" }, "{}")),
     el("button", { type: "submit" }, "Send signal"));
-
   const retry = el("form", { id: "retry-form", class: "inline-form", onsubmit: (e) => {
     e.preventDefault();
     clear();
@@ -566,8 +538,7 @@ function actionsSection() {
   } },
     el("label", {}, el("span", {}, "retry"), el("select", { name: "step" }, el("option", { value: "" }, "failed and cancelled steps (default)"))),
     el("button", { type: "submit" }, "Retry"));
-
-  return el("section", { id: "actions", class: "card actions", hidden: true }, cancel, signal, retry, result, error);
+  return el("section", { id: "actions", class: "card actions", hidden: true }, cancel, signal, retry, result, error, el("div", { id: "signals-box" }));
 }
 
 /** POSTs an action; shows the outcome or the refusal, then re-fetches the goal. */
@@ -596,7 +567,7 @@ function updateActions(g) {
   cancel.title = ENDED.has(g.status) ? `the goal has ${g.status}` : "";
   const select = $("#retry-form select[name=step]");
   const chosen = select.value;
-  select.replaceChildren(el("option", { value: "" }, "failed and cancelled steps (default)"),
+  fill(select, el("option", { value: "" }, "failed and cancelled steps (default)"),
     ...(g.tasks || []).map((t) => el("option", { value: t.step }, `${t.step} (${t.status})`)));
   select.value = [...select.options].some((o) => o.value === chosen) ? chosen : "";
 }
@@ -640,13 +611,9 @@ function renderDag(svgText) {
   const box = $("#dag");
   const scroll = [box.scrollLeft, box.scrollTop];
   const svg = parseSvg(svgText);
-  if (!svg) { box.replaceChildren(el("p", { class: "muted" }, "no picture of the plan")); return; }
-  box.replaceChildren(svg);
-  for (const node of svg.querySelectorAll("g.node")) {
-    node.setAttribute("tabindex", "0");
-    node.setAttribute("role", "button");
-    node.setAttribute("aria-label", `step ${node.getAttribute("data-step")}`);
-  }
+  if (!svg) { fill(box, el("p", { class: "muted" }, "no picture of the plan")); return; }
+  fill(box, svg);
+  for (const node of svg.querySelectorAll("g.node")) { node.setAttribute("tabindex", "0"); node.setAttribute("role", "button"); }
   applyZoom();
   markSelection();
   [box.scrollLeft, box.scrollTop] = scroll;
@@ -669,35 +636,21 @@ function applyZoom() {
   if (!svg) return;
   const size = svgSize(svg);
   $("#dag").classList.toggle("fit", state.fit);
-  if (state.fit || !size) {
-    svg.style.width = state.fit ? "100%" : "";
-    svg.style.height = "auto";
-  } else {
-    svg.style.width = `${size.w * state.zoom}px`;
-    svg.style.height = `${size.h * state.zoom}px`;
-  }
+  const natural = !state.fit && size;
+  svg.style.width = natural ? `${size.w * state.zoom}px` : state.fit ? "100%" : "";
+  svg.style.height = natural ? `${size.h * state.zoom}px` : "auto";
 }
 
 const nodeOf = (target) => (target && target.closest ? target.closest("g.node") : null);
 
-/** Click a node: select its task row; ctrl/⌘/shift-click a child-goal node opens the child goal. */
-function onDagClick(e) {
+/** Click (or Enter on) a node: select its task row. Double-click, or ctrl/⌘/shift-click,
+ *  a node with data-child-goal: open the child goal. */
+function onDagEvent(e) {
   const node = nodeOf(e.target);
-  if (!node) return;
+  if (!node || (e.type === "keydown" && e.key !== "Enter" && e.key !== " ")) return;
   const child = node.getAttribute("data-child-goal");
-  if (child && (e.ctrlKey || e.metaKey || e.shiftKey)) { location.hash = `#/goals/${child}`; return; }
-  selectStep(node.getAttribute("data-step"), true);
-}
-function onDagDoubleClick(e) {
-  const node = nodeOf(e.target);
-  const child = node && node.getAttribute("data-child-goal");
-  if (child) location.hash = `#/goals/${child}`;
-}
-function onDagKey(e) {
-  const node = nodeOf(e.target);
-  if (!node || (e.key !== "Enter" && e.key !== " ")) return;
-  e.preventDefault();
-  selectStep(node.getAttribute("data-step"), true);
+  if (child && (e.type === "dblclick" || e.ctrlKey || e.metaKey || e.shiftKey)) location.hash = `#/goals/${child}`;
+  else if (e.type !== "dblclick") { e.preventDefault(); selectStep(node.getAttribute("data-step"), true); }
 }
 
 /** Selects a step: highlights node and row, expands a map's instances, scrolls to the row. */
@@ -728,12 +681,27 @@ function renderSelection() {
   const box = $("#dag-selection");
   if (!box) return;
   const t = state.goal && state.selected != null ? (state.goal.tasks || []).find((x) => x.step === state.selected) : null;
-  if (!t) { box.replaceChildren(el("span", { class: "muted" }, "Click a step to find it in the task table.")); return; }
-  box.replaceChildren("selected ", el("strong", {}, t.step), " ", badge(t.status),
+  if (!t) { fill(box, el("span", { class: "muted" }, "Click a step to find it in the task table.")); return; }
+  fill(box, "selected ", el("strong", {}, t.step), " ", badge(t.status),
     t.child_goal_id != null && [" · ", el("a", { id: "open-child", href: `#/goals/${t.child_goal_id}` }, `open child goal ${t.child_goal_id} →`),
       el("span", { class: "muted" }, " (or ctrl-click / double-click the node)")],
-    t.waiting_for && ` · waits for ${t.waiting_for}`,
     t.instances && t.instances.length > 0 && ` · ${t.instances.length} instances listed under it in the task table`);
+}
+
+/** Folded tables of the plan's edges (with condition errors) and of the signals received. */
+function renderEdgesAndSignals(g) {
+  const edges = g.edges || [], signals = g.signals || [];
+  const broken = edges.filter((e) => e.state === "error").length;
+  fill($("#edges-box"), el("details", { id: "edges", class: "fold", dataset: { key: "edges" } },
+    el("summary", {}, `edges (${edges.length})`, broken > 0 && el("span", { class: "err" }, ` · ${broken} with errors`)),
+    dataTable(["from", "to", "on", "when", "state", "error"], edges, (e) => [el("code", {}, e.from), el("code", {}, e.to), e.on,
+      e.when ? el("code", {}, e.when) : dash(), el("span", { class: `edge-state edge-${String(e.state).replace(/[^\w-]/g, "")}` }, e.state),
+      e.error != null ? textBlock(e.error, `edge:${e.from}:${e.to}`, "err") : dash()])));
+  fill($("#signals-box"), el("details", { id: "signals", class: "fold", dataset: { key: "signals" } },
+    el("summary", {}, `signals received (${signals.length})`),
+    dataTable(["name", "payload", "sent", "taken", "taken by"], signals, (sg) => [el("code", {}, sg.name),
+      jsonBlock(sg.payload, `sig:${sg.name}:${sg.sent_at}`), timeEl(sg.sent_at), sg.taken_at ? timeEl(sg.taken_at) : dash(),
+      sg.taken_by ?? el("span", { class: "muted" }, "not taken yet")])));
 }
 
 /* ----- task table ----- */
@@ -745,13 +713,12 @@ function renderTasks(g) {
     if (t.instances && state.expanded.has(t.step)) append(body, instanceRows(t));
   }
   if (!body.firstChild) body.append(emptyRow(TASK_COLUMNS.length, "no tasks yet"));
-  $("#tasks").replaceChildren(el("thead", {}, el("tr", {}, TASK_COLUMNS.map((c) => el("th", {}, c)))), body);
+  fill($("#tasks"), el("thead", {}, el("tr", {}, TASK_COLUMNS.map((c) => el("th", {}, c)))), body);
   markSelection();
 }
 
 function toggleInstances(step) {
-  if (state.expanded.has(step)) state.expanded.delete(step);
-  else state.expanded.add(step);
+  if (!state.expanded.delete(step)) state.expanded.add(step);
   keepOpenDetails($("#tasks"), () => renderTasks(state.goal));
 }
 
@@ -772,14 +739,15 @@ function taskRow(t) {
 
 function stepCell(t) {
   const open = state.expanded.has(t.step);
-  const m = t.map;
+  // A map step carries its counts beside its instances.
+  const m = t.instances ? { size: t.size ?? "?", ended: t.ended ?? 0, failed: t.failed ?? 0 } : null;
   return el("td", { class: "step" },
     el("button", { type: "button", class: "step-name", title: "show in the plan", onclick: () => selectStep(t.step, false) }, t.step),
     m && el("div", { class: "sub" }, `map ×${m.size} · ${m.ended} ended · ${m.failed} failed`),
     t.instances && t.instances.length > 0 && el("button", { type: "button", class: "toggle-instances", "aria-expanded": String(open), onclick: () => toggleInstances(t.step) },
       `${open ? "▾ hide" : "▸ show"} ${t.instances.length} instances`),
     t.child_goal_id != null && el("div", { class: "sub" }, childLink(t.child_goal_id)),
-    t.waiting_for && el("div", { class: "sub waiting" }, `waits for ${t.waiting_for}`));
+    t.iteration != null && el("div", { class: "sub" }, `round ${t.iteration}${t.max_iterations ? ` of at most ${t.max_iterations}` : ""}`));
 }
 
 function attemptsCell(t) {
@@ -798,7 +766,6 @@ function errorInfo(x, key) {
   const parts = [
     x.failure_kind && el("span", { class: "tag" }, x.failure_kind),
     x.error != null && textBlock(x.error, `err:${key}`, "err"),
-    x.skip_reason && el("span", { class: "skip" }, x.skip_reason),
     x.run_at && !TASK_ENDED.has(x.status) && el("div", { class: "sub" }, "next attempt ", timeEl(x.run_at, "relative")),
   ].filter(Boolean);
   return parts.length ? parts : dash();
@@ -817,10 +784,8 @@ function instanceRows(t) {
     el("td"),
     el("td", { class: "json-cell" }, jsonBlock(i.result, `out:${t.step}:${i.index}`)),
     el("td", { class: "error-cell" }, errorInfo(i, `${t.step}:${i.index}`))));
-  if (t.instances.length > shown.length) {
-    rows.push(el("tr", { class: "instance more" }, el("td", { colspan: TASK_COLUMNS.length }, `… and ${t.instances.length - shown.length} more instances`)));
-  }
-  return rows;
+  const more = t.instances.length - shown.length;
+  return more > 0 ? [...rows, el("tr", { class: "instance more" }, el("td", { colspan: TASK_COLUMNS.length }, `… and ${more} more instances`))] : rows;
 }
 
 /* ----- timeline (waterfall) ----- */
@@ -866,15 +831,12 @@ function renderTimeline(g) {
   const now = Date.now();
   const t0 = parseTime(g.created_at) ?? now;
   const items = timelineItems(g, now);
-  if (!items.some((i) => i.start != null)) {
-    box.replaceChildren(el("p", { class: "muted" }, "nothing has started yet"));
-    return;
-  }
+  if (!items.some((i) => i.start != null)) return void fill(box, el("p", { class: "muted" }, "nothing has started yet"));
   const end = Math.max(latest(items.map((i) => i.end ?? -Infinity)), ENDED.has(g.status) ? (parseTime(g.finished_at) ?? 0) : now);
   const span = Math.max(end - t0, 1000);
   // Rows are kept by key and updated in place, so a new fetch animates bars (CSS transitions).
   let rows = box.querySelector(".tl-rows");
-  if (!rows) box.replaceChildren(el("div", { class: "tl-axis" }), (rows = el("div", { class: "tl-rows" })));
+  if (!rows) fill(box, el("div", { class: "tl-axis" }), (rows = el("div", { class: "tl-rows" })));
   box.querySelector(".tl-axis").replaceWith(timelineAxis(span));
   const old = new Map([...rows.children].map((r) => [r.dataset.key, r]));
   items.forEach((item, index) => {
@@ -890,7 +852,7 @@ function renderTimeline(g) {
 function fillTimelineRow(row, item, t0, span) {
   const took = item.start != null ? fmtDuration(item.end - item.start) + (item.open ? " …" : "") : "not started";
   row.className = `tl-row ${item.cls || ""}`;
-  row.querySelector(".tl-label").replaceChildren(el("span", { class: "tl-step", title: item.label }, item.label), el("span", { class: "muted" }, took));
+  fill(row.querySelector(".tl-label"), el("span", { class: "tl-step", title: item.label }, item.label), el("span", { class: "muted" }, took));
   const bar = row.querySelector(".tl-bar");
   bar.className = `tl-bar status-${String(item.status).replace(/[^\w-]/g, "")}${item.open ? " open" : ""}`;
   bar.hidden = item.start == null;
@@ -927,7 +889,7 @@ function renderEvents(events) {
       el("td", { class: "num" }, e.attempt ?? ""),
       el("td", {}, e.detail != null ? textBlock(e.detail, `ev:${n}:${e.at}`, "detail") : ""));
   });
-  $("#events").replaceChildren(
+  fill($("#events"),
     el("thead", {}, el("tr", {}, ["time", "kind", "step", "attempt", "detail"].map((c) => el("th", {}, c)))),
     el("tbody", {}, rows.length ? rows : emptyRow(5, "none")));
   const note = $("#events-note");
@@ -947,18 +909,18 @@ function systemSkeleton() {
 const loadSystem = loader(() => "api/system", renderSystem, (e) => showBanner(`could not load the system status: ${errorText(e)}`));
 
 function renderSystem(d) {
-  const fill = (id, ...content) => { const s = $(`#${id}`); s.replaceChildren(s.querySelector("h2"), ...content.flat()); };
-  fill("forwarder", forwarderHealth(d.forwarder || {}, d.outbox || {}));
-  fill("queues", dataTable(["queue", "queued", "running", "waiting"], d.queues || [],
+  const section = (id, ...content) => { const s = $(`#${id}`); fill(s, s.querySelector("h2"), content); };
+  section("forwarder", forwarderHealth(d.forwarder || {}, d.outbox || {}));
+  section("queues", dataTable(["queue", "queued", "running", "waiting"], d.queues || [],
     (q) => [el("code", {}, q.queue), num(q.queued), num(q.running), num(q.waiting)]));
-  fill("actions-catalogue", dataTable(["name", "description", "kind", "registered by", "updated"], d.actions || [],
+  section("actions-catalogue", dataTable(["name", "description", "kind", "registered by", "updated"], d.actions || [],
     (a) => [el("code", {}, a.name), a.description || dash(), a.builtin ? "built-in" : "registered", a.registered_by, timeEl(a.updated_at, "relative")]));
-  fill("templates", dataTable(["name", "description", "updated"], d.templates || [],
+  section("templates", dataTable(["name", "description", "updated"], d.templates || [],
     (t) => [el("code", {}, t.name), t.description || dash(), timeEl(t.updated_at, "relative")]));
-  fill("schedules", dataTable(["name", "cron", "time zone", "goal", "next run", "last run", "last goal"], d.schedules || [],
+  section("schedules", dataTable(["name", "cron", "time zone", "goal", "next run", "last run", "last goal"], d.schedules || [],
     (s) => [el("code", {}, s.name), el("code", {}, s.cron), s.time_zone, el("span", { class: "clip", title: s.goal }, s.goal),
       timeEl(s.next_run_at), timeEl(s.last_run_at), s.last_goal_id != null ? el("a", { href: `#/goals/${s.last_goal_id}` }, `goal ${s.last_goal_id}`) : dash()]));
-  fill("workers", dataTable(["identity", "queues", "state", "started", "last seen"], d.workers || [],
+  section("workers", dataTable(["identity", "queues", "state", "started", "last seen"], d.workers || [],
     (w) => [el("code", {}, w.identity), (w.queues || []).join(", ") || dash(), workerState(w), timeEl(w.started_at), timeEl(w.last_seen_at, "relative")]));
 }
 
@@ -994,13 +956,11 @@ function fieldValue(key, value) {
 
 /* ---------- live updates (Server-Sent Events) ---------- */
 
-let source = null;
-let retryDelay = 1000;
-let interrupted = false;
+let retryDelay = 1000, interrupted = false;
 
 function connectEvents() {
-  if (!("EventSource" in window)) { setLive(false); return; }
-  source = new EventSource("api/events");
+  if (!("EventSource" in window)) return;
+  const source = new EventSource("api/events");
   source.addEventListener("open", () => {
     setLive(true);
     retryDelay = 1000;

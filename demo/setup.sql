@@ -141,3 +141,13 @@ END $$;
 SELECT synapse.grant_worker('synapse_demo_worker');
 -- A stack made by an earlier demo gave it more.
 REVOKE ALL ON public.incidents, public.expenses, public.daily_totals, public.heartbeats FROM synapse_demo_worker;
+
+-- The console reads as an admin of Synapse (every goal, the forwarder's
+-- state, templates, schedules), not as a superuser.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'synapse_demo_console') THEN
+        CREATE ROLE synapse_demo_console LOGIN;
+    END IF;
+END $$;
+SELECT synapse.grant_admin('synapse_demo_console');

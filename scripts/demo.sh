@@ -32,6 +32,14 @@ if ! running "$DEMO/worker.pid"; then
     echo $! >"$DEMO/worker.pid"
 fi
 
+# The console, as a role with the admin capability (not a superuser).
+CONSOLE_PORT="${SYNAPSE_CONSOLE_PORT:-8765}"
+if ! running "$DEMO/console.pid"; then
+    "$WORKER" ui --addr "127.0.0.1:$CONSOLE_PORT" \
+        --database-url "postgresql://synapse_demo_console@127.0.0.1:$PGPORT/synapse" >"$DEMO/console.log" 2>&1 &
+    echo $! >"$DEMO/console.pid"
+fi
+
 show_status() {
     python3 - "$1" <<'PY'
 import json, sys
@@ -114,4 +122,5 @@ echo
 echo "Mermaid of goal $FIRST_GOAL (paste into any Mermaid viewer):"
 cat "$DEMO/goal-$FIRST_GOAL.mmd"
 echo
+echo "The console: http://127.0.0.1:$CONSOLE_PORT/ (every goal above, its plan drawn, live)"
 echo "The stack is still up (worker log: $DEMO/worker.log). Stop everything with: make down"

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 . scripts/env.sh
 
 PACKAGES=(postgresql-15 postgresql-server-dev-15 libclang-dev clang
-          build-essential pkg-config libssl-dev redis-server redis-tools sudo graphviz)
+          build-essential pkg-config libssl-dev redis-server redis-tools sudo graphviz
+          chromium)
 CARGO_PGRX_VERSION=0.18.1
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -29,6 +30,13 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
     echo "setup: installing nodejs npm"
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+fi
+
+# playwright-core, which drives Chromium in the console's browser test, at the
+# version package-lock.json pins.
+if [ ! -d pgrx-tests/browser/node_modules/playwright-core ]; then
+    echo "setup: installing the browser test's playwright-core"
+    npm ci --prefix pgrx-tests/browser --no-audit --no-fund --silent
 fi
 
 if [ "$(cargo pgrx --version 2>/dev/null || true)" != "cargo-pgrx $CARGO_PGRX_VERSION" ]; then

@@ -178,13 +178,12 @@ pub fn render(goal: &Value, direction: Direction) -> String {
         }
         let _ = write!(
             svg,
-            r#"><title>{}: {}</title><rect x="{left:.1}" y="{top:.1}" width="{:.1}" height="{NODE_HEIGHT}" rx="7"/>"#,
+            r#"><title>{}: {}</title>"#,
             escape(node.step),
-            escape(&node.detail),
-            node.width
+            escape(&node.detail)
         );
         if node.map {
-            // A stack of cards: the step runs once per item.
+            // A stack of cards behind the step: it runs once per item.
             let _ = write!(
                 svg,
                 r#"<rect class="map-shadow" x="{:.1}" y="{:.1}" width="{:.1}" height="{NODE_HEIGHT}" rx="7"/>"#,
@@ -193,6 +192,11 @@ pub fn render(goal: &Value, direction: Direction) -> String {
                 node.width
             );
         }
+        let _ = write!(
+            svg,
+            r#"<rect x="{left:.1}" y="{top:.1}" width="{:.1}" height="{NODE_HEIGHT}" rx="7"/>"#,
+            node.width
+        );
         let _ = write!(
             svg,
             r#"<text class="step" x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text><text class="detail" x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text></g>"#,
@@ -289,7 +293,7 @@ mod tests {
         svg.split(r#"<g class="node"#)
             .skip(1)
             .map(|node| {
-                let rect = &node[node.find("<rect").unwrap()..];
+                let rect = &node[node.find("<rect x").unwrap()..];
                 let number = |name: &str| -> f64 {
                     let start = rect.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
                     let end = start + rect[start..].find('"').unwrap();

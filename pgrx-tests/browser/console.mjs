@@ -118,7 +118,11 @@ try {
   // The system page.
   await open("#/system");
   await page.waitForSelector("#workers", WAIT);
-  await page.waitForSelector("#actions-catalogue", WAIT);
+  await page.waitForSelector("#actions-catalogue td code", WAIT);
+  // A submitter's console may not read the templates: it says so in their place.
+  await page.waitForSelector("#templates .not-shown", WAIT);
+  const workers = await page.textContent("#workers");
+  check(workers.includes("noop"), `the workers' actions are not listed: ${workers}`);
   check(await page.evaluate(() => window.stillTheSamePage === true), "the page was reloaded");
 
   // A console behind a token: the link with it opens the page, a guess does not.

@@ -180,6 +180,10 @@ fn the_console_shows_what_its_role_may_see_and_says_what_is_wrong() {
         .iter()
         .any(|a| a["name"] == "noop"));
     assert_eq!(system["workers"].as_array().unwrap().len(), 1);
+    assert!(system["workers"][0]["actions"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("noop")));
     assert_eq!(
         system["queues"],
         json!([{"queue": "default", "queued": 0, "running": 0, "waiting": 1}])

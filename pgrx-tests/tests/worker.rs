@@ -599,9 +599,8 @@ fn a_worker_waits_out_a_postgres_outage_without_losing_its_message() {
     let stack = Stack::start("pg-outage", &[]);
     let mut client = stack.pg();
     let mut redis = stack.redis();
-    let worker = stack.start_worker("w", &[]);
-    // A task parked on a queue nobody consumes; its message is moved by hand
-    // once Postgres is down, so the worker pops it during the outage.
+    // A task's message taken out of Redis before its worker starts, and put
+    // back once Postgres is down, so the worker pops it during the outage.
     let id = submit_plan(
         &mut client,
         &json!({"steps": [{"id": "later", "action": "noop", "queue": "parked"}]}),
@@ -612,10 +611,11 @@ fn a_worker_waits_out_a_postgres_outage_without_losing_its_message() {
             .query::<Option<String>>(&mut redis)
             .unwrap()
     });
+    let worker = stack.start_worker("w", &["--queues", "parked"]);
     drop(client);
     stack.stop_postgres();
     redis::cmd("LPUSH")
-        .arg("synapse:queue:default")
+        .arg("synapse:queue:parked")
         .arg(&payload)
         .query::<()>(&mut redis)
         .unwrap();

@@ -170,8 +170,10 @@ pub async fn system(client: &tokio_postgres::Client) -> Value {
         (
             "workers",
             "SELECT coalesce(jsonb_agg(w ORDER BY w.last_seen_at DESC), '[]')::text FROM (
-                 SELECT identity, queues, started_at, last_seen_at, stopped_at, lost_at
-                   FROM synapse.workers ORDER BY last_seen_at DESC LIMIT 200) AS w",
+                 SELECT w.identity, w.queues, w.started_at, w.last_seen_at, w.stopped_at, w.lost_at,
+                        (SELECT coalesce(jsonb_agg(a.name ORDER BY a.name), '[]') FROM synapse.actions AS a
+                          WHERE a.registered_by = w.identity) AS actions
+                   FROM synapse.workers AS w ORDER BY w.last_seen_at DESC LIMIT 200) AS w",
         ),
     ] {
         system[name] = part(client, sql).await.unwrap_or_else(|error| error);

@@ -911,17 +911,22 @@ const loadSystem = loader(() => "api/system", renderSystem, (e) => showBanner(`c
 function renderSystem(d) {
   const section = (id, ...content) => { const s = $(`#${id}`); fill(s, s.querySelector("h2"), content); };
   section("forwarder", forwarderHealth(d.forwarder || {}, d.outbox || {}));
-  section("queues", dataTable(["queue", "queued", "running", "waiting"], d.queues || [],
+  // A part the console's role may not read comes as {error}: said in its place.
+  const table = (data, columns, cells) => Array.isArray(data)
+    ? dataTable(columns, data, cells)
+    : el("p", { class: "muted not-shown" }, `not shown: ${data?.error ?? "unavailable"}`);
+  section("queues", table(d.queues, ["queue", "queued", "running", "waiting"],
     (q) => [el("code", {}, q.queue), num(q.queued), num(q.running), num(q.waiting)]));
-  section("actions-catalogue", dataTable(["name", "description", "kind", "registered by", "updated"], d.actions || [],
+  section("actions-catalogue", table(d.actions, ["name", "description", "kind", "registered by", "updated"],
     (a) => [el("code", {}, a.name), a.description || dash(), a.builtin ? "built-in" : "registered", a.registered_by, timeEl(a.updated_at, "relative")]));
-  section("templates", dataTable(["name", "description", "updated"], d.templates || [],
+  section("templates", table(d.templates, ["name", "description", "updated"],
     (t) => [el("code", {}, t.name), t.description || dash(), timeEl(t.updated_at, "relative")]));
-  section("schedules", dataTable(["name", "cron", "time zone", "goal", "next run", "last run", "last goal"], d.schedules || [],
+  section("schedules", table(d.schedules, ["name", "cron", "time zone", "goal", "next run", "last run", "last goal"],
     (s) => [el("code", {}, s.name), el("code", {}, s.cron), s.time_zone, el("span", { class: "clip", title: s.goal }, s.goal),
       timeEl(s.next_run_at), timeEl(s.last_run_at), s.last_goal_id != null ? el("a", { href: `#/goals/${s.last_goal_id}` }, `goal ${s.last_goal_id}`) : dash()]));
-  section("workers", dataTable(["identity", "queues", "state", "started", "last seen"], d.workers || [],
-    (w) => [el("code", {}, w.identity), (w.queues || []).join(", ") || dash(), workerState(w), timeEl(w.started_at), timeEl(w.last_seen_at, "relative")]));
+  section("workers", table(d.workers, ["identity", "queues", "state", "started", "last seen", "actions registered"],
+    (w) => [el("code", {}, w.identity), (w.queues || []).join(", ") || dash(), workerState(w), timeEl(w.started_at), timeEl(w.last_seen_at, "relative"),
+      (w.actions || []).join(", ") || dash()]));
 }
 
 const num = (value) => el("td", { class: "num" }, value ?? "");

@@ -52,6 +52,8 @@ pub extern "C-unwind" fn _PG_init() {
     });
     if preloading {
         forwarder::register();
+        // In the postmaster: every backend forked from it inherits the work.
+        let _ = synapse_worker::blueprint::warm_up();
     }
 }
 

@@ -26,7 +26,7 @@ pub use self::duration::{format_duration, parse_duration};
 pub use self::params_schema::ParamsSchema;
 pub use self::validate::{
     is_valid_queue, kind as json_kind, validate, validate_interruptible,
-    validate_with_params_schemas, Problem, MAX_BLUEPRINT_BYTES, MAX_STEPS,
+    validate_with_params_schemas, warm_up, Problem, MAX_BLUEPRINT_BYTES, MAX_STEPS,
 };
 
 /// Actions every worker implements; any other action must be registered by a worker in

@@ -31,7 +31,7 @@ pub async fn cancel(client: &tokio_postgres::Client, id: i64) -> Result<Value, A
     let row = client
         .query_one("SELECT synapse.cancel_goal($1)", &[&id])
         .await?;
-    Ok(json!({"cancelled": row.get::<_, bool>(0)}))
+    Ok(json!({"cancelled": row.try_get::<_, Option<bool>>(0)?}))
 }
 
 /// `synapse.signal`: whether a waiting step took it at once.
@@ -46,7 +46,7 @@ pub async fn signal(
             &[&id, &signal.name, &signal.payload],
         )
         .await?;
-    Ok(json!({"taken": row.get::<_, bool>(0)}))
+    Ok(json!({"taken": row.try_get::<_, Option<bool>>(0)?}))
 }
 
 /// `synapse.retry_goal`.
@@ -58,5 +58,5 @@ pub async fn retry(
     let row = client
         .query_one("SELECT synapse.retry_goal($1, $2)", &[&id, &retry.steps])
         .await?;
-    Ok(json!({"retried": row.get::<_, bool>(0)}))
+    Ok(json!({"retried": row.try_get::<_, Option<bool>>(0)?}))
 }

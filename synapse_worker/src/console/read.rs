@@ -102,13 +102,19 @@ pub async fn goals(
             ],
         )
         .await?;
-    let mut counts: Value = serde_json::from_str(row.get::<_, &str>(0)).unwrap_or_default();
+    let mut counts = match json_column(&row, 0)? {
+        counts @ Value::Object(_) => counts,
+        _ => json!({}),
+    };
     for status in GOAL_STATUSES {
         if counts.get(status).is_none() {
             counts[status] = json!(0);
         }
     }
-    let mut goals: Vec<Value> = serde_json::from_str(row.get::<_, &str>(1)).unwrap_or_default();
+    let mut goals: Vec<Value> = match json_column(&row, 1)? {
+        Value::Array(goals) => goals,
+        _ => Vec::new(),
+    };
     let next_before = if goals.len() as i64 > limit {
         goals.truncate(limit as usize);
         goals.last().and_then(|goal| goal["id"].as_i64())
@@ -127,8 +133,7 @@ pub async fn goal(
     let row = client
         .query_one("SELECT synapse.goal_status($1)::text", &[&id])
         .await?;
-    let goal: Value = serde_json::from_str(row.get::<_, &str>(0))
-        .map_err(|error| ApiError::internal(format!("goal_status is not JSON: {error}")))?;
+    let goal = json_column(&row, 0)?;
     let svg = dag::render(&goal, direction);
     let events = history::events(&goal);
     Ok(json!({"goal": goal, "svg": svg, "events": events}))
@@ -181,10 +186,18 @@ pub async fn system(client: &tokio_postgres::Client) -> Value {
     system
 }
 
+/// Column `index` of `row`, JSON sent as text (SQL NULL: JSON null).
+fn json_column(row: &tokio_postgres::Row, index: usize) -> Result<Value, ApiError> {
+    let text: Option<&str> = row.try_get(index)?;
+    text.map_or(Ok(Value::Null), |text| {
+        serde_json::from_str(text).map_err(|error| ApiError::internal(format!("not JSON: {error}")))
+    })
+}
+
 /// One part of the system page: its JSON, or `{"error": …}`.
 async fn part(client: &tokio_postgres::Client, sql: &str) -> Result<Value, Value> {
     match client.query_one(sql, &[]).await {
-        Ok(row) => Ok(serde_json::from_str(row.get::<_, &str>(0)).unwrap_or(Value::Null)),
+        Ok(row) => json_column(&row, 0).map_err(|error| json!({"error": error.message})),
         Err(error) => Err(json!({"error": ApiError::from(error).message})),
     }
 }

@@ -424,6 +424,21 @@ pub fn submit_plan(
         .get(0)
 }
 
+/// Submits `blueprint` with goal `input` (sent as JSON text); the goal's id.
+pub fn submit_plan_with_input(
+    client: &mut postgres::Client,
+    blueprint: &serde_json::Value,
+    input: &serde_json::Value,
+) -> i64 {
+    client
+        .query_one(
+            "SELECT synapse.submit_plan($1::text::jsonb, $2::text::jsonb)",
+            &[&blueprint.to_string(), &input.to_string()],
+        )
+        .expect("submit_plan")
+        .get(0)
+}
+
 /// The id of the task of `step` in goal `goal_id`.
 pub fn task_id(client: &mut postgres::Client, goal_id: i64, step: &str) -> i64 {
     client

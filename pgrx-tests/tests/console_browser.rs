@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use synapse_e2e::{submit_plan, wait_for_goal, wait_for_step, Stack};
+use synapse_e2e::{submit_plan, submit_plan_with_input, wait_for_goal, wait_for_step, Stack};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -29,7 +29,7 @@ fn the_console_in_a_browser_follows_goals_live_and_acts_on_them() {
     let items: Vec<i64> = (0..1000).collect();
     let map = submit_plan_with_input(
         &mut alice,
-        json!({
+        &json!({
             "steps": [
                 {"id": "each", "action": "noop", "for_each": "goal.input.items"},
                 {"id": "child", "action": "goal",
@@ -37,7 +37,7 @@ fn the_console_in_a_browser_follows_goals_live_and_acts_on_them() {
             ],
             "edges": [{"from": "each", "to": "child"}]
         }),
-        json!({"items": items}),
+        &json!({"items": items}),
     );
     assert_eq!(wait_for_goal(&stack, map, WAIT)["status"], "succeeded");
 
@@ -45,14 +45,14 @@ fn the_console_in_a_browser_follows_goals_live_and_acts_on_them() {
     let hostile_error = "<script>window.pwned=2</script>";
     let hostile = submit_plan_with_input(
         &mut alice,
-        json!({
+        &json!({
             "steps": [
                 {"id": "evil", "action": "transform", "params": {"expr": format!("'{hostile_text}'")}},
                 {"id": "boom", "action": "fail", "params": {"message": hostile_error}}
             ],
             "edges": [{"from": "evil", "to": "boom"}]
         }),
-        json!({"note": hostile_text}),
+        &json!({"note": hostile_text}),
     );
     assert_eq!(wait_for_goal(&stack, hostile, WAIT)["status"], "failed");
 
@@ -138,18 +138,4 @@ fn the_console_in_a_browser_follows_goals_live_and_acts_on_them() {
         synapse_e2e::goal_status(&mut alice, waiting)["status"],
         "cancelled"
     );
-}
-
-fn submit_plan_with_input(
-    client: &mut synapse_e2e::postgres::Client,
-    blueprint: Value,
-    input: Value,
-) -> i64 {
-    client
-        .query_one(
-            "SELECT synapse.submit_plan($1::text::jsonb, $2::text::jsonb)",
-            &[&blueprint.to_string(), &input.to_string()],
-        )
-        .unwrap()
-        .get(0)
 }

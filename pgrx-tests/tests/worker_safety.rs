@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use synapse_e2e::{
-    error_of, postgres, run_plan, submit_plan, task, wait_for_goal, wait_for_running_task,
-    wait_until, worker_binary, Stack,
+    error_of, run_plan, submit_plan, submit_plan_with_input, task, wait_for_goal,
+    wait_for_running_task, wait_until, worker_binary, Stack,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -18,16 +18,6 @@ const WAIT: Duration = Duration::from_secs(60);
 /// How long a process may take to exit after SIGTERM/SIGINT: a bound on
 /// waiting, not a timing assertion (it should take well under a second).
 const EXIT_DEADLINE: Duration = Duration::from_secs(5);
-
-fn submit_plan_with_input(client: &mut postgres::Client, blueprint: &Value, input: &Value) -> i64 {
-    client
-        .query_one(
-            "SELECT synapse.submit_plan($1::text::jsonb, $2::text::jsonb)",
-            &[&blueprint.to_string(), &input.to_string()],
-        )
-        .expect("submit_plan")
-        .get(0)
-}
 
 /// A local port nothing listens on.
 fn closed_port() -> u16 {

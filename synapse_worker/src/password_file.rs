@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context};
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
 /// The password in `path`.
 pub fn read(path: &Path, flag: &str) -> anyhow::Result<String> {
@@ -26,7 +27,8 @@ pub fn read(path: &Path, flag: &str) -> anyhow::Result<String> {
 pub fn postgres_url_with(url: &str, password: &str) -> String {
     if url.contains("://") {
         let separator = if url.contains('?') { '&' } else { '?' };
-        format!("{url}{separator}password={}", percent_encode(password))
+        let encoded = utf8_percent_encode(password, NON_ALPHANUMERIC);
+        format!("{url}{separator}password={encoded}")
     } else {
         let quoted = password.replace('\\', "\\\\").replace('\'', "\\'");
         format!("{url} password='{quoted}'")
@@ -44,18 +46,6 @@ pub fn redis_url_with(url: &str, password: &str) -> anyhow::Result<String> {
         );
     }
     Ok(parsed.into())
-}
-
-/// Every byte but the unreserved characters of RFC 3986 as `%XX`.
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|byte| match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (byte as char).to_string()
-            }
-            _ => format!("%{byte:02X}"),
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -217,8 +217,11 @@ pub fn pool(url: &str, connections: usize) -> anyhow::Result<deadpool_postgres::
     pool_of(config, tls, connections)
 }
 
-/// The configuration and TLS connector `url` asks for (`sslmode`, `sslrootcert`).
-fn connection_config(url: &str) -> anyhow::Result<(tokio_postgres::Config, MakeTlsConnector)> {
+/// The configuration and TLS connector `url` asks for (`sslmode`, `sslrootcert`),
+/// with the default connect timeout.
+pub(crate) fn connection_config(
+    url: &str,
+) -> anyhow::Result<(tokio_postgres::Config, MakeTlsConnector)> {
     let (mut config, tls) =
         postgres_tls::configure(url).context("--database-url is not a valid Postgres URL")?;
     if config.get_connect_timeout().is_none() {

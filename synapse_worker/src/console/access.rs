@@ -63,7 +63,12 @@ pub fn authorized(token: Option<&str>, authorization: Option<&str>, cookies: Opt
     [bearer, cookie]
         .into_iter()
         .flatten()
-        .any(|given| same(given.as_bytes(), token.as_bytes()))
+        .any(|given| token_matches(token, given))
+}
+
+/// Whether `given` is `token`, compared in time that does not depend on where they differ.
+pub fn token_matches(token: &str, given: &str) -> bool {
+    same(given.as_bytes(), token.as_bytes())
 }
 
 /// Whether an action may go ahead: it carries the page's CSRF token, and, if

@@ -2,7 +2,6 @@
 //! extension NOTIFYs (`synapse_events`), and each open page gets them as
 //! server-sent events. A page only learns that a goal changed; it reads the
 //! goal again with the console's role, so row security still decides.
-use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
@@ -10,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::backoff::Backoff;
-use crate::{connection_error, postgres_tls};
+use crate::connection_error;
 
 /// Changes a slow page may fall behind by before it is told to read everything again.
 const BACKLOG: usize = 1024;
@@ -82,13 +81,10 @@ pub async fn listen(url: String, changes: Changes, stop: CancellationToken) {
 
 /// One connection's life: returns why it ended.
 async fn listen_once(url: &str, changes: &Changes, backoff: &mut Backoff) -> String {
-    let (mut config, tls) = match postgres_tls::configure(url) {
+    let (config, tls) = match crate::worker::connection_config(url) {
         Ok(configured) => configured,
-        Err(error) => return error.to_string(),
+        Err(error) => return format!("{error:#}"),
     };
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(5));
-    }
     let (client, mut connection) = match config.connect(tls).await {
         Ok(connected) => connected,
         Err(error) => return connection_error::describe(url, &error),

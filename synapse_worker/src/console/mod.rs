@@ -247,9 +247,7 @@ async fn guard(State(console): Shared, request: Request, next: Next) -> Response
         let given = query
             .split('&')
             .find_map(|pair| pair.strip_prefix("token="));
-        if given.is_some_and(|given| {
-            access::authorized(Some(token), Some(&format!("Bearer {given}")), None)
-        }) {
+        if given.is_some_and(|given| access::token_matches(token, given)) {
             let mut response = Redirect::to(request.uri().path()).into_response();
             let cookie = format!(
                 "{}={token}; HttpOnly; SameSite=Strict; Path=/",

@@ -56,7 +56,7 @@ pub extern "C-unwind" fn synapse_forwarder_main(_arg: pg_sys::Datum) {
             forwarder.timers_due = Some(Instant::now());
             forwarder.sweep_due = Some(Instant::now());
         }
-        timeout = forwarder.run();
+        timeout = latch_timeout(forwarder.run());
     }
     LATCH_OWNER.get().store(-1, Ordering::Release);
     log!("synapse forwarder stopped");
@@ -148,6 +148,24 @@ fn earliest<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
+}
+
+/// When to look for refused events next: a deadline this drain looked at
+/// (`looked`: it read when the next retries are due) is replaced by what it
+/// found; one it did not look at stays, even if it passed meanwhile, or those
+/// retries would wait for an unrelated wake-up.
+fn next_redrain(
+    previous: Option<Instant>,
+    looked: bool,
+    found: Option<Instant>,
+) -> Option<Instant> {
+    earliest(previous.filter(|_| !looked), found)
+}
+
+/// A latch wait of `sleep`, rounded up to whole milliseconds: the wait counts
+/// in them, and waking a fraction early would find the deadline not yet due.
+fn latch_timeout(sleep: Option<Duration>) -> Option<Duration> {
+    sleep.map(|sleep| Duration::from_millis(sleep.as_micros().div_ceil(1000) as u64))
 }
 
 fn seconds(value: f64) -> Duration {
@@ -381,9 +399,11 @@ impl Forwarder {
         let now = Instant::now();
         self.timers_due = earliest(self.timers_due, due.timers.map(|d| now + d));
         self.sweep_due = earliest(self.sweep_due, due.sweep.map(|d| now + d));
-        // A deadline already past was this wake-up's: the next one replaces it.
-        let pending_redrain = self.redrain_due.filter(|due| *due > now);
-        self.redrain_due = earliest(pending_redrain, due.redrain.map(|d| now + d));
+        self.redrain_due = next_redrain(
+            self.redrain_due,
+            refused.is_some(),
+            due.redrain.map(|d| now + d),
+        );
         Ok(if reread { Drain::More } else { drain })
     }
 
@@ -658,4 +678,32 @@ fn record_deliveries(ids: &[i64], deliveries: &[Delivery]) -> Result<Recorded, F
         lowest_refused,
         xid,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_deadline_the_drain_did_not_look_at_is_kept_even_once_past() {
+        let past = Instant::now();
+        let later = past + Duration::from_secs(1);
+        // Woken a moment before the deadline: the drain did not look, and the
+        // deadline passed while it ran. It must still be there.
+        assert_eq!(next_redrain(Some(past), false, None), Some(past));
+        assert_eq!(next_redrain(Some(past), false, Some(later)), Some(past));
+        // The drain looked: what it found replaces the old deadline.
+        assert_eq!(next_redrain(Some(past), true, Some(later)), Some(later));
+        assert_eq!(next_redrain(Some(past), true, None), None);
+    }
+
+    #[test]
+    fn latch_waits_never_end_before_the_deadline() {
+        let wait = |micros| latch_timeout(Some(Duration::from_micros(micros)));
+        assert_eq!(wait(199_700), Some(Duration::from_millis(200)));
+        assert_eq!(wait(200_000), Some(Duration::from_millis(200)));
+        assert_eq!(wait(1), Some(Duration::from_millis(1)));
+        assert_eq!(wait(0), Some(Duration::ZERO));
+        assert_eq!(latch_timeout(None), None);
+    }
 }

@@ -129,6 +129,17 @@ fn snapshot(client: &mut postgres::Client) -> Vec<(&'static str, String)> {
             "goal_status()",
             "SELECT jsonb_agg(synapse.goal_status(id) ORDER BY id) FROM synapse.goals",
         ),
+        (
+            "capabilities",
+            "SELECT jsonb_agg(jsonb_build_array(role::text, capability) ORDER BY 1) FROM synapse.role_grants",
+        ),
+        (
+            "row security policies",
+            "SELECT jsonb_agg(jsonb_build_array(polrelid::regclass::text, polname,
+                                                (SELECT array_agg(r::regrole::text ORDER BY 1) FROM unnest(polroles) AS r))
+                              ORDER BY 1)
+               FROM pg_policy WHERE polrelid::regclass::text LIKE 'synapse.%'",
+        ),
     ];
     queries
         .into_iter()

@@ -609,3 +609,115 @@ fn a_task_message_pushed_onto_another_queues_list_runs_nothing() {
         .unwrap();
     assert_eq!((status.as_str(), attempts), ("queued", 0));
 }
+
+/// The plan of `sql` as `client` sees it.
+fn plan(client: &mut postgres::Client, sql: &str) -> String {
+    client
+        .query(&format!("EXPLAIN (COSTS OFF) {sql}"), &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The roles each see-all policy names, per table.
+fn see_all_policy_roles(client: &mut postgres::Client) -> Vec<(String, Vec<String>)> {
+    client
+        .query(
+            "SELECT polrelid::regclass::text,
+                    array(SELECT r::regrole::text FROM unnest(polroles) AS r ORDER BY 1)
+               FROM pg_policy WHERE polname LIKE '%\\_of\\_admins\\_and\\_workers' ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+#[test]
+fn admins_and_workers_pay_nothing_for_row_security() {
+    let stack = Stack::start("roles-see-all", &[]);
+    let mut admin = stack.pg();
+    roles(
+        &mut admin,
+        &[("alice", Some("submitter")), ("boss", Some("admin"))],
+    );
+    // A name that must be quoted in a policy's role list.
+    admin
+        .batch_execute(
+            "CREATE ROLE \"Night Shift\" LOGIN NOSUPERUSER;
+             SELECT synapse.grant_worker('\"Night Shift\"')",
+        )
+        .unwrap();
+    let tables = ["goals", "tasks", "edges", "signals", "attempts"];
+    let expected: Vec<(String, Vec<String>)> = tables
+        .iter()
+        .map(|table| {
+            let mut roles = vec![
+                "\"Night Shift\"".to_owned(),
+                "boss".to_owned(),
+                synapse_e2e::WORKER_ROLE.to_owned(),
+            ];
+            roles.sort();
+            (format!("synapse.{table}"), roles)
+        })
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into_iter()
+        .collect();
+    assert_eq!(see_all_policy_roles(&mut admin), expected);
+
+    // Their statements plan as a superuser's: no policy test left in them.
+    let statements = [
+        "SELECT * FROM synapse.goals WHERE id = 1",
+        "SELECT * FROM synapse.tasks WHERE goal_id = 1",
+        "SELECT * FROM synapse.edges WHERE goal_id = 1",
+        "SELECT * FROM synapse.signals WHERE goal_id = 1",
+        "SELECT * FROM synapse.attempts WHERE task_id = 1",
+    ];
+    let mut worker = stack.pg_as(synapse_e2e::WORKER_ROLE);
+    let mut boss = stack.pg_as("boss");
+    let mut alice = stack.pg_as("alice");
+    // What they see is unchanged: everything for them, her own for alice.
+    submit_plan(&mut admin, WAITING);
+    assert_eq!(
+        one_i64(&mut worker, "SELECT count(*) FROM synapse.tasks"),
+        2
+    );
+    assert_eq!(one_i64(&mut boss, "SELECT count(*) FROM synapse.tasks"), 2);
+    assert_eq!(one_i64(&mut alice, "SELECT count(*) FROM synapse.tasks"), 0);
+    for statement in statements {
+        let unrestricted = plan(&mut admin, statement);
+        assert_eq!(plan(&mut worker, statement), unrestricted, "{statement}");
+        assert_eq!(plan(&mut boss, statement), unrestricted, "{statement}");
+        // A submitter is still held to the goals of its roles.
+        let restricted = plan(&mut alice, statement);
+        assert!(restricted.contains("InitPlan"), "{statement}: {restricted}");
+    }
+    // A worker goes back to the general rules the moment it is revoked
+    // (and the policies name only the roles left).
+    admin
+        .batch_execute(
+            "SELECT synapse.revoke_worker('\"Night Shift\"'); SELECT synapse.revoke_admin('boss')",
+        )
+        .unwrap();
+    let left: Vec<Vec<String>> = see_all_policy_roles(&mut admin)
+        .into_iter()
+        .map(|(_, roles)| roles)
+        .collect();
+    assert_eq!(
+        left,
+        vec![vec![synapse_e2e::WORKER_ROLE.to_owned()]; tables.len()]
+    );
+    admin
+        .execute(
+            "SELECT synapse.revoke_worker($1::text::regrole)",
+            &[&synapse_e2e::WORKER_ROLE],
+        )
+        .unwrap();
+    assert!(
+        see_all_policy_roles(&mut admin).is_empty(),
+        "no admin or worker left: no see-all policy"
+    );
+}

@@ -12,10 +12,9 @@ use synapse_worker::blueprint::{self, cel, limits, Blueprint, Problem};
 mod child;
 mod json_arg;
 mod map;
-mod prepared;
 mod wait;
+use crate::prepared::{oid, prepared};
 pub(super) use json_arg::JsonbArg;
-use prepared::{oid, prepared};
 
 /// How many steps are handled between two interrupt checks.
 const INTERRUPT_EVERY: usize = 256;

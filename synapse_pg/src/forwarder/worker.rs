@@ -9,6 +9,7 @@ use super::redis_sink::{Delivery, Event, RedisSink, Target};
 use super::transaction;
 use super::{set_timers_next, take_announced_deadline, update_state, LATCH_OWNER};
 use crate::gucs;
+use crate::prepared::{oid, prepared};
 
 /// Events per transaction and per Redis round trip.
 const BATCH_SIZE: i64 = 5000;
@@ -538,7 +539,8 @@ struct Batch {
 fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Batch, Failure> {
     Spi::connect(|client| {
         // One row at least: the snapshot's xmin comes with the events.
-        let rows = client.select(
+        let read = prepared(
+            client,
             "SELECT o.id, o.dispatch, o.payload, o.streamed, o.event, o.due_in,
                     pg_snapshot_xmin(pg_current_snapshot())::text, 'synapse.outbox'::regclass::oid
                FROM (SELECT) AS one
@@ -549,9 +551,9 @@ fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Bat
                      WHERE id > $2 AND (retry_at IS NULL OR retry_at <= clock_timestamp())
                      ORDER BY id LIMIT $1) AS o ON true
               ORDER BY o.id",
-            None,
-            &[BATCH_SIZE.into(), floor.into()],
+            &[oid(PgBuiltInOids::INT8OID), oid(PgBuiltInOids::INT8OID)],
         )?;
+        let rows = client.select(&*read, None, &[BATCH_SIZE.into(), floor.into()])?;
         let mut batch = Batch {
             ids: Vec::with_capacity(rows.len()),
             events: Vec::with_capacity(rows.len()),
@@ -622,11 +624,18 @@ fn record_deliveries(ids: &[i64], deliveries: &[Delivery]) -> Result<Recorded, F
         .zip(deliveries)
         .partition(|(_, delivery)| delivery.complete());
     let complete: Vec<i64> = complete.into_iter().map(|(id, _)| *id).collect();
-    let xid = Spi::get_one_with_args::<String>(
-        "WITH forwarded AS (DELETE FROM synapse.outbox WHERE id = ANY($1))
-         SELECT pg_current_xact_id()::text",
-        &[complete.clone().into()],
-    )?
+    let xid = Spi::connect_mut(|client| {
+        let delete = prepared(
+            client,
+            "WITH forwarded AS (DELETE FROM synapse.outbox WHERE id = ANY($1))
+             SELECT pg_current_xact_id()::text",
+            &[oid(PgBuiltInOids::INT8ARRAYOID)],
+        )?;
+        client
+            .update(&*delete, None, &[complete.clone().into()])?
+            .first()
+            .get_one::<String>()
+    })?
     .and_then(|xid| xid.parse().ok())
     .ok_or("no transaction id")?;
     let mut lowest_refused = None;

@@ -8,9 +8,9 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::{Map, Value};
 
-use super::prepared::{oid, prepared};
 use super::INTERRUPT_EVERY;
 use crate::error::Result;
+use crate::prepared::{oid, prepared};
 use synapse_worker::blueprint::{cel, limits, MAX_MAP_ITEMS};
 
 /// A map step's list and the input of each of its instances.

@@ -1,5 +1,6 @@
-//! The statements `submit_plan` runs for every goal, parsed, analysed and
-//! planned once per backend instead of once per call. Postgres re-plans a
+//! Statements run again and again (by `submit_plan` for every goal, by the
+//! forwarder at every wake-up), parsed, analysed and planned once per
+//! process instead of once per call. Postgres re-plans a
 //! kept plan by itself when a table it reads changes (a dropped and
 //! re-created extension included).
 use pgrx::prelude::*;

@@ -19,13 +19,6 @@ COMMENT ON COLUMN synapse.role_grants.capability IS 'submitter, worker or admin.
 COMMENT ON COLUMN synapse.role_grants.granted_at IS 'When it was granted.';
 SELECT pg_catalog.pg_extension_config_dump('synapse.role_grants', '');
 
--- Whether the querying role sees every goal (an admin or a worker): the
--- row security policies' first test, evaluated once per statement.
-CREATE FUNCTION synapse._sees_all() RETURNS boolean LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (SELECT FROM synapse.role_grants AS g
-                    WHERE g.capability IN ('admin', 'worker') AND pg_catalog.pg_has_role(g.role, 'MEMBER'))
-$$;
-
 -- Whether the caller may act on a goal of owner: a member of it, or an admin.
 CREATE FUNCTION synapse._may_act_on(owner regrole) RETURNS boolean LANGUAGE sql STABLE AS $$
     SELECT pg_catalog.pg_has_role(synapse._caller(), owner, 'MEMBER')
@@ -33,60 +26,26 @@ CREATE FUNCTION synapse._may_act_on(owner regrole) RETURNS boolean LANGUAGE sql 
                     WHERE g.capability = 'admin' AND pg_catalog.pg_has_role(synapse._caller(), g.role, 'MEMBER'))
 $$;
 
-ALTER TABLE synapse.goals ENABLE ROW LEVEL SECURITY;
-CREATE POLICY goals_of_members ON synapse.goals
-    USING ((SELECT synapse._sees_all()) OR pg_catalog.pg_has_role(owner, 'MEMBER'));
-ALTER TABLE synapse.tasks ENABLE ROW LEVEL SECURITY;
-CREATE POLICY tasks_of_visible_goals ON synapse.tasks
-    USING ((SELECT synapse._sees_all()) OR EXISTS (SELECT FROM synapse.goals AS g WHERE g.id = goal_id));
-ALTER TABLE synapse.edges ENABLE ROW LEVEL SECURITY;
-CREATE POLICY edges_of_visible_goals ON synapse.edges
-    USING ((SELECT synapse._sees_all()) OR EXISTS (SELECT FROM synapse.goals AS g WHERE g.id = goal_id));
-ALTER TABLE synapse.signals ENABLE ROW LEVEL SECURITY;
-CREATE POLICY signals_of_visible_goals ON synapse.signals
-    USING ((SELECT synapse._sees_all()) OR EXISTS (SELECT FROM synapse.goals AS g WHERE g.id = goal_id));
-ALTER TABLE synapse.attempts ENABLE ROW LEVEL SECURITY;
-CREATE POLICY attempts_of_visible_tasks ON synapse.attempts
-    USING ((SELECT synapse._sees_all()) OR EXISTS (SELECT FROM synapse.tasks AS t WHERE t.id = task_id));
-
--- Admins and workers see every row. The policies above let them too, but
--- at a price in each of their statements (an InitPlan calling _sees_all, a
--- filter per row); a policy of their own that is simply true lets the
--- planner fold the whole test away. A policy names at least one role, so it
--- exists only while a role has one of these capabilities; it changes only
--- when their set does (altering a policy locks its table).
-CREATE FUNCTION synapse._apply_see_all_policies() RETURNS void LANGUAGE plpgsql AS $$
+-- Each policy's first test: whether the querying role sees every goal (an
+-- admin or a worker). Written out in the policy, not called as a function:
+-- the planner makes it an InitPlan run once per statement, where a SQL
+-- function would be parsed and planned again by every statement of a worker.
+DO $$
 DECLARE
-    roles oid[];
-    t text;
-    policy text;
+    sees_all text := $q$EXISTS (SELECT FROM synapse.role_grants AS r
+                                 WHERE r.capability IN ('admin', 'worker') AND pg_catalog.pg_has_role(r.role, 'MEMBER'))$q$;
 BEGIN
-    SELECT coalesce(array_agg(DISTINCT g.role::oid ORDER BY g.role::oid), '{}') INTO roles
-      FROM synapse.role_grants AS g
-     WHERE g.capability IN ('admin', 'worker')
-       AND EXISTS (SELECT FROM pg_catalog.pg_roles AS r WHERE r.oid = g.role);
-    FOREACH t IN ARRAY ARRAY['goals', 'tasks', 'edges', 'signals', 'attempts'] LOOP
-        policy := t || '_of_admins_and_workers';
-        CONTINUE WHEN roles = coalesce((
-            SELECT array(SELECT unnest(p.polroles) ORDER BY 1) FROM pg_catalog.pg_policy AS p
-             WHERE p.polrelid = ('synapse.' || t)::regclass AND p.polname = policy), '{}');
-        EXECUTE format('DROP POLICY IF EXISTS %I ON synapse.%I', policy, t);
-        IF roles <> '{}' THEN
-            EXECUTE format('CREATE POLICY %I ON synapse.%I TO %s USING (true)', policy, t,
-                           (SELECT string_agg(r::regrole::text, ', ') FROM unnest(roles) AS r));
-        END IF;
-    END LOOP;
+    ALTER TABLE synapse.goals ENABLE ROW LEVEL SECURITY;
+    EXECUTE format('CREATE POLICY goals_of_members ON synapse.goals USING (%s OR pg_catalog.pg_has_role(owner, ''MEMBER''))', sees_all);
+    ALTER TABLE synapse.tasks ENABLE ROW LEVEL SECURITY;
+    EXECUTE format('CREATE POLICY tasks_of_visible_goals ON synapse.tasks USING (%s OR EXISTS (SELECT FROM synapse.goals AS g WHERE g.id = goal_id))', sees_all);
+    ALTER TABLE synapse.edges ENABLE ROW LEVEL SECURITY;
+    EXECUTE format('CREATE POLICY edges_of_visible_goals ON synapse.edges USING (%s OR EXISTS (SELECT FROM synapse.goals AS g WHERE g.id = goal_id))', sees_all);
+    ALTER TABLE synapse.signals ENABLE ROW LEVEL SECURITY;
+    EXECUTE format('CREATE POLICY signals_of_visible_goals ON synapse.signals USING (%s OR EXISTS (SELECT FROM synapse.goals AS g WHERE g.id = goal_id))', sees_all);
+    ALTER TABLE synapse.attempts ENABLE ROW LEVEL SECURITY;
+    EXECUTE format('CREATE POLICY attempts_of_visible_tasks ON synapse.attempts USING (%s OR EXISTS (SELECT FROM synapse.tasks AS t WHERE t.id = task_id))', sees_all);
 END $$;
-
--- Whatever changes the capabilities (grant_*, revoke_*, and a restore's COPY
--- of role_grants, which pg_dump dumps without the policies) keeps them in step.
-CREATE FUNCTION synapse._role_grants_changed() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM synapse._apply_see_all_policies();
-    RETURN NULL;
-END $$;
-CREATE TRIGGER role_grants_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON synapse.role_grants
-    FOR EACH STATEMENT EXECUTE FUNCTION synapse._role_grants_changed();
 
 -- Gives role exactly what its capabilities in role_grants allow, on every
 -- object of the schema (after revoking what it had): the one place the
@@ -109,7 +68,7 @@ BEGIN
     END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA synapse TO %s', role);
     -- Everyone granted anything reads through row security.
-    functions := ARRAY['synapse._caller()', 'synapse._sees_all()', 'synapse.goal_status(bigint)',
+    functions := ARRAY['synapse._caller()', 'synapse.goal_status(bigint)',
                        'synapse.goal_graph(bigint, text)', 'synapse.validate_blueprint(jsonb)'];
     readable := ARRAY['goals', 'tasks', 'edges', 'signals', 'attempts', 'workers', 'actions', 'role_grants'];
     IF capabilities && ARRAY['submitter', 'admin'] THEN
@@ -224,7 +183,6 @@ END $$;
 -- on everything that exists now.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA synapse FROM PUBLIC;
 SELECT synapse._apply_grants(g.role) FROM (SELECT DISTINCT role FROM synapse.role_grants) AS g;
-SELECT synapse._apply_see_all_policies();
 
 -- A forwarder that started before the extension existed sleeps until now.
 SELECT synapse._wake_forwarder();

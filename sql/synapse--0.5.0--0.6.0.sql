@@ -1,45 +1,86 @@
--- 0.5.0 → 0.6.0: admins and workers read and write without row security's
--- per-statement work: a policy of their own that is simply true, kept in step
--- with their capabilities.
-
--- Admins and workers see every row. The policies above let them too, but
--- at a price in each of their statements (an InitPlan calling _sees_all, a
--- filter per row); a policy of their own that is simply true lets the
--- planner fold the whole test away. A policy names at least one role, so it
--- exists only while a role has one of these capabilities; it changes only
--- when their set does (altering a policy locks its table).
-CREATE FUNCTION synapse._apply_see_all_policies() RETURNS void LANGUAGE plpgsql AS $$
+-- 0.5.0 → 0.6.0: the row security policies test whether the querying role
+-- is an admin or a worker inline, where the planner makes it an InitPlan
+-- run once per statement, instead of calling synapse._sees_all(), a SQL
+-- function that every statement of a worker parsed and planned again.
+DO $$
 DECLARE
-    roles oid[];
-    t text;
-    policy text;
+    sees_all text := $q$EXISTS (SELECT FROM synapse.role_grants AS r
+                                 WHERE r.capability IN ('admin', 'worker') AND pg_catalog.pg_has_role(r.role, 'MEMBER'))$q$;
 BEGIN
-    SELECT coalesce(array_agg(DISTINCT g.role::oid ORDER BY g.role::oid), '{}') INTO roles
-      FROM synapse.role_grants AS g
-     WHERE g.capability IN ('admin', 'worker')
-       AND EXISTS (SELECT FROM pg_catalog.pg_roles AS r WHERE r.oid = g.role);
-    FOREACH t IN ARRAY ARRAY['goals', 'tasks', 'edges', 'signals', 'attempts'] LOOP
-        policy := t || '_of_admins_and_workers';
-        CONTINUE WHEN roles = coalesce((
-            SELECT array(SELECT unnest(p.polroles) ORDER BY 1) FROM pg_catalog.pg_policy AS p
-             WHERE p.polrelid = ('synapse.' || t)::regclass AND p.polname = policy), '{}');
-        EXECUTE format('DROP POLICY IF EXISTS %I ON synapse.%I', policy, t);
-        IF roles <> '{}' THEN
-            EXECUTE format('CREATE POLICY %I ON synapse.%I TO %s USING (true)', policy, t,
-                           (SELECT string_agg(r::regrole::text, ', ') FROM unnest(roles) AS r));
-        END IF;
+    EXECUTE format('ALTER POLICY goals_of_members ON synapse.goals USING (%s OR pg_catalog.pg_has_role(owner, ''MEMBER''))', sees_all);
+    EXECUTE format('ALTER POLICY tasks_of_visible_goals ON synapse.tasks USING (%s OR EXISTS (SELECT FROM synapse.goals AS g WHERE g.id = goal_id))', sees_all);
+    EXECUTE format('ALTER POLICY edges_of_visible_goals ON synapse.edges USING (%s OR EXISTS (SELECT FROM synapse.goals AS g WHERE g.id = goal_id))', sees_all);
+    EXECUTE format('ALTER POLICY signals_of_visible_goals ON synapse.signals USING (%s OR EXISTS (SELECT FROM synapse.goals AS g WHERE g.id = goal_id))', sees_all);
+    EXECUTE format('ALTER POLICY attempts_of_visible_tasks ON synapse.attempts USING (%s OR EXISTS (SELECT FROM synapse.tasks AS t WHERE t.id = task_id))', sees_all);
+END $$;
+
+-- Gives role exactly what its capabilities in role_grants allow, on every
+-- object of the schema (after revoking what it had): the one place the
+-- privileges of each capability are listed.
+CREATE OR REPLACE FUNCTION synapse._apply_grants(role regrole) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    capabilities text[];
+    functions text[] := '{}';
+    readable text[] := '{}';
+    f text;
+    t text;
+    goal_columns text;
+BEGIN
+    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA synapse FROM %s', role);
+    EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA synapse FROM %s', role);
+    EXECUTE format('REVOKE ALL ON SCHEMA synapse FROM %s', role);
+    SELECT array_agg(g.capability) INTO capabilities FROM synapse.role_grants AS g WHERE g.role = _apply_grants.role;
+    IF capabilities IS NULL THEN
+        RETURN;
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA synapse TO %s', role);
+    -- Everyone granted anything reads through row security.
+    functions := ARRAY['synapse._caller()', 'synapse.goal_status(bigint)',
+                       'synapse.goal_graph(bigint, text)', 'synapse.validate_blueprint(jsonb)'];
+    readable := ARRAY['goals', 'tasks', 'edges', 'signals', 'attempts', 'workers', 'actions', 'role_grants'];
+    IF capabilities && ARRAY['submitter', 'admin'] THEN
+        functions := functions || ARRAY[
+            'synapse.submit_goal(text, jsonb, text, text)', 'synapse.submit_plan(jsonb, jsonb, text)',
+            'synapse.plan_preview(text, jsonb, text)', 'synapse.cancel_goal(bigint)',
+            'synapse.signal(bigint, text, jsonb)', 'synapse.retry_goal(bigint, text[])',
+            -- A sql step of theirs leaves their identity with it, given the
+            -- worker's token (see step_role.rs).
+            'synapse._leave_step(text)'];
+    END IF;
+    IF 'worker' = ANY (capabilities) THEN
+        -- Planning, claiming, recording, registering actions: the state
+        -- machine's triggers check every change it makes.
+        functions := functions || ARRAY[
+            'synapse._restoring()', 'synapse._install_plan(bigint, jsonb, text, jsonb)',
+            'synapse._start_child(bigint, integer, text, text, jsonb, jsonb)', 'synapse._start_maps(bigint[])',
+            'synapse._start_waits(jsonb)', 'synapse._enter_step(bigint, integer)', 'synapse._leave_step(text)'];
+        readable := readable || ARRAY['templates'];
+        SELECT string_agg(quote_ident(a.attname), ', ') INTO goal_columns
+          FROM pg_catalog.pg_attribute AS a
+         WHERE a.attrelid = 'synapse.goals'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+           AND a.attname NOT IN ('id', 'owner');
+        EXECUTE format('GRANT UPDATE (%s) ON synapse.goals TO %s', goal_columns, role);
+        EXECUTE format('GRANT UPDATE ON synapse.tasks, synapse.edges TO %s', role);
+        EXECUTE format('GRANT INSERT ON synapse.attempts TO %s', role);
+        EXECUTE format('GRANT INSERT, UPDATE, DELETE ON synapse.workers TO %s', role);
+        EXECUTE format('GRANT INSERT, UPDATE ON synapse.actions TO %s', role);
+    END IF;
+    IF 'admin' = ANY (capabilities) THEN
+        functions := functions || ARRAY[
+            'synapse.add_template(text, text, jsonb, text, integer)',
+            'synapse.schedule(text, text, text, jsonb, text, text)', 'synapse.unschedule(text)',
+            'synapse.forwarder_status()', 'synapse.replay_parked_events()', 'synapse._wake_forwarder()',
+            'synapse.grant_submitter(regrole)', 'synapse.grant_worker(regrole)', 'synapse.grant_admin(regrole)',
+            'synapse.revoke_submitter(regrole)', 'synapse.revoke_worker(regrole)', 'synapse.revoke_admin(regrole)'];
+        SELECT array_agg(c.relname::text) INTO readable FROM pg_catalog.pg_class AS c
+         WHERE c.relnamespace = 'synapse'::regnamespace AND c.relkind IN ('r', 'p', 'v');
+    END IF;
+    FOREACH f IN ARRAY functions LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, role);
+    END LOOP;
+    FOREACH t IN ARRAY readable LOOP
+        EXECUTE format('GRANT SELECT ON synapse.%I TO %s', t, role);
     END LOOP;
 END $$;
 
--- Whatever changes the capabilities (grant_*, revoke_*, and a restore's COPY
--- of role_grants, which pg_dump dumps without the policies) keeps them in step.
-CREATE FUNCTION synapse._role_grants_changed() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM synapse._apply_see_all_policies();
-    RETURN NULL;
-END $$;
-CREATE TRIGGER role_grants_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON synapse.role_grants
-    FOR EACH STATEMENT EXECUTE FUNCTION synapse._role_grants_changed();
-
-REVOKE ALL ON FUNCTION synapse._apply_see_all_policies(), synapse._role_grants_changed() FROM PUBLIC;
-SELECT synapse._apply_see_all_policies();
+DROP FUNCTION synapse._sees_all();

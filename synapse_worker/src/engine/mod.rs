@@ -360,13 +360,19 @@ pub async fn steps_ended_in_locked_goals(
         .into_iter()
         .filter(|goal_id| goals.contains_key(goal_id))
         .collect();
+    let mut carrying_on = Vec::new();
     for goal_id in &running {
         let (goal, seeds) = &mut goals
             .get_mut(goal_id)
             .expect("filtered to the goals of ends");
-        queued.extend(propagate(tx, *goal_id, goal, std::mem::take(seeds)).await?);
+        let queued_here = propagate(tx, *goal_id, goal, std::mem::take(seeds)).await?;
+        if !queued_here.is_empty() {
+            carrying_on.push(*goal_id);
+        }
+        queued.extend(queued_here);
     }
-    finish_goals_with_nothing_left(tx, &running, |goal_id| &goals[&goal_id].0).await?;
+    let may_have_ended = may_have_ended(&running, &carrying_on);
+    finish_goals_with_nothing_left(tx, &may_have_ended, |goal_id| &goals[&goal_id].0).await?;
     Ok(queued)
 }
 
@@ -399,11 +405,25 @@ pub async fn resume(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<Queued
 }
 
 /// Finishes those of the `running` goals (locked) whose steps have all ended.
+/// The goals of `running` that may have nothing left to run: not those a
+/// task was just queued for (`carrying_on`), which is still to run. A chain
+/// step then skips the look at its goal's tasks.
+fn may_have_ended(running: &[i64], carrying_on: &[i64]) -> Vec<i64> {
+    running
+        .iter()
+        .copied()
+        .filter(|goal_id| !carrying_on.contains(goal_id))
+        .collect()
+}
+
 async fn finish_goals_with_nothing_left<'g>(
     tx: &Transaction<'_>,
     running: &[i64],
     goal_of: impl Fn(i64) -> &'g GoalVariables,
 ) -> Result<(), StoreError> {
+    if running.is_empty() {
+        return Ok(());
+    }
     let endings = store::goal_endings(tx, running).await?;
     if endings.is_empty() {
         return Ok(());
@@ -657,6 +677,13 @@ pub fn goal_value(id: i64, text: &str, input: Value, params: Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_goal_a_task_was_just_queued_for_is_not_looked_at_for_its_end() {
+        assert_eq!(may_have_ended(&[1, 2, 3], &[2]), vec![1, 3]);
+        assert_eq!(may_have_ended(&[1, 2], &[1, 2]), Vec::<i64>::new());
+        assert_eq!(may_have_ended(&[4], &[]), vec![4]);
+    }
 
     fn ended(outcome: Outcome, result: Value) -> EndedStep {
         EndedStep {

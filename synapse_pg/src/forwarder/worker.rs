@@ -1,6 +1,8 @@
 //! The forwarder's main loop.
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -542,16 +544,20 @@ struct Batch {
     outbox: pg_sys::Oid,
 }
 
+/// A `task.queued` event whose task is no longer queued dispatches nothing
+/// (it still reaches the stream): its message would only cost a claim that
+/// finds nothing. That is the rule for a successor a worker claimed in the
+/// transaction that queued it (local continuation).
 fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Batch, Failure> {
     Spi::connect(|client| {
         // One row at least: the snapshot's xmin comes with the events.
         let read = prepared(
             client,
             "SELECT o.id, o.dispatch, o.payload, o.streamed, o.event, o.due_in,
-                    pg_snapshot_xmin(pg_current_snapshot())::text, 'synapse.outbox'::regclass::oid
+                    pg_snapshot_xmin(pg_current_snapshot())::text, 'synapse.outbox'::regclass::oid, o.task_id
                FROM (SELECT) AS one
                LEFT JOIN LATERAL (
-                    SELECT id, dispatch, payload, streamed, event,
+                    SELECT id, dispatch, payload, streamed, event, task_id,
                            extract(epoch FROM due_at - clock_timestamp())::float8 AS due_in
                       FROM synapse.outbox
                      WHERE id > $2 AND (retry_at IS NULL OR retry_at <= clock_timestamp())
@@ -560,6 +566,7 @@ fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Bat
             &[oid(PgBuiltInOids::INT8OID), oid(PgBuiltInOids::INT8OID)],
         )?;
         let rows = client.select(&*read, None, &[BATCH_SIZE.into(), floor.into()])?;
+        let mut to_check = Vec::new();
         let mut batch = Batch {
             ids: Vec::with_capacity(rows.len()),
             events: Vec::with_capacity(rows.len()),
@@ -591,6 +598,11 @@ fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Bat
             }
             if dispatch.is_some() {
                 batch.due.sweep = earliest(batch.due.sweep, Some(sweep));
+                if event == "task.queued" {
+                    if let Some(task_id) = row.get::<i64>(9)? {
+                        to_check.push((batch.events.len(), task_id));
+                    }
+                }
             }
             batch.ids.push(id);
             batch.events.push(Event {
@@ -599,8 +611,30 @@ fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Bat
                 streamed: row.get::<bool>(4)?.unwrap_or(false),
             });
         }
+        if !to_check.is_empty() {
+            let queued = still_queued(client, to_check.iter().map(|(_, task)| *task).collect())?;
+            for (index, task_id) in to_check {
+                if !queued.contains(&task_id) {
+                    batch.events[index].dispatch = None;
+                }
+            }
+        }
         Ok(batch)
     })
+}
+
+/// Which of `tasks` are still queued, in the read's snapshot.
+fn still_queued(client: &SpiClient<'_>, tasks: Vec<i64>) -> Result<HashSet<i64>, Failure> {
+    let statement = prepared(
+        client,
+        "SELECT id FROM synapse.tasks WHERE id = ANY($1) AND status = 'queued'",
+        &[oid(PgBuiltInOids::INT8ARRAYOID)],
+    )?;
+    let mut queued = HashSet::new();
+    for row in client.select(&*statement, None, &[tasks.into()])? {
+        queued.extend(row.get::<i64>(1)?);
+    }
+    Ok(queued)
 }
 
 impl From<&str> for Failure {

@@ -632,7 +632,7 @@ fn row_security_calls_no_function_of_its_own_in_a_workers_statements() {
     submit_plan(&mut admin, WAITING);
     let mut alice = stack.pg_as("alice");
     submit_plan(&mut alice, WAITING);
-    for (role, tasks) in [(synapse_e2e::WORKER_ROLE, 4), ("boss", 4), ("alice", 2)] {
+    for role in [synapse_e2e::WORKER_ROLE, "boss", "alice"] {
         let mut client = stack.pg_as(role);
         for table in ["goals", "tasks", "edges", "attempts", "signals"] {
             let seen = one_i64(
@@ -642,7 +642,7 @@ fn row_security_calls_no_function_of_its_own_in_a_workers_statements() {
             let all = one_i64(&mut admin, &format!("SELECT count(*) FROM synapse.{table}"));
             let expected = match (role, table) {
                 ("alice", "goals") => 1,
-                ("alice", "tasks") => tasks,
+                ("alice", "tasks") => 2,
                 ("alice", "edges") => all / 2,
                 (_, _) => all,
             };

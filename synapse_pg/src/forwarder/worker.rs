@@ -168,7 +168,7 @@ fn next_redrain(
 /// A latch wait of `sleep`, rounded up to whole milliseconds: the wait counts
 /// in them, and waking a fraction early would find the deadline not yet due.
 fn latch_timeout(sleep: Option<Duration>) -> Option<Duration> {
-    sleep.map(|sleep| Duration::from_millis(sleep.as_micros().div_ceil(1000) as u64))
+    sleep.map(|sleep| Duration::from_millis(sleep.as_nanos().div_ceil(1_000_000) as u64))
 }
 
 fn seconds(value: f64) -> Duration {

@@ -1,5 +1,5 @@
 -- Events: every goal and task state change writes one outbox row in the same
--- transaction (and, with synapse.notify on, a NOTIFY). Row triggers enforce
+-- transaction (the forwarder also NOTIFYs it, with synapse.notify on). Row triggers enforce
 -- the state machines and keep the timestamps consistent; statement triggers
 -- record the events of a whole statement with one INSERT.
 
@@ -27,6 +27,12 @@ COMMENT ON COLUMN synapse.outbox.streamed IS 'The event is already in the {prefi
 COMMENT ON COLUMN synapse.outbox.retry_at IS 'After a refusal: not sent again before this time.';
 COMMENT ON COLUMN synapse.outbox.error IS 'The last refusal.';
 CREATE INDEX outbox_retry ON synapse.outbox (retry_at) WHERE retry_at IS NOT NULL;
+
+-- NOTIFY is sent by the forwarder, from its own transaction, as it reads the
+-- event: a writer's commit never takes the database-wide lock a NOTIFY holds
+-- until its commit is flushed, which made every writer wait its turn.
+ALTER TABLE synapse.outbox ADD COLUMN notify boolean NOT NULL DEFAULT false;
+COMMENT ON COLUMN synapse.outbox.notify IS 'The writing session had synapse.notify on: the forwarder still owes a pg_notify(''synapse_events'', payload).';
 
 -- Why a failed task failed: its action failed ('action'), or one of its
 -- expressions (or the condition of an edge into it) could not be evaluated
@@ -74,9 +80,9 @@ RETURNS synapse._event LANGUAGE sql STABLE AS $$
                NULL)::synapse._event;
 $$;
 
--- Records events in order: one INSERT for all their outbox rows, and with
--- synapse.notify on, a NOTIFY each. Nothing at all for no events: even an
--- INSERT of no rows would wake the forwarder.
+-- Records events in order: one INSERT for all their outbox rows, marked to be
+-- NOTIFYed by the forwarder when this session has synapse.notify on. Nothing
+-- at all for no events: even an INSERT of no rows would wake the forwarder.
 --
 -- synapse.observe leaves out the events nobody has to act on: 'goals' keeps
 -- goal events and those that dispatch work, 'dispatch' only the latter. The
@@ -104,15 +110,11 @@ BEGIN
     END IF;
     IF coalesce(cardinality(events), 0) > 0 THEN
         PERFORM pg_current_xact_id();
-        INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload, due_at)
-        SELECT e.event, e.goal_id, e.task_id, e.dispatch, e.payload, e.due_at
+        INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload, due_at, notify)
+        SELECT e.event, e.goal_id, e.task_id, e.dispatch, e.payload, e.due_at,
+               current_setting('synapse.notify', true) IS DISTINCT FROM 'off'
           FROM unnest(events) WITH ORDINALITY AS e(event, goal_id, task_id, dispatch, payload, due_at, n)
          ORDER BY e.n;
-        IF current_setting('synapse.notify', true) IS DISTINCT FROM 'off' THEN
-            PERFORM pg_notify('synapse_events', e.payload)
-               FROM unnest(events) WITH ORDINALITY AS e(event, goal_id, task_id, dispatch, payload, due_at, n)
-              ORDER BY e.n;
-        END IF;
     END IF;
     RETURN coalesce(cardinality(events), 0);
 END $$;

@@ -135,6 +135,8 @@ fn a_listener_sees_each_event_as_a_notification() {
 #[test]
 fn events_wait_while_redis_is_down_and_all_arrive_once_it_is_back() {
     let stack = Stack::start("redis-down", &[]);
+    let mut listener = stack.pg();
+    listener.batch_execute("LISTEN synapse_events").unwrap();
     let mut client = stack.pg();
     stack.stop_redis();
 
@@ -151,6 +153,9 @@ fn events_wait_while_redis_is_down_and_all_arrive_once_it_is_back() {
         (status["redis_connected"] == false && status["last_error"].is_string()).then_some(status)
     });
     assert_eq!(status["pending"], 50, "{status}");
+    // Listeners hear of every event while Redis is down, in order.
+    let notified = notified_goals(&mut listener, expected.len());
+    assert_eq!(notified, expected.iter().copied().collect::<Vec<_>>());
     let error = status["last_error"].as_str().unwrap();
     assert!(error.starts_with("redis"), "{error}");
     assert!(
@@ -174,6 +179,25 @@ fn events_wait_while_redis_is_down_and_all_arrive_once_it_is_back() {
         (status["redis_connected"] == true && status["pending"] == 0).then_some(status)
     });
     assert!(status["last_error"].is_null(), "{status}");
+    // Delivering them to Redis NOTIFYs none of them again.
+    let last: i64 = client
+        .query_one("SELECT synapse.submit_goal('after')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(notified_goals(&mut listener, 1), vec![last]);
+}
+
+/// The goal ids of the next `count` notifications (waiting for each).
+fn notified_goals(listener: &mut postgres::Client, count: usize) -> Vec<i64> {
+    let mut notifications = listener.notifications();
+    let mut waiting = notifications.timeout_iter(WAIT);
+    (0..count)
+        .map(|_| {
+            let note = waiting.next().unwrap().expect("a notification");
+            let event: serde_json::Value = serde_json::from_str(note.payload()).unwrap();
+            event["goal_id"].as_i64().unwrap()
+        })
+        .collect()
 }
 
 #[test]

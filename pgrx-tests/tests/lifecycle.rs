@@ -38,8 +38,15 @@ fn use_the_api(client: &mut postgres::Client) -> i64 {
 fn without_the_preload_the_api_works_and_events_wait_for_the_forwarder() {
     // CREATE EXTENSION itself runs in a session that loads the library late.
     let mut stack = Stack::start_without_preload("no-preload");
+    let mut listener = stack.pg();
+    listener.batch_execute("LISTEN synapse_events").unwrap();
     let mut client = stack.pg();
     let goal = use_the_api(&mut client);
+    // Writers never NOTIFY themselves (the forwarder does): what they
+    // committed has reached the listener's session by the end of its next
+    // statement, and there is nothing.
+    listener.batch_execute("SELECT 1").unwrap();
+    assert_eq!(listener.notifications().len(), 0);
     let status = stack.forwarder_status(&mut client);
     assert_eq!(status["running"], false, "{status}");
     assert!(

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 use std::time::Duration;
 
 mod floor;
+mod notify;
 mod redis_sink;
 mod transaction;
 mod worker;

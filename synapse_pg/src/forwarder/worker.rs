@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::floor::ReadFloor;
+use super::notify;
 use super::redis_sink::{Delivery, Event, RedisSink, Target};
 use super::transaction;
 use super::{set_timers_next, take_announced_deadline, update_state, LATCH_OWNER};
@@ -124,6 +125,12 @@ struct Forwarder {
     /// Where reads of the outbox start, and which outbox that is.
     floor: ReadFloor,
     outbox: pg_sys::Oid,
+    /// Where the NOTIFY passes run while Redis is down start (at the drain's
+    /// floor when that is higher), and whether Redis is what fails now.
+    notify_floor: ReadFloor,
+    redis_failing: bool,
+    /// The last error of a NOTIFY pass that was logged.
+    logged_notify_error: Option<String>,
     /// After a failure: when to try again, the pause after that, and the
     /// error last logged (each new error is logged once).
     retry_at: Option<Instant>,
@@ -183,6 +190,9 @@ impl Forwarder {
             installed: false,
             floor: ReadFloor::default(),
             outbox: pg_sys::Oid::INVALID,
+            notify_floor: ReadFloor::default(),
+            redis_failing: false,
+            logged_notify_error: None,
             retry_at: None,
             backoff: BACKOFF_MIN,
             logged_error: None,
@@ -240,7 +250,11 @@ impl Forwarder {
         let now = Instant::now();
         if let Some(retry_at) = self.retry_at {
             if now < retry_at {
-                // Commits keep waking us while something fails; keep the pace.
+                // Commits keep waking us while something fails; keep the pace
+                // (but listeners hear of what they committed).
+                if self.redis_failing {
+                    self.notify_waiting();
+                }
                 return Some(retry_at - now);
             }
         }
@@ -249,6 +263,7 @@ impl Forwarder {
                 if self.retry_at.take().is_some() {
                     log!("synapse forwarder: working again");
                 }
+                self.redis_failing = false;
                 self.backoff = BACKOFF_MIN;
                 self.logged_error = None;
                 let now = Instant::now();
@@ -279,6 +294,10 @@ impl Forwarder {
                     }
                     state.set_last_error(Some(&error));
                 });
+                self.redis_failing = redis;
+                if redis {
+                    self.notify_waiting();
+                }
                 let pause = self.backoff;
                 self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
                 self.retry_at = Some(Instant::now() + pause);
@@ -298,6 +317,7 @@ impl Forwarder {
             })?;
             // The outbox may be a new one: read it from its start.
             self.floor.reset();
+            self.notify_floor.reset();
             if !self.installed {
                 // CREATE EXTENSION wakes us when it is done.
                 self.timers_due = None;
@@ -362,6 +382,9 @@ impl Forwarder {
                 .send(&gucs::key_prefix(), &batch.events)
                 .map_err(Failure::Redis)?;
             let recorded = record_deliveries(&batch.ids, &deliveries)?;
+            // Every event of the batch was deleted, set aside or marked for a
+            // retry (its NOTIFY mark cleared) by now.
+            notify::send(std::mem::take(&mut batch.notify))?;
             batch.due.redrain = earliest(batch.due.redrain, recorded.retry);
             let acknowledged = recorded.acknowledged;
             let now = unsafe { pg_sys::GetCurrentTimestamp() };
@@ -389,6 +412,7 @@ impl Forwarder {
         let reread = new_outbox && self.floor.floor() > 0;
         if reread {
             self.floor.reset();
+            self.notify_floor.reset();
         }
         // Committed: the floor may rise (see floor.rs).
         if let Some(lowest) = refused {
@@ -414,6 +438,39 @@ impl Forwarder {
             due.redrain.map(|d| now + d),
         );
         Ok(if reread { Drain::More } else { drain })
+    }
+
+    /// While Redis is down no drain deletes events, and so none sends their
+    /// NOTIFYs: passes of their own do, from the floors up.
+    fn notify_waiting(&mut self) {
+        loop {
+            let floor = self.floor.floor().max(self.notify_floor.floor());
+            let pass = transaction::run(|| {
+                // Losing this commit in a crash only NOTIFYs them again.
+                transaction::set_local(c"synchronous_commit", c"off");
+                transaction::set_local(c"enable_seqscan", c"off");
+                notify::notify_waiting(floor, BATCH_SIZE)
+            });
+            match pass {
+                Ok(pass) => {
+                    self.logged_notify_error = None;
+                    if let Some((max, xid)) = pass.sent {
+                        self.notify_floor.forwarded(max, xid);
+                    }
+                    if pass.complete || shutdown_requested() {
+                        self.notify_floor.read_everything(pass.snapshot_xmin);
+                        return;
+                    }
+                }
+                Err(error) => {
+                    if self.logged_notify_error.as_ref() != Some(&error) {
+                        warning!("synapse forwarder: NOTIFY while Redis is down: {error}");
+                        self.logged_notify_error = Some(error);
+                    }
+                    return;
+                }
+            }
+        }
     }
 
     /// Runs the timers if they are due.
@@ -537,6 +594,8 @@ struct Due {
 struct Batch {
     ids: Vec<i64>,
     events: Vec<Event>,
+    /// The payloads of the events that owe a NOTIFY, in order.
+    notify: Vec<String>,
     due: Due,
     /// The xmin of the read's snapshot.
     snapshot_xmin: u64,
@@ -554,10 +613,11 @@ fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Bat
         let read = prepared(
             client,
             "SELECT o.id, o.dispatch, o.payload, o.streamed, o.event, o.due_in,
-                    pg_snapshot_xmin(pg_current_snapshot())::text, 'synapse.outbox'::regclass::oid, o.task_id
+                    pg_snapshot_xmin(pg_current_snapshot())::text, 'synapse.outbox'::regclass::oid, o.task_id,
+                    o.notify
                FROM (SELECT) AS one
                LEFT JOIN LATERAL (
-                    SELECT id, dispatch, payload, streamed, event, task_id,
+                    SELECT id, dispatch, payload, streamed, event, task_id, notify,
                            extract(epoch FROM due_at - clock_timestamp())::float8 AS due_in
                       FROM synapse.outbox
                      WHERE id > $2 AND (retry_at IS NULL OR retry_at <= clock_timestamp())
@@ -570,6 +630,7 @@ fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Bat
         let mut batch = Batch {
             ids: Vec::with_capacity(rows.len()),
             events: Vec::with_capacity(rows.len()),
+            notify: Vec::new(),
             due: Due::default(),
             snapshot_xmin: 0,
             outbox: pg_sys::Oid::INVALID,
@@ -604,10 +665,14 @@ fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Bat
                     }
                 }
             }
+            let payload = row.get::<String>(3)?.unwrap_or_default();
+            if row.get::<bool>(10)?.unwrap_or(false) {
+                batch.notify.push(payload.clone());
+            }
             batch.ids.push(id);
             batch.events.push(Event {
                 dispatch,
-                payload: row.get::<String>(3)?.unwrap_or_default(),
+                payload,
                 streamed: row.get::<bool>(4)?.unwrap_or(false),
             });
         }
@@ -691,7 +756,7 @@ fn record_deliveries(ids: &[i64], deliveries: &[Delivery]) -> Result<Recorded, F
         let retry_in = Spi::get_one_with_args::<f64>(
             "WITH refused AS (
                  UPDATE synapse.outbox o
-                    SET failures = o.failures + 1, error = r.error, streamed = r.streamed,
+                    SET failures = o.failures + 1, error = r.error, streamed = r.streamed, notify = false,
                         dispatch = CASE WHEN r.dispatched THEN NULL ELSE o.dispatch END,
                         retry_at = clock_timestamp() + least(interval '200 ms' * power(2, o.failures),
                                                              interval '30 s')

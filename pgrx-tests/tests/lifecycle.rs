@@ -38,6 +38,7 @@ fn use_the_api(client: &mut postgres::Client) -> i64 {
 fn without_the_preload_the_api_works_and_events_wait_for_the_forwarder() {
     // CREATE EXTENSION itself runs in a session that loads the library late.
     let mut stack = Stack::start_without_preload("no-preload");
+    assert!(!plpgsql_loaded_at_connect(&stack));
     let mut listener = stack.pg();
     listener.batch_execute("LISTEN synapse_events").unwrap();
     let mut client = stack.pg();
@@ -59,8 +60,10 @@ fn without_the_preload_the_api_works_and_events_wait_for_the_forwarder() {
     let pending = status["pending"].as_i64().unwrap();
     assert!(pending >= 3, "{status}");
 
-    // With the preload, the waiting events go out.
+    // With the preload, the waiting events go out, and sessions start with
+    // plpgsql (which every change runs) already loaded.
     stack.restart_postgres_with(&[]);
+    assert!(plpgsql_loaded_at_connect(&stack));
     let mut redis = stack.redis();
     let payload = brpop(&mut redis, "synapse:queue:default", WAIT).expect("the waiting dispatch");
     assert!(
@@ -73,6 +76,19 @@ fn without_the_preload_the_api_works_and_events_wait_for_the_forwarder() {
     let mut client = stack.pg();
     use_the_api(&mut client);
     assert_eq!(stack.forwarder_status(&mut client)["running"], false);
+}
+
+/// Whether a new session finds plpgsql loaded before it ran any (its
+/// settings exist only once the library is loaded).
+fn plpgsql_loaded_at_connect(stack: &Stack) -> bool {
+    stack
+        .pg()
+        .query_one(
+            "SELECT current_setting('plpgsql.variable_conflict', true) IS NOT NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0)
 }
 
 #[test]

@@ -493,16 +493,6 @@ pub async fn record_outcomes(
                     CASE WHEN t.map_index IS NULL THEN g.goal END AS goal,
                     CASE WHEN t.map_index IS NULL THEN g.input END AS input,
                     CASE WHEN t.map_index IS NULL THEN g.params END AS params,
-                    -- An instance's end resolves no edge: its map step's does, once.
-                    CASE WHEN t.map_index IS NULL THEN
-                    (SELECT array_agg(e.to_step ORDER BY e.position) FROM synapse.edges e
-                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending') END AS to_steps,
-                    CASE WHEN t.map_index IS NULL THEN
-                    (SELECT array_agg(e.when_expr ORDER BY e.position) FROM synapse.edges e
-                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending') END AS whens,
-                    CASE WHEN t.map_index IS NULL THEN
-                    (SELECT array_agg(e.on_outcome ORDER BY e.position) FROM synapse.edges e
-                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending') END AS ons,
                     r.status, r.error, r.worker, t.started_at, t.goal_id, t.step, t.map_index),
              -- Each instance that ended counts on its map step, in this statement
              -- (the goal lock orders the counts); the engine decides the step.
@@ -518,7 +508,17 @@ pub async fn record_outcomes(
                  INSERT INTO synapse.attempts (task_id, attempt, worker, started_at, error)
                  SELECT id, attempt, worker, started_at, error FROM recorded
                   WHERE status IN ('retrying', 'failed'))
-             SELECT id, attempt, goal, input, params, to_steps, whens, ons, map_index FROM recorded",
+             SELECT r.id, r.attempt, r.goal, r.input, r.params, o.to_steps, o.whens, o.ons, r.map_index
+               FROM recorded r
+               -- The step's pending outbound edges, in one look. An instance's end
+               -- resolves no edge: its map step's does, once.
+               LEFT JOIN LATERAL (
+                    SELECT array_agg(e.to_step ORDER BY e.position) AS to_steps,
+                           array_agg(e.when_expr ORDER BY e.position) AS whens,
+                           array_agg(e.on_outcome ORDER BY e.position) AS ons
+                      FROM synapse.edges e
+                     WHERE r.map_index IS NULL AND e.goal_id = r.goal_id AND e.from_step = r.step
+                       AND e.state = 'pending') o ON true",
         )
         .await?;
     let rows = tx

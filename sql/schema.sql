@@ -13,6 +13,28 @@ CREATE FUNCTION synapse._caller() RETURNS regrole LANGUAGE sql STABLE AS $$
     SELECT CASE current_setting('role') WHEN 'none' THEN session_user ELSE current_setting('role') END::regrole
 $$;
 
+-- The states and the counters are domains, not column checks: Postgres reads
+-- a table's check constraints again at every INSERT or UPDATE statement
+-- (every SPI call of submit_plan), while a domain's check is kept with the
+-- type, read once per session. The checks that tie columns together stay on
+-- the tables.
+CREATE DOMAIN synapse.goal_state AS text
+    CHECK (VALUE IN ('submitted', 'planning', 'running', 'succeeded', 'failed', 'cancelled'));
+CREATE DOMAIN synapse.task_state AS text
+    CHECK (VALUE IN ('pending', 'queued', 'running', 'retrying', 'waiting', 'succeeded', 'failed', 'skipped', 'cancelled'));
+CREATE DOMAIN synapse.edge_on AS text CHECK (VALUE IN ('success', 'failure', 'always'));
+CREATE DOMAIN synapse.edge_state AS text CHECK (VALUE IN ('pending', 'taken', 'not_taken', 'error'));
+CREATE DOMAIN synapse.non_negative AS integer CHECK (VALUE >= 0);
+CREATE DOMAIN synapse.positive AS integer CHECK (VALUE >= 1);
+CREATE DOMAIN synapse.positive_ms AS bigint CHECK (VALUE > 0);
+COMMENT ON DOMAIN synapse.goal_state IS 'A goal''s state (see synapse.goals.status).';
+COMMENT ON DOMAIN synapse.task_state IS 'A task''s state (see synapse.tasks.status).';
+COMMENT ON DOMAIN synapse.edge_on IS 'The outcomes an edge follows.';
+COMMENT ON DOMAIN synapse.edge_state IS 'How an edge resolved.';
+COMMENT ON DOMAIN synapse.non_negative IS 'A count or index, 0 or more.';
+COMMENT ON DOMAIN synapse.positive IS 'A number from 1.';
+COMMENT ON DOMAIN synapse.positive_ms IS 'A duration in milliseconds, more than 0.';
+
 CREATE TABLE synapse.goals (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     goal            text        NOT NULL CHECK (length(goal) BETWEEN 1 AND 10000),
@@ -21,12 +43,11 @@ CREATE TABLE synapse.goals (
     planner         text,
     template        text,
     blueprint       jsonb,
-    status          text        NOT NULL DEFAULT 'submitted'
-                    CHECK (status IN ('submitted', 'planning', 'running', 'succeeded', 'failed', 'cancelled')),
+    status          synapse.goal_state NOT NULL DEFAULT 'submitted',
     error           text,
     result          jsonb,
     idempotency_key text,
-    plan_attempts   integer     NOT NULL DEFAULT 0 CHECK (plan_attempts >= 0),
+    plan_attempts   synapse.non_negative NOT NULL DEFAULT 0,
     created_at      timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
     finished_at     timestamptz,
@@ -35,7 +56,7 @@ CREATE TABLE synapse.goals (
     CHECK (status <> 'failed' OR error IS NOT NULL),
     parent_goal_id  bigint      REFERENCES synapse.goals (id) ON DELETE CASCADE,
     parent_task_id  bigint,
-    depth           integer     NOT NULL DEFAULT 0 CHECK (depth >= 0),
+    depth           synapse.non_negative NOT NULL DEFAULT 0,
     CONSTRAINT goals_parent_check CHECK ((parent_goal_id IS NULL) = (parent_task_id IS NULL)),
     owner           regrole     NOT NULL DEFAULT synapse._caller(),
     CONSTRAINT goals_owner_idempotency_key_key UNIQUE (owner, idempotency_key)
@@ -73,11 +94,10 @@ CREATE TABLE synapse.tasks (
     queue            text        NOT NULL DEFAULT 'default',
     join_mode        text        NOT NULL DEFAULT 'any' CHECK (join_mode ~ '^(any|all|first|[1-9][0-9]{0,4})$'),
     max_attempts     integer     NOT NULL DEFAULT 1 CHECK (max_attempts BETWEEN 1 AND 101),
-    backoff_ms       bigint      NOT NULL DEFAULT 1000 CHECK (backoff_ms > 0),
-    timeout_ms       bigint      NOT NULL DEFAULT 300000 CHECK (timeout_ms > 0),
-    status           text        NOT NULL DEFAULT 'pending'
-                     CHECK (status IN ('pending', 'queued', 'running', 'retrying', 'waiting', 'succeeded', 'failed', 'skipped', 'cancelled')),
-    attempts         integer     NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    backoff_ms       synapse.positive_ms NOT NULL DEFAULT 1000,
+    timeout_ms       synapse.positive_ms NOT NULL DEFAULT 300000,
+    status           synapse.task_state NOT NULL DEFAULT 'pending',
+    attempts         synapse.non_negative NOT NULL DEFAULT 0,
     run_at           timestamptz,
     queued_at        timestamptz,
     lease_expires_at timestamptz,
@@ -86,21 +106,21 @@ CREATE TABLE synapse.tasks (
     error            text,
     started_at       timestamptz,
     finished_at      timestamptz,
-    pending_inbound  integer     NOT NULL DEFAULT 0 CHECK (pending_inbound >= 0),
+    pending_inbound  synapse.non_negative NOT NULL DEFAULT 0,
     cancel_others    boolean     NOT NULL DEFAULT false,
     for_each_expr    text,
-    max_parallel     integer     CHECK (max_parallel >= 1),
-    tolerate         integer     NOT NULL DEFAULT 0 CHECK (tolerate >= 0),
-    map_size         integer     CHECK (map_size >= 0),
-    map_next         integer     CHECK (map_next >= 0),
-    map_ended        integer     CHECK (map_ended >= 0),
-    map_failed       integer     CHECK (map_failed >= 0),
-    map_index        integer     CHECK (map_index >= 0),
+    max_parallel     synapse.positive,
+    tolerate         synapse.non_negative NOT NULL DEFAULT 0,
+    map_size         synapse.non_negative,
+    map_next         synapse.non_negative,
+    map_ended        synapse.non_negative,
+    map_failed       synapse.non_negative,
+    map_index        synapse.non_negative,
     map_item         jsonb,
     until_expr       text,
     max_iterations   integer     CHECK (max_iterations BETWEEN 1 AND 1000),
-    iteration        integer     CHECK (iteration >= 1),
-    attempts_before  integer     NOT NULL DEFAULT 0 CHECK (attempts_before >= 0),
+    iteration        synapse.positive,
+    attempts_before  synapse.non_negative NOT NULL DEFAULT 0,
     child_goal_id    bigint,
     CHECK (step ~ '^[a-z][a-z0-9_]{0,62}$'),
     CHECK (status <> 'retrying' OR run_at IS NOT NULL),
@@ -163,8 +183,8 @@ CREATE TABLE synapse.edges (
     from_step   text        NOT NULL,
     to_step     text        NOT NULL,
     when_expr   text,
-    on_outcome  text        NOT NULL DEFAULT 'success' CHECK (on_outcome IN ('success', 'failure', 'always')),
-    state       text        NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'taken', 'not_taken', 'error')),
+    on_outcome  synapse.edge_on NOT NULL DEFAULT 'success',
+    state       synapse.edge_state NOT NULL DEFAULT 'pending',
     error       text,
     resolved_at timestamptz,
     PRIMARY KEY (goal_id, from_step, to_step),

@@ -515,7 +515,7 @@ pub async fn record_outcomes(
                LEFT JOIN LATERAL (
                     SELECT array_agg(e.to_step ORDER BY e.position) AS to_steps,
                            array_agg(e.when_expr ORDER BY e.position) AS whens,
-                           array_agg(e.on_outcome ORDER BY e.position) AS ons
+                           array_agg(e.on_outcome::text ORDER BY e.position) AS ons
                       FROM synapse.edges e
                      WHERE r.map_index IS NULL AND e.goal_id = r.goal_id AND e.from_step = r.step
                        AND e.state = 'pending') o ON true",
@@ -648,7 +648,7 @@ pub async fn ended_without_a_worker(
                       WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending'),
                     (SELECT array_agg(e.when_expr ORDER BY e.position) FROM synapse.edges e
                       WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending'),
-                    (SELECT array_agg(e.on_outcome ORDER BY e.position) FROM synapse.edges e
+                    (SELECT array_agg(e.on_outcome::text ORDER BY e.position) FROM synapse.edges e
                       WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending'),
                     t.status = 'succeeded', coalesce(t.result, 'null'::jsonb), t.map_index
                FROM synapse.tasks t JOIN synapse.goals g ON g.id = t.goal_id
@@ -732,7 +732,7 @@ pub async fn outbound_edges(
     let statement = tx
         .prepare_cached(
             "SELECT array_agg(to_step ORDER BY position), array_agg(when_expr ORDER BY position),
-                    array_agg(on_outcome ORDER BY position)
+                    array_agg(on_outcome::text ORDER BY position)
                FROM synapse.edges
               WHERE goal_id = $1 AND from_step = $2 AND state = 'pending'",
         )
@@ -885,7 +885,7 @@ pub async fn ready_tasks(
                     LIMIT 1) t
              CROSS JOIN LATERAL (
                    SELECT coalesce(array_agg(e.from_step ORDER BY e.position), '{}') AS from_steps,
-                          coalesce(array_agg(e.state ORDER BY e.position), '{}') AS states,
+                          coalesce(array_agg(e.state::text ORDER BY e.position), '{}') AS states,
                           coalesce(jsonb_object_agg(e.from_step,
                                        (SELECT coalesce(p.result, 'null'::jsonb) FROM synapse.tasks p
                                          WHERE p.goal_id = $1 AND p.step = e.from_step AND coalesce(p.map_index, -1) = -1))

@@ -32,8 +32,9 @@ pub fn send(payloads: Vec<String>) -> Result<(), pgrx::spi::Error> {
         return Ok(());
     }
     Spi::connect(|client| {
+        let usage = prepared(client, "SELECT pg_notification_queue_usage()", &[])?;
         let usage = client
-            .select("SELECT pg_notification_queue_usage()", None, &[])?
+            .select(&*usage, None, &[])?
             .first()
             .get_one::<f64>()?
             .unwrap_or(0.0);

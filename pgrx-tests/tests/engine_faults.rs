@@ -202,6 +202,19 @@ fn joins_run_exactly_once_when_the_database_defaults_to_repeatable_read() {
         .unwrap()
         .get(0);
     assert_eq!(isolation, "repeatable read");
+    // The engine's sessions are READ COMMITTED all the same: a claim runs as
+    // a statement of its own.
+    let rt = runtime();
+    let pool = synapse_worker::worker::pool(&stack.database_url(), 1).expect("a pool");
+    let engine_isolation: String = rt.block_on(async {
+        let client = pool.get().await.expect("a pooled connection");
+        client
+            .query_one("SHOW transaction_isolation", &[])
+            .await
+            .expect("SHOW")
+            .get(0)
+    });
+    assert_eq!(engine_isolation, "read committed");
     let workers: Vec<_> = (0..2)
         .map(|i| stack.start_worker(&format!("w{i}"), &["--concurrency", "16"]))
         .collect();

@@ -112,19 +112,19 @@ pub async fn claim(shared: &Shared, list: &str, payloads: &[String]) -> Vec<Clai
         );
         return Vec::new();
     };
+    // One statement, committed on its own: no BEGIN and COMMIT round trips
+    // between the message and the handler (the pool's sessions are READ
+    // COMMITTED whatever the database's default, see worker::pool).
     let claimed = with_retries(|| async {
-        let mut client = shared.pool.get().await?;
-        let tx = store::begin(&mut client).await?;
-        let claimed = store::claim_tasks(
-            &tx,
+        let client = shared.pool.get().await?;
+        store::claim_tasks(
+            &client,
             &task_ids,
             &[queue],
             shared.config.lease,
             &shared.config.identity,
         )
-        .await?;
-        tx.commit().await?;
-        Ok(claimed)
+        .await
     })
     .await;
     match claimed {

@@ -209,11 +209,12 @@ fn sql_action(url: &str, concurrency: usize) -> anyhow::Result<Sql> {
 /// goals can cost enough to cross `jit_above_cost`, and compiling took 0.2 s
 /// per statement, under the goal's lock. Their path holds only the system
 /// catalogs: a schema someone puts on the database's path cannot capture a
-/// name the engine uses.
+/// name the engine uses. They are READ COMMITTED whatever the database's
+/// default, so that a statement run on its own (a claim) cannot fail to
+/// serialize against a completion or a cancel.
 pub fn pool(url: &str, connections: usize) -> anyhow::Result<deadpool_postgres::Pool> {
     let (mut config, tls) = connection_config(url)?;
-    const ENGINE_OPTIONS: &str =
-        r"-c jit=off -c search_path=pg_catalog,pg_temp -c plan_cache_mode=force_generic_plan";
+    const ENGINE_OPTIONS: &str = r"-c jit=off -c search_path=pg_catalog,pg_temp -c plan_cache_mode=force_generic_plan -c default_transaction_isolation=read\ committed";
     let options = match config.get_options() {
         Some(options) => format!("{options} {ENGINE_OPTIONS}"),
         None => ENGINE_OPTIONS.to_owned(),

@@ -202,7 +202,9 @@ COMMENT ON COLUMN synapse.edges.on_outcome IS 'Outcome of the from step the edge
 COMMENT ON COLUMN synapse.edges.state IS 'pending: from step not finished. taken / not_taken: resolved. error: the condition failed to evaluate (see error).';
 COMMENT ON COLUMN synapse.edges.error IS 'Why the condition could not be evaluated.';
 COMMENT ON COLUMN synapse.edges.resolved_at IS 'When the edge resolved.';
-CREATE INDEX edges_to_step ON synapse.edges (goal_id, to_step);
+-- A step's inbound edges; with from_step, one edge by either index: resolving
+-- one parent's edge into a wide join must not read every edge into it.
+CREATE INDEX edges_to_step ON synapse.edges (goal_id, to_step, from_step);
 
 CREATE TABLE synapse.templates (
     name        text        PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 200),

@@ -803,13 +803,8 @@ fn a_slot_is_free_for_the_next_task_while_an_outcome_waits_to_be_recorded() {
     assert_eq!(task(&status, "a")["attempts"], 1);
 }
 
-#[test]
-fn a_two_thousand_wide_fan_in_on_four_workers_joins_once_while_another_is_cancelled() {
-    let stack = Stack::start("fan-in", &[]);
-    let _workers: Vec<_> = (0..4)
-        .map(|i| stack.start_worker(&format!("w{i}"), &["--concurrency", "16"]))
-        .collect();
-    let width = 2000;
+/// `fan` → `width` parents → `join` (all).
+fn fan_in(width: usize) -> Value {
     let mut steps = vec![json!({"id": "fan", "action": "noop"})];
     let mut edges = Vec::new();
     for i in 0..width {
@@ -819,7 +814,17 @@ fn a_two_thousand_wide_fan_in_on_four_workers_joins_once_while_another_is_cancel
         edges.push(json!({"from": id, "to": "join"}));
     }
     steps.push(json!({"id": "join", "action": "noop", "join": "all"}));
-    let blueprint = json!({"steps": steps, "edges": edges, "output": "{}"});
+    json!({"steps": steps, "edges": edges, "output": "{}"})
+}
+
+#[test]
+fn a_two_thousand_wide_fan_in_on_four_workers_joins_once_while_another_is_cancelled() {
+    let stack = Stack::start("fan-in", &[]);
+    let _workers: Vec<_> = (0..4)
+        .map(|i| stack.start_worker(&format!("w{i}"), &["--concurrency", "16"]))
+        .collect();
+    let width = 2000;
+    let blueprint = fan_in(width);
     let mut client = stack.pg();
     let finished = submit_plan(&mut client, &blueprint);
     let cancelled = submit_plan(&mut client, &blueprint);
@@ -864,6 +869,47 @@ fn a_two_thousand_wide_fan_in_on_four_workers_joins_once_while_another_is_cancel
         .map(|event| event["goal_id"].as_i64().unwrap())
         .collect();
     assert_eq!(joins_queued, [finished]);
+}
+
+#[test]
+fn a_wide_fan_in_reads_each_edge_a_few_times_not_once_per_sibling() {
+    // Resolving a parent's edge into a join must find that one edge, and
+    // ending the goal must look at each step's edges alone. Probed by the
+    // join's side, each resolution read every edge into the join; joined
+    // with every edge of the goal, each leaf check read them all: a fan-in
+    // of width W read W² index entries (a 2 000-wide fan-out spent 5 ms a
+    // batch under the goal's lock resolving edges).
+    let stack = Stack::start("fan-in-reads", &[]);
+    let mut worker = stack.start_worker("w", &["--concurrency", "32"]);
+    let width = 400;
+    let mut client = stack.pg();
+    let goal = submit_plan(&mut client, &fan_in(width));
+    let status = wait_for_goal(&stack, goal, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+
+    // A session reports its reads when it ends: stop the worker, then wait
+    // until every edge's resolution is counted.
+    worker.signal("TERM");
+    worker.wait(WAIT);
+    let edge_count = 2 * width as i64;
+    let reads: i64 = wait_until("the worker's sessions to report", WAIT, || {
+        let row = client
+            .query_one(
+                "SELECT (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'synapse.edges'::regclass),
+                        (SELECT sum(idx_tup_read)::bigint FROM pg_stat_user_indexes
+                          WHERE relid = 'synapse.edges'::regclass)",
+                &[],
+            )
+            .unwrap();
+        (row.get::<_, i64>(0) >= edge_count).then(|| row.get(1))
+    });
+    // Each edge is read when its parent's outcome is recorded, when it
+    // resolves, when its target is decided and when the goal ends: about
+    // four reads an edge (W² would be 400 an edge here).
+    assert!(
+        reads <= 8 * edge_count,
+        "{reads} index entries of edges read for {edge_count} edges"
+    );
 }
 
 #[test]

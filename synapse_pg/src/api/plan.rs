@@ -1,5 +1,6 @@
 //! Validating blueprints and installing plans: goal, tasks and edges in one
 //! transaction, roots queued.
+use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::{json, Map, Value};
@@ -112,12 +113,12 @@ fn submit(
     input: Option<JsonbArg>,
     idempotency_key: Option<&str>,
 ) -> Result<i64> {
-    let doc = blueprint
-        .ok_or_else(|| Error::InvalidParameter("blueprint must not be NULL".into()))?
-        .into_value("blueprint")?;
-    let input = input
-        .ok_or_else(|| Error::InvalidParameter("input must be JSON, not NULL (use '{}')".into()))?
-        .into_value("input")?;
+    let blueprint =
+        blueprint.ok_or_else(|| Error::InvalidParameter("blueprint must not be NULL".into()))?;
+    let doc = blueprint.into_value("blueprint")?;
+    let given_input = input
+        .ok_or_else(|| Error::InvalidParameter("input must be JSON, not NULL (use '{}')".into()))?;
+    let input = given_input.into_value("input")?;
     if let Some(key) = idempotency_key {
         if let Some(id) = goal_with_key(key)? {
             return Ok(id);
@@ -160,8 +161,8 @@ fn submit(
                 None,
                 &[
                     goal.text.clone().into(),
-                    JsonB(goal.input.clone()).into(),
-                    JsonB(doc).into(),
+                    given_input.into(),
+                    blueprint.into(),
                     idempotency_key.into(),
                 ],
             )?
@@ -359,130 +360,112 @@ fn install(
     // Only a plan that maps, loops or joins early writes those columns: the
     // common plan's statement stays as lean as before they existed.
     let grows_plan = plan.steps.iter().any(grows);
-    let mut tasks = Vec::with_capacity(plan.steps.len());
+    // Between installing this build and `ALTER EXTENSION synapse UPDATE`, the
+    // tables are still those of the release installed: plans go in with the
+    // columns it has (the update computes the inbound counts 0.2.0 lacks), and
+    // a plan that needs a later column is refused until the update.
+    let columns = task_columns();
+    if grows_plan && columns < TaskColumns::PlansThatGrow {
+        return Err(Error::InvalidParameter(
+            "this plan maps, loops or joins early: run ALTER EXTENSION synapse UPDATE first".into(),
+        ));
+    }
+    let mut tasks = TaskArrays::default();
     for (index, step) in plan.steps.iter().enumerate() {
         if index.is_multiple_of(INTERRUPT_EVERY) {
             pgrx::check_for_interrupts!();
         }
         let root = root_starts.get(&index);
         let queued = matches!(root, Some(RootStart::GoalInput | RootStart::Input(_)));
-        let mut task = json!({
-            "step": step.id,
-            "action": step.action,
-            "params": step.params,
-            "input_expr": step.input,
-            "input": match root {
+        tasks.push(
+            step,
+            match root {
                 Some(RootStart::Input(input)) => Some(input),
                 _ => None,
             },
-            "goal_input": matches!(root, Some(RootStart::GoalInput)),
-            "queue": step.queue,
-            "join_mode": step.join.to_column(),
-            "max_attempts": step.retries + 1,
-            "backoff_ms": step.backoff.as_millis() as u64,
-            "timeout_ms": step.timeout.as_millis() as u64,
-            "status": if queued { "queued" } else { "pending" },
-            "pending_inbound": inbound.get(step.id.as_str()).copied().unwrap_or(0),
-        });
-        if grows_plan {
-            let growth = json!({
-                "cancel_others": step.cancel_others,
-                "for_each_expr": step.for_each,
-                "max_parallel": step.max_parallel,
-                "tolerate": step.tolerate,
-                "until_expr": step.until,
-                "max_iterations": step.until.as_ref().map(|_| {
-                    step.max_iterations.unwrap_or(blueprint::DEFAULT_MAX_ITERATIONS)
-                }),
-                "iteration": step.until.as_ref().map(|_| 1),
-            });
-            if let (Value::Object(task), Value::Object(growth)) = (&mut task, growth) {
-                task.extend(growth);
-            }
-        }
-        tasks.push(task);
+            matches!(root, Some(RootStart::GoalInput)),
+            if queued { "queued" } else { "pending" },
+            inbound.get(step.id.as_str()).copied().unwrap_or(0),
+        );
     }
-    // Between installing this build and `ALTER EXTENSION synapse UPDATE`, the
-    // tables are still those of the release installed: plans go in with the
-    // columns it has (the update computes the inbound counts 0.2.0 lacks), and
-    // a plan that needs a later column is refused until the update.
-    let columns = task_columns();
-    let (counts, count_values) = if columns >= TaskColumns::InboundCounts {
-        (", pending_inbound", ", t.pending_inbound")
-    } else {
-        ("", "")
-    };
-    let (growth, growth_values, growth_types) = match (grows_plan, columns) {
-        (false, _) => ("", "", ""),
-        (true, TaskColumns::PlansThatGrow) => (
-            ", cancel_others, for_each_expr, max_parallel, tolerate, until_expr, max_iterations, iteration",
-            ", t.cancel_others, t.for_each_expr, t.max_parallel, t.tolerate, t.until_expr, t.max_iterations,
-               t.iteration",
-            ", cancel_others boolean, for_each_expr text, max_parallel integer, tolerate integer,
-               until_expr text, max_iterations integer, iteration integer",
-        ),
-        (true, _) => {
-            return Err(Error::InvalidParameter(
-                "this plan maps, loops or joins early: run ALTER EXTENSION synapse UPDATE first"
-                    .into(),
-            ))
-        }
-    };
+    let (names, types, values) = tasks.columns(columns >= TaskColumns::InboundCounts, grows_plan);
+    // Arrays, one per column, not a JSON document: thousands of steps are
+    // neither written out as JSON nor parsed back. $2 is the goal's input,
+    // passed once for the roots that start with it.
+    let inserted = &names[2..];
     let insert_tasks = format!(
-        "INSERT INTO synapse.tasks (goal_id, step, action, params, input_expr, input, queue, join_mode,
-                                    max_attempts, backoff_ms, timeout_ms, status{counts}{growth})
-         SELECT $1, t.step, t.action, t.params, t.input_expr,
-                CASE WHEN t.goal_input THEN $3 ELSE t.input END, t.queue, t.join_mode,
-                t.max_attempts, t.backoff_ms, t.timeout_ms, t.status{count_values}{growth_values}
-           FROM jsonb_to_recordset($2)
-                AS t(step text, action text, params jsonb, input_expr text, input jsonb, goal_input boolean,
-                     queue text, join_mode text, max_attempts integer, backoff_ms bigint, timeout_ms bigint,
-                     status text, pending_inbound integer{growth_types})"
+        "INSERT INTO synapse.tasks (goal_id, input, {listed})
+         SELECT $1, CASE WHEN t.goal_input THEN $2 ELSE t.input END, {selected}
+           FROM unnest({arrays}) AS t({all})",
+        listed = inserted.join(", "),
+        selected = inserted
+            .iter()
+            .map(|name| format!("t.{name}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        arrays = types
+            .iter()
+            .enumerate()
+            .map(|(index, (sql_type, _))| format!("${}::{sql_type}[]", index + 3))
+            .collect::<Vec<_>>()
+            .join(", "),
+        all = names.join(", "),
     );
+    let mut argument_types = vec![oid(PgBuiltInOids::INT8OID), oid(PgBuiltInOids::JSONBOID)];
+    argument_types.extend(types.iter().map(|(_, array)| oid(*array)));
     Spi::connect_mut(|client| {
-        let insert = prepared(
-            client,
-            &insert_tasks,
-            &[
-                oid(PgBuiltInOids::INT8OID),
-                oid(PgBuiltInOids::JSONBOID),
-                oid(PgBuiltInOids::JSONBOID),
-            ],
-        )?;
-        client
-            .update(
-                &*insert,
-                None,
-                &[
-                    goal_id.into(),
-                    JsonB(Value::Array(tasks)).into(),
-                    JsonB(goal_input.clone()).into(),
-                ],
-            )
-            .map(drop)
+        let insert = prepared(client, &insert_tasks, &argument_types)?;
+        let mut arguments = vec![goal_id.into(), JsonB(goal_input.clone()).into()];
+        arguments.extend(values);
+        client.update(&*insert, None, &arguments).map(drop)
     })?;
     pgrx::check_for_interrupts!();
     if !plan.edges.is_empty() {
-        let edges: Vec<Value> = plan
-            .edges
-            .iter()
-            .enumerate()
-            .map(|(i, edge)| json!({"position": i + 1, "from": edge.from, "to": edge.to, "when": edge.when, "on": edge.on}))
-            .collect();
+        let count = plan.edges.len();
+        let mut positions = Vec::with_capacity(count);
+        let (mut from, mut to, mut when, mut on) = (
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+        );
+        for (index, edge) in plan.edges.iter().enumerate() {
+            positions.push(i32::try_from(index + 1).unwrap_or(i32::MAX));
+            from.push(edge.from.as_str());
+            to.push(edge.to.as_str());
+            when.push(edge.when.as_deref());
+            on.push(edge.on.to_column());
+        }
+        // Arrays, not a JSON document: thousands of edges are neither written
+        // out as JSON nor parsed back.
         Spi::connect_mut(|client| {
             let insert = prepared(
                 client,
                 "INSERT INTO synapse.edges (goal_id, position, from_step, to_step, when_expr, on_outcome)
-                 SELECT $1, e.position, e.\"from\", e.\"to\", e.\"when\", e.\"on\"
-                   FROM jsonb_to_recordset($2)
-                        AS e(position integer, \"from\" text, \"to\" text, \"when\" text, \"on\" text)",
-                &[oid(PgBuiltInOids::INT8OID), oid(PgBuiltInOids::JSONBOID)],
+                 SELECT $1, e.position, e.from_step, e.to_step, e.when_expr, e.on_outcome
+                   FROM unnest($2::integer[], $3::text[], $4::text[], $5::text[], $6::text[])
+                        AS e(position, from_step, to_step, when_expr, on_outcome)",
+                &[
+                    oid(PgBuiltInOids::INT8OID),
+                    oid(PgBuiltInOids::INT4ARRAYOID),
+                    oid(PgBuiltInOids::TEXTARRAYOID),
+                    oid(PgBuiltInOids::TEXTARRAYOID),
+                    oid(PgBuiltInOids::TEXTARRAYOID),
+                    oid(PgBuiltInOids::TEXTARRAYOID),
+                ],
             )?;
             client
                 .update(
                     &*insert,
                     None,
-                    &[goal_id.into(), JsonB(Value::Array(edges)).into()],
+                    &[
+                        goal_id.into(),
+                        positions.into(),
+                        from.into(),
+                        to.into(),
+                        when.into(),
+                        on.into(),
+                    ],
                 )
                 .map(drop)
         })?;
@@ -512,6 +495,146 @@ fn install(
 }
 
 /// Whether a step needs the columns of plans that grow (0.4.0).
+/// The tasks of a plan, one array per column of `synapse.tasks`.
+#[derive(Default)]
+struct TaskArrays<'p> {
+    goal_input: Vec<bool>,
+    input: Vec<Option<JsonB>>,
+    step: Vec<&'p str>,
+    action: Vec<&'p str>,
+    params: Vec<Option<JsonB>>,
+    input_expr: Vec<Option<&'p str>>,
+    queue: Vec<&'p str>,
+    join_mode: Vec<String>,
+    max_attempts: Vec<i32>,
+    backoff_ms: Vec<i64>,
+    timeout_ms: Vec<i64>,
+    status: Vec<&'static str>,
+    pending_inbound: Vec<i32>,
+    cancel_others: Vec<bool>,
+    for_each_expr: Vec<Option<&'p str>>,
+    max_parallel: Vec<Option<i32>>,
+    tolerate: Vec<i32>,
+    until_expr: Vec<Option<&'p str>>,
+    max_iterations: Vec<Option<i32>>,
+    iteration: Vec<Option<i32>>,
+}
+
+/// JSON null is stored as SQL NULL.
+fn stored_json(value: &Value) -> Option<JsonB> {
+    (!value.is_null()).then(|| JsonB(value.clone()))
+}
+
+fn column_int(value: impl TryInto<i32>) -> i32 {
+    value.try_into().unwrap_or(i32::MAX)
+}
+
+fn column_millis(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl<'p> TaskArrays<'p> {
+    fn push(
+        &mut self,
+        step: &'p blueprint::Step,
+        input: Option<&Value>,
+        goal_input: bool,
+        status: &'static str,
+        pending_inbound: usize,
+    ) {
+        self.goal_input.push(goal_input);
+        self.input.push(input.and_then(stored_json));
+        self.step.push(&step.id);
+        self.action.push(&step.action);
+        self.params.push(stored_json(&step.params));
+        self.input_expr.push(step.input.as_deref());
+        self.queue.push(&step.queue);
+        self.join_mode.push(step.join.to_column());
+        self.max_attempts
+            .push(column_int(step.retries.saturating_add(1)));
+        self.backoff_ms.push(column_millis(step.backoff));
+        self.timeout_ms.push(column_millis(step.timeout));
+        self.status.push(status);
+        self.pending_inbound.push(column_int(pending_inbound));
+        self.cancel_others.push(step.cancel_others);
+        self.for_each_expr.push(step.for_each.as_deref());
+        self.max_parallel.push(step.max_parallel.map(column_int));
+        self.tolerate.push(column_int(step.tolerate));
+        self.until_expr.push(step.until.as_deref());
+        self.max_iterations.push(step.until.as_ref().map(|_| {
+            column_int(
+                step.max_iterations
+                    .unwrap_or(blueprint::DEFAULT_MAX_ITERATIONS),
+            )
+        }));
+        self.iteration.push(step.until.as_ref().map(|_| 1));
+    }
+
+    /// The arrays as `unnest` reads them: every name (`goal_input` and
+    /// `input` first), each array's element type and array type, and the
+    /// values. The inbound counts and the columns of plans that grow only
+    /// when asked (see [`TaskColumns`]).
+    #[allow(clippy::type_complexity)]
+    fn columns(
+        self,
+        with_counts: bool,
+        with_growth: bool,
+    ) -> (
+        Vec<&'static str>,
+        Vec<(&'static str, PgBuiltInOids)>,
+        Vec<DatumWithOid<'static>>,
+    ) {
+        const BOOLS: PgBuiltInOids = PgBuiltInOids::BOOLARRAYOID;
+        const INTS: PgBuiltInOids = PgBuiltInOids::INT4ARRAYOID;
+        const BIGINTS: PgBuiltInOids = PgBuiltInOids::INT8ARRAYOID;
+        const JSONBS: PgBuiltInOids = PgBuiltInOids::JSONBARRAYOID;
+        const TEXTS: PgBuiltInOids = PgBuiltInOids::TEXTARRAYOID;
+        let mut names = Vec::new();
+        let mut types = Vec::new();
+        let mut values: Vec<DatumWithOid<'static>> = Vec::new();
+        let mut add = |name, sql_type, array, value: DatumWithOid<'static>| {
+            names.push(name);
+            types.push((sql_type, array));
+            values.push(value);
+        };
+        add("goal_input", "boolean", BOOLS, self.goal_input.into());
+        add("input", "jsonb", JSONBS, self.input.into());
+        add("step", "text", TEXTS, self.step.into());
+        add("action", "text", TEXTS, self.action.into());
+        add("params", "jsonb", JSONBS, self.params.into());
+        add("input_expr", "text", TEXTS, self.input_expr.into());
+        add("queue", "text", TEXTS, self.queue.into());
+        add("join_mode", "text", TEXTS, self.join_mode.into());
+        add("max_attempts", "integer", INTS, self.max_attempts.into());
+        add("backoff_ms", "bigint", BIGINTS, self.backoff_ms.into());
+        add("timeout_ms", "bigint", BIGINTS, self.timeout_ms.into());
+        add("status", "text", TEXTS, self.status.into());
+        if with_counts {
+            add(
+                "pending_inbound",
+                "integer",
+                INTS,
+                self.pending_inbound.into(),
+            );
+        }
+        if with_growth {
+            add("cancel_others", "boolean", BOOLS, self.cancel_others.into());
+            add("for_each_expr", "text", TEXTS, self.for_each_expr.into());
+            add("max_parallel", "integer", INTS, self.max_parallel.into());
+            add("tolerate", "integer", INTS, self.tolerate.into());
+            add("until_expr", "text", TEXTS, self.until_expr.into());
+            add(
+                "max_iterations",
+                "integer",
+                INTS,
+                self.max_iterations.into(),
+            );
+            add("iteration", "integer", INTS, self.iteration.into());
+        }
+        (names, types, values)
+    }
+}
+
 fn grows(step: &blueprint::Step) -> bool {
     step.for_each.is_some()
         || step.until.is_some()

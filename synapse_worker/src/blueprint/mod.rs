@@ -236,6 +236,24 @@ pub enum EdgeOn {
     Always,
 }
 
+impl EdgeOn {
+    /// How the outcome is stored in `synapse.edges.on_outcome`.
+    pub fn to_column(self) -> &'static str {
+        match self {
+            EdgeOn::Success => "success",
+            EdgeOn::Failure => "failure",
+            EdgeOn::Always => "always",
+        }
+    }
+
+    /// Reads `synapse.edges.on_outcome` back.
+    pub fn from_column(text: &str) -> Option<EdgeOn> {
+        [EdgeOn::Success, EdgeOn::Failure, EdgeOn::Always]
+            .into_iter()
+            .find(|on| on.to_column() == text)
+    }
+}
+
 /// A dependency between two steps, taken when the outcome matches `on` and `when` holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

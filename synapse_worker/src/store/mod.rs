@@ -715,12 +715,7 @@ pub struct OutboundEdge {
 }
 
 fn parse_on(on: &str) -> Result<EdgeOn> {
-    match on {
-        "success" => Ok(EdgeOn::Success),
-        "failure" => Ok(EdgeOn::Failure),
-        "always" => Ok(EdgeOn::Always),
-        other => Err(StoreError::Data(format!("edge outcome {other:?}"))),
-    }
+    EdgeOn::from_column(on).ok_or_else(|| StoreError::Data(format!("edge outcome {on:?}")))
 }
 
 /// The still pending outbound edges of `step`, in blueprint order.

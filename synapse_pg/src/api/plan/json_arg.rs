@@ -21,7 +21,9 @@ const MAX_STORED_BYTES: usize = 8 * MAX_JSON_BYTES;
 /// How many tokens the walk reads between two interrupt checks.
 const INTERRUPT_EVERY: usize = 1 << 16;
 
-/// A `jsonb` argument, not yet parsed.
+/// A `jsonb` argument, not yet parsed. Stored as given (passed on as the
+/// same datum): a large blueprint is not written out and parsed again.
+#[derive(Clone, Copy)]
 pub(crate) struct JsonbArg {
     datum: pg_sys::Datum,
 }
@@ -33,6 +35,16 @@ impl FromDatum for JsonbArg {
         _: pg_sys::Oid,
     ) -> Option<Self> {
         (!is_null && !datum.is_null()).then_some(JsonbArg { datum })
+    }
+}
+
+impl IntoDatum for JsonbArg {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(self.datum)
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::JSONBOID
     }
 }
 

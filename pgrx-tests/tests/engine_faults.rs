@@ -1,7 +1,8 @@
 //! Faults the engine must survive: two attempts of one task recorded together,
 //! a database whose default isolation is not READ COMMITTED, cancels racing
-//! completions, poison goals and tasks, planning that keeps failing, and a
-//! completer slow enough for a lease to lapse. Some tests drive the worker
+//! completions, a completion that waits for its goal's lock, poison goals and
+//! tasks, planning that keeps failing, and a completer slow enough for a lease
+//! to lapse. Some tests drive the worker
 //! library directly (claims and the completer), the others real workers.
 use std::future::Future;
 use std::pin::Pin;
@@ -555,4 +556,44 @@ fn the_engines_plans_made_on_empty_tables_still_find_goals_by_id() {
     });
     assert!(plan.contains("Index Scan using goals_pkey"), "{plan}");
     assert!(!plan.contains("Seq Scan on goals"), "{plan}");
+}
+
+#[test]
+fn an_outcome_waiting_for_its_goals_lock_has_not_touched_its_task() {
+    // A completion's goal lock and its outcome go out together, in one round
+    // trip. Postgres must still take the goal first, the order `cancel_goal`
+    // follows too: a task row locked before its goal's would deadlock a cancel.
+    let stack = Stack::start("lock-order", &[]);
+    let mut client = stack.pg();
+    let goal = submit_plan(&mut client, ONE_STEP);
+    let mut holder = stack.pg();
+    let mut lock = holder.transaction().unwrap();
+    lock.execute(
+        "SELECT 1 FROM synapse.goals WHERE id = $1 FOR UPDATE",
+        &[&goal],
+    )
+    .unwrap();
+    let _worker = stack.start_worker("w", &[]);
+    wait_until("the outcome to wait for its goal's lock", WAIT, || {
+        let waiting: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE usename = $1 AND wait_event_type = 'Lock'",
+                &[&synapse_e2e::WORKER_ROLE],
+            )
+            .unwrap()
+            .get(0);
+        (waiting > 0).then_some(())
+    });
+    let status: String = lock
+        .query_one(
+            "SELECT status FROM synapse.tasks WHERE goal_id = $1 FOR UPDATE NOWAIT",
+            &[&goal],
+        )
+        .expect("the task's row is not locked by the waiting outcome")
+        .get(0);
+    assert_eq!(status, "running");
+    lock.commit().unwrap();
+    let status = wait_for_goal(&stack, goal, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
 }

@@ -301,8 +301,7 @@ pub(crate) async fn record_in(
     goal_ids.dedup();
     // A goal that is not running (cancelled) is not locked: its tasks are
     // not running either, so their outcomes are fenced.
-    let running = store::lock_running_goals(tx, &goal_ids).await?;
-    let recorded = store::record_outcomes(tx, outcomes).await?;
+    let (running, recorded) = store::lock_goals_and_record(tx, &goal_ids, outcomes).await?;
     let mut handled = Vec::with_capacity(recorded.len());
     let mut ends = Vec::new();
     for recorded in recorded {

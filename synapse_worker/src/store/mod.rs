@@ -201,7 +201,7 @@ pub async fn claim_tasks(
     let statement = client
         .prepare_cached(
             // `status || ''`: the rows are found by id, never by scanning the
-            // partial index of all queued tasks (see record_outcomes).
+            // partial index of all queued tasks (see lock_goals_and_record).
             "WITH m AS (
                  -- The expressions the worker evaluates: only those that mention
                  -- goal or steps pay for them.
@@ -419,18 +419,23 @@ pub struct StepEnd {
     pub map_index: Option<i32>,
 }
 
-/// Records many attempts' outcomes in one statement, each only if its attempt
-/// still holds the task: the attempt number fences out a worker whose lease
-/// expired. Outcomes are told apart by task *and* attempt, so two attempts of
-/// one task in the same batch each get their own answer (the stale one is
-/// [`Recorded::Fenced`]). Answers in the order of `outcomes`.
+/// Locks those of `goal_ids` that are running (as [`lock_running_goals`]),
+/// then records many attempts' outcomes in one statement, each only if its
+/// attempt still holds the task: the attempt number fences out a worker whose
+/// lease expired. Outcomes are told apart by task *and* attempt, so two
+/// attempts of one task in the same batch each get their own answer (the stale
+/// one is [`Recorded::Fenced`]). Returns the goals locked, and the answers in
+/// the order of `outcomes`.
 ///
-/// Lock order: the caller has locked the goals of `outcomes` first
-/// ([`lock_running_goals`]), like every writer of task rows that may wait.
-pub async fn record_outcomes(
+/// Lock order: the goals first, like every writer of task rows that may wait.
+/// The two statements go out together, one round trip: Postgres runs the
+/// second once the first holds its locks, on a snapshot taken then, as if
+/// each had been awaited.
+pub async fn lock_goals_and_record(
     tx: &Transaction<'_>,
+    goal_ids: &[i64],
     outcomes: &[(&ClaimedTask, &AttemptOutcome)],
-) -> Result<Vec<Recorded>> {
+) -> Result<(Vec<i64>, Vec<Recorded>)> {
     let mut ids = Vec::with_capacity(outcomes.len());
     let mut attempts = Vec::with_capacity(outcomes.len());
     let mut statuses = Vec::with_capacity(outcomes.len());
@@ -472,7 +477,10 @@ pub async fn record_outcomes(
     // plain form lets the planner scan the partial index of running tasks
     // (tasks_lease_due) instead of looking the batch up by id, and that index
     // holds a dead entry for every task that ran since the last vacuum.
-    let statement = tx
+    // Both prepared first: a statement still to be prepared would go out
+    // after the other.
+    let lock = tx.prepare_cached(LOCK_RUNNING_GOALS).await?;
+    let record = tx
         .prepare_cached(
             "WITH recorded AS (
              UPDATE synapse.tasks t
@@ -521,14 +529,16 @@ pub async fn record_outcomes(
                        AND e.state = 'pending') o ON true",
         )
         .await?;
-    let rows = tx
-        .query(
-            &statement,
+    let (locked, rows) = futures_util::future::try_join(
+        tx.query(&lock, &[&goal_ids]),
+        tx.query(
+            &record,
             &[
                 &ids, &attempts, &statuses, &results, &errors, &delays, &kinds, &workers, &inputs,
             ],
-        )
-        .await?;
+        ),
+    )
+    .await?;
     // (task id, attempt) → the position of that outcome in `outcomes`.
     let asked: HashMap<(i64, i32), usize> = outcomes
         .iter()
@@ -590,9 +600,10 @@ pub async fn record_outcomes(
             }),
         );
     }
-    Ok((0..outcomes.len())
+    let recorded = (0..outcomes.len())
         .map(|index| recorded.remove(&index).unwrap_or(Recorded::Fenced))
-        .collect())
+        .collect();
+    Ok((goal_ids_of(locked)?, recorded))
 }
 
 /// What expressions see of each of `goal_ids`.
@@ -1046,18 +1057,16 @@ pub async fn skip_tasks(tx: &Transaction<'_>, tasks: &[(i64, String)]) -> Result
 /// wait for each other in a cycle; the id order keeps engine runs that touch
 /// several goals from deadlocking each other.
 pub async fn lock_running_goals(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<i64>> {
-    let statement = tx
-        .prepare_cached(
-            "SELECT id FROM synapse.goals
-              WHERE id IN (SELECT unnest($1::bigint[])) AND status = 'running'
-              ORDER BY id FOR NO KEY UPDATE",
-        )
-        .await?;
-    tx.query(&statement, &[&goal_ids])
-        .await?
-        .iter()
-        .map(|row| column(row, 0))
-        .collect()
+    let statement = tx.prepare_cached(LOCK_RUNNING_GOALS).await?;
+    goal_ids_of(tx.query(&statement, &[&goal_ids]).await?)
+}
+
+const LOCK_RUNNING_GOALS: &str = "SELECT id FROM synapse.goals
+                                   WHERE id IN (SELECT unnest($1::bigint[])) AND status = 'running'
+                                   ORDER BY id FOR NO KEY UPDATE";
+
+fn goal_ids_of(rows: Vec<Row>) -> Result<Vec<i64>> {
+    rows.iter().map(|row| column(row, 0)).collect()
 }
 
 /// How a goal whose steps have all ended comes out.

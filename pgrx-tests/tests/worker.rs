@@ -913,6 +913,57 @@ fn a_wide_fan_in_reads_each_edge_a_few_times_not_once_per_sibling() {
 }
 
 #[test]
+fn ending_a_goal_looks_at_its_own_unfinished_tasks_not_at_those_of_older_goals() {
+    // Whether a goal has a task left is one probe of the unfinished tasks'
+    // index for that goal. Planned as a merge with the whole index, every
+    // goal's end read the unfinished tasks of every goal before it.
+    let stack = Stack::start("unfinished-reads", &[]);
+    let mut client = stack.pg();
+    let waiting_steps = 3000;
+    let mut steps = vec![json!({"id": "gate", "action": "wait", "params": {"signal": "go"}})];
+    let mut edges = Vec::new();
+    for i in 0..waiting_steps {
+        steps.push(json!({"id": format!("s{i}"), "action": "noop"}));
+        edges.push(json!({"from": "gate", "to": format!("s{i}")}));
+    }
+    let older = submit_plan(&mut client, &json!({"steps": steps, "edges": edges}));
+    // Statistics as a database in use has them.
+    client.batch_execute("ANALYZE synapse.tasks").unwrap();
+    let mut worker = stack.start_worker("w", &[]);
+    let goals: Vec<i64> = (0..20)
+        .map(|_| {
+            submit_plan(
+                &mut client,
+                &json!({"steps": [{"id": "t", "action": "noop"}]}),
+            )
+        })
+        .collect();
+    for goal in goals {
+        let status = wait_for_goal(&stack, goal, WAIT);
+        assert_eq!(status["status"], "succeeded", "{status}");
+    }
+    // A session reports its reads when it ends.
+    worker.signal("TERM");
+    worker.wait(WAIT);
+    let reads: i64 = wait_until("the worker's sessions to report", WAIT, || {
+        let row = client
+            .query_one(
+                "SELECT (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'synapse.goals'::regclass),
+                        (SELECT idx_tup_read FROM pg_stat_user_indexes
+                          WHERE indexrelid = 'synapse.tasks_unfinished'::regclass)",
+                &[],
+            )
+            .unwrap();
+        // Each goal's end updates its row.
+        (row.get::<_, i64>(0) >= 20).then(|| row.get(1))
+    });
+    assert!(
+        reads < waiting_steps,
+        "{reads} entries of tasks_unfinished read to end 20 goals beside goal {older}"
+    );
+}
+
+#[test]
 fn a_successor_starts_in_the_transaction_that_recorded_its_parent_on_a_queue_the_worker_serves() {
     let stack = Stack::start("continuation", &[]);
     let serves_default = stack.start_worker("default", &["--queues", "default"]);

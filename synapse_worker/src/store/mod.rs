@@ -1083,9 +1083,12 @@ pub struct GoalEnding {
 }
 
 /// The endings of those of `goal_ids` whose every step has ended, in one
-/// statement. A leaf is found by one probe of its outbound edges (the LATERAL
-/// keeps the planner from joining every step with every edge of the goal, a
-/// plan it chose on tables still empty: W² rows read to end a W-wide goal).
+/// statement. Whether a goal has a task left, and whether a step is a leaf,
+/// are one index probe each: the LATERALs keep the planner from merging the
+/// goals with the whole index of unfinished tasks (every goal's end read the
+/// unfinished tasks of every goal before it) and from joining every step with
+/// every edge of the goal (a plan it chose on tables still empty: W² rows read
+/// to end a W-wide goal).
 pub async fn goal_endings(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<GoalEnding>> {
     let statement = tx
         .prepare_cached(
@@ -1109,8 +1112,10 @@ pub async fn goal_endings(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<
                       WHERE t.goal_id = g.id AND t.status = 'succeeded' AND t.map_index IS NULL
                         AND outbound.found IS NULL)
                FROM synapse.goals g
-              WHERE g.id = ANY($1::bigint[])
-                AND NOT EXISTS (SELECT FROM synapse.tasks t WHERE t.goal_id = g.id AND t.finished_at IS NULL)
+               LEFT JOIN LATERAL (SELECT true AS found FROM synapse.tasks t
+                                   WHERE t.goal_id = g.id AND t.finished_at IS NULL
+                                   LIMIT 1) unfinished ON true
+              WHERE g.id = ANY($1::bigint[]) AND unfinished.found IS NULL
               ORDER BY g.id",
         )
         .await?;

@@ -388,35 +388,43 @@ fn install(
             inbound.get(step.id.as_str()).copied().unwrap_or(0),
         );
     }
-    let (names, types, values) = tasks.columns(columns >= TaskColumns::InboundCounts, grows_plan);
+    let arrays = tasks.columns(columns >= TaskColumns::InboundCounts, grows_plan);
     // Arrays, one per column, not a JSON document: thousands of steps are
     // neither written out as JSON nor parsed back. $2 is the goal's input,
-    // passed once for the roots that start with it.
-    let inserted = &names[2..];
+    // passed once for the roots that start with it (`goal_input`).
+    let stored: Vec<&str> = arrays
+        .iter()
+        .map(|column| column.name)
+        .filter(|name| !matches!(*name, "goal_input" | "input"))
+        .collect();
     let insert_tasks = format!(
         "INSERT INTO synapse.tasks (goal_id, input, {listed})
          SELECT $1, CASE WHEN t.goal_input THEN $2 ELSE t.input END, {selected}
-           FROM unnest({arrays}) AS t({all})",
-        listed = inserted.join(", "),
-        selected = inserted
+           FROM unnest({unnested}) AS t({all})",
+        listed = stored.join(", "),
+        selected = stored
             .iter()
             .map(|name| format!("t.{name}"))
             .collect::<Vec<_>>()
             .join(", "),
-        arrays = types
+        unnested = arrays
             .iter()
             .enumerate()
-            .map(|(index, (sql_type, _))| format!("${}::{sql_type}[]", index + 3))
+            .map(|(index, column)| format!("${}::{}[]", index + 3, column.sql_type))
             .collect::<Vec<_>>()
             .join(", "),
-        all = names.join(", "),
+        all = arrays
+            .iter()
+            .map(|column| column.name)
+            .collect::<Vec<_>>()
+            .join(", "),
     );
     let mut argument_types = vec![oid(PgBuiltInOids::INT8OID), oid(PgBuiltInOids::JSONBOID)];
-    argument_types.extend(types.iter().map(|(_, array)| oid(*array)));
+    argument_types.extend(arrays.iter().map(|column| oid(column.array)));
     Spi::connect_mut(|client| {
         let insert = prepared(client, &insert_tasks, &argument_types)?;
         let mut arguments = vec![goal_id.into(), JsonB(goal_input.clone()).into()];
-        arguments.extend(values);
+        arguments.extend(arrays.into_iter().map(|column| column.values));
         client.update(&*insert, None, &arguments).map(drop)
     })?;
     pgrx::check_for_interrupts!();
@@ -494,7 +502,6 @@ fn install(
     Ok(())
 }
 
-/// Whether a step needs the columns of plans that grow (0.4.0).
 /// The tasks of a plan, one array per column of `synapse.tasks`.
 #[derive(Default)]
 struct TaskArrays<'p> {
@@ -570,32 +577,23 @@ impl<'p> TaskArrays<'p> {
         self.iteration.push(step.until.as_ref().map(|_| 1));
     }
 
-    /// The arrays as `unnest` reads them: every name (`goal_input` and
-    /// `input` first), each array's element type and array type, and the
-    /// values. The inbound counts and the columns of plans that grow only
-    /// when asked (see [`TaskColumns`]).
-    #[allow(clippy::type_complexity)]
-    fn columns(
-        self,
-        with_counts: bool,
-        with_growth: bool,
-    ) -> (
-        Vec<&'static str>,
-        Vec<(&'static str, PgBuiltInOids)>,
-        Vec<DatumWithOid<'static>>,
-    ) {
+    /// The arrays as `unnest` reads them, `goal_input` and `input` first.
+    /// The inbound counts and the columns of plans that grow only when asked
+    /// (see [`TaskColumns`]).
+    fn columns(self, with_counts: bool, with_growth: bool) -> Vec<Column> {
         const BOOLS: PgBuiltInOids = PgBuiltInOids::BOOLARRAYOID;
         const INTS: PgBuiltInOids = PgBuiltInOids::INT4ARRAYOID;
         const BIGINTS: PgBuiltInOids = PgBuiltInOids::INT8ARRAYOID;
         const JSONBS: PgBuiltInOids = PgBuiltInOids::JSONBARRAYOID;
         const TEXTS: PgBuiltInOids = PgBuiltInOids::TEXTARRAYOID;
-        let mut names = Vec::new();
-        let mut types = Vec::new();
-        let mut values: Vec<DatumWithOid<'static>> = Vec::new();
-        let mut add = |name, sql_type, array, value: DatumWithOid<'static>| {
-            names.push(name);
-            types.push((sql_type, array));
-            values.push(value);
+        let mut columns = Vec::new();
+        let mut add = |name, sql_type, array, values: DatumWithOid<'static>| {
+            columns.push(Column {
+                name,
+                sql_type,
+                array,
+                values,
+            });
         };
         add("goal_input", "boolean", BOOLS, self.goal_input.into());
         add("input", "jsonb", JSONBS, self.input.into());
@@ -631,10 +629,20 @@ impl<'p> TaskArrays<'p> {
             );
             add("iteration", "integer", INTS, self.iteration.into());
         }
-        (names, types, values)
+        columns
     }
 }
 
+/// One array of [`TaskArrays::columns`].
+struct Column {
+    name: &'static str,
+    /// Its element type, as SQL spells it.
+    sql_type: &'static str,
+    array: PgBuiltInOids,
+    values: DatumWithOid<'static>,
+}
+
+/// Whether a step needs the columns of plans that grow (0.4.0).
 fn grows(step: &blueprint::Step) -> bool {
     step.for_each.is_some()
         || step.until.is_some()

@@ -146,12 +146,15 @@ BEGIN
         RAISE EXCEPTION 'goal %: status cannot change from % to %', NEW.id, OLD.status, NEW.status
             USING ERRCODE = '55000';
     END IF;
+    -- The statement's time, not the transaction's: a sql step's outcome is
+    -- recorded, and its successors started, in the transaction that ran its
+    -- query, begun before the query ran.
     IF NEW.status = 'submitted' THEN
-        NEW.dispatched_at := now();
+        NEW.dispatched_at := statement_timestamp();
     ELSIF NEW.status = 'running' THEN
-        NEW.started_at := now();
+        NEW.started_at := statement_timestamp();
     ELSIF NEW.status IN ('succeeded', 'failed', 'cancelled') THEN
-        NEW.finished_at := now();
+        NEW.finished_at := statement_timestamp();
     END IF;
     RETURN NEW;
 END $$;
@@ -224,13 +227,14 @@ BEGIN
         RAISE EXCEPTION 'task % (step %): status cannot change from % to %', NEW.id, NEW.step, OLD.status, NEW.status
             USING ERRCODE = '55000';
     END IF;
+    -- The statement's time, as for goals.
     IF NEW.status = 'queued' THEN
-        NEW.queued_at := now();
+        NEW.queued_at := statement_timestamp();
         NEW.run_at := NULL;
     ELSIF NEW.status IN ('running', 'waiting') THEN
-        NEW.started_at := now();
+        NEW.started_at := statement_timestamp();
     ELSIF NEW.status IN ('succeeded', 'failed', 'skipped', 'cancelled') THEN
-        NEW.finished_at := now();
+        NEW.finished_at := statement_timestamp();
     END IF;
     IF NEW.status <> 'running' THEN
         NEW.lease_expires_at := NULL;

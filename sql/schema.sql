@@ -316,7 +316,7 @@ CREATE TABLE synapse.attempts (
     attempt     integer     NOT NULL CHECK (attempt >= 1),
     worker      text,
     started_at  timestamptz,
-    finished_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz NOT NULL DEFAULT statement_timestamp(),
     error       text        NOT NULL
 );
 CREATE INDEX attempts_of_task ON synapse.attempts (task_id, attempt);

@@ -45,7 +45,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    UPDATE synapse.signals SET taken_by = _take_signal.task_id, taken_at = now()
+    UPDATE synapse.signals SET taken_by = _take_signal.task_id, taken_at = statement_timestamp()
      WHERE id = _take_signal.signal_id;
     RETURN true;
 END $$;

@@ -233,3 +233,66 @@ fn a_sql_steps_writes_commit_exactly_once_whatever_happens_to_its_worker() {
     assert_eq!(rows.len(), goals.len(), "{rows:?}");
     assert!(rows.iter().all(|(_, n)| *n == 1), "{rows:?}");
 }
+
+#[test]
+fn a_sql_steps_end_and_its_retry_count_from_when_its_query_ended_not_from_when_it_began() {
+    let stack = Stack::start("sql-times", &[]);
+    let _worker = stack.start_worker("w", &[]);
+    let mut client = stack.pg();
+    // Recorded in the transaction that ran it, a step's end was that
+    // transaction's start: before the query's 300 ms; and flaky's retry,
+    // due 200 ms after that start, was due at once (its statement times out
+    // after 600 ms).
+    let goal = submit_as(
+        &mut client,
+        &json!({"steps": [
+            {"id": "slow", "action": "sql", "params": {"query": "select pg_sleep(0.3)"}},
+            {"id": "flaky", "action": "sql", "timeout": "600ms", "retries": 1, "backoff": "200ms",
+             "params": {"query": "select pg_sleep(5)"}}
+        ]}),
+    );
+    let status = wait_for_goal(&stack, goal, WAIT);
+    assert_eq!(status["status"], "failed", "{status}");
+    let timed: (bool, bool, bool, bool) = {
+        let row = client
+            .query_one(
+                "SELECT s.finished_at - s.started_at >= interval '300 ms',
+                        a.finished_at - a.started_at >= interval '600 ms',
+                        -- the backoff less the most jitter takes off
+                        f.started_at - a.finished_at >= interval '100 ms',
+                        g.finished_at >= greatest(s.finished_at, f.finished_at)
+                   FROM synapse.goals g
+                   JOIN synapse.tasks s ON s.goal_id = g.id AND s.step = 'slow'
+                   JOIN synapse.tasks f ON f.goal_id = g.id AND f.step = 'flaky'
+                   JOIN synapse.attempts a ON a.task_id = f.id AND a.attempt = 1
+                  WHERE g.id = $1",
+                &[&goal],
+            )
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2), row.get(3))
+    };
+    assert_eq!(timed, (true, true, true, true), "{status}");
+
+    // A wait after a slow sql step waits its whole time from when it began.
+    let goal = submit_as(
+        &mut client,
+        &json!({"steps": [
+            {"id": "slow", "action": "sql", "params": {"query": "select pg_sleep(0.3)"}},
+            {"id": "nap", "action": "wait", "params": {"for": "500ms"}}
+        ], "edges": [{"from": "slow", "to": "nap"}]}),
+    );
+    let status = wait_for_goal(&stack, goal, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    let waited: (bool, bool) = {
+        let row = client
+            .query_one(
+                "SELECT n.started_at >= s.finished_at, n.finished_at - n.started_at >= interval '500 ms'
+                   FROM synapse.tasks s JOIN synapse.tasks n ON n.goal_id = s.goal_id AND n.step = 'nap'
+                  WHERE s.goal_id = $1 AND s.step = 'slow'",
+                &[&goal],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(waited, (true, true), "{status}");
+}

@@ -215,12 +215,14 @@ pub async fn claim_tasks(
                     FOR NO KEY UPDATE OF c SKIP LOCKED)
              UPDATE synapse.tasks t
                 SET status = 'running', attempts = t.attempts + 1,
-                    lease_expires_at = now() + $2 * interval '1 millisecond', leased_by = $3
+                    -- From now: a transaction that ran a sql step claims its
+                    -- successors too, long after it began.
+                    lease_expires_at = statement_timestamp() + $2 * interval '1 millisecond', leased_by = $3
                FROM m, synapse.goals g
               WHERE t.id = m.id AND t.status || '' = 'queued' AND g.id = t.goal_id
           RETURNING t.id, t.goal_id, t.step, t.action, t.params, coalesce(t.input, 'null'::jsonb), t.attempts,
                     t.max_attempts, t.backoff_ms, t.timeout_ms, t.error,
-                    greatest(extract(epoch FROM now() - t.queued_at), 0)::float8,
+                    greatest(extract(epoch FROM statement_timestamp() - t.queued_at), 0)::float8,
                     -- Only a parameter expression that mentions them pays for goal and steps.
                     CASE WHEN m.expressions LIKE '%goal%'
                          THEN jsonb_build_object('id', g.id, 'goal', g.goal, 'input', g.input, 'params', g.params)
@@ -485,7 +487,9 @@ pub async fn lock_goals_and_record(
             "WITH recorded AS (
              UPDATE synapse.tasks t
                 SET status = r.status, result = r.result, error = r.error, failure_kind = r.kind,
-                    run_at = now() + r.delay_ms * interval '1 millisecond',
+                    -- A retry's delay from now, not from the transaction's start
+                    -- (a sql step's began before its query ran).
+                    run_at = statement_timestamp() + r.delay_ms * interval '1 millisecond',
                     -- A loop's next iteration: its own input, and retries of its own.
                     input = coalesce(r.input, t.input),
                     iteration = t.iteration + (r.status = 'queued')::int,
@@ -795,7 +799,7 @@ pub async fn resolve_edges(tx: &Transaction<'_>, resolutions: &[EdgeResolution])
             // Each edge resolved counts down its target's pending inbound
             // edges, in the same statement: no later read has to look for them.
             "WITH resolved AS (
-                 UPDATE synapse.edges e SET state = r.state, error = r.error, resolved_at = now()
+                 UPDATE synapse.edges e SET state = r.state, error = r.error, resolved_at = statement_timestamp()
                    FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
                         AS r(goal_id, from_step, to_step, state, error)
                   WHERE e.goal_id = r.goal_id AND e.from_step = r.from_step AND e.to_step = r.to_step

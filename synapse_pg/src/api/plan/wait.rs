@@ -54,7 +54,9 @@ pub(super) fn start(task_id: i64, goal: &Value, input: Value) -> Result<Started>
     Spi::run_with_args(
         "UPDATE synapse.tasks
             SET status = 'waiting', input = $2,
-                run_at = coalesce(now() + $3 * interval '1 second', $4::timestamptz)
+                -- From now, not from the transaction's start: a sql step's
+                -- successors start in the transaction that ran its query.
+                run_at = coalesce(statement_timestamp() + $3 * interval '1 second', $4::timestamptz)
           WHERE id = $1 AND status = 'pending'",
         &[
             task_id.into(),

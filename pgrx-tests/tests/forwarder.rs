@@ -1013,3 +1013,42 @@ fn events_of_concurrent_transactions_that_commit_out_of_id_order_are_all_forward
             .then_some(())
     });
 }
+
+#[test]
+fn checking_that_a_batchs_tasks_are_still_queued_reads_those_tasks_not_every_queued_one() {
+    let stack = Stack::start("still-queued", &["synapse.sweep_interval = '1h'"]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    // A backlog nobody runs: 3 000 queued tasks.
+    let steps: Vec<serde_json::Value> = (0..3000)
+        .map(|i| serde_json::json!({"id": format!("s{i}"), "action": "noop"}))
+        .collect();
+    submit_plan(&mut client, &serde_json::json!({ "steps": steps }));
+    let queue = "synapse:queue:default";
+    wait_until("the backlog forwarded", WAIT, || {
+        (llen(&mut redis, queue) == 3000).then_some(())
+    });
+    // Buffers the forwarder's check touched.
+    let check_buffers = |client: &mut postgres::Client| -> i64 {
+        client
+            .query_one(
+                "SELECT coalesce(sum(shared_blks_hit + shared_blks_read), 0)::bigint FROM pg_stat_statements
+                  WHERE query LIKE '%FROM synapse.tasks WHERE id = ANY%'
+                    AND query NOT LIKE '%pg_stat_statements%'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let before = check_buffers(&mut client);
+    for forwarded in 1..=20 {
+        submit_plan(&mut client, ONE_STEP);
+        wait_until("the goal's task forwarded", WAIT, || {
+            (llen(&mut redis, queue) == 3000 + forwarded).then_some(())
+        });
+    }
+    // Each check looks up its one task by id: a few pages of the primary
+    // key and of the table, not the pages of all 3 000 queued tasks.
+    let read = check_buffers(&mut client) - before;
+    assert!(read <= 20 * 10, "20 checks read {read} buffers");
+}

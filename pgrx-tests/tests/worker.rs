@@ -1040,3 +1040,46 @@ fn a_successor_starts_in_the_transaction_that_recorded_its_parent_on_a_queue_the
     let status = wait_for_goal(&stack, chain, WAIT);
     assert_eq!(task(&status, "b")["attempts"], 1);
 }
+
+#[test]
+fn a_heartbeat_finds_its_task_by_id_not_among_every_running_task() {
+    let stack = Stack::start("heartbeat-reads", &[]);
+    let mut worker = stack.start_worker("w", &["--concurrency", "64", "--lease", "1s"]);
+    let mut client = stack.pg();
+    // 64 steps running at once for 2 s: about six heartbeats each.
+    let steps: Vec<Value> = (0..64)
+        .map(|i| json!({"id": format!("s{i}"), "action": "sleep", "params": {"ms": 2000}}))
+        .collect();
+    let goal = submit_plan(&mut client, &json!({ "steps": steps }));
+    let status = wait_for_goal(&stack, goal, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    let heartbeats: i64 = client
+        .query_one(
+            "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
+              WHERE query LIKE '%SET lease_expires_at%' AND query NOT LIKE '%pg_stat_statements%'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(heartbeats >= 64, "{heartbeats} heartbeats");
+    // A session reports its reads when it ends.
+    worker.signal("TERM");
+    worker.wait(WAIT);
+    let reads: i64 = wait_until("the worker's sessions to report", WAIT, || {
+        let row = client
+            .query_one(
+                "SELECT (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'synapse.tasks'::regclass),
+                        (SELECT idx_tup_read FROM pg_stat_user_indexes
+                          WHERE indexrelid = 'synapse.tasks_lease_due'::regclass)",
+                &[],
+            )
+            .unwrap();
+        (row.get::<_, i64>(0) >= heartbeats).then(|| row.get(1))
+    });
+    // Each heartbeat probes the primary key for its task: the partial index
+    // of running tasks is not walked (64 entries a heartbeat).
+    assert!(
+        reads < heartbeats,
+        "{heartbeats} heartbeats read {reads} entries of tasks_lease_due"
+    );
+}

@@ -338,13 +338,17 @@ pub async fn heartbeat(
     lease: Duration,
     worker: &str,
 ) -> Result<bool> {
+    // `status || ''`, as in every lookup of a running task by id: the plain
+    // form lets a plan made while the tasks were few walk every running
+    // task's entry in tasks_lease_due (dead ones included) instead of the
+    // primary key.
     let statement = client
         .prepare_cached(
             "WITH seen AS (
                  UPDATE synapse.workers SET last_seen_at = now()
                   WHERE identity = $4 AND last_seen_at < now() - interval '1 second')
              UPDATE synapse.tasks SET lease_expires_at = now() + $3 * interval '1 millisecond'
-              WHERE id = $1 AND status = 'running' AND attempts = $2",
+              WHERE id = $1 AND status || '' = 'running' AND attempts = $2",
         )
         .await?;
     Ok(client
@@ -356,10 +360,11 @@ pub async fn heartbeat(
 /// Gives a claimed task back unrun (shutdown): `running → queued`, and the
 /// attempt does not count.
 pub async fn release_task(client: &impl GenericClient, task_id: i64, attempt: i32) -> Result<bool> {
+    // `status || ''`: see heartbeat.
     let statement = client
         .prepare_cached(
             "UPDATE synapse.tasks SET status = 'queued', attempts = attempts - 1
-              WHERE id = $1 AND status = 'running' AND attempts = $2",
+              WHERE id = $1 AND status || '' = 'running' AND attempts = $2",
         )
         .await?;
     Ok(client.execute(&statement, &[&task_id, &attempt]).await? == 1)

@@ -887,22 +887,9 @@ fn a_wide_fan_in_reads_each_edge_a_few_times_not_once_per_sibling() {
     let status = wait_for_goal(&stack, goal, WAIT);
     assert_eq!(status["status"], "succeeded", "{status}");
 
-    // A session reports its reads when it ends: stop the worker, then wait
-    // until every edge's resolution is counted.
-    worker.signal("TERM");
-    worker.wait(WAIT);
     let edge_count = 2 * width as i64;
-    let reads: i64 = wait_until("the worker's sessions to report", WAIT, || {
-        let row = client
-            .query_one(
-                "SELECT (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'synapse.edges'::regclass),
-                        (SELECT sum(idx_tup_read)::bigint FROM pg_stat_user_indexes
-                          WHERE relid = 'synapse.edges'::regclass)",
-                &[],
-            )
-            .unwrap();
-        (row.get::<_, i64>(0) >= edge_count).then(|| row.get(1))
-    });
+    let reads =
+        index_reads_once_stopped(&mut client, &mut worker, "synapse.edges", edge_count, "%");
     // Each edge is read when its parent's outcome is recorded, when it
     // resolves, when its target is decided and when the goal ends: about
     // four reads an edge (W² would be 400 an edge here).
@@ -942,21 +929,14 @@ fn ending_a_goal_looks_at_its_own_unfinished_tasks_not_at_those_of_older_goals()
         let status = wait_for_goal(&stack, goal, WAIT);
         assert_eq!(status["status"], "succeeded", "{status}");
     }
-    // A session reports its reads when it ends.
-    worker.signal("TERM");
-    worker.wait(WAIT);
-    let reads: i64 = wait_until("the worker's sessions to report", WAIT, || {
-        let row = client
-            .query_one(
-                "SELECT (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'synapse.goals'::regclass),
-                        (SELECT idx_tup_read FROM pg_stat_user_indexes
-                          WHERE indexrelid = 'synapse.tasks_unfinished'::regclass)",
-                &[],
-            )
-            .unwrap();
-        // Each goal's end updates its row.
-        (row.get::<_, i64>(0) >= 20).then(|| row.get(1))
-    });
+    // Each goal's task is claimed and recorded; the gate began to wait.
+    let reads = index_reads_once_stopped(
+        &mut client,
+        &mut worker,
+        "synapse.tasks",
+        2 * 20 + 1,
+        "tasks_unfinished",
+    );
     assert!(
         reads < waiting_steps,
         "{reads} entries of tasks_unfinished read to end 20 goals beside goal {older}"
@@ -1062,24 +1042,42 @@ fn a_heartbeat_finds_its_task_by_id_not_among_every_running_task() {
         .unwrap()
         .get(0);
     assert!(heartbeats >= 64, "{heartbeats} heartbeats");
-    // A session reports its reads when it ends.
-    worker.signal("TERM");
-    worker.wait(WAIT);
-    let reads: i64 = wait_until("the worker's sessions to report", WAIT, || {
-        let row = client
-            .query_one(
-                "SELECT (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'synapse.tasks'::regclass),
-                        (SELECT idx_tup_read FROM pg_stat_user_indexes
-                          WHERE indexrelid = 'synapse.tasks_lease_due'::regclass)",
-                &[],
-            )
-            .unwrap();
-        (row.get::<_, i64>(0) >= heartbeats).then(|| row.get(1))
-    });
+    let reads = index_reads_once_stopped(
+        &mut client,
+        &mut worker,
+        "synapse.tasks",
+        heartbeats,
+        "tasks_lease_due",
+    );
     // Each heartbeat probes the primary key for its task: the partial index
     // of running tasks is not walked (64 entries a heartbeat).
     assert!(
         reads < heartbeats,
         "{heartbeats} heartbeats read {reads} entries of tasks_lease_due"
     );
+}
+
+/// Stops `worker` and returns the index entries its sessions read in the
+/// indexes of `table` named like `indexes`: a session reports its reads when
+/// it ends, so this waits until `table` counts `updates` updated rows.
+fn index_reads_once_stopped(
+    client: &mut postgres::Client,
+    worker: &mut synapse_e2e::WorkerProcess,
+    table: &str,
+    updates: i64,
+    indexes: &str,
+) -> i64 {
+    worker.signal("TERM");
+    worker.wait(WAIT);
+    wait_until("the worker's sessions to report", WAIT, || {
+        let row = client
+            .query_one(
+                "SELECT (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = $1::text::regclass),
+                        (SELECT coalesce(sum(idx_tup_read), 0)::bigint FROM pg_stat_user_indexes
+                          WHERE relid = $1::text::regclass AND indexrelname LIKE $2)",
+                &[&table, &indexes],
+            )
+            .unwrap();
+        (row.get::<_, i64>(0) >= updates).then(|| row.get(1))
+    })
 }

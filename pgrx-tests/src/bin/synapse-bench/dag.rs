@@ -224,7 +224,7 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
             median_of(&fans, |run| run.join_delay_ms),
             "ms",
         )
-        .note("join's started_at − last parent's finished_at (both transaction start times)")
+        .note("join's started_at − last parent's finished_at: the statements that claimed it and recorded its last parent")
         .metric(Metric::JoinStart),
     );
     figures.push(

@@ -1052,25 +1052,3 @@ fn checking_that_a_batchs_tasks_are_still_queued_reads_those_tasks_not_every_que
     let read = check_buffers(&mut client) - before;
     assert!(read <= 20 * 10, "20 checks read {read} buffers");
 }
-
-#[test]
-fn what_the_forwarder_deleted_shows_in_the_statistics_while_it_runs() {
-    let stack = Stack::start("forwarder-stats", &[]);
-    let mut client = stack.pg();
-    client
-        .batch_execute("SELECT synapse.submit_goal('goal ' || i) FROM generate_series(1, 100) AS i")
-        .unwrap();
-    // Each event is deleted once Redis has it. A background worker's
-    // statistics reach pg_stat_* only when it reports them: at exit, unless
-    // it does so as it goes idle (autovacuum reads the dead rows there too).
-    wait_until("the forwarder's deletes reported", WAIT, || {
-        let deleted: i64 = client
-            .query_one(
-                "SELECT n_tup_del FROM pg_stat_user_tables WHERE relid = 'synapse.outbox'::regclass",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        (deleted >= 100).then_some(())
-    });
-}

@@ -60,7 +60,7 @@ pub extern "C-unwind" fn synapse_forwarder_main(_arg: pg_sys::Datum) {
             forwarder.timers_due = Some(Instant::now());
             forwarder.sweep_due = Some(Instant::now());
         }
-        timeout = latch_timeout(earliest(forwarder.run(), report_statistics()));
+        timeout = latch_timeout(forwarder.run());
     }
     LATCH_OWNER.get().store(-1, Ordering::Release);
     log!("synapse forwarder stopped");
@@ -174,16 +174,6 @@ fn next_redrain(
 
 /// A latch wait of `sleep`, rounded up to whole milliseconds: the wait counts
 /// in them, and waking a fraction early would find the deadline not yet due.
-/// Reports this process's table and index statistics (what it read, wrote
-/// and deleted) as a session does when it goes idle: a background worker's
-/// reach `pg_stat_*`, and autovacuum, only when it reports them. Postgres
-/// reports at most once a second; `Some` is when to try again.
-fn report_statistics() -> Option<Duration> {
-    // SAFETY: called from the main loop, outside any transaction.
-    let retry_ms = unsafe { pg_sys::pgstat_report_stat(false) };
-    (retry_ms > 0).then(|| Duration::from_millis(retry_ms as u64))
-}
-
 fn latch_timeout(sleep: Option<Duration>) -> Option<Duration> {
     sleep.map(|sleep| Duration::from_millis(sleep.as_nanos().div_ceil(1_000_000) as u64))
 }

@@ -747,6 +747,22 @@ pub fn wait_for_running_task(client: &mut postgres::Client, goal_id: i64) {
     });
 }
 
+/// What `pg_stat_statements` counted for the statements whose text matches
+/// `sql_like` (the query asking left out): their calls, and the buffers
+/// they touched (shared hits and reads).
+pub fn statement_counts(client: &mut postgres::Client, sql_like: &str) -> (i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT coalesce(sum(calls), 0)::bigint,
+                    coalesce(sum(shared_blks_hit + shared_blks_read), 0)::bigint
+               FROM pg_stat_statements
+              WHERE query LIKE $1 AND query NOT LIKE '%pg_stat_statements%'",
+            &[&sql_like],
+        )
+        .expect("pg_stat_statements");
+    (row.get(0), row.get(1))
+}
+
 /// Asserts that nothing happens during a quiet window: no statement in
 /// `pg_stat_statements` whose text matches `sql_like` (other than the probe's
 /// own), and no Redis command (besides the probe's INFO) is counted.
@@ -756,16 +772,7 @@ pub fn assert_quiet(
     sql_like: &str,
     window: Duration,
 ) {
-    let statements = |client: &mut postgres::Client| -> i64 {
-        client
-            .query_one(
-                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
-                  WHERE query LIKE $1 AND query NOT LIKE '%pg_stat_statements%'",
-                &[&sql_like],
-            )
-            .expect("pg_stat_statements")
-            .get(0)
-    };
+    let statements = |client: &mut postgres::Client| statement_counts(client, sql_like).0;
     let commands = |redis: &mut redis::Connection| -> String {
         let info: String = redis::cmd("INFO")
             .arg("commandstats")

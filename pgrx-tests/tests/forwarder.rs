@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use synapse_e2e::{
-    assert_quiet, brpop, postgres, redis, stream_events, submit_plan, task_id, wait_until, Stack,
-    ONE_STEP,
+    assert_quiet, brpop, postgres, redis, statement_counts, stream_events, submit_plan, task_id,
+    wait_until, Stack, ONE_STEP,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -340,16 +340,8 @@ fn timers_run_only_when_a_deadline_is_due_not_at_every_event() {
     let stack = Stack::start("timers-due", &[]);
     let mut client = stack.pg();
     let mut redis = stack.redis();
-    let timer_runs = |client: &mut postgres::Client| -> i64 {
-        client
-            .query_one(
-                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
-                  WHERE query LIKE '%synapse._run_timers%' AND query NOT LIKE '%pg_stat_statements%'",
-                &[],
-            )
-            .unwrap()
-            .get(0)
-    };
+    let timer_runs =
+        |client: &mut postgres::Client| statement_counts(client, "%synapse._run_timers%").0;
     // The first event wakes the forwarder; from then on the only deadline is
     // the sweep, 30 s away.
     submit_plan(&mut client, ONE_STEP);
@@ -934,16 +926,8 @@ fn a_held_snapshot_does_not_make_reads_wade_through_forwarded_rows() {
         .unwrap();
     // Buffers the forwarder's reads of the outbox touched (a read that steps
     // over deleted rows touches their pages).
-    let read_buffers = |client: &mut postgres::Client| -> i64 {
-        client
-            .query_one(
-                "SELECT coalesce(sum(shared_blks_hit + shared_blks_read), 0)::bigint FROM pg_stat_statements
-                  WHERE query LIKE '%pg_snapshot_xmin(pg_current_snapshot())%'
-                    AND query NOT LIKE '%pg_stat_statements%'",
-                &[],
-            )
-            .unwrap()
-            .get(0)
+    let read_buffers = |client: &mut postgres::Client| {
+        statement_counts(client, "%pg_snapshot_xmin(pg_current_snapshot())%").1
     };
     // Load for a minute while the report's snapshot is held, measuring what
     // each round of events costs the forwarder's reads.
@@ -1029,16 +1013,8 @@ fn checking_that_a_batchs_tasks_are_still_queued_reads_those_tasks_not_every_que
         (llen(&mut redis, queue) == 3000).then_some(())
     });
     // Buffers the forwarder's check touched.
-    let check_buffers = |client: &mut postgres::Client| -> i64 {
-        client
-            .query_one(
-                "SELECT coalesce(sum(shared_blks_hit + shared_blks_read), 0)::bigint FROM pg_stat_statements
-                  WHERE query LIKE '%FROM synapse.tasks WHERE id = ANY%'
-                    AND query NOT LIKE '%pg_stat_statements%'",
-                &[],
-            )
-            .unwrap()
-            .get(0)
+    let check_buffers = |client: &mut postgres::Client| {
+        statement_counts(client, "%FROM synapse.tasks WHERE id = ANY%").1
     };
     let before = check_buffers(&mut client);
     for forwarded in 1..=20 {

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use synapse_e2e::{
-    assert_quiet, edge_state, postgres, redis, run_plan, stream_events, submit_plan, task,
-    wait_for_goal, wait_for_running_task, wait_until, Stack,
+    assert_quiet, edge_state, postgres, redis, run_plan, statement_counts, stream_events,
+    submit_plan, task, wait_for_goal, wait_for_running_task, wait_until, Stack,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -1033,14 +1033,7 @@ fn a_heartbeat_finds_its_task_by_id_not_among_every_running_task() {
     let goal = submit_plan(&mut client, &json!({ "steps": steps }));
     let status = wait_for_goal(&stack, goal, WAIT);
     assert_eq!(status["status"], "succeeded", "{status}");
-    let heartbeats: i64 = client
-        .query_one(
-            "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
-              WHERE query LIKE '%SET lease_expires_at%' AND query NOT LIKE '%pg_stat_statements%'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let (heartbeats, _) = statement_counts(&mut client, "%SET lease_expires_at%");
     assert!(heartbeats >= 64, "{heartbeats} heartbeats");
     let reads = index_reads_once_stopped(
         &mut client,

@@ -2,8 +2,9 @@
 -- is granted to PUBLIC, and roles get what they need with grant_submitter,
 -- grant_worker and grant_admin. Only the extension's own code writes the
 -- tables: the API functions that write run as the extension's owner
--- (SECURITY DEFINER, with a pinned search_path), and so do the triggers that
--- write events, so no role needs (or gets) a write privilege on the outbox.
+-- (SECURITY DEFINER, with a pinned search_path), and the triggers that write
+-- events write them as that owner, so no role needs (or gets) a write
+-- privilege on the outbox.
 -- Row security shows each goal, with its tasks, edges, signals and attempts,
 -- to the members of its owner, and to admins and workers.
 
@@ -171,7 +172,7 @@ BEGIN
         'synapse.replay_parked_events()', 'synapse.forwarder_status()',
         'synapse._install_plan(bigint, jsonb, text, jsonb)',
         'synapse._start_child(bigint, integer, text, text, jsonb, jsonb)', 'synapse._start_maps(bigint[])',
-        'synapse._start_waits(jsonb)', 'synapse._goals_written()', 'synapse._tasks_written()',
+        'synapse._start_waits(jsonb)',
         'synapse.grant_submitter(regrole)', 'synapse.grant_worker(regrole)', 'synapse.grant_admin(regrole)',
         'synapse.revoke_submitter(regrole)', 'synapse.revoke_worker(regrole)', 'synapse.revoke_admin(regrole)']
     LOOP

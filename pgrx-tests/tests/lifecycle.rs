@@ -61,7 +61,7 @@ fn without_the_preload_the_api_works_and_events_wait_for_the_forwarder() {
     assert!(pending >= 3, "{status}");
 
     // With the preload, the waiting events go out, and sessions start with
-    // plpgsql (which every change runs) already loaded.
+    // plpgsql (which the API's functions run) already loaded.
     stack.restart_postgres_with(&[]);
     assert!(plpgsql_loaded_at_connect(&stack));
     let mut redis = stack.redis();

@@ -20,8 +20,6 @@ static SWEEP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(30);
 /// Whether events are also sent with `pg_notify`.
 static NOTIFY: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Which state changes become events (outbox rows, stream entries, NOTIFYs).
-/// The triggers read it by name (`current_setting`); defining it here
-/// checks the values.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Observe {
     /// Every goal and task state change.
@@ -173,4 +171,14 @@ pub fn max_depth() -> i32 {
 /// `synapse.retention` in seconds; 0 keeps finished goals forever.
 pub fn retention_seconds() -> i32 {
     RETENTION_S.get().max(0)
+}
+
+/// `synapse.notify`.
+pub fn notify() -> bool {
+    NOTIFY.get()
+}
+
+/// `synapse.observe`.
+pub fn observe() -> Observe {
+    OBSERVE.get()
 }

@@ -18,7 +18,14 @@ extension_sql_file!("../../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!(
     "../../sql/events.sql",
     name = "events",
-    requires = ["schema", events::wake_forwarder_at_commit]
+    requires = [
+        "schema",
+        events::wake::wake_forwarder_at_commit,
+        events::state::_goal_changed,
+        events::state::_task_changed,
+        events::written::_goals_written,
+        events::written::_tasks_written
+    ]
 );
 extension_sql_file!("../../sql/api.sql", name = "api", requires = ["events"]);
 extension_sql_file!("../../sql/waits.sql", name = "waits", requires = ["api"]);
@@ -55,8 +62,8 @@ pub extern "C-unwind" fn _PG_init() {
         forwarder::register();
         // In the postmaster: every backend forked from it inherits the work.
         let _ = synapse_worker::blueprint::warm_up();
-        // Every change of a goal or task runs a plpgsql trigger: loaded here
-        // once, instead of by each session's first change (~1 ms each).
+        // The API's plpgsql functions: loaded here once, instead of by each
+        // session's first call (~1 ms each).
         // SAFETY: the postmaster loading preload libraries, as Postgres does.
         unsafe { pg_sys::load_file(c"plpgsql".as_ptr(), false) };
     }

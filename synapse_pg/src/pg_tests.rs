@@ -483,6 +483,69 @@ mod tests {
         );
     }
 
+    /// A step's life, as a worker drives it: claimed with a lease, ended,
+    /// its successor queued. Returns the goal.
+    fn run_a_chain_step() -> i64 {
+        let id = one::<i64>(
+            r#"SELECT synapse.submit_plan('{"steps":[{"id":"a","action":"noop"},{"id":"b","action":"noop"}],
+                                            "edges":[{"from":"a","to":"b"}]}')"#,
+        );
+        Spi::run(&format!(
+            "UPDATE synapse.tasks SET status = 'running', attempts = attempts + 1,
+                    lease_expires_at = now() + interval '1 minute', leased_by = 'w'
+              WHERE goal_id = {id} AND step = 'a';
+             UPDATE synapse.tasks SET status = 'succeeded' WHERE goal_id = {id} AND step = 'a';
+             UPDATE synapse.tasks SET status = 'queued' WHERE goal_id = {id} AND step = 'b';"
+        ))
+        .unwrap();
+        id
+    }
+
+    #[pg_test]
+    fn the_state_machines_and_events_run_no_plpgsql() {
+        // A session's first change compiled every plpgsql trigger, and each
+        // statement ran one per row and one for the events.
+        Spi::run("SET LOCAL track_functions = 'all'").unwrap();
+        let id = run_a_chain_step();
+        assert_eq!(
+            count(&format!("synapse.outbox WHERE goal_id = {id}")),
+            5,
+            "goal.running, a queued, running, succeeded, b queued"
+        );
+        let plpgsql = Spi::get_one::<String>(
+            "SELECT string_agg(f.funcname, ', ' ORDER BY f.funcname)
+               FROM pg_stat_xact_user_functions AS f
+               JOIN pg_proc AS p ON p.oid = f.funcid
+               JOIN pg_language AS l ON l.oid = p.prolang
+              WHERE f.schemaname = 'synapse' AND l.lanname IN ('plpgsql', 'sql')",
+        )
+        .unwrap();
+        assert_eq!(plpgsql, None);
+        let rust = one::<i64>(
+            "SELECT count(*) FROM pg_stat_xact_user_functions
+              WHERE schemaname = 'synapse' AND funcname IN ('_task_changed', '_tasks_written')",
+        );
+        assert_eq!(rust, 2, "the Rust triggers ran, and were counted");
+    }
+
+    #[pg_test]
+    fn the_triggers_write_events_whatever_the_search_path_of_the_session() {
+        // They write as the tables' owner: a function the session puts
+        // before pg_catalog must not be what they call.
+        run_a_chain_step();
+        Spi::run(
+            "CREATE SCHEMA hijack;
+             CREATE FUNCTION hijack.unnest(anyarray) RETURNS SETOF anyelement LANGUAGE plpgsql
+                 AS $$ BEGIN RAISE EXCEPTION 'hijacked'; END $$;
+             CREATE FUNCTION hijack.unnest(anyarray, anyarray, anyarray, anyarray, anyarray, anyarray)
+                 RETURNS SETOF record LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'hijacked'; END $$;
+             SET LOCAL search_path = hijack, pg_catalog",
+        )
+        .unwrap();
+        let id = run_a_chain_step();
+        assert_eq!(count(&format!("synapse.outbox WHERE goal_id = {id}")), 5);
+    }
+
     /// Runs the timers (no retention): rows changed, seconds to the next deadline.
     fn run_timers() -> (i64, Option<f64>) {
         let (changed, next) = Spi::get_two::<i64, f64>(

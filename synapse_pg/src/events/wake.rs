@@ -1,6 +1,5 @@
 //! Waking the forwarder when events commit.
 //!
-//! The event rows themselves are written by the SQL triggers in `events.sql`.
 //! A background worker cannot LISTEN, so instead a statement trigger on the
 //! outbox arranges, once per transaction, for the forwarder's latch to be set
 //! right after commit. A rolled-back transaction wakes nobody.
@@ -17,7 +16,7 @@ thread_local! {
 
 /// Statement trigger on `synapse.outbox`: wake the forwarder at commit.
 #[pg_trigger]
-fn wake_forwarder_at_commit<'a>(
+pub fn wake_forwarder_at_commit<'a>(
     _trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
     wake_at_commit();
@@ -56,7 +55,7 @@ thread_local! {
 /// learns them from here instead of from the outbox, once this transaction
 /// has committed (so that the timers it runs then see the rows).
 #[pg_extern(name = "_timers_due", volatile, parallel_unsafe)]
-fn timers_due(due: Option<TimestampWithTimeZone>, goals_finished: bool) {
+pub fn timers_due(due: Option<TimestampWithTimeZone>, goals_finished: bool) {
     if !forwarder::is_preloaded() {
         return;
     }
@@ -84,56 +83,5 @@ fn timers_due(due: Option<TimestampWithTimeZone>, goals_finished: bool) {
         register_xact_callback(PgXactCallbackEvent::Abort, || {
             DEADLINE.with(|deadline| deadline.set(None));
         });
-    }
-}
-
-/// Whether the statement running is a `COPY` into a `synapse` table: a
-/// restore (see `events.sql`). Only the owner of the tables can COPY into
-/// them, so this opens nothing to the users of the API. Looks at the first
-/// bytes of the query text in place: the row triggers ask for every row, and
-/// a copy of a long statement (a large blueprint) per row would cost more
-/// than the row.
-#[pg_extern(name = "_restoring", stable, parallel_safe)]
-fn restoring() -> bool {
-    // SAFETY: debug_query_string is the running statement's text (or NULL),
-    // valid while it runs; only read here.
-    let query = unsafe { pg_sys::debug_query_string };
-    if query.is_null() {
-        return false;
-    }
-    // SAFETY: a NUL-terminated string, per the above.
-    let text = unsafe { std::ffi::CStr::from_ptr(query) }.to_bytes();
-    is_copy_into_synapse(text)
-}
-
-/// `^\s*copy\s+synapse\.`, case-insensitively.
-fn is_copy_into_synapse(text: &[u8]) -> bool {
-    let text = text.trim_ascii_start();
-    let Some(rest) = text
-        .get(..4)
-        .filter(|word| word.eq_ignore_ascii_case(b"copy"))
-        .map(|_| &text[4..])
-    else {
-        return false;
-    };
-    let table = rest.trim_ascii_start();
-    table.len() < rest.len() && table.len() >= 8 && table[..8].eq_ignore_ascii_case(b"synapse.")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_copy_into_synapse;
-
-    #[test]
-    fn only_a_copy_into_a_synapse_table_is_a_restore() {
-        assert!(is_copy_into_synapse(b"COPY synapse.tasks (id) FROM stdin;"));
-        assert!(is_copy_into_synapse(b"  \n copy\tSynapse.goals FROM stdin"));
-        assert!(!is_copy_into_synapse(b"COPYsynapse.tasks"));
-        assert!(!is_copy_into_synapse(b"COPY public.t FROM stdin"));
-        assert!(!is_copy_into_synapse(
-            b"SELECT synapse.submit_plan('COPY synapse.x')"
-        ));
-        assert!(!is_copy_into_synapse(b"copy"));
-        assert!(!is_copy_into_synapse(b""));
     }
 }

@@ -1,0 +1,347 @@
+//! The goal and task state machines. Before each row is written, its status
+//! change is checked and stamped with the time of the statement that made it,
+//! not the transaction's: a sql step's outcome is recorded, and its
+//! successors started, in the transaction that ran its query, begun before
+//! the query ran.
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::PgTupleDesc;
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::ffi::CStr;
+
+use super::columns::{positions, Layout, Values};
+use super::restore::restoring;
+
+/// A status change the state machine refuses: nothing is written.
+fn refuse(code: PgSqlErrorCode, message: String) -> ! {
+    ereport!(PgLogLevel::ERROR, code, message);
+    unreachable!("ereport(ERROR) does not return")
+}
+
+/// The row a BEFORE trigger is writing, with the columns it set.
+struct Writing {
+    tuple: pg_sys::HeapTuple,
+    tupdesc: pg_sys::TupleDesc,
+    columns: Vec<i32>,
+    values: Vec<pg_sys::Datum>,
+    nulls: Vec<bool>,
+}
+
+impl Writing {
+    fn set(&mut self, column: usize, value: Option<pg_sys::Datum>) {
+        self.columns.push(column as i32);
+        self.values.push(value.unwrap_or(pg_sys::Datum::from(0)));
+        self.nulls.push(value.is_none());
+    }
+
+    fn stamp(&mut self, column: usize) {
+        // SAFETY: reads the statement's start time; no error path.
+        let now = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+        self.set(column, Some(pg_sys::Datum::from(now)));
+    }
+
+    /// The row to write: the trigger's own, or a copy with the columns set.
+    fn into_row<'a>(mut self) -> PgHeapTuple<'a, AllocatedByPostgres> {
+        let tuple = if self.columns.is_empty() {
+            self.tuple
+        } else {
+            // SAFETY: a live tuple of this descriptor; the columns are its own.
+            unsafe {
+                pg_sys::heap_modify_tuple_by_cols(
+                    self.tuple,
+                    self.tupdesc,
+                    self.columns.len() as i32,
+                    self.columns.as_mut_ptr(),
+                    self.values.as_mut_ptr(),
+                    self.nulls.as_mut_ptr(),
+                )
+            }
+        };
+        // SAFETY: the tuple is the trigger's or a palloc'd copy of it, both
+        // described by the relation's descriptor (which outlives the call).
+        unsafe { PgHeapTuple::from_heap_tuple(PgTupleDesc::from_pg_unchecked(self.tupdesc), tuple) }
+    }
+}
+
+/// The new row of a BEFORE ROW trigger, and the old one of an UPDATE.
+///
+/// # Safety
+/// `trigger` is a firing BEFORE ROW INSERT or UPDATE trigger.
+unsafe fn rows<const N: usize>(
+    trigger: &pg_sys::TriggerData,
+    at: &[usize; N],
+) -> (Writing, Option<Values<N>>, Values<N>) {
+    // SAFETY: per this function's contract.
+    unsafe {
+        let tupdesc = (*trigger.tg_relation).rd_att;
+        let inserting = pgrx::trigger_support::trigger_fired_by_insert(trigger.tg_event);
+        let (new, old) = if inserting {
+            (trigger.tg_trigtuple, None)
+        } else {
+            (trigger.tg_newtuple, Some(trigger.tg_trigtuple))
+        };
+        let writing = Writing {
+            tuple: new,
+            tupdesc,
+            columns: Vec::new(),
+            values: Vec::new(),
+            nulls: Vec::new(),
+        };
+        let old = old.map(|old| Values::of_tuple(old, tupdesc, at));
+        let new = Values::of_tuple(new, tupdesc, at);
+        (writing, old, new)
+    }
+}
+
+const GOAL_COLUMNS: [&CStr; 5] = [
+    c"id",
+    c"status",
+    c"dispatched_at",
+    c"started_at",
+    c"finished_at",
+];
+const GOAL_ID: usize = 0;
+const GOAL_STATUS: usize = 1;
+const GOAL_DISPATCHED_AT: usize = 2;
+const GOAL_STARTED_AT: usize = 3;
+const GOAL_FINISHED_AT: usize = 4;
+
+thread_local! {
+    static GOAL_LAYOUT: Cell<Option<Layout<5>>> = const { Cell::new(None) };
+}
+
+/// Whether a goal may go from `old` to `new`.
+fn goal_may_change(old: &str, new: &str) -> bool {
+    match old {
+        "submitted" => matches!(new, "planning" | "running" | "failed" | "cancelled"),
+        "planning" => matches!(new, "submitted" | "running" | "failed" | "cancelled"),
+        "running" => matches!(new, "succeeded" | "failed" | "cancelled"),
+        // retry_goal runs a finished goal again.
+        _ => new == "running",
+    }
+}
+
+/// BEFORE INSERT, and BEFORE UPDATE OF status (when it changes), of each goal.
+#[pg_trigger]
+fn _goal_changed<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
+    let data = trigger.trigger_data();
+    let at = positions(&GOAL_LAYOUT, data.tg_relation, &GOAL_COLUMNS);
+    // SAFETY: this is a BEFORE ROW trigger of goals (events.sql).
+    let (mut writing, old, new) = unsafe { rows(data, &at) };
+    // A NULL status is left for the column's NOT NULL to refuse.
+    let Some(status) = new.text(GOAL_STATUS) else {
+        return Ok(Some(writing.into_row()));
+    };
+    match old.as_ref().map(|old| old.text(GOAL_STATUS)) {
+        None if restoring() => return Ok(Some(writing.into_row())),
+        None if !matches!(status.as_str(), "submitted" | "running" | "failed") => refuse(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("a new goal cannot start as {status}"),
+        ),
+        Some(Some(was)) if !goal_may_change(&was, &status) => refuse(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "goal {}: status cannot change from {was} to {status}",
+                new.bigint(GOAL_ID).unwrap_or_default()
+            ),
+        ),
+        _ => {}
+    }
+    match status.as_str() {
+        "submitted" => writing.stamp(at[GOAL_DISPATCHED_AT]),
+        "running" => writing.stamp(at[GOAL_STARTED_AT]),
+        "succeeded" | "failed" | "cancelled" => writing.stamp(at[GOAL_FINISHED_AT]),
+        _ => {}
+    }
+    Ok(Some(writing.into_row()))
+}
+
+const TASK_COLUMNS: [&CStr; 13] = [
+    c"id",
+    c"step",
+    c"status",
+    c"for_each_expr",
+    c"action",
+    c"child_goal_id",
+    c"attempts",
+    c"queued_at",
+    c"run_at",
+    c"started_at",
+    c"finished_at",
+    c"lease_expires_at",
+    c"leased_by",
+];
+const TASK_ID: usize = 0;
+const TASK_STEP: usize = 1;
+const TASK_STATUS: usize = 2;
+const TASK_FOR_EACH: usize = 3;
+const TASK_ACTION: usize = 4;
+const TASK_CHILD_GOAL: usize = 5;
+const TASK_ATTEMPTS: usize = 6;
+const TASK_QUEUED_AT: usize = 7;
+const TASK_RUN_AT: usize = 8;
+const TASK_STARTED_AT: usize = 9;
+const TASK_FINISHED_AT: usize = 10;
+const TASK_LEASE_EXPIRES_AT: usize = 11;
+const TASK_LEASED_BY: usize = 12;
+
+thread_local! {
+    static TASK_LAYOUT: Cell<Option<Layout<13>>> = const { Cell::new(None) };
+}
+
+/// What of the new row decides whether a task may take a status.
+struct TaskKind {
+    is_map: bool,
+    is_wait: bool,
+    has_child_goal: bool,
+    attempts: i32,
+}
+
+/// Whether a task may go from `old` to `new`.
+fn task_may_change(old: &str, new: &str, kind: &TaskKind) -> bool {
+    match old {
+        // Only a map step waits for its instances, or succeeds unrun (an
+        // empty list); a wait step waits without being queued.
+        "pending" => {
+            matches!(new, "queued" | "skipped" | "failed" | "cancelled")
+                || (matches!(new, "waiting" | "succeeded") && kind.is_map)
+                || (new == "waiting" && kind.is_wait)
+        }
+        "queued" => matches!(new, "running" | "cancelled"),
+        // A goal step waits for its child goal, and retries with a new one.
+        "running" => {
+            matches!(
+                new,
+                "succeeded" | "failed" | "retrying" | "queued" | "cancelled"
+            ) || (new == "waiting" && kind.has_child_goal)
+        }
+        "retrying" => matches!(new, "queued" | "cancelled"),
+        "waiting" => {
+            matches!(new, "succeeded" | "failed" | "cancelled")
+                || (new == "retrying" && kind.has_child_goal)
+        }
+        // retry_goal: an ended step starts afresh, its attempts from 1 again.
+        _ => new == "pending" && kind.attempts == 0,
+    }
+}
+
+/// BEFORE INSERT, and BEFORE UPDATE OF status (when it changes), of each task.
+#[pg_trigger]
+fn _task_changed<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
+    let data = trigger.trigger_data();
+    let at = positions(&TASK_LAYOUT, data.tg_relation, &TASK_COLUMNS);
+    // SAFETY: this is a BEFORE ROW trigger of tasks (events.sql).
+    let (mut writing, old, new) = unsafe { rows(data, &at) };
+    let Some(status) = new.text(TASK_STATUS) else {
+        return Ok(Some(writing.into_row()));
+    };
+    match old.as_ref().map(|old| old.text(TASK_STATUS)) {
+        None if restoring() => return Ok(Some(writing.into_row())),
+        None if !matches!(status.as_str(), "pending" | "queued") => refuse(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("a new task cannot start as {status}"),
+        ),
+        Some(Some(was)) => {
+            let kind = TaskKind {
+                is_map: !new.is_null(TASK_FOR_EACH),
+                is_wait: new.text(TASK_ACTION).as_deref() == Some("wait"),
+                has_child_goal: !new.is_null(TASK_CHILD_GOAL),
+                attempts: new.integer(TASK_ATTEMPTS).unwrap_or(-1),
+            };
+            if !task_may_change(&was, &status, &kind) {
+                refuse(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!(
+                        "task {} (step {}): status cannot change from {was} to {status}",
+                        new.bigint(TASK_ID).unwrap_or_default(),
+                        new.text(TASK_STEP).unwrap_or_default()
+                    ),
+                )
+            }
+        }
+        _ => {}
+    }
+    match status.as_str() {
+        "queued" => {
+            writing.stamp(at[TASK_QUEUED_AT]);
+            writing.set(at[TASK_RUN_AT], None);
+        }
+        "running" | "waiting" => writing.stamp(at[TASK_STARTED_AT]),
+        "succeeded" | "failed" | "skipped" | "cancelled" => writing.stamp(at[TASK_FINISHED_AT]),
+        _ => {}
+    }
+    if status != "running" {
+        if !new.is_null(TASK_LEASE_EXPIRES_AT) {
+            writing.set(at[TASK_LEASE_EXPIRES_AT], None);
+        }
+        if !new.is_null(TASK_LEASED_BY) {
+            writing.set(at[TASK_LEASED_BY], None);
+        }
+    }
+    Ok(Some(writing.into_row()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_goal_runs_again_only_once_it_ended() {
+        assert!(goal_may_change("submitted", "planning"));
+        assert!(goal_may_change("planning", "submitted"));
+        assert!(!goal_may_change("running", "submitted"));
+        assert!(goal_may_change("failed", "running"));
+        assert!(!goal_may_change("succeeded", "failed"));
+    }
+
+    #[test]
+    fn only_a_map_a_wait_or_a_goal_step_waits() {
+        let plain = TaskKind {
+            is_map: false,
+            is_wait: false,
+            has_child_goal: false,
+            attempts: 1,
+        };
+        assert!(!task_may_change("pending", "waiting", &plain));
+        assert!(!task_may_change("running", "waiting", &plain));
+        assert!(task_may_change(
+            "pending",
+            "waiting",
+            &TaskKind {
+                is_map: true,
+                ..plain
+            }
+        ));
+        assert!(task_may_change(
+            "pending",
+            "waiting",
+            &TaskKind {
+                is_wait: true,
+                ..plain
+            }
+        ));
+        assert!(task_may_change(
+            "running",
+            "waiting",
+            &TaskKind {
+                has_child_goal: true,
+                ..plain
+            }
+        ));
+        assert!(!task_may_change("succeeded", "pending", &plain));
+        assert!(task_may_change(
+            "succeeded",
+            "pending",
+            &TaskKind {
+                attempts: 0,
+                ..plain
+            }
+        ));
+        assert!(!task_may_change("queued", "succeeded", &plain));
+    }
+}

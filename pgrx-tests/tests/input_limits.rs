@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use synapse_e2e::{postgres, wait_for_goal, Stack};
+use synapse_e2e::{error_of, postgres, run_plan, task, wait_for_goal, Stack};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -284,6 +284,32 @@ fn chain(n: usize) -> String {
         .map(|i| json!({"from": format!("s{}", i - 1), "to": format!("s{i}")}))
         .collect();
     json!({ "steps": steps, "edges": edges }).to_string()
+}
+
+#[test]
+fn a_chain_whose_default_inputs_nest_past_the_limit_fails_at_that_step_saying_so() {
+    // Each step's default input holds its parent's result, which for a noop
+    // is its own input: one level deeper at every step. Read back by the
+    // worker, a value nested past its JSON reader's 128 levels failed the
+    // whole outcome batch it was in, until the step's lease lapsed.
+    let stack = Stack::start("input-limits-chain", &[]);
+    let _worker = stack.start_worker("chain", &["--lease", "2s"]);
+    let steps: Vec<Value> = (0..140)
+        .map(|i| json!({"id": format!("s{i}"), "action": "noop"}))
+        .collect();
+    let edges: Vec<Value> = (1..140)
+        .map(|i| json!({"from": format!("s{}", i - 1), "to": format!("s{i}")}))
+        .collect();
+    let status = run_plan(&stack, json!({"steps": steps, "edges": edges}));
+    assert_eq!(status["status"], "failed", "{status}");
+    assert_eq!(task(&status, "s63")["status"], "succeeded", "{status}");
+    assert_eq!(task(&status, "s64")["status"], "failed", "{status}");
+    assert_eq!(
+        error_of(&status, "s64"),
+        "the input of step s64 is nested 65 levels deep; the limit is 64"
+    );
+    assert_eq!(task(&status, "s64")["attempts"], 0, "it never ran");
+    assert_eq!(task(&status, "s65")["status"], "skipped", "{status}");
 }
 
 #[test]

@@ -10,6 +10,7 @@ use std::fmt;
 use serde_json::Value;
 
 use super::ActionError;
+use crate::blueprint::limits;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
@@ -85,11 +86,18 @@ impl ResultLimit {
         })
     }
 
-    /// `Ok` if `value`, serialized as compact JSON, fits.
+    /// `Ok` if `value`, serialized as compact JSON, fits, and nests no
+    /// deeper than any document Synapse stores (a result nests one level
+    /// deeper in the default input of each step after it).
     pub fn check(&self, value: &Value) -> Result<(), ActionError> {
-        match crate::blueprint::limits::json_len_within(value, self.bytes) {
-            Some(_) => Ok(()),
-            None => Err(self.exceeded("")),
+        if limits::json_len_within(value, self.bytes).is_none() {
+            return Err(self.exceeded(""));
+        }
+        match limits::json_depth(value) {
+            depth if depth > limits::MAX_JSON_DEPTH => Err(ActionError::Permanent(
+                limits::depth_message("result", depth),
+            )),
+            _ => Ok(()),
         }
     }
 }

@@ -249,4 +249,20 @@ mod tests {
             )
         );
     }
+
+    #[tokio::test]
+    async fn results_nested_deeper_than_any_stored_document_fail_whatever_the_action() {
+        let mut registry = ActionRegistry::new();
+        registry.register(Noop);
+        let registry = registry.bounded(ResultLimit::default());
+        let noop = registry.get("noop").expect("registered");
+        let nested = |levels: usize| (0..levels).fold(json!(1), |inner, _| json!([inner]));
+        assert!(noop.run(&context(json!({}), nested(64))).await.is_ok());
+        assert_eq!(
+            noop.run(&context(json!({}), nested(65))).await,
+            Err(ActionError::Permanent(
+                "result is nested 65 levels deep; the limit is 64".to_owned()
+            ))
+        );
+    }
 }

@@ -5,7 +5,7 @@
 use serde_json::{Map, Value};
 
 use crate::actions::ActionContext;
-use crate::blueprint::cel;
+use crate::blueprint::{cel, limits};
 use crate::store::{AttemptOutcome, Looping};
 
 /// What a loop's successful run leads to: success once `until` holds, the
@@ -55,6 +55,14 @@ fn next_input(context: &ActionContext, looping: &Looping, result: &Value) -> Res
                 context.step,
                 looping.iteration + 1
             )
+        })
+        .and_then(|input| {
+            let what = format!(
+                "the input of step {} for iteration {}",
+                context.step,
+                looping.iteration + 1
+            );
+            limits::check_json(&what, &input).map(|()| input)
         })
 }
 

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use deadpool_postgres::Transaction;
 use serde_json::{json, Map, Value};
 
-use crate::blueprint::cel;
+use crate::blueprint::{cel, limits};
 use crate::blueprint::{EdgeOn, Join};
 use crate::store::{self, GoalEnding, GoalFinish, OutboundEdge, Queued, StepEnd, StoreError};
 
@@ -529,16 +529,24 @@ async fn propagate(
                         }
                         Some(source) => cel::compile(source)
                             .and_then(|expression| expression.evaluate(&input_vars)),
-                    };
+                    }
+                    .map_err(|message| {
+                        format!(
+                            "cannot evaluate the input \"{}\" of step {}: {message}",
+                            task.input_expr.as_deref().unwrap_or_default(),
+                            task.step
+                        )
+                    })
+                    // Held to the budget of every stored document: parents'
+                    // results nest one level deeper in each default input.
+                    .and_then(|input| {
+                        limits::check_json(&format!("the input of step {}", task.step), &input)
+                            .map(|()| input)
+                    });
                     match input {
                         Ok(input) if task.is_wait => waits.push((task.id, task.step, input)),
                         Ok(input) => queued.push((task.id, input)),
-                        Err(message) => {
-                            let error = format!(
-                                "cannot evaluate the input \"{}\" of step {}: {message}",
-                                task.input_expr.as_deref().unwrap_or_default(),
-                                task.step
-                            );
+                        Err(error) => {
                             if let Some(failed) =
                                 store::fail_pending_task(tx, goal_id, &task.step, &error).await?
                             {

@@ -313,6 +313,28 @@ fn a_chain_whose_default_inputs_nest_past_the_limit_fails_at_that_step_saying_so
 }
 
 #[test]
+fn a_join_of_results_larger_than_a_mib_together_runs() {
+    // The depth of an input the engine makes is bounded, not its size: each
+    // parent's result is bounded by --max-result-size.
+    let stack = Stack::start("input-limits-wide-join", &[]);
+    let _worker = stack.start_worker("join", &[]);
+    let mut steps: Vec<Value> = (0..3)
+        .map(|i| {
+            json!({"id": format!("p{i}"), "action": "sql",
+                   "params": {"query": "SELECT repeat('x', 400000) AS s"}})
+        })
+        .collect();
+    steps.push(json!({"id": "j", "action": "transform", "join": "all",
+                      "params": {"expr": "size(input)"}}));
+    let edges: Vec<Value> = (0..3)
+        .map(|i| json!({"from": format!("p{i}"), "to": "j"}))
+        .collect();
+    let status = run_plan(&stack, json!({"steps": steps, "edges": edges}));
+    assert_eq!(task(&status, "j")["status"], "succeeded", "{status}");
+    assert_eq!(task(&status, "j")["result"], 3);
+}
+
+#[test]
 fn the_largest_blueprint_validates_and_installs() {
     let stack = Stack::start("input-limits-steps", &[]);
     let mut client = stack.pg();

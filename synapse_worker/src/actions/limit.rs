@@ -93,12 +93,7 @@ impl ResultLimit {
         if limits::json_len_within(value, self.bytes).is_none() {
             return Err(self.exceeded(""));
         }
-        match limits::json_depth(value) {
-            depth if depth > limits::MAX_JSON_DEPTH => Err(ActionError::Permanent(
-                limits::depth_message("result", depth),
-            )),
-            _ => Ok(()),
-        }
+        limits::check_depth("result", value).map_err(ActionError::Permanent)
     }
 }
 

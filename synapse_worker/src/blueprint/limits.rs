@@ -83,6 +83,14 @@ pub fn check_json(what: &str, value: &Value) -> Result<(), String> {
     if bytes > MAX_JSON_BYTES {
         return Err(size_message(what, bytes));
     }
+    check_depth(what, value)
+}
+
+/// Why `value`, called `what` in the message, nests too deep: for documents
+/// bounded in size elsewhere (a step's result) or not at all (the input the
+/// engine makes of its parents' results), but read back by the worker's JSON
+/// reader, which stops at 128 levels.
+pub fn check_depth(what: &str, value: &Value) -> Result<(), String> {
     let depth = json_depth(value);
     if depth > MAX_JSON_DEPTH {
         return Err(depth_message(what, depth));

@@ -62,7 +62,7 @@ fn next_input(context: &ActionContext, looping: &Looping, result: &Value) -> Res
                 context.step,
                 looping.iteration + 1
             );
-            limits::check_json(&what, &input).map(|()| input)
+            limits::check_depth(&what, &input).map(|()| input)
         })
 }
 

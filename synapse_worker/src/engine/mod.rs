@@ -537,10 +537,11 @@ async fn propagate(
                             task.step
                         )
                     })
-                    // Held to the budget of every stored document: parents'
-                    // results nest one level deeper in each default input.
+                    // As deep as a stored document may be: parents' results
+                    // nest one level deeper in each default input. (Not its
+                    // size: a wide join's input holds many results.)
                     .and_then(|input| {
-                        limits::check_json(&format!("the input of step {}", task.step), &input)
+                        limits::check_depth(&format!("the input of step {}", task.step), &input)
                             .map(|()| input)
                     });
                     match input {

@@ -37,17 +37,14 @@ impl Event {
     pub fn into_composite(self) -> composite_type!('static, "synapse._event") {
         let mut row = PgHeapTuple::new_composite_type("synapse._event")
             .expect("synapse._event is part of the extension");
-        let due_at = self
-            .due_at
-            // SAFETY: any microsecond count is a valid timestamptz datum.
-            .map(|at| unsafe { TimestampWithTimeZone::from_datum(at.into(), false) });
+        let due_at = self.due_at.and_then(timestamptz);
         let set = (|| {
             row.set_by_name("event", self.name)?;
             row.set_by_name("goal_id", self.goal_id)?;
             row.set_by_name("task_id", self.task_id)?;
             row.set_by_name("dispatch", self.dispatch)?;
             row.set_by_name("payload", self.payload)?;
-            row.set_by_name("due_at", due_at.flatten())
+            row.set_by_name("due_at", due_at)
         })();
         if let Err(error) = set {
             error!("synapse._event does not have the expected columns: {error}");
@@ -80,6 +77,12 @@ impl Event {
             "goal.succeeded" | "goal.failed" | "goal.cancelled"
         )
     }
+}
+
+/// A timestamptz of `at` microseconds since 2000-01-01.
+fn timestamptz(at: i64) -> Option<TimestampWithTimeZone> {
+    // SAFETY: any microsecond count is a valid timestamptz datum.
+    unsafe { TimestampWithTimeZone::from_datum(at.into(), false) }
 }
 
 /// Whether `synapse.observe` keeps `event`: the events that dispatch work
@@ -123,9 +126,7 @@ pub fn emit(mut events: Vec<Event>, owner: Option<pg_sys::Oid>) -> usize {
         if !left_out.is_empty() {
             let due = left_out.iter().filter_map(|event| event.due_at).min();
             let goals_finished = left_out.iter().any(Event::finishes_a_goal);
-            // SAFETY: any microsecond count is a valid timestamptz datum.
-            let due =
-                due.and_then(|at| unsafe { TimestampWithTimeZone::from_datum(at.into(), false) });
+            let due = due.and_then(timestamptz);
             timers_due(due, goals_finished);
         }
         events = kept;
@@ -151,12 +152,7 @@ pub fn emit(mut events: Vec<Event>, owner: Option<pg_sys::Oid>) -> usize {
         columns.2.push(event.task_id);
         columns.3.push(event.dispatch);
         columns.4.push(event.payload);
-        // SAFETY: any microsecond count is a valid timestamptz datum.
-        columns.5.push(
-            event
-                .due_at
-                .and_then(|at| unsafe { TimestampWithTimeZone::from_datum(at.into(), false) }),
-        );
+        columns.5.push(event.due_at.and_then(timestamptz));
     }
     let write = || {
         Spi::connect_mut(|client| {

@@ -6,11 +6,9 @@
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
-use std::cell::Cell;
 use std::convert::Infallible;
-use std::ffi::CStr;
 
-use super::columns::{positions, Layout, Values};
+use super::columns::{goal, goal_columns, task, task_columns, Values};
 use super::restore::restoring;
 
 /// A status change the state machine refuses: nothing is written.
@@ -70,7 +68,7 @@ impl Writing {
 /// `trigger` is a firing BEFORE ROW INSERT or UPDATE trigger.
 unsafe fn rows<const N: usize>(
     trigger: &pg_sys::TriggerData,
-    at: &[usize; N],
+    at: [usize; N],
 ) -> (Writing, Option<Values<N>>, Values<N>) {
     // SAFETY: per this function's contract.
     unsafe {
@@ -94,23 +92,6 @@ unsafe fn rows<const N: usize>(
     }
 }
 
-const GOAL_COLUMNS: [&CStr; 5] = [
-    c"id",
-    c"status",
-    c"dispatched_at",
-    c"started_at",
-    c"finished_at",
-];
-const GOAL_ID: usize = 0;
-const GOAL_STATUS: usize = 1;
-const GOAL_DISPATCHED_AT: usize = 2;
-const GOAL_STARTED_AT: usize = 3;
-const GOAL_FINISHED_AT: usize = 4;
-
-thread_local! {
-    static GOAL_LAYOUT: Cell<Option<Layout<5>>> = const { Cell::new(None) };
-}
-
 /// Whether a goal may go from `old` to `new`.
 fn goal_may_change(old: &str, new: &str) -> bool {
     match old {
@@ -128,14 +109,14 @@ fn _goal_changed<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
     let data = trigger.trigger_data();
-    let at = positions(&GOAL_LAYOUT, data.tg_relation, &GOAL_COLUMNS);
+    let at = goal_columns(data.tg_relation);
     // SAFETY: this is a BEFORE ROW trigger of goals (events.sql).
-    let (mut writing, old, new) = unsafe { rows(data, &at) };
+    let (mut writing, old, new) = unsafe { rows(data, at) };
     // A NULL status is left for the column's NOT NULL to refuse.
-    let Some(status) = new.text(GOAL_STATUS) else {
+    let Some(status) = new.text(goal::STATUS) else {
         return Ok(Some(writing.into_row()));
     };
-    match old.as_ref().map(|old| old.text(GOAL_STATUS)) {
+    match old.as_ref().map(|old| old.text(goal::STATUS)) {
         None if restoring() => return Ok(Some(writing.into_row())),
         None if !matches!(status.as_str(), "submitted" | "running" | "failed") => refuse(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -145,51 +126,18 @@ fn _goal_changed<'a>(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!(
                 "goal {}: status cannot change from {was} to {status}",
-                new.bigint(GOAL_ID).unwrap_or_default()
+                new.bigint(goal::ID).unwrap_or_default()
             ),
         ),
         _ => {}
     }
     match status.as_str() {
-        "submitted" => writing.stamp(at[GOAL_DISPATCHED_AT]),
-        "running" => writing.stamp(at[GOAL_STARTED_AT]),
-        "succeeded" | "failed" | "cancelled" => writing.stamp(at[GOAL_FINISHED_AT]),
+        "submitted" => writing.stamp(at[goal::DISPATCHED_AT]),
+        "running" => writing.stamp(at[goal::STARTED_AT]),
+        "succeeded" | "failed" | "cancelled" => writing.stamp(at[goal::FINISHED_AT]),
         _ => {}
     }
     Ok(Some(writing.into_row()))
-}
-
-const TASK_COLUMNS: [&CStr; 13] = [
-    c"id",
-    c"step",
-    c"status",
-    c"for_each_expr",
-    c"action",
-    c"child_goal_id",
-    c"attempts",
-    c"queued_at",
-    c"run_at",
-    c"started_at",
-    c"finished_at",
-    c"lease_expires_at",
-    c"leased_by",
-];
-const TASK_ID: usize = 0;
-const TASK_STEP: usize = 1;
-const TASK_STATUS: usize = 2;
-const TASK_FOR_EACH: usize = 3;
-const TASK_ACTION: usize = 4;
-const TASK_CHILD_GOAL: usize = 5;
-const TASK_ATTEMPTS: usize = 6;
-const TASK_QUEUED_AT: usize = 7;
-const TASK_RUN_AT: usize = 8;
-const TASK_STARTED_AT: usize = 9;
-const TASK_FINISHED_AT: usize = 10;
-const TASK_LEASE_EXPIRES_AT: usize = 11;
-const TASK_LEASED_BY: usize = 12;
-
-thread_local! {
-    static TASK_LAYOUT: Cell<Option<Layout<13>>> = const { Cell::new(None) };
 }
 
 /// What of the new row decides whether a task may take a status.
@@ -234,13 +182,13 @@ fn _task_changed<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
     let data = trigger.trigger_data();
-    let at = positions(&TASK_LAYOUT, data.tg_relation, &TASK_COLUMNS);
+    let at = task_columns(data.tg_relation);
     // SAFETY: this is a BEFORE ROW trigger of tasks (events.sql).
-    let (mut writing, old, new) = unsafe { rows(data, &at) };
-    let Some(status) = new.text(TASK_STATUS) else {
+    let (mut writing, old, new) = unsafe { rows(data, at) };
+    let Some(status) = new.text(task::STATUS) else {
         return Ok(Some(writing.into_row()));
     };
-    match old.as_ref().map(|old| old.text(TASK_STATUS)) {
+    match old.as_ref().map(|old| old.text(task::STATUS)) {
         None if restoring() => return Ok(Some(writing.into_row())),
         None if !matches!(status.as_str(), "pending" | "queued") => refuse(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -248,18 +196,18 @@ fn _task_changed<'a>(
         ),
         Some(Some(was)) => {
             let kind = TaskKind {
-                is_map: !new.is_null(TASK_FOR_EACH),
-                is_wait: new.text(TASK_ACTION).as_deref() == Some("wait"),
-                has_child_goal: !new.is_null(TASK_CHILD_GOAL),
-                attempts: new.integer(TASK_ATTEMPTS).unwrap_or(-1),
+                is_map: !new.is_null(task::FOR_EACH),
+                is_wait: new.text(task::ACTION).as_deref() == Some("wait"),
+                has_child_goal: !new.is_null(task::CHILD_GOAL),
+                attempts: new.integer(task::ATTEMPTS).unwrap_or(-1),
             };
             if !task_may_change(&was, &status, &kind) {
                 refuse(
                     PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                     format!(
                         "task {} (step {}): status cannot change from {was} to {status}",
-                        new.bigint(TASK_ID).unwrap_or_default(),
-                        new.text(TASK_STEP).unwrap_or_default()
+                        new.bigint(task::ID).unwrap_or_default(),
+                        new.text(task::STEP).unwrap_or_default()
                     ),
                 )
             }
@@ -268,19 +216,19 @@ fn _task_changed<'a>(
     }
     match status.as_str() {
         "queued" => {
-            writing.stamp(at[TASK_QUEUED_AT]);
-            writing.set(at[TASK_RUN_AT], None);
+            writing.stamp(at[task::QUEUED_AT]);
+            writing.set(at[task::RUN_AT], None);
         }
-        "running" | "waiting" => writing.stamp(at[TASK_STARTED_AT]),
-        "succeeded" | "failed" | "skipped" | "cancelled" => writing.stamp(at[TASK_FINISHED_AT]),
+        "running" | "waiting" => writing.stamp(at[task::STARTED_AT]),
+        "succeeded" | "failed" | "skipped" | "cancelled" => writing.stamp(at[task::FINISHED_AT]),
         _ => {}
     }
     if status != "running" {
-        if !new.is_null(TASK_LEASE_EXPIRES_AT) {
-            writing.set(at[TASK_LEASE_EXPIRES_AT], None);
+        if !new.is_null(task::LEASE_EXPIRES_AT) {
+            writing.set(at[task::LEASE_EXPIRES_AT], None);
         }
-        if !new.is_null(TASK_LEASED_BY) {
-            writing.set(at[TASK_LEASED_BY], None);
+        if !new.is_null(task::LEASED_BY) {
+            writing.set(at[task::LEASED_BY], None);
         }
     }
     Ok(Some(writing.into_row()))

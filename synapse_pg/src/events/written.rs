@@ -3,12 +3,10 @@
 //! skipped are not in its transition tables), recorded with one INSERT.
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::ffi::CStr;
 
-use super::columns::{each_row, positions, KeptLayout, Layout, Values};
+use super::columns::{each_row, goal, goal_columns, task, task_columns, Values};
 use super::outbox::{as_role, emit, Event};
 use super::payload::{goal_event, TaskEvent};
 use super::restore::restoring;
@@ -38,15 +36,13 @@ impl<'a> Statement<'a> {
     }
 
     /// The rows of one of the statement's transition tables (`new` or old),
-    /// each read by `read` from the columns of `names`.
+    /// each read by `read`, its columns at `at`.
     fn rows<const N: usize, T>(
         &self,
-        kept: &'static KeptLayout<N>,
-        names: &[&CStr; N],
+        at: [usize; N],
         new: bool,
         mut read: impl FnMut(&Values<N>) -> T,
     ) -> Vec<T> {
-        let at = positions(kept, self.data.tg_relation, names);
         let table = if new {
             self.data.tg_newtable
         } else {
@@ -56,21 +52,12 @@ impl<'a> Statement<'a> {
         // SAFETY: a transition table of the firing trigger, whose rows are
         // the relation's.
         unsafe {
-            each_row(table, (*self.data.tg_relation).rd_att, &at, |row| {
-                rows.push(read(&row))
+            each_row(table, (*self.data.tg_relation).rd_att, at, |row| {
+                rows.push(read(row))
             })
         };
         rows
     }
-}
-
-const GOAL_COLUMNS: [&CStr; 3] = [c"id", c"status", c"parent_task_id"];
-const GOAL_ID: usize = 0;
-const GOAL_STATUS: usize = 1;
-const GOAL_PARENT_TASK: usize = 2;
-
-thread_local! {
-    static GOAL_LAYOUT: Cell<Option<Layout<3>>> = const { Cell::new(None) };
 }
 
 struct GoalRow {
@@ -88,10 +75,12 @@ fn _goals_written<'a>(
     let Some(statement) = Statement::of(trigger) else {
         return Ok(None);
     };
-    let mut new = statement.rows(&GOAL_LAYOUT, &GOAL_COLUMNS, true, |row| GoalRow {
-        id: row.bigint(GOAL_ID).unwrap_or_default(),
-        status: row.text(GOAL_STATUS).unwrap_or_default(),
-        parent_task_id: row.bigint(GOAL_PARENT_TASK),
+    let mut new = statement.rows(goal_columns(statement.data.tg_relation), true, |row| {
+        GoalRow {
+            id: row.bigint(goal::ID).unwrap_or_default(),
+            status: row.text(goal::STATUS).unwrap_or_default(),
+            parent_task_id: row.bigint(goal::PARENT_TASK),
+        }
     });
     new.sort_unstable_by_key(|goal| goal.id);
     let events: Vec<Event> = if statement.inserting {
@@ -100,10 +89,10 @@ fn _goals_written<'a>(
             .collect()
     } else {
         let old: HashMap<i64, String> = statement
-            .rows(&GOAL_LAYOUT, &GOAL_COLUMNS, false, |row| {
+            .rows(goal_columns(statement.data.tg_relation), false, |row| {
                 (
-                    row.bigint(GOAL_ID).unwrap_or_default(),
-                    row.text(GOAL_STATUS).unwrap_or_default(),
+                    row.bigint(goal::ID).unwrap_or_default(),
+                    row.text(goal::STATUS).unwrap_or_default(),
                 )
             })
             .into_iter()
@@ -190,35 +179,6 @@ fn queue_acting_on(goal: &GoalRow, was: &str) -> Option<String> {
     }
 }
 
-const TASK_COLUMNS: [&CStr; 11] = [
-    c"id",
-    c"goal_id",
-    c"step",
-    c"queue",
-    c"status",
-    c"attempts",
-    c"map_index",
-    c"lease_expires_at",
-    c"run_at",
-    c"for_each_expr",
-    c"action",
-];
-const TASK_ID: usize = 0;
-const TASK_GOAL: usize = 1;
-const TASK_STEP: usize = 2;
-const TASK_QUEUE: usize = 3;
-const TASK_STATUS: usize = 4;
-const TASK_ATTEMPTS: usize = 5;
-const TASK_MAP_INDEX: usize = 6;
-const TASK_LEASE_EXPIRES_AT: usize = 7;
-const TASK_RUN_AT: usize = 8;
-const TASK_FOR_EACH: usize = 9;
-const TASK_ACTION: usize = 10;
-
-thread_local! {
-    static TASK_LAYOUT: Cell<Option<Layout<11>>> = const { Cell::new(None) };
-}
-
 struct TaskRow {
     id: i64,
     goal_id: i64,
@@ -259,18 +219,20 @@ fn _tasks_written<'a>(
     let Some(statement) = Statement::of(trigger) else {
         return Ok(None);
     };
-    let mut new = statement.rows(&TASK_LAYOUT, &TASK_COLUMNS, true, |row| TaskRow {
-        id: row.bigint(TASK_ID).unwrap_or_default(),
-        goal_id: row.bigint(TASK_GOAL).unwrap_or_default(),
-        step: row.text(TASK_STEP).unwrap_or_default(),
-        queue: row.text(TASK_QUEUE).unwrap_or_default(),
-        status: row.text(TASK_STATUS).unwrap_or_default(),
-        attempts: row.integer(TASK_ATTEMPTS).unwrap_or_default(),
-        map_index: row.integer(TASK_MAP_INDEX),
-        lease_expires_at: row.timestamp(TASK_LEASE_EXPIRES_AT),
-        run_at: row.timestamp(TASK_RUN_AT),
-        is_map: !row.is_null(TASK_FOR_EACH),
-        is_wait: row.text(TASK_ACTION).as_deref() == Some("wait"),
+    let mut new = statement.rows(task_columns(statement.data.tg_relation), true, |row| {
+        TaskRow {
+            id: row.bigint(task::ID).unwrap_or_default(),
+            goal_id: row.bigint(task::GOAL).unwrap_or_default(),
+            step: row.text(task::STEP).unwrap_or_default(),
+            queue: row.text(task::QUEUE).unwrap_or_default(),
+            status: row.text(task::STATUS).unwrap_or_default(),
+            attempts: row.integer(task::ATTEMPTS).unwrap_or_default(),
+            map_index: row.integer(task::MAP_INDEX),
+            lease_expires_at: row.timestamp(task::LEASE_EXPIRES_AT),
+            run_at: row.timestamp(task::RUN_AT),
+            is_map: !row.is_null(task::FOR_EACH),
+            is_wait: row.text(task::ACTION).as_deref() == Some("wait"),
+        }
     });
     new.sort_unstable_by_key(|task| task.id);
     let events: Vec<Event> = if statement.inserting {
@@ -280,12 +242,12 @@ fn _tasks_written<'a>(
             .collect()
     } else {
         let old: HashMap<i64, (String, Option<i64>)> = statement
-            .rows(&TASK_LAYOUT, &TASK_COLUMNS, false, |row| {
+            .rows(task_columns(statement.data.tg_relation), false, |row| {
                 (
-                    row.bigint(TASK_ID).unwrap_or_default(),
+                    row.bigint(task::ID).unwrap_or_default(),
                     (
-                        row.text(TASK_STATUS).unwrap_or_default(),
-                        row.timestamp(TASK_LEASE_EXPIRES_AT),
+                        row.text(task::STATUS).unwrap_or_default(),
+                        row.timestamp(task::LEASE_EXPIRES_AT),
                     ),
                 )
             })

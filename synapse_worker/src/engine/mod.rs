@@ -20,7 +20,9 @@ use serde_json::{json, Map, Value};
 
 use crate::blueprint::{cel, limits};
 use crate::blueprint::{EdgeOn, Join};
-use crate::store::{self, GoalEnding, GoalFinish, OutboundEdge, Queued, StepEnd, StoreError};
+use crate::store::{
+    self, GoalEnding, GoalFinish, OutboundEdge, Queued, ReadyTask, StepEnd, StoreError,
+};
 
 pub mod child;
 pub mod looping;
@@ -353,21 +355,40 @@ pub async fn steps_ended_in_locked_goals(
             .or_insert_with(|| (end.goal, Vec::new()));
         seeds.extend(resolved);
     }
-    store::resolve_edges(tx, &resolutions).await?;
     // Only the goals of `ends` that are running: a cancelled goal has
     // nothing left to decide.
     let running: Vec<i64> = running
         .into_iter()
         .filter(|goal_id| goals.contains_key(goal_id))
         .collect();
+    let firsts: Vec<(i64, Resolved)> = running
+        .iter()
+        .map(|goal_id| {
+            let (_, seeds) = goals
+                .get_mut(goal_id)
+                .expect("filtered to the goals of ends");
+            (*goal_id, merge_seeds(std::mem::take(seeds)))
+        })
+        .collect();
+    // Every goal's first look at its successors goes out with the resolutions.
+    let reads: Vec<(i64, String)> = firsts
+        .iter()
+        .flat_map(|(goal_id, resolved)| ready_reads(*goal_id, resolved))
+        .collect();
+    let mut ready = store::resolve_edges_then_ready(tx, &resolutions, &reads).await?;
     let mut carrying_on = Vec::new();
-    for goal_id in &running {
-        let (goal, seeds) = &mut goals
-            .get_mut(goal_id)
-            .expect("filtered to the goals of ends");
-        let queued_here = propagate(tx, *goal_id, goal, std::mem::take(seeds)).await?;
+    for (goal_id, first) in firsts {
+        let first_ready = first.1.is_empty().then(|| {
+            let (of_goal, others) = std::mem::take(&mut ready)
+                .into_iter()
+                .partition(|task| task.goal_id == goal_id);
+            ready = others;
+            of_goal
+        });
+        let goal = &goals[&goal_id].0;
+        let queued_here = propagate(tx, goal_id, goal, first, first_ready).await?;
         if !queued_here.is_empty() {
-            carrying_on.push(*goal_id);
+            carrying_on.push(goal_id);
         }
         queued.extend(queued_here);
     }
@@ -397,7 +418,7 @@ pub async fn resume(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<Queued
     for goal_id in &running {
         let steps = store::undecided_steps(tx, *goal_id).await?;
         if !steps.is_empty() {
-            queued.extend(propagate(tx, *goal_id, &goal, vec![(steps, Vec::new())]).await?);
+            queued.extend(propagate(tx, *goal_id, &goal, (steps, Vec::new()), None).await?);
         }
     }
     finish_goals_with_nothing_left(tx, &running, |_| &goal).await?;
@@ -440,18 +461,9 @@ async fn finish_goals_with_nothing_left<'g>(
 /// whose condition failed (target, error).
 type Resolved = (Vec<String>, Vec<(String, String)>);
 
-/// Queues or skips the successors of `seeds` whose inbound edges have all
-/// resolved, following skips and failures until nothing more is decided;
-/// returns the tasks it queued.
-async fn propagate(
-    tx: &Transaction<'_>,
-    goal_id: i64,
-    goal: &GoalVariables,
-    seeds: Vec<Resolved>,
-) -> Result<Vec<Queued>, StoreError> {
-    let mut queued_now = Vec::new();
-    // The steps that ended together are looked at together: each successor
-    // once, whatever number of them lead to it.
+/// The steps that ended together are looked at together: each successor
+/// once, whatever number of them lead to it.
+fn merge_seeds(seeds: Vec<Resolved>) -> Resolved {
     let mut seen = std::collections::HashSet::new();
     let mut merged: Resolved = (Vec::new(), Vec::new());
     for (successors, broken) in seeds {
@@ -462,19 +474,50 @@ async fn propagate(
         );
         merged.1.extend(broken);
     }
-    let mut seeds = vec![merged];
+    merged
+}
+
+/// The successors to read with the resolutions that decided them: none when
+/// an edge's condition failed, for its target fails first (and then is not
+/// ready).
+fn ready_reads(goal_id: i64, (successors, broken): &Resolved) -> Vec<(i64, String)> {
+    if !broken.is_empty() {
+        return Vec::new();
+    }
+    of_goal(goal_id, successors)
+}
+
+fn of_goal(goal_id: i64, steps: &[String]) -> Vec<(i64, String)> {
+    steps.iter().map(|step| (goal_id, step.clone())).collect()
+}
+
+/// Queues or skips the successors of `first` whose inbound edges have all
+/// resolved, following skips and failures until nothing more is decided;
+/// returns the tasks it queued. `first_ready`: those successors that are
+/// ready, when already read.
+async fn propagate(
+    tx: &Transaction<'_>,
+    goal_id: i64,
+    goal: &GoalVariables,
+    first: Resolved,
+    first_ready: Option<Vec<ReadyTask>>,
+) -> Result<Vec<Queued>, StoreError> {
+    let mut queued_now = Vec::new();
+    let mut next = Some((first, first_ready));
     let mut worklist: Vec<EndedStep> = Vec::new();
     loop {
-        let (successors, broken) = match seeds.pop() {
-            Some(resolved) => resolved,
+        let ((successors, broken), ready) = match next.take() {
+            Some(round) => round,
             None => match worklist.pop() {
                 Some(from) => {
                     let edges = store::outbound_edges(tx, goal_id, &from.step).await?;
                     let mut resolutions = Vec::new();
                     let resolved =
                         decide_outbound(tx, goal_id, goal, &from, edges, &mut resolutions).await?;
-                    store::resolve_edges(tx, &resolutions).await?;
-                    resolved
+                    let reads = ready_reads(goal_id, &resolved);
+                    let ready = store::resolve_edges_then_ready(tx, &resolutions, &reads).await?;
+                    let ready = resolved.1.is_empty().then_some(ready);
+                    (resolved, ready)
                 }
                 None => return Ok(queued_now),
             },
@@ -487,7 +530,10 @@ async fn propagate(
                 worklist.push(failed);
             }
         }
-        let ready = store::ready_tasks(tx, goal_id, &successors).await?;
+        let ready = match ready {
+            Some(ready) => ready,
+            None => store::ready_tasks(tx, &of_goal(goal_id, &successors)).await?,
+        };
         let needs_steps = ready
             .iter()
             .any(|task| task.input_expr.as_deref().is_some_and(reads_steps));

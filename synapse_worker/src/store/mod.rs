@@ -7,7 +7,7 @@ use std::time::Duration;
 use deadpool_postgres::{GenericClient, Transaction};
 use serde_json::{Map, Value};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::FromSql;
+use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{IsolationLevel, Row};
 use tracing::{debug, warn};
 
@@ -794,12 +794,21 @@ pub struct EdgeResolution {
     pub error: Option<String>,
 }
 
-/// Records how edges resolved (of any steps and goals), in one statement.
-pub async fn resolve_edges(tx: &Transaction<'_>, resolutions: &[EdgeResolution]) -> Result<()> {
+/// Records how edges resolved (of any steps and goals), then reads which of
+/// `steps` (goal, step) are ready ([`ready_tasks`]): both statements go out
+/// together, one round trip. Postgres runs the read once the resolutions are
+/// written, so it sees them, as if each had been awaited.
+pub async fn resolve_edges_then_ready(
+    tx: &Transaction<'_>,
+    resolutions: &[EdgeResolution],
+    steps: &[(i64, String)],
+) -> Result<Vec<ReadyTask>> {
     if resolutions.is_empty() {
-        return Ok(());
+        return ready_tasks(tx, steps).await;
     }
-    let statement = tx
+    // Both prepared first: a statement still to be prepared would go out
+    // after the other.
+    let resolve = tx
         .prepare_cached(
             // Each edge resolved counts down its target's pending inbound
             // edges, in the same statement: no later read has to look for them.
@@ -815,14 +824,22 @@ pub async fn resolve_edges(tx: &Transaction<'_>, resolutions: &[EdgeResolution])
               WHERE t.goal_id = c.goal_id AND t.step = c.to_step",
         )
         .await?;
+    let ready = tx.prepare_cached(READY_TASKS).await?;
     let goals: Vec<i64> = resolutions.iter().map(|r| r.goal_id).collect();
     let from: Vec<&str> = resolutions.iter().map(|r| r.from.as_str()).collect();
     let to: Vec<&str> = resolutions.iter().map(|r| r.to.as_str()).collect();
     let states: Vec<&str> = resolutions.iter().map(|r| r.state).collect();
     let errors: Vec<Option<&str>> = resolutions.iter().map(|r| r.error.as_deref()).collect();
-    tx.execute(&statement, &[&goals, &from, &to, &states, &errors])
-        .await?;
-    Ok(())
+    let arguments: [&(dyn ToSql + Sync); 5] = [&goals, &from, &to, &states, &errors];
+    let resolve = tx.execute(&resolve, &arguments);
+    if steps.is_empty() {
+        resolve.await?;
+        return Ok(Vec::new());
+    }
+    let (goal_ids, step_ids) = ready_arguments(steps);
+    let (_, rows) =
+        futures_util::future::try_join(resolve, tx.query(&ready, &[&goal_ids, &step_ids])).await?;
+    rows.iter().map(ready_task).collect()
 }
 
 /// Fails a step that has not run because its condition or input could not be
@@ -852,6 +869,8 @@ pub async fn fail_pending_task(
 
 /// A pending step whose inbound edges have all resolved.
 pub struct ReadyTask {
+    /// Its goal.
+    pub goal_id: i64,
     /// Task id.
     pub id: i64,
     /// Step id.
@@ -874,28 +893,34 @@ pub struct ReadyTask {
     pub is_wait: bool,
 }
 
-/// Those of `steps` that are pending with every inbound edge resolved (or,
-/// for a join `first` or n, with any resolved), in id order. Each step is looked at through index probes only (the LATERAL
+/// Those of `steps` (goal, step) that are pending with every inbound edge resolved (or,
+/// for a join `first` or n, with any resolved), in goal and id order. Each step is looked at through index probes only (the LATERAL
 /// subqueries keep the planner from scanning the whole goal, which made long
 /// chains quadratic): first its count of pending inbound edges, so a wide
 /// join is read in full only once, by the engine that resolves its last
 /// edge; then its inbound edges, with the parents' results when the default
 /// input needs them.
-pub async fn ready_tasks(
-    tx: &Transaction<'_>,
-    goal_id: i64,
-    steps: &[String],
-) -> Result<Vec<ReadyTask>> {
-    let statement = tx
-        .prepare_cached(
-            "SELECT t.id, t.step, t.join_mode, t.input_expr, inbound.from_steps, inbound.states, inbound.parent_results,
+pub async fn ready_tasks(tx: &Transaction<'_>, steps: &[(i64, String)]) -> Result<Vec<ReadyTask>> {
+    if steps.is_empty() {
+        return Ok(Vec::new());
+    }
+    let statement = tx.prepare_cached(READY_TASKS).await?;
+    let (goal_ids, step_ids) = ready_arguments(steps);
+    tx.query(&statement, &[&goal_ids, &step_ids])
+        .await?
+        .iter()
+        .map(ready_task)
+        .collect()
+}
+
+const READY_TASKS: &str = "SELECT s.goal_id, t.id, t.step, t.join_mode, t.input_expr, inbound.from_steps, inbound.states, inbound.parent_results,
                     t.for_each_expr IS NOT NULL, t.cancel_others, t.until_expr IS NOT NULL, t.action = 'wait'
-              FROM unnest($2::text[]) AS s(step)
+              FROM unnest($1::bigint[], $2::text[]) AS s(goal_id, step)
              CROSS JOIN LATERAL (
                    SELECT c.id, c.step, c.join_mode, c.input_expr, c.for_each_expr, c.cancel_others, c.until_expr,
                           c.action
                      FROM synapse.tasks c
-                    WHERE c.goal_id = $1 AND c.step = s.step AND coalesce(c.map_index, -1) = -1 AND c.status = 'pending'
+                    WHERE c.goal_id = s.goal_id AND c.step = s.step AND coalesce(c.map_index, -1) = -1 AND c.status = 'pending'
                       AND (c.pending_inbound = 0 OR c.join_mode NOT IN ('any', 'all'))
                     LIMIT 1) t
              CROSS JOIN LATERAL (
@@ -903,40 +928,42 @@ pub async fn ready_tasks(
                           coalesce(array_agg(e.state::text ORDER BY e.position), '{}') AS states,
                           coalesce(jsonb_object_agg(e.from_step,
                                        (SELECT coalesce(p.result, 'null'::jsonb) FROM synapse.tasks p
-                                         WHERE p.goal_id = $1 AND p.step = e.from_step AND coalesce(p.map_index, -1) = -1))
+                                         WHERE p.goal_id = s.goal_id AND p.step = e.from_step AND coalesce(p.map_index, -1) = -1))
                                    FILTER (WHERE e.state = 'taken' AND t.input_expr IS NULL), '{}') AS parent_results
                      FROM synapse.edges e
-                    WHERE e.goal_id = $1 AND e.to_step = t.step) inbound
-             ORDER BY t.id",
-        )
-        .await?;
-    tx.query(&statement, &[&goal_id, &steps])
-        .await?
-        .into_iter()
-        .map(|row| {
-            let from: Vec<String> = column(&row, 4)?;
-            let states: Vec<String> = column(&row, 5)?;
-            let Value::Object(taken_parent_results) = column::<Value>(&row, 6)? else {
-                return Err(StoreError::Data("parent results are not an object".into()));
-            };
-            Ok(ReadyTask {
-                id: column(&row, 0)?,
-                step: column(&row, 1)?,
-                join: {
-                    let join: &str = column(&row, 2)?;
-                    Join::from_column(join)
-                        .ok_or_else(|| StoreError::Data(format!("join mode {join:?}")))?
-                },
-                input_expr: column(&row, 3)?,
-                inbound: from.into_iter().zip(states).collect(),
-                taken_parent_results,
-                is_map: column(&row, 7)?,
-                cancel_others: column(&row, 8)?,
-                looping: column(&row, 9)?,
-                is_wait: column(&row, 10)?,
-            })
-        })
-        .collect()
+                    WHERE e.goal_id = s.goal_id AND e.to_step = t.step) inbound
+             ORDER BY s.goal_id, t.id";
+
+fn ready_arguments(steps: &[(i64, String)]) -> (Vec<i64>, Vec<&str>) {
+    steps
+        .iter()
+        .map(|(goal_id, step)| (*goal_id, step.as_str()))
+        .unzip()
+}
+
+fn ready_task(row: &Row) -> Result<ReadyTask> {
+    let from: Vec<String> = column(row, 5)?;
+    let states: Vec<String> = column(row, 6)?;
+    let Value::Object(taken_parent_results) = column::<Value>(row, 7)? else {
+        return Err(StoreError::Data("parent results are not an object".into()));
+    };
+    Ok(ReadyTask {
+        goal_id: column(row, 0)?,
+        id: column(row, 1)?,
+        step: column(row, 2)?,
+        join: {
+            let join: &str = column(row, 3)?;
+            Join::from_column(join)
+                .ok_or_else(|| StoreError::Data(format!("join mode {join:?}")))?
+        },
+        input_expr: column(row, 4)?,
+        inbound: from.into_iter().zip(states).collect(),
+        taken_parent_results,
+        is_map: column(row, 8)?,
+        cancel_others: column(row, 9)?,
+        looping: column(row, 10)?,
+        is_wait: column(row, 11)?,
+    })
 }
 
 /// The pending steps of `goal_id` with no inbound edge left to resolve: what

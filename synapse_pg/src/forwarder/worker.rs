@@ -1,8 +1,6 @@
 //! The forwarder's main loop.
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -613,12 +611,19 @@ fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Bat
         let read = prepared(
             client,
             "SELECT o.id, o.dispatch, o.payload, o.streamed, o.event, o.due_in,
-                    pg_snapshot_xmin(pg_current_snapshot())::text, 'synapse.outbox'::regclass::oid, o.task_id,
+                    pg_snapshot_xmin(pg_current_snapshot())::text, 'synapse.outbox'::regclass::oid, o.still_queued,
                     o.notify
                FROM (SELECT) AS one
                LEFT JOIN LATERAL (
-                    SELECT id, dispatch, payload, streamed, event, task_id, notify,
-                           extract(epoch FROM due_at - clock_timestamp())::float8 AS due_in
+                    SELECT id, dispatch, payload, streamed, event, notify,
+                           extract(epoch FROM due_at - clock_timestamp())::float8 AS due_in,
+                           -- The status is read, not filtered on, by primary key: a plan made
+                           -- while the tasks were few would walk the partial index of queued
+                           -- tasks, every one of them, at each batch.
+                           CASE WHEN event = 'task.queued' AND dispatch IS NOT NULL
+                                THEN coalesce((SELECT t.status = 'queued' FROM synapse.tasks t
+                                                WHERE t.id = outbox.task_id), false)
+                           END AS still_queued
                       FROM synapse.outbox
                      WHERE id > $2 AND (retry_at IS NULL OR retry_at <= clock_timestamp())
                      ORDER BY id LIMIT $1) AS o ON true
@@ -626,7 +631,6 @@ fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Bat
             &[oid(PgBuiltInOids::INT8OID), oid(PgBuiltInOids::INT8OID)],
         )?;
         let rows = client.select(&*read, None, &[BATCH_SIZE.into(), floor.into()])?;
-        let mut to_check = Vec::new();
         let mut batch = Batch {
             ids: Vec::with_capacity(rows.len()),
             events: Vec::with_capacity(rows.len()),
@@ -659,12 +663,11 @@ fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Bat
             }
             if dispatch.is_some() {
                 batch.due.sweep = earliest(batch.due.sweep, Some(sweep));
-                if event == "task.queued" {
-                    if let Some(task_id) = row.get::<i64>(9)? {
-                        to_check.push((batch.events.len(), task_id));
-                    }
-                }
             }
+            let dispatch = match row.get::<bool>(9)? {
+                Some(false) => None,
+                _ => dispatch,
+            };
             let payload = row.get::<String>(3)?.unwrap_or_default();
             if row.get::<bool>(10)?.unwrap_or(false) {
                 batch.notify.push(payload.clone());
@@ -676,35 +679,8 @@ fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Bat
                 streamed: row.get::<bool>(4)?.unwrap_or(false),
             });
         }
-        if !to_check.is_empty() {
-            let queued = still_queued(client, to_check.iter().map(|(_, task)| *task).collect())?;
-            for (index, task_id) in to_check {
-                if !queued.contains(&task_id) {
-                    batch.events[index].dispatch = None;
-                }
-            }
-        }
         Ok(batch)
     })
-}
-
-/// Which of `tasks` are still queued, in the read's snapshot.
-fn still_queued(client: &SpiClient<'_>, tasks: Vec<i64>) -> Result<HashSet<i64>, Failure> {
-    // The status is read, not filtered on: a plan made while the tasks were
-    // few would walk the partial index of queued tasks, every one of them,
-    // at each batch; only the primary key can find these by id.
-    let statement = prepared(
-        client,
-        "SELECT id, status = 'queued' FROM synapse.tasks WHERE id = ANY($1)",
-        &[oid(PgBuiltInOids::INT8ARRAYOID)],
-    )?;
-    let mut queued = HashSet::new();
-    for row in client.select(&*statement, None, &[tasks.into()])? {
-        if row.get::<bool>(2)? == Some(true) {
-            queued.extend(row.get::<i64>(1)?);
-        }
-    }
-    Ok(queued)
 }
 
 impl From<&str> for Failure {

@@ -66,9 +66,13 @@ async fn claim(
 ) -> Vec<ClaimedTask> {
     let mut client = pool.get().await.expect("a pooled connection");
     let tx = store::begin(&mut client).await.expect("BEGIN");
-    let claimed = store::claim_tasks(&tx, task_ids, &["default"], lease, "engine-faults-test")
-        .await
-        .expect("claim_tasks");
+    let claim = store::Claim {
+        task_ids,
+        queues: &["default"],
+        lease,
+        worker: "engine-faults-test",
+    };
+    let claimed = store::claim_tasks(&tx, &claim).await.expect("claim_tasks");
     tx.commit().await.expect("COMMIT");
     claimed
 }

@@ -949,21 +949,7 @@ fn a_successor_starts_in_the_transaction_that_recorded_its_parent_on_a_queue_the
     let serves_default = stack.start_worker("default", &["--queues", "default"]);
     let serves_other = stack.start_worker("other", &["--queues", "other"]);
     let mut client = stack.pg();
-    // Which transaction wrote each event: the outbox's rows are gone once
-    // forwarded, so a copy is kept as they are written.
-    client
-        .batch_execute(
-            "CREATE TABLE written (event text, step text, xid xid8);
-             CREATE FUNCTION keep_written() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
-             BEGIN
-                 INSERT INTO public.written
-                 SELECT NEW.event, (NEW.payload::jsonb)->>'step', pg_current_xact_id();
-                 RETURN NULL;
-             END $$;
-             CREATE TRIGGER keep_written AFTER INSERT ON synapse.outbox
-                 FOR EACH ROW EXECUTE FUNCTION keep_written();",
-        )
-        .unwrap();
+    keep_written_events(&mut client);
 
     // b is claimed by the transaction that recorded a.
     let chain = submit_plan(
@@ -974,17 +960,6 @@ fn a_successor_starts_in_the_transaction_that_recorded_its_parent_on_a_queue_the
     );
     let status = wait_for_goal(&stack, chain, WAIT);
     assert_eq!(status["status"], "succeeded", "{status}");
-    let same_transaction = |client: &mut postgres::Client, ended: &str, started: &str| -> bool {
-        client
-            .query_one(
-                "SELECT e.xid = s.xid FROM written e, written s
-                  WHERE e.event = 'task.succeeded' AND e.step = $1
-                    AND s.event = 'task.running' AND s.step = $2",
-                &[&ended, &started],
-            )
-            .unwrap()
-            .get(0)
-    };
     assert!(same_transaction(&mut client, "a", "b"), "{status}");
     assert_eq!(task(&status, "b")["attempts"], 1);
     // c is on a queue this worker does not serve: the other worker runs it.
@@ -1019,6 +994,66 @@ fn a_successor_starts_in_the_transaction_that_recorded_its_parent_on_a_queue_the
     assert_eq!(pushes, Some(2), "{info}");
     let status = wait_for_goal(&stack, chain, WAIT);
     assert_eq!(task(&status, "b")["attempts"], 1);
+}
+
+#[test]
+fn a_successor_claimed_in_its_parent_s_transaction_sees_what_that_transaction_cancelled() {
+    let stack = Stack::start("continuation-view", &[]);
+    let _worker = stack.start_worker("w", &[]);
+    let mut client = stack.pg();
+    keep_written_events(&mut client);
+    // When fast ends, one round of the engine queues winner and cancels
+    // slow, its other parent. winner is claimed by that transaction (local
+    // continuation), and what it reads of slow must be what the transaction
+    // leaves: cancelled, not still queued. (slow is on a queue no worker
+    // serves: its message wakes no one, so the slots stay free.)
+    let goal = submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "start", "action": "noop"},
+                          {"id": "fast", "action": "noop"},
+                          {"id": "slow", "action": "noop", "queue": "elsewhere"},
+                          {"id": "winner", "action": "transform", "params": {"expr": "steps.slow.status"},
+                           "join": "first", "cancel_others": true}],
+                "edges": [{"from": "start", "to": "fast"}, {"from": "start", "to": "slow"},
+                          {"from": "fast", "to": "winner"}, {"from": "slow", "to": "winner"}]}),
+    );
+    let status = wait_for_goal(&stack, goal, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(task(&status, "slow")["status"], "cancelled", "{status}");
+    assert_eq!(task(&status, "winner")["result"], "cancelled", "{status}");
+    assert!(same_transaction(&mut client, "fast", "winner"), "{status}");
+}
+
+/// Keeps a copy of each event with the transaction that wrote it: the
+/// outbox's rows are gone once forwarded.
+fn keep_written_events(client: &mut postgres::Client) {
+    client
+        .batch_execute(
+            "CREATE TABLE written (event text, step text, xid xid8);
+             CREATE FUNCTION keep_written() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+             BEGIN
+                 INSERT INTO public.written
+                 SELECT NEW.event, (NEW.payload::jsonb)->>'step', pg_current_xact_id();
+                 RETURN NULL;
+             END $$;
+             CREATE TRIGGER keep_written AFTER INSERT ON synapse.outbox
+                 FOR EACH ROW EXECUTE FUNCTION keep_written();",
+        )
+        .unwrap();
+}
+
+/// Whether `started` began running in the transaction that recorded `ended`
+/// (see [`keep_written_events`]).
+fn same_transaction(client: &mut postgres::Client, ended: &str, started: &str) -> bool {
+    client
+        .query_one(
+            "SELECT e.xid = s.xid FROM written e, written s
+              WHERE e.event = 'task.succeeded' AND e.step = $1
+                AND s.event = 'task.running' AND s.step = $2",
+            &[&ended, &started],
+        )
+        .unwrap()
+        .get(0)
 }
 
 #[test]

@@ -17,10 +17,8 @@
 //! The outcomes waiting for an answer are bounded (the backlog): an executor
 //! with nowhere to put its outcome keeps its slot, so claims slow down.
 //!
-//! Local continuation: the successors a batch queues on this worker's queues
-//! are claimed in the same transaction for its free slots, and run here
-//! without waiting for the forwarder, Redis and a claim of their own (their
-//! dispatch message still goes out, and is dropped by whoever pops it).
+//! The successors a batch queues on this worker's queues are claimed in the
+//! same transaction for its free slots ([`crate::continuation`]).
 //!
 //! Each transaction locks the goals of its batch (in id order) before it
 //! writes any task row: goal first, then tasks, the order `cancel_goal`
@@ -35,9 +33,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::engine;
+use crate::continuation::Continuation;
+use crate::engine::{self, Carried};
 use crate::executor::Handled;
-use crate::store::{self, with_retries, AttemptOutcome, ClaimedTask, Queued, Recorded, StoreError};
+use crate::store::{self, with_retries, AttemptOutcome, ClaimedTask, Recorded, StoreError};
 
 /// Most outcomes in one transaction.
 const MAX_BATCH: usize = 256;
@@ -119,58 +118,6 @@ impl Completer {
         outcome: AttemptOutcome,
     ) -> Result<Handled, StoreError> {
         self.hand_over(task, outcome).await?.wait().await
-    }
-}
-
-/// A task claimed by local continuation, with the slot it runs in.
-pub type Continued = (ClaimedTask, OwnedSemaphorePermit);
-
-/// How a worker takes the successors its batches queue (see the module doc).
-pub struct Continuation {
-    /// The worker's concurrency slots: only free ones are taken.
-    pub slots: Arc<Semaphore>,
-    /// The queues the worker serves.
-    pub queues: Vec<String>,
-    /// The lease of a claim.
-    pub lease: Duration,
-    /// The worker's identity (`leased_by`).
-    pub identity: String,
-    /// Where claimed tasks go, once their transaction committed.
-    pub run: mpsc::UnboundedSender<Continued>,
-    /// Once cancelled (the worker stops), nothing more is claimed.
-    pub stop: CancellationToken,
-}
-
-impl Continuation {
-    /// Claims, inside the batch's transaction, those of `queued` on this
-    /// worker's queues that its free slots can run.
-    async fn claim(
-        &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-        queued: &[Queued],
-    ) -> Result<Vec<Continued>, StoreError> {
-        if self.stop.is_cancelled() {
-            return Ok(Vec::new());
-        }
-        let mut ids = Vec::new();
-        let mut slots = Vec::new();
-        for task in queued
-            .iter()
-            .filter(|task| self.queues.contains(&task.queue))
-        {
-            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-                break;
-            };
-            ids.push(task.id);
-            slots.push(slot);
-        }
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let queues: Vec<&str> = self.queues.iter().map(String::as_str).collect();
-        let claimed = store::claim_tasks(tx, &ids, &queues, self.lease, &self.identity).await?;
-        // Slots left over (a task that could not be read) go back here.
-        Ok(claimed.into_iter().zip(slots).collect())
     }
 }
 
@@ -291,11 +238,12 @@ async fn record_isolated(
 
 /// In `tx`: the goals' locks, the outcomes (fenced by attempt) and the engine
 /// for every step that ended. Returns what became of each outcome, and the
-/// tasks the engine queued.
+/// tasks the engine queued (with `local`, some claimed for this worker).
 pub(crate) async fn record_in(
     tx: &deadpool_postgres::Transaction<'_>,
     outcomes: &[(&ClaimedTask, &AttemptOutcome)],
-) -> Result<(Vec<Handled>, Vec<Queued>), StoreError> {
+    local: Option<&Continuation>,
+) -> Result<(Vec<Handled>, Carried), StoreError> {
     let mut goal_ids: Vec<i64> = outcomes.iter().map(|(task, _)| task.goal_id).collect();
     goal_ids.sort_unstable();
     goal_ids.dedup();
@@ -316,12 +264,12 @@ pub(crate) async fn record_in(
             }
         });
     }
-    let queued = if ends.is_empty() {
-        Vec::new()
+    let carried = if ends.is_empty() {
+        Carried::default()
     } else {
-        engine::steps_ended_in_locked_goals(tx, ends, running).await?
+        engine::steps_ended_in_locked_goals(tx, ends, running, local).await?
     };
-    Ok((handled, queued))
+    Ok((handled, carried))
 }
 
 /// One transaction: [`record_in`], then the claims of local continuation,
@@ -334,11 +282,19 @@ async fn record_batch(
     with_retries(|| async {
         let mut client = pool.get().await?;
         let tx = store::begin(&mut client).await?;
-        let (handled, queued) = record_in(&tx, outcomes).await?;
-        let continued = match continuation {
-            Some(continuation) if !queued.is_empty() => continuation.claim(&tx, &queued).await?,
-            _ => Vec::new(),
-        };
+        let (handled, carried) = record_in(&tx, outcomes, continuation).await?;
+        let mut continued = carried.continued;
+        if let Some(continuation) = continuation {
+            // Those the engine could not claim as it queued them.
+            let rest: Vec<_> = carried
+                .queued
+                .into_iter()
+                .filter(|queued| !continued.iter().any(|(task, _)| task.id == queued.id))
+                .collect();
+            if !rest.is_empty() {
+                continued.extend(continuation.claim(&tx, &rest).await?);
+            }
+        }
         tx.commit().await?;
         Ok((handled, continued))
     })

@@ -117,14 +117,13 @@ pub async fn claim(shared: &Shared, list: &str, payloads: &[String]) -> Vec<Clai
     // COMMITTED whatever the database's default, see worker::pool).
     let claimed = with_retries(|| async {
         let client = shared.pool.get().await?;
-        store::claim_tasks(
-            &client,
-            &task_ids,
-            &[queue],
-            shared.config.lease,
-            &shared.config.identity,
-        )
-        .await
+        let claim = store::Claim {
+            task_ids: &task_ids,
+            queues: &[queue],
+            lease: shared.config.lease,
+            worker: &shared.config.identity,
+        };
+        store::claim_tasks(&client, &claim).await
     })
     .await;
     match claimed {
@@ -167,7 +166,7 @@ async fn carry_on_after(shared: &Shared, task_ids: &[i64]) {
         store::map::recount(&tx, task_ids).await?;
         let carried = ends.len();
         if carried > 0 {
-            crate::engine::steps_ended_in_locked_goals(&tx, ends, running).await?;
+            crate::engine::steps_ended_in_locked_goals(&tx, ends, running, None).await?;
         }
         tx.commit().await?;
         Ok(carried)

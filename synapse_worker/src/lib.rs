@@ -25,6 +25,8 @@ pub mod console;
 #[cfg(feature = "runtime")]
 pub mod consumer;
 #[cfg(feature = "runtime")]
+pub mod continuation;
+#[cfg(feature = "runtime")]
 pub mod engine;
 #[cfg(feature = "runtime")]
 pub mod executor;

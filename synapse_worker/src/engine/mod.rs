@@ -20,6 +20,7 @@ use serde_json::{json, Map, Value};
 
 use crate::blueprint::{cel, limits};
 use crate::blueprint::{EdgeOn, Join};
+use crate::continuation::{Continuation, Continued};
 use crate::store::{
     self, GoalEnding, GoalFinish, OutboundEdge, Queued, ReadyTask, StepEnd, StoreError,
 };
@@ -289,27 +290,31 @@ pub async fn steps_ended(
     goal_ids.sort_unstable();
     goal_ids.dedup();
     let running = store::lock_running_goals(tx, &goal_ids).await?;
-    steps_ended_in_locked_goals(tx, ends, running).await
+    Ok(steps_ended_in_locked_goals(tx, ends, running, None)
+        .await?
+        .queued)
 }
 
 /// [`steps_ended`] for a caller that already holds the goal locks:
 /// `running` is what [`store::lock_running_goals`] answered for the goals of
 /// `ends` (those not in it are no longer running, and nothing is decided
 /// for them). The statements serve the whole batch: a batch of single-step
-/// goals costs the same handful of statements as one goal. Returns the tasks
-/// it queued.
+/// goals costs the same handful of statements as one goal. With `local`,
+/// the tasks it queues may be claimed for this worker as they are queued
+/// (see [`crate::continuation`]).
 pub async fn steps_ended_in_locked_goals(
     tx: &Transaction<'_>,
     ends: Vec<StepEnd>,
     running: Vec<i64>,
-) -> Result<Vec<Queued>, StoreError> {
+    local: Option<&Continuation>,
+) -> Result<Carried, StoreError> {
     let mut goals: BTreeMap<i64, (GoalVariables, Vec<Resolved>)> = BTreeMap::new();
     let mut resolutions = Vec::new();
     // Instances end their map step only when the last of them (or one too
     // many failing) ends: decided first, the steps that ended join the rest.
     let (instance_ends, mut ends): (Vec<StepEnd>, Vec<StepEnd>) =
         ends.into_iter().partition(|end| end.map_index.is_some());
-    let mut queued = Vec::new();
+    let mut carried = Carried::default();
     if !instance_ends.is_empty() {
         let mut maps: Vec<(i64, String)> = instance_ends
             .iter()
@@ -319,7 +324,7 @@ pub async fn steps_ended_in_locked_goals(
         maps.sort_unstable();
         maps.dedup();
         let (ended_maps, instances) = map::instances_ended(tx, &maps).await?;
-        queued.extend(instances);
+        carried.queued.extend(instances);
         for (goal_id, ended) in ended_maps {
             let goal = match instance_ends.iter().find(|end| end.goal_id == goal_id) {
                 Some(end) => end.goal.clone(),
@@ -386,15 +391,32 @@ pub async fn steps_ended_in_locked_goals(
             of_goal
         });
         let goal = &goals[&goal_id].0;
-        let queued_here = propagate(tx, goal_id, goal, first, first_ready).await?;
-        if !queued_here.is_empty() {
+        let queued_here = propagate(tx, goal_id, goal, first, first_ready, local).await?;
+        if !queued_here.queued.is_empty() {
             carrying_on.push(goal_id);
         }
-        queued.extend(queued_here);
+        carried.extend(queued_here);
     }
     let may_have_ended = may_have_ended(&running, &carrying_on);
     finish_goals_with_nothing_left(tx, &may_have_ended, |goal_id| &goals[&goal_id].0).await?;
-    Ok(queued)
+    Ok(carried)
+}
+
+/// The tasks carrying on queued, and those of them claimed for this worker
+/// as they were queued.
+#[derive(Default)]
+pub struct Carried {
+    /// Every task queued.
+    pub queued: Vec<Queued>,
+    /// Those claimed by local continuation, to run once committed.
+    pub continued: Vec<Continued>,
+}
+
+impl Carried {
+    fn extend(&mut self, other: Carried) {
+        self.queued.extend(other.queued);
+        self.continued.extend(other.continued);
+    }
 }
 
 /// Carries on goals that run again (`retry_goal`): first the steps that
@@ -411,14 +433,23 @@ pub async fn resume(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<Queued
     let mut queued = Vec::new();
     if !unresolved.is_empty() {
         let ends = store::ended_without_a_worker(tx, &unresolved).await?;
-        queued.extend(steps_ended_in_locked_goals(tx, ends, running.clone()).await?);
+        queued.extend(
+            steps_ended_in_locked_goals(tx, ends, running.clone(), None)
+                .await?
+                .queued,
+        );
     }
     let running = store::lock_running_goals(tx, &running).await?;
     let goal = GoalVariables { goal: Value::Null };
     for goal_id in &running {
         let steps = store::undecided_steps(tx, *goal_id).await?;
         if !steps.is_empty() {
-            queued.extend(propagate(tx, *goal_id, &goal, (steps, Vec::new()), None).await?);
+            let first = (steps, Vec::new());
+            queued.extend(
+                propagate(tx, *goal_id, &goal, first, None, None)
+                    .await?
+                    .queued,
+            );
         }
     }
     finish_goals_with_nothing_left(tx, &running, |_| &goal).await?;
@@ -501,8 +532,9 @@ async fn propagate(
     goal: &GoalVariables,
     first: Resolved,
     first_ready: Option<Vec<ReadyTask>>,
-) -> Result<Vec<Queued>, StoreError> {
-    let mut queued_now = Vec::new();
+    local: Option<&Continuation>,
+) -> Result<Carried, StoreError> {
+    let mut carried = Carried::default();
     let mut next = Some((first, first_ready));
     let mut worklist: Vec<EndedStep> = Vec::new();
     loop {
@@ -519,7 +551,7 @@ async fn propagate(
                     let ready = resolved.1.is_empty().then_some(ready);
                     (resolved, ready)
                 }
-                None => return Ok(queued_now),
+                None => return Ok(carried),
             },
         };
         if successors.is_empty() {
@@ -539,6 +571,7 @@ async fn propagate(
             .any(|task| task.input_expr.as_deref().is_some_and(reads_steps));
         let input_vars = variables_for(tx, goal_id, goal, needs_steps).await?;
         let mut queued = Vec::new();
+        let mut queues = Vec::new();
         let mut skipped = Vec::new();
         let mut maps = Vec::new();
         let mut waits = Vec::new();
@@ -592,7 +625,10 @@ async fn propagate(
                     });
                     match input {
                         Ok(input) if task.is_wait => waits.push((task.id, task.step, input)),
-                        Ok(input) => queued.push((task.id, input)),
+                        Ok(input) => {
+                            queues.push((task.id, task.queue));
+                            queued.push((task.id, input));
+                        }
                         Err(error) => {
                             if let Some(failed) =
                                 store::fail_pending_task(tx, goal_id, &task.step, &error).await?
@@ -615,7 +651,25 @@ async fn propagate(
                 }
             }
         }
-        queued_now.extend(store::queue_tasks(tx, &queued).await?);
+        // Claimed as they are queued only when nothing more is written for
+        // this goal: what a task sees of its goal is what the transaction leaves.
+        let last_write = worklist.is_empty()
+            && skipped.is_empty()
+            && maps.is_empty()
+            && waits.is_empty()
+            && cancelling.is_empty();
+        let reservation = local.filter(|_| last_write).and_then(|local| {
+            local.reserve(queues.iter().map(|(id, queue)| (*id, queue.as_str())))
+        });
+        let served = local.map(Continuation::served).unwrap_or_default();
+        let claim = local
+            .zip(reservation.as_ref())
+            .map(|(local, reservation)| local.claim_of(reservation, &served));
+        let (queued_here, claimed) = store::queue_tasks(tx, &queued, claim.as_ref()).await?;
+        carried.queued.extend(queued_here);
+        if let Some(reservation) = reservation {
+            carried.continued.extend(reservation.fill(claimed));
+        }
         store::skip_tasks(tx, &skipped).await?;
         let map_ids: Vec<i64> = maps.iter().map(|(id, _)| *id).collect();
         for started in store::map::start(tx, &map_ids).await? {

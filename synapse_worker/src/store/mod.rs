@@ -193,16 +193,35 @@ impl ClaimedTask {
 /// write to Redis) never runs a task on a worker not meant for its queue.
 pub async fn claim_tasks(
     client: &impl GenericClient,
-    task_ids: &[i64],
-    queues: &[&str],
-    lease: Duration,
-    worker: &str,
+    claim: &Claim<'_>,
 ) -> Result<Vec<ClaimedTask>> {
-    let statement = client
-        .prepare_cached(
-            // `status || ''`: the rows are found by id, never by scanning the
-            // partial index of all queued tasks (see lock_goals_and_record).
-            "WITH m AS (
+    let statement = client.prepare_cached(CLAIM_TASKS).await?;
+    let lease = millis(claim.lease);
+    let rows = client.query(&statement, &claim.arguments(&lease)).await?;
+    Ok(claimed_tasks(&rows, claim.worker))
+}
+
+/// A claim of tasks by id, for a worker.
+pub struct Claim<'a> {
+    /// The tasks to claim, if queued.
+    pub task_ids: &'a [i64],
+    /// Only tasks of these queues are claimed.
+    pub queues: &'a [&'a str],
+    /// How long the claim holds them.
+    pub lease: Duration,
+    /// Who claims them (`leased_by`).
+    pub worker: &'a str,
+}
+
+impl Claim<'_> {
+    fn arguments<'c>(&'c self, lease_ms: &'c f64) -> [&'c (dyn ToSql + Sync); 4] {
+        [&self.task_ids, lease_ms, &self.worker, &self.queues]
+    }
+}
+
+// `status || ''`: the rows are found by id, never by scanning the
+// partial index of all queued tasks (see lock_goals_and_record).
+const CLAIM_TASKS: &str = "WITH m AS (
                  -- The expressions the worker evaluates: only those that mention
                  -- goal or steps pay for them.
                  SELECT c.id, concat(c.params ->> 'expr', ' ', c.params ->> 'args', ' ', c.until_expr, ' ',
@@ -233,22 +252,19 @@ pub async fn claim_tasks(
                          ELSE 'null'::jsonb END,
                     t.map_index, CASE WHEN t.map_index IS NOT NULL THEN coalesce(t.map_item, t.input) END,
                     t.until_expr, t.input_expr, t.iteration, t.max_iterations, t.attempts_before,
-                    CASE WHEN t.iteration > 1 THEN t.result END",
-        )
-        .await?;
-    let rows = client
-        .query(&statement, &[&task_ids, &millis(lease), &worker, &queues])
-        .await?;
+                    CASE WHEN t.iteration > 1 THEN t.result END";
+
+/// The tasks a claim's rows hold; a row whose identity cannot be read is
+/// left out (its lease lapses and the timers deal with it).
+fn claimed_tasks(rows: &[Row], worker: &str) -> Vec<ClaimedTask> {
     let mut claimed = Vec::with_capacity(rows.len());
-    for row in &rows {
+    for row in rows {
         match claimed_task(row, worker) {
             Ok(task) => claimed.push(task),
-            // Not even its identity could be read: its lease lapses and the
-            // timers deal with it.
             Err(error) => warn!(%error, "a claimed task cannot be read"),
         }
     }
-    Ok(claimed)
+    claimed
 }
 
 /// One claimed row. `params` and `input` are user data: when they cannot be
@@ -891,6 +907,8 @@ pub struct ReadyTask {
     pub looping: bool,
     /// A wait step: it waits instead of being queued.
     pub is_wait: bool,
+    /// The queue it goes to.
+    pub queue: String,
 }
 
 /// Those of `steps` (goal, step) that are pending with every inbound edge resolved (or,
@@ -914,11 +932,12 @@ pub async fn ready_tasks(tx: &Transaction<'_>, steps: &[(i64, String)]) -> Resul
 }
 
 const READY_TASKS: &str = "SELECT s.goal_id, t.id, t.step, t.join_mode, t.input_expr, inbound.from_steps, inbound.states, inbound.parent_results,
-                    t.for_each_expr IS NOT NULL, t.cancel_others, t.until_expr IS NOT NULL, t.action = 'wait'
+                    t.for_each_expr IS NOT NULL, t.cancel_others, t.until_expr IS NOT NULL, t.action = 'wait',
+                    t.queue
               FROM unnest($1::bigint[], $2::text[]) AS s(goal_id, step)
              CROSS JOIN LATERAL (
                    SELECT c.id, c.step, c.join_mode, c.input_expr, c.for_each_expr, c.cancel_others, c.until_expr,
-                          c.action
+                          c.action, c.queue
                      FROM synapse.tasks c
                     WHERE c.goal_id = s.goal_id AND c.step = s.step AND coalesce(c.map_index, -1) = -1 AND c.status = 'pending'
                       AND (c.pending_inbound = 0 OR c.join_mode NOT IN ('any', 'all'))
@@ -963,6 +982,7 @@ fn ready_task(row: &Row) -> Result<ReadyTask> {
         cancel_others: column(row, 9)?,
         looping: column(row, 10)?,
         is_wait: column(row, 11)?,
+        queue: column(row, 12)?,
     })
 }
 
@@ -1005,10 +1025,16 @@ pub async fn ended_with_pending_edges(tx: &Transaction<'_>, goal_id: i64) -> Res
         .collect()
 }
 
-/// `pending → queued` with their inputs, in one statement.
-pub async fn queue_tasks(tx: &Transaction<'_>, tasks: &[(i64, Value)]) -> Result<Vec<Queued>> {
+/// `pending → queued` with their inputs, in one statement; with a `claim`,
+/// then claims those tasks (local continuation), the two statements sent
+/// together, one round trip.
+pub async fn queue_tasks(
+    tx: &Transaction<'_>,
+    tasks: &[(i64, Value)],
+    claim: Option<&Claim<'_>>,
+) -> Result<(Vec<Queued>, Vec<ClaimedTask>)> {
     if tasks.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     let statement = tx
         .prepare_cached(
@@ -1020,8 +1046,22 @@ pub async fn queue_tasks(tx: &Transaction<'_>, tasks: &[(i64, Value)]) -> Result
         .await?;
     let ids: Vec<i64> = tasks.iter().map(|(id, _)| *id).collect();
     let inputs: Vec<&Value> = tasks.iter().map(|(_, input)| input).collect();
-    tx.query(&statement, &[&ids, &inputs])
-        .await?
+    let arguments: [&(dyn ToSql + Sync); 2] = [&ids, &inputs];
+    let queue = tx.query(&statement, &arguments);
+    let (rows, claimed) = match claim {
+        None => (queue.await?, Vec::new()),
+        Some(claim) => {
+            // Prepared first: a statement still to be prepared would go out
+            // after the other.
+            let claiming = tx.prepare_cached(CLAIM_TASKS).await?;
+            let lease = millis(claim.lease);
+            let arguments = claim.arguments(&lease);
+            let (rows, claimed) =
+                futures_util::future::try_join(queue, tx.query(&claiming, &arguments)).await?;
+            (rows, claimed_tasks(&claimed, claim.worker))
+        }
+    };
+    let queued = rows
         .iter()
         .map(|row| {
             Ok(Queued {
@@ -1029,7 +1069,8 @@ pub async fn queue_tasks(tx: &Transaction<'_>, tasks: &[(i64, Value)]) -> Result
                 queue: column(row, 1)?,
             })
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((queued, claimed))
 }
 
 /// A task the engine queued.

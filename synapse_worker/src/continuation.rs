@@ -1,0 +1,113 @@
+//! Local continuation: the successors a worker's own completions queue, on
+//! queues it serves, are claimed in the same transaction for its free slots,
+//! and run here without waiting for the forwarder, Redis and a claim of their
+//! own (their dispatch message is dropped by the forwarder, the task being no
+//! longer queued when it reads the event).
+//!
+//! The engine claims them with the statement that queues them when nothing
+//! else is written for their goal after it (one round trip less per step of
+//! a chain); otherwise the completer claims them just before its commit, so
+//! that what a task sees of its goal is what the transaction leaves.
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{self, ClaimedTask, Queued, StoreError};
+
+/// A task claimed by local continuation, with the slot it runs in.
+pub type Continued = (ClaimedTask, OwnedSemaphorePermit);
+
+/// How a worker takes the successors its completions queue.
+pub struct Continuation {
+    /// The worker's concurrency slots: only free ones are taken.
+    pub slots: Arc<Semaphore>,
+    /// The queues the worker serves.
+    pub queues: Vec<String>,
+    /// The lease of a claim.
+    pub lease: Duration,
+    /// The worker's identity (`leased_by`).
+    pub identity: String,
+    /// Where claimed tasks go, once their transaction committed.
+    pub run: mpsc::UnboundedSender<Continued>,
+    /// Once cancelled (the worker stops), nothing more is claimed.
+    pub stop: CancellationToken,
+}
+
+/// Free slots taken for tasks about to be claimed.
+pub struct Reservation {
+    task_ids: Vec<i64>,
+    slots: Vec<OwnedSemaphorePermit>,
+}
+
+impl Continuation {
+    /// Takes a free slot for each of `tasks` (id, queue) on a queue this
+    /// worker serves, as long as there are some; `None` if it takes none.
+    pub fn reserve<'q>(
+        &self,
+        tasks: impl IntoIterator<Item = (i64, &'q str)>,
+    ) -> Option<Reservation> {
+        if self.stop.is_cancelled() {
+            return None;
+        }
+        let mut reservation = Reservation {
+            task_ids: Vec::new(),
+            slots: Vec::new(),
+        };
+        for (task_id, queue) in tasks {
+            if !self.queues.iter().any(|served| served == queue) {
+                continue;
+            }
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                break;
+            };
+            reservation.task_ids.push(task_id);
+            reservation.slots.push(slot);
+        }
+        (!reservation.task_ids.is_empty()).then_some(reservation)
+    }
+
+    /// What a claim of `reservation`'s tasks asks the store.
+    pub fn claim_of<'r>(
+        &'r self,
+        reservation: &'r Reservation,
+        queues: &'r [&'r str],
+    ) -> store::Claim<'r> {
+        store::Claim {
+            task_ids: &reservation.task_ids,
+            queues,
+            lease: self.lease,
+            worker: &self.identity,
+        }
+    }
+
+    /// The queues this worker serves, as the store takes them.
+    pub fn served(&self) -> Vec<&str> {
+        self.queues.iter().map(String::as_str).collect()
+    }
+
+    /// Claims, in `tx`, those of `queued` that its free slots can run.
+    pub async fn claim(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        queued: &[Queued],
+    ) -> Result<Vec<Continued>, StoreError> {
+        let Some(reservation) =
+            self.reserve(queued.iter().map(|task| (task.id, task.queue.as_str())))
+        else {
+            return Ok(Vec::new());
+        };
+        let served = self.served();
+        let claimed = store::claim_tasks(tx, &self.claim_of(&reservation, &served)).await?;
+        Ok(reservation.fill(claimed))
+    }
+}
+
+impl Reservation {
+    /// The claimed tasks, each with a slot; slots left over (a task that
+    /// could not be claimed or read) go back.
+    pub fn fill(self, claimed: Vec<ClaimedTask>) -> Vec<Continued> {
+        claimed.into_iter().zip(self.slots).collect()
+    }
+}

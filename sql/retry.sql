@@ -58,8 +58,9 @@ BEGIN
            failure_kind = NULL, run_at = NULL, queued_at = NULL, started_at = NULL, finished_at = NULL,
            map_size = NULL, map_next = NULL, map_ended = NULL, map_failed = NULL, child_goal_id = NULL,
            iteration = CASE WHEN t.until_expr IS NOT NULL THEN 1 END,
-           pending_inbound = (SELECT count(*) FROM synapse.edges AS e
-                               WHERE e.goal_id = t.goal_id AND e.to_step = t.step AND e.state = 'pending')
+           (pending_inbound, taken_inbound, inbound) =
+               (SELECT count(*) FILTER (WHERE e.state = 'pending'), count(*) FILTER (WHERE e.state = 'taken'), count(*)
+                  FROM synapse.edges AS e WHERE e.goal_id = t.goal_id AND e.to_step = t.step)
      WHERE t.goal_id = retry_goal.goal_id AND t.step = ANY (reset) AND t.map_index IS NULL;
     -- Back to running: the goal's event goes to a worker, which starts the
     -- reset steps whose inbound edges have all resolved (events.sql).

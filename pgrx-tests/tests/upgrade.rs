@@ -4,14 +4,14 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use synapse_e2e::{postgres, submit_plan, wait_for_goal, wait_until, Stack, TRIAGE};
+use synapse_e2e::{postgres, submit_plan, task, wait_for_goal, wait_until, Stack, TRIAGE};
 
 const WAIT: Duration = Duration::from_secs(60);
 
 /// Every earlier release, oldest first: each is installed, loaded with work
 /// and updated to this release.
 const RELEASES: &[&str] = &[
-    "0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0", "0.8.0",
+    "0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0", "0.8.0", "0.9.0",
 ];
 
 /// One line per object of the `synapse` schema and its extension: columns,
@@ -106,7 +106,14 @@ fn every_release_updates_to_this_one_with_goals_in_flight() {
             &mut client,
             r#"{"steps":[{"id":"a","action":"noop"},{"id":"b","action":"noop"}],"edges":[{"from":"a","to":"b"}]}"#,
         );
-        let in_flight = [planned, chain];
+        // A join all decided after the update from counts the update made:
+        // x's edge is not taken, so j is skipped.
+        let join = submit_plan(
+            &mut client,
+            r#"{"steps":[{"id":"x","action":"noop"},{"id":"y","action":"noop"},{"id":"j","action":"noop","join":"all"}],
+                "edges":[{"from":"x","to":"j","on":"failure"},{"from":"y","to":"j"}]}"#,
+        );
+        let in_flight = [planned, chain, join];
 
         client
             .batch_execute("ALTER EXTENSION synapse UPDATE")
@@ -150,6 +157,13 @@ fn every_release_updates_to_this_one_with_goals_in_flight() {
             let status = wait_for_goal(&stack, goal, WAIT);
             assert_eq!(status["status"], "succeeded", "{status}");
         }
+        let status = wait_for_goal(&stack, join, WAIT);
+        assert_eq!(task(&status, "j")["status"], "skipped", "{status}");
+        assert_eq!(
+            task(&status, "j")["error"],
+            "join all: edge from x not taken",
+            "{status}"
+        );
         wait_until("the outbox to drain", WAIT, || {
             (stack.forwarder_status(&mut client)["pending"] == 0).then_some(())
         });

@@ -1085,6 +1085,69 @@ fn a_heartbeat_finds_its_task_by_id_not_among_every_running_task() {
     );
 }
 
+#[test]
+fn a_wide_join_is_decided_from_its_counts_and_reads_its_edges_only_for_its_input() {
+    // A join of W parents, all of them ended: the engine's look at it reads
+    // the counts kept on its row, and its W edges only when its default
+    // input needs the parents' results (it read all W to decide).
+    let stack = Stack::start("join-counts", &[]);
+    let mut client = stack.pg();
+    let width = 400;
+    let mut with_own_input = fan_in(width);
+    let steps = with_own_input["steps"].as_array_mut().unwrap();
+    steps.last_mut().unwrap()["input"] = json!("{}");
+    let goals = [
+        (submit_plan(&mut client, &with_own_input), 0),
+        (submit_plan(&mut client, &fan_in(width)), width as i64),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pool = synapse_worker::worker::pool(&stack.database_url(), 1).expect("a pool");
+    for (goal, expected_reads) in goals {
+        // As if every parent had ended and its edge into the join resolved.
+        client
+            .execute(
+                "WITH taken AS (
+                     UPDATE synapse.edges SET state = 'taken', resolved_at = now()
+                      WHERE goal_id = $1 AND to_step = 'join' RETURNING 1)
+                 UPDATE synapse.tasks SET pending_inbound = 0, taken_inbound = (SELECT count(*) FROM taken)
+                  WHERE goal_id = $1 AND step = 'join'",
+                &[&goal],
+            )
+            .unwrap();
+        let (ready, reads) = rt.block_on(async {
+            let mut session = pool.get().await.unwrap();
+            let tx = synapse_worker::store::begin(&mut session).await.unwrap();
+            let ready = synapse_worker::store::ready_tasks(&tx, &[(goal, "join".to_owned())])
+                .await
+                .unwrap();
+            let reads: i64 = tx
+                .query_one(
+                    "SELECT coalesce(idx_tup_fetch, 0) + coalesce(seq_tup_read, 0)
+                       FROM pg_stat_xact_user_tables WHERE relid = 'synapse.edges'::regclass",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (ready, reads)
+        });
+        assert_eq!(ready.len(), 1);
+        let join = &ready[0];
+        assert_eq!(
+            (join.inbound.total, join.inbound.pending, join.inbound.taken),
+            (width as u32, 0, width as u32)
+        );
+        assert_eq!(join.taken_parent_results.len() as i64, expected_reads);
+        assert_eq!(
+            reads, expected_reads,
+            "edges read to decide the join of goal {goal}"
+        );
+    }
+}
+
 /// Stops `worker` and returns the index entries its sessions read in the
 /// indexes of `table` named like `indexes`: a session reports its reads when
 /// it ends, so this waits until `table` counts `updates` updated rows.

@@ -388,7 +388,11 @@ fn install(
             inbound.get(step.id.as_str()).copied().unwrap_or(0),
         );
     }
-    let arrays = tasks.columns(columns >= TaskColumns::InboundCounts, grows_plan);
+    let arrays = tasks.columns(
+        columns >= TaskColumns::InboundCounts,
+        grows_plan,
+        columns >= TaskColumns::JoinCounts,
+    );
     // Arrays, one per column, not a JSON document: thousands of steps are
     // neither written out as JSON nor parsed back. $2 is the goal's input,
     // passed once for the roots that start with it (`goal_input`).
@@ -578,9 +582,9 @@ impl<'p> TaskArrays<'p> {
     }
 
     /// The arrays as `unnest` reads them, `goal_input` and `input` first.
-    /// The inbound counts and the columns of plans that grow only when asked
-    /// (see [`TaskColumns`]).
-    fn columns(self, with_counts: bool, with_growth: bool) -> Vec<Column> {
+    /// The inbound counts, the columns of plans that grow and the join
+    /// counts only when asked (see [`TaskColumns`]).
+    fn columns(self, with_counts: bool, with_growth: bool, with_join_counts: bool) -> Vec<Column> {
         const BOOLS: PgBuiltInOids = PgBuiltInOids::BOOLARRAYOID;
         const INTS: PgBuiltInOids = PgBuiltInOids::INT4ARRAYOID;
         const BIGINTS: PgBuiltInOids = PgBuiltInOids::INT8ARRAYOID;
@@ -607,6 +611,15 @@ impl<'p> TaskArrays<'p> {
         add("backoff_ms", "bigint", BIGINTS, self.backoff_ms.into());
         add("timeout_ms", "bigint", BIGINTS, self.timeout_ms.into());
         add("status", "text", TEXTS, self.status.into());
+        if with_join_counts {
+            // Before any resolves, every inbound edge is pending.
+            add(
+                "inbound",
+                "integer",
+                INTS,
+                self.pending_inbound.clone().into(),
+            );
+        }
         if with_counts {
             add(
                 "pending_inbound",
@@ -659,6 +672,8 @@ enum TaskColumns {
     InboundCounts,
     /// 0.4.0: maps, loops and early joins.
     PlansThatGrow,
+    /// 0.10.0: `inbound` and `taken_inbound`.
+    JoinCounts,
 }
 
 /// Whether `synapse.<table>` has `column`; syscache lookups only.
@@ -684,7 +699,9 @@ fn goals_have_owners() -> bool {
 /// Which columns `synapse.tasks` has; syscache lookups only.
 fn task_columns() -> TaskColumns {
     let has = |column: &std::ffi::CStr| has_column(c"tasks", column);
-    if has(c"for_each_expr") {
+    if has(c"inbound") {
+        TaskColumns::JoinCounts
+    } else if has(c"for_each_expr") {
         TaskColumns::PlansThatGrow
     } else if has(c"pending_inbound") {
         TaskColumns::InboundCounts

@@ -135,28 +135,38 @@ pub enum JoinDecision {
     Skip(String),
 }
 
-/// Decides a step from the states of its inbound edges (`(from, state)`).
-/// `any` and `all` wait for every edge; `first` and n decide as soon as
-/// enough edges are taken, or as soon as too few still can be (§4.8).
-pub fn decide_join(join: Join, inbound: &[(String, String)]) -> JoinDecision {
-    if inbound.is_empty() {
+/// How a step's inbound edges stand: the counts kept on its row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inbound {
+    /// Inbound edges in all (0: a root step).
+    pub total: u32,
+    /// Not resolved yet.
+    pub pending: u32,
+    /// Resolved taken.
+    pub taken: u32,
+}
+
+/// Decides a step from its inbound counts; `not_taken_from` (the steps of
+/// the edges not taken) only says why a join `all` is skipped. `any` and
+/// `all` wait for every edge; `first` and n decide as soon as enough edges
+/// are taken, or as soon as too few still can be (§4.8).
+pub fn decide_join(join: Join, inbound: Inbound, not_taken_from: &[String]) -> JoinDecision {
+    let Inbound {
+        total,
+        pending,
+        taken,
+    } = inbound;
+    if total == 0 {
         // A root step (decided when its goal runs again): nothing holds it back.
         return JoinDecision::Run;
     }
-    let taken = inbound.iter().filter(|(_, state)| state == "taken").count();
-    let pending = inbound
-        .iter()
-        .filter(|(_, state)| state == "pending")
-        .count();
     if let Some(needed) = join.early() {
-        let needed = needed as usize;
         return if taken >= needed {
             JoinDecision::Run
         } else if taken + pending < needed {
             JoinDecision::Skip(format!(
-                "join {}: {taken} of {} inbound edges taken, {needed} needed",
+                "join {}: {taken} of {total} inbound edges taken, {needed} needed",
                 join.to_column(),
-                inbound.len()
             ))
         } else {
             JoinDecision::Wait
@@ -166,17 +176,10 @@ pub fn decide_join(join: Join, inbound: &[(String, String)]) -> JoinDecision {
         return JoinDecision::Wait;
     }
     match join {
-        Join::All if taken < inbound.len() => {
-            let missing: Vec<&str> = inbound
-                .iter()
-                .filter(|(_, state)| state != "taken")
-                .map(|(from, _)| from.as_str())
-                .collect();
-            JoinDecision::Skip(format!(
-                "join all: edge from {} not taken",
-                missing.join(", ")
-            ))
-        }
+        Join::All if taken < total => JoinDecision::Skip(format!(
+            "join all: edge from {} not taken",
+            not_taken_from.join(", ")
+        )),
         _ if taken > 0 => JoinDecision::Run,
         _ => JoinDecision::Skip("no inbound edge was taken".to_owned()),
     }
@@ -577,7 +580,7 @@ async fn propagate(
         let mut waits = Vec::new();
         let mut cancelling = Vec::new();
         for task in ready {
-            match decide_join(task.join, &task.inbound) {
+            match decide_join(task.join, task.inbound, &task.not_taken_from) {
                 JoinDecision::Wait => {}
                 JoinDecision::Run if task.is_map => {
                     if task.cancel_others {
@@ -592,7 +595,7 @@ async fn propagate(
                     }
                     let input = match &task.input_expr {
                         // A root's default input is the goal's.
-                        None if task.inbound.is_empty() => Ok(input_vars
+                        None if task.inbound.total == 0 => Ok(input_vars
                             .get("goal")
                             .and_then(|goal| goal.get("input"))
                             .cloned()
@@ -912,26 +915,43 @@ mod tests {
             .collect()
     }
 
+    /// [`decide_join`] on the counts of `edges` (`(from, state)`), as the
+    /// store keeps them.
+    fn decide(join: Join, edges: &[(String, String)]) -> JoinDecision {
+        let count = |state: &str| edges.iter().filter(|(_, s)| s == state).count() as u32;
+        let inbound = Inbound {
+            total: edges.len() as u32,
+            pending: count("pending"),
+            taken: count("taken"),
+        };
+        let not_taken_from: Vec<String> = edges
+            .iter()
+            .filter(|(_, state)| state != "taken")
+            .map(|(from, _)| from.clone())
+            .collect();
+        decide_join(join, inbound, &not_taken_from)
+    }
+
     #[test]
     fn joins_wait_for_every_inbound_edge_then_run_or_skip() {
         assert_eq!(
-            decide_join(Join::Any, &edges(&[("a", "taken"), ("b", "pending")])),
+            decide(Join::Any, &edges(&[("a", "taken"), ("b", "pending")])),
             JoinDecision::Wait
         );
         assert_eq!(
-            decide_join(Join::Any, &edges(&[("a", "taken"), ("b", "not_taken")])),
+            decide(Join::Any, &edges(&[("a", "taken"), ("b", "not_taken")])),
             JoinDecision::Run
         );
         assert_eq!(
-            decide_join(Join::Any, &edges(&[("a", "not_taken"), ("b", "error")])),
+            decide(Join::Any, &edges(&[("a", "not_taken"), ("b", "error")])),
             JoinDecision::Skip("no inbound edge was taken".into())
         );
         assert_eq!(
-            decide_join(Join::All, &edges(&[("a", "taken"), ("b", "taken")])),
+            decide(Join::All, &edges(&[("a", "taken"), ("b", "taken")])),
             JoinDecision::Run
         );
         assert_eq!(
-            decide_join(Join::All, &edges(&[("a", "taken"), ("b", "not_taken")])),
+            decide(Join::All, &edges(&[("a", "taken"), ("b", "not_taken")])),
             JoinDecision::Skip("join all: edge from b not taken".into())
         );
     }
@@ -939,22 +959,22 @@ mod tests {
     #[test]
     fn first_and_n_run_as_soon_as_enough_edges_are_taken() {
         assert_eq!(
-            decide_join(Join::First, &edges(&[("a", "pending"), ("b", "taken")])),
+            decide(Join::First, &edges(&[("a", "pending"), ("b", "taken")])),
             JoinDecision::Run
         );
         assert_eq!(
-            decide_join(Join::First, &edges(&[("a", "pending"), ("b", "not_taken")])),
+            decide(Join::First, &edges(&[("a", "pending"), ("b", "not_taken")])),
             JoinDecision::Wait
         );
         let three = |states: [&'static str; 3]| {
             edges(&[("a", states[0]), ("b", states[1]), ("c", states[2])])
         };
         assert_eq!(
-            decide_join(Join::Count(2), &three(["taken", "pending", "taken"])),
+            decide(Join::Count(2), &three(["taken", "pending", "taken"])),
             JoinDecision::Run
         );
         assert_eq!(
-            decide_join(Join::Count(2), &three(["taken", "pending", "pending"])),
+            decide(Join::Count(2), &three(["taken", "pending", "pending"])),
             JoinDecision::Wait
         );
     }
@@ -962,11 +982,11 @@ mod tests {
     #[test]
     fn first_and_n_are_skipped_as_soon_as_they_can_no_longer_be_reached() {
         assert_eq!(
-            decide_join(Join::First, &edges(&[("a", "not_taken"), ("b", "error")])),
+            decide(Join::First, &edges(&[("a", "not_taken"), ("b", "error")])),
             JoinDecision::Skip("join first: 0 of 2 inbound edges taken, 1 needed".into())
         );
         assert_eq!(
-            decide_join(
+            decide(
                 Join::Count(2),
                 &edges(&[("a", "not_taken"), ("b", "pending"), ("c", "not_taken")])
             ),

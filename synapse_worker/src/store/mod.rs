@@ -12,7 +12,7 @@ use tokio_postgres::{IsolationLevel, Row};
 use tracing::{debug, warn};
 
 use crate::blueprint::{EdgeOn, Join};
-use crate::engine::{goal_value, EndedStep, GoalVariables, Outcome};
+use crate::engine::{goal_value, EndedStep, GoalVariables, Inbound, Outcome};
 
 pub mod child;
 pub mod map;
@@ -826,17 +826,21 @@ pub async fn resolve_edges_then_ready(
     // after the other.
     let resolve = tx
         .prepare_cached(
-            // Each edge resolved counts down its target's pending inbound
-            // edges, in the same statement: no later read has to look for them.
+            // Each edge resolved counts on its target, in the same statement
+            // (pending, and taken): its join is decided from the counts, and
+            // no later read has to look for its edges.
             "WITH resolved AS (
                  UPDATE synapse.edges e SET state = r.state, error = r.error, resolved_at = statement_timestamp()
                    FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
                         AS r(goal_id, from_step, to_step, state, error)
                   WHERE e.goal_id = r.goal_id AND e.from_step = r.from_step AND e.to_step = r.to_step
                     AND e.state = 'pending'
-              RETURNING e.goal_id, e.to_step)
-             UPDATE synapse.tasks t SET pending_inbound = t.pending_inbound - c.resolved
-               FROM (SELECT goal_id, to_step, count(*)::int AS resolved FROM resolved GROUP BY 1, 2) c
+              RETURNING e.goal_id, e.to_step, e.state)
+             UPDATE synapse.tasks t
+                SET pending_inbound = t.pending_inbound - c.resolved, taken_inbound = t.taken_inbound + c.taken
+               FROM (SELECT goal_id, to_step, count(*)::int AS resolved,
+                            count(*) FILTER (WHERE state = 'taken')::int AS taken
+                       FROM resolved GROUP BY 1, 2) c
               WHERE t.goal_id = c.goal_id AND t.step = c.to_step",
         )
         .await?;
@@ -895,9 +899,13 @@ pub struct ReadyTask {
     pub join: Join,
     /// Input expression.
     pub input_expr: Option<String>,
-    /// `(from, state)` of every inbound edge.
-    pub inbound: Vec<(String, String)>,
-    /// Parent id → result for the taken inbound edges: the default input.
+    /// How its inbound edges stand.
+    pub inbound: Inbound,
+    /// The steps of its inbound edges not taken, in blueprint order: read
+    /// only for a join `all` that is to be skipped (they say why).
+    pub not_taken_from: Vec<String>,
+    /// Parent id → result for the taken inbound edges: the default input
+    /// (read only for a step with one and a taken edge).
     pub taken_parent_results: Map<String, Value>,
     /// A map step: it starts its instances instead of being queued.
     pub is_map: bool,
@@ -911,13 +919,13 @@ pub struct ReadyTask {
     pub queue: String,
 }
 
-/// Those of `steps` (goal, step) that are pending with every inbound edge resolved (or,
-/// for a join `first` or n, with any resolved), in goal and id order. Each step is looked at through index probes only (the LATERAL
+/// Those of `steps` (goal, step) that are pending with every inbound edge
+/// resolved (or, for a join `first` or n, with any resolved), in goal and id
+/// order. Each step is looked at through index probes only (the LATERAL
 /// subqueries keep the planner from scanning the whole goal, which made long
-/// chains quadratic): first its count of pending inbound edges, so a wide
-/// join is read in full only once, by the engine that resolves its last
-/// edge; then its inbound edges, with the parents' results when the default
-/// input needs them.
+/// chains quadratic), and decided from its counts: its inbound edges are read
+/// only for what a decision cannot do without, the parents' results of a
+/// default input, or the edges a join `all` missed.
 pub async fn ready_tasks(tx: &Transaction<'_>, steps: &[(i64, String)]) -> Result<Vec<ReadyTask>> {
     if steps.is_empty() {
         return Ok(Vec::new());
@@ -931,26 +939,31 @@ pub async fn ready_tasks(tx: &Transaction<'_>, steps: &[(i64, String)]) -> Resul
         .collect()
 }
 
-const READY_TASKS: &str = "SELECT s.goal_id, t.id, t.step, t.join_mode, t.input_expr, inbound.from_steps, inbound.states, inbound.parent_results,
+const READY_TASKS: &str = "SELECT s.goal_id, t.id, t.step, t.join_mode, t.input_expr, t.inbound, t.pending_inbound,
+                    t.taken_inbound, coalesce(edges.not_taken_from, '{}'), coalesce(edges.parent_results, '{}'),
                     t.for_each_expr IS NOT NULL, t.cancel_others, t.until_expr IS NOT NULL, t.action = 'wait',
                     t.queue
               FROM unnest($1::bigint[], $2::text[]) AS s(goal_id, step)
              CROSS JOIN LATERAL (
                    SELECT c.id, c.step, c.join_mode, c.input_expr, c.for_each_expr, c.cancel_others, c.until_expr,
-                          c.action, c.queue
+                          c.action, c.queue, c.inbound, c.pending_inbound, c.taken_inbound
                      FROM synapse.tasks c
                     WHERE c.goal_id = s.goal_id AND c.step = s.step AND coalesce(c.map_index, -1) = -1 AND c.status = 'pending'
                       AND (c.pending_inbound = 0 OR c.join_mode NOT IN ('any', 'all'))
                     LIMIT 1) t
-             CROSS JOIN LATERAL (
-                   SELECT coalesce(array_agg(e.from_step ORDER BY e.position), '{}') AS from_steps,
-                          coalesce(array_agg(e.state::text ORDER BY e.position), '{}') AS states,
-                          coalesce(jsonb_object_agg(e.from_step,
+              LEFT JOIN LATERAL (
+                   SELECT array_agg(e.from_step ORDER BY e.position) FILTER (WHERE e.state <> 'taken') AS not_taken_from,
+                          jsonb_object_agg(e.from_step,
                                        (SELECT coalesce(p.result, 'null'::jsonb) FROM synapse.tasks p
                                          WHERE p.goal_id = s.goal_id AND p.step = e.from_step AND coalesce(p.map_index, -1) = -1))
-                                   FILTER (WHERE e.state = 'taken' AND t.input_expr IS NULL), '{}') AS parent_results
+                                   FILTER (WHERE e.state = 'taken' AND t.input_expr IS NULL) AS parent_results
                      FROM synapse.edges e
-                    WHERE e.goal_id = s.goal_id AND e.to_step = t.step) inbound
+                    WHERE e.goal_id = s.goal_id AND e.to_step = t.step
+                      -- Only when the decision needs them (a one-time filter: no
+                      -- scan otherwise).
+                      AND ((t.input_expr IS NULL AND t.taken_inbound > 0)
+                           OR (t.join_mode = 'all' AND t.pending_inbound = 0 AND t.taken_inbound < t.inbound))) edges
+                ON true
              ORDER BY s.goal_id, t.id";
 
 fn ready_arguments(steps: &[(i64, String)]) -> (Vec<i64>, Vec<&str>) {
@@ -961,9 +974,11 @@ fn ready_arguments(steps: &[(i64, String)]) -> (Vec<i64>, Vec<&str>) {
 }
 
 fn ready_task(row: &Row) -> Result<ReadyTask> {
-    let from: Vec<String> = column(row, 5)?;
-    let states: Vec<String> = column(row, 6)?;
-    let Value::Object(taken_parent_results) = column::<Value>(row, 7)? else {
+    let count = |index| -> Result<u32> {
+        let count: i32 = column(row, index)?;
+        u32::try_from(count).map_err(|_| StoreError::Data(format!("inbound count {count}")))
+    };
+    let Value::Object(taken_parent_results) = column::<Value>(row, 9)? else {
         return Err(StoreError::Data("parent results are not an object".into()));
     };
     Ok(ReadyTask {
@@ -976,13 +991,18 @@ fn ready_task(row: &Row) -> Result<ReadyTask> {
                 .ok_or_else(|| StoreError::Data(format!("join mode {join:?}")))?
         },
         input_expr: column(row, 4)?,
-        inbound: from.into_iter().zip(states).collect(),
+        inbound: Inbound {
+            total: count(5)?,
+            pending: count(6)?,
+            taken: count(7)?,
+        },
+        not_taken_from: column(row, 8)?,
         taken_parent_results,
-        is_map: column(row, 8)?,
-        cancel_others: column(row, 9)?,
-        looping: column(row, 10)?,
-        is_wait: column(row, 11)?,
-        queue: column(row, 12)?,
+        is_map: column(row, 10)?,
+        cancel_others: column(row, 11)?,
+        looping: column(row, 12)?,
+        is_wait: column(row, 13)?,
+        queue: column(row, 14)?,
     })
 }
 

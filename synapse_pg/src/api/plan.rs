@@ -11,6 +11,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use synapse_worker::blueprint::{self, cel, limits, Blueprint, Problem};
 
 mod child;
+mod grown;
 mod json_arg;
 mod map;
 mod wait;
@@ -352,6 +353,7 @@ fn install(
     mut root_starts: HashMap<usize, RootStart>,
     goal: &GoalContext,
 ) -> Result<()> {
+    grown::replan_goal_checks_as_goals_grow();
     let goal_input = &goal.input;
     let mut inbound: HashMap<&str, usize> = HashMap::new();
     for edge in &plan.edges {

@@ -4,7 +4,9 @@
 //! and keeps scanning it as one transaction submits thousands of goals:
 //! each goal's check reads every goal before it. Each time the table has
 //! doubled in this session (from 8 pages on, where a probe beats a scan),
-//! its cached plans are dropped, and the checks are planned for its size.
+//! the session's cached plans are dropped, and the checks are planned for
+//! its size. Only this session's: other sessions (a worker's engine) keep
+//! theirs, and re-plan when autovacuum analyses the table.
 use std::cell::Cell;
 
 use pgrx::pg_sys;
@@ -17,12 +19,13 @@ thread_local! {
 /// Below this many pages a scan costs about what a probe by id does.
 const SMALL: u32 = 8;
 
-/// Drops the session's plans that read `synapse.goals` once the table has
-/// doubled since they were last dropped.
+/// Drops the session's cached plans once `synapse.goals` has doubled since
+/// they were last dropped.
 pub(super) fn replan_goal_checks_as_goals_grow() {
     // SAFETY: catalogue lookups by name inside a transaction; the table is
     // opened with a lock this transaction already holds or may take (it
-    // writes goals), and closed keeping it.
+    // writes goals), and closed keeping it. Resetting the plan cache only
+    // marks plans to be made again at their next use.
     unsafe {
         let schema = pg_sys::get_namespace_oid(c"synapse".as_ptr(), true);
         if schema == pg_sys::InvalidOid {
@@ -37,8 +40,7 @@ pub(super) fn replan_goal_checks_as_goals_grow() {
             pg_sys::RelationGetNumberOfBlocksInFork(relation, pg_sys::ForkNumber::MAIN_FORKNUM);
         pg_sys::table_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
         if doubled(pages) {
-            // Taken in at this session's next command, sent to the others at commit.
-            pg_sys::CacheInvalidateRelcacheByRelid(goals);
+            pg_sys::ResetPlanCache();
         }
     }
 }

@@ -38,7 +38,7 @@ COMMENT ON COLUMN synapse.outbox.notify IS 'The writing session had synapse.noti
 -- Why a failed task failed: its action failed ('action'), or one of its
 -- expressions (or the condition of an edge into it) could not be evaluated
 -- ('definition'). A definition error takes only `always` edges and fails the goal.
-ALTER TABLE synapse.tasks ADD COLUMN failure_kind text CHECK (failure_kind IN ('action', 'definition'));
+ALTER TABLE synapse.tasks ADD COLUMN failure_kind synapse.failure_kind;
 COMMENT ON COLUMN synapse.tasks.failure_kind IS 'failed: ''action'' (the action failed) or ''definition'' (an expression of the step, or the when of an edge into it, could not be evaluated: only always edges are taken and the goal fails); NULL otherwise, and for a task failed because its lease lapsed.';
 
 -- Finished goals are deleted after synapse.retention, oldest first.

@@ -27,6 +27,12 @@ CREATE DOMAIN synapse.edge_state AS text CHECK (VALUE IN ('pending', 'taken', 'n
 CREATE DOMAIN synapse.non_negative AS integer CHECK (VALUE >= 0);
 CREATE DOMAIN synapse.positive AS integer CHECK (VALUE >= 1);
 CREATE DOMAIN synapse.positive_ms AS bigint CHECK (VALUE > 0);
+CREATE DOMAIN synapse.goal_text AS text CHECK (length(VALUE) BETWEEN 1 AND 10000);
+CREATE DOMAIN synapse.step_id AS text CHECK (VALUE ~ '^[a-z][a-z0-9_]{0,62}$');
+CREATE DOMAIN synapse.join_mode AS text CHECK (VALUE ~ '^(any|all|first|[1-9][0-9]{0,4})$');
+CREATE DOMAIN synapse.attempt_limit AS integer CHECK (VALUE BETWEEN 1 AND 101);
+CREATE DOMAIN synapse.iteration_limit AS integer CHECK (VALUE BETWEEN 1 AND 1000);
+CREATE DOMAIN synapse.failure_kind AS text CHECK (VALUE IN ('action', 'definition'));
 COMMENT ON DOMAIN synapse.goal_state IS 'A goal''s state (see synapse.goals.status).';
 COMMENT ON DOMAIN synapse.task_state IS 'A task''s state (see synapse.tasks.status).';
 COMMENT ON DOMAIN synapse.edge_on IS 'The outcomes an edge follows.';
@@ -34,10 +40,16 @@ COMMENT ON DOMAIN synapse.edge_state IS 'How an edge resolved.';
 COMMENT ON DOMAIN synapse.non_negative IS 'A count or index, 0 or more.';
 COMMENT ON DOMAIN synapse.positive IS 'A number from 1.';
 COMMENT ON DOMAIN synapse.positive_ms IS 'A duration in milliseconds, more than 0.';
+COMMENT ON DOMAIN synapse.goal_text IS 'A goal''s text: 1 to 10 000 characters.';
+COMMENT ON DOMAIN synapse.step_id IS 'A step id: lowercase letters, digits and _, from a letter, at most 63.';
+COMMENT ON DOMAIN synapse.join_mode IS 'How a step joins its inbound edges: any, all, first, or how many (1 to 99 999).';
+COMMENT ON DOMAIN synapse.attempt_limit IS 'Most attempts of a step: 1 to 101.';
+COMMENT ON DOMAIN synapse.iteration_limit IS 'Most iterations of a loop: 1 to 1 000.';
+COMMENT ON DOMAIN synapse.failure_kind IS 'Why a step failed: action or definition.';
 
 CREATE TABLE synapse.goals (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    goal            text        NOT NULL CHECK (length(goal) BETWEEN 1 AND 10000),
+    goal            synapse.goal_text NOT NULL,
     input           jsonb       NOT NULL DEFAULT '{}',
     params          jsonb       NOT NULL DEFAULT '{}',
     planner         text,
@@ -86,14 +98,14 @@ CREATE INDEX goals_children ON synapse.goals (parent_goal_id) WHERE parent_goal_
 CREATE TABLE synapse.tasks (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     goal_id          bigint      NOT NULL REFERENCES synapse.goals (id) ON DELETE CASCADE,
-    step             text        NOT NULL,
+    step             synapse.step_id NOT NULL,
     action           text        NOT NULL,
     params           jsonb       NOT NULL DEFAULT '{}',
     input_expr       text,
     input            jsonb,
     queue            text        NOT NULL DEFAULT 'default',
-    join_mode        text        NOT NULL DEFAULT 'any' CHECK (join_mode ~ '^(any|all|first|[1-9][0-9]{0,4})$'),
-    max_attempts     integer     NOT NULL DEFAULT 1 CHECK (max_attempts BETWEEN 1 AND 101),
+    join_mode        synapse.join_mode NOT NULL DEFAULT 'any',
+    max_attempts     synapse.attempt_limit NOT NULL DEFAULT 1,
     backoff_ms       synapse.positive_ms NOT NULL DEFAULT 1000,
     timeout_ms       synapse.positive_ms NOT NULL DEFAULT 300000,
     status           synapse.task_state NOT NULL DEFAULT 'pending',
@@ -120,11 +132,10 @@ CREATE TABLE synapse.tasks (
     map_index        synapse.non_negative,
     map_item         jsonb,
     until_expr       text,
-    max_iterations   integer     CHECK (max_iterations BETWEEN 1 AND 1000),
+    max_iterations   synapse.iteration_limit,
     iteration        synapse.positive,
     attempts_before  synapse.non_negative NOT NULL DEFAULT 0,
     child_goal_id    bigint,
-    CHECK (step ~ '^[a-z][a-z0-9_]{0,62}$'),
     CHECK (status <> 'retrying' OR run_at IS NOT NULL),
     CHECK (status <> 'running' OR lease_expires_at IS NOT NULL),
     CHECK (status <> 'queued' OR queued_at IS NOT NULL),

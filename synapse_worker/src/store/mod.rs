@@ -1190,7 +1190,7 @@ pub async fn goal_endings(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<
     let statement = tx
         .prepare_cached(
             "SELECT g.id, g.blueprint ->> 'output',
-                    (SELECT coalesce(array_agg(t.step ORDER BY t.id), '{}') FROM synapse.tasks t
+                    (SELECT coalesce(array_agg(t.step::text ORDER BY t.id), '{}') FROM synapse.tasks t
                       WHERE t.goal_id = g.id AND t.status = 'failed' AND t.map_index IS NULL
                         AND (t.failure_kind IS NOT DISTINCT FROM 'definition'
                              OR NOT EXISTS (SELECT FROM synapse.edges e

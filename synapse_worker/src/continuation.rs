@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::Value;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +37,7 @@ pub struct Continuation {
 }
 
 /// Free slots taken for tasks about to be claimed.
-pub struct Reservation {
+struct Reservation {
     task_ids: Vec<i64>,
     slots: Vec<OwnedSemaphorePermit>,
 }
@@ -44,10 +45,7 @@ pub struct Reservation {
 impl Continuation {
     /// Takes a free slot for each of `tasks` (id, queue) on a queue this
     /// worker serves, as long as there are some; `None` if it takes none.
-    pub fn reserve<'q>(
-        &self,
-        tasks: impl IntoIterator<Item = (i64, &'q str)>,
-    ) -> Option<Reservation> {
+    fn reserve<'q>(&self, tasks: impl IntoIterator<Item = (i64, &'q str)>) -> Option<Reservation> {
         if self.stop.is_cancelled() {
             return None;
         }
@@ -69,22 +67,39 @@ impl Continuation {
     }
 
     /// What a claim of `reservation`'s tasks asks the store.
-    pub fn claim_of<'r>(
+    fn claim_of<'r>(
         &'r self,
         reservation: &'r Reservation,
-        queues: &'r [&'r str],
+        served: &'r [&'r str],
     ) -> store::Claim<'r> {
         store::Claim {
             task_ids: &reservation.task_ids,
-            queues,
+            queues: served,
             lease: self.lease,
             worker: &self.identity,
         }
     }
 
-    /// The queues this worker serves, as the store takes them.
-    pub fn served(&self) -> Vec<&str> {
+    fn served(&self) -> Vec<&str> {
         self.queues.iter().map(String::as_str).collect()
+    }
+
+    /// Queues `tasks` (id, input), whose queues are `queues` (id, queue), and
+    /// claims those its free slots can run, in the same round trip.
+    pub async fn queue_and_claim(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        tasks: &[(i64, Value)],
+        queues: &[(i64, String)],
+    ) -> Result<(Vec<Queued>, Vec<Continued>), StoreError> {
+        let reservation = self.reserve(queues.iter().map(|(id, queue)| (*id, queue.as_str())));
+        let Some(reservation) = reservation else {
+            return Ok((store::queue_tasks(tx, tasks, None).await?.0, Vec::new()));
+        };
+        let served = self.served();
+        let claim = self.claim_of(&reservation, &served);
+        let (queued, claimed) = store::queue_tasks(tx, tasks, Some(&claim)).await?;
+        Ok((queued, reservation.fill(claimed)))
     }
 
     /// Claims, in `tx`, those of `queued` that its free slots can run.
@@ -107,7 +122,7 @@ impl Continuation {
 impl Reservation {
     /// The claimed tasks, each with a slot; slots left over (a task that
     /// could not be claimed or read) go back.
-    pub fn fill(self, claimed: Vec<ClaimedTask>) -> Vec<Continued> {
+    fn fill(self, claimed: Vec<ClaimedTask>) -> Vec<Continued> {
         claimed.into_iter().zip(self.slots).collect()
     }
 }

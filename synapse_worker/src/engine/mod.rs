@@ -661,18 +661,12 @@ async fn propagate(
             && maps.is_empty()
             && waits.is_empty()
             && cancelling.is_empty();
-        let reservation = local.filter(|_| last_write).and_then(|local| {
-            local.reserve(queues.iter().map(|(id, queue)| (*id, queue.as_str())))
-        });
-        let served = local.map(Continuation::served).unwrap_or_default();
-        let claim = local
-            .zip(reservation.as_ref())
-            .map(|(local, reservation)| local.claim_of(reservation, &served));
-        let (queued_here, claimed) = store::queue_tasks(tx, &queued, claim.as_ref()).await?;
+        let (queued_here, continued) = match local.filter(|_| last_write) {
+            Some(local) => local.queue_and_claim(tx, &queued, &queues).await?,
+            None => (store::queue_tasks(tx, &queued, None).await?.0, Vec::new()),
+        };
         carried.queued.extend(queued_here);
-        if let Some(reservation) = reservation {
-            carried.continued.extend(reservation.fill(claimed));
-        }
+        carried.continued.extend(continued);
         store::skip_tasks(tx, &skipped).await?;
         let map_ids: Vec<i64> = maps.iter().map(|(id, _)| *id).collect();
         for started in store::map::start(tx, &map_ids).await? {

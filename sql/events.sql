@@ -44,14 +44,19 @@ COMMENT ON COLUMN synapse.tasks.failure_kind IS 'failed: ''action'' (the action 
 -- Finished goals are deleted after synapse.retention, oldest first.
 CREATE INDEX goals_finished ON synapse.goals (finished_at) WHERE finished_at IS NOT NULL;
 
--- BEFORE INSERT/UPDATE of each row: checks the transition and sets the
--- timestamps. The events are recorded per statement, after it (below): one
--- INSERT into the outbox for all the rows a statement changed, and only for
--- rows really written (ON CONFLICT DO NOTHING skips leave none).
+-- BEFORE INSERT/UPDATE of each row: checks the transition, sets the
+-- timestamps, and checks that the row has the columns its status needs (an
+-- ended goal its finished_at, a failed one its error, ...). Those checks are
+-- here rather than CHECK constraints, which Postgres parses again at every
+-- statement that writes the table. The events are recorded per statement,
+-- after it (below): one INSERT into the outbox for all the rows a statement
+-- changed, and only for rows really written (ON CONFLICT DO NOTHING skips
+-- leave none).
 CREATE TRIGGER goal_inserting BEFORE INSERT ON synapse.goals
     FOR EACH ROW EXECUTE FUNCTION synapse._goal_changed();
-CREATE TRIGGER goal_status_changing BEFORE UPDATE OF status ON synapse.goals
-    FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION synapse._goal_changed();
+CREATE TRIGGER goal_changing
+    BEFORE UPDATE OF status, finished_at, blueprint, error, parent_goal_id, parent_task_id ON synapse.goals
+    FOR EACH ROW EXECUTE FUNCTION synapse._goal_changed();
 
 -- goal.<status> for each inserted goal, or each goal whose status an UPDATE
 -- changed ('planning' is internal to the planner: no event).
@@ -65,8 +70,9 @@ CREATE TRIGGER goals_updated AFTER UPDATE ON synapse.goals
 -- Same split as goals: checks and timestamps per row, events per statement.
 CREATE TRIGGER task_inserting BEFORE INSERT ON synapse.tasks
     FOR EACH ROW EXECUTE FUNCTION synapse._task_changed();
-CREATE TRIGGER task_status_changing BEFORE UPDATE OF status ON synapse.tasks
-    FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION synapse._task_changed();
+CREATE TRIGGER task_changing
+    BEFORE UPDATE OF status, queued_at, run_at, lease_expires_at, finished_at ON synapse.tasks
+    FOR EACH ROW EXECUTE FUNCTION synapse._task_changed();
 
 -- task.<status> for each task whose status an UPDATE changed, and
 -- task.queued for each task inserted queued (pending ones wait silently).

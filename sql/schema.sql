@@ -63,13 +63,9 @@ CREATE TABLE synapse.goals (
     created_at      timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
     finished_at     timestamptz,
-    CHECK ((status IN ('succeeded', 'failed', 'cancelled')) = (finished_at IS NOT NULL)),
-    CHECK (status <> 'running' OR blueprint IS NOT NULL),
-    CHECK (status <> 'failed' OR error IS NOT NULL),
     parent_goal_id  bigint      REFERENCES synapse.goals (id) ON DELETE CASCADE,
     parent_task_id  bigint,
     depth           synapse.non_negative NOT NULL DEFAULT 0,
-    CONSTRAINT goals_parent_check CHECK ((parent_goal_id IS NULL) = (parent_task_id IS NULL)),
     owner           regrole     NOT NULL DEFAULT synapse._caller(),
     CONSTRAINT goals_owner_idempotency_key_key UNIQUE (owner, idempotency_key)
 );
@@ -135,11 +131,7 @@ CREATE TABLE synapse.tasks (
     max_iterations   synapse.iteration_limit,
     iteration        synapse.positive,
     attempts_before  synapse.non_negative NOT NULL DEFAULT 0,
-    child_goal_id    bigint,
-    CHECK (status <> 'retrying' OR run_at IS NOT NULL),
-    CHECK (status <> 'running' OR lease_expires_at IS NOT NULL),
-    CHECK (status <> 'queued' OR queued_at IS NOT NULL),
-    CHECK ((status IN ('succeeded', 'failed', 'skipped', 'cancelled')) = (finished_at IS NOT NULL))
+    child_goal_id    bigint
 );
 COMMENT ON TABLE synapse.tasks IS 'One row per step of a planned goal: its configuration, state, attempts and outcome.';
 COMMENT ON COLUMN synapse.tasks.id IS 'Task id, carried in task.* events and Redis queue messages.';

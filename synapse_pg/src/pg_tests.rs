@@ -483,6 +483,77 @@ mod tests {
         );
     }
 
+    #[pg_test]
+    fn every_row_keeps_the_columns_its_status_needs() {
+        // Checked by the row triggers, also when only such a column changes.
+        let id = submit_example();
+        let fetch = format!("goal_id = {id} AND step = 'fetch'");
+        let close = format!("goal_id = {id} AND step = 'close'");
+        expect_error(
+            &format!("UPDATE synapse.tasks SET queued_at = NULL WHERE {fetch}"),
+            "23514",
+            "(step fetch, queued): a queued task needs queued_at",
+        );
+        expect_error(
+            &format!("UPDATE synapse.tasks SET finished_at = now() WHERE {close}"),
+            "23514",
+            "only an ended task has finished_at",
+        );
+        expect_error(
+            &format!("UPDATE synapse.tasks SET status = 'running', attempts = 1 WHERE {fetch}"),
+            "23514",
+            "a running task needs lease_expires_at",
+        );
+        Spi::run(&format!(
+            "UPDATE synapse.tasks SET status = 'running', attempts = 1,
+                    lease_expires_at = now() + interval '1 minute' WHERE {fetch}"
+        ))
+        .unwrap();
+        expect_error(
+            &format!("UPDATE synapse.tasks SET lease_expires_at = NULL WHERE {fetch}"),
+            "23514",
+            "a running task needs lease_expires_at",
+        );
+        expect_error(
+            &format!("UPDATE synapse.tasks SET status = 'retrying' WHERE {fetch}"),
+            "23514",
+            "a retrying task needs run_at",
+        );
+        expect_error(
+            &format!("UPDATE synapse.goals SET blueprint = NULL WHERE id = {id}"),
+            "23514",
+            &format!("goal {id} (running): a running goal needs its blueprint"),
+        );
+        expect_error(
+            &format!("UPDATE synapse.goals SET status = 'failed' WHERE id = {id}"),
+            "23514",
+            "a failed goal needs its error",
+        );
+        expect_error(
+            &format!("UPDATE synapse.goals SET parent_task_id = 1 WHERE id = {id}"),
+            "23514",
+            "parent_goal_id and parent_task_id are set together",
+        );
+        expect_error(
+            "INSERT INTO synapse.goals (goal, status) VALUES ('x', 'running')",
+            "23514",
+            "a running goal needs its blueprint",
+        );
+        // What the state machine writes itself holds: an ended task its
+        // finished_at, a failed goal (with its error) too.
+        Spi::run(&format!(
+            "UPDATE synapse.tasks SET status = 'succeeded' WHERE {fetch};
+             UPDATE synapse.goals SET status = 'failed', error = 'stopped' WHERE id = {id};"
+        ))
+        .unwrap();
+        assert_eq!(
+            count(&format!(
+                "synapse.tasks WHERE {fetch} AND finished_at IS NOT NULL"
+            )),
+            1
+        );
+    }
+
     /// A step's life, as a worker drives it: claimed with a lease, ended,
     /// its successor queued. Returns the goal.
     fn run_a_chain_step() -> i64 {

@@ -12,13 +12,16 @@ use std::thread::LocalKey;
 pub mod goal {
     use std::ffi::CStr;
 
-    pub const NAMES: [&CStr; 6] = [
+    pub const NAMES: [&CStr; 9] = [
         c"id",
         c"status",
         c"parent_task_id",
         c"dispatched_at",
         c"started_at",
         c"finished_at",
+        c"parent_goal_id",
+        c"blueprint",
+        c"error",
     ];
     pub const ID: usize = 0;
     pub const STATUS: usize = 1;
@@ -26,6 +29,9 @@ pub mod goal {
     pub const DISPATCHED_AT: usize = 3;
     pub const STARTED_AT: usize = 4;
     pub const FINISHED_AT: usize = 5;
+    pub const PARENT_GOAL: usize = 6;
+    pub const BLUEPRINT: usize = 7;
+    pub const ERROR: usize = 8;
 }
 
 /// The columns of `tasks` the triggers use.
@@ -82,12 +88,12 @@ struct Layout<const N: usize> {
 type KeptLayout<const N: usize> = LocalKey<Cell<Option<Layout<N>>>>;
 
 thread_local! {
-    static GOAL_LAYOUT: Cell<Option<Layout<6>>> = const { Cell::new(None) };
+    static GOAL_LAYOUT: Cell<Option<Layout<9>>> = const { Cell::new(None) };
     static TASK_LAYOUT: Cell<Option<Layout<16>>> = const { Cell::new(None) };
 }
 
 /// The attribute numbers of [`goal::NAMES`] in `relation` (`goals`).
-pub fn goal_columns(relation: pg_sys::Relation) -> [usize; 6] {
+pub fn goal_columns(relation: pg_sys::Relation) -> [usize; 9] {
     positions(&GOAL_LAYOUT, relation, &goal::NAMES)
 }
 

@@ -39,8 +39,13 @@ impl Writing {
         self.set(column, Some(pg_sys::Datum::from(now)));
     }
 
-    /// The row to write: the trigger's own, or a copy with the columns set.
-    fn into_row<'a>(mut self) -> PgHeapTuple<'a, AllocatedByPostgres> {
+    /// The row to write, once `holds` (what every row of its table must
+    /// hold) accepts it: the trigger's own, or a copy with the columns set.
+    fn into_row<'a, const N: usize>(
+        mut self,
+        at: [usize; N],
+        holds: impl FnOnce(&Values<N>),
+    ) -> PgHeapTuple<'a, AllocatedByPostgres> {
         let tuple = if self.columns.is_empty() {
             self.tuple
         } else {
@@ -58,7 +63,81 @@ impl Writing {
         };
         // SAFETY: the tuple is the trigger's or a palloc'd copy of it, both
         // described by the relation's descriptor (which outlives the call).
+        holds(&unsafe { Values::of_tuple(tuple, self.tupdesc, at) });
+        // SAFETY: as above.
         unsafe { PgHeapTuple::from_heap_tuple(PgTupleDesc::from_pg_unchecked(self.tupdesc), tuple) }
+    }
+}
+
+/// What a goal row must hold, whatever wrote it: the columns its status
+/// needs, and both or neither of its parent's ids. `is_set` says whether a
+/// column (of [`goal`]) is not NULL. Checked here, not by CHECK constraints:
+/// Postgres parses a table's checks again at every statement that writes it,
+/// and these tables are written by several statements per task.
+fn goal_row_problem(status: &str, is_set: impl Fn(usize) -> bool) -> Option<&'static str> {
+    let ended = matches!(status, "succeeded" | "failed" | "cancelled");
+    if ended != is_set(goal::FINISHED_AT) {
+        return Some(if ended {
+            "an ended goal needs finished_at"
+        } else {
+            "only an ended goal has finished_at"
+        });
+    }
+    if is_set(goal::PARENT_GOAL) != is_set(goal::PARENT_TASK) {
+        return Some("parent_goal_id and parent_task_id are set together");
+    }
+    match status {
+        "running" if !is_set(goal::BLUEPRINT) => Some("a running goal needs its blueprint"),
+        "failed" if !is_set(goal::ERROR) => Some("a failed goal needs its error"),
+        _ => None,
+    }
+}
+
+/// What a task row must hold, whatever wrote it: the timestamps its status
+/// needs (see [`goal_row_problem`]).
+fn task_row_problem(status: &str, is_set: impl Fn(usize) -> bool) -> Option<&'static str> {
+    let ended = matches!(status, "succeeded" | "failed" | "skipped" | "cancelled");
+    if ended != is_set(task::FINISHED_AT) {
+        return Some(if ended {
+            "an ended task needs finished_at"
+        } else {
+            "only an ended task has finished_at"
+        });
+    }
+    match status {
+        "queued" if !is_set(task::QUEUED_AT) => Some("a queued task needs queued_at"),
+        "running" if !is_set(task::LEASE_EXPIRES_AT) => {
+            Some("a running task needs lease_expires_at")
+        }
+        "retrying" if !is_set(task::RUN_AT) => Some("a retrying task needs run_at"),
+        _ => None,
+    }
+}
+
+fn goal_holds(row: &Values<9>) {
+    let status = row.text(goal::STATUS).unwrap_or_default();
+    if let Some(problem) = goal_row_problem(&status, |column| !row.is_null(column)) {
+        refuse(
+            PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
+            format!(
+                "goal {} ({status}): {problem}",
+                row.bigint(goal::ID).unwrap_or_default()
+            ),
+        )
+    }
+}
+
+fn task_holds(row: &Values<16>) {
+    let status = row.text(task::STATUS).unwrap_or_default();
+    if let Some(problem) = task_row_problem(&status, |column| !row.is_null(column)) {
+        refuse(
+            PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
+            format!(
+                "task {} (step {}, {status}): {problem}",
+                row.bigint(task::ID).unwrap_or_default(),
+                row.text(task::STEP).unwrap_or_default()
+            ),
+        )
     }
 }
 
@@ -103,7 +182,9 @@ fn goal_may_change(old: &str, new: &str) -> bool {
     }
 }
 
-/// BEFORE INSERT, and BEFORE UPDATE OF status (when it changes), of each goal.
+/// BEFORE INSERT, and BEFORE UPDATE of its status or of a column its status
+/// needs, of each goal: a status change is checked and stamped, and every
+/// row written holds what [`goal_row_problem`] asks.
 #[pg_trigger]
 fn _goal_changed<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
@@ -114,10 +195,11 @@ fn _goal_changed<'a>(
     let (mut writing, old, new) = unsafe { rows(data, at) };
     // A NULL status is left for the column's NOT NULL to refuse.
     let Some(status) = new.text(goal::STATUS) else {
-        return Ok(Some(writing.into_row()));
+        return Ok(Some(writing.into_row(at, |_| {})));
     };
     match old.as_ref().map(|old| old.text(goal::STATUS)) {
-        None if restoring() => return Ok(Some(writing.into_row())),
+        None if restoring() => return Ok(Some(writing.into_row(at, goal_holds))),
+        Some(Some(was)) if was == status => return Ok(Some(writing.into_row(at, goal_holds))),
         None if !matches!(status.as_str(), "submitted" | "running" | "failed") => refuse(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             format!("a new goal cannot start as {status}"),
@@ -137,7 +219,7 @@ fn _goal_changed<'a>(
         "succeeded" | "failed" | "cancelled" => writing.stamp(at[goal::FINISHED_AT]),
         _ => {}
     }
-    Ok(Some(writing.into_row()))
+    Ok(Some(writing.into_row(at, goal_holds)))
 }
 
 /// What of the new row decides whether a task may take a status.
@@ -176,7 +258,8 @@ fn task_may_change(old: &str, new: &str, kind: &TaskKind) -> bool {
     }
 }
 
-/// BEFORE INSERT, and BEFORE UPDATE OF status (when it changes), of each task.
+/// BEFORE INSERT, and BEFORE UPDATE of its status or of a timestamp its
+/// status needs, of each task: as [`_goal_changed`] for goals.
 #[pg_trigger]
 fn _task_changed<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
@@ -186,10 +269,11 @@ fn _task_changed<'a>(
     // SAFETY: this is a BEFORE ROW trigger of tasks (events.sql).
     let (mut writing, old, new) = unsafe { rows(data, at) };
     let Some(status) = new.text(task::STATUS) else {
-        return Ok(Some(writing.into_row()));
+        return Ok(Some(writing.into_row(at, |_| {})));
     };
     match old.as_ref().map(|old| old.text(task::STATUS)) {
-        None if restoring() => return Ok(Some(writing.into_row())),
+        None if restoring() => return Ok(Some(writing.into_row(at, task_holds))),
+        Some(Some(was)) if was == status => return Ok(Some(writing.into_row(at, task_holds))),
         None if !matches!(status.as_str(), "pending" | "queued") => refuse(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             format!("a new task cannot start as {status}"),
@@ -231,12 +315,63 @@ fn _task_changed<'a>(
             writing.set(at[task::LEASED_BY], None);
         }
     }
-    Ok(Some(writing.into_row()))
+    Ok(Some(writing.into_row(at, task_holds)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_row_holds_the_columns_its_status_needs() {
+        let set = |columns: &'static [usize]| move |column: usize| columns.contains(&column);
+        assert_eq!(task_row_problem("pending", set(&[])), None);
+        assert_eq!(
+            task_row_problem("running", set(&[])),
+            Some("a running task needs lease_expires_at")
+        );
+        assert_eq!(
+            task_row_problem("running", set(&[task::LEASE_EXPIRES_AT])),
+            None
+        );
+        assert_eq!(
+            task_row_problem("queued", set(&[])),
+            Some("a queued task needs queued_at")
+        );
+        assert_eq!(
+            task_row_problem("retrying", set(&[])),
+            Some("a retrying task needs run_at")
+        );
+        assert_eq!(
+            task_row_problem("skipped", set(&[])),
+            Some("an ended task needs finished_at")
+        );
+        assert_eq!(
+            task_row_problem("pending", set(&[task::FINISHED_AT])),
+            Some("only an ended task has finished_at")
+        );
+        assert_eq!(goal_row_problem("submitted", set(&[])), None);
+        assert_eq!(
+            goal_row_problem("running", set(&[])),
+            Some("a running goal needs its blueprint")
+        );
+        assert_eq!(
+            goal_row_problem("failed", set(&[goal::FINISHED_AT])),
+            Some("a failed goal needs its error")
+        );
+        assert_eq!(
+            goal_row_problem("succeeded", set(&[])),
+            Some("an ended goal needs finished_at")
+        );
+        assert_eq!(
+            goal_row_problem("submitted", set(&[goal::PARENT_GOAL])),
+            Some("parent_goal_id and parent_task_id are set together")
+        );
+        assert_eq!(
+            goal_row_problem("submitted", set(&[goal::PARENT_GOAL, goal::PARENT_TASK])),
+            None
+        );
+    }
 
     #[test]
     fn a_goal_runs_again_only_once_it_ended() {

@@ -15,6 +15,10 @@ pub enum Baseline {
     SerialLatency,
     /// Jobs/s of Graphile Worker draining the pre-queued no-op jobs.
     Graphile,
+    /// p50 of Graphile Worker's first `add_job` on a new connection, ms.
+    GraphileFirstAdd,
+    /// Graphile Worker's `add_jobs` of many no-op jobs, ms per job.
+    GraphileBulkAdd,
 }
 
 impl Baseline {
@@ -24,6 +28,8 @@ impl Baseline {
             Baseline::RedisRoundTrip => "Redis PING RTT",
             Baseline::SerialLatency => "single task p50",
             Baseline::Graphile => "Graphile",
+            Baseline::GraphileFirstAdd => "Graphile's first add_job",
+            Baseline::GraphileBulkAdd => "Graphile's add_jobs",
         }
     }
 }

@@ -26,7 +26,7 @@ const VERSION: &str = "0.17.3";
 /// `graphile-worker` from the script's own folder).
 const RUNNER: &str = include_str!("graphile-runner.mjs");
 /// The peer's database, in the bench's cluster.
-const DATABASE: &str = "graphile";
+pub const DATABASE: &str = "graphile";
 const WORKERS: usize = 2;
 /// What the runner logs once its worker is up.
 const READY: &str = "runner: worker started";
@@ -58,7 +58,7 @@ fn run(command: &mut Command, what: &str) {
 
 /// Installs graphile-worker at [`VERSION`] with npm unless it already is, and
 /// writes the runner.
-fn install() -> PathBuf {
+pub fn install() -> PathBuf {
     let dir = install_dir();
     std::fs::create_dir_all(&dir).expect("creating target/bench/graphile");
     if installed_version().as_deref() != Some(VERSION) {
@@ -89,7 +89,7 @@ fn database_url(stack: &Stack) -> String {
 }
 
 /// A new, empty peer database with Graphile's schema.
-fn create_database(stack: &Stack, meter: &mut postgres::Client, runner: &PathBuf) {
+pub fn create_database(stack: &Stack, meter: &mut postgres::Client, runner: &PathBuf) {
     meter
         .batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
         .expect("dropping the peer's database");
@@ -159,12 +159,9 @@ fn peer_logs(stack: &Stack) -> String {
         .join("\n---\n")
 }
 
-/// `jobs` no-op jobs added in one statement (`add_jobs`) with no worker
-/// running, then drained by two Graphile Worker processes.
-fn graphile_drain(stack: &Stack, runner: &PathBuf, jobs: usize) -> DrainRun {
-    let mut meter = meter(stack);
-    let mut poller = stack.pg_database(DATABASE);
-    let added: i64 = poller
+/// Adds `jobs` no-op jobs in one statement (`add_jobs`, Graphile's bulk call).
+pub fn add_noop_jobs(client: &mut postgres::Client, jobs: usize) {
+    let added: i64 = client
         .query_one(
             "SELECT count(*) FROM graphile_worker.add_jobs(array(
                SELECT ROW('noop', '{}'::json, NULL, NULL, NULL, NULL, NULL, NULL)::graphile_worker.job_spec
@@ -174,6 +171,14 @@ fn graphile_drain(stack: &Stack, runner: &PathBuf, jobs: usize) -> DrainRun {
         .expect("adding the jobs")
         .get(0);
     assert_eq!(added, jobs as i64);
+}
+
+/// `jobs` no-op jobs added in one statement (`add_jobs`) with no worker
+/// running, then drained by two Graphile Worker processes.
+fn graphile_drain(stack: &Stack, runner: &PathBuf, jobs: usize) -> DrainRun {
+    let mut meter = meter(stack);
+    let mut poller = stack.pg_database(DATABASE);
+    add_noop_jobs(&mut poller, jobs);
     poller
         .batch_execute("ANALYZE graphile_worker._private_jobs")
         .expect("ANALYZE");

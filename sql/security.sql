@@ -75,6 +75,7 @@ BEGIN
     IF capabilities && ARRAY['submitter', 'admin'] THEN
         functions := functions || ARRAY[
             'synapse.submit_goal(text, jsonb, text, text)', 'synapse.submit_plan(jsonb, jsonb, text)',
+            'synapse.submit_plans(jsonb, jsonb[], text[])',
             'synapse.plan_preview(text, jsonb, text)', 'synapse.cancel_goal(bigint)',
             'synapse.signal(bigint, text, jsonb)', 'synapse.retry_goal(bigint, text[])',
             -- A sql step of theirs leaves their identity with it, given the
@@ -165,6 +166,7 @@ DECLARE
 BEGIN
     FOREACH f IN ARRAY ARRAY[
         'synapse.submit_goal(text, jsonb, text, text)', 'synapse.submit_plan(jsonb, jsonb, text)',
+            'synapse.submit_plans(jsonb, jsonb[], text[])',
         'synapse.plan_preview(text, jsonb, text)', 'synapse.cancel_goal(bigint)',
         'synapse.signal(bigint, text, jsonb)', 'synapse.retry_goal(bigint, text[])',
         'synapse.add_template(text, text, jsonb, text, integer)',

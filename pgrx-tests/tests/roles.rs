@@ -57,6 +57,8 @@ fn a_role_with_no_grant_can_do_nothing() {
     for sql in [
         "SELECT synapse.submit_goal('x')".to_owned(),
         "SELECT synapse.submit_plan('{\"steps\":[{\"id\":\"a\",\"action\":\"noop\"}]}')".to_owned(),
+        "SELECT synapse.submit_plans('{\"steps\":[{\"id\":\"a\",\"action\":\"noop\"}]}', ARRAY['{}'::jsonb])"
+            .to_owned(),
         format!("SELECT synapse.goal_status({goal})"),
         format!("SELECT synapse.signal({goal}, 'go')"),
         format!("SELECT synapse.cancel_goal({goal})"),
@@ -177,6 +179,25 @@ fn two_submitters_cannot_see_or_touch_each_others_goals() {
         .unwrap()
         .get(0);
     assert!(cancelled);
+    // In bulk too: bob's known key is his goal, a new one a new goal of his,
+    // and alice's is hers.
+    let bulk: Vec<i64> = bob
+        .query_one(
+            "SELECT synapse.submit_plans($1::text::jsonb, ARRAY['{}', '{}']::jsonb[], ARRAY['order-1', 'order-2'])",
+            &[&WAITING],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(bulk[0], bobs);
+    assert!(bulk[1] != alices && bulk[1] != bobs);
+    let alice_bulk: Vec<i64> = alice
+        .query_one(
+            "SELECT synapse.submit_plans($1::text::jsonb, ARRAY['{}']::jsonb[], ARRAY['order-1'])",
+            &[&WAITING],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(alice_bulk, [alices]);
 }
 
 #[test]

@@ -1,6 +1,46 @@
 //! Submitting at scale: goals submitted by the thousand in one statement,
-//! into a fresh database, cost the same each, however many came before.
-use synapse_e2e::Stack;
+//! into a fresh database, cost the same each, however many came before; and
+//! many goals of one blueprint in one `submit_plans` call run as if each had
+//! been submitted alone.
+use std::time::Duration;
+
+use serde_json::json;
+use synapse_e2e::{task, wait_for_goal, Stack};
+
+#[test]
+fn goals_submitted_together_each_run_with_their_own_input_to_their_own_end() {
+    let stack = Stack::start("submit-plans", &[]);
+    let mut client = stack.pg();
+    // A root that reads its goal, a join of two parents, an output.
+    let blueprint = r#"{"steps":[{"id":"double","action":"transform","params":{"expr":"input.n * 2"}},
+                                 {"id":"echo","action":"transform","params":{"expr":"input"},
+                                  "input":"{'goal': goal.id}"},
+                                 {"id":"sum","action":"transform",
+                                  "params":{"expr":"input.double + 1"}}],
+                        "edges":[{"from":"double","to":"sum"},{"from":"echo","to":"sum"}],
+                        "output":"{'sum': steps.sum.result, 'goal': steps.echo.result.goal}"}"#;
+    let ids: Vec<i64> = client
+        .query_one(
+            "SELECT synapse.submit_plans($1::text::jsonb,
+                                         ARRAY(SELECT jsonb_build_object('n', n) FROM generate_series(1, 50) n))",
+            &[&blueprint],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(ids.len(), 50);
+    let _worker = stack.start_worker("submit-plans", &[]);
+    for (place, id) in ids.iter().enumerate() {
+        let status = wait_for_goal(&stack, *id, Duration::from_secs(60));
+        let n = place as i64 + 1;
+        assert_eq!(status["status"], "succeeded", "{status}");
+        assert_eq!(
+            status["result"],
+            json!({"sum": n * 2 + 1, "goal": id}),
+            "{status}"
+        );
+        assert_eq!(task(&status, "sum")["status"], "succeeded");
+    }
+}
 
 #[test]
 fn a_bulk_submit_into_a_fresh_database_checks_each_goal_by_probe_not_by_scanning_the_ones_before() {

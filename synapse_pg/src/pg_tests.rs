@@ -292,6 +292,143 @@ mod tests {
     }
 
     #[pg_test]
+    fn submit_plans_records_one_goal_per_input_in_order_each_with_its_own_input() {
+        let ids = one::<Vec<i64>>(
+            r#"SELECT synapse.submit_plans(
+                 '{"steps":[{"id":"a","action":"noop","input":"{''n'': goal.input.n, ''id'': goal.id}"},
+                            {"id":"b","action":"noop"},
+                            {"id":"c","action":"noop"}],
+                   "edges":[{"from":"a","to":"c"},{"from":"b","to":"c"}]}',
+                 ARRAY['{"n": 1}', '{"n": 2}', '{"n": 3}']::jsonb[])"#,
+        );
+        assert_eq!(ids.len(), 3);
+        assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "{ids:?}");
+        for (place, id) in ids.iter().enumerate() {
+            let n = place + 1;
+            assert_eq!(
+                json_of(&format!("SELECT input FROM synapse.goals WHERE id = {id}")),
+                json!({"n": n})
+            );
+            assert_eq!(
+                json_of(&format!(
+                    "SELECT jsonb_agg(jsonb_build_array(step, status, input, pending_inbound) ORDER BY step)
+                       FROM synapse.tasks WHERE goal_id = {id}"
+                )),
+                json!([
+                    ["a", "queued", {"n": n, "id": id}, 0],
+                    // A root with no input expression starts with its goal's input.
+                    ["b", "queued", {"n": n}, 0],
+                    ["c", "pending", null, 2]
+                ])
+            );
+            assert_eq!(
+                count(&format!(
+                    "synapse.edges WHERE goal_id = {id} AND state = 'pending'"
+                )),
+                2
+            );
+        }
+        // Every goal's events, as submit_plan writes them one by one.
+        assert_eq!(
+            count("synapse.outbox WHERE payload::jsonb ->> 'event' = 'goal.running'"),
+            3
+        );
+        assert_eq!(
+            count("synapse.outbox WHERE payload::jsonb ->> 'event' = 'task.queued'"),
+            6
+        );
+        assert_eq!(
+            one::<Vec<i64>>(
+                r#"SELECT synapse.submit_plans('{"steps":[{"id":"a","action":"noop"}]}', '{}'::jsonb[])"#
+            ),
+            Vec::<i64>::new()
+        );
+        assert_eq!(count("synapse.goals"), 3);
+    }
+
+    #[pg_test]
+    fn submit_plans_submits_a_key_once_and_answers_a_known_key_with_its_goal() {
+        let noop = r#"'{"steps":[{"id":"a","action":"noop"}]}'"#;
+        let known = one::<i64>(&format!("SELECT synapse.submit_plan({noop}, '{{}}', 'k1')"));
+        let ids = one::<Vec<i64>>(&format!(
+            "SELECT synapse.submit_plans({noop}, ARRAY['{{}}', '{{\"first\": true}}', '{{}}', '{{}}']::jsonb[],
+                                         ARRAY['k1', 'k2', NULL, 'k2'])"
+        ));
+        assert_eq!(ids[0], known);
+        assert_eq!(ids[1], ids[3]);
+        assert!(ids[2] != ids[1] && ids[2] != known);
+        assert_eq!(count("synapse.goals"), 3);
+        assert_eq!(count("synapse.tasks"), 3);
+        // A key given twice is the goal of its first place.
+        assert_eq!(
+            json_of(&format!(
+                "SELECT input FROM synapse.goals WHERE id = {}",
+                ids[1]
+            )),
+            json!({"first": true})
+        );
+        // Again: nothing new, the same ids.
+        assert_eq!(
+            one::<Vec<i64>>(&format!(
+                "SELECT synapse.submit_plans({noop}, ARRAY['{{}}', '{{}}']::jsonb[], ARRAY['k2', 'k1'])"
+            )),
+            vec![ids[1], known]
+        );
+        assert_eq!(count("synapse.goals"), 3);
+    }
+
+    #[pg_test]
+    fn submit_plans_refuses_bad_input_naming_it_and_writes_nothing() {
+        let noop = r#"'{"steps":[{"id":"a","action":"noop"}]}'"#;
+        expect_error(
+            &format!("SELECT synapse.submit_plans({noop}, NULL)"),
+            "22023",
+            "inputs must be an array of JSON values, not NULL",
+        );
+        expect_error(
+            &format!("SELECT synapse.submit_plans({noop}, ARRAY['{{}}', NULL]::jsonb[])"),
+            "22023",
+            "inputs[2] must be JSON, not NULL",
+        );
+        expect_error(
+            &format!(
+                "SELECT synapse.submit_plans({noop}, ARRAY['{{}}', '{{}}']::jsonb[], ARRAY['k'])"
+            ),
+            "22023",
+            "idempotency_keys has 1 elements and inputs 2",
+        );
+        expect_error(
+            r#"SELECT synapse.submit_plans('{"steps":[{"id":"a","action":"nope"}]}', ARRAY['{}']::jsonb[])"#,
+            "22023",
+            r#"$.steps[0].action: unknown action "nope""#,
+        );
+        // The second goal's root input cannot be evaluated: the first goal,
+        // written already, goes too.
+        expect_error(
+            r#"SELECT synapse.submit_plans('{"steps":[{"id":"a","action":"noop","input":"goal.input.x"}]}',
+                                           ARRAY['{"x": 1}', '{}']::jsonb[])"#,
+            "22023",
+            "$.steps[0].input: cannot evaluate the input of root step \"a\"",
+        );
+        expect_error(
+            r#"SELECT synapse.submit_plans('{"steps":[{"id":"a","action":"noop","input":"goal.input.x"}]}',
+                                           ARRAY['{"x": 1}', '{}']::jsonb[])"#,
+            "22023",
+            "(for inputs[2])",
+        );
+        expect_error(
+            &format!(
+                "SELECT synapse.submit_plans({noop}, ARRAY['{{}}', ('{{\"k\": ' || repeat('[', 70) || repeat(']', 70) || '}}')::jsonb])"
+            ),
+            "54000",
+            "inputs[2] is nested",
+        );
+        assert_eq!(count("synapse.goals"), 0);
+        assert_eq!(count("synapse.tasks"), 0);
+        assert_eq!(count("synapse.outbox"), 0);
+    }
+
+    #[pg_test]
     fn submit_plan_is_idempotent_by_key() {
         let sql =
             r#"SELECT synapse.submit_plan('{"steps":[{"id":"a","action":"noop"}]}', '{}', 'k')"#;

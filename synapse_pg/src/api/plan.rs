@@ -44,7 +44,51 @@ fn submit_plan(
     input: default!(Option<JsonbArg>, "'{}'"),
     idempotency_key: default!(Option<&str>, "NULL"),
 ) -> std::result::Result<i64, ErrorReport> {
-    Ok(submit(blueprint, input, idempotency_key)?)
+    let input = input
+        .ok_or_else(|| Error::InvalidParameter("input must be JSON, not NULL (use '{}')".into()))?;
+    let submission = Submission {
+        input,
+        key: idempotency_key,
+        name: "input".into(),
+    };
+    Ok(submit(blueprint, &[submission], false)?[0])
+}
+
+/// Records one goal of `blueprint` per element of `inputs`, validating the
+/// blueprint once, in statements that write every goal, task and edge at
+/// once; returns their ids in the order of `inputs`. `idempotency_keys`, if
+/// given, holds one key (or NULL) per input, as `submit_plan`'s.
+#[pg_extern]
+fn submit_plans(
+    blueprint: Option<JsonbArg>,
+    inputs: Option<Array<'_, JsonbArg>>,
+    idempotency_keys: default!(Option<Array<'_, &str>>, "NULL"),
+) -> std::result::Result<Vec<i64>, ErrorReport> {
+    let inputs = inputs.ok_or_else(|| {
+        Error::InvalidParameter("inputs must be an array of JSON values, not NULL".into())
+    })?;
+    let keys: Vec<Option<&str>> = match &idempotency_keys {
+        None => vec![None; inputs.len()],
+        Some(keys) if keys.len() == inputs.len() => keys.iter().collect(),
+        Some(keys) => {
+            return Err(Error::InvalidParameter(format!(
+                "idempotency_keys has {} elements and inputs {}: give one key (or NULL) per input",
+                keys.len(),
+                inputs.len()
+            ))
+            .into())
+        }
+    };
+    let mut submissions = Vec::with_capacity(inputs.len());
+    for (index, (input, key)) in inputs.iter().zip(keys).enumerate() {
+        // SQL counts array elements from 1.
+        let name = format!("inputs[{}]", index + 1);
+        let input = input.ok_or_else(|| {
+            Error::InvalidParameter(format!("{name} must be JSON, not NULL (use '{{}}')"))
+        })?;
+        submissions.push(Submission { input, key, name });
+    }
+    Ok(submit(blueprint, &submissions, true)?)
 }
 
 /// Installs the plan of a goal a planner is working on: `[]`, or the problems
@@ -109,81 +153,229 @@ pub(super) fn check(doc: &Value) -> Result<Blueprint> {
     validate(doc)?.map_err(Error::InvalidBlueprint)
 }
 
-fn submit(
-    blueprint: Option<JsonbArg>,
-    input: Option<JsonbArg>,
-    idempotency_key: Option<&str>,
-) -> Result<i64> {
+/// A goal to submit: its input as given, its idempotency key, and what
+/// errors call its input.
+struct Submission<'a> {
+    input: JsonbArg,
+    key: Option<&'a str>,
+    name: String,
+}
+
+/// Records a goal of `blueprint` for each of `submissions` (or finds the goal
+/// its key already names) and installs the new goals' plans; their ids, in
+/// order. With `many`, each error about an input names it.
+fn submit(blueprint: Option<JsonbArg>, submissions: &[Submission], many: bool) -> Result<Vec<i64>> {
     let blueprint =
         blueprint.ok_or_else(|| Error::InvalidParameter("blueprint must not be NULL".into()))?;
     let doc = blueprint.into_value("blueprint")?;
-    let given_input = input
-        .ok_or_else(|| Error::InvalidParameter("input must be JSON, not NULL (use '{}')".into()))?;
-    let input = given_input.into_value("input")?;
-    if let Some(key) = idempotency_key {
-        if let Some(id) = goal_with_key(key)? {
-            return Ok(id);
+    let mut inputs = Vec::with_capacity(submissions.len());
+    for submission in submissions {
+        inputs.push(Some(submission.input.into_value(&submission.name)?));
+    }
+    let mut ids = goals_with_keys(submissions)?;
+    // A key given twice is submitted once, at its first place.
+    let mut first_with_key: HashMap<&str, usize> = HashMap::new();
+    let mut new: Vec<usize> = Vec::new();
+    for (index, submission) in submissions.iter().enumerate() {
+        if ids[index].is_some() {
+            continue;
+        }
+        match submission.key {
+            Some(key) if first_with_key.contains_key(key) => {}
+            Some(key) => {
+                first_with_key.insert(key, index);
+                new.push(index);
+            }
+            None => new.push(index),
         }
     }
-    let plan = check(&doc)?;
-    let mut goal = GoalContext {
-        id: 0,
-        text: plan.name.clone().unwrap_or_else(|| "plan".into()),
-        input,
-        params: json!({}),
-    };
-    // No row limit (Spi::get_one_* sets one): a DML statement stopped at its
-    // first RETURNING row never reaches its end, where the statement trigger
-    // that records its event fires.
+    if !new.is_empty() {
+        let plan = check(&doc)?;
+        let text = plan.name.clone().unwrap_or_else(|| "plan".into());
+        let inserted = insert_goals(&text, blueprint, submissions, &new)?;
+        let mut installing = Vec::with_capacity(new.len());
+        let mut compiled = RootInputs::new();
+        for (index, id) in new.into_iter().zip(inserted) {
+            let Some(id) = id else {
+                // Another transaction committed the same key meanwhile: that goal is the answer.
+                let key = submissions[index].key.unwrap_or_default();
+                ids[index] =
+                    Some(goal_with_key(key)?.ok_or_else(|| {
+                        Error::InvalidParameter("idempotency key vanished".into())
+                    })?);
+                continue;
+            };
+            ids[index] = Some(id);
+            let goal = GoalContext {
+                id,
+                text: text.clone(),
+                input: inputs[index].take().unwrap_or_default(),
+                params: json!({}),
+            };
+            // An error here aborts the statement, taking the goal rows with it.
+            let roots = root_starts(&plan, &goal, &mut compiled).map_err(|error| {
+                if many {
+                    naming(error, &submissions[index].name)
+                } else {
+                    error
+                }
+            })?;
+            installing.push(Installing { goal, roots });
+        }
+        install(&plan, installing)?;
+    }
+    submissions
+        .iter()
+        .enumerate()
+        .map(|(index, submission)| {
+            ids[index]
+                .or_else(|| {
+                    let first = first_with_key.get(submission.key?)?;
+                    ids[*first]
+                })
+                .ok_or_else(|| Error::InvalidParameter(format!("{} has no goal", submission.name)))
+        })
+        .collect()
+}
+
+/// `error` about the goal of input `name`, saying so.
+fn naming(error: Error, name: &str) -> Error {
+    match error {
+        Error::InvalidBlueprint(problems) => Error::InvalidBlueprint(
+            problems
+                .into_iter()
+                .map(|problem| Problem {
+                    path: problem.path,
+                    message: format!("{} (for {name})", problem.message),
+                })
+                .collect(),
+        ),
+        Error::LimitExceeded { path, message } => Error::LimitExceeded {
+            path,
+            message: format!("{message} (for {name})"),
+        },
+        other => other,
+    }
+}
+
+/// Inserts the goals of `submissions[new]`, running: per place of `new`, its
+/// id, or `None` where a goal with its key was committed meanwhile.
+fn insert_goals(
+    text: &str,
+    blueprint: JsonbArg,
+    submissions: &[Submission],
+    new: &[usize],
+) -> Result<Vec<Option<i64>>> {
     let conflict = if goals_have_owners() {
         "(owner, idempotency_key)"
     } else {
         "(idempotency_key)"
     };
-    let insert_goal = format!(
-        "INSERT INTO synapse.goals (goal, input, planner, blueprint, status, idempotency_key)
-         VALUES ($1, $2, NULL, $3, 'running', $4)
-         ON CONFLICT {conflict} DO NOTHING RETURNING id"
+    if let [only] = new {
+        // One goal, as every submit_plan call: the plain statement, with
+        // less to start at each call than the set's.
+        let submission = &submissions[*only];
+        let insert_goal = format!(
+            "INSERT INTO synapse.goals (goal, input, planner, blueprint, status, idempotency_key)
+             VALUES ($1, $2, NULL, $3, 'running', $4)
+             ON CONFLICT {conflict} DO NOTHING RETURNING id"
+        );
+        // No row limit (Spi::get_one_* sets one): a DML statement stopped at
+        // its first RETURNING row never reaches its end, where the statement
+        // trigger that records its event fires.
+        let inserted = Spi::connect_mut(|client| {
+            let insert = prepared(
+                client,
+                &insert_goal,
+                &[
+                    oid(PgBuiltInOids::TEXTOID),
+                    oid(PgBuiltInOids::JSONBOID),
+                    oid(PgBuiltInOids::JSONBOID),
+                    oid(PgBuiltInOids::TEXTOID),
+                ],
+            )?;
+            client
+                .update(
+                    &*insert,
+                    None,
+                    &[
+                        text.into(),
+                        submission.input.into(),
+                        blueprint.into(),
+                        submission.key.into(),
+                    ],
+                )?
+                .first()
+                .get_one::<i64>()
+        });
+        return match inserted {
+            Ok(id) => Ok(vec![id]),
+            Err(pgrx::spi::Error::InvalidPosition) => Ok(vec![None]),
+            Err(error) => Err(error.into()),
+        };
+    }
+    // The identity's sequence, drawn in the order given; the goals' events
+    // come from the statement trigger, at the statement's end.
+    let insert_goals = format!(
+        "WITH given AS (
+              SELECT nextval('synapse.goals_id_seq'::regclass) AS id, g.input, g.key, g.place
+                FROM unnest($1::jsonb[], $2::text[]) WITH ORDINALITY AS g(input, key, place)),
+         inserted AS (
+              INSERT INTO synapse.goals (id, goal, input, planner, blueprint, status, idempotency_key)
+              OVERRIDING SYSTEM VALUE
+              SELECT id, $3, input, NULL, $4, 'running', key FROM given
+              ON CONFLICT {conflict} DO NOTHING RETURNING id)
+         SELECT i.id FROM given LEFT JOIN inserted i USING (id) ORDER BY given.place"
     );
-    let inserted = Spi::connect_mut(|client| {
+    let inputs: Vec<JsonbArg> = new.iter().map(|&index| submissions[index].input).collect();
+    let keys: Vec<Option<&str>> = new.iter().map(|&index| submissions[index].key).collect();
+    Ok(Spi::connect_mut(|client| {
         let insert = prepared(
             client,
-            &insert_goal,
+            &insert_goals,
             &[
+                oid(PgBuiltInOids::JSONBARRAYOID),
+                oid(PgBuiltInOids::TEXTARRAYOID),
                 oid(PgBuiltInOids::TEXTOID),
                 oid(PgBuiltInOids::JSONBOID),
-                oid(PgBuiltInOids::JSONBOID),
-                oid(PgBuiltInOids::TEXTOID),
             ],
         )?;
         client
             .update(
                 &*insert,
                 None,
-                &[
-                    goal.text.clone().into(),
-                    given_input.into(),
-                    blueprint.into(),
-                    idempotency_key.into(),
-                ],
+                &[inputs.into(), keys.into(), text.into(), blueprint.into()],
             )?
-            .first()
-            .get_one::<i64>()
-    });
-    let id = match inserted {
-        Ok(Some(id)) => id,
-        // Another transaction committed the same key meanwhile: that goal is the answer.
-        Ok(None) | Err(pgrx::spi::Error::InvalidPosition) => {
-            return goal_with_key(idempotency_key.unwrap_or_default())?
-                .ok_or_else(|| Error::InvalidParameter("idempotency key vanished".into()));
-        }
-        Err(error) => return Err(error.into()),
-    };
-    goal.id = id;
-    // An error here aborts the transaction, taking the goal row with it.
-    let roots = root_starts(&plan, &goal)?;
-    install(id, &plan, roots, &goal)?;
-    Ok(id)
+            .map(|row| row.get::<i64>(1))
+            .collect::<std::result::Result<Vec<_>, _>>()
+    })?)
+}
+
+/// The goals (of this owner) that the submissions' keys already name, by place.
+fn goals_with_keys(submissions: &[Submission]) -> Result<Vec<Option<i64>>> {
+    let keys: Vec<&str> = submissions.iter().filter_map(|s| s.key).collect();
+    if keys.is_empty() {
+        return Ok(vec![None; submissions.len()]);
+    }
+    let found: HashMap<String, i64> = Spi::connect(|client| {
+        let query = if goals_have_owners() {
+            "SELECT idempotency_key, id FROM synapse.goals
+              WHERE owner = synapse._caller() AND idempotency_key = ANY($1)"
+        } else {
+            "SELECT idempotency_key, id FROM synapse.goals WHERE idempotency_key = ANY($1)"
+        };
+        client
+            .select(query, None, &[keys.into()])?
+            .map(|row| Ok((row.get::<String>(1)?, row.get::<i64>(2)?)))
+            .collect::<std::result::Result<Vec<_>, pgrx::spi::Error>>()
+    })?
+    .into_iter()
+    .filter_map(|(key, id)| Some((key?, id?)))
+    .collect();
+    Ok(submissions
+        .iter()
+        .map(|s| s.key.and_then(|key| found.get(key).copied()))
+        .collect())
 }
 
 fn goal_with_key(key: &str) -> Result<Option<i64>> {
@@ -245,11 +437,19 @@ enum RootStart {
     Wait(Value),
 }
 
+/// The roots' `input` expressions, by step index, compiled once for every
+/// goal of a submit.
+type RootInputs = HashMap<usize, std::result::Result<cel::Expression, String>>;
+
 /// How the root steps start, by step index: each `input` expression (and
 /// `for_each` list) evaluated over `goal` (no step has run yet). Every
 /// evaluation problem is listed; an evaluated input over the JSON limits is
 /// refused.
-fn root_starts(plan: &Blueprint, goal: &GoalContext) -> Result<HashMap<usize, RootStart>> {
+fn root_starts(
+    plan: &Blueprint,
+    goal: &GoalContext,
+    compiled: &mut RootInputs,
+) -> Result<HashMap<usize, RootStart>> {
     let vars = goal.variables();
     let roots: HashSet<&str> = plan.roots().into_iter().collect();
     let mut starts = HashMap::with_capacity(roots.len());
@@ -290,14 +490,19 @@ fn root_starts(plan: &Blueprint, goal: &GoalContext) -> Result<HashMap<usize, Ro
             continue;
         };
         let path = format!("$.steps[{index}].input");
+        let expression = compiled
+            .entry(index)
+            .or_insert_with(|| cel::compile(source))
+            .as_ref()
+            .map_err(Clone::clone);
         let evaluated = if step.until.is_some() {
             // A loop's first run: no previous result yet.
             let mut first_run = vars.clone();
             first_run.insert("previous".into(), Value::Null);
             first_run.insert("iteration".into(), json!(1));
-            cel::compile(source).and_then(|expr| expr.evaluate(&first_run))
+            expression.and_then(|expr| expr.evaluate(&first_run))
         } else {
-            cel::compile(source).and_then(|expr| expr.evaluate(&vars))
+            expression.and_then(|expr| expr.evaluate(&vars))
         };
         match evaluated {
             Ok(value) => {
@@ -344,17 +549,20 @@ fn over_budget(path: &str, message: &str) -> Option<Error> {
     })
 }
 
-/// Writes every task and edge of `plan` for goal `goal_id`; roots are queued
-/// with their inputs (`goal_input` passed once, not copied per root), root
-/// map steps start with their instances, the rest wait as pending.
-fn install(
-    goal_id: i64,
-    plan: &Blueprint,
-    mut root_starts: HashMap<usize, RootStart>,
-    goal: &GoalContext,
-) -> Result<()> {
+/// A goal whose plan is being installed: what its expressions see, and how
+/// its roots start.
+struct Installing {
+    goal: GoalContext,
+    roots: HashMap<usize, RootStart>,
+}
+
+/// Writes every task and edge of `plan` for each of `goals` (their rows
+/// written), one statement for all tasks and one for all edges; roots are
+/// queued with their inputs (a root that starts with its goal's input reads
+/// it from the goal's row, not from a copy), root map steps start with their
+/// instances, the rest wait as pending.
+fn install(plan: &Blueprint, goals: Vec<Installing>) -> Result<()> {
     grown::replan_goal_checks_as_goals_grow();
-    let goal_input = &goal.input;
     let mut inbound: HashMap<&str, usize> = HashMap::new();
     for edge in &plan.edges {
         *inbound.entry(edge.to.as_str()).or_default() += 1;
@@ -373,22 +581,25 @@ fn install(
         ));
     }
     let mut tasks = TaskArrays::default();
-    for (index, step) in plan.steps.iter().enumerate() {
-        if index.is_multiple_of(INTERRUPT_EVERY) {
-            pgrx::check_for_interrupts!();
+    for Installing { goal, roots } in &goals {
+        for (index, step) in plan.steps.iter().enumerate() {
+            if index.is_multiple_of(INTERRUPT_EVERY) {
+                pgrx::check_for_interrupts!();
+            }
+            let root = roots.get(&index);
+            let queued = matches!(root, Some(RootStart::GoalInput | RootStart::Input(_)));
+            tasks.push(
+                goal.id,
+                step,
+                match root {
+                    Some(RootStart::Input(input)) => Some(input),
+                    _ => None,
+                },
+                matches!(root, Some(RootStart::GoalInput)),
+                if queued { "queued" } else { "pending" },
+                inbound.get(step.id.as_str()).copied().unwrap_or(0),
+            );
         }
-        let root = root_starts.get(&index);
-        let queued = matches!(root, Some(RootStart::GoalInput | RootStart::Input(_)));
-        tasks.push(
-            step,
-            match root {
-                Some(RootStart::Input(input)) => Some(input),
-                _ => None,
-            },
-            matches!(root, Some(RootStart::GoalInput)),
-            if queued { "queued" } else { "pending" },
-            inbound.get(step.id.as_str()).copied().unwrap_or(0),
-        );
     }
     let arrays = tasks.columns(
         columns >= TaskColumns::InboundCounts,
@@ -396,17 +607,29 @@ fn install(
         columns >= TaskColumns::JoinCounts,
     );
     // Arrays, one per column, not a JSON document: thousands of steps are
-    // neither written out as JSON nor parsed back. $2 is the goal's input,
-    // passed once for the roots that start with it (`goal_input`).
+    // neither written out as JSON nor parsed back. $1 and $2 are the goals'
+    // ids and inputs, each input passed once for the roots that start with it
+    // (`goal_input`), not copied per root: joined by id (a subquery reading
+    // each from `goals` made a bulk submit_plan half as slow again), or, for
+    // one goal, as every submit_plan call, taken as it is, with no join to
+    // start.
     let stored: Vec<&str> = arrays
         .iter()
         .map(|column| column.name)
         .filter(|name| !matches!(*name, "goal_input" | "input"))
         .collect();
+    let (goal_input, joined) = if goals.len() == 1 {
+        ("($2::jsonb[])[1]", "")
+    } else {
+        (
+            "g.input",
+            " LEFT JOIN unnest($1::bigint[], $2::jsonb[]) AS g(id, input) ON t.goal_input AND g.id = t.goal_id",
+        )
+    };
     let insert_tasks = format!(
-        "INSERT INTO synapse.tasks (goal_id, input, {listed})
-         SELECT $1, CASE WHEN t.goal_input THEN $2 ELSE t.input END, {selected}
-           FROM unnest({unnested}) AS t({all})",
+        "INSERT INTO synapse.tasks (input, {listed})
+         SELECT CASE WHEN t.goal_input THEN {goal_input} ELSE t.input END, {selected}
+           FROM unnest({unnested}) AS t({all}){joined}",
         listed = stored.join(", "),
         selected = stored
             .iter()
@@ -425,86 +648,104 @@ fn install(
             .collect::<Vec<_>>()
             .join(", "),
     );
-    let mut argument_types = vec![oid(PgBuiltInOids::INT8OID), oid(PgBuiltInOids::JSONBOID)];
+    let mut argument_types = vec![
+        oid(PgBuiltInOids::INT8ARRAYOID),
+        oid(PgBuiltInOids::JSONBARRAYOID),
+    ];
     argument_types.extend(arrays.iter().map(|column| oid(column.array)));
+    let goal_ids: Vec<i64> = goals.iter().map(|installing| installing.goal.id).collect();
+    let goal_inputs: Vec<JsonB> = goals
+        .iter()
+        .map(|installing| JsonB(installing.goal.input.clone()))
+        .collect();
     Spi::connect_mut(|client| {
         let insert = prepared(client, &insert_tasks, &argument_types)?;
-        let mut arguments = vec![goal_id.into(), JsonB(goal_input.clone()).into()];
+        let mut arguments = vec![goal_ids.into(), goal_inputs.into()];
         arguments.extend(arrays.into_iter().map(|column| column.values));
         client.update(&*insert, None, &arguments).map(drop)
     })?;
     pgrx::check_for_interrupts!();
     if !plan.edges.is_empty() {
-        let count = plan.edges.len();
-        let mut positions = Vec::with_capacity(count);
-        let (mut from, mut to, mut when, mut on) = (
-            Vec::with_capacity(count),
-            Vec::with_capacity(count),
-            Vec::with_capacity(count),
-            Vec::with_capacity(count),
-        );
-        for (index, edge) in plan.edges.iter().enumerate() {
-            positions.push(i32::try_from(index + 1).unwrap_or(i32::MAX));
-            from.push(edge.from.as_str());
-            to.push(edge.to.as_str());
-            when.push(edge.when.as_deref());
-            on.push(edge.on.to_column());
+        insert_edges(plan, &goals)?;
+    }
+    for Installing { goal, roots } in goals {
+        let step_task = |index: usize| {
+            Spi::get_one_with_args::<i64>(
+                "SELECT id FROM synapse.tasks WHERE goal_id = $1 AND step = $2 AND map_index IS NULL",
+                &[goal.id.into(), plan.steps[index].id.as_str().into()],
+            )?
+            .ok_or_else(|| Error::InvalidParameter("a root step was not installed".into()))
+        };
+        for (index, start) in roots {
+            match start {
+                RootStart::Map(expansion) => {
+                    map::start(step_task(index)?, expansion)?;
+                }
+                // A failed start cannot happen here (root_starts evaluated its
+                // `until`); a kept signal taken at once has its edges resolved by
+                // a worker (its event asks one to).
+                RootStart::Wait(input) => {
+                    wait::start(step_task(index)?, &goal.value(), input)?;
+                }
+                RootStart::GoalInput | RootStart::Input(_) => {}
+            }
         }
-        // Arrays, not a JSON document: thousands of edges are neither written
-        // out as JSON nor parsed back.
-        Spi::connect_mut(|client| {
-            let insert = prepared(
-                client,
-                "INSERT INTO synapse.edges (goal_id, position, from_step, to_step, when_expr, on_outcome)
-                 SELECT $1, e.position, e.from_step, e.to_step, e.when_expr, e.on_outcome
-                   FROM unnest($2::integer[], $3::text[], $4::text[], $5::text[], $6::text[])
-                        AS e(position, from_step, to_step, when_expr, on_outcome)",
+    }
+    Ok(())
+}
+
+/// The edges of `plan`, for each of `goals`, in one statement. Arrays, not a
+/// JSON document: thousands of edges are neither written out as JSON nor
+/// parsed back.
+fn insert_edges(plan: &Blueprint, goals: &[Installing]) -> Result<()> {
+    let count = plan.edges.len();
+    let mut positions = Vec::with_capacity(count);
+    let (mut from, mut to, mut when, mut on) = (
+        Vec::with_capacity(count),
+        Vec::with_capacity(count),
+        Vec::with_capacity(count),
+        Vec::with_capacity(count),
+    );
+    for (index, edge) in plan.edges.iter().enumerate() {
+        positions.push(i32::try_from(index + 1).unwrap_or(i32::MAX));
+        from.push(edge.from.as_str());
+        to.push(edge.to.as_str());
+        when.push(edge.when.as_deref());
+        on.push(edge.on.to_column());
+    }
+    let goal_ids: Vec<i64> = goals.iter().map(|installing| installing.goal.id).collect();
+    Spi::connect_mut(|client| {
+        let insert = prepared(
+            client,
+            "INSERT INTO synapse.edges (goal_id, position, from_step, to_step, when_expr, on_outcome)
+             SELECT g.id, e.position, e.from_step, e.to_step, e.when_expr, e.on_outcome
+               FROM unnest($1::bigint[]) AS g(id)
+              CROSS JOIN unnest($2::integer[], $3::text[], $4::text[], $5::text[], $6::text[])
+                    AS e(position, from_step, to_step, when_expr, on_outcome)",
+            &[
+                oid(PgBuiltInOids::INT8ARRAYOID),
+                oid(PgBuiltInOids::INT4ARRAYOID),
+                oid(PgBuiltInOids::TEXTARRAYOID),
+                oid(PgBuiltInOids::TEXTARRAYOID),
+                oid(PgBuiltInOids::TEXTARRAYOID),
+                oid(PgBuiltInOids::TEXTARRAYOID),
+            ],
+        )?;
+        client
+            .update(
+                &*insert,
+                None,
                 &[
-                    oid(PgBuiltInOids::INT8OID),
-                    oid(PgBuiltInOids::INT4ARRAYOID),
-                    oid(PgBuiltInOids::TEXTARRAYOID),
-                    oid(PgBuiltInOids::TEXTARRAYOID),
-                    oid(PgBuiltInOids::TEXTARRAYOID),
-                    oid(PgBuiltInOids::TEXTARRAYOID),
+                    goal_ids.into(),
+                    positions.into(),
+                    from.into(),
+                    to.into(),
+                    when.into(),
+                    on.into(),
                 ],
-            )?;
-            client
-                .update(
-                    &*insert,
-                    None,
-                    &[
-                        goal_id.into(),
-                        positions.into(),
-                        from.into(),
-                        to.into(),
-                        when.into(),
-                        on.into(),
-                    ],
-                )
-                .map(drop)
-        })?;
-    }
-    let step_task = |index: usize| {
-        Spi::get_one_with_args::<i64>(
-            "SELECT id FROM synapse.tasks WHERE goal_id = $1 AND step = $2 AND map_index IS NULL",
-            &[goal_id.into(), plan.steps[index].id.as_str().into()],
-        )?
-        .ok_or_else(|| Error::InvalidParameter("a root step was not installed".into()))
-    };
-    for (index, start) in root_starts.drain() {
-        match start {
-            RootStart::Map(expansion) => {
-                map::start(step_task(index)?, expansion)?;
-            }
-            // A failed start cannot happen here (root_starts evaluated its
-            // `until`); a kept signal taken at once has its edges resolved by
-            // a worker (its event asks one to).
-            RootStart::Wait(input) => {
-                wait::start(step_task(index)?, &goal.value(), input)?;
-            }
-            RootStart::GoalInput | RootStart::Input(_) => {}
-        }
-    }
+            )
+            .map(drop)
+    })?;
     Ok(())
 }
 
@@ -513,6 +754,7 @@ fn install(
 struct TaskArrays<'p> {
     goal_input: Vec<bool>,
     input: Vec<Option<JsonB>>,
+    goal_id: Vec<i64>,
     step: Vec<&'p str>,
     action: Vec<&'p str>,
     params: Vec<Option<JsonB>>,
@@ -549,6 +791,7 @@ fn column_millis(duration: std::time::Duration) -> i64 {
 impl<'p> TaskArrays<'p> {
     fn push(
         &mut self,
+        goal_id: i64,
         step: &'p blueprint::Step,
         input: Option<&Value>,
         goal_input: bool,
@@ -557,6 +800,7 @@ impl<'p> TaskArrays<'p> {
     ) {
         self.goal_input.push(goal_input);
         self.input.push(input.and_then(stored_json));
+        self.goal_id.push(goal_id);
         self.step.push(&step.id);
         self.action.push(&step.action);
         self.params.push(stored_json(&step.params));
@@ -603,6 +847,7 @@ impl<'p> TaskArrays<'p> {
         };
         add("goal_input", "boolean", BOOLS, self.goal_input.into());
         add("input", "jsonb", JSONBS, self.input.into());
+        add("goal_id", "bigint", BIGINTS, self.goal_id.into());
         add("step", "text", TEXTS, self.step.into());
         add("action", "text", TEXTS, self.action.into());
         add("params", "jsonb", JSONBS, self.params.into());
@@ -756,7 +1001,7 @@ fn plan_goal(
         params: params.clone(),
     };
     let outcome = match validate(&doc)? {
-        Ok(plan) => match root_starts(&plan, &goal) {
+        Ok(plan) => match root_starts(&plan, &goal, &mut RootInputs::new()) {
             Ok(roots) => Ok((plan, roots)),
             Err(Error::InvalidBlueprint(problems)) => Err(problems),
             Err(error) => Err(vec![refusal(error)?]),
@@ -769,7 +1014,7 @@ fn plan_goal(
                 "UPDATE synapse.goals SET blueprint = $2, template = $3, params = $4, status = 'running' WHERE id = $1",
                 &[goal_id.into(), JsonB(doc).into(), template.into(), JsonB(params).into()],
             )?;
-            install(goal_id, &plan, roots, &goal)?;
+            install(&plan, vec![Installing { goal, roots }])?;
             Ok(Vec::new())
         }
         Err(problems) => {

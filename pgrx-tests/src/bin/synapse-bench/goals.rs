@@ -24,6 +24,19 @@ pub fn submit_goals(client: &mut postgres::Client, blueprint: &str, count: usize
     (row.get(0), row.get(1))
 }
 
+/// `count` goals of `blueprint` with `submit_plans`, one call (autocommit),
+/// each with the input `{}`.
+pub fn submit_plans(client: &mut postgres::Client, blueprint: &str, count: usize) {
+    let submitted: i32 = client
+        .query_one(
+            "SELECT cardinality(synapse.submit_plans($1::text::jsonb, array_fill('{}'::jsonb, ARRAY[$2::int])))",
+            &[&blueprint, &(count as i32)],
+        )
+        .expect("submit_plans")
+        .get(0);
+    assert_eq!(submitted, count as i32);
+}
+
 /// Whether every goal with an id in `first..=last` has ended. The task check
 /// runs first: it reads the small partial index of unfinished tasks, so
 /// polling it stays cheap while many goals are left.

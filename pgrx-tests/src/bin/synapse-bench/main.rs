@@ -6,7 +6,8 @@
 //! - `latency`: a batch's forwarding, submit → BRPOP, the M3 goal, and
 //!   commit → handler start, serially and open-loop at 100/s and 1000/s.
 //! - `submit`: the first `submit_plan` on a new connection, and 1-step goals
-//!   submitted in bulk (ms per goal), each beside the same measure of
+//!   submitted in bulk (ms per goal; `submit_plan` calls in one statement,
+//!   and one `submit_plans` call), each beside the same measure of
 //!   Graphile Worker's `add_job` / `add_jobs` (installed as for `peer`).
 //! - `dag`: a chain (as a ratio to a single task's latency), a 1 → W → 1
 //!   fan-out/fan-in on two workers (with its join-start delay) and a

@@ -7,7 +7,7 @@ use pgrx::JsonB;
 use serde_json::{json, Value};
 
 use super::json_arg::JsonbArg;
-use super::{check, install, root_starts, GoalContext};
+use super::{check, install, root_starts, GoalContext, Installing, RootInputs};
 use crate::error::{Error, Result};
 use crate::gucs;
 
@@ -129,8 +129,8 @@ fn planned(parent: &Parent, depth: i32, doc: Value, input: Value) -> Result<i64>
         input,
         params: json!({}),
     };
-    let roots = root_starts(&plan, &goal)?;
-    install(id, &plan, roots, &goal)?;
+    let roots = root_starts(&plan, &goal, &mut RootInputs::new())?;
+    install(&plan, vec![Installing { goal, roots }])?;
     Ok(id)
 }
 

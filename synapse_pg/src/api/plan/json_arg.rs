@@ -62,6 +62,21 @@ unsafe impl<'fcx> ArgAbi<'fcx> for JsonbArg {
     }
 }
 
+// SAFETY: an element of a `jsonb[]` is a jsonb varlena inside the array,
+// which outlives the call; it is kept as the datum it is, like an argument.
+unsafe impl pgrx::datum::UnboxDatum for JsonbArg {
+    type As<'src> = JsonbArg;
+
+    unsafe fn unbox<'src>(datum: pgrx::datum::Datum<'src>) -> JsonbArg
+    where
+        Self: 'src,
+    {
+        JsonbArg {
+            datum: datum.sans_lifetime(),
+        }
+    }
+}
+
 /// Its SQL type (apart, since the macro spells the std `Result`).
 mod sql_type {
     pgrx::impl_sql_translatable!(super::JsonbArg, arg_only = "jsonb");

@@ -265,6 +265,46 @@ fn submit_status_graph_and_validate_with_their_exit_codes() {
 }
 
 #[test]
+fn submit_with_inputs_submits_a_goal_of_the_plan_per_line() {
+    let stack = Stack::start("cli-inputs", &[]);
+    let mut client = stack.pg();
+    let dir = Scratch::new("cli-inputs");
+    let plan = dir.write("plan.json", r#"{"steps":[{"id":"a","action":"noop"}]}"#);
+    let inputs = dir.write("inputs.jsonl", "{\"n\": 1}\n\n{\"n\": 2}\n{\"n\": 3}\n");
+    let submitted = cli(&stack, &["submit", "--plan", &plan, "--inputs", &inputs]);
+    assert_eq!(submitted.status.code(), Some(0), "{}", stderr(&submitted));
+    let ids: Vec<i64> = stdout(&submitted)
+        .lines()
+        .map(|line| line.parse().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "{}", stdout(&submitted));
+    for (place, id) in ids.iter().enumerate() {
+        let input: String = client
+            .query_one("SELECT input::text FROM synapse.goals WHERE id = $1", &[id])
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            serde_json::from_str::<Value>(&input).unwrap(),
+            serde_json::json!({"n": place + 1})
+        );
+    }
+    // A line that is not JSON: nothing is submitted, and the line is named.
+    let bad = dir.write("bad.jsonl", "{\"n\": 4}\n{oops\n");
+    let refused = cli(&stack, &["submit", "--plan", &plan, "--inputs", &bad]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("bad.jsonl line 2 is not JSON"),
+        "{}",
+        stderr(&refused)
+    );
+    let goals: i64 = client
+        .query_one("SELECT count(*) FROM synapse.goals", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(goals, 3);
+}
+
+#[test]
 fn watch_follows_a_goal_to_its_end() {
     let stack = Stack::start("cli-watch", &[]);
     let mut client = stack.pg();

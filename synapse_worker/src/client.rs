@@ -214,6 +214,44 @@ fn read_json_file(file: &std::path::Path) -> Result<Value, Failure> {
     Ok(serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?)
 }
 
+/// `submit --plan FILE --inputs FILE`: one goal of the blueprint per line of
+/// `inputs` (JSON Lines; blank lines are skipped), submitted together
+/// (`synapse.submit_plans`); prints their ids, one per line, in order.
+pub async fn submit_many(
+    database: &Setting,
+    plan: &std::path::Path,
+    inputs: &std::path::Path,
+) -> Outcome {
+    // Read before connecting: a missing file needs no database to be reported.
+    let blueprint = read_json_file(plan)?;
+    let text = std::fs::read_to_string(inputs)
+        .with_context(|| format!("cannot read {}", inputs.display()))
+        .map_err(Failure::Config)?;
+    let mut values = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: Value = serde_json::from_str(line)
+            .with_context(|| format!("{} line {} is not JSON", inputs.display(), index + 1))?;
+        values.push(value);
+    }
+    let (client, _) = connect(database, None).await?;
+    let ids: Vec<i64> = client
+        .query_one(
+            "SELECT synapse.submit_plans($1, $2)",
+            &[&blueprint, &values],
+        )
+        .await
+        .map_err(db_error)?
+        .get(0);
+    let mut out = std::io::stdout().lock();
+    for id in ids {
+        writeln!(out, "{id}").context("writing the ids")?;
+    }
+    Ok(true)
+}
+
 /// `submit`: records a goal or a blueprint; with `wait`, waits on its events
 /// until it ends, then prints a one-line summary (or the status as JSON).
 pub async fn submit(

@@ -75,10 +75,10 @@ enum Command {
         after_help = "Example:\n  synapse-worker run --queues critical,default --concurrency 32"
     )]
     Run(RunArgs),
-    /// Submit a goal (planned from its text) or a blueprint file (--plan); with --wait, wait for
-    /// it to end and print a one-line summary (exit 0 succeeded, 1 otherwise).
+    /// Submit a goal (planned from its text) or a blueprint file (--plan, with --inputs: a goal per
+    /// line); with --wait, wait for it to end and print a one-line summary (exit 0 succeeded, 1 otherwise).
     #[command(
-        after_help = "Examples:\n  synapse-worker submit 'triage incident 42' --input '{\"source\":\"pager\"}' --wait\n  synapse-worker submit --plan order.json --input '{\"order_id\":1002}' --wait\n  synapse-worker submit 'triage incident 42' --wait --json   (the whole goal_status)"
+        after_help = "Examples:\n  synapse-worker submit 'triage incident 42' --input '{\"source\":\"pager\"}' --wait\n  synapse-worker submit --plan order.json --input '{\"order_id\":1002}' --wait\n  synapse-worker submit --plan order.json --inputs orders.jsonl   (a goal per line)\n  synapse-worker submit 'triage incident 42' --wait --json   (the whole goal_status)"
     )]
     Submit {
         /// The goal text.
@@ -90,6 +90,11 @@ enum Command {
         /// Goal input (JSON).
         #[arg(long, default_value = "{}")]
         input: String,
+        /// With --plan: a file of inputs, one JSON value per line, each the input of a goal of
+        /// the blueprint; all are submitted in one call (synapse.submit_plans) and their ids
+        /// printed, one per line.
+        #[arg(long, value_name = "FILE", requires = "plan", conflicts_with_all = ["input", "wait"])]
+        inputs: Option<std::path::PathBuf>,
         /// Planner name.
         #[arg(long)]
         planner: Option<String>,
@@ -465,11 +470,15 @@ fn main() -> ExitCode {
                 goal,
                 plan,
                 input,
+                inputs,
                 planner,
                 wait,
                 json,
                 timeout,
             } => {
+                if let (Some(plan), Some(inputs)) = (&plan, &inputs) {
+                    return interruptible(client::submit_many(&database, plan, inputs), stop).await;
+                }
                 let what = match (goal, plan) {
                     (_, Some(file)) => client::Submission::Plan(file),
                     (Some(text), None) => client::Submission::Goal {

@@ -94,6 +94,7 @@ impl RedisSink {
     /// event: a command Redis refuses for some events (a key of the wrong type)
     /// never holds back the others.
     pub fn send(&mut self, prefix: &str, events: &[Event]) -> Result<Vec<Delivery>, String> {
+        let _held = SignalsHeld::new();
         let result = self.try_send(prefix, events);
         if result.is_err() {
             self.connection = None;
@@ -190,6 +191,7 @@ impl RedisSink {
 impl RedisSink {
     /// Which of `lists` (without prefix) hold no message, in one round trip.
     pub fn empty_lists(&mut self, prefix: &str, lists: &[String]) -> Result<Vec<bool>, String> {
+        let _held = SignalsHeld::new();
         let Some(connection) = self.connection.as_mut() else {
             return Err("redis: not connected".to_owned());
         };
@@ -205,6 +207,41 @@ impl RedisSink {
             }
         };
         Ok(lengths.into_iter().map(|length| length == 0).collect())
+    }
+}
+
+/// Holds off the signals Postgres sends a backend in the ordinary course
+/// (SIGHUP: a configuration reload; SIGUSR1: procsignals such as cache
+/// catch-up; SIGINT: a cancel) while a Redis round trip is under way: a
+/// socket with a timeout is not restarted after a signal handler ran, so a
+/// reload failed the round trip with EINTR, often after Redis had taken the
+/// batch, which then went out twice. Held, they are handled when the round
+/// trip is over. SIGTERM and SIGQUIT are not held.
+struct SignalsHeld(libc::sigset_t);
+
+impl SignalsHeld {
+    fn new() -> Self {
+        // SAFETY: sigset_t is plain data that sigemptyset initialises; the
+        // forwarder is one thread, so its mask is the process's.
+        unsafe {
+            let mut held: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut held);
+            for signal in [libc::SIGHUP, libc::SIGUSR1, libc::SIGINT] {
+                libc::sigaddset(&mut held, signal);
+            }
+            let mut previous: libc::sigset_t = std::mem::zeroed();
+            libc::sigprocmask(libc::SIG_BLOCK, &held, &mut previous);
+            SignalsHeld(previous)
+        }
+    }
+}
+
+impl Drop for SignalsHeld {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask `new` found.
+        unsafe {
+            libc::sigprocmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut());
+        }
     }
 }
 

@@ -172,7 +172,12 @@ fn submit(blueprint: Option<JsonbArg>, submissions: &[Submission], many: bool) -
     for submission in submissions {
         inputs.push(Some(submission.input.into_value(&submission.name)?));
     }
-    let mut ids = goals_with_keys(submissions)?;
+    let keys: Vec<&str> = submissions.iter().filter_map(|s| s.key).collect();
+    let known = goals_with_keys(&keys)?;
+    let mut ids: Vec<Option<i64>> = submissions
+        .iter()
+        .map(|s| s.key.and_then(|key| known.get(key).copied()))
+        .collect();
     // A key given twice is submitted once, at its first place.
     let mut first_with_key: HashMap<&str, usize> = HashMap::new();
     let mut new: Vec<usize> = Vec::new();
@@ -199,8 +204,9 @@ fn submit(blueprint: Option<JsonbArg>, submissions: &[Submission], many: bool) -
             let Some(id) = id else {
                 // Another transaction committed the same key meanwhile: that goal is the answer.
                 let key = submissions[index].key.unwrap_or_default();
+                let id = goals_with_keys(&[key])?.get(key).copied();
                 ids[index] =
-                    Some(goal_with_key(key)?.ok_or_else(|| {
+                    Some(id.ok_or_else(|| {
                         Error::InvalidParameter("idempotency key vanished".into())
                     })?);
                 continue;
@@ -272,8 +278,8 @@ fn insert_goals(
         "(idempotency_key)"
     };
     if let [only] = new {
-        // One goal, as every submit_plan call: the plain statement, with
-        // less to start at each call than the set's.
+        // One goal, as every submit_plan call: the plain statement, without
+        // the set's ordinality, sequence draws and join.
         let submission = &submissions[*only];
         let insert_goal = format!(
             "INSERT INTO synapse.goals (goal, input, planner, blueprint, status, idempotency_key)
@@ -351,13 +357,12 @@ fn insert_goals(
     })?)
 }
 
-/// The goals (of this owner) that the submissions' keys already name, by place.
-fn goals_with_keys(submissions: &[Submission]) -> Result<Vec<Option<i64>>> {
-    let keys: Vec<&str> = submissions.iter().filter_map(|s| s.key).collect();
+/// The goals (of this owner) that `keys` already name: key → goal id.
+fn goals_with_keys(keys: &[&str]) -> Result<HashMap<String, i64>> {
     if keys.is_empty() {
-        return Ok(vec![None; submissions.len()]);
+        return Ok(HashMap::new());
     }
-    let found: HashMap<String, i64> = Spi::connect(|client| {
+    Ok(Spi::connect(|client| {
         let query = if goals_have_owners() {
             "SELECT idempotency_key, id FROM synapse.goals
               WHERE owner = synapse._caller() AND idempotency_key = ANY($1)"
@@ -365,32 +370,13 @@ fn goals_with_keys(submissions: &[Submission]) -> Result<Vec<Option<i64>>> {
             "SELECT idempotency_key, id FROM synapse.goals WHERE idempotency_key = ANY($1)"
         };
         client
-            .select(query, None, &[keys.into()])?
+            .select(query, None, &[keys.to_vec().into()])?
             .map(|row| Ok((row.get::<String>(1)?, row.get::<i64>(2)?)))
             .collect::<std::result::Result<Vec<_>, pgrx::spi::Error>>()
     })?
     .into_iter()
     .filter_map(|(key, id)| Some((key?, id?)))
-    .collect();
-    Ok(submissions
-        .iter()
-        .map(|s| s.key.and_then(|key| found.get(key).copied()))
-        .collect())
-}
-
-fn goal_with_key(key: &str) -> Result<Option<i64>> {
-    Ok(Spi::get_one_with_args::<i64>(
-        if goals_have_owners() {
-            "SELECT id FROM synapse.goals WHERE owner = synapse._caller() AND idempotency_key = $1"
-        } else {
-            "SELECT id FROM synapse.goals WHERE idempotency_key = $1"
-        },
-        &[key.into()],
-    )
-    .or_else(|error| match error {
-        pgrx::spi::Error::InvalidPosition => Ok(None),
-        other => Err(other),
-    })?)
+    .collect())
 }
 
 /// `steps` as expressions see it: step id → `{status, result}`.
@@ -558,9 +544,8 @@ struct Installing {
 
 /// Writes every task and edge of `plan` for each of `goals` (their rows
 /// written), one statement for all tasks and one for all edges; roots are
-/// queued with their inputs (a root that starts with its goal's input reads
-/// it from the goal's row, not from a copy), root map steps start with their
-/// instances, the rest wait as pending.
+/// queued with their inputs (each goal's input passed once, not copied per
+/// root), root map steps start with their instances, the rest wait as pending.
 fn install(plan: &Blueprint, goals: Vec<Installing>) -> Result<()> {
     grown::replan_goal_checks_as_goals_grow();
     let mut inbound: HashMap<&str, usize> = HashMap::new();

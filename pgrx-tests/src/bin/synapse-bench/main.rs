@@ -49,6 +49,7 @@ mod options;
 mod peer;
 mod report;
 mod sessions;
+mod statements;
 mod submit;
 mod targets;
 mod throughput;

@@ -15,6 +15,7 @@ use crate::cpu::CpuWindow;
 use crate::figure::{ms, Baseline, Figure};
 use crate::options::Sizes;
 use crate::sessions::{backend_pid, flush_stats, meter, wait_for_sessions_to_exit, xact_commit};
+use crate::statements::{statement_figures, StatementWindow};
 use crate::targets::Metric;
 use crate::throughput::{
     drain_figures, pre_queued_drain, set_notify, Config, DrainRun, SYNAPSE_DRAIN,
@@ -182,6 +183,8 @@ fn graphile_drain(stack: &Stack, runner: &PathBuf, jobs: usize) -> DrainRun {
     poller
         .batch_execute("ANALYZE graphile_worker._private_jobs")
         .expect("ANALYZE");
+    // Opened first: its session must be gone before the commits are counted.
+    let statements = StatementWindow::open(stack);
     let poller_pid = backend_pid(&mut poller);
     wait_for_sessions_to_exit(&mut meter, DATABASE, &[poller_pid]);
     flush_stats(&mut poller);
@@ -237,6 +240,7 @@ fn graphile_drain(stack: &Stack, runner: &PathBuf, jobs: usize) -> DrainRun {
     wait_for_sessions_to_exit(&mut meter, DATABASE, &[]);
     let commits = xact_commit(&mut meter, DATABASE) - commits_before - polls;
     let jobs = jobs as f64;
+    let statements = statements.close(stack, DATABASE, jobs);
     DrainRun {
         tasks_per_s: jobs / elapsed.as_secs_f64(),
         startup_ms: startup.map(ms),
@@ -244,6 +248,7 @@ fn graphile_drain(stack: &Stack, runner: &PathBuf, jobs: usize) -> DrainRun {
         xact_commits_per_task: commits as f64 / jobs,
         wal_commits_per_task: wal.commits as f64 / jobs,
         wal_bytes_per_task: wal.bytes as f64 / jobs,
+        statements,
     }
 }
 
@@ -318,5 +323,15 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
     );
     peer[0].is = Some(Baseline::Graphile);
     figures.extend(peer);
+    // Where each drain's Postgres time went, side by side.
+    for (name, drains) in [
+        ("Synapse drain", &synapse),
+        ("Synapse drain, observe = dispatch", &lean),
+        ("Graphile drain", &graphile),
+    ] {
+        if let Some(last) = drains.last() {
+            figures.extend(statement_figures(name, &last.statements));
+        }
+    }
     figures
 }

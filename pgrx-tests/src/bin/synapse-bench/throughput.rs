@@ -13,6 +13,7 @@ use crate::goals::{
 };
 use crate::options::Sizes;
 use crate::sessions::{backend_pid, flush_stats, meter, wait_for_sessions_to_exit, xact_commit};
+use crate::statements::{StatementUse, StatementWindow};
 use crate::wal::{self, WalWindow};
 use crate::workers;
 
@@ -79,6 +80,8 @@ pub struct DrainRun {
     pub xact_commits_per_task: f64,
     pub wal_commits_per_task: f64,
     pub wal_bytes_per_task: f64,
+    /// Where the run's Postgres time went, the costliest statements first.
+    pub statements: Vec<StatementUse>,
 }
 
 /// When the first worker was ready, over the runs that saw it.
@@ -163,6 +166,8 @@ pub fn pre_queued_drain(stack: &Stack, tasks: usize, config: &Config) -> DrainRu
         .expect("ANALYZE");
     // Every other session of ours has exited (its statistics are in) and the
     // poller's are flushed: in the window, only its polls are ours.
+    // Opened first: its session must be gone before the commits are counted.
+    let statements = StatementWindow::open(stack);
     let poller_pid = backend_pid(&mut poller);
     wait_for_sessions_to_exit(&mut meter, synapse_e2e::DATABASE, &[poller_pid]);
     flush_stats(&mut poller);
@@ -189,6 +194,7 @@ pub fn pre_queued_drain(stack: &Stack, tasks: usize, config: &Config) -> DrainRu
     wait_for_sessions_to_exit(&mut meter, synapse_e2e::DATABASE, &[]);
     let commits = xact_commit(&mut meter, synapse_e2e::DATABASE) - commits_before - polls;
     let tasks = tasks as f64;
+    let statements = statements.close(stack, synapse_e2e::DATABASE, tasks);
     DrainRun {
         tasks_per_s: tasks / elapsed.as_secs_f64(),
         startup_ms: Some(ms(startup)),
@@ -196,6 +202,7 @@ pub fn pre_queued_drain(stack: &Stack, tasks: usize, config: &Config) -> DrainRu
         xact_commits_per_task: commits as f64 / tasks,
         wal_commits_per_task: wal.commits as f64 / tasks,
         wal_bytes_per_task: wal.bytes as f64 / tasks,
+        statements,
     }
 }
 

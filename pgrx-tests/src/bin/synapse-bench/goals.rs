@@ -37,25 +37,48 @@ pub fn submit_plans(client: &mut postgres::Client, blueprint: &str, count: usize
     assert_eq!(submitted, count as i32);
 }
 
-/// Whether every goal with an id in `first..=last` has ended. The task check
-/// runs first: it reads the small partial index of unfinished tasks, so
-/// polling it stays cheap while many goals are left.
-pub fn goals_finished(client: &mut postgres::Client, (first, last): (i64, i64)) -> bool {
-    client
-        .query_one(
-            "SELECT NOT EXISTS (SELECT FROM synapse.tasks
-                                 WHERE finished_at IS NULL AND goal_id BETWEEN $1 AND $2)
-                AND NOT EXISTS (SELECT FROM synapse.goals
-                                 WHERE finished_at IS NULL AND id BETWEEN $1 AND $2)",
-            &[&first, &last],
-        )
-        .expect("goals finished?")
-        .get(0)
+/// Watches the goals with ids in `first..=last` until all have ended.
+pub struct GoalsWatch {
+    /// No goal below it is still running.
+    first_unfinished: i64,
+    last: i64,
+}
+
+impl GoalsWatch {
+    pub fn new((first, last): (i64, i64)) -> GoalsWatch {
+        GoalsWatch {
+            first_unfinished: first,
+            last,
+        }
+    }
+
+    /// Whether every goal has ended. Each look starts at the first goal the
+    /// last one found running, so it reads only the goals that ended since
+    /// (goals end roughly in id order): a look from the start would walk the
+    /// index entries of every goal ended so far, and take the measured
+    /// drain's CPU (2 ms a look, 5 % of a 100 000-goal drain's Postgres time).
+    pub fn all_finished(&mut self, client: &mut postgres::Client) -> bool {
+        let first: Option<i64> = client
+            .query_one(
+                "SELECT min(id) FROM synapse.goals WHERE id BETWEEN $1 AND $2 AND finished_at IS NULL",
+                &[&self.first_unfinished, &self.last],
+            )
+            .expect("goals finished?")
+            .get(0);
+        match first {
+            Some(id) => {
+                self.first_unfinished = id;
+                false
+            }
+            None => true,
+        }
+    }
 }
 
 pub fn wait_for_goals(client: &mut postgres::Client, ids: (i64, i64), limit: Duration) {
+    let mut watch = GoalsWatch::new(ids);
     wait_until("the goals to finish", limit, || {
-        goals_finished(client, ids).then_some(())
+        watch.all_finished(client).then_some(())
     });
 }
 

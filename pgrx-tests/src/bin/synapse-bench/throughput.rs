@@ -9,7 +9,7 @@ use synapse_e2e::{postgres, wait_until, Stack, WorkerProcess};
 use crate::cpu::{CpuUse, CpuWindow};
 use crate::figure::{median, median_of, ms, Baseline, Figure};
 use crate::goals::{
-    finished_goals, forget_goals, goals_finished, submit_goals, submit_plans, wait_for_goals, NOOP,
+    finished_goals, forget_goals, submit_goals, submit_plans, wait_for_goals, GoalsWatch, NOOP,
 };
 use crate::options::Sizes;
 use crate::sessions::{backend_pid, flush_stats, meter, wait_for_sessions_to_exit, xact_commit};
@@ -182,9 +182,10 @@ pub fn pre_queued_drain(stack: &Stack, tasks: usize, config: &Config) -> DrainRu
         worker.wait_started();
     }
     let mut polls = 0;
+    let mut watch = GoalsWatch::new(ids);
     wait_until("the queue to drain", Duration::from_secs(3600), || {
         polls += 1;
-        goals_finished(&mut poller, ids).then_some(())
+        watch.all_finished(&mut poller).then_some(())
     });
     let elapsed = started.elapsed();
     let cpu = cpu.close(stack, &pids(&workers));

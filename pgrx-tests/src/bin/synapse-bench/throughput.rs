@@ -164,10 +164,10 @@ pub fn pre_queued_drain(stack: &Stack, tasks: usize, config: &Config) -> DrainRu
     poller
         .batch_execute("ANALYZE synapse.goals, synapse.tasks")
         .expect("ANALYZE");
-    // Every other session of ours has exited (its statistics are in) and the
-    // poller's are flushed: in the window, only its polls are ours.
     // Opened first: its session must be gone before the commits are counted.
     let statements = StatementWindow::open(stack);
+    // Every other session of ours has exited (its statistics are in) and the
+    // poller's are flushed: in the window, only its polls are ours.
     let poller_pid = backend_pid(&mut poller);
     wait_for_sessions_to_exit(&mut meter, synapse_e2e::DATABASE, &[poller_pid]);
     flush_stats(&mut poller);

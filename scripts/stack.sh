@@ -129,28 +129,47 @@ pg_stop() {
     fi
 }
 
+REDIS_PIDFILE="$STACK_DIR/redis/redis.pid"
+
+# True when the Redis answering on REDIS_PORT is the one this stack started: a
+# server of another stack on the same port is never adopted, nor stopped.
+redis_is_ours() {
+    [ -f "$REDIS_PIDFILE" ] || return 1
+    local answering
+    answering=$(redis_cli info server 2>/dev/null | tr -d '\r' | sed -n 's/^process_id://p')
+    [ -n "$answering" ] && [ "$answering" = "$(cat "$REDIS_PIDFILE")" ]
+}
+
 redis_start() {
     mkdir -p "$STACK_DIR/redis"
-    if ! redis_cli ping >/dev/null 2>&1; then
-        local listen=(--port "$REDIS_PORT")
-        if [ -n "$REDIS_TLS" ]; then
-            make_certificates
-            listen=(--port 0 --tls-port "$REDIS_PORT" --tls-cert-file "$TLS_DIR/ca.crt"
-                    --tls-key-file "$TLS_DIR/server.key" --tls-ca-cert-file "$TLS_DIR/ca.crt" --tls-auth-clients no)
-        fi
-        [ -n "$REDIS_PASSWORD" ] && listen+=(--requirepass "$REDIS_PASSWORD")
-        redis-server "${listen[@]}" --bind 127.0.0.1 --daemonize yes --save '' --appendonly no \
-            --dir "$STACK_DIR/redis" --pidfile "$STACK_DIR/redis/redis.pid" \
-            --logfile "$STACK_DIR/redis/redis.log" >/dev/null
-        for _ in $(seq 100); do redis_cli ping >/dev/null 2>&1 && return 0; sleep 0.05; done
-        echo "redis did not start; see $STACK_DIR/redis/redis.log" >&2
-        return 1
+    redis_is_ours && return 0
+    # Redis writes its pid file only once it listens: a stale one would vouch for a stranger.
+    rm -f "$REDIS_PIDFILE"
+    local listen=(--port "$REDIS_PORT")
+    if [ -n "$REDIS_TLS" ]; then
+        make_certificates
+        listen=(--port 0 --tls-port "$REDIS_PORT" --tls-cert-file "$TLS_DIR/ca.crt"
+                --tls-key-file "$TLS_DIR/server.key" --tls-ca-cert-file "$TLS_DIR/ca.crt" --tls-auth-clients no)
     fi
+    [ -n "$REDIS_PASSWORD" ] && listen+=(--requirepass "$REDIS_PASSWORD")
+    redis-server "${listen[@]}" --bind 127.0.0.1 --daemonize yes --save '' --appendonly no \
+        --dir "$STACK_DIR/redis" --pidfile "$REDIS_PIDFILE" \
+        --logfile "$STACK_DIR/redis/redis.log" >/dev/null
+    for _ in $(seq 100); do redis_is_ours && return 0; sleep 0.05; done
+    echo "redis did not start on port $REDIS_PORT (is the port taken?); see $STACK_DIR/redis/redis.log" >&2
+    return 1
 }
 
 redis_stop() {
-    redis_cli shutdown nosave >/dev/null 2>&1 || true
-    for _ in $(seq 100); do redis_cli ping >/dev/null 2>&1 || return 0; sleep 0.05; done
+    [ -f "$REDIS_PIDFILE" ] || return 0
+    local pid
+    pid=$(cat "$REDIS_PIDFILE")
+    # Only this stack's server: the pid must still be a redis-server.
+    if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = redis-server ]; then
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    fi
+    rm -f "$REDIS_PIDFILE"
 }
 
 case "${1:-}" in

@@ -612,6 +612,15 @@ impl Drop for WorkerProcess {
     }
 }
 
+/// A blueprint that runs `steps` one after another, in the order given.
+pub fn chain_of(steps: Vec<serde_json::Value>) -> serde_json::Value {
+    let edges: Vec<serde_json::Value> = steps
+        .windows(2)
+        .map(|pair| serde_json::json!({"from": pair[0]["id"], "to": pair[1]["id"]}))
+        .collect();
+    serde_json::json!({"steps": steps, "edges": edges})
+}
+
 /// Submits `blueprint` and waits for its goal to end: its `goal_status()`.
 pub fn run_plan(stack: &Stack, blueprint: serde_json::Value) -> serde_json::Value {
     let mut client = stack.pg();

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use synapse_e2e::{error_of, postgres, run_plan, task, wait_for_goal, Stack};
+use synapse_e2e::{chain_of, error_of, postgres, run_plan, task, wait_for_goal, Stack};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -294,13 +294,10 @@ fn a_chain_whose_default_inputs_nest_past_the_limit_fails_at_that_step_saying_so
     // whole outcome batch it was in, until the step's lease lapsed.
     let stack = Stack::start("input-limits-chain", &[]);
     let _worker = stack.start_worker("chain", &["--lease", "2s"]);
-    let steps: Vec<Value> = (0..140)
+    let steps = (0..140)
         .map(|i| json!({"id": format!("s{i}"), "action": "noop"}))
         .collect();
-    let edges: Vec<Value> = (1..140)
-        .map(|i| json!({"from": format!("s{}", i - 1), "to": format!("s{i}")}))
-        .collect();
-    let status = run_plan(&stack, json!({"steps": steps, "edges": edges}));
+    let status = run_plan(&stack, chain_of(steps));
     assert_eq!(status["status"], "failed", "{status}");
     assert_eq!(task(&status, "s63")["status"], "succeeded", "{status}");
     assert_eq!(task(&status, "s64")["status"], "failed", "{status}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use synapse_e2e::{
-    assert_quiet, edge_state, goal_status, postgres, refused, step_status, stream_events,
+    assert_quiet, chain_of, edge_state, goal_status, postgres, refused, step_status, stream_events,
     submit_plan, task, task_id, wait_for_goal, wait_for_step, wait_until, worker_binary, Stack,
     ONE_STEP,
 };
@@ -349,14 +349,11 @@ fn time_waits_wake_at_their_time_without_holding_a_worker_slot() {
     wait_for_step(&mut client, nap, "nap", "waiting");
     wait_for_step(&mut client, alarm, "alarm", "waiting");
 
-    let steps: Vec<Value> = (0..20)
+    let steps = (0..20)
         .map(|i| json!({"id": format!("s{i}"), "action": "sleep", "params": {"ms": 50}}))
         .collect();
-    let edges: Vec<Value> = (1..20)
-        .map(|i| json!({"from": format!("s{}", i - 1), "to": format!("s{i}")}))
-        .collect();
-    let chain = submit_plan(&mut client, &json!({"steps": steps, "edges": edges}));
-    let status = wait_for_goal(&stack, chain, WAIT);
+    let sleeps = submit_plan(&mut client, &chain_of(steps));
+    let status = wait_for_goal(&stack, sleeps, WAIT);
     assert_eq!(status["status"], "succeeded", "{status}");
 
     for (goal, step) in [(nap, "nap"), (alarm, "alarm")] {
@@ -376,7 +373,7 @@ fn time_waits_wake_at_their_time_without_holding_a_worker_slot() {
                     c.finished_at < n.finished_at AND c.finished_at < a.finished_at
                FROM synapse.tasks n, synapse.tasks a, synapse.goals g, synapse.goals c
               WHERE n.goal_id = $1 AND a.goal_id = $2 AND g.id = $2 AND c.id = $3",
-            &[&nap, &alarm, &chain],
+            &[&nap, &alarm, &sleeps],
         )
         .unwrap();
     let checks: Vec<bool> = (0..5).map(|i| row.get(i)).collect();

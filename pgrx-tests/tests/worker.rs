@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use synapse_e2e::{
-    assert_quiet, edge_state, postgres, redis, run_plan, statement_counts, stream_events,
+    assert_quiet, chain_of, edge_state, postgres, redis, run_plan, statement_counts, stream_events,
     submit_plan, task, wait_for_goal, wait_for_running_task, wait_until, Stack,
 };
 
@@ -994,6 +994,31 @@ fn a_successor_starts_in_the_transaction_that_recorded_its_parent_on_a_queue_the
     assert_eq!(pushes, Some(2), "{info}");
     let status = wait_for_goal(&stack, chain, WAIT);
     assert_eq!(task(&status, "b")["attempts"], 1);
+}
+
+#[test]
+fn a_worker_waiting_on_redis_with_every_free_slot_still_claims_the_successors_it_queues() {
+    // One slot: while a runs, the consumer waits for it; once a's outcome is
+    // handed over, the consumer takes it back at once to wait on Redis. Its
+    // successor must still start in the transaction that recorded a, in that
+    // slot, not go through the forwarder, Redis and a claim of its own.
+    let stack = Stack::start("continuation-lent", &[]);
+    let _worker = stack.start_worker("w", &["--concurrency", "1"]);
+    let mut client = stack.pg();
+    keep_written_events(&mut client);
+    let steps = (0..4)
+        .map(|i| json!({"id": format!("s{i}"), "action": "noop"}))
+        .collect();
+    let goal = submit_plan(&mut client, &chain_of(steps));
+    let status = wait_for_goal(&stack, goal, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    for i in 1..4 {
+        let (parent, step) = (format!("s{}", i - 1), format!("s{i}"));
+        assert!(
+            same_transaction(&mut client, &parent, &step),
+            "{step}: {status}"
+        );
+    }
 }
 
 #[test]

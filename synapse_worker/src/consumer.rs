@@ -1,7 +1,9 @@
 //! Pops work from Redis: the planner list first, then the queues in priority
 //! order, only while a concurrency slot is free. One BLMPOP takes as many
 //! messages as there are free slots, and their tasks are claimed in one
-//! statement.
+//! statement. While it blocks, those slots are lent to local continuation
+//! ([`crate::slots`]); messages beyond the slots left when it returns go back
+//! to the head of their list.
 //!
 //! The BLMPOP blocks with no timeout, so an idle worker sends nothing. At
 //! shutdown a second connection unblocks it with `CLIENT UNBLOCK`, which makes
@@ -11,11 +13,11 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::slots::Slot;
 use crate::worker::Shared;
 
 /// A BLMPOP connection and its Redis client id (for `CLIENT UNBLOCK`).
@@ -55,12 +57,10 @@ pub async fn consume(
     loop {
         let slot = tokio::select! {
             () = shutdown.cancelled() => break,
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            slot = slots.acquire() => slot,
         };
         let mut free = vec![slot];
-        while let Ok(slot) = slots.clone().try_acquire_owned() {
-            free.push(slot);
-        }
+        free.extend(slots.take_free());
         if shutdown.is_cancelled() {
             break;
         }
@@ -99,17 +99,29 @@ pub async fn consume(
                 }
             },
         };
-        let popped = pop(&shared.redis, current, &keys, free.len(), &shutdown).await;
+        // Lent while the pop waits: local continuation may take some.
+        let count = free.len();
+        slots.lend(free);
+        let popped = pop(&shared.redis, current, &keys, count, &shutdown).await;
+        let free = slots.take_back();
         match popped {
-            Ok(Some((list, payloads))) => dispatch(
-                &shared,
-                tasks,
-                &abort,
-                list == planner_key,
-                list,
-                payloads,
-                free,
-            ),
+            Ok(Some((list, mut payloads))) => {
+                if payloads.len() > free.len() {
+                    // More came than the slots left: the rest goes back to the
+                    // head of its list, for whoever pops next.
+                    let over = payloads.split_off(free.len());
+                    if let Err(error) =
+                        crate::worker::push_back(&mut current.connection, &list, &over).await
+                    {
+                        // The sweep dispatches them again.
+                        warn!(%error, "could not hand messages back to redis");
+                    }
+                }
+                if !payloads.is_empty() {
+                    let planner = list == planner_key;
+                    dispatch(&shared, tasks, &abort, planner, list, payloads, free);
+                }
+            }
             Ok(None) => {}
             Err(error) => {
                 warn!(%error, "redis connection lost");
@@ -128,7 +140,7 @@ fn dispatch(
     planner: bool,
     list: String,
     payloads: Vec<String>,
-    mut free: Vec<OwnedSemaphorePermit>,
+    mut free: Vec<Slot>,
 ) {
     free.truncate(payloads.len());
     if planner {

@@ -12,18 +12,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::slots::{Slot, Slots};
 use crate::store::{self, ClaimedTask, Queued, StoreError};
 
 /// A task claimed by local continuation, with the slot it runs in.
-pub type Continued = (ClaimedTask, OwnedSemaphorePermit);
+pub type Continued = (ClaimedTask, Slot);
 
 /// How a worker takes the successors its completions queue.
 pub struct Continuation {
-    /// The worker's concurrency slots: only free ones are taken.
-    pub slots: Arc<Semaphore>,
+    /// The worker's concurrency slots: free ones, or those its consumer
+    /// lent while it waits on Redis.
+    pub slots: Arc<Slots>,
     /// The queues the worker serves.
     pub queues: Vec<String>,
     /// The lease of a claim.
@@ -39,7 +41,7 @@ pub struct Continuation {
 /// Free slots taken for tasks about to be claimed.
 struct Reservation {
     task_ids: Vec<i64>,
-    slots: Vec<OwnedSemaphorePermit>,
+    slots: Vec<Slot>,
 }
 
 impl Continuation {
@@ -57,7 +59,7 @@ impl Continuation {
             if !self.queues.iter().any(|served| served == queue) {
                 continue;
             }
-            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            let Some(slot) = self.slots.try_take() else {
                 break;
             };
             reservation.task_ids.push(task_id);

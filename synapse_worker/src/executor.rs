@@ -3,8 +3,8 @@
 //! outcome to the completer, which records it and runs the engine.
 use std::time::Duration;
 
+use crate::slots::Slot;
 use serde_json::Value;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -201,12 +201,7 @@ async fn resume_goals(shared: &Shared, goal_ids: &mut Vec<i64>) {
 
 /// Runs a claimed task, holding `slot` (one of the worker's concurrency
 /// slots) until its outcome is handed to the completer, and records it.
-pub async fn execute(
-    shared: &Shared,
-    claimed: ClaimedTask,
-    abort: &CancellationToken,
-    slot: OwnedSemaphorePermit,
-) {
+pub async fn execute(shared: &Shared, claimed: ClaimedTask, abort: &CancellationToken, slot: Slot) {
     let task_id = claimed.id;
     let metrics = &crate::metrics::METRICS;
     metrics.queue_wait.observe(claimed.queue_wait.as_secs_f64());
@@ -258,7 +253,7 @@ async fn run_claimed(
     shared: &Shared,
     task: &ClaimedTask,
     abort: &CancellationToken,
-    slot: OwnedSemaphorePermit,
+    slot: Slot,
 ) -> Result<Handled, StoreError> {
     if let Some(error) = &task.unreadable {
         // Poison data: this task fails alone, saying why; its neighbours run.
@@ -320,7 +315,7 @@ async fn start_child(
     shared: &Shared,
     task: &ClaimedTask,
     context: &ActionContext,
-    slot: OwnedSemaphorePermit,
+    slot: Slot,
 ) -> Result<Handled, StoreError> {
     let child = match child::child_of(context) {
         Ok(child) => child,
@@ -422,7 +417,7 @@ pub(crate) async fn record(
     shared: &Shared,
     task: &ClaimedTask,
     outcome: AttemptOutcome,
-    slot: OwnedSemaphorePermit,
+    slot: Slot,
 ) -> Result<Handled, StoreError> {
     // Only a failure pays for this copy: what the WARN line below tells.
     let failed = match &outcome {

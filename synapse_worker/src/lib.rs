@@ -39,6 +39,8 @@ pub mod planner;
 #[cfg(feature = "runtime")]
 pub mod postgres_tls;
 #[cfg(feature = "runtime")]
+pub mod slots;
+#[cfg(feature = "runtime")]
 pub mod sql_step;
 #[cfg(feature = "runtime")]
 pub mod store;

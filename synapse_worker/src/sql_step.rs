@@ -10,7 +10,7 @@
 //! `_leave_step` (or, if it failed, a rollback to the savepoint: its writes
 //! and its identity go together), the outcome and the engine, `COMMIT`; then
 //! the session is reset.
-use tokio::sync::OwnedSemaphorePermit;
+use crate::slots::Slot;
 use tokio_util::sync::CancellationToken;
 
 use crate::actions::sql::{execute_in, postgres_error, statement_timeout, StepStatement};
@@ -36,7 +36,7 @@ pub async fn run(
     task: &ClaimedTask,
     context: &ActionContext,
     abort: &CancellationToken,
-    slot: OwnedSemaphorePermit,
+    slot: Slot,
 ) -> Result<Handled, StoreError> {
     // What can be refused before connecting is recorded the usual way.
     let statement = match shared.sql.statement(context) {

@@ -16,6 +16,7 @@ use crate::connection_error;
 use crate::continuation::Continuation;
 use crate::planner::PlannerRegistry;
 use crate::postgres_tls::{self, MakeTlsConnector};
+use crate::slots::Slots;
 use crate::store;
 
 /// How a worker runs (validated; see the CLI for the flags). Its `Debug`
@@ -105,7 +106,7 @@ pub struct Shared {
     /// Records task outcomes, in batches.
     pub completer: Completer,
     /// Concurrency slots: one per task (or planning) running.
-    pub slots: Arc<tokio::sync::Semaphore>,
+    pub slots: Arc<Slots>,
     /// While Postgres is unreachable: when to pop again, and the next pause.
     pause: std::sync::Mutex<Pause>,
 }
@@ -114,6 +115,20 @@ pub struct Shared {
 struct Pause {
     until: Option<std::time::Instant>,
     backoff: Backoff,
+}
+
+/// Puts popped messages back at the head of their list, so that the next
+/// pop takes them first, in the order they were popped.
+pub async fn push_back(
+    connection: &mut redis::aio::MultiplexedConnection,
+    list: &str,
+    payloads: &[String],
+) -> redis::RedisResult<()> {
+    redis::cmd("RPUSH")
+        .arg(list)
+        .arg(payloads.iter().rev().collect::<Vec<_>>())
+        .query_async(connection)
+        .await
 }
 
 impl Shared {
@@ -143,12 +158,7 @@ impl Shared {
             .inc();
         let pushed = async {
             let mut connection = self.redis.get_multiplexed_async_connection().await?;
-            // Reversed, so that they come out again in the order they were popped.
-            redis::cmd("RPUSH")
-                .arg(list)
-                .arg(payloads.iter().rev().collect::<Vec<_>>())
-                .query_async::<()>(&mut connection)
-                .await
+            push_back(&mut connection, list, payloads).await
         };
         if let Err(error) = pushed.await {
             // The sweep dispatches it again once Postgres is back.
@@ -292,7 +302,7 @@ impl Worker {
         // Outcomes waiting for their answer: two batches in flight, each up to
         // as many as tasks may run at once.
         let (completer, completions) = completer(2 * config.concurrency);
-        let slots = Arc::new(tokio::sync::Semaphore::new(config.concurrency));
+        let slots = Arc::new(Slots::new(config.concurrency));
         Ok(Worker {
             shared: Arc::new(Shared {
                 config,

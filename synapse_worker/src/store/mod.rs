@@ -1180,40 +1180,44 @@ pub struct GoalEnding {
 }
 
 /// The endings of those of `goal_ids` whose every step has ended, in one
-/// statement. Whether a goal has a task left, and whether a step is a leaf,
-/// are one index probe each: the LATERALs keep the planner from merging the
-/// goals with the whole index of unfinished tasks (every goal's end read the
-/// unfinished tasks of every goal before it) and from joining every step with
-/// every edge of the goal (a plan it chose on tables still empty: W² rows read
-/// to end a W-wide goal).
+/// statement. Whether a goal has a task left is one index probe; an ended
+/// goal's steps are then read once, each with a probe of its edges (a
+/// subquery per row, so that the planner never merges every step of a goal
+/// with every edge: a plan it chose on tables still empty read W² rows to end
+/// a W-wide goal). `OFFSET 0` keeps the goals still running out before their
+/// steps are read.
 pub async fn goal_endings(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<GoalEnding>> {
     let statement = tx
         .prepare_cached(
-            "SELECT g.id, g.blueprint ->> 'output',
-                    (SELECT coalesce(array_agg(t.step::text ORDER BY t.id), '{}') FROM synapse.tasks t
-                      WHERE t.goal_id = g.id AND t.status = 'failed' AND t.map_index IS NULL
-                        AND (t.failure_kind IS NOT DISTINCT FROM 'definition'
-                             OR NOT EXISTS (SELECT FROM synapse.edges e
-                                             WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'taken'
-                                               AND e.on_outcome IN ('failure', 'always')))),
-                    (SELECT coalesce(array_agg(coalesce(t.error, 'failed') ORDER BY t.id), '{}') FROM synapse.tasks t
-                      WHERE t.goal_id = g.id AND t.status = 'failed' AND t.map_index IS NULL
-                        AND (t.failure_kind IS NOT DISTINCT FROM 'definition'
-                             OR NOT EXISTS (SELECT FROM synapse.edges e
-                                             WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'taken'
-                                               AND e.on_outcome IN ('failure', 'always')))),
-                    (SELECT coalesce(jsonb_object_agg(t.step, t.result), '{}') FROM synapse.tasks t
-                       LEFT JOIN LATERAL (SELECT true AS found FROM synapse.edges e
-                                           WHERE e.goal_id = t.goal_id AND e.from_step = t.step
-                                           LIMIT 1) outbound ON true
-                      WHERE t.goal_id = g.id AND t.status = 'succeeded' AND t.map_index IS NULL
-                        AND outbound.found IS NULL)
-               FROM synapse.goals g
-               LEFT JOIN LATERAL (SELECT true AS found FROM synapse.tasks t
-                                   WHERE t.goal_id = g.id AND t.finished_at IS NULL
-                                   LIMIT 1) unfinished ON true
-              WHERE g.id = ANY($1::bigint[]) AND unfinished.found IS NULL
-              ORDER BY g.id",
+            "SELECT ended.id, ended.output, steps.unhandled, steps.errors, steps.leaf_results
+               FROM (SELECT g.id, g.blueprint ->> 'output' AS output
+                       FROM synapse.goals g
+                       LEFT JOIN LATERAL (SELECT true AS found FROM synapse.tasks t
+                                           WHERE t.goal_id = g.id AND t.finished_at IS NULL
+                                           LIMIT 1) unfinished ON true
+                      WHERE g.id = ANY($1::bigint[]) AND unfinished.found IS NULL
+                     OFFSET 0) ended
+              CROSS JOIN LATERAL (
+                    SELECT coalesce(array_agg(s.step::text ORDER BY s.id) FILTER (WHERE s.unhandled), '{}') AS unhandled,
+                           coalesce(array_agg(coalesce(s.error, 'failed') ORDER BY s.id) FILTER (WHERE s.unhandled), '{}')
+                             AS errors,
+                           coalesce(jsonb_object_agg(s.step, s.result) FILTER (WHERE s.leaf), '{}') AS leaf_results
+                      FROM (SELECT t.id, t.step, t.error, t.result,
+                                   -- A failure no taken failure/always edge handles, or a definition error.
+                                   t.status = 'failed'
+                                     AND (t.failure_kind IS NOT DISTINCT FROM 'definition'
+                                          OR NOT EXISTS (SELECT FROM synapse.edges e
+                                                          WHERE e.goal_id = t.goal_id AND e.from_step = t.step
+                                                            AND e.state = 'taken'
+                                                            AND e.on_outcome IN ('failure', 'always'))) AS unhandled,
+                                   -- A succeeded step with no edge out of it.
+                                   t.status = 'succeeded'
+                                     AND NOT EXISTS (SELECT FROM synapse.edges e
+                                                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step) AS leaf
+                              FROM synapse.tasks t
+                             WHERE t.goal_id = ended.id AND t.map_index IS NULL
+                               AND t.status IN ('failed', 'succeeded')) s) steps
+              ORDER BY ended.id",
         )
         .await?;
     tx.query(&statement, &[&goal_ids])

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use synapse_e2e::{
     assert_quiet, chain_of, edge_state, postgres, redis, run_plan, statement_counts, stream_events,
-    submit_plan, task, wait_for_goal, wait_for_running_task, wait_until, Stack,
+    submit_plan, task, wait_for_goal, wait_for_running_task, wait_for_step, wait_until, Stack,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -1019,6 +1019,34 @@ fn a_worker_waiting_on_redis_with_every_free_slot_still_claims_the_successors_it
             "{step}: {status}"
         );
     }
+}
+
+#[test]
+fn a_message_popped_after_local_continuation_took_the_lent_slot_goes_back_and_runs() {
+    // One slot: b takes it from the consumer's wait on Redis (local
+    // continuation). x's message then arrives with no slot left: it goes
+    // back to its list and runs once b is done. No sweep would send it again
+    // within the test, so a message dropped here fails it.
+    let stack = Stack::start("continuation-hand-back", &["synapse.sweep_interval = '1h'"]);
+    let _worker = stack.start_worker("w", &["--concurrency", "1"]);
+    let mut client = stack.pg();
+    keep_written_events(&mut client);
+    let steps = vec![
+        json!({"id": "a", "action": "noop"}),
+        json!({"id": "b", "action": "sleep", "params": {"ms": 1500}}),
+    ];
+    let goal = submit_plan(&mut client, &chain_of(steps));
+    wait_for_step(&mut client, goal, "b", "running");
+    let other = submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "x", "action": "noop"}]}),
+    );
+    let status = wait_for_goal(&stack, other, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(task(&status, "x")["attempts"], 1, "{status}");
+    let status = wait_for_goal(&stack, goal, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert!(same_transaction(&mut client, "a", "b"), "{status}");
 }
 
 #[test]

@@ -31,14 +31,16 @@ pub const DATABASE: &str = "synapse";
 /// A configuration line that keeps `synapse` out of `shared_preload_libraries`.
 pub const WITHOUT_PRELOAD: &str = "shared_preload_libraries = 'pg_stat_statements'";
 
-fn free_port() -> u16 {
+/// A local port free now (it may be taken again before it is bound).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
         .expect("a free local port")
 }
 
-fn workspace_root() -> PathBuf {
+/// The repository's root.
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")

@@ -3,24 +3,19 @@
 //! undelivered event; a streaming standby promoted after the primary is
 //! killed resumes forwarding and loses nothing that was committed.
 use std::collections::BTreeSet;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output};
 use std::time::Duration;
 
-use synapse_e2e::{postgres, submit_plan, wait_for_goal, wait_until, worker_binary, Stack, TRIAGE};
+use synapse_e2e::{
+    free_port, postgres, submit_plan, wait_for_goal, wait_until, worker_binary, workspace_root,
+    Stack, TRIAGE,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
 const TWO_STEPS: &str = r#"{"steps":[{"id":"first","action":"noop"},{"id":"second","action":"noop"}],
   "edges":[{"from":"first","to":"second"}]}"#;
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
 
 /// The private Postgres binaries (`scripts/env.sh` exports `PG_BIN`).
 fn pg_bin(program: &str) -> PathBuf {
@@ -67,13 +62,6 @@ fn run(mut command: Command) -> Output {
         String::from_utf8_lossy(&output.stderr)
     );
     output
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free local port")
 }
 
 fn connect(port: u16, database: &str) -> postgres::Client {

@@ -1,15 +1,13 @@
 //! Test stacks run side by side: one never adopts, nor stops, a server another
 //! started, even when both were handed the same port.
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use synapse_e2e::{redis, Stack};
+use synapse_e2e::{free_port, redis, workspace_root, Stack};
 
 /// `scripts/stack.sh` for a stack in `dir` on the given ports.
 fn stack_script(dir: &Path, pg_port: u16, redis_port: u16, action: &str) -> Output {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    Command::new(root.join("scripts/stack.sh"))
+    Command::new(workspace_root().join("scripts/stack.sh"))
         .arg(action)
         .env("SYNAPSE_STACK_DIR", dir)
         .env("SYNAPSE_PGPORT", pg_port.to_string())
@@ -21,14 +19,8 @@ fn stack_script(dir: &Path, pg_port: u16, redis_port: u16, action: &str) -> Outp
 #[test]
 fn a_stack_given_a_taken_redis_port_fails_to_start_and_stops_nothing_of_the_owner() {
     let owner = Stack::start("stacks-owner", &[]);
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .join(format!("target/e2e/stacks-intruder-{}", std::process::id()));
-    let pg_port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free local port")
-        .port();
+    let dir = workspace_root().join(format!("target/e2e/stacks-intruder-{}", std::process::id()));
+    let pg_port = free_port();
 
     let up = stack_script(&dir, pg_port, owner.redis_port, "up");
     let down = stack_script(&dir, pg_port, owner.redis_port, "down");

@@ -3,13 +3,13 @@
 //! outcome to the completer, which records it and runs the engine.
 use std::time::Duration;
 
-use crate::slots::Slot;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::actions::{ActionContext, ActionError};
 use crate::engine::child;
+use crate::slots::Slot;
 use crate::store::{self, AttemptOutcome, ClaimedTask, StoreError};
 use crate::worker::Shared;
 

@@ -10,13 +10,13 @@
 //! `_leave_step` (or, if it failed, a rollback to the savepoint: its writes
 //! and its identity go together), the outcome and the engine, `COMMIT`; then
 //! the session is reset.
-use crate::slots::Slot;
 use tokio_util::sync::CancellationToken;
 
 use crate::actions::sql::{execute_in, postgres_error, statement_timeout, StepStatement};
 use crate::actions::ActionContext;
 use crate::completer::record_in;
 use crate::executor::{hold_lease, outcome_of, record, Handled};
+use crate::slots::Slot;
 use crate::store::{self, AttemptOutcome, ClaimedTask, StoreError};
 use crate::worker::Shared;
 

@@ -1022,6 +1022,57 @@ fn a_worker_waiting_on_redis_with_every_free_slot_still_claims_the_successors_it
 }
 
 #[test]
+fn a_chain_continued_locally_leaves_its_connections_outside_any_transaction() {
+    let stack = Stack::start("continuation-commit", &[]);
+    let worker = stack.start_worker("w", &["--concurrency", "4"]);
+    let mut client = stack.pg();
+    keep_written_events(&mut client);
+    let steps: Vec<Value> = (0..30)
+        .map(|i| json!({"id": format!("s{i}"), "action": "noop"}))
+        .collect();
+    let status = run_plan(&stack, chain_of(steps));
+    assert_eq!(status["status"], "succeeded", "{status}");
+    for i in 1..30 {
+        let (parent, step) = (format!("s{}", i - 1), format!("s{i}"));
+        assert!(
+            same_transaction(&mut client, &parent, &step),
+            "{step}: {status}"
+        );
+    }
+    // Each successor was queued and claimed with its parent's COMMIT: the
+    // connection it went out on is left with no transaction open, and the
+    // next transaction on it begins without a warning.
+    let open: i64 = wait_until(
+        "the worker's connections to leave their transactions",
+        WAIT,
+        || {
+            let open: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                  WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+                    AND state LIKE 'idle in transaction%'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            (open == 0).then_some(open)
+        },
+    );
+    assert_eq!(open, 0);
+    let log = stack.postgres_log();
+    for warning in [
+        "there is no transaction in progress",
+        "there is already a transaction in progress",
+    ] {
+        assert!(
+            !log.contains(warning),
+            "{warning}:\n{log}\n{}",
+            worker.log_text()
+        );
+    }
+}
+
+#[test]
 fn a_message_popped_after_local_continuation_took_the_lent_slot_goes_back_and_runs() {
     // One slot: b takes it from the consumer's wait on Redis (local
     // continuation). x's message then arrives with no slot left: it goes

@@ -18,7 +18,8 @@
 //! with nowhere to put its outcome keeps its slot, so claims slow down.
 //!
 //! The successors a batch queues on this worker's queues are claimed in the
-//! same transaction for its free slots ([`crate::continuation`]).
+//! same transaction for its free slots, with its COMMIT
+//! ([`crate::continuation`]).
 //!
 //! Each transaction locks the goals of its batch (in id order) before it
 //! writes any task row: goal first, then tasks, the order `cancel_goal`
@@ -238,11 +239,12 @@ async fn record_isolated(
 
 /// In `tx`: the goals' locks, the outcomes (fenced by attempt) and the engine
 /// for every step that ended. Returns what became of each outcome, and the
-/// tasks the engine queued (with `local`, some claimed for this worker).
+/// tasks the engine queued or, with `caller_queues_last`, left to queue
+/// ([`engine::steps_ended_in_locked_goals`]).
 pub(crate) async fn record_in(
     tx: &deadpool_postgres::Transaction<'_>,
     outcomes: &[(&ClaimedTask, &AttemptOutcome)],
-    local: Option<&Continuation>,
+    caller_queues_last: bool,
 ) -> Result<(Vec<Handled>, Carried), StoreError> {
     let mut goal_ids: Vec<i64> = outcomes.iter().map(|(task, _)| task.goal_id).collect();
     goal_ids.sort_unstable();
@@ -267,13 +269,13 @@ pub(crate) async fn record_in(
     let carried = if ends.is_empty() {
         Carried::default()
     } else {
-        engine::steps_ended_in_locked_goals(tx, ends, running, local).await?
+        engine::steps_ended_in_locked_goals(tx, ends, running, caller_queues_last).await?
     };
     Ok((handled, carried))
 }
 
-/// One transaction: [`record_in`], then the claims of local continuation,
-/// whose tasks start once it committed.
+/// One transaction: [`record_in`], then, with local continuation, the claims
+/// that go out with its COMMIT, whose tasks start once it committed.
 async fn record_batch(
     pool: &deadpool_postgres::Pool,
     outcomes: &[(&ClaimedTask, &AttemptOutcome)],
@@ -282,20 +284,14 @@ async fn record_batch(
     with_retries(|| async {
         let mut client = pool.get().await?;
         let tx = store::begin(&mut client).await?;
-        let (handled, carried) = record_in(&tx, outcomes, continuation).await?;
-        let mut continued = carried.continued;
-        if let Some(continuation) = continuation {
-            // Those the engine could not claim as it queued them.
-            let rest: Vec<_> = carried
-                .queued
-                .into_iter()
-                .filter(|queued| !continued.iter().any(|(task, _)| task.id == queued.id))
-                .collect();
-            if !rest.is_empty() {
-                continued.extend(continuation.claim(&tx, &rest).await?);
+        let (handled, carried) = record_in(&tx, outcomes, continuation.is_some()).await?;
+        let continued = match continuation {
+            Some(continuation) => continuation.queue_claim_and_commit(tx, carried).await?,
+            None => {
+                tx.commit().await?;
+                Vec::new()
             }
-        }
-        tx.commit().await?;
+        };
         Ok((handled, continued))
     })
     .await

@@ -4,19 +4,19 @@
 //! own (their dispatch message is dropped by the forwarder, the task being no
 //! longer queued when it reads the event).
 //!
-//! The engine claims them with the statement that queues them when nothing
-//! else is written for their goal after it (one round trip less per step of
-//! a chain); otherwise the completer claims them just before its commit, so
-//! that what a task sees of its goal is what the transaction leaves.
+//! They are claimed with the transaction's last round trip, beside its
+//! COMMIT: what a task sees of its goal is what the transaction leaves, and
+//! a step of a chain costs no round trip of its own for its successor's
+//! queueing, claim or commit.
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::Carried;
 use crate::slots::{Slot, Slots};
-use crate::store::{self, ClaimedTask, Queued, StoreError};
+use crate::store::{self, ClaimedTask, StoreError};
 
 /// A task claimed by local continuation, with the slot it runs in.
 pub type Continued = (ClaimedTask, Slot);
@@ -86,38 +86,33 @@ impl Continuation {
         self.queues.iter().map(String::as_str).collect()
     }
 
-    /// Queues `tasks` (id, input), whose queues are `queues` (id, queue), and
-    /// claims those its free slots can run, in the same round trip.
-    pub async fn queue_and_claim(
+    /// Ends `tx`: queues what the engine left to queue last, claims for its
+    /// free slots those of every task the transaction queued that they can
+    /// run, and commits, in one round trip ([`store::queue_claim_and_commit`]).
+    pub async fn queue_claim_and_commit(
         &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-        tasks: &[(i64, Value)],
-        queues: &[(i64, String)],
-    ) -> Result<(Vec<Queued>, Vec<Continued>), StoreError> {
-        let reservation = self.reserve(queues.iter().map(|(id, queue)| (*id, queue.as_str())));
-        let Some(reservation) = reservation else {
-            return Ok((store::queue_tasks(tx, tasks, None).await?.0, Vec::new()));
-        };
-        let served = self.served();
-        let claim = self.claim_of(&reservation, &served);
-        let (queued, claimed) = store::queue_tasks(tx, tasks, Some(&claim)).await?;
-        Ok((queued, reservation.fill(claimed)))
-    }
-
-    /// Claims, in `tx`, those of `queued` that its free slots can run.
-    pub async fn claim(
-        &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-        queued: &[Queued],
+        tx: deadpool_postgres::Transaction<'_>,
+        carried: Carried,
     ) -> Result<Vec<Continued>, StoreError> {
-        let Some(reservation) =
-            self.reserve(queued.iter().map(|task| (task.id, task.queue.as_str())))
-        else {
+        let queued = carried
+            .queued
+            .iter()
+            .map(|task| (task.id, task.queue.as_str()));
+        let to_queue = carried
+            .to_queue_on
+            .iter()
+            .map(|(id, queue)| (*id, queue.as_str()));
+        let reservation = self.reserve(queued.chain(to_queue));
+        if carried.to_queue.is_empty() && reservation.is_none() {
+            tx.commit().await?;
             return Ok(Vec::new());
-        };
+        }
         let served = self.served();
-        let claimed = store::claim_tasks(tx, &self.claim_of(&reservation, &served)).await?;
-        Ok(reservation.fill(claimed))
+        let claim = reservation
+            .as_ref()
+            .map(|reservation| self.claim_of(reservation, &served));
+        let claimed = store::queue_claim_and_commit(tx, &carried.to_queue, claim.as_ref()).await?;
+        Ok(reservation.map_or_else(Vec::new, |reservation| reservation.fill(claimed)))
     }
 }
 

@@ -155,7 +155,7 @@ async fn commit_outcome(
     task: &ClaimedTask,
     outcome: AttemptOutcome,
 ) -> Result<Handled, StoreError> {
-    let (mut handled, _) = record_in(&tx, &[(task, &outcome)], None).await?;
+    let (mut handled, _) = record_in(&tx, &[(task, &outcome)], false).await?;
     let handled = handled.pop().unwrap_or(Handled::Fenced);
     if !matches!(handled, Handled::Fenced) {
         tx.commit().await?;

@@ -20,7 +20,6 @@ use serde_json::{json, Map, Value};
 
 use crate::blueprint::{cel, limits};
 use crate::blueprint::{EdgeOn, Join};
-use crate::continuation::{Continuation, Continued};
 use crate::store::{
     self, GoalEnding, GoalFinish, OutboundEdge, Queued, ReadyTask, StepEnd, StoreError,
 };
@@ -293,7 +292,7 @@ pub async fn steps_ended(
     goal_ids.sort_unstable();
     goal_ids.dedup();
     let running = store::lock_running_goals(tx, &goal_ids).await?;
-    Ok(steps_ended_in_locked_goals(tx, ends, running, None)
+    Ok(steps_ended_in_locked_goals(tx, ends, running, false)
         .await?
         .queued)
 }
@@ -302,14 +301,15 @@ pub async fn steps_ended(
 /// `running` is what [`store::lock_running_goals`] answered for the goals of
 /// `ends` (those not in it are no longer running, and nothing is decided
 /// for them). The statements serve the whole batch: a batch of single-step
-/// goals costs the same handful of statements as one goal. With `local`,
-/// the tasks it queues may be claimed for this worker as they are queued
-/// (see [`crate::continuation`]).
+/// goals costs the same handful of statements as one goal. With
+/// `caller_queues_last`, the tasks queued after which nothing more is written
+/// for their goal are left to the caller, who queues them with the
+/// transaction's last round trip ([`Carried::to_queue`]).
 pub async fn steps_ended_in_locked_goals(
     tx: &Transaction<'_>,
     ends: Vec<StepEnd>,
     running: Vec<i64>,
-    local: Option<&Continuation>,
+    caller_queues_last: bool,
 ) -> Result<Carried, StoreError> {
     let mut goals: BTreeMap<i64, (GoalVariables, Vec<Resolved>)> = BTreeMap::new();
     let mut resolutions = Vec::new();
@@ -394,8 +394,9 @@ pub async fn steps_ended_in_locked_goals(
             of_goal
         });
         let goal = &goals[&goal_id].0;
-        let queued_here = propagate(tx, goal_id, goal, first, first_ready, local).await?;
-        if !queued_here.queued.is_empty() {
+        let queued_here =
+            propagate(tx, goal_id, goal, first, first_ready, caller_queues_last).await?;
+        if !queued_here.is_empty() {
             carrying_on.push(goal_id);
         }
         carried.extend(queued_here);
@@ -405,20 +406,28 @@ pub async fn steps_ended_in_locked_goals(
     Ok(carried)
 }
 
-/// The tasks carrying on queued, and those of them claimed for this worker
-/// as they were queued.
+/// The tasks carrying on: queued, or left for the caller to queue.
 #[derive(Default)]
 pub struct Carried {
-    /// Every task queued.
+    /// The tasks the engine queued.
     pub queued: Vec<Queued>,
-    /// Those claimed by local continuation, to run once committed.
-    pub continued: Vec<Continued>,
+    /// The tasks (id, input) the caller queues as the transaction's last
+    /// write: nothing more is written for their goals, so a claim of them
+    /// then (local continuation) sees each goal as the transaction leaves it.
+    pub to_queue: Vec<(i64, Value)>,
+    /// The queues of `to_queue` (id, queue).
+    pub to_queue_on: Vec<(i64, String)>,
 }
 
 impl Carried {
     fn extend(&mut self, other: Carried) {
         self.queued.extend(other.queued);
-        self.continued.extend(other.continued);
+        self.to_queue.extend(other.to_queue);
+        self.to_queue_on.extend(other.to_queue_on);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queued.is_empty() && self.to_queue.is_empty()
     }
 }
 
@@ -437,7 +446,7 @@ pub async fn resume(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<Queued
     if !unresolved.is_empty() {
         let ends = store::ended_without_a_worker(tx, &unresolved).await?;
         queued.extend(
-            steps_ended_in_locked_goals(tx, ends, running.clone(), None)
+            steps_ended_in_locked_goals(tx, ends, running.clone(), false)
                 .await?
                 .queued,
         );
@@ -449,7 +458,7 @@ pub async fn resume(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<Queued
         if !steps.is_empty() {
             let first = (steps, Vec::new());
             queued.extend(
-                propagate(tx, *goal_id, &goal, first, None, None)
+                propagate(tx, *goal_id, &goal, first, None, false)
                     .await?
                     .queued,
             );
@@ -527,15 +536,16 @@ fn of_goal(goal_id: i64, steps: &[String]) -> Vec<(i64, String)> {
 
 /// Queues or skips the successors of `first` whose inbound edges have all
 /// resolved, following skips and failures until nothing more is decided;
-/// returns the tasks it queued. `first_ready`: those successors that are
-/// ready, when already read.
+/// returns the tasks it queued, or left to the caller to queue (see
+/// [`steps_ended_in_locked_goals`]). `first_ready`: those successors that
+/// are ready, when already read.
 async fn propagate(
     tx: &Transaction<'_>,
     goal_id: i64,
     goal: &GoalVariables,
     first: Resolved,
     first_ready: Option<Vec<ReadyTask>>,
-    local: Option<&Continuation>,
+    caller_queues_last: bool,
 ) -> Result<Carried, StoreError> {
     let mut carried = Carried::default();
     let mut next = Some((first, first_ready));
@@ -654,19 +664,19 @@ async fn propagate(
                 }
             }
         }
-        // Claimed as they are queued only when nothing more is written for
-        // this goal: what a task sees of its goal is what the transaction leaves.
         let last_write = worklist.is_empty()
             && skipped.is_empty()
             && maps.is_empty()
             && waits.is_empty()
             && cancelling.is_empty();
-        let (queued_here, continued) = match local.filter(|_| last_write) {
-            Some(local) => local.queue_and_claim(tx, &queued, &queues).await?,
-            None => (store::queue_tasks(tx, &queued, None).await?.0, Vec::new()),
-        };
-        carried.queued.extend(queued_here);
-        carried.continued.extend(continued);
+        if caller_queues_last && last_write {
+            carried.to_queue.extend(queued);
+            carried.to_queue_on.extend(queues);
+        } else {
+            carried
+                .queued
+                .extend(store::queue_tasks(tx, &queued).await?);
+        }
         store::skip_tasks(tx, &skipped).await?;
         let map_ids: Vec<i64> = maps.iter().map(|(id, _)| *id).collect();
         for started in store::map::start(tx, &map_ids).await? {

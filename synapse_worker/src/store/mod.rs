@@ -1045,43 +1045,15 @@ pub async fn ended_with_pending_edges(tx: &Transaction<'_>, goal_id: i64) -> Res
         .collect()
 }
 
-/// `pending → queued` with their inputs, in one statement; with a `claim`,
-/// then claims those tasks (local continuation), the two statements sent
-/// together, one round trip.
-pub async fn queue_tasks(
-    tx: &Transaction<'_>,
-    tasks: &[(i64, Value)],
-    claim: Option<&Claim<'_>>,
-) -> Result<(Vec<Queued>, Vec<ClaimedTask>)> {
+/// Queues `tasks` (id, input): `pending → queued`.
+pub async fn queue_tasks(tx: &Transaction<'_>, tasks: &[(i64, Value)]) -> Result<Vec<Queued>> {
     if tasks.is_empty() {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok(Vec::new());
     }
-    let statement = tx
-        .prepare_cached(
-            "UPDATE synapse.tasks t SET status = 'queued', input = r.input
-               FROM unnest($1::bigint[], $2::jsonb[]) AS r(id, input)
-              WHERE t.id = r.id AND t.status = 'pending'
-          RETURNING t.id, t.queue",
-        )
-        .await?;
-    let ids: Vec<i64> = tasks.iter().map(|(id, _)| *id).collect();
-    let inputs: Vec<&Value> = tasks.iter().map(|(_, input)| input).collect();
-    let arguments: [&(dyn ToSql + Sync); 2] = [&ids, &inputs];
-    let queue = tx.query(&statement, &arguments);
-    let (rows, claimed) = match claim {
-        None => (queue.await?, Vec::new()),
-        Some(claim) => {
-            // Prepared first: a statement still to be prepared would go out
-            // after the other.
-            let claiming = tx.prepare_cached(CLAIM_TASKS).await?;
-            let lease = millis(claim.lease);
-            let arguments = claim.arguments(&lease);
-            let (rows, claimed) =
-                futures_util::future::try_join(queue, tx.query(&claiming, &arguments)).await?;
-            (rows, claimed_tasks(&claimed, claim.worker))
-        }
-    };
-    let queued = rows
+    let statement = tx.prepare_cached(QUEUE_TASKS).await?;
+    let (ids, inputs) = queue_arguments(tasks);
+    tx.query(&statement, &[&ids, &inputs])
+        .await?
         .iter()
         .map(|row| {
             Ok(Queued {
@@ -1089,8 +1061,61 @@ pub async fn queue_tasks(
                 queue: column(row, 1)?,
             })
         })
-        .collect::<Result<_>>()?;
-    Ok((queued, claimed))
+        .collect()
+}
+
+/// The transaction's last round trip: queues `tasks` (id, input), claims
+/// for the worker what `claim` names (tasks queued just now or earlier in
+/// the transaction) and commits, the three statements sent together. A
+/// statement that fails aborts the transaction, whose COMMIT then rolls it
+/// back: its error is the answer. Returns the tasks claimed.
+pub async fn queue_claim_and_commit(
+    tx: Transaction<'_>,
+    tasks: &[(i64, Value)],
+    claim: Option<&Claim<'_>>,
+) -> Result<Vec<ClaimedTask>> {
+    // Prepared first (cached after a connection's first use): a statement
+    // still to be prepared would go out after the COMMIT.
+    let queue = tx.prepare_cached(QUEUE_TASKS).await?;
+    let claiming = tx.prepare_cached(CLAIM_TASKS).await?;
+    let (ids, inputs) = queue_arguments(tasks);
+    let lease = claim.map_or(0.0, |claim| millis(claim.lease));
+    let client = tx.client();
+    let queuing = async {
+        if tasks.is_empty() {
+            return Ok(0);
+        }
+        client.execute(&queue, &[&ids, &inputs]).await
+    };
+    let claimed = async {
+        match claim {
+            Some(claim) => client.query(&claiming, &claim.arguments(&lease)).await,
+            None => Ok(Vec::new()),
+        }
+    };
+    // `Transaction::commit` would take the transaction while the statements
+    // still borrow it. AND CHAIN leaves an empty transaction open instead of
+    // none, which the dropped guard rolls back without waiting; a plain
+    // COMMIT would leave the guard's ROLLBACK a warning in the server log.
+    let committed = client.batch_execute("COMMIT AND CHAIN");
+    let (queued, claimed, committed) = futures_util::join!(queuing, claimed, committed);
+    drop(tx);
+    queued?;
+    let claimed = claimed?;
+    committed?;
+    Ok(claimed_tasks(
+        &claimed,
+        claim.map_or("", |claim| claim.worker),
+    ))
+}
+
+const QUEUE_TASKS: &str = "UPDATE synapse.tasks t SET status = 'queued', input = r.input
+                             FROM unnest($1::bigint[], $2::jsonb[]) AS r(id, input)
+                            WHERE t.id = r.id AND t.status = 'pending'
+                        RETURNING t.id, t.queue";
+
+fn queue_arguments(tasks: &[(i64, Value)]) -> (Vec<i64>, Vec<&Value>) {
+    tasks.iter().map(|(id, input)| (*id, input)).unzip()
 }
 
 /// A task the engine queued.

@@ -156,9 +156,9 @@ COMMENT ON COLUMN synapse.tasks.result IS 'Action result (JSON) of the succeeded
 COMMENT ON COLUMN synapse.tasks.error IS 'Error of the last failed attempt, or why the step was skipped or cancelled.';
 COMMENT ON COLUMN synapse.tasks.started_at IS 'When the current or last attempt started.';
 COMMENT ON COLUMN synapse.tasks.finished_at IS 'When the task reached succeeded, failed, skipped or cancelled.';
-COMMENT ON COLUMN synapse.tasks.pending_inbound IS 'Inbound edges not resolved yet: the engine decides the step when it reaches 0 (join first or n: at every resolution).';
+COMMENT ON COLUMN synapse.tasks.pending_inbound IS 'Inbound edges not resolved yet: the engine decides the step when it reaches 0 (join first or n: at every resolution). Kept for steps with more than one inbound edge; a step with one is decided by that edge''s state alone.';
 COMMENT ON COLUMN synapse.tasks.inbound IS 'Inbound edges in all (0: a root step).';
-COMMENT ON COLUMN synapse.tasks.taken_inbound IS 'Inbound edges resolved taken so far: with pending_inbound, what the engine decides a join from.';
+COMMENT ON COLUMN synapse.tasks.taken_inbound IS 'Inbound edges resolved taken so far: with pending_inbound, what the engine decides a join from. Kept for steps with more than one inbound edge.';
 COMMENT ON COLUMN synapse.tasks.cancel_others IS 'join first or n: when the step starts, its direct parents that have not ended are cancelled.';
 COMMENT ON COLUMN synapse.tasks.for_each_expr IS 'Map step: CEL list evaluated when the step would run; the step then runs once per item, as instances (rows with map_index).';
 COMMENT ON COLUMN synapse.tasks.max_parallel IS 'Map step: most instances queued or running at once (NULL: no bound).';

@@ -828,7 +828,11 @@ pub async fn resolve_edges_then_ready(
         .prepare_cached(
             // Each edge resolved counts on its target, in the same statement
             // (pending, and taken): its join is decided from the counts, and
-            // no later read has to look for its edges.
+            // no later read has to look for its edges. A step with one inbound
+            // edge keeps no counts: that edge says how it stands, and the
+            // row is written once, when the step is decided (a second write
+            // of each of a 2 000-wide fan-out's steps in one transaction
+            // doubled the cost of queueing them).
             "WITH resolved AS (
                  UPDATE synapse.edges e SET state = r.state, error = r.error, resolved_at = statement_timestamp()
                    FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
@@ -841,7 +845,7 @@ pub async fn resolve_edges_then_ready(
                FROM (SELECT goal_id, to_step, count(*)::int AS resolved,
                             count(*) FILTER (WHERE state = 'taken')::int AS taken
                        FROM resolved GROUP BY 1, 2) c
-              WHERE t.goal_id = c.goal_id AND t.step = c.to_step",
+              WHERE t.goal_id = c.goal_id AND t.step = c.to_step AND t.inbound > 1",
         )
         .await?;
     let ready = tx.prepare_cached(READY_TASKS).await?;
@@ -923,9 +927,10 @@ pub struct ReadyTask {
 /// resolved (or, for a join `first` or n, with any resolved), in goal and id
 /// order. Each step is looked at through index probes only (the LATERAL
 /// subqueries keep the planner from scanning the whole goal, which made long
-/// chains quadratic), and decided from its counts: its inbound edges are read
-/// only for what a decision cannot do without, the parents' results of a
-/// default input, or the edges a join `all` missed.
+/// chains quadratic), and decided from its counts (a step with one inbound
+/// edge: from that edge): its inbound edges are read only for what a
+/// decision cannot do without, the parents' results of a default input, or
+/// the edges a join `all` missed.
 pub async fn ready_tasks(tx: &Transaction<'_>, steps: &[(i64, String)]) -> Result<Vec<ReadyTask>> {
     if steps.is_empty() {
         return Ok(Vec::new());
@@ -939,17 +944,33 @@ pub async fn ready_tasks(tx: &Transaction<'_>, steps: &[(i64, String)]) -> Resul
         .collect()
 }
 
-const READY_TASKS: &str = "SELECT s.goal_id, t.id, t.step, t.join_mode, t.input_expr, t.inbound, t.pending_inbound,
+/// How the inbound edges of the pending step `c` stand, as `pending_inbound`
+/// and `taken_inbound`: the counts kept on its row, or, for a step with one
+/// inbound edge (which keeps none), that edge's state.
+macro_rules! inbound_counts {
+    () => {
+        "coalesce(sole.pending, c.pending_inbound) AS pending_inbound,
+                coalesce(sole.taken, c.taken_inbound) AS taken_inbound
+           FROM (SELECT) AS one_row
+           LEFT JOIN LATERAL (
+                SELECT (e.state = 'pending')::int AS pending, (e.state = 'taken')::int AS taken
+                  FROM synapse.edges e
+                 WHERE c.inbound = 1 AND e.goal_id = c.goal_id AND e.to_step = c.step) sole ON true"
+    };
+}
+
+const READY_TASKS: &str = concat!("SELECT s.goal_id, t.id, t.step, t.join_mode, t.input_expr, t.inbound, t.pending_inbound,
                     t.taken_inbound, coalesce(edges.not_taken_from, '{}'), coalesce(edges.parent_results, '{}'),
                     t.for_each_expr IS NOT NULL, t.cancel_others, t.until_expr IS NOT NULL, t.action = 'wait',
                     t.queue
               FROM unnest($1::bigint[], $2::text[]) AS s(goal_id, step)
              CROSS JOIN LATERAL (
                    SELECT c.id, c.step, c.join_mode, c.input_expr, c.for_each_expr, c.cancel_others, c.until_expr,
-                          c.action, c.queue, c.inbound, c.pending_inbound, c.taken_inbound
+                          c.action, c.queue, c.inbound, k.pending_inbound, k.taken_inbound
                      FROM synapse.tasks c
+                    CROSS JOIN LATERAL (SELECT ", inbound_counts!(), ") k
                     WHERE c.goal_id = s.goal_id AND c.step = s.step AND coalesce(c.map_index, -1) = -1 AND c.status = 'pending'
-                      AND (c.pending_inbound = 0 OR c.join_mode NOT IN ('any', 'all'))
+                      AND (k.pending_inbound = 0 OR c.join_mode NOT IN ('any', 'all'))
                     LIMIT 1) t
               LEFT JOIN LATERAL (
                    SELECT array_agg(e.from_step ORDER BY e.position) FILTER (WHERE e.state <> 'taken') AS not_taken_from,
@@ -964,7 +985,7 @@ const READY_TASKS: &str = "SELECT s.goal_id, t.id, t.step, t.join_mode, t.input_
                       AND ((t.input_expr IS NULL AND t.taken_inbound > 0)
                            OR (t.join_mode = 'all' AND t.pending_inbound = 0 AND t.taken_inbound < t.inbound))) edges
                 ON true
-             ORDER BY s.goal_id, t.id";
+             ORDER BY s.goal_id, t.id");
 
 fn ready_arguments(steps: &[(i64, String)]) -> (Vec<i64>, Vec<&str>) {
     steps
@@ -1013,9 +1034,12 @@ fn ready_task(row: &Row) -> Result<ReadyTask> {
 pub async fn undecided_steps(tx: &Transaction<'_>, goal_id: i64) -> Result<Vec<String>> {
     let statement = tx
         .prepare_cached(
-            "SELECT step FROM synapse.tasks
-              WHERE goal_id = $1 AND status = 'pending' AND map_index IS NULL AND pending_inbound = 0
-              ORDER BY id",
+            concat!(
+                "SELECT c.step FROM synapse.tasks c
+                  CROSS JOIN LATERAL (SELECT ", inbound_counts!(), ") k
+                  WHERE c.goal_id = $1 AND c.status = 'pending' AND c.map_index IS NULL AND k.pending_inbound = 0
+                  ORDER BY c.id"
+            ),
         )
         .await?;
     tx.query(&statement, &[&goal_id])

@@ -86,9 +86,10 @@ impl Continuation {
         self.queues.iter().map(String::as_str).collect()
     }
 
-    /// Ends `tx`: queues what the engine left to queue last, claims for its
-    /// free slots those of every task the transaction queued that they can
-    /// run, and commits, in one round trip ([`store::queue_claim_and_commit`]).
+    /// Ends `tx`: writes the edge resolutions and queues the tasks the
+    /// engine left to write last, claims for its free slots those of every
+    /// task the transaction queued that they can run, and commits, in one
+    /// round trip ([`store::queue_claim_and_commit`]).
     pub async fn queue_claim_and_commit(
         &self,
         tx: deadpool_postgres::Transaction<'_>,
@@ -103,7 +104,7 @@ impl Continuation {
             .iter()
             .map(|(id, queue)| (*id, queue.as_str()));
         let reservation = self.reserve(queued.chain(to_queue));
-        if carried.to_queue.is_empty() && reservation.is_none() {
+        if carried.to_resolve.is_empty() && carried.to_queue.is_empty() && reservation.is_none() {
             tx.commit().await?;
             return Ok(Vec::new());
         }
@@ -111,7 +112,11 @@ impl Continuation {
         let claim = reservation
             .as_ref()
             .map(|reservation| self.claim_of(reservation, &served));
-        let claimed = store::queue_claim_and_commit(tx, &carried.to_queue, claim.as_ref()).await?;
+        let last_writes = store::LastWrites {
+            resolutions: &carried.to_resolve,
+            tasks: &carried.to_queue,
+        };
+        let claimed = store::queue_claim_and_commit(tx, last_writes, claim.as_ref()).await?;
         Ok(reservation.map_or_else(Vec::new, |reservation| reservation.fill(claimed)))
     }
 }

@@ -13,7 +13,7 @@
 //! at once therefore see each other's edge resolutions, and exactly one of
 //! them queues the join; the run that ends the last step sees no unfinished
 //! step and finishes the goal. Goals run in parallel with each other.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use deadpool_postgres::Transaction;
 use serde_json::{json, Map, Value};
@@ -21,7 +21,8 @@ use serde_json::{json, Map, Value};
 use crate::blueprint::{cel, limits};
 use crate::blueprint::{EdgeOn, Join};
 use crate::store::{
-    self, GoalEnding, GoalFinish, OutboundEdge, Queued, ReadyTask, StepEnd, StoreError,
+    self, EdgeResolution, GoalEnding, GoalFinish, OutboundEdge, Queued, ReadyTask, StepEnd,
+    StoreError,
 };
 
 pub mod child;
@@ -184,6 +185,28 @@ pub fn decide_join(join: Join, inbound: Inbound, not_taken_from: &[String]) -> J
     }
 }
 
+/// `task`, pending, once its one inbound edge, from `from`, resolved as
+/// `resolution`: what reading it back would say of it.
+pub fn decided_by_sole_edge(
+    mut task: ReadyTask,
+    resolution: &Resolution,
+    from: &EndedStep,
+) -> ReadyTask {
+    let taken = *resolution == Resolution::Taken;
+    task.inbound = Inbound {
+        total: 1,
+        pending: 0,
+        taken: u32::from(taken),
+    };
+    if !taken {
+        task.not_taken_from = vec![from.step.clone()];
+    } else if task.input_expr.is_none() {
+        task.taken_parent_results
+            .insert(from.step.clone(), from.result.clone());
+    }
+    task
+}
+
 /// What expressions see of the goal.
 #[derive(Debug, Clone)]
 pub struct GoalVariables {
@@ -231,10 +254,10 @@ async fn decide_outbound(
     goal: &GoalVariables,
     from: &EndedStep,
     edges: Vec<OutboundEdge>,
-    resolutions: &mut Vec<store::EdgeResolution>,
+    resolutions: &mut Vec<EdgeResolution>,
 ) -> Result<Resolved, StoreError> {
     if edges.is_empty() {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok(Resolved::default());
     }
     // One `steps` snapshot serves every condition of this step.
     let needs_steps = edges
@@ -251,8 +274,8 @@ async fn decide_outbound(
         Value::String(from.outcome.status().to_owned()),
     );
     condition_vars.insert("input".into(), from.input.clone());
-    let mut broken = Vec::new();
-    for edge in &edges {
+    let mut resolved = Resolved::default();
+    for edge in edges {
         let resolution = resolve_edge(edge.on, edge.when.as_deref(), from, || {
             condition_vars.clone()
         });
@@ -264,20 +287,27 @@ async fn decide_outbound(
                     edge.to,
                     edge.when.as_deref().unwrap_or_default()
                 );
-                broken.push((edge.to.clone(), error.clone()));
+                resolved.broken.push((edge.to.clone(), error.clone()));
                 Some(error)
             }
             _ => None,
         };
-        resolutions.push(store::EdgeResolution {
+        resolutions.push(EdgeResolution {
             goal_id,
             from: from.step.clone(),
             to: edge.to.clone(),
             state: resolution.state(),
             error,
         });
+        // A successor whose condition failed fails first (see `propagate`).
+        if let (Some(task), false) = (edge.sole, matches!(resolution, Resolution::Error(_))) {
+            resolved
+                .decided
+                .push(decided_by_sole_edge(task, &resolution, from));
+        }
+        resolved.successors.push(edge.to);
     }
-    Ok((edges.into_iter().map(|edge| edge.to).collect(), broken))
+    Ok(resolved)
 }
 
 /// Applies the consequences of steps that ended together (and of every
@@ -383,10 +413,17 @@ pub async fn steps_ended_in_locked_goals(
         .iter()
         .flat_map(|(goal_id, resolved)| ready_reads(*goal_id, resolved))
         .collect();
-    let mut ready = store::resolve_edges_then_ready(tx, &resolutions, &reads).await?;
+    let mut unwritten = Unwritten(resolutions);
+    // With nothing to read, the resolutions may wait for the caller's last
+    // round trip (a chain step: one round trip less).
+    let mut ready = if reads.is_empty() && caller_queues_last {
+        Vec::new()
+    } else {
+        store::resolve_edges_then_ready(tx, &std::mem::take(&mut unwritten.0), &reads).await?
+    };
     let mut carrying_on = Vec::new();
     for (goal_id, first) in firsts {
-        let first_ready = first.1.is_empty().then(|| {
+        let first_ready = first.broken.is_empty().then(|| {
             let (of_goal, others) = std::mem::take(&mut ready)
                 .into_iter()
                 .partition(|task| task.goal_id == goal_id);
@@ -394,16 +431,36 @@ pub async fn steps_ended_in_locked_goals(
             of_goal
         });
         let goal = &goals[&goal_id].0;
-        let queued_here =
-            propagate(tx, goal_id, goal, first, first_ready, caller_queues_last).await?;
+        let round = Round {
+            goal_id,
+            goal,
+            caller_queues_last,
+        };
+        let queued_here = propagate(tx, round, first, first_ready, &mut unwritten).await?;
         if !queued_here.is_empty() {
             carrying_on.push(goal_id);
         }
         carried.extend(queued_here);
     }
     let may_have_ended = may_have_ended(&running, &carrying_on);
+    if !may_have_ended.is_empty() {
+        unwritten.write(tx).await?;
+    }
     finish_goals_with_nothing_left(tx, &may_have_ended, |goal_id| &goals[&goal_id].0).await?;
+    if caller_queues_last {
+        carried.to_resolve = unwritten.0;
+    } else {
+        unwritten.write(tx).await?;
+    }
     Ok(carried)
+}
+
+/// Whose successors [`propagate`] decides, and how it leaves them.
+#[derive(Clone, Copy)]
+struct Round<'g> {
+    goal_id: i64,
+    goal: &'g GoalVariables,
+    caller_queues_last: bool,
 }
 
 /// The tasks carrying on: queued, or left for the caller to queue.
@@ -417,6 +474,9 @@ pub struct Carried {
     pub to_queue: Vec<(i64, Value)>,
     /// The queues of `to_queue` (id, queue).
     pub to_queue_on: Vec<(i64, String)>,
+    /// Edge resolutions the caller writes with its last round trip, before
+    /// `to_queue`: nothing the engine did after them read an edge.
+    pub to_resolve: Vec<EdgeResolution>,
 }
 
 impl Carried {
@@ -424,6 +484,7 @@ impl Carried {
         self.queued.extend(other.queued);
         self.to_queue.extend(other.to_queue);
         self.to_queue_on.extend(other.to_queue_on);
+        self.to_resolve.extend(other.to_resolve);
     }
 
     fn is_empty(&self) -> bool {
@@ -456,9 +517,18 @@ pub async fn resume(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<Queued
     for goal_id in &running {
         let steps = store::undecided_steps(tx, *goal_id).await?;
         if !steps.is_empty() {
-            let first = (steps, Vec::new());
+            let first = Resolved {
+                successors: steps,
+                ..Resolved::default()
+            };
+            let round = Round {
+                goal_id: *goal_id,
+                goal: &goal,
+                caller_queues_last: false,
+            };
+            let mut unwritten = Unwritten::default();
             queued.extend(
-                propagate(tx, *goal_id, &goal, first, None, false)
+                propagate(tx, round, first, None, &mut unwritten)
                     .await?
                     .queued,
             );
@@ -500,22 +570,41 @@ async fn finish_goals_with_nothing_left<'g>(
     store::finish_goals(tx, &finishes).await
 }
 
-/// The successors of a step whose outbound edges resolved, and the edges
-/// whose condition failed (target, error).
-type Resolved = (Vec<String>, Vec<(String, String)>);
+/// What resolving the outbound edges of steps that ended leads to.
+#[derive(Default)]
+struct Resolved {
+    /// The steps the edges lead to.
+    successors: Vec<String>,
+    /// The edges whose condition failed (target, error).
+    broken: Vec<(String, String)>,
+    /// Those successors an edge of theirs alone decides, as reading them
+    /// back would find them ([`decided_by_sole_edge`]).
+    decided: Vec<ReadyTask>,
+}
+
+impl Resolved {
+    /// The successors still to be read, to know whether they are ready.
+    fn to_read(&self) -> impl Iterator<Item = &String> {
+        let decided: HashSet<&str> = self.decided.iter().map(|task| task.step.as_str()).collect();
+        self.successors
+            .iter()
+            .filter(move |step| !decided.contains(step.as_str()))
+    }
+}
 
 /// The steps that ended together are looked at together: each successor
 /// once, whatever number of them lead to it.
 fn merge_seeds(seeds: Vec<Resolved>) -> Resolved {
-    let mut seen = std::collections::HashSet::new();
-    let mut merged: Resolved = (Vec::new(), Vec::new());
-    for (successors, broken) in seeds {
-        merged.0.extend(
-            successors
+    let mut seen = HashSet::new();
+    let mut merged = Resolved::default();
+    for seed in seeds {
+        merged.successors.extend(
+            seed.successors
                 .into_iter()
                 .filter(|step| seen.insert(step.clone())),
         );
-        merged.1.extend(broken);
+        merged.broken.extend(seed.broken);
+        merged.decided.extend(seed.decided);
     }
     merged
 }
@@ -523,15 +612,35 @@ fn merge_seeds(seeds: Vec<Resolved>) -> Resolved {
 /// The successors to read with the resolutions that decided them: none when
 /// an edge's condition failed, for its target fails first (and then is not
 /// ready).
-fn ready_reads(goal_id: i64, (successors, broken): &Resolved) -> Vec<(i64, String)> {
-    if !broken.is_empty() {
+fn ready_reads(goal_id: i64, resolved: &Resolved) -> Vec<(i64, String)> {
+    if !resolved.broken.is_empty() {
         return Vec::new();
     }
-    of_goal(goal_id, successors)
+    of_goal(goal_id, resolved.to_read())
 }
 
-fn of_goal(goal_id: i64, steps: &[String]) -> Vec<(i64, String)> {
-    steps.iter().map(|step| (goal_id, step.clone())).collect()
+fn of_goal<'s>(goal_id: i64, steps: impl IntoIterator<Item = &'s String>) -> Vec<(i64, String)> {
+    steps
+        .into_iter()
+        .map(|step| (goal_id, step.clone()))
+        .collect()
+}
+
+/// Edge resolutions not written yet: written before the engine's next write
+/// or read of anything but goals and the `steps` of expressions, or left to
+/// the caller, who writes them with the transaction's last round trip
+/// ([`Carried::to_resolve`]). Only resolutions whose successors were all
+/// decided without a read wait so.
+#[derive(Default)]
+struct Unwritten(Vec<EdgeResolution>);
+
+impl Unwritten {
+    async fn write(&mut self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        store::resolve_edges(tx, &std::mem::take(&mut self.0)).await
+    }
 }
 
 /// Queues or skips the successors of `first` whose inbound edges have all
@@ -541,44 +650,57 @@ fn of_goal(goal_id: i64, steps: &[String]) -> Vec<(i64, String)> {
 /// are ready, when already read.
 async fn propagate(
     tx: &Transaction<'_>,
-    goal_id: i64,
-    goal: &GoalVariables,
+    round: Round<'_>,
     first: Resolved,
     first_ready: Option<Vec<ReadyTask>>,
-    caller_queues_last: bool,
+    unwritten: &mut Unwritten,
 ) -> Result<Carried, StoreError> {
+    let Round {
+        goal_id,
+        goal,
+        caller_queues_last,
+    } = round;
     let mut carried = Carried::default();
     let mut next = Some((first, first_ready));
     let mut worklist: Vec<EndedStep> = Vec::new();
     loop {
-        let ((successors, broken), ready) = match next.take() {
+        let (resolved, ready) = match next.take() {
             Some(round) => round,
             None => match worklist.pop() {
                 Some(from) => {
+                    unwritten.write(tx).await?;
                     let edges = store::outbound_edges(tx, goal_id, &from.step).await?;
                     let mut resolutions = Vec::new();
                     let resolved =
                         decide_outbound(tx, goal_id, goal, &from, edges, &mut resolutions).await?;
                     let reads = ready_reads(goal_id, &resolved);
                     let ready = store::resolve_edges_then_ready(tx, &resolutions, &reads).await?;
-                    let ready = resolved.1.is_empty().then_some(ready);
+                    let ready = resolved.broken.is_empty().then_some(ready);
                     (resolved, ready)
                 }
                 None => return Ok(carried),
             },
         };
-        if successors.is_empty() {
+        if resolved.successors.is_empty() {
             continue;
         }
-        for (to, error) in broken {
-            if let Some(failed) = store::fail_pending_task(tx, goal_id, &to, &error).await? {
+        if !resolved.broken.is_empty() {
+            unwritten.write(tx).await?;
+        }
+        for (to, error) in &resolved.broken {
+            if let Some(failed) = store::fail_pending_task(tx, goal_id, to, error).await? {
                 worklist.push(failed);
             }
         }
-        let ready = match ready {
+        let mut ready = match ready {
             Some(ready) => ready,
-            None => store::ready_tasks(tx, &of_goal(goal_id, &successors)).await?,
+            None => {
+                unwritten.write(tx).await?;
+                store::ready_tasks(tx, &of_goal(goal_id, resolved.to_read())).await?
+            }
         };
+        ready.extend(resolved.decided);
+        ready.sort_unstable_by_key(|task| task.id);
         let needs_steps = ready
             .iter()
             .any(|task| task.input_expr.as_deref().is_some_and(reads_steps));
@@ -643,6 +765,7 @@ async fn propagate(
                             queued.push((task.id, input));
                         }
                         Err(error) => {
+                            unwritten.write(tx).await?;
                             if let Some(failed) =
                                 store::fail_pending_task(tx, goal_id, &task.step, &error).await?
                             {
@@ -673,6 +796,7 @@ async fn propagate(
             carried.to_queue.extend(queued);
             carried.to_queue_on.extend(queues);
         } else {
+            unwritten.write(tx).await?;
             carried
                 .queued
                 .extend(store::queue_tasks(tx, &queued).await?);
@@ -810,6 +934,110 @@ mod tests {
             input: Value::Null,
             definition_error: false,
         }
+    }
+
+    fn sole_successor(join: Join, input_expr: Option<&str>) -> ReadyTask {
+        ReadyTask {
+            goal_id: 1,
+            id: 7,
+            step: "b".into(),
+            join,
+            input_expr: input_expr.map(str::to_owned),
+            inbound: Inbound {
+                total: 1,
+                pending: 1,
+                taken: 0,
+            },
+            not_taken_from: Vec::new(),
+            taken_parent_results: Map::new(),
+            is_map: false,
+            cancel_others: false,
+            looping: false,
+            is_wait: false,
+            queue: "default".into(),
+        }
+    }
+
+    #[test]
+    fn a_successor_decided_by_its_one_edge_taken_runs_with_its_parents_result() {
+        let parent = ended(Outcome::Succeeded, json!({"amount": "12.50"}));
+        let task =
+            decided_by_sole_edge(sole_successor(Join::All, None), &Resolution::Taken, &parent);
+        let expected = Inbound {
+            total: 1,
+            pending: 0,
+            taken: 1,
+        };
+        assert_eq!(task.inbound, expected);
+        assert_eq!(
+            Value::Object(task.taken_parent_results.clone()),
+            json!({"a": {"amount": "12.50"}})
+        );
+        assert_eq!(
+            decide_join(task.join, task.inbound, &task.not_taken_from),
+            JoinDecision::Run
+        );
+        // An input of its own: the parents' results are not its input.
+        let own = decided_by_sole_edge(
+            sole_successor(Join::Any, Some("{}")),
+            &Resolution::Taken,
+            &parent,
+        );
+        assert!(own.taken_parent_results.is_empty());
+    }
+
+    #[test]
+    fn a_successor_whose_one_edge_is_not_taken_is_skipped_and_says_why() {
+        let parent = ended(Outcome::Failed, Value::Null);
+        let all = decided_by_sole_edge(
+            sole_successor(Join::All, None),
+            &Resolution::NotTaken,
+            &parent,
+        );
+        assert_eq!(all.inbound.pending, 0);
+        assert_eq!(all.inbound.taken, 0);
+        assert_eq!(
+            decide_join(all.join, all.inbound, &all.not_taken_from),
+            JoinDecision::Skip("join all: edge from a not taken".into())
+        );
+        let any = decided_by_sole_edge(
+            sole_successor(Join::Any, None),
+            &Resolution::NotTaken,
+            &parent,
+        );
+        assert_eq!(
+            decide_join(any.join, any.inbound, &any.not_taken_from),
+            JoinDecision::Skip("no inbound edge was taken".into())
+        );
+        let first = decided_by_sole_edge(
+            sole_successor(Join::First, None),
+            &Resolution::NotTaken,
+            &parent,
+        );
+        assert!(matches!(
+            decide_join(first.join, first.inbound, &first.not_taken_from),
+            JoinDecision::Skip(_)
+        ));
+    }
+
+    #[test]
+    fn only_the_successors_no_edge_decided_alone_are_read() {
+        let parent = ended(Outcome::Succeeded, json!(1));
+        let resolved = Resolved {
+            successors: vec!["b".into(), "join".into()],
+            broken: Vec::new(),
+            decided: vec![decided_by_sole_edge(
+                sole_successor(Join::Any, None),
+                &Resolution::Taken,
+                &parent,
+            )],
+        };
+        assert_eq!(ready_reads(1, &resolved), vec![(1, "join".to_owned())]);
+        let broken = Resolved {
+            broken: vec![("c".into(), "edge a -> c: condition failed".into())],
+            ..resolved
+        };
+        assert_eq!(ready_reads(1, &broken), Vec::new());
     }
 
     fn vars_with_result(result: Value) -> impl FnOnce() -> Map<String, Value> {

@@ -541,15 +541,26 @@ pub async fn lock_goals_and_record(
                  INSERT INTO synapse.attempts (task_id, attempt, worker, started_at, error)
                  SELECT id, attempt, worker, started_at, error FROM recorded
                   WHERE status IN ('retrying', 'failed'))
-             SELECT r.id, r.attempt, r.goal, r.input, r.params, o.to_steps, o.whens, o.ons, r.map_index
+             SELECT r.id, r.attempt, r.goal, r.input, r.params, o.to_steps, o.whens, o.ons, r.map_index, o.sole
                FROM recorded r
                -- The step's pending outbound edges, in one look. An instance's end
                -- resolves no edge: its map step's does, once.
                LEFT JOIN LATERAL (
                     SELECT array_agg(e.to_step ORDER BY e.position) AS to_steps,
                            array_agg(e.when_expr ORDER BY e.position) AS whens,
-                           array_agg(e.on_outcome::text ORDER BY e.position) AS ons
+                           array_agg(e.on_outcome::text ORDER BY e.position) AS ons,
+                           -- The successors whose one inbound edge this is: how it
+                           -- resolves decides them, with nothing more to read.
+                           jsonb_agg(jsonb_build_object('step', c.step, 'id', c.id, 'join', c.join_mode,
+                                                        'input_expr', c.input_expr,
+                                                        'is_map', c.for_each_expr IS NOT NULL,
+                                                        'cancel_others', c.cancel_others,
+                                                        'looping', c.until_expr IS NOT NULL,
+                                                        'is_wait', c.action = 'wait', 'queue', c.queue))
+                               FILTER (WHERE c.inbound = 1 AND c.status = 'pending') AS sole
                       FROM synapse.edges e
+                      LEFT JOIN synapse.tasks c
+                        ON c.goal_id = e.goal_id AND c.step = e.to_step AND coalesce(c.map_index, -1) = -1
                      WHERE r.map_index IS NULL AND e.goal_id = r.goal_id AND e.from_step = r.step
                        AND e.state = 'pending') o ON true",
         )
@@ -616,10 +627,10 @@ pub async fn lock_goals_and_record(
                 goal_id: task.goal_id,
                 goal,
                 ended,
-                outbound: outbound_from_arrays(
-                    column(&row, 5)?,
-                    column(&row, 6)?,
-                    column(&row, 7)?,
+                outbound: with_sole_successors(
+                    task.goal_id,
+                    outbound_from_arrays(column(&row, 5)?, column(&row, 6)?, column(&row, 7)?)?,
+                    column(&row, 9)?,
                 )?,
                 map_index: column(&row, 8)?,
             }),
@@ -748,6 +759,10 @@ pub struct OutboundEdge {
     pub when: Option<String>,
     /// Outcome it follows.
     pub on: EdgeOn,
+    /// The step it leads to, pending, when this is its one inbound edge
+    /// (known only where the edge was read with it): how the edge resolves
+    /// decides it ([`crate::engine::decided_by_sole_edge`]).
+    pub sole: Option<ReadyTask>,
 }
 
 fn parse_on(on: &str) -> Result<EdgeOn> {
@@ -791,9 +806,69 @@ fn outbound_from_arrays(
                 to,
                 when,
                 on: parse_on(&on)?,
+                sole: None,
             })
         })
         .collect()
+}
+
+/// A successor as the record of its parent's outcome reads it.
+#[derive(serde::Deserialize)]
+struct SoleSuccessor {
+    step: String,
+    id: i64,
+    join: String,
+    input_expr: Option<String>,
+    is_map: bool,
+    cancel_others: bool,
+    looping: bool,
+    is_wait: bool,
+    queue: String,
+}
+
+/// `edges` of a step of `goal_id`, with the successors whose one inbound edge
+/// each is (`sole`: a JSON list, NULL for none).
+fn with_sole_successors(
+    goal_id: i64,
+    mut edges: Vec<OutboundEdge>,
+    sole: Option<Value>,
+) -> Result<Vec<OutboundEdge>> {
+    let Some(sole) = sole else {
+        return Ok(edges);
+    };
+    let successors: Vec<SoleSuccessor> = serde_json::from_value(sole)
+        .map_err(|error| StoreError::Data(format!("sole successors: {error}")))?;
+    let position: HashMap<String, usize> = edges
+        .iter()
+        .enumerate()
+        .map(|(index, edge)| (edge.to.clone(), index))
+        .collect();
+    for successor in successors {
+        let Some(&index) = position.get(&successor.step) else {
+            continue;
+        };
+        edges[index].sole = Some(ReadyTask {
+            goal_id,
+            id: successor.id,
+            join: Join::from_column(&successor.join)
+                .ok_or_else(|| StoreError::Data(format!("join mode {:?}", successor.join)))?,
+            step: successor.step,
+            input_expr: successor.input_expr,
+            inbound: Inbound {
+                total: 1,
+                pending: 1,
+                taken: 0,
+            },
+            not_taken_from: Vec::new(),
+            taken_parent_results: Map::new(),
+            is_map: successor.is_map,
+            cancel_others: successor.cancel_others,
+            looping: successor.looping,
+            is_wait: successor.is_wait,
+            queue: successor.queue,
+        });
+    }
+    Ok(edges)
 }
 
 /// How one outbound edge resolved.
@@ -824,16 +899,65 @@ pub async fn resolve_edges_then_ready(
     }
     // Both prepared first: a statement still to be prepared would go out
     // after the other.
-    let resolve = tx
-        .prepare_cached(
-            // Each edge resolved counts on its target, in the same statement
-            // (pending, and taken): its join is decided from the counts, and
-            // no later read has to look for its edges. A step with one inbound
-            // edge keeps no counts: that edge says how it stands, and the
-            // row is written once, when the step is decided (a second write
-            // of each of a 2 000-wide fan-out's steps in one transaction
-            // doubled the cost of queueing them).
-            "WITH resolved AS (
+    let resolve = tx.prepare_cached(RESOLVE_EDGES).await?;
+    let ready = tx.prepare_cached(READY_TASKS).await?;
+    let columns = ResolveColumns::of(resolutions);
+    let parameters = columns.parameters();
+    let resolve = tx.execute(&resolve, &parameters);
+    if steps.is_empty() {
+        resolve.await?;
+        return Ok(Vec::new());
+    }
+    let (goal_ids, step_ids) = ready_arguments(steps);
+    let (_, rows) =
+        futures_util::future::try_join(resolve, tx.query(&ready, &[&goal_ids, &step_ids])).await?;
+    rows.iter().map(ready_task).collect()
+}
+
+/// Records how edges resolved, and nothing else.
+pub async fn resolve_edges(tx: &Transaction<'_>, resolutions: &[EdgeResolution]) -> Result<()> {
+    resolve_edges_then_ready(tx, resolutions, &[]).await?;
+    Ok(())
+}
+
+/// The parameters of [`RESOLVE_EDGES`], one array per column.
+pub(crate) struct ResolveColumns<'a> {
+    goal_ids: Vec<i64>,
+    from: Vec<&'a str>,
+    to: Vec<&'a str>,
+    states: Vec<&'static str>,
+    errors: Vec<Option<&'a str>>,
+}
+
+impl<'a> ResolveColumns<'a> {
+    pub(crate) fn of(resolutions: &'a [EdgeResolution]) -> Self {
+        ResolveColumns {
+            goal_ids: resolutions.iter().map(|r| r.goal_id).collect(),
+            from: resolutions.iter().map(|r| r.from.as_str()).collect(),
+            to: resolutions.iter().map(|r| r.to.as_str()).collect(),
+            states: resolutions.iter().map(|r| r.state).collect(),
+            errors: resolutions.iter().map(|r| r.error.as_deref()).collect(),
+        }
+    }
+
+    pub(crate) fn parameters(&self) -> [&(dyn ToSql + Sync); 5] {
+        [
+            &self.goal_ids,
+            &self.from,
+            &self.to,
+            &self.states,
+            &self.errors,
+        ]
+    }
+}
+
+/// Each edge resolved counts on its target, in the same statement (pending,
+/// and taken): its join is decided from the counts, and no later read has to
+/// look for its edges. A step with one inbound edge keeps no counts: that
+/// edge says how it stands, and the row is written once, when the step is
+/// decided (a second write of each of a 2 000-wide fan-out's steps in one
+/// transaction doubled the cost of queueing them).
+const RESOLVE_EDGES: &str = "WITH resolved AS (
                  UPDATE synapse.edges e SET state = r.state, error = r.error, resolved_at = statement_timestamp()
                    FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
                         AS r(goal_id, from_step, to_step, state, error)
@@ -845,26 +969,7 @@ pub async fn resolve_edges_then_ready(
                FROM (SELECT goal_id, to_step, count(*)::int AS resolved,
                             count(*) FILTER (WHERE state = 'taken')::int AS taken
                        FROM resolved GROUP BY 1, 2) c
-              WHERE t.goal_id = c.goal_id AND t.step = c.to_step AND t.inbound > 1",
-        )
-        .await?;
-    let ready = tx.prepare_cached(READY_TASKS).await?;
-    let goals: Vec<i64> = resolutions.iter().map(|r| r.goal_id).collect();
-    let from: Vec<&str> = resolutions.iter().map(|r| r.from.as_str()).collect();
-    let to: Vec<&str> = resolutions.iter().map(|r| r.to.as_str()).collect();
-    let states: Vec<&str> = resolutions.iter().map(|r| r.state).collect();
-    let errors: Vec<Option<&str>> = resolutions.iter().map(|r| r.error.as_deref()).collect();
-    let arguments: [&(dyn ToSql + Sync); 5] = [&goals, &from, &to, &states, &errors];
-    let resolve = tx.execute(&resolve, &arguments);
-    if steps.is_empty() {
-        resolve.await?;
-        return Ok(Vec::new());
-    }
-    let (goal_ids, step_ids) = ready_arguments(steps);
-    let (_, rows) =
-        futures_util::future::try_join(resolve, tx.query(&ready, &[&goal_ids, &step_ids])).await?;
-    rows.iter().map(ready_task).collect()
-}
+              WHERE t.goal_id = c.goal_id AND t.step = c.to_step AND t.inbound > 1";
 
 /// Fails a step that has not run because its condition or input could not be
 /// evaluated (a definition error); `None` if it was no longer pending.
@@ -892,6 +997,7 @@ pub async fn fail_pending_task(
 }
 
 /// A pending step whose inbound edges have all resolved.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ReadyTask {
     /// Its goal.
     pub goal_id: i64,
@@ -1088,23 +1194,43 @@ pub async fn queue_tasks(tx: &Transaction<'_>, tasks: &[(i64, Value)]) -> Result
         .collect()
 }
 
-/// The transaction's last round trip: queues `tasks` (id, input), claims
-/// for the worker what `claim` names (tasks queued just now or earlier in
-/// the transaction) and commits, the three statements sent together. A
-/// statement that fails aborts the transaction, whose COMMIT then rolls it
-/// back: its error is the answer. Returns the tasks claimed.
+/// What a transaction writes with its last round trip.
+pub struct LastWrites<'a> {
+    /// Edge resolutions, written first.
+    pub resolutions: &'a [EdgeResolution],
+    /// Tasks to queue (id, input).
+    pub tasks: &'a [(i64, Value)],
+}
+
+/// The transaction's last round trip: writes `last` (the edge resolutions,
+/// then the tasks queued), claims for the worker what `claim` names (tasks
+/// queued just now or earlier in the transaction) and commits, the
+/// statements sent together. A statement that fails aborts the transaction,
+/// whose COMMIT then rolls it back: its error is the answer. Returns the
+/// tasks claimed.
 pub async fn queue_claim_and_commit(
     tx: Transaction<'_>,
-    tasks: &[(i64, Value)],
+    last: LastWrites<'_>,
     claim: Option<&Claim<'_>>,
 ) -> Result<Vec<ClaimedTask>> {
     // Prepared first (cached after a connection's first use): a statement
     // still to be prepared would go out after the COMMIT.
+    let resolve = tx.prepare_cached(RESOLVE_EDGES).await?;
     let queue = tx.prepare_cached(QUEUE_TASKS).await?;
     let claiming = tx.prepare_cached(CLAIM_TASKS).await?;
+    let LastWrites { resolutions, tasks } = last;
+    let resolve_columns = ResolveColumns::of(resolutions);
     let (ids, inputs) = queue_arguments(tasks);
     let lease = claim.map_or(0.0, |claim| millis(claim.lease));
     let client = tx.client();
+    let resolving = async {
+        if resolutions.is_empty() {
+            return Ok(0);
+        }
+        client
+            .execute(&resolve, &resolve_columns.parameters())
+            .await
+    };
     let queuing = async {
         if tasks.is_empty() {
             return Ok(0);
@@ -1122,8 +1248,10 @@ pub async fn queue_claim_and_commit(
     // none, which the dropped guard rolls back without waiting; a plain
     // COMMIT would leave the guard's ROLLBACK a warning in the server log.
     let committed = client.batch_execute("COMMIT AND CHAIN");
-    let (queued, claimed, committed) = futures_util::join!(queuing, claimed, committed);
+    let (resolved, queued, claimed, committed) =
+        futures_util::join!(resolving, queuing, claimed, committed);
     drop(tx);
+    resolved?;
     queued?;
     let claimed = claimed?;
     committed?;

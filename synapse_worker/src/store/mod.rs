@@ -550,8 +550,9 @@ pub async fn lock_goals_and_record(
                            array_agg(e.when_expr ORDER BY e.position) AS whens,
                            array_agg(e.on_outcome::text ORDER BY e.position) AS ons,
                            -- The successors whose one inbound edge this is: how it
-                           -- resolves decides them, with nothing more to read.
-                           jsonb_agg(jsonb_build_object('step', c.step, 'id', c.id, 'join', c.join_mode,
+                           -- resolves decides them, with nothing more to read. (json:
+                           -- half the cost of jsonb, which sorts every object's keys.)
+                           json_agg(json_build_object('step', c.step, 'id', c.id, 'join', c.join_mode,
                                                         'input_expr', c.input_expr,
                                                         'is_map', c.for_each_expr IS NOT NULL,
                                                         'cancel_others', c.cancel_others,

@@ -1072,6 +1072,90 @@ fn a_chain_continued_locally_leaves_its_connections_outside_any_transaction() {
 }
 
 #[test]
+fn an_edge_that_alone_decides_its_step_resolves_in_the_transaction_that_recorded_its_parent() {
+    // b, c, skipped and after each have one inbound edge: the engine decides
+    // them from the record of their parent, and their edges' resolutions may
+    // go out with the transaction's last round trip. j has two.
+    let stack = Stack::start("sole-edges", &[]);
+    let _worker = stack.start_worker("w", &["--concurrency", "4"]);
+    let mut client = stack.pg();
+    keep_written_events(&mut client);
+    let blueprint = json!({
+        "steps": [
+            {"id": "a", "action": "noop", "input": "{}"},
+            {"id": "b", "action": "noop", "input": "{}"},
+            {"id": "c", "action": "noop", "input": "{}"},
+            {"id": "skipped", "action": "noop", "input": "{}"},
+            {"id": "after", "action": "noop", "input": "{}"},
+            {"id": "j", "action": "noop", "input": "{}"}
+        ],
+        "edges": [
+            {"from": "a", "to": "b"},
+            {"from": "b", "to": "c"},
+            {"from": "c", "to": "skipped", "when": "false"},
+            {"from": "skipped", "to": "after"},
+            {"from": "b", "to": "j"},
+            {"from": "c", "to": "j"}
+        ]
+    });
+    let status = run_plan(&stack, blueprint);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    for (step, expected) in [
+        ("b", "succeeded"),
+        ("c", "succeeded"),
+        ("skipped", "skipped"),
+        ("after", "skipped"),
+        ("j", "succeeded"),
+    ] {
+        assert_eq!(task(&status, step)["status"], expected, "{step}: {status}");
+    }
+    for (from, to, state) in [
+        ("a", "b", "taken"),
+        ("b", "c", "taken"),
+        ("c", "skipped", "not_taken"),
+        ("skipped", "after", "not_taken"),
+        ("b", "j", "taken"),
+        ("c", "j", "taken"),
+    ] {
+        assert_eq!(
+            edge_state(&status, from, to),
+            state,
+            "{from} -> {to}: {status}"
+        );
+    }
+    // Each edge out of a step that ended was resolved by the transaction
+    // that recorded that step, and so was what it decided.
+    let resolved_with_their_parent: Vec<(String, String, bool)> = client
+        .query(
+            "SELECT e.from_step, e.to_step, e.xmin::text = p.xid::xid::text
+               FROM synapse.edges e
+               JOIN synapse.tasks t ON t.goal_id = e.goal_id AND t.step = e.from_step
+               JOIN written p ON p.step = e.from_step AND p.event = 'task.' || t.status
+              WHERE e.goal_id = (SELECT max(id) FROM synapse.goals)
+              ORDER BY e.position",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(
+        resolved_with_their_parent.len(),
+        6,
+        "{resolved_with_their_parent:?}"
+    );
+    for (from, to, same) in &resolved_with_their_parent {
+        assert!(same, "{from} -> {to}: {resolved_with_their_parent:?}");
+    }
+    for (parent, step) in [("a", "b"), ("b", "c")] {
+        assert!(
+            same_transaction(&mut client, parent, step),
+            "{step}: {status}"
+        );
+    }
+}
+
+#[test]
 fn a_message_popped_after_local_continuation_took_the_lent_slot_goes_back_and_runs() {
     // One slot: b takes it from the consumer's wait on Redis (local
     // continuation). x's message then arrives with no slot left: it goes

@@ -93,7 +93,7 @@ CREATE INDEX goals_children ON synapse.goals (parent_goal_id) WHERE parent_goal_
 
 CREATE TABLE synapse.tasks (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    goal_id          bigint      NOT NULL REFERENCES synapse.goals (id) ON DELETE CASCADE,
+    goal_id          bigint      NOT NULL,
     step             synapse.step_id NOT NULL,
     action           text        NOT NULL,
     params           jsonb       NOT NULL DEFAULT '{}',
@@ -185,7 +185,7 @@ CREATE INDEX tasks_unfinished ON synapse.tasks (goal_id) WHERE finished_at IS NU
 CREATE UNIQUE INDEX tasks_step ON synapse.tasks (goal_id, step, coalesce(map_index, -1));
 
 CREATE TABLE synapse.edges (
-    goal_id     bigint      NOT NULL REFERENCES synapse.goals (id) ON DELETE CASCADE,
+    goal_id     bigint      NOT NULL,
     position    integer     NOT NULL,
     from_step   text        NOT NULL,
     to_step     text        NOT NULL,
@@ -212,6 +212,42 @@ COMMENT ON COLUMN synapse.edges.resolved_at IS 'When the edge resolved.';
 -- A step's inbound edges; with from_step, one edge by either index: resolving
 -- one parent's edge into a wide join must not read every edge into it.
 CREATE INDEX edges_to_step ON synapse.edges (goal_id, to_step, from_step);
+
+-- A goal's tasks and edges are its own: they go with it, and never move to
+-- another goal. Triggers, not foreign keys: a key is checked once for every
+-- row inserted, and a wide plan inserts thousands of rows of one goal (the
+-- checks were half of a 2 000-step submit_plan). The functions that insert
+-- tasks and edges hold their goals once a statement instead, as the checks
+-- did (`FOR KEY SHARE`: not deleted until the inserting transaction ends).
+CREATE FUNCTION synapse._goals_deleted() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM synapse.edges WHERE goal_id IN (SELECT id FROM deleted_goals);
+    DELETE FROM synapse.tasks WHERE goal_id IN (SELECT id FROM deleted_goals);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER goals_deleted AFTER DELETE ON synapse.goals
+    REFERENCING OLD TABLE AS deleted_goals
+    FOR EACH STATEMENT EXECUTE FUNCTION synapse._goals_deleted();
+CREATE FUNCTION synapse._goals_truncated() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    TRUNCATE synapse.edges, synapse.tasks CASCADE;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER goals_truncated AFTER TRUNCATE ON synapse.goals
+    FOR EACH STATEMENT EXECUTE FUNCTION synapse._goals_truncated();
+CREATE FUNCTION synapse._goal_kept() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+        MESSAGE = format('a row of synapse.%s belongs to goal %s and cannot move to goal %s',
+                         TG_TABLE_NAME, OLD.goal_id, NEW.goal_id);
+END $$;
+CREATE TRIGGER task_goal_kept BEFORE UPDATE OF goal_id ON synapse.tasks
+    FOR EACH ROW WHEN (OLD.goal_id IS DISTINCT FROM NEW.goal_id) EXECUTE FUNCTION synapse._goal_kept();
+CREATE TRIGGER edge_goal_kept BEFORE UPDATE OF goal_id ON synapse.edges
+    FOR EACH ROW WHEN (OLD.goal_id IS DISTINCT FROM NEW.goal_id) EXECUTE FUNCTION synapse._goal_kept();
 
 CREATE TABLE synapse.templates (
     name        text        PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 200),

@@ -861,6 +861,31 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_goals_tasks_and_edges_go_with_it_and_never_move_to_another_goal() {
+        let deleted = submit_example();
+        let kept = submit_example();
+        Spi::run(&format!(
+            "INSERT INTO synapse.attempts (task_id, attempt, error)
+             SELECT id, 1, 'lost' FROM synapse.tasks WHERE goal_id = {deleted} AND step = 'fetch'"
+        ))
+        .unwrap();
+        for table in ["tasks", "edges"] {
+            expect_error(
+                &format!("UPDATE synapse.{table} SET goal_id = {kept} WHERE goal_id = {deleted}"),
+                "55000",
+                &format!("belongs to goal {deleted} and cannot move to goal {kept}"),
+            );
+        }
+        Spi::run(&format!("DELETE FROM synapse.goals WHERE id = {deleted}")).unwrap();
+        let of = |table: &str, goal: i64| count(&format!("synapse.{table} WHERE goal_id = {goal}"));
+        assert_eq!((of("tasks", deleted), of("edges", deleted)), (0, 0));
+        assert_eq!(count("synapse.attempts"), 0);
+        assert_eq!((of("tasks", kept), of("edges", kept)), (5, 5));
+        Spi::run("TRUNCATE synapse.goals CASCADE").unwrap();
+        assert_eq!((count("synapse.tasks"), count("synapse.edges")), (0, 0));
+    }
+
+    #[pg_test]
     fn forwarder_status_reports_pending_events() {
         Spi::run("SELECT synapse.submit_goal('x')").unwrap();
         let status = json_of("SELECT synapse.forwarder_status()");

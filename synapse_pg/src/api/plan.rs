@@ -546,6 +546,9 @@ struct Installing {
 /// written), one statement for all tasks and one for all edges; roots are
 /// queued with their inputs (each goal's input passed once, not copied per
 /// root), root map steps start with their instances, the rest wait as pending.
+/// The caller holds `goals` (inserted by its transaction, or locked by the
+/// planner's claim): tasks and edges have no foreign key checking that their
+/// goal stays (schema.sql says why).
 fn install(plan: &Blueprint, goals: Vec<Installing>) -> Result<()> {
     grown::replan_goal_checks_as_goals_grow();
     let mut inbound: HashMap<&str, usize> = HashMap::new();

@@ -9,7 +9,7 @@ use pgrx::JsonB;
 use serde_json::{Map, Value};
 
 use super::INTERRUPT_EVERY;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::prepared::{oid, prepared};
 use synapse_worker::blueprint::{cel, limits, MAX_MAP_ITEMS};
 
@@ -100,6 +100,20 @@ pub(super) fn start(task_id: i64, expansion: Expansion) -> Result<&'static str> 
         None => (expansion.items, None),
     };
     Spi::connect_mut(|client| {
+        // Its goal held until the transaction ends, so that it is not deleted
+        // while the instances go in: the check a foreign key made for every
+        // row inserted, once (schema.sql says why tasks have no key).
+        let hold = prepared(
+            client,
+            "SELECT g.id FROM synapse.goals g JOIN synapse.tasks t ON t.goal_id = g.id
+              WHERE t.id = $1 FOR KEY SHARE OF g",
+            &[oid(PgBuiltInOids::INT8OID)],
+        )?;
+        if client.update(&*hold, None, &[task_id.into()])?.is_empty() {
+            return Err(Error::InvalidParameter(format!(
+                "map step {task_id} has no goal"
+            )));
+        }
         // The map row first: the instances copy its configuration.
         let started = prepared(
             client,
@@ -136,6 +150,7 @@ pub(super) fn start(task_id: i64, expansion: Expansion) -> Result<&'static str> 
                     items.map(|items| JsonB(Value::Array(items))).into(),
                 ],
             )
+            .map_err(Error::from)
             .map(drop)
     })?;
     Ok("waiting")

@@ -253,6 +253,36 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_blueprint_submitted_again_is_checked_against_the_actions_as_they_are_now() {
+        Spi::run(
+            r#"INSERT INTO synapse.actions (name, params_schema)
+               VALUES ('acme.resize', '{"properties": {"width": {"type": "integer"}}}')"#,
+        )
+        .expect("registering an action");
+        let blueprint = r#"'{"steps":[{"id":"r","action":"acme.resize","params":{"width":3}}]}'"#;
+        let submit = format!("SELECT synapse.submit_plan({blueprint})");
+        let first = one::<i64>(&submit);
+        // The same blueprint in one statement: a goal and a task each.
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT count(DISTINCT synapse.submit_plan({blueprint})) FROM generate_series(1, 3)"
+            )),
+            3
+        );
+        assert_eq!(count(&format!("synapse.tasks WHERE goal_id >= {first}")), 4);
+
+        Spi::run(
+            r#"UPDATE synapse.actions SET params_schema = '{"properties": {"width": {"type": "string"}}}'
+                WHERE name = 'acme.resize'"#,
+        )
+        .expect("changing its schema");
+        expect_error(&submit, "22023", "3 is not of type \"string\"");
+        Spi::run("DELETE FROM synapse.actions WHERE name = 'acme.resize'").expect("removing it");
+        expect_error(&submit, "22023", "acme.resize");
+        assert_eq!(count("synapse.goals"), 4);
+    }
+
+    #[pg_test]
     fn submit_plan_rejects_an_invalid_blueprint_naming_every_problem_and_writes_nothing() {
         expect_error(
             r#"SELECT synapse.submit_plan('{"steps":[{"id":"a","action":"nope"},{"id":"a","action":"noop"}]}')"#,

@@ -120,6 +120,11 @@ impl JsonbArg {
     /// The value, once [`JsonbArg::check`] passed.
     pub(crate) fn into_value(self, what: &str) -> Result<Value> {
         self.check(what)?;
+        self.parse(what)
+    }
+
+    /// The value, its limits already checked ([`JsonbArg::check`]).
+    pub(crate) fn parse(self, what: &str) -> Result<Value> {
         let text = unsafe {
             direct_function_call::<&CStr>(pg_sys::jsonb_out, &[Some(self.datum)])
                 .ok_or_else(|| Error::InvalidParameter(format!("{what} must not be NULL")))?
@@ -131,6 +136,26 @@ impl JsonbArg {
         unsafe { pg_sys::pfree(text.as_ptr() as *mut std::ffi::c_void) };
         // Checked and measured text always parses; kept as a guard, not a panic.
         parsed.map_err(|e| Error::InvalidParameter(format!("{what} cannot be read: {e}")))
+    }
+
+    /// `read` of the value's binary form, detoasted if it was stored apart.
+    /// Equal `jsonb` values have equal bytes (keys sorted, duplicates dropped).
+    pub(crate) fn with_bytes<R>(&self, read: impl FnOnce(&[u8]) -> R) -> R {
+        // SAFETY: the datum is a jsonb varlena alive for the call; the
+        // detoasted copy, if one was made, is freed after `read`.
+        unsafe {
+            let original = self.datum.cast_mut_ptr::<pg_sys::varlena>();
+            let detoasted = pg_sys::pg_detoast_datum_packed(original);
+            let bytes = std::slice::from_raw_parts(
+                pgrx::varlena::vardata_any(detoasted).cast::<u8>(),
+                pgrx::varlena::varsize_any_exhdr(detoasted),
+            );
+            let answer = read(bytes);
+            if detoasted != original {
+                pg_sys::pfree(detoasted.cast());
+            }
+            answer
+        }
     }
 
     /// Walks the binary value once, without recursion: its compact text length

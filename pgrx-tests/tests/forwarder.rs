@@ -771,13 +771,21 @@ fn a_database_timeout_does_not_crash_the_forwarder() {
     drop(client);
     stack.stop_postgres();
     stack.start_postgres();
-    let mut client = stack.pg();
-    client
-        .batch_execute("SET statement_timeout = 0; SET lock_timeout = 0")
-        .unwrap();
+    // The test's own sessions start without the timeouts (options of the
+    // connection override the database's): a first `SET` could itself be
+    // cancelled by them on a busy machine.
+    let without_timeouts = || {
+        stack
+            .database_url()
+            .parse::<postgres::Config>()
+            .unwrap()
+            .options("-c statement_timeout=0 -c lock_timeout=0")
+            .connect(postgres::NoTls)
+            .unwrap()
+    };
+    let mut client = without_timeouts();
     let pid = forwarder_pid(&mut client);
-    let mut holder = stack.pg();
-    holder.batch_execute("SET statement_timeout = 0").unwrap();
+    let mut holder = without_timeouts();
     flows_past_a_locked_goal(&mut client, &mut holder, &mut redis);
     assert_eq!(
         forwarder_pid(&mut client),

@@ -193,6 +193,49 @@ fn two_attempts_of_one_task_recorded_in_one_batch_each_get_their_own_answer() {
 }
 
 #[test]
+fn a_batch_that_failed_leaves_its_connection_outside_any_transaction() {
+    // One connection in the pool: the batch after a failed one gets the
+    // connection the failed one used. The completer begins its transactions
+    // itself (to keep them open between batches), so it must also end them
+    // when a statement fails.
+    let stack = Stack::start("failed-batch", &[]);
+    let mut client = stack.pg();
+    let goals = [
+        submit_plan(&mut client, &ONE_STEP),
+        submit_plan(&mut client, &ONE_STEP),
+    ];
+    let tasks: Vec<i64> = goals
+        .iter()
+        .map(|&goal| task_id(&mut client, goal, "only"))
+        .collect();
+    let rt = runtime();
+    let pool = synapse_worker::worker::pool(&stack.database_url(), 1).expect("a pool");
+    let claimed = rt.block_on(claim(&pool, &tasks, Duration::from_secs(60)));
+    assert_eq!(claimed.len(), 2);
+    // jsonb refuses \u0000: the outcomes' record fails.
+    let refused = rt.block_on(record_in_one_batch(
+        &pool,
+        vec![(
+            claimed[0].clone(),
+            AttemptOutcome::Succeeded(json!({"text": "a\u{0}b"})),
+        )],
+    ));
+    assert!(refused[0].starts_with("error: "), "{refused:?}");
+    let answers = rt.block_on(record_in_one_batch(
+        &pool,
+        vec![(claimed[1].clone(), AttemptOutcome::Succeeded(json!("done")))],
+    ));
+    assert_eq!(answers, ["recorded succeeded"]);
+    let status = wait_for_goal(&stack, goals[1], WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    let log = stack.postgres_log();
+    assert!(
+        !log.contains("there is already a transaction in progress"),
+        "{log}"
+    );
+}
+
+#[test]
 fn joins_run_exactly_once_when_the_database_defaults_to_repeatable_read() {
     let stack = Stack::start("repeatable-read", &[]);
     let mut client = stack.pg();

@@ -1072,6 +1072,36 @@ fn a_chain_continued_locally_leaves_its_connections_outside_any_transaction() {
 }
 
 #[test]
+fn a_chain_s_steps_are_recorded_in_the_transaction_the_previous_step_s_commit_left_open() {
+    // Each step's batch ends with COMMIT AND CHAIN; the next step's batch,
+    // a moment later, runs in that chained transaction instead of starting
+    // its own: no START TRANSACTION (a round trip) for each step.
+    let stack = Stack::start("continuation-chained", &["log_statement = 'all'"]);
+    let _worker = stack.start_worker("w", &["--concurrency", "4"]);
+    let started = |stack: &Stack| {
+        stack
+            .postgres_log()
+            .matches("START TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .count()
+    };
+    let steps: Vec<Value> = (0..40)
+        .map(|i| json!({"id": format!("s{i}"), "action": "noop"}))
+        .collect();
+    let before = started(&stack);
+    let status = run_plan(&stack, chain_of(steps));
+    assert_eq!(status["status"], "succeeded", "{status}");
+    // Forty batches; a step whose batch came after the kept transaction was
+    // rolled back (a machine busy for 10 ms) starts one of its own.
+    let starts = started(&stack) - before;
+    assert!(starts <= 20, "{starts} transactions started for 40 steps");
+    let log = stack.postgres_log();
+    assert!(
+        !log.contains("there is no transaction in progress"),
+        "{log}"
+    );
+}
+
+#[test]
 fn an_edge_that_alone_decides_its_step_resolves_in_the_transaction_that_recorded_its_parent() {
     // b, c, skipped and after each have one inbound edge: the engine decides
     // them from the record of their parent, and their edges' resolutions may

@@ -19,7 +19,9 @@
 //!
 //! The successors a batch queues on this worker's queues are claimed in the
 //! same transaction for its free slots, with its COMMIT
-//! ([`crate::continuation`]).
+//! ([`crate::continuation`]). That COMMIT chains a new, empty transaction,
+//! which the next batch uses if it comes within a few milliseconds
+//! ([`store::open`]).
 //!
 //! Each transaction locks the goals of its batch (in id order) before it
 //! writes any task row: goal first, then tasks, the order `cancel_goal`
@@ -37,6 +39,7 @@ use tracing::{debug, warn};
 use crate::continuation::Continuation;
 use crate::engine::{self, Carried};
 use crate::executor::Handled;
+use crate::store::open::Kept;
 use crate::store::{self, with_retries, AttemptOutcome, ClaimedTask, Recorded, StoreError};
 
 /// Most outcomes in one transaction.
@@ -132,6 +135,7 @@ pub async fn run(
     continuation: Option<Arc<Continuation>>,
 ) {
     let transactions = Arc::new(Semaphore::new(IN_FLIGHT as usize));
+    let kept = Arc::new(Kept::default());
     let in_flight = TaskTracker::new();
     loop {
         let first = tokio::select! {
@@ -152,14 +156,16 @@ pub async fn run(
             }
         }
         let pool = pool.clone();
+        let kept = kept.clone();
         let continuation = continuation.clone();
         in_flight.spawn(async move {
-            complete(&pool, batch, continuation).await;
+            complete(&pool, &kept, batch, continuation).await;
             drop(transaction);
         });
     }
     in_flight.close();
     in_flight.wait().await;
+    kept.release(None);
 }
 
 /// A transaction's place: once none is in flight, or beside one that has
@@ -181,6 +187,7 @@ async fn next_transaction(transactions: &Arc<Semaphore>) -> OwnedSemaphorePermit
 
 async fn complete(
     pool: &deadpool_postgres::Pool,
+    kept: &Arc<Kept>,
     batch: Vec<Completion>,
     continuation: Option<Arc<Continuation>>,
 ) {
@@ -189,7 +196,7 @@ async fn complete(
         .map(|completion| ((completion.task, completion.outcome), completion.reply))
         .unzip();
     let work = Arc::new(work);
-    match record_isolated(pool, &work, 0..work.len(), &continuation).await {
+    match record_isolated(pool, kept, &work, 0..work.len(), &continuation).await {
         Ok(handled) => {
             for (reply, handled) in replies.into_iter().zip(handled) {
                 let _ = reply.send(Ok(handled));
@@ -203,7 +210,7 @@ async fn complete(
             // One task's bad data must not sink the others: each on its own.
             debug!(%error, size = work.len(), "batch failed; recording one by one");
             for (index, reply) in replies.into_iter().enumerate() {
-                let handled = record_isolated(pool, &work, index..index + 1, &continuation)
+                let handled = record_isolated(pool, kept, &work, index..index + 1, &continuation)
                     .await
                     .map(|mut handled| handled.remove(0));
                 if let Err(error) = &handled {
@@ -219,11 +226,13 @@ async fn complete(
 /// value the client cannot decode) fails those outcomes, not the completer.
 async fn record_isolated(
     pool: &deadpool_postgres::Pool,
+    kept: &Arc<Kept>,
     work: &Arc<Vec<(ClaimedTask, AttemptOutcome)>>,
     range: Range<usize>,
     continuation: &Option<Arc<Continuation>>,
 ) -> Result<Vec<Handled>, StoreError> {
     let pool = pool.clone();
+    let kept = kept.clone();
     let work = work.clone();
     let continuation = continuation.clone();
     tokio::spawn(async move {
@@ -231,7 +240,7 @@ async fn record_isolated(
             .iter()
             .map(|(task, outcome)| (task, outcome))
             .collect();
-        record_batch(&pool, &outcomes, continuation.as_deref()).await
+        record_batch(&pool, &kept, &outcomes, continuation.as_deref()).await
     })
     .await
     .unwrap_or_else(|error| Err(StoreError::Data(format!("recording failed: {error}"))))
@@ -242,7 +251,7 @@ async fn record_isolated(
 /// tasks the engine queued or, with `caller_queues_last`, left to queue
 /// ([`engine::steps_ended_in_locked_goals`]).
 pub(crate) async fn record_in(
-    tx: &deadpool_postgres::Transaction<'_>,
+    tx: &impl deadpool_postgres::GenericClient,
     outcomes: &[(&ClaimedTask, &AttemptOutcome)],
     caller_queues_last: bool,
 ) -> Result<(Vec<Handled>, Carried), StoreError> {
@@ -275,23 +284,27 @@ pub(crate) async fn record_in(
 }
 
 /// One transaction: [`record_in`], then, with local continuation, the claims
-/// that go out with its COMMIT, whose tasks start once it committed.
+/// that go out with its COMMIT, whose tasks start once it committed. It runs
+/// in the transaction the previous batch left open, if that one is still
+/// kept, and leaves its own open for the next ([`store::open`]).
 async fn record_batch(
     pool: &deadpool_postgres::Pool,
+    kept: &Arc<Kept>,
     outcomes: &[(&ClaimedTask, &AttemptOutcome)],
     continuation: Option<&Continuation>,
 ) -> Result<Vec<Handled>, StoreError> {
     with_retries(|| async {
-        let mut client = pool.get().await?;
-        let tx = store::begin(&mut client).await?;
-        let (handled, carried) = record_in(&tx, outcomes, continuation.is_some()).await?;
+        let open = kept.take_or_begin(pool).await?;
+        let client = open.client();
+        let (handled, carried) = record_in(client, outcomes, continuation.is_some()).await?;
         let continued = match continuation {
-            Some(continuation) => continuation.queue_claim_and_commit(tx, carried).await?,
+            Some(continuation) => continuation.queue_claim_and_commit(client, carried).await?,
             None => {
-                tx.commit().await?;
+                store::commit_and_chain(client).await?;
                 Vec::new()
             }
         };
+        kept.keep(open);
         Ok((handled, continued))
     })
     .await

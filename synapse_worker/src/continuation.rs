@@ -86,13 +86,14 @@ impl Continuation {
         self.queues.iter().map(String::as_str).collect()
     }
 
-    /// Ends `tx`: writes the edge resolutions and queues the tasks the
-    /// engine left to write last, claims for its free slots those of every
-    /// task the transaction queued that they can run, and commits, in one
-    /// round trip ([`store::queue_claim_and_commit`]).
+    /// Ends the transaction on `client`: writes the edge resolutions and
+    /// queues the tasks the engine left to write last, claims for its free
+    /// slots those of every task the transaction queued that they can run,
+    /// and commits (and chains), in one round trip
+    /// ([`store::queue_claim_and_commit`]).
     pub async fn queue_claim_and_commit(
         &self,
-        tx: deadpool_postgres::Transaction<'_>,
+        client: &deadpool_postgres::Client,
         carried: Carried,
     ) -> Result<Vec<Continued>, StoreError> {
         let queued = carried
@@ -105,7 +106,7 @@ impl Continuation {
             .map(|(id, queue)| (*id, queue.as_str()));
         let reservation = self.reserve(queued.chain(to_queue));
         if carried.to_resolve.is_empty() && carried.to_queue.is_empty() && reservation.is_none() {
-            tx.commit().await?;
+            store::commit_and_chain(client).await?;
             return Ok(Vec::new());
         }
         let served = self.served();
@@ -116,7 +117,7 @@ impl Continuation {
             resolutions: &carried.to_resolve,
             tasks: &carried.to_queue,
         };
-        let claimed = store::queue_claim_and_commit(tx, last_writes, claim.as_ref()).await?;
+        let claimed = store::queue_claim_and_commit(client, last_writes, claim.as_ref()).await?;
         Ok(reservation.map_or_else(Vec::new, |reservation| reservation.fill(claimed)))
     }
 }

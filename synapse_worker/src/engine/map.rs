@@ -4,7 +4,7 @@
 //! queues the instances `max_parallel` held back, or ends the step once
 //! every instance ended or more failed than it tolerates. Its outbound edges
 //! resolve then, once.
-use deadpool_postgres::Transaction;
+use deadpool_postgres::GenericClient;
 use serde_json::Value;
 
 use super::{EndedStep, Outcome};
@@ -50,7 +50,7 @@ pub fn decide(progress: &Progress) -> MapDecision {
 /// caller locked): queues what `max_parallel` allows, and returns the map
 /// steps that ended, by goal, with the tasks it queued.
 pub async fn instances_ended(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     maps: &[(i64, String)],
 ) -> Result<(Vec<(i64, EndedStep)>, Vec<Queued>), StoreError> {
     let mut ranges = Vec::new();

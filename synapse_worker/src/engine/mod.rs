@@ -15,7 +15,7 @@
 //! step and finishes the goal. Goals run in parallel with each other.
 use std::collections::{BTreeMap, HashSet};
 
-use deadpool_postgres::Transaction;
+use deadpool_postgres::GenericClient;
 use serde_json::{json, Map, Value};
 
 use crate::blueprint::{cel, limits};
@@ -222,7 +222,7 @@ fn reads_steps(source: &str) -> bool {
 }
 
 async fn variables_for(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     goal_id: i64,
     goal: &GoalVariables,
     with_steps: bool,
@@ -249,7 +249,7 @@ async fn variables_for(
 /// `resolutions`; returns the successors and the edges whose condition
 /// failed (target, error).
 async fn decide_outbound(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     goal_id: i64,
     goal: &GoalVariables,
     from: &EndedStep,
@@ -315,7 +315,7 @@ async fn decide_outbound(
 /// to run. Locks the goals first (goal rows before task rows, in id order),
 /// then goes on as [`steps_ended_in_locked_goals`].
 pub async fn steps_ended(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     ends: Vec<StepEnd>,
 ) -> Result<Vec<Queued>, StoreError> {
     let mut goal_ids: Vec<i64> = ends.iter().map(|end| end.goal_id).collect();
@@ -336,7 +336,7 @@ pub async fn steps_ended(
 /// for their goal are left to the caller, who queues them with the
 /// transaction's last round trip ([`Carried::to_queue`]).
 pub async fn steps_ended_in_locked_goals(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     ends: Vec<StepEnd>,
     running: Vec<i64>,
     caller_queues_last: bool,
@@ -497,7 +497,7 @@ impl Carried {
 /// carry-on), then the pending steps with no inbound edge left to resolve,
 /// as if those edges had just resolved; and goes on from there. A goal
 /// asked twice has nothing left to decide the second time.
-pub async fn resume(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<Queued>, StoreError> {
+pub async fn resume(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<Queued>, StoreError> {
     let running = store::lock_running_goals(tx, goal_ids).await?;
     let mut unresolved = Vec::new();
     for goal_id in &running {
@@ -551,7 +551,7 @@ fn may_have_ended(running: &[i64], carrying_on: &[i64]) -> Vec<i64> {
 }
 
 async fn finish_goals_with_nothing_left<'g>(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     running: &[i64],
     goal_of: impl Fn(i64) -> &'g GoalVariables,
 ) -> Result<(), StoreError> {
@@ -635,7 +635,7 @@ fn of_goal<'s>(goal_id: i64, steps: impl IntoIterator<Item = &'s String>) -> Vec
 struct Unwritten(Vec<EdgeResolution>);
 
 impl Unwritten {
-    async fn write(&mut self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+    async fn write(&mut self, tx: &impl GenericClient) -> Result<(), StoreError> {
         if self.0.is_empty() {
             return Ok(());
         }
@@ -649,7 +649,7 @@ impl Unwritten {
 /// [`steps_ended_in_locked_goals`]). `first_ready`: those successors that
 /// are ready, when already read.
 async fn propagate(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     round: Round<'_>,
     first: Resolved,
     first_ready: Option<Vec<ReadyTask>>,
@@ -867,7 +867,7 @@ async fn propagate(
 
 /// How a goal whose steps have all ended finishes (rule 4).
 async fn goal_finish(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     goal: &GoalVariables,
     ending: GoalEnding,
 ) -> Result<GoalFinish, StoreError> {

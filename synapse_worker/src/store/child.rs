@@ -1,6 +1,6 @@
 //! The statements of goal steps (SPEC §4.7): starting a child goal for an
 //! attempt, and ending the steps whose child has ended.
-use deadpool_postgres::Transaction;
+use deadpool_postgres::GenericClient;
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
 
@@ -21,7 +21,7 @@ pub enum Started {
 /// Starts the child goal of attempt `attempt` of goal step `task_id`, with
 /// `input`, and makes the step wait for it.
 pub async fn start(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     task_id: i64,
     attempt: i32,
     child: &Child,
@@ -72,7 +72,7 @@ pub async fn start(
 /// is left, or `failed` with the child's error. A step already ended, or
 /// whose child still runs, is left alone, so a repeated message changes
 /// nothing.
-pub async fn settle(tx: &Transaction<'_>, task_ids: &[i64]) -> Result<()> {
+pub async fn settle(tx: &impl GenericClient, task_ids: &[i64]) -> Result<()> {
     let statement = tx
         .prepare_cached(
             "WITH ended AS (

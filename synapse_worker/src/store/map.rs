@@ -5,7 +5,7 @@
 //! A step's own row is looked up as `coalesce(map_index, -1) = -1`, the key
 //! of the `tasks_step` index: `map_index IS NULL` would make Postgres walk
 //! every instance of the step to find it.
-use deadpool_postgres::Transaction;
+use deadpool_postgres::GenericClient;
 use serde_json::Value;
 
 use super::{column, Queued, Result};
@@ -21,7 +21,7 @@ pub struct Started {
 }
 
 /// Starts the map steps `task_ids` the engine decided to run.
-pub async fn start(tx: &Transaction<'_>, task_ids: &[i64]) -> Result<Vec<Started>> {
+pub async fn start(tx: &impl GenericClient, task_ids: &[i64]) -> Result<Vec<Started>> {
     if task_ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -65,7 +65,7 @@ pub struct Progress {
 }
 
 /// The waiting map steps among `(goal_id, step)`.
-pub async fn progress(tx: &Transaction<'_>, maps: &[(i64, String)]) -> Result<Vec<Progress>> {
+pub async fn progress(tx: &impl GenericClient, maps: &[(i64, String)]) -> Result<Vec<Progress>> {
     let goals: Vec<i64> = maps.iter().map(|(goal_id, _)| *goal_id).collect();
     let steps: Vec<&str> = maps.iter().map(|(_, step)| step.as_str()).collect();
     let statement = tx
@@ -100,7 +100,7 @@ pub async fn progress(tx: &Transaction<'_>, maps: &[(i64, String)]) -> Result<Ve
 /// Counts again the instances of the map steps of `instance_ids` that ended:
 /// for instances no worker recorded (the forwarder failed them when their
 /// last lease lapsed). Counting afresh makes a repeated message harmless.
-pub async fn recount(tx: &Transaction<'_>, instance_ids: &[i64]) -> Result<()> {
+pub async fn recount(tx: &impl GenericClient, instance_ids: &[i64]) -> Result<()> {
     if instance_ids.is_empty() {
         return Ok(());
     }
@@ -125,7 +125,7 @@ pub async fn recount(tx: &Transaction<'_>, instance_ids: &[i64]) -> Result<()> {
 /// Queues the instances `from..to` of each map step `(task_id, from, to)`,
 /// held back until now by `max_parallel`; returns them.
 pub async fn queue_instances(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     ranges: &[(i64, i32, i32)],
 ) -> Result<Vec<Queued>> {
     if ranges.is_empty() {
@@ -164,7 +164,7 @@ pub async fn queue_instances(
 /// Ends map steps whose instances have all ended within their tolerance:
 /// `succeeded`, with the instances' results in index order (`null` for a
 /// failed one). Returns `(task_id, result)`.
-pub async fn succeed(tx: &Transaction<'_>, task_ids: &[i64]) -> Result<Vec<(i64, Value)>> {
+pub async fn succeed(tx: &impl GenericClient, task_ids: &[i64]) -> Result<Vec<(i64, Value)>> {
     if task_ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -201,7 +201,7 @@ pub struct Failed {
 /// instances not yet ended are cancelled (a running one stops at its next
 /// heartbeat). `(task_id, what failed)`, e.g. "3 of 10 instances failed
 /// (tolerate 1)".
-pub async fn fail(tx: &Transaction<'_>, failures: &[(i64, String)]) -> Result<Vec<Failed>> {
+pub async fn fail(tx: &impl GenericClient, failures: &[(i64, String)]) -> Result<Vec<Failed>> {
     if failures.is_empty() {
         return Ok(Vec::new());
     }

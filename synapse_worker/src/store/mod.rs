@@ -16,6 +16,7 @@ use crate::engine::{goal_value, EndedStep, GoalVariables, Inbound, Outcome};
 
 pub mod child;
 pub mod map;
+pub mod open;
 pub mod wait;
 
 /// A database failure, and whether retrying the transaction may help.
@@ -81,6 +82,10 @@ pub async fn begin(client: &mut deadpool_postgres::Client) -> Result<Transaction
         .start()
         .await?)
 }
+
+/// What [`begin`] sends, for a transaction begun without tokio-postgres's
+/// `Transaction` ([`open`]).
+const START_READ_COMMITTED: &str = "START TRANSACTION ISOLATION LEVEL READ COMMITTED";
 
 /// Runs a transaction again when it deadlocked or failed to serialize.
 pub async fn with_retries<T, F, Fut>(mut attempt: F) -> Result<T>
@@ -455,7 +460,7 @@ pub struct StepEnd {
 /// second once the first holds its locks, on a snapshot taken then, as if
 /// each had been awaited.
 pub async fn lock_goals_and_record(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     goal_ids: &[i64],
     outcomes: &[(&ClaimedTask, &AttemptOutcome)],
 ) -> Result<(Vec<i64>, Vec<Recorded>)> {
@@ -645,7 +650,7 @@ pub async fn lock_goals_and_record(
 
 /// What expressions see of each of `goal_ids`.
 pub async fn goal_variables(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     goal_ids: &[i64],
 ) -> Result<HashMap<i64, GoalVariables>> {
     let statement = tx
@@ -665,7 +670,7 @@ pub async fn goal_variables(
 }
 
 /// The goals of `task_ids`, in id order: what to lock before touching them.
-pub async fn goals_of_tasks(tx: &Transaction<'_>, task_ids: &[i64]) -> Result<Vec<i64>> {
+pub async fn goals_of_tasks(tx: &impl GenericClient, task_ids: &[i64]) -> Result<Vec<i64>> {
     let statement = tx
         .prepare_cached(
             "SELECT DISTINCT goal_id FROM synapse.tasks WHERE id = ANY($1::bigint[]) ORDER BY goal_id",
@@ -685,7 +690,7 @@ pub async fn goals_of_tasks(tx: &Transaction<'_>, task_ids: &[i64]) -> Result<Ve
 /// goal locks. A task already carried on has no pending edge left and costs
 /// the engine nothing more than a look at its goal.
 pub async fn ended_without_a_worker(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     task_ids: &[i64],
 ) -> Result<Vec<StepEnd>> {
     let statement = tx
@@ -741,7 +746,7 @@ pub async fn ended_without_a_worker(
 }
 
 /// `steps` for expressions: step id → `{status, result}`.
-pub async fn steps_map(tx: &Transaction<'_>, goal_id: i64) -> Result<Value> {
+pub async fn steps_map(tx: &impl GenericClient, goal_id: i64) -> Result<Value> {
     let statement = tx
         .prepare_cached(
             "SELECT coalesce(jsonb_object_agg(step, jsonb_build_object('status', status, 'result', result)), '{}')
@@ -772,7 +777,7 @@ fn parse_on(on: &str) -> Result<EdgeOn> {
 
 /// The still pending outbound edges of `step`, in blueprint order.
 pub async fn outbound_edges(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     goal_id: i64,
     step: &str,
 ) -> Result<Vec<OutboundEdge>> {
@@ -891,7 +896,7 @@ pub struct EdgeResolution {
 /// together, one round trip. Postgres runs the read once the resolutions are
 /// written, so it sees them, as if each had been awaited.
 pub async fn resolve_edges_then_ready(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     resolutions: &[EdgeResolution],
     steps: &[(i64, String)],
 ) -> Result<Vec<ReadyTask>> {
@@ -916,7 +921,7 @@ pub async fn resolve_edges_then_ready(
 }
 
 /// Records how edges resolved, and nothing else.
-pub async fn resolve_edges(tx: &Transaction<'_>, resolutions: &[EdgeResolution]) -> Result<()> {
+pub async fn resolve_edges(tx: &impl GenericClient, resolutions: &[EdgeResolution]) -> Result<()> {
     resolve_edges_then_ready(tx, resolutions, &[]).await?;
     Ok(())
 }
@@ -975,7 +980,7 @@ const RESOLVE_EDGES: &str = "WITH resolved AS (
 /// Fails a step that has not run because its condition or input could not be
 /// evaluated (a definition error); `None` if it was no longer pending.
 pub async fn fail_pending_task(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     goal_id: i64,
     step: &str,
     error: &str,
@@ -1038,7 +1043,10 @@ pub struct ReadyTask {
 /// edge: from that edge): its inbound edges are read only for what a
 /// decision cannot do without, the parents' results of a default input, or
 /// the edges a join `all` missed.
-pub async fn ready_tasks(tx: &Transaction<'_>, steps: &[(i64, String)]) -> Result<Vec<ReadyTask>> {
+pub async fn ready_tasks(
+    tx: &impl GenericClient,
+    steps: &[(i64, String)],
+) -> Result<Vec<ReadyTask>> {
     if steps.is_empty() {
         return Ok(Vec::new());
     }
@@ -1138,7 +1146,7 @@ fn ready_task(row: &Row) -> Result<ReadyTask> {
 /// a goal run again (`retry_goal`) starts with. In a goal that runs, the
 /// engine decides each step as its last inbound edge resolves, so there are
 /// none; asking twice finds none the second time.
-pub async fn undecided_steps(tx: &Transaction<'_>, goal_id: i64) -> Result<Vec<String>> {
+pub async fn undecided_steps(tx: &impl GenericClient, goal_id: i64) -> Result<Vec<String>> {
     let statement = tx
         .prepare_cached(
             concat!(
@@ -1159,7 +1167,7 @@ pub async fn undecided_steps(tx: &Transaction<'_>, goal_id: i64) -> Result<Vec<S
 /// The steps of `goal_id` that ended (succeeded or failed) with outbound
 /// edges still pending: their carry-on never happened (their goal was
 /// cancelled first), which a goal run again must make up for.
-pub async fn ended_with_pending_edges(tx: &Transaction<'_>, goal_id: i64) -> Result<Vec<i64>> {
+pub async fn ended_with_pending_edges(tx: &impl GenericClient, goal_id: i64) -> Result<Vec<i64>> {
     let statement = tx
         .prepare_cached(
             "SELECT t.id FROM synapse.tasks t
@@ -1177,7 +1185,7 @@ pub async fn ended_with_pending_edges(tx: &Transaction<'_>, goal_id: i64) -> Res
 }
 
 /// Queues `tasks` (id, input): `pending → queued`.
-pub async fn queue_tasks(tx: &Transaction<'_>, tasks: &[(i64, Value)]) -> Result<Vec<Queued>> {
+pub async fn queue_tasks(tx: &impl GenericClient, tasks: &[(i64, Value)]) -> Result<Vec<Queued>> {
     if tasks.is_empty() {
         return Ok(Vec::new());
     }
@@ -1205,25 +1213,24 @@ pub struct LastWrites<'a> {
 
 /// The transaction's last round trip: writes `last` (the edge resolutions,
 /// then the tasks queued), claims for the worker what `claim` names (tasks
-/// queued just now or earlier in the transaction) and commits, the
-/// statements sent together. A statement that fails aborts the transaction,
-/// whose COMMIT then rolls it back: its error is the answer. Returns the
-/// tasks claimed.
+/// queued just now or earlier in the transaction) and commits with
+/// [`commit_and_chain`], the statements sent together. A statement that fails
+/// aborts the transaction, whose COMMIT then fails too: its error is the
+/// answer. Returns the tasks claimed.
 pub async fn queue_claim_and_commit(
-    tx: Transaction<'_>,
+    client: &deadpool_postgres::Client,
     last: LastWrites<'_>,
     claim: Option<&Claim<'_>>,
 ) -> Result<Vec<ClaimedTask>> {
     // Prepared first (cached after a connection's first use): a statement
     // still to be prepared would go out after the COMMIT.
-    let resolve = tx.prepare_cached(RESOLVE_EDGES).await?;
-    let queue = tx.prepare_cached(QUEUE_TASKS).await?;
-    let claiming = tx.prepare_cached(CLAIM_TASKS).await?;
+    let resolve = client.prepare_cached(RESOLVE_EDGES).await?;
+    let queue = client.prepare_cached(QUEUE_TASKS).await?;
+    let claiming = client.prepare_cached(CLAIM_TASKS).await?;
     let LastWrites { resolutions, tasks } = last;
     let resolve_columns = ResolveColumns::of(resolutions);
     let (ids, inputs) = queue_arguments(tasks);
     let lease = claim.map_or(0.0, |claim| millis(claim.lease));
-    let client = tx.client();
     let resolving = async {
         if resolutions.is_empty() {
             return Ok(0);
@@ -1244,14 +1251,9 @@ pub async fn queue_claim_and_commit(
             None => Ok(Vec::new()),
         }
     };
-    // `Transaction::commit` would take the transaction while the statements
-    // still borrow it. AND CHAIN leaves an empty transaction open instead of
-    // none, which the dropped guard rolls back without waiting; a plain
-    // COMMIT would leave the guard's ROLLBACK a warning in the server log.
-    let committed = client.batch_execute("COMMIT AND CHAIN");
+    let committed = commit_and_chain(client);
     let (resolved, queued, claimed, committed) =
         futures_util::join!(resolving, queuing, claimed, committed);
-    drop(tx);
     resolved?;
     queued?;
     let claimed = claimed?;
@@ -1260,6 +1262,13 @@ pub async fn queue_claim_and_commit(
         &claimed,
         claim.map_or("", |claim| claim.worker),
     ))
+}
+
+/// Commits the transaction on `client` and leaves it in a new, empty one
+/// with the same characteristics, which the next batch may use
+/// ([`open::Kept`]).
+pub async fn commit_and_chain(client: &deadpool_postgres::Client) -> Result<()> {
+    Ok(client.batch_execute("COMMIT AND CHAIN").await?)
 }
 
 const QUEUE_TASKS: &str = "UPDATE synapse.tasks t SET status = 'queued', input = r.input
@@ -1284,7 +1293,11 @@ pub struct Queued {
 /// instances, for a map step): `step` started without them (`cancel_others`).
 /// A running parent stops at its next heartbeat and its outcome is not
 /// recorded. Returns the parent steps cancelled.
-pub async fn cancel_parents(tx: &Transaction<'_>, goal_id: i64, step: &str) -> Result<Vec<String>> {
+pub async fn cancel_parents(
+    tx: &impl GenericClient,
+    goal_id: i64,
+    step: &str,
+) -> Result<Vec<String>> {
     let statement = tx
         .prepare_cached(
             "UPDATE synapse.tasks t SET status = 'cancelled', error = format('cancelled: step %s started without it', $2::text)
@@ -1305,7 +1318,7 @@ pub async fn cancel_parents(tx: &Transaction<'_>, goal_id: i64, step: &str) -> R
 }
 
 /// `pending → skipped`, each with its reason, in one statement.
-pub async fn skip_tasks(tx: &Transaction<'_>, tasks: &[(i64, String)]) -> Result<()> {
+pub async fn skip_tasks(tx: &impl GenericClient, tasks: &[(i64, String)]) -> Result<()> {
     if tasks.is_empty() {
         return Ok(());
     }
@@ -1331,7 +1344,7 @@ pub async fn skip_tasks(tx: &Transaction<'_>, tasks: &[(i64, String)]) -> Result
 /// `cancel_goal` locks the goal before cancelling its tasks, so the two never
 /// wait for each other in a cycle; the id order keeps engine runs that touch
 /// several goals from deadlocking each other.
-pub async fn lock_running_goals(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<i64>> {
+pub async fn lock_running_goals(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<i64>> {
     let statement = tx.prepare_cached(LOCK_RUNNING_GOALS).await?;
     goal_ids_of(tx.query(&statement, &[&goal_ids]).await?)
 }
@@ -1364,7 +1377,7 @@ pub struct GoalEnding {
 /// with every edge: a plan it chose on tables still empty read W² rows to end
 /// a W-wide goal). `OFFSET 0` keeps the goals still running out before their
 /// steps are read.
-pub async fn goal_endings(tx: &Transaction<'_>, goal_ids: &[i64]) -> Result<Vec<GoalEnding>> {
+pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<GoalEnding>> {
     let statement = tx
         .prepare_cached(
             "SELECT ended.id, ended.output, steps.unhandled, steps.errors, steps.leaf_results
@@ -1427,7 +1440,7 @@ pub struct GoalFinish {
 }
 
 /// `running → succeeded | failed`, for many goals in one statement.
-pub async fn finish_goals(tx: &Transaction<'_>, finishes: &[GoalFinish]) -> Result<()> {
+pub async fn finish_goals(tx: &impl GenericClient, finishes: &[GoalFinish]) -> Result<()> {
     if finishes.is_empty() {
         return Ok(());
     }
@@ -1520,7 +1533,7 @@ pub struct GoalToPlan {
 
 /// Claims a submitted goal for planning (`submitted → planning`); `None` for
 /// a duplicate message or a goal already planned or cancelled.
-pub async fn claim_goal(tx: &Transaction<'_>, goal_id: i64) -> Result<Option<GoalToPlan>> {
+pub async fn claim_goal(tx: &impl GenericClient, goal_id: i64) -> Result<Option<GoalToPlan>> {
     let statement = tx
         .prepare_cached(
             "UPDATE synapse.goals SET status = 'planning', error = NULL WHERE id = $1 AND status = 'submitted'
@@ -1550,7 +1563,7 @@ fn data_message(error: StoreError) -> String {
 /// Installs a planned blueprint (the extension validates it and creates the
 /// tasks, or fails the goal); returns the problems, empty on success.
 pub async fn install_plan(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     goal_id: i64,
     blueprint: &Value,
     template: Option<&str>,
@@ -1567,7 +1580,7 @@ pub async fn install_plan(
 }
 
 /// Fails a goal that could not be planned.
-pub async fn fail_planning(tx: &Transaction<'_>, goal_id: i64, error: &str) -> Result<()> {
+pub async fn fail_planning(tx: &impl GenericClient, goal_id: i64, error: &str) -> Result<()> {
     let statement = tx
         .prepare_cached(
             "UPDATE synapse.goals SET status = 'failed', error = $2 WHERE id = $1 AND status IN ('submitted', 'planning')",
@@ -1578,7 +1591,7 @@ pub async fn fail_planning(tx: &Transaction<'_>, goal_id: i64, error: &str) -> R
 }
 
 /// Templates in the order the template planner tries them.
-pub async fn templates(tx: &Transaction<'_>) -> Result<Vec<(String, String, Value)>> {
+pub async fn templates(tx: &impl GenericClient) -> Result<Vec<(String, String, Value)>> {
     let statement = tx
         .prepare_cached(
             "SELECT name, pattern, blueprint FROM synapse.templates ORDER BY priority DESC, name",

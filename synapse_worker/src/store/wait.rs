@@ -1,6 +1,6 @@
 //! The statements of wait steps (SPEC §4.9): starting them (the extension
 //! evaluates their deadline and takes a signal kept for them).
-use deadpool_postgres::Transaction;
+use deadpool_postgres::GenericClient;
 use serde_json::Value;
 
 use super::{column, Result};
@@ -18,7 +18,7 @@ pub struct Started {
 }
 
 /// Starts the wait steps the engine decided to run, with their inputs.
-pub async fn start(tx: &Transaction<'_>, waits: &[(i64, Value)]) -> Result<Vec<Started>> {
+pub async fn start(tx: &impl GenericClient, waits: &[(i64, Value)]) -> Result<Vec<Started>> {
     if waits.is_empty() {
         return Ok(Vec::new());
     }

@@ -146,10 +146,10 @@ COMMENT ON COLUMN synapse.tasks.join_mode IS 'any: once every inbound edge resol
 COMMENT ON COLUMN synapse.tasks.max_attempts IS 'retries + 1.';
 COMMENT ON COLUMN synapse.tasks.backoff_ms IS 'Base retry delay; doubles per attempt, with jitter.';
 COMMENT ON COLUMN synapse.tasks.timeout_ms IS 'Limit of one attempt.';
-COMMENT ON COLUMN synapse.tasks.status IS 'pending: waiting for its inbound edges. queued: runnable, dispatched to Redis. running: claimed by a worker holding a lease. retrying: failed, waits for run_at. waiting: a map step whose instances run, a goal step whose child goal runs, or a wait step waiting for its signal or time (no worker holds it). succeeded / failed / skipped / cancelled: finished.';
+COMMENT ON COLUMN synapse.tasks.status IS 'pending: waiting for its inbound edges. queued: runnable, dispatched to Redis. running: claimed by a worker holding a lease (a step a worker claims for itself as its predecessor''s outcome makes it ready goes from pending to running in one write). retrying: failed, waits for run_at. waiting: a map step whose instances run, a goal step whose child goal runs, or a wait step waiting for its signal or time (no worker holds it). succeeded / failed / skipped / cancelled: finished.';
 COMMENT ON COLUMN synapse.tasks.attempts IS 'Attempts started so far. The current attempt number is the fencing token: only the worker holding it may record the outcome.';
 COMMENT ON COLUMN synapse.tasks.run_at IS 'retrying: when the forwarder queues the next attempt.';
-COMMENT ON COLUMN synapse.tasks.queued_at IS 'When the task was last queued or re-dispatched; the sweep re-dispatches tasks queued longer than synapse.sweep_interval.';
+COMMENT ON COLUMN synapse.tasks.queued_at IS 'When the task was last queued or re-dispatched (a step queued and claimed in one write: its started_at); the sweep re-dispatches tasks queued longer than synapse.sweep_interval.';
 COMMENT ON COLUMN synapse.tasks.lease_expires_at IS 'running: the claim lapses at this time unless the worker heartbeats; the forwarder then re-queues the task.';
 COMMENT ON COLUMN synapse.tasks.leased_by IS 'Identity of the worker holding the lease.';
 COMMENT ON COLUMN synapse.tasks.result IS 'Action result (JSON) of the succeeded attempt.';

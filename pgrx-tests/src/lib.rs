@@ -505,7 +505,9 @@ impl Stack {
         self.spawn_worker_binary(name, &worker_binary(), &args, rust_log)
     }
 
-    fn spawn_worker_binary(
+    /// Starts `binary` with `args` (after its global flags), logging at
+    /// `rust_log`, without waiting for it to start.
+    pub fn spawn_worker_binary(
         &self,
         name: &str,
         binary: &Path,
@@ -621,6 +623,16 @@ pub fn chain_of(steps: Vec<serde_json::Value>) -> serde_json::Value {
         .map(|pair| serde_json::json!({"from": pair[0]["id"], "to": pair[1]["id"]}))
         .collect();
     serde_json::json!({"steps": steps, "edges": edges})
+}
+
+/// A blueprint that runs `length` `noop` steps, `s0` to `s{length - 1}`, one
+/// after another.
+pub fn noop_chain(length: usize) -> serde_json::Value {
+    chain_of(
+        (0..length)
+            .map(|i| serde_json::json!({"id": format!("s{i}"), "action": "noop"}))
+            .collect(),
+    )
 }
 
 /// Submits `blueprint` and waits for its goal to end: its `goal_status()`.

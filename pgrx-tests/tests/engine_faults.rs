@@ -68,6 +68,7 @@ async fn claim(
     let tx = store::begin(&mut client).await.expect("BEGIN");
     let claim = store::Claim {
         task_ids,
+        pending: &[],
         queues: &["default"],
         lease,
         worker: "engine-faults-test",

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use synapse_e2e::{chain_of, error_of, postgres, run_plan, task, wait_for_goal, Stack};
+use synapse_e2e::{error_of, noop_chain, postgres, run_plan, task, wait_for_goal, Stack};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -294,10 +294,7 @@ fn a_chain_whose_default_inputs_nest_past_the_limit_fails_at_that_step_saying_so
     // whole outcome batch it was in, until the step's lease lapsed.
     let stack = Stack::start("input-limits-chain", &[]);
     let _worker = stack.start_worker("chain", &["--lease", "2s"]);
-    let steps = (0..140)
-        .map(|i| json!({"id": format!("s{i}"), "action": "noop"}))
-        .collect();
-    let status = run_plan(&stack, chain_of(steps));
+    let status = run_plan(&stack, noop_chain(140));
     assert_eq!(status["status"], "failed", "{status}");
     assert_eq!(task(&status, "s63")["status"], "succeeded", "{status}");
     assert_eq!(task(&status, "s64")["status"], "failed", "{status}");

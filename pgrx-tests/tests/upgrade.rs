@@ -4,7 +4,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use synapse_e2e::{postgres, submit_plan, task, wait_for_goal, wait_until, Stack, TRIAGE};
+use synapse_e2e::{
+    postgres, submit_plan, task, wait_for_goal, wait_until, worker_binary, Stack, DATABASE, TRIAGE,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -12,7 +14,7 @@ const WAIT: Duration = Duration::from_secs(60);
 /// and updated to this release.
 const RELEASES: &[&str] = &[
     "0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0", "0.8.0", "0.9.0", "0.10.0",
-    "0.11.0", "0.12.0", "0.13.0",
+    "0.11.0", "0.12.0", "0.13.0", "0.14.0",
 ];
 
 /// One line per object of the `synapse` schema and its extension: columns,
@@ -170,4 +172,49 @@ fn every_release_updates_to_this_one_with_goals_in_flight() {
         });
         drop(worker);
     }
+}
+
+#[test]
+fn a_worker_refuses_an_extension_older_than_its_statements_need() {
+    // 0.14.0's library refuses a step going from pending to running, which
+    // this release's workers write: such a worker would fail every batch
+    // that continues a chain. It says so and stops, having written nothing.
+    // A database of its own: no forwarder works in it while its extension
+    // is made.
+    let stack = Stack::start("old-extension", &[]);
+    let mut admin = stack.pg_database("postgres");
+    admin.batch_execute("CREATE DATABASE old").unwrap();
+    let mut client = stack.pg_database("old");
+    client
+        .batch_execute("CREATE EXTENSION synapse VERSION '0.14.0'")
+        .unwrap();
+    let url = stack
+        .database_url()
+        .replace(&format!("/{DATABASE}"), "/old");
+    let mut worker = stack.spawn_worker_binary(
+        "too-new",
+        &worker_binary(),
+        &["--log-format", "text", "--database-url", &url, "run"],
+        "info",
+    );
+    let status = worker.wait(WAIT);
+    assert!(!status.success(), "{}", worker.log_text());
+    let log = worker.log_text();
+    assert!(
+        log.contains(
+            "the synapse extension in this database is 0.14.0; this worker needs 0.15.0 or later"
+        ) && log.contains("ALTER EXTENSION synapse UPDATE"),
+        "{log}"
+    );
+    let registered: i64 = client
+        .query_one(
+            "SELECT count(*) FROM synapse.actions WHERE registered_by IS NOT NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        registered, 0,
+        "actions registered by a worker that refused to run"
+    );
 }

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use synapse_e2e::{
-    assert_quiet, chain_of, edge_state, postgres, redis, run_plan, statement_counts, stream_events,
-    submit_plan, task, wait_for_goal, wait_for_running_task, wait_for_step, wait_until, Stack,
+    assert_quiet, chain_of, edge_state, noop_chain, postgres, redis, run_plan, statement_counts,
+    stream_events, submit_plan, task, wait_for_goal, wait_for_running_task, wait_for_step,
+    wait_until, Stack,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -1006,10 +1007,7 @@ fn a_worker_waiting_on_redis_with_every_free_slot_still_claims_the_successors_it
     let _worker = stack.start_worker("w", &["--concurrency", "1"]);
     let mut client = stack.pg();
     keep_written_events(&mut client);
-    let steps = (0..4)
-        .map(|i| json!({"id": format!("s{i}"), "action": "noop"}))
-        .collect();
-    let goal = submit_plan(&mut client, &chain_of(steps));
+    let goal = submit_plan(&mut client, &noop_chain(4));
     let status = wait_for_goal(&stack, goal, WAIT);
     assert_eq!(status["status"], "succeeded", "{status}");
     for i in 1..4 {
@@ -1027,10 +1025,7 @@ fn a_chain_continued_locally_leaves_its_connections_outside_any_transaction() {
     let worker = stack.start_worker("w", &["--concurrency", "4"]);
     let mut client = stack.pg();
     keep_written_events(&mut client);
-    let steps: Vec<Value> = (0..30)
-        .map(|i| json!({"id": format!("s{i}"), "action": "noop"}))
-        .collect();
-    let status = run_plan(&stack, chain_of(steps));
+    let status = run_plan(&stack, noop_chain(30));
     assert_eq!(status["status"], "succeeded", "{status}");
     for i in 1..30 {
         let (parent, step) = (format!("s{}", i - 1), format!("s{i}"));
@@ -1084,11 +1079,8 @@ fn a_chain_s_steps_are_recorded_in_the_transaction_the_previous_step_s_commit_le
             .matches("START TRANSACTION ISOLATION LEVEL READ COMMITTED")
             .count()
     };
-    let steps: Vec<Value> = (0..40)
-        .map(|i| json!({"id": format!("s{i}"), "action": "noop"}))
-        .collect();
     let before = started(&stack);
-    let status = run_plan(&stack, chain_of(steps));
+    let status = run_plan(&stack, noop_chain(40));
     assert_eq!(status["status"], "succeeded", "{status}");
     // Forty batches; a step whose batch came after the kept transaction was
     // rolled back (a machine busy for 10 ms) starts one of its own.
@@ -1099,6 +1091,55 @@ fn a_chain_s_steps_are_recorded_in_the_transaction_the_previous_step_s_commit_le
         !log.contains("there is no transaction in progress"),
         "{log}"
     );
+}
+
+#[test]
+fn a_step_continued_locally_is_queued_and_claimed_in_one_write() {
+    // The successor a step's completion decides to run, claimed for the
+    // worker's free slot, is written once (pending → running), not queued by
+    // one statement and claimed by the next; observers still see it queued,
+    // then running, and nothing is dispatched for it.
+    let stack = Stack::start("continuation-one-write", &[]);
+    let _worker = stack.start_worker("w", &["--concurrency", "4"]);
+    let mut client = stack.pg();
+    keep_written_events(&mut client);
+    let status = run_plan(&stack, noop_chain(10));
+    assert_eq!(status["status"], "succeeded", "{status}");
+    let one_write = |client: &mut postgres::Client, step: &str| -> bool {
+        client
+            .query_one(
+                "SELECT queued_at = started_at FROM synapse.tasks WHERE step = $1",
+                &[&step],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let events = |client: &mut postgres::Client, step: &str| -> Vec<(String, Option<String>)> {
+        client
+            .query(
+                "SELECT event, dispatch FROM written WHERE step = $1 ORDER BY id",
+                &[&step],
+            )
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect()
+    };
+    // The root is queued by submit_plan and claimed through Redis.
+    assert!(!one_write(&mut client, "s0"));
+    for i in 1..10 {
+        let step = format!("s{i}");
+        assert!(one_write(&mut client, &step), "{step}: {status}");
+        assert_eq!(
+            events(&mut client, &step),
+            [
+                ("task.queued".to_string(), None),
+                ("task.running".to_string(), None),
+                ("task.succeeded".to_string(), None),
+            ],
+            "{step}"
+        );
+    }
 }
 
 #[test]
@@ -1246,11 +1287,11 @@ fn a_successor_claimed_in_its_parent_s_transaction_sees_what_that_transaction_ca
 fn keep_written_events(client: &mut postgres::Client) {
     client
         .batch_execute(
-            "CREATE TABLE written (event text, step text, xid xid8);
+            "CREATE TABLE written (id bigserial, event text, step text, xid xid8, dispatch text);
              CREATE FUNCTION keep_written() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
              BEGIN
-                 INSERT INTO public.written
-                 SELECT NEW.event, (NEW.payload::jsonb)->>'step', pg_current_xact_id();
+                 INSERT INTO public.written (event, step, xid, dispatch)
+                 SELECT NEW.event, (NEW.payload::jsonb)->>'step', pg_current_xact_id(), NEW.dispatch;
                  RETURN NULL;
              END $$;
              CREATE TRIGGER keep_written AFTER INSERT ON synapse.outbox

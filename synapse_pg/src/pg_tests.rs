@@ -651,6 +651,31 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_step_queued_and_claimed_in_one_write_keeps_both_events() {
+        // Local continuation: a worker claims a step it decided to run, for
+        // its own free slot, in the write that queues it.
+        let id = submit_example();
+        let close = format!("goal_id = {id} AND step = 'close'");
+        Spi::run("DELETE FROM synapse.outbox").unwrap();
+        Spi::run(&format!(
+            "UPDATE synapse.tasks SET status = 'running', attempts = 1, input = '{{}}',
+                    lease_expires_at = now() + interval '1 minute', leased_by = 'w' WHERE {close}"
+        ))
+        .unwrap();
+        // Observers see it queued, then running; nothing is dispatched: it runs.
+        assert_eq!(
+            json_of(
+                "SELECT jsonb_agg(jsonb_build_array(payload::jsonb ->> 'event', payload::jsonb -> 'attempt', dispatch)
+                                  ORDER BY id) FROM synapse.outbox"
+            ),
+            json!([["task.queued", 1, null], ["task.running", 1, null]])
+        );
+        assert!(one::<bool>(&format!(
+            "SELECT queued_at = started_at AND run_at IS NULL FROM synapse.tasks WHERE {close}"
+        )));
+    }
+
+    #[pg_test]
     fn every_row_keeps_the_columns_its_status_needs() {
         // Checked by the row triggers, also when only such a column changes.
         let id = submit_example();

@@ -8,9 +8,11 @@
 //! COMMIT: what a task sees of its goal is what the transaction leaves, and
 //! a step of a chain costs no round trip of its own for its successor's
 //! queueing, claim or commit.
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -68,14 +70,17 @@ impl Continuation {
         (!reservation.task_ids.is_empty()).then_some(reservation)
     }
 
-    /// What a claim of `reservation`'s tasks asks the store.
+    /// What a claim of `reservation`'s tasks asks the store; `pending`:
+    /// those of them still to be queued, with their input.
     fn claim_of<'r>(
         &'r self,
         reservation: &'r Reservation,
+        pending: &'r [(i64, Value)],
         served: &'r [&'r str],
     ) -> store::Claim<'r> {
         store::Claim {
             task_ids: &reservation.task_ids,
+            pending,
             queues: served,
             lease: self.lease,
             worker: &self.identity,
@@ -90,7 +95,8 @@ impl Continuation {
     /// queues the tasks the engine left to write last, claims for its free
     /// slots those of every task the transaction queued that they can run,
     /// and commits (and chains), in one round trip
-    /// ([`store::queue_claim_and_commit`]).
+    /// ([`store::queue_claim_and_commit`]). A task left to write last that
+    /// gets a slot is queued and claimed in one write.
     pub async fn queue_claim_and_commit(
         &self,
         client: &deadpool_postgres::Client,
@@ -109,13 +115,23 @@ impl Continuation {
             store::commit_and_chain(client).await?;
             return Ok(Vec::new());
         }
+        // The goal locks keep these tasks pending until the claim writes
+        // them: a task given a slot is never left unqueued.
+        let reserved: HashSet<i64> = reservation
+            .iter()
+            .flat_map(|reservation| reservation.task_ids.iter().copied())
+            .collect();
+        let (pending, to_queue): (Vec<_>, Vec<_>) = carried
+            .to_queue
+            .into_iter()
+            .partition(|(id, _)| reserved.contains(id));
         let served = self.served();
         let claim = reservation
             .as_ref()
-            .map(|reservation| self.claim_of(reservation, &served));
+            .map(|reservation| self.claim_of(reservation, &pending, &served));
         let last_writes = store::LastWrites {
             resolutions: &carried.to_resolve,
-            tasks: &carried.to_queue,
+            tasks: &to_queue,
         };
         let claimed = store::queue_claim_and_commit(client, last_writes, claim.as_ref()).await?;
         Ok(reservation.map_or_else(Vec::new, |reservation| reservation.fill(claimed)))

@@ -119,6 +119,7 @@ pub async fn claim(shared: &Shared, list: &str, payloads: &[String]) -> Vec<Clai
         let client = shared.pool.get().await?;
         let claim = store::Claim {
             task_ids: &task_ids,
+            pending: &[],
             queues: &[queue],
             lease: shared.config.lease,
             worker: &shared.config.identity,

@@ -468,6 +468,23 @@ fn same_redis(a: &str, b: &str) -> bool {
     }
 }
 
+/// The oldest extension whose library this worker's statements run on:
+/// 0.15.0 lets a worker queue and claim a step in one write (local
+/// continuation), which an older library refuses.
+const MIN_EXTENSION_VERSION: &str = "0.15.0";
+
+/// Whether the extension `version` (`major.minor.patch`) is older than
+/// [`MIN_EXTENSION_VERSION`]; a version that does not read as one is not.
+fn older_than_needed(version: &str) -> bool {
+    let numbers = |version: &str| -> Option<Vec<u64>> {
+        version.split('.').map(|part| part.parse().ok()).collect()
+    };
+    match (numbers(version), numbers(MIN_EXTENSION_VERSION)) {
+        (Some(version), Some(needed)) => version < needed,
+        _ => false,
+    }
+}
+
 /// Upserts the worker's actions in `synapse.actions`, waiting for Postgres as
 /// long as it cannot be reached. `Ok(false)` if `shutdown` fired first.
 async fn register_actions(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Result<bool> {
@@ -488,16 +505,26 @@ async fn register_actions(shared: &Shared, shutdown: &CancellationToken) -> anyh
     // The database may still be starting: wait for it rather than give up.
     let mut backoff = Backoff::default();
     loop {
+        // Nothing is written for a worker the extension is too old for.
         let attempt = async {
             let client = shared.pool.get().await?;
-            store::register_actions(&client, &actions, &shared.config.identity).await
+            let version = store::extension_version(&client).await?;
+            if let Some(version) = version.filter(|version| older_than_needed(version)) {
+                return Ok(Some(version));
+            }
+            store::register_actions(&client, &actions, &shared.config.identity).await?;
+            Ok(None)
         };
         let outcome = tokio::select! {
             () = shutdown.cancelled() => return Ok(false),
             outcome = attempt => outcome,
         };
         match outcome {
-            Ok(()) => return Ok(true),
+            Ok(Some(version)) => anyhow::bail!(
+                "the synapse extension in this database is {version}; this worker needs {MIN_EXTENSION_VERSION} or later: \
+                 install this release's extension, restart Postgres, then run ALTER EXTENSION synapse UPDATE"
+            ),
+            Ok(None) => return Ok(true),
             Err(store::StoreError::Postgres(error)) if error.as_db_error().is_some() => {
                 return Err(error).context(
                     "registering actions in synapse.actions (is the synapse extension installed?)",
@@ -561,6 +588,17 @@ mod tests {
             allow_exec: Vec::new(),
             metrics_addr: None,
         }
+    }
+
+    #[test]
+    fn an_extension_older_than_the_worker_needs_is_told_apart_by_its_numbers() {
+        assert!(older_than_needed("0.14.0"));
+        assert!(older_than_needed("0.9.0"));
+        assert!(!older_than_needed(MIN_EXTENSION_VERSION));
+        // Compared as numbers, not as text.
+        assert!(!older_than_needed("0.100.0"));
+        assert!(!older_than_needed("1.0.0"));
+        assert!(!older_than_needed("unknown"));
     }
 
     #[test]

@@ -235,8 +235,11 @@ fn task_may_change(old: &str, new: &str, kind: &TaskKind) -> bool {
     match old {
         // Only a map step waits for its instances, or succeeds unrun (an
         // empty list); a wait step waits without being queued.
+        // A worker claims a step it queues for its own free slot in the
+        // same write (local continuation): queued and running at once.
         "pending" => {
             matches!(new, "queued" | "skipped" | "failed" | "cancelled")
+                || (new == "running" && !kind.is_map && !kind.is_wait)
                 || (matches!(new, "waiting" | "succeeded") && kind.is_map)
                 || (new == "waiting" && kind.is_wait)
         }
@@ -271,6 +274,7 @@ fn _task_changed<'a>(
     let Some(status) = new.text(task::STATUS) else {
         return Ok(Some(writing.into_row(at, |_| {})));
     };
+    let was = old.as_ref().and_then(|old| old.text(task::STATUS));
     match old.as_ref().map(|old| old.text(task::STATUS)) {
         None if restoring() => return Ok(Some(writing.into_row(at, task_holds))),
         Some(Some(was)) if was == status => return Ok(Some(writing.into_row(at, task_holds))),
@@ -302,6 +306,11 @@ fn _task_changed<'a>(
         "queued" => {
             writing.stamp(at[task::QUEUED_AT]);
             writing.set(at[task::RUN_AT], None);
+        }
+        "running" if was.as_deref() == Some("pending") => {
+            writing.stamp(at[task::QUEUED_AT]);
+            writing.set(at[task::RUN_AT], None);
+            writing.stamp(at[task::STARTED_AT]);
         }
         "running" | "waiting" => writing.stamp(at[task::STARTED_AT]),
         "succeeded" | "failed" | "skipped" | "cancelled" => writing.stamp(at[task::FINISHED_AT]),
@@ -426,5 +435,29 @@ mod tests {
             }
         ));
         assert!(!task_may_change("queued", "succeeded", &plain));
+    }
+
+    #[test]
+    fn only_a_step_that_runs_on_a_worker_is_claimed_as_it_is_queued() {
+        let plain = TaskKind {
+            is_map: false,
+            is_wait: false,
+            has_child_goal: false,
+            attempts: 0,
+        };
+        assert!(task_may_change("pending", "running", &plain));
+        for kind in [
+            TaskKind {
+                is_map: true,
+                ..plain
+            },
+            TaskKind {
+                is_wait: true,
+                ..plain
+            },
+        ] {
+            assert!(!task_may_change("pending", "running", &kind));
+        }
+        assert!(!task_may_change("retrying", "running", &plain));
     }
 }

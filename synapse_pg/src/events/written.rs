@@ -261,14 +261,30 @@ fn _tasks_written<'a>(
                 let (was, lease) = old.get(&task.id)?;
                 (*was != task.status).then(|| task_changed(task, was, *lease, now))
             })
+            .flatten()
             .collect()
     };
     emit(events, Some(statement.owner));
     Ok(None)
 }
 
-/// The event of a task whose status changed from `was`.
-fn task_changed(task: &TaskRow, was: &str, old_lease: Option<i64>, now: i64) -> Event {
+/// The events of a task whose status changed from `was`: one, or two for a
+/// step queued and claimed in one write (local continuation), whose
+/// `task.queued` dispatches nothing: it runs already.
+fn task_changed(task: &TaskRow, was: &str, old_lease: Option<i64>, now: i64) -> Vec<Event> {
+    let changed = task_status_event(task, was, old_lease, now);
+    if was == "pending" && task.status == "running" {
+        let queued = Event {
+            dispatch: None,
+            ..task.event("task.queued", task.attempts, None, false)
+        };
+        return vec![queued, changed];
+    }
+    vec![changed]
+}
+
+/// The `task.<status>` event of a task whose status changed from `was`.
+fn task_status_event(task: &TaskRow, was: &str, old_lease: Option<i64>, now: i64) -> Event {
     let status = task.status.as_str();
     let attempt = if status == "queued" {
         task.attempts + 1

@@ -201,8 +201,8 @@ pub async fn claim_tasks(
     claim: &Claim<'_>,
 ) -> Result<Vec<ClaimedTask>> {
     let statement = client.prepare_cached(CLAIM_TASKS).await?;
-    let lease = millis(claim.lease);
-    let rows = client.query(&statement, &claim.arguments(&lease)).await?;
+    let arguments = ClaimArguments::of(claim);
+    let rows = client.query(&statement, &arguments.parameters()).await?;
     Ok(claimed_tasks(&rows, claim.worker))
 }
 
@@ -210,6 +210,10 @@ pub async fn claim_tasks(
 pub struct Claim<'a> {
     /// The tasks to claim, if queued.
     pub task_ids: &'a [i64],
+    /// Tasks still pending, (id, input), that the claim queues and claims
+    /// in one write (local continuation): a step its transaction decided
+    /// to run, which no other worker could have been told of yet.
+    pub pending: &'a [(i64, Value)],
     /// Only tasks of these queues are claimed.
     pub queues: &'a [&'a str],
     /// How long the claim holds them.
@@ -218,32 +222,66 @@ pub struct Claim<'a> {
     pub worker: &'a str,
 }
 
-impl Claim<'_> {
-    fn arguments<'c>(&'c self, lease_ms: &'c f64) -> [&'c (dyn ToSql + Sync); 4] {
-        [&self.task_ids, lease_ms, &self.worker, &self.queues]
+/// The parameters of [`CLAIM_TASKS`].
+struct ClaimArguments<'c> {
+    claim: &'c Claim<'c>,
+    lease_ms: f64,
+    pending_ids: Vec<i64>,
+    pending_inputs: Vec<&'c Value>,
+}
+
+impl<'c> ClaimArguments<'c> {
+    fn of(claim: &'c Claim<'c>) -> Self {
+        let (pending_ids, pending_inputs) = queue_arguments(claim.pending);
+        ClaimArguments {
+            claim,
+            lease_ms: millis(claim.lease),
+            pending_ids,
+            pending_inputs,
+        }
+    }
+
+    fn parameters(&self) -> [&(dyn ToSql + Sync); 6] {
+        [
+            &self.claim.task_ids,
+            &self.lease_ms,
+            &self.claim.worker,
+            &self.claim.queues,
+            &self.pending_ids,
+            &self.pending_inputs,
+        ]
     }
 }
 
 // `status || ''`: the rows are found by id, never by scanning the
 // partial index of all queued tasks (see lock_goals_and_record).
-const CLAIM_TASKS: &str = "WITH m AS (
+// The pending tasks ($5, inputs $6) are not skipped when locked: left
+// pending, nothing would ever queue them; the claim waits for them instead.
+const CLAIM_TASKS: &str = "WITH c AS (
+                 SELECT c.id, c.params, c.until_expr, c.input_expr, c.action, c.status FROM synapse.tasks c
+                  WHERE c.id = ANY($1::bigint[]) AND c.status || '' = 'queued' AND c.queue = ANY($4::text[])
+                  ORDER BY c.id
+                    FOR NO KEY UPDATE OF c SKIP LOCKED),
+             p AS (
+                 SELECT c.id, c.params, c.until_expr, c.input_expr, c.action, c.status, p.input FROM synapse.tasks c
+                   JOIN unnest($5::bigint[], $6::jsonb[]) AS p(id, input) ON c.id = p.id
+                  WHERE c.status = 'pending' AND c.queue = ANY($4::text[])),
+             m AS (
                  -- The expressions the worker evaluates: only those that mention
                  -- goal or steps pay for them.
-                 SELECT c.id, concat(c.params ->> 'expr', ' ', c.params ->> 'args', ' ', c.until_expr, ' ',
+                 SELECT c.id, c.status, c.input, concat(c.params ->> 'expr', ' ', c.params ->> 'args', ' ', c.until_expr, ' ',
                                      CASE WHEN c.until_expr IS NOT NULL THEN c.input_expr END, ' ',
                                      CASE WHEN c.action = 'goal' THEN concat(c.params ->> 'goal', ' ', c.params ->> 'blueprint') END)
                         AS expressions
-                   FROM synapse.tasks c
-                  WHERE c.id = ANY($1::bigint[]) AND c.status || '' = 'queued' AND c.queue = ANY($4::text[])
-                  ORDER BY c.id
-                    FOR NO KEY UPDATE OF c SKIP LOCKED)
+                   FROM (SELECT *, NULL::jsonb AS input FROM c UNION ALL SELECT * FROM p) c)
              UPDATE synapse.tasks t
                 SET status = 'running', attempts = t.attempts + 1,
+                    input = CASE WHEN m.status = 'pending' THEN m.input ELSE t.input END,
                     -- From now: a transaction that ran a sql step claims its
                     -- successors too, long after it began.
                     lease_expires_at = statement_timestamp() + $2 * interval '1 millisecond', leased_by = $3
                FROM m, synapse.goals g
-              WHERE t.id = m.id AND t.status || '' = 'queued' AND g.id = t.goal_id
+              WHERE t.id = m.id AND t.status || '' = m.status AND g.id = t.goal_id
           RETURNING t.id, t.goal_id, t.step, t.action, t.params, coalesce(t.input, 'null'::jsonb), t.attempts,
                     t.max_attempts, t.backoff_ms, t.timeout_ms, t.error,
                     greatest(extract(epoch FROM statement_timestamp() - t.queued_at), 0)::float8,
@@ -447,6 +485,93 @@ pub struct StepEnd {
     pub map_index: Option<i32>,
 }
 
+/// The outcomes' write, returning what the engine needs of each that
+/// ended (see [`lock_goals_and_record`]).
+macro_rules! recorded_outcomes {
+    () => {
+        "WITH recorded AS (
+             UPDATE synapse.tasks t
+                SET status = r.status, result = r.result, error = r.error, failure_kind = r.kind,
+                    -- A retry's delay from now, not from the transaction's start
+                    -- (a sql step's began before its query ran).
+                    run_at = statement_timestamp() + r.delay_ms * interval '1 millisecond',
+                    -- A loop's next iteration: its own input, and retries of its own.
+                    input = coalesce(r.input, t.input),
+                    iteration = t.iteration + (r.status = 'queued')::int,
+                    attempts_before = CASE WHEN r.status = 'queued' THEN t.attempts ELSE t.attempts_before END
+               FROM unnest($1::bigint[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[], $7::text[],
+                           $8::text[], $9::jsonb[])
+                    AS r(id, attempt, status, result, error, delay_ms, kind, worker, input),
+                    synapse.goals g
+              WHERE t.id = r.id AND t.status || '' = 'running' AND t.attempts = r.attempt AND g.id = t.goal_id
+          RETURNING t.id, r.attempt,
+                    -- What expressions see of the goal, for a step's end only: an
+                    -- instance's end reads neither (a goal's input may be a large list).
+                    CASE WHEN t.map_index IS NULL THEN g.goal END AS goal,
+                    CASE WHEN t.map_index IS NULL THEN g.input END AS input,
+                    CASE WHEN t.map_index IS NULL THEN g.params END AS params,
+                    r.status, r.error, r.worker, t.started_at, t.goal_id, t.step, t.map_index)"
+    };
+}
+
+/// The steps' pending outbound edges and sole successors, read for each
+/// outcome [`recorded_outcomes`] wrote.
+macro_rules! outbound_of_recorded {
+    () => {
+        "
+             SELECT r.id, r.attempt, r.goal, r.input, r.params, o.to_steps, o.whens, o.ons, r.map_index, o.sole
+               FROM recorded r
+               -- The step's pending outbound edges, in one look. An instance's end
+               -- resolves no edge: its map step's does, once.
+               LEFT JOIN LATERAL (
+                    SELECT array_agg(e.to_step ORDER BY e.position) AS to_steps,
+                           array_agg(e.when_expr ORDER BY e.position) AS whens,
+                           array_agg(e.on_outcome::text ORDER BY e.position) AS ons,
+                           -- The successors whose one inbound edge this is: how it
+                           -- resolves decides them, with nothing more to read. (json:
+                           -- half the cost of jsonb, which sorts every object's keys.)
+                           json_agg(json_build_object('step', c.step, 'id', c.id, 'join', c.join_mode,
+                                                        'input_expr', c.input_expr,
+                                                        'is_map', c.for_each_expr IS NOT NULL,
+                                                        'cancel_others', c.cancel_others,
+                                                        'looping', c.until_expr IS NOT NULL,
+                                                        'is_wait', c.action = 'wait', 'queue', c.queue))
+                               FILTER (WHERE c.inbound = 1 AND c.status = 'pending') AS sole
+                      FROM synapse.edges e
+                      LEFT JOIN synapse.tasks c
+                        ON c.goal_id = e.goal_id AND c.step = e.to_step AND coalesce(c.map_index, -1) = -1
+                     WHERE r.map_index IS NULL AND e.goal_id = r.goal_id AND e.from_step = r.step
+                       AND e.state = 'pending') o ON true"
+    };
+}
+
+/// Records outcomes of every kind: an instance's end counts on its map step,
+/// a failure or retry keeps its attempt.
+const RECORD_OUTCOMES: &str = concat!(
+    recorded_outcomes!(),
+    ",
+             -- Each instance that ended counts on its map step, in this statement
+             -- (the goal lock orders the counts); the engine decides the step.
+             counted AS (
+                 UPDATE synapse.tasks m SET map_ended = m.map_ended + c.ended, map_failed = m.map_failed + c.failed
+                   FROM (SELECT goal_id, step, count(*)::int AS ended,
+                                count(*) FILTER (WHERE status = 'failed')::int AS failed
+                           FROM recorded WHERE map_index IS NOT NULL AND status IN ('succeeded', 'failed')
+                          GROUP BY goal_id, step) c
+                  WHERE m.goal_id = c.goal_id AND m.step = c.step AND coalesce(m.map_index, -1) = -1 AND m.status = 'waiting'),
+             -- Only a failure costs a row: the attempt, kept with its error.
+             kept AS (
+                 INSERT INTO synapse.attempts (task_id, attempt, worker, started_at, error)
+                 SELECT id, attempt, worker, started_at, error FROM recorded
+                  WHERE status IN ('retrying', 'failed'))
+",
+    outbound_of_recorded!()
+);
+
+/// Records outcomes that are successes (or loop runs) of steps that are not
+/// map instances.
+const RECORD_SUCCESSES: &str = concat!(recorded_outcomes!(), "\n", outbound_of_recorded!());
+
 /// Locks those of `goal_ids` that are running (as [`lock_running_goals`]),
 /// then records many attempts' outcomes in one statement, each only if its
 /// attempt still holds the task: the attempt number fences out a worker whose
@@ -508,68 +633,24 @@ pub async fn lock_goals_and_record(
     // Both prepared first: a statement still to be prepared would go out
     // after the other.
     let lock = tx.prepare_cached(LOCK_RUNNING_GOALS).await?;
+    // An outcome that counts on its map step or keeps its attempt's error
+    // needs the statement that writes those; others leave them out (their
+    // empty writes cost a fifth of a lone outcome's record).
+    let writes_more = outcomes.iter().any(|(task, outcome)| {
+        task.map_index.is_some()
+            || matches!(
+                outcome,
+                AttemptOutcome::Retry { .. }
+                    | AttemptOutcome::Failed(_)
+                    | AttemptOutcome::DefinitionError(_)
+            )
+    });
     let record = tx
-        .prepare_cached(
-            "WITH recorded AS (
-             UPDATE synapse.tasks t
-                SET status = r.status, result = r.result, error = r.error, failure_kind = r.kind,
-                    -- A retry's delay from now, not from the transaction's start
-                    -- (a sql step's began before its query ran).
-                    run_at = statement_timestamp() + r.delay_ms * interval '1 millisecond',
-                    -- A loop's next iteration: its own input, and retries of its own.
-                    input = coalesce(r.input, t.input),
-                    iteration = t.iteration + (r.status = 'queued')::int,
-                    attempts_before = CASE WHEN r.status = 'queued' THEN t.attempts ELSE t.attempts_before END
-               FROM unnest($1::bigint[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[], $7::text[],
-                           $8::text[], $9::jsonb[])
-                    AS r(id, attempt, status, result, error, delay_ms, kind, worker, input),
-                    synapse.goals g
-              WHERE t.id = r.id AND t.status || '' = 'running' AND t.attempts = r.attempt AND g.id = t.goal_id
-          RETURNING t.id, r.attempt,
-                    -- What expressions see of the goal, for a step's end only: an
-                    -- instance's end reads neither (a goal's input may be a large list).
-                    CASE WHEN t.map_index IS NULL THEN g.goal END AS goal,
-                    CASE WHEN t.map_index IS NULL THEN g.input END AS input,
-                    CASE WHEN t.map_index IS NULL THEN g.params END AS params,
-                    r.status, r.error, r.worker, t.started_at, t.goal_id, t.step, t.map_index),
-             -- Each instance that ended counts on its map step, in this statement
-             -- (the goal lock orders the counts); the engine decides the step.
-             counted AS (
-                 UPDATE synapse.tasks m SET map_ended = m.map_ended + c.ended, map_failed = m.map_failed + c.failed
-                   FROM (SELECT goal_id, step, count(*)::int AS ended,
-                                count(*) FILTER (WHERE status = 'failed')::int AS failed
-                           FROM recorded WHERE map_index IS NOT NULL AND status IN ('succeeded', 'failed')
-                          GROUP BY goal_id, step) c
-                  WHERE m.goal_id = c.goal_id AND m.step = c.step AND coalesce(m.map_index, -1) = -1 AND m.status = 'waiting'),
-             -- Only a failure costs a row: the attempt, kept with its error.
-             kept AS (
-                 INSERT INTO synapse.attempts (task_id, attempt, worker, started_at, error)
-                 SELECT id, attempt, worker, started_at, error FROM recorded
-                  WHERE status IN ('retrying', 'failed'))
-             SELECT r.id, r.attempt, r.goal, r.input, r.params, o.to_steps, o.whens, o.ons, r.map_index, o.sole
-               FROM recorded r
-               -- The step's pending outbound edges, in one look. An instance's end
-               -- resolves no edge: its map step's does, once.
-               LEFT JOIN LATERAL (
-                    SELECT array_agg(e.to_step ORDER BY e.position) AS to_steps,
-                           array_agg(e.when_expr ORDER BY e.position) AS whens,
-                           array_agg(e.on_outcome::text ORDER BY e.position) AS ons,
-                           -- The successors whose one inbound edge this is: how it
-                           -- resolves decides them, with nothing more to read. (json:
-                           -- half the cost of jsonb, which sorts every object's keys.)
-                           json_agg(json_build_object('step', c.step, 'id', c.id, 'join', c.join_mode,
-                                                        'input_expr', c.input_expr,
-                                                        'is_map', c.for_each_expr IS NOT NULL,
-                                                        'cancel_others', c.cancel_others,
-                                                        'looping', c.until_expr IS NOT NULL,
-                                                        'is_wait', c.action = 'wait', 'queue', c.queue))
-                               FILTER (WHERE c.inbound = 1 AND c.status = 'pending') AS sole
-                      FROM synapse.edges e
-                      LEFT JOIN synapse.tasks c
-                        ON c.goal_id = e.goal_id AND c.step = e.to_step AND coalesce(c.map_index, -1) = -1
-                     WHERE r.map_index IS NULL AND e.goal_id = r.goal_id AND e.from_step = r.step
-                       AND e.state = 'pending') o ON true",
-        )
+        .prepare_cached(if writes_more {
+            RECORD_OUTCOMES
+        } else {
+            RECORD_SUCCESSES
+        })
         .await?;
     let (locked, rows) = futures_util::future::try_join(
         tx.query(&lock, &[&goal_ids]),
@@ -1213,7 +1294,8 @@ pub struct LastWrites<'a> {
 
 /// The transaction's last round trip: writes `last` (the edge resolutions,
 /// then the tasks queued), claims for the worker what `claim` names (tasks
-/// queued just now or earlier in the transaction) and commits with
+/// queued earlier in the transaction, and pending ones it queues as it
+/// claims them) and commits with
 /// [`commit_and_chain`], the statements sent together. A statement that fails
 /// aborts the transaction, whose COMMIT then fails too: its error is the
 /// answer. Returns the tasks claimed.
@@ -1230,7 +1312,7 @@ pub async fn queue_claim_and_commit(
     let LastWrites { resolutions, tasks } = last;
     let resolve_columns = ResolveColumns::of(resolutions);
     let (ids, inputs) = queue_arguments(tasks);
-    let lease = claim.map_or(0.0, |claim| millis(claim.lease));
+    let claim_arguments = claim.map(ClaimArguments::of);
     let resolving = async {
         if resolutions.is_empty() {
             return Ok(0);
@@ -1246,8 +1328,8 @@ pub async fn queue_claim_and_commit(
         client.execute(&queue, &[&ids, &inputs]).await
     };
     let claimed = async {
-        match claim {
-            Some(claim) => client.query(&claiming, &claim.arguments(&lease)).await,
+        match &claim_arguments {
+            Some(arguments) => client.query(&claiming, &arguments.parameters()).await,
             None => Ok(Vec::new()),
         }
     };
@@ -1625,6 +1707,18 @@ pub async fn register_actions(
             .await?;
     }
     Ok(())
+}
+
+/// The version of the synapse extension in the database (its SQL objects),
+/// `None` if it is not installed.
+pub async fn extension_version(client: &impl GenericClient) -> Result<Option<String>> {
+    let row = client
+        .query_opt(
+            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'synapse'",
+            &[],
+        )
+        .await?;
+    row.map(|row| column(&row, 0)).transpose()
 }
 
 /// What a starting worker learns of the extension's settings.

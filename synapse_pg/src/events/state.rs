@@ -274,8 +274,8 @@ fn _task_changed<'a>(
     let Some(status) = new.text(task::STATUS) else {
         return Ok(Some(writing.into_row(at, |_| {})));
     };
-    let was = old.as_ref().and_then(|old| old.text(task::STATUS));
-    match old.as_ref().map(|old| old.text(task::STATUS)) {
+    let old_status = old.as_ref().map(|old| old.text(task::STATUS));
+    match old_status.as_ref().map(Option::as_deref) {
         None if restoring() => return Ok(Some(writing.into_row(at, task_holds))),
         Some(Some(was)) if was == status => return Ok(Some(writing.into_row(at, task_holds))),
         None if !matches!(status.as_str(), "pending" | "queued") => refuse(
@@ -289,7 +289,7 @@ fn _task_changed<'a>(
                 has_child_goal: !new.is_null(task::CHILD_GOAL),
                 attempts: new.integer(task::ATTEMPTS).unwrap_or(-1),
             };
-            if !task_may_change(&was, &status, &kind) {
+            if !task_may_change(was, &status, &kind) {
                 refuse(
                     PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                     format!(
@@ -302,16 +302,13 @@ fn _task_changed<'a>(
         }
         _ => {}
     }
+    // Queued, or queued and claimed at once (pending → running).
+    let was_pending = old_status.flatten().as_deref() == Some("pending");
+    if status == "queued" || (status == "running" && was_pending) {
+        writing.stamp(at[task::QUEUED_AT]);
+        writing.set(at[task::RUN_AT], None);
+    }
     match status.as_str() {
-        "queued" => {
-            writing.stamp(at[task::QUEUED_AT]);
-            writing.set(at[task::RUN_AT], None);
-        }
-        "running" if was.as_deref() == Some("pending") => {
-            writing.stamp(at[task::QUEUED_AT]);
-            writing.set(at[task::RUN_AT], None);
-            writing.stamp(at[task::STARTED_AT]);
-        }
         "running" | "waiting" => writing.stamp(at[task::STARTED_AT]),
         "succeeded" | "failed" | "skipped" | "cancelled" => writing.stamp(at[task::FINISHED_AT]),
         _ => {}

@@ -1135,4 +1135,34 @@ mod tests {
         let preview = json_of("SELECT synapse.plan_preview('do NOT refund anything')");
         assert_eq!(preview["template"], "loose");
     }
+
+    #[pg_test]
+    fn edges_resolve_in_place_even_all_at_once() {
+        // A fan-out's root resolves all its edges in one statement: each new
+        // version must fit on its edge's page (a HOT update, no index
+        // entries), which a full page cannot give it.
+        let mut steps = vec![json!({"id": "r", "action": "noop"})];
+        let mut edges = Vec::new();
+        for i in 0..500 {
+            steps.push(json!({"id": format!("l{i}"), "action": "noop"}));
+            edges.push(json!({"from": "r", "to": format!("l{i}")}));
+        }
+        let blueprint = json!({"steps": steps, "edges": edges});
+        let id = one::<i64>(&format!(
+            "SELECT synapse.submit_plan({}::jsonb)",
+            quote_literal(blueprint.to_string())
+        ));
+        let counts = "SELECT array[pg_stat_get_xact_tuples_updated('synapse.edges'::regclass),
+                                   pg_stat_get_xact_tuples_hot_updated('synapse.edges'::regclass)]";
+        let before = one::<Vec<i64>>(counts);
+        Spi::run(&format!(
+            "UPDATE synapse.edges SET state = 'taken', resolved_at = statement_timestamp()
+              WHERE goal_id = {id} AND state = 'pending'"
+        ))
+        .unwrap();
+        let after = one::<Vec<i64>>(counts);
+        let (updated, in_place) = (after[0] - before[0], after[1] - before[1]);
+        assert_eq!(updated, 500);
+        assert_eq!(in_place, updated, "edges resolved off their pages");
+    }
 }

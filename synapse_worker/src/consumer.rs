@@ -160,11 +160,7 @@ fn dispatch(
     tasks.spawn(async move {
         let claimed = crate::executor::claim(&shared, &list, &payloads).await;
         for (task, slot) in claimed.into_iter().zip(free) {
-            let shared = shared.clone();
-            let abort = abort.clone();
-            runner.spawn(async move {
-                crate::executor::execute(&shared, task, &abort, slot).await;
-            });
+            crate::executor::spawn_execute(&runner, shared.clone(), task, abort.clone(), slot);
         }
     });
 }

@@ -1,10 +1,12 @@
 //! Runs tasks: claim them (a popped batch in one statement) with a lease, run
 //! each action under a timeout while heartbeating the lease, then hand the
 //! outcome to the completer, which records it and runs the engine.
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::actions::{ActionContext, ActionError};
@@ -200,9 +202,24 @@ async fn resume_goals(shared: &Shared, goal_ids: &mut Vec<i64>) {
     }
 }
 
+/// Runs [`execute`] as a task of its own on `tasks`. Boxed: the future holds
+/// the state of every action, and tokio copies a task's future by value as it
+/// spawns it and again as it ends (a fifth of a chain step's worker CPU).
+pub fn spawn_execute(
+    tasks: &TaskTracker,
+    shared: Arc<Shared>,
+    claimed: ClaimedTask,
+    abort: CancellationToken,
+    slot: Slot,
+) {
+    tasks.spawn(Box::pin(async move {
+        execute(&shared, claimed, &abort, slot).await;
+    }));
+}
+
 /// Runs a claimed task, holding `slot` (one of the worker's concurrency
 /// slots) until its outcome is handed to the completer, and records it.
-pub async fn execute(shared: &Shared, claimed: ClaimedTask, abort: &CancellationToken, slot: Slot) {
+async fn execute(shared: &Shared, claimed: ClaimedTask, abort: &CancellationToken, slot: Slot) {
     let task_id = claimed.id;
     let metrics = &crate::metrics::METRICS;
     metrics.queue_wait.observe(claimed.queue_wait.as_secs_f64());

@@ -353,10 +353,13 @@ impl Worker {
             let (shared, tasks, abort) = (shared.clone(), tasks.clone(), abort.clone());
             tokio::spawn(async move {
                 while let Some((task, slot)) = to_run.recv().await {
-                    let (shared, abort) = (shared.clone(), abort.clone());
-                    tasks.spawn(async move {
-                        crate::executor::execute(&shared, task, &abort, slot).await;
-                    });
+                    crate::executor::spawn_execute(
+                        &tasks,
+                        shared.clone(),
+                        task,
+                        abort.clone(),
+                        slot,
+                    );
                 }
             });
         }

@@ -3,6 +3,7 @@
 //! and the timers fire on their deadlines.
 use postgres::fallible_iterator::FallibleIterator;
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use synapse_e2e::{
@@ -426,6 +427,50 @@ fn an_idle_stack_runs_no_sql_and_sends_nothing_to_redis() {
     });
 
     assert_quiet(&mut client, &mut redis, "%synapse%", Duration::from_secs(3));
+}
+
+#[test]
+fn a_latch_postgres_sets_for_its_own_reasons_costs_the_forwarder_no_turn() {
+    // Postgres sets an idle process's latch at any SIGUSR1 (to catch up with
+    // cache invalidations after a burst of DDL or ANALYZE elsewhere, say):
+    // only a commit with events, a deadline or a reload owe a turn.
+    let stack = Stack::start("spurious-latch", &[]);
+    let mut client = stack.pg();
+    let mut redis = stack.redis();
+    let goal = submit_plan(&mut client, ONE_STEP);
+    brpop(&mut redis, "synapse:queue:default", WAIT).expect("dispatch");
+    client
+        .execute("SELECT synapse.cancel_goal($1)", &[&goal])
+        .unwrap();
+    wait_until("the outbox to drain", WAIT, || {
+        (stack.forwarder_status(&mut client)["pending"] == 0).then_some(())
+    });
+    let pid = forwarder_pid(&mut client).to_string();
+    let signalling = AtomicBool::new(true);
+    /// Stops the signals however the scope ends, a failed assertion included.
+    struct StopSignalling<'a>(&'a AtomicBool);
+    impl Drop for StopSignalling<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Relaxed);
+        }
+    }
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while signalling.load(Ordering::Relaxed) {
+                let sent = std::process::Command::new("kill")
+                    .args(["-USR1", &pid])
+                    .status()
+                    .expect("kill");
+                assert!(sent.success(), "SIGUSR1 to the forwarder");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let _stop = StopSignalling(&signalling);
+        assert_quiet(&mut client, &mut redis, "%synapse%", Duration::from_secs(3));
+    });
+    // Still awake to what it owes.
+    submit_plan(&mut client, ONE_STEP);
+    brpop(&mut redis, "synapse:queue:default", WAIT).expect("dispatch after the signals");
 }
 
 #[test]

@@ -69,6 +69,11 @@ unsafe impl PGRXSharedMemory for ForwarderState {}
 static STATE: PgLwLock<ForwarderState> = unsafe { PgLwLock::new(c"synapse_forwarder_state") };
 /// `pgprocno` of the running forwarder, or -1: whose latch a commit sets.
 static LATCH_OWNER: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"synapse_forwarder_procno") };
+/// Set by [`wake`] before it sets the latch: Postgres sets the latch of an idle
+/// process for its own reasons too (to catch up with cache invalidations, say),
+/// and those wake-ups must not cost a turn.
+static WAKE_REQUESTED: PgAtomic<AtomicBool> =
+    unsafe { PgAtomic::new(c"synapse_forwarder_wake_requested") };
 
 /// The earliest deadline (a `TimestampTz`) announced by a writer whose event
 /// `synapse.observe` left out, not yet taken by the forwarder; `NO_DEADLINE`
@@ -89,6 +94,7 @@ static PRELOADED: AtomicBool = AtomicBool::new(false);
 pub fn register() {
     pg_shmem_init!(STATE = ForwarderState::new());
     pg_shmem_init!(LATCH_OWNER = AtomicI32::new(-1));
+    pg_shmem_init!(WAKE_REQUESTED = AtomicBool::new(false));
     pg_shmem_init!(ANNOUNCED_DEADLINE = AtomicI64::new(NO_DEADLINE));
     pg_shmem_init!(TIMERS_NEXT = AtomicI64::new(NO_DEADLINE));
     PRELOADED.store(true, Ordering::Relaxed);
@@ -113,6 +119,8 @@ pub fn wake() {
     if !is_preloaded() {
         return;
     }
+    // Before the latch: the forwarder takes the request after its wait ends.
+    WAKE_REQUESTED.get().store(true, Ordering::SeqCst);
     let procno = LATCH_OWNER.get().load(Ordering::Acquire);
     if procno < 0 {
         return;
@@ -144,6 +152,11 @@ pub fn announce_deadline(at: i64) {
     if at < TIMERS_NEXT.get().load(Ordering::SeqCst) {
         wake();
     }
+}
+
+/// Whether [`wake`] was called since the last call of this.
+pub(crate) fn take_wake_request() -> bool {
+    WAKE_REQUESTED.get().swap(false, Ordering::SeqCst)
 }
 
 /// Takes the earliest announced deadline, if any.

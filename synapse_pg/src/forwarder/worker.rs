@@ -8,7 +8,9 @@ use super::floor::ReadFloor;
 use super::notify;
 use super::redis_sink::{Delivery, Event, RedisSink, Target};
 use super::transaction;
-use super::{set_timers_next, take_announced_deadline, update_state, LATCH_OWNER};
+use super::{
+    set_timers_next, take_announced_deadline, take_wake_request, update_state, LATCH_OWNER,
+};
 use crate::gucs;
 use crate::prepared::{oid, prepared};
 
@@ -46,19 +48,31 @@ pub extern "C-unwind" fn synapse_forwarder_main(_arg: pg_sys::Datum) {
 
     let mut forwarder = Forwarder::new();
     // Run once at start: events committed while no forwarder ran wait in the outbox.
-    let mut timeout = Some(Duration::ZERO);
-    while !shutdown_requested() && BackgroundWorker::wait_latch(timeout) {
+    let mut next_turn = Some(Instant::now());
+    while !shutdown_requested()
+        && BackgroundWorker::wait_latch(latch_timeout(
+            next_turn.map(|at| at.saturating_duration_since(Instant::now())),
+        ))
+    {
         if shutdown_requested() {
             break;
         }
-        if take_reload_request() {
+        let reloaded = take_reload_request();
+        if reloaded {
             // SAFETY: called from the main loop, outside any transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             // synapse.sweep_interval or retention may have changed: look again.
             forwarder.timers_due = Some(Instant::now());
             forwarder.sweep_due = Some(Instant::now());
         }
-        timeout = latch_timeout(forwarder.run());
+        // Taken after the latch was reset: a wake-up after this sets it again.
+        let woken = take_wake_request();
+        let due = next_turn.is_some_and(|at| at <= Instant::now());
+        if !(woken || reloaded || due) {
+            // Postgres set the latch for a reason of its own: nothing is owed.
+            continue;
+        }
+        next_turn = forwarder.run().map(|sleep| Instant::now() + sleep);
     }
     LATCH_OWNER.get().store(-1, Ordering::Release);
     log!("synapse forwarder stopped");

@@ -103,6 +103,21 @@ fn park_waits(stack: &Stack) {
     });
 }
 
+/// Calls so far of each statement pg_stat_statements tracks, but for the
+/// bench's own reads of statistics and WAL positions.
+fn calls(client: &mut postgres::Client) -> HashMap<String, i64> {
+    client
+        .query(
+            "SELECT query, sum(calls)::bigint FROM pg_stat_statements WHERE query NOT LIKE '%pg_stat%'
+               AND query NOT LIKE '%pg_current_wal_lsn%' GROUP BY query",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
 /// Names the processes to watch while idle: each worker, Redis, and each
 /// Postgres process by its backend type.
 fn idle_processes(
@@ -149,16 +164,7 @@ fn idle(stack: &Stack, workers: &[&WorkerProcess], window: Duration) -> Vec<Figu
     });
     // Autovacuum work left by the earlier sections would otherwise land in the window.
     client.batch_execute("VACUUM (ANALYZE)").expect("VACUUM");
-    let statements = |client: &mut postgres::Client| -> i64 {
-        client
-            .query_one(
-                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements WHERE query NOT LIKE '%pg_stat%'
-                   AND query NOT LIKE '%pg_current_wal_lsn%'",
-                &[],
-            )
-            .unwrap()
-            .get(0)
-    };
+    let statements = |client: &mut postgres::Client| -> i64 { calls(client).values().sum() };
     let commands = |redis: &mut redis::Connection| -> i64 {
         let info: String = redis::cmd("INFO").arg("commandstats").query(redis).unwrap();
         info.lines()
@@ -196,26 +202,34 @@ fn idle(stack: &Stack, workers: &[&WorkerProcess], window: Duration) -> Vec<Figu
     }
     let processes = idle_processes(stack, &mut client, workers);
     let cpu_before: Vec<f64> = processes.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
-    let (sql_before, redis_before, wal_before) = (
-        statements(&mut client),
-        commands(&mut redis),
-        wal(&mut client),
-    );
+    let (sql_before, redis_before, wal_before) =
+        (calls(&mut client), commands(&mut redis), wal(&mut client));
     // Nothing announces "nothing happened": observe a quiet window.
     std::thread::sleep(window);
-    let (sql_after, redis_after, wal_after) = (
-        statements(&mut client),
-        commands(&mut redis),
-        wal(&mut client),
-    );
+    let (sql_after, redis_after, wal_after) =
+        (calls(&mut client), commands(&mut redis), wal(&mut client));
     let seconds = window.as_secs();
+    // Statements that ran are named, so that one can be told where it came from.
+    let ran: Vec<String> = sql_after
+        .iter()
+        .filter_map(|(query, &after)| {
+            let times = after - sql_before.get(query).copied().unwrap_or(0);
+            let text: String = query.split_whitespace().collect::<Vec<_>>().join(" ");
+            (times > 0).then(|| format!("{times}× `{}`", text.chars().take(80).collect::<String>()))
+        })
+        .collect();
     let mut figures = vec![
         Figure::new(
             format!("idle {seconds} s: SQL statements (all clients)"),
-            (sql_after - sql_before) as f64,
+            (sql_after.values().sum::<i64>() - sql_before.values().sum::<i64>()) as f64,
             "",
         )
-        .note("pg_stat_statements; a map of three child goals, 10 100 wait steps and a schedule wait meanwhile")
+        .note(if ran.is_empty() {
+            "pg_stat_statements; a map of three child goals, 10 100 wait steps and a schedule wait meanwhile"
+                .to_owned()
+        } else {
+            format!("pg_stat_statements: {}", ran.join("; "))
+        })
         .metric(Metric::IdleStatements),
         Figure::new(
             format!("idle {seconds} s: Redis commands"),

@@ -414,7 +414,13 @@ fn the_sweep_redispatches_work_a_flushed_redis_lost() {
 
 #[test]
 fn an_idle_stack_runs_no_sql_and_sends_nothing_to_redis() {
-    let stack = Stack::start("idle", &[]);
+    let (_stack, mut client, mut redis) = stack_left_idle("idle");
+    assert_quiet(&mut client, &mut redis, "%synapse%", Duration::from_secs(3));
+}
+
+/// A stack that dispatched one goal, saw it cancelled, and forwarded every event.
+fn stack_left_idle(name: &str) -> (Stack, postgres::Client, redis::Connection) {
+    let stack = Stack::start(name, &[]);
     let mut client = stack.pg();
     let mut redis = stack.redis();
     let goal = submit_plan(&mut client, ONE_STEP);
@@ -425,8 +431,7 @@ fn an_idle_stack_runs_no_sql_and_sends_nothing_to_redis() {
     wait_until("the outbox to drain", WAIT, || {
         (stack.forwarder_status(&mut client)["pending"] == 0).then_some(())
     });
-
-    assert_quiet(&mut client, &mut redis, "%synapse%", Duration::from_secs(3));
+    (stack, client, redis)
 }
 
 #[test]
@@ -434,17 +439,7 @@ fn a_latch_postgres_sets_for_its_own_reasons_costs_the_forwarder_no_turn() {
     // Postgres sets an idle process's latch at any SIGUSR1 (to catch up with
     // cache invalidations after a burst of DDL or ANALYZE elsewhere, say):
     // only a commit with events, a deadline or a reload owe a turn.
-    let stack = Stack::start("spurious-latch", &[]);
-    let mut client = stack.pg();
-    let mut redis = stack.redis();
-    let goal = submit_plan(&mut client, ONE_STEP);
-    brpop(&mut redis, "synapse:queue:default", WAIT).expect("dispatch");
-    client
-        .execute("SELECT synapse.cancel_goal($1)", &[&goal])
-        .unwrap();
-    wait_until("the outbox to drain", WAIT, || {
-        (stack.forwarder_status(&mut client)["pending"] == 0).then_some(())
-    });
+    let (_stack, mut client, mut redis) = stack_left_idle("spurious-latch");
     let pid = forwarder_pid(&mut client).to_string();
     let signalling = AtomicBool::new(true);
     /// Stops the signals however the scope ends, a failed assertion included.

@@ -1165,4 +1165,21 @@ mod tests {
         assert_eq!(updated, 500);
         assert_eq!(in_place, updated, "edges resolved off their pages");
     }
+
+    #[pg_test]
+    fn a_commit_whose_events_only_observers_read_wakes_the_forwarder_soon_not_at_once() {
+        use crate::events::wake::wake_at_commit_is;
+        assert_eq!(wake_at_commit_is(), (false, false));
+        // goal.running dispatches nothing.
+        Spi::run(
+            r#"INSERT INTO synapse.goals (goal, blueprint, status)
+               VALUES ('observed', '{"steps": []}', 'running')"#,
+        )
+        .unwrap();
+        assert_eq!(count("synapse.outbox WHERE event = 'goal.running'"), 1);
+        assert_eq!(wake_at_commit_is(), (true, false));
+        // goal.submitted goes to the planners: the commit wakes it at once.
+        one::<i64>("SELECT synapse.submit_goal('dispatched')");
+        assert_eq!(wake_at_commit_is(), (true, true));
+    }
 }

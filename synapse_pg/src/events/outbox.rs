@@ -3,7 +3,7 @@
 use pgrx::composite_type;
 use pgrx::prelude::*;
 
-use super::wake::timers_due;
+use super::wake::{timers_due, writing_observed_only};
 use crate::gucs::{self, Observe};
 use crate::prepared::{oid, prepared};
 
@@ -138,6 +138,7 @@ pub fn emit(mut events: Vec<Event>, owner: Option<pg_sys::Oid>) -> usize {
     // but the ones Postgres reports itself.
     unsafe { pg_sys::GetTopTransactionId() };
     let count = events.len();
+    let dispatches = events.iter().any(|event| event.dispatch.is_some());
     let mut columns = (
         Vec::with_capacity(count),
         Vec::with_capacity(count),
@@ -186,9 +187,14 @@ pub fn emit(mut events: Vec<Event>, owner: Option<pg_sys::Oid>) -> usize {
                 .map(drop)
         })
     };
-    let written = match owner {
+    let write_as_owner = || match owner {
         Some(owner) => as_role(owner, write),
         None => write(),
+    };
+    let written = if dispatches {
+        write_as_owner()
+    } else {
+        writing_observed_only(write_as_owner)
     };
     if let Err(error) = written {
         error!("synapse: could not record events: {error}");

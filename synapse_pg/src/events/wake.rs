@@ -12,6 +12,12 @@ use crate::forwarder;
 thread_local! {
     /// Whether this transaction already has its commit wake-up registered.
     static WAKE_REGISTERED: Cell<bool> = const { Cell::new(false) };
+    /// Whether an event this transaction wrote dispatches work (or came from
+    /// a writer that does not say): the forwarder is then woken at once.
+    static DISPATCHES: Cell<bool> = const { Cell::new(false) };
+    /// Set while `emit` writes events that dispatch nothing: the outbox's
+    /// trigger then leaves `DISPATCHES` as it is.
+    static OBSERVED_ONLY: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Statement trigger on `synapse.outbox`: wake the forwarder at commit.
@@ -19,15 +25,56 @@ thread_local! {
 pub fn wake_forwarder_at_commit<'a>(
     _trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
-    wake_at_commit();
+    if OBSERVED_ONLY.get() {
+        wake_soon_after_commit();
+    } else {
+        wake_at_commit();
+    }
     Ok(None)
 }
 
-/// Registers the commit wake-up for the current transaction, once.
+/// Runs `write`, which writes outbox rows none of which dispatches work:
+/// their commit asks the forwarder for a turn soon rather than at once, so
+/// that the commits of a busy stretch share one.
+pub fn writing_observed_only<T>(write: impl FnOnce() -> T) -> T {
+    /// Clears the flag however `write` ends (an error unwinds through it).
+    struct Writing;
+    impl Drop for Writing {
+        fn drop(&mut self) {
+            OBSERVED_ONLY.set(false);
+        }
+    }
+    OBSERVED_ONLY.set(true);
+    let _writing = Writing;
+    write()
+}
+
+/// Whether this transaction has a commit wake-up, and whether it is at once.
+#[cfg(any(test, feature = "pg_test"))]
+pub fn wake_at_commit_is() -> (bool, bool) {
+    (WAKE_REGISTERED.get(), DISPATCHES.get())
+}
+
+/// Registers the commit wake-up for the current transaction, at once.
+pub fn wake_at_commit() {
+    if !forwarder::is_preloaded() {
+        return;
+    }
+    DISPATCHES.set(true);
+    register_wake();
+}
+
+/// Registers a commit wake-up that may wait [`forwarder::OBSERVED_WITHIN`],
+/// unless something else in the transaction asks for one at once.
+fn wake_soon_after_commit() {
+    register_wake();
+}
+
+/// Registers the commit wake-up, once a transaction.
 ///
 /// Commit and abort callbacks must never panic (that takes the server down):
 /// they only touch an atomic and set a latch.
-pub fn wake_at_commit() {
+fn register_wake() {
     // The forwarder wakes itself this way too: its timers write events it
     // forwards on the next turn of its loop.
     if !forwarder::is_preloaded() {
@@ -38,10 +85,15 @@ pub fn wake_at_commit() {
     }
     register_xact_callback(PgXactCallbackEvent::Commit, || {
         WAKE_REGISTERED.with(|registered| registered.set(false));
-        forwarder::wake();
+        if DISPATCHES.replace(false) {
+            forwarder::wake();
+        } else {
+            forwarder::wake_soon();
+        }
     });
     register_xact_callback(PgXactCallbackEvent::Abort, || {
         WAKE_REGISTERED.with(|registered| registered.set(false));
+        DISPATCHES.set(false);
     });
 }
 

@@ -74,6 +74,15 @@ static LATCH_OWNER: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"synapse_forwa
 /// and those wake-ups must not cost a turn.
 static WAKE_REQUESTED: PgAtomic<AtomicBool> =
     unsafe { PgAtomic::new(c"synapse_forwarder_wake_requested") };
+/// Set by [`wake_soon`] (a commit whose events dispatch nothing): the
+/// forwarder takes such commits together, [`OBSERVED_WITHIN`] after the first.
+static SOON_REQUESTED: PgAtomic<AtomicBool> =
+    unsafe { PgAtomic::new(c"synapse_forwarder_soon_requested") };
+
+/// How long events that dispatch no work (those only observers read) may wait
+/// for the forwarder, so that the commits of a busy stretch (a chain's steps,
+/// a fan-in's parents) share a turn instead of costing one each.
+pub const OBSERVED_WITHIN: Duration = Duration::from_millis(5);
 
 /// The earliest deadline (a `TimestampTz`) announced by a writer whose event
 /// `synapse.observe` left out, not yet taken by the forwarder; `NO_DEADLINE`
@@ -95,6 +104,7 @@ pub fn register() {
     pg_shmem_init!(STATE = ForwarderState::new());
     pg_shmem_init!(LATCH_OWNER = AtomicI32::new(-1));
     pg_shmem_init!(WAKE_REQUESTED = AtomicBool::new(false));
+    pg_shmem_init!(SOON_REQUESTED = AtomicBool::new(false));
     pg_shmem_init!(ANNOUNCED_DEADLINE = AtomicI64::new(NO_DEADLINE));
     pg_shmem_init!(TIMERS_NEXT = AtomicI64::new(NO_DEADLINE));
     PRELOADED.store(true, Ordering::Relaxed);
@@ -121,6 +131,23 @@ pub fn wake() {
     }
     // Before the latch: the forwarder takes the request after its wait ends.
     WAKE_REQUESTED.get().store(true, Ordering::SeqCst);
+    set_latch();
+}
+
+/// Asks the forwarder for a turn within [`OBSERVED_WITHIN`], for a commit
+/// whose events dispatch nothing. Only the first such commit since the
+/// forwarder's last turn sets its latch. Safe in a commit callback, as
+/// [`wake`].
+pub fn wake_soon() {
+    if !is_preloaded() {
+        return;
+    }
+    if !SOON_REQUESTED.get().swap(true, Ordering::SeqCst) {
+        set_latch();
+    }
+}
+
+fn set_latch() {
     let procno = LATCH_OWNER.get().load(Ordering::Acquire);
     if procno < 0 {
         return;
@@ -157,6 +184,17 @@ pub fn announce_deadline(at: i64) {
 /// Whether [`wake`] was called since the last call of this.
 pub(crate) fn take_wake_request() -> bool {
     WAKE_REQUESTED.get().swap(false, Ordering::SeqCst)
+}
+
+/// Whether [`wake_soon`] was called since the last [`take_soon_request`].
+pub(crate) fn soon_requested() -> bool {
+    SOON_REQUESTED.get().load(Ordering::SeqCst)
+}
+
+/// Takes a [`wake_soon`] request: called before a turn reads the outbox, so
+/// that a commit after it asks again.
+pub(crate) fn take_soon_request() {
+    SOON_REQUESTED.get().store(false, Ordering::SeqCst);
 }
 
 /// Takes the earliest announced deadline, if any.

@@ -9,7 +9,8 @@ use super::notify;
 use super::redis_sink::{Delivery, Event, RedisSink, Target};
 use super::transaction;
 use super::{
-    set_timers_next, take_announced_deadline, take_wake_request, update_state, LATCH_OWNER,
+    set_timers_next, soon_requested, take_announced_deadline, take_soon_request, take_wake_request,
+    update_state, LATCH_OWNER, OBSERVED_WITHIN,
 };
 use crate::gucs;
 use crate::prepared::{oid, prepared};
@@ -49,9 +50,12 @@ pub extern "C-unwind" fn synapse_forwarder_main(_arg: pg_sys::Datum) {
     let mut forwarder = Forwarder::new();
     // Run once at start: events committed while no forwarder ran wait in the outbox.
     let mut next_turn = Some(Instant::now());
+    // The turn owed to commits whose events dispatch nothing (`wake_soon`).
+    let mut observed_turn = None;
     while !shutdown_requested()
         && BackgroundWorker::wait_latch(latch_timeout(
-            next_turn.map(|at| at.saturating_duration_since(Instant::now())),
+            earliest(next_turn, observed_turn)
+                .map(|at| at.saturating_duration_since(Instant::now())),
         ))
     {
         if shutdown_requested() {
@@ -67,11 +71,16 @@ pub extern "C-unwind" fn synapse_forwarder_main(_arg: pg_sys::Datum) {
         }
         // Taken after the latch was reset: a wake-up after this sets it again.
         let woken = take_wake_request();
-        let due = next_turn.is_some_and(|at| at <= Instant::now());
-        if !(woken || reloaded || due) {
-            // Postgres set the latch for a reason of its own: nothing is owed.
+        let now = Instant::now();
+        observed_turn = observed_turn_at(observed_turn, soon_requested(), now);
+        if !turn_is_due(woken || reloaded, earliest(next_turn, observed_turn), now) {
+            // Postgres set the latch for a reason of its own, or the commits
+            // waiting may wait a little longer: nothing is owed yet.
             continue;
         }
+        // Before the turn reads the outbox: a commit after this asks again.
+        take_soon_request();
+        observed_turn = None;
         next_turn = forwarder.run().map(|sleep| Instant::now() + sleep);
     }
     LATCH_OWNER.get().store(-1, Ordering::Release);
@@ -165,6 +174,19 @@ enum Drain {
 }
 
 /// The earlier of two optional deadlines (or durations).
+/// When the commits whose events only observers read get their turn: a
+/// first one waiting sets it [`OBSERVED_WITHIN`] from `now`; the ones after
+/// it keep that turn.
+fn observed_turn_at(scheduled: Option<Instant>, waiting: bool, now: Instant) -> Option<Instant> {
+    scheduled.or(waiting.then(|| now + OBSERVED_WITHIN))
+}
+
+/// Whether a turn runs now: asked for at once (a commit whose events dispatch
+/// work, a reload), or its time came.
+fn turn_is_due(asked_now: bool, scheduled: Option<Instant>, now: Instant) -> bool {
+    asked_now || scheduled.is_some_and(|at| at <= now)
+}
+
 fn earliest<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -818,5 +840,20 @@ mod tests {
         assert_eq!(wait(1), Some(Duration::from_millis(1)));
         assert_eq!(wait(0), Some(Duration::ZERO));
         assert_eq!(latch_timeout(None), None);
+    }
+
+    #[test]
+    fn commits_only_observers_read_share_a_turn_soon_after_the_first() {
+        let now = Instant::now();
+        let soon = now + OBSERVED_WITHIN;
+        // The first such commit sets the turn; the next ones keep it.
+        assert_eq!(observed_turn_at(None, true, now), Some(soon));
+        assert_eq!(observed_turn_at(Some(soon), true, soon), Some(soon));
+        assert_eq!(observed_turn_at(None, false, now), None);
+        // Not before its time, unless a turn is asked for at once meanwhile.
+        assert!(!turn_is_due(false, Some(soon), now));
+        assert!(turn_is_due(false, Some(soon), soon));
+        assert!(turn_is_due(true, Some(soon), now));
+        assert!(!turn_is_due(false, None, now));
     }
 }

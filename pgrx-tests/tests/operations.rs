@@ -335,6 +335,15 @@ fn dump_and_restore_keep_everything() {
     );
     let outbox_rows = scalar(&mut client, "SELECT count(*) FROM synapse.outbox");
     assert!(outbox_rows >= 6, "undelivered events: {outbox_rows}");
+    // While Redis is down the forwarder still NOTIFYs what waits (the cancel's
+    // events within a few milliseconds): once done, nothing changes the rows.
+    wait_until("the waiting events to be NOTIFYed", WAIT, || {
+        (scalar(
+            &mut client,
+            "SELECT count(*) FROM synapse.outbox WHERE notify",
+        ) == 0)
+            .then_some(())
+    });
 
     let source = snapshot(&mut client);
 

@@ -2,7 +2,8 @@
 //!
 //! A background worker cannot LISTEN, so instead a statement trigger on the
 //! outbox arranges, once per transaction, for the forwarder's latch to be set
-//! right after commit. A rolled-back transaction wakes nobody.
+//! right after commit: at once when an event dispatches work, else for a turn
+//! within [`forwarder::OBSERVED_WITHIN`]. A rolled-back transaction wakes nobody.
 use pgrx::prelude::*;
 use pgrx::{register_xact_callback, PgXactCallbackEvent};
 use std::cell::Cell;

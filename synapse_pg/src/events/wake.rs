@@ -26,11 +26,7 @@ thread_local! {
 pub fn wake_forwarder_at_commit<'a>(
     _trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
-    if OBSERVED_ONLY.get() {
-        wake_soon_after_commit();
-    } else {
-        wake_at_commit();
-    }
+    register_wake(!OBSERVED_ONLY.get());
     Ok(None)
 }
 
@@ -58,28 +54,23 @@ pub fn wake_at_commit_is() -> (bool, bool) {
 
 /// Registers the commit wake-up for the current transaction, at once.
 pub fn wake_at_commit() {
-    if !forwarder::is_preloaded() {
-        return;
-    }
-    DISPATCHES.set(true);
-    register_wake();
+    register_wake(true);
 }
 
-/// Registers a commit wake-up that may wait [`forwarder::OBSERVED_WITHIN`],
-/// unless something else in the transaction asks for one at once.
-fn wake_soon_after_commit() {
-    register_wake();
-}
-
-/// Registers the commit wake-up, once a transaction.
+/// Registers the commit wake-up, once a transaction: at once if `dispatches`
+/// or an earlier call of the transaction said so, else within
+/// [`forwarder::OBSERVED_WITHIN`].
 ///
 /// Commit and abort callbacks must never panic (that takes the server down):
 /// they only touch an atomic and set a latch.
-fn register_wake() {
+fn register_wake(dispatches: bool) {
     // The forwarder wakes itself this way too: its timers write events it
     // forwards on the next turn of its loop.
     if !forwarder::is_preloaded() {
         return;
+    }
+    if dispatches {
+        DISPATCHES.set(true);
     }
     if WAKE_REGISTERED.with(|registered| registered.replace(true)) {
         return;

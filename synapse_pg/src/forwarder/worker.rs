@@ -173,7 +173,6 @@ enum Drain {
     More,
 }
 
-/// The earlier of two optional deadlines (or durations).
 /// When the commits whose events only observers read get their turn: a
 /// first one waiting sets it [`OBSERVED_WITHIN`] from `now`; the ones after
 /// it keep that turn.
@@ -187,6 +186,7 @@ fn turn_is_due(asked_now: bool, scheduled: Option<Instant>, now: Instant) -> boo
     asked_now || scheduled.is_some_and(|at| at <= now)
 }
 
+/// The earlier of two optional deadlines (or durations).
 fn earliest<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),

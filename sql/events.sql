@@ -1,4 +1,4 @@
--- Events: every goal and task state change writes one outbox row in the same
+-- Events: every goal and task state change is recorded in the outbox in the same
 -- transaction (the forwarder also NOTIFYs it, with synapse.notify on). Row triggers enforce
 -- the state machines and keep the timestamps consistent; statement triggers
 -- record the events of a whole statement with one INSERT. The trigger
@@ -34,6 +34,13 @@ CREATE INDEX outbox_retry ON synapse.outbox (retry_at) WHERE retry_at IS NOT NUL
 -- until its commit is flushed, which made every writer wait its turn.
 ALTER TABLE synapse.outbox ADD COLUMN notify boolean NOT NULL DEFAULT false;
 COMMENT ON COLUMN synapse.outbox.notify IS 'The writing session had synapse.notify on: the forwarder still owes a pg_notify(''synapse_events'', payload).';
+
+-- Writing a row is most of what an event costs: the events of one statement
+-- that only observers read (not goal.submitted, not task.queued, ...) share a
+-- row per event name, their payloads one a line. An event that dispatches
+-- work always has a row of its own.
+ALTER TABLE synapse.outbox ADD COLUMN events integer NOT NULL DEFAULT 1;
+COMMENT ON COLUMN synapse.outbox.events IS 'How many events the row carries: one, or several of one name that only observers read, written by one statement (payload has one a line).';
 
 -- Why a failed task failed: its action failed ('action'), or one of its
 -- expressions (or the condition of an edge into it) could not be evaluated

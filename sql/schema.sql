@@ -3,7 +3,7 @@
 --
 -- Every state change of a goal or task goes through the BEFORE triggers below:
 -- they reject transitions that are not in the state machine, keep the
--- timestamps honest, and write one outbox row per change (plus an optional
+-- timestamps honest, and record every change in the outbox (plus an optional
 -- NOTIFY). Users read these tables; they change them only through the API.
 
 -- The role a call of the API acts for: the role set with SET ROLE, else
@@ -301,7 +301,7 @@ INSERT INTO synapse.actions (name, description, builtin) VALUES
 CREATE TABLE synapse.outbox (
     id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     event      text        NOT NULL,
-    goal_id    bigint      NOT NULL,
+    goal_id    bigint,
     task_id    bigint,
     dispatch   text,
     payload    text        NOT NULL,
@@ -314,10 +314,10 @@ ALTER TABLE synapse.outbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_v
 COMMENT ON TABLE synapse.outbox IS 'Events committed but not yet acknowledged by Redis. The forwarder deletes rows only after Redis acknowledged them.';
 COMMENT ON COLUMN synapse.outbox.id IS 'Forwarding order.';
 COMMENT ON COLUMN synapse.outbox.event IS 'Event name, e.g. task.queued.';
-COMMENT ON COLUMN synapse.outbox.goal_id IS 'Goal the event concerns.';
+COMMENT ON COLUMN synapse.outbox.goal_id IS 'Goal the event concerns (NULL: the row''s events concern several).';
 COMMENT ON COLUMN synapse.outbox.task_id IS 'Task the event concerns, for task.* events.';
 COMMENT ON COLUMN synapse.outbox.dispatch IS 'Redis list (without prefix) the payload is also pushed to: planner or queue:<name>; NULL for observe-only events.';
-COMMENT ON COLUMN synapse.outbox.payload IS 'Compact JSON payload, schema version first.';
+COMMENT ON COLUMN synapse.outbox.payload IS 'Compact JSON payload, schema version first; for a row of several events, theirs one a line.';
 COMMENT ON COLUMN synapse.outbox.created_at IS 'When the event was recorded.';
 
 -- Events Redis kept refusing (say, a key of the wrong type): set aside so that
@@ -326,7 +326,7 @@ COMMENT ON COLUMN synapse.outbox.created_at IS 'When the event was recorded.';
 CREATE TABLE synapse.outbox_parked (
     id        bigint      PRIMARY KEY,
     event     text        NOT NULL,
-    goal_id   bigint      NOT NULL,
+    goal_id   bigint,
     task_id   bigint,
     dispatch  text,
     payload   text        NOT NULL,
@@ -334,12 +334,14 @@ CREATE TABLE synapse.outbox_parked (
     created_at timestamptz NOT NULL,
     failures  integer     NOT NULL,
     error     text        NOT NULL,
-    parked_at timestamptz NOT NULL DEFAULT now()
+    parked_at timestamptz NOT NULL DEFAULT now(),
+    events    integer     NOT NULL DEFAULT 1
 );
 COMMENT ON TABLE synapse.outbox_parked IS 'Events Redis refused too often, set aside with the error so that the others flow; synapse.replay_parked_events() sends them again.';
 COMMENT ON COLUMN synapse.outbox_parked.dispatch IS 'The Redis list still owed the payload (NULL if only the event stream was refused).';
 COMMENT ON COLUMN synapse.outbox_parked.failures IS 'Times Redis refused it.';
 COMMENT ON COLUMN synapse.outbox_parked.error IS 'The last refusal.';
+COMMENT ON COLUMN synapse.outbox_parked.events IS 'How many events the row carries (see synapse.outbox.events).';
 
 -- pg_dump keeps the data of extension tables only when they are registered:
 -- every goal, task, edge, template, registered action and undelivered event

@@ -154,10 +154,12 @@ DECLARE
 BEGIN
     -- The transaction id first, then outbox ids (see synapse._emit).
     PERFORM pg_current_xact_id();
-    WITH parked AS (DELETE FROM synapse.outbox_parked RETURNING *)
-    INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload, streamed, created_at)
-    SELECT event, goal_id, task_id, dispatch, payload, streamed, created_at FROM parked ORDER BY id;
-    GET DIAGNOSTICS n = ROW_COUNT;
+    WITH parked AS (DELETE FROM synapse.outbox_parked RETURNING *),
+         replayed AS (
+             INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload, streamed, created_at, events)
+             SELECT event, goal_id, task_id, dispatch, payload, streamed, created_at, events FROM parked ORDER BY id
+             RETURNING events)
+    SELECT coalesce(sum(events), 0) INTO n FROM replayed;
     RETURN n;
 END $$;
 COMMENT ON FUNCTION synapse.replay_parked_events() IS 'Sends the events Redis refused too often (synapse.outbox_parked) again; returns how many.';

@@ -10,6 +10,7 @@ mod error;
 mod events;
 mod forwarder;
 mod gucs;
+mod installed;
 mod prepared;
 
 ::pgrx::pg_module_magic!();

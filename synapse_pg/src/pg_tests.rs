@@ -72,10 +72,17 @@ mod tests {
         ))
     }
 
+    /// Every event in the outbox, in order: a row may carry several.
     fn payloads() -> Vec<String> {
         Spi::connect(|client| {
             client
-                .select("SELECT payload FROM synapse.outbox ORDER BY id", None, &[])
+                .select(
+                    "SELECT p FROM synapse.outbox,
+                            unnest(string_to_array(payload, E'\\n')) WITH ORDINALITY AS e(p, n)
+                      ORDER BY id, n",
+                    None,
+                    &[],
+                )
                 .unwrap()
                 .map(|row| row.get::<String>(1).unwrap().unwrap())
                 .collect()
@@ -359,14 +366,14 @@ mod tests {
             );
         }
         // Every goal's events, as submit_plan writes them one by one.
-        assert_eq!(
-            count("synapse.outbox WHERE payload::jsonb ->> 'event' = 'goal.running'"),
-            3
-        );
-        assert_eq!(
-            count("synapse.outbox WHERE payload::jsonb ->> 'event' = 'task.queued'"),
-            6
-        );
+        let events = |name: &str| {
+            payloads()
+                .iter()
+                .filter(|payload| payload.contains(&format!(r#""event":"{name}""#)))
+                .count()
+        };
+        assert_eq!(events("goal.running"), 3);
+        assert_eq!(events("task.queued"), 6);
         assert_eq!(
             one::<Vec<i64>>(
                 r#"SELECT synapse.submit_plans('{"steps":[{"id":"a","action":"noop"}]}', '{}'::jsonb[])"#
@@ -617,6 +624,17 @@ mod tests {
             5
         );
         assert!(events.last().unwrap().contains("\"goal.cancelled\""));
+        // Events only observers read share a row per name, one payload a line.
+        assert_eq!(
+            json_of(
+                "SELECT jsonb_agg(jsonb_build_array(event, events, goal_id, task_id) ORDER BY id)
+                   FROM synapse.outbox"
+            ),
+            json!([
+                ["task.cancelled", 5, id, null],
+                ["goal.cancelled", 1, id, null]
+            ])
+        );
         assert!(!one::<bool>(&format!("SELECT synapse.cancel_goal({id})")));
         expect_error(
             "SELECT synapse.cancel_goal(-1)",

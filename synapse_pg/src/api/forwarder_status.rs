@@ -12,14 +12,22 @@ use crate::forwarder;
 #[pg_extern(volatile)]
 fn forwarder_status() -> Result<JsonB, pgrx::spi::Error> {
     // Read-only SPI: works on a hot standby and assigns no transaction id.
+    // Events, not rows: a row may carry several (0.17.0).
+    let count = if crate::installed::has_column(c"outbox", c"events") {
+        "coalesce(sum(events), 0)::bigint"
+    } else {
+        "count(*)"
+    };
     let (pending, parked, here, running) = Spi::connect(|client| {
         let row = client
             .select(
-                "SELECT (SELECT count(*) FROM synapse.outbox),
-                        (SELECT count(*) FROM synapse.outbox_parked),
-                        current_database()::text,
-                        EXISTS (SELECT FROM pg_stat_activity
-                                 WHERE backend_type = $1 AND datname = current_database())",
+                &format!(
+                    "SELECT (SELECT {count} FROM synapse.outbox),
+                            (SELECT {count} FROM synapse.outbox_parked),
+                            current_database()::text,
+                            EXISTS (SELECT FROM pg_stat_activity
+                                     WHERE backend_type = $1 AND datname = current_database())"
+                ),
                 Some(1),
                 &[forwarder::BACKEND_TYPE.into()],
             )?

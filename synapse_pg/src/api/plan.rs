@@ -16,6 +16,7 @@ mod json_arg;
 mod map;
 mod validated;
 mod wait;
+use crate::installed::has_column;
 use crate::prepared::{oid, prepared};
 pub(super) use json_arg::JsonbArg;
 
@@ -925,20 +926,6 @@ enum TaskColumns {
     PlansThatGrow,
     /// 0.10.0: `inbound` and `taken_inbound`.
     JoinCounts,
-}
-
-/// Whether `synapse.<table>` has `column`; syscache lookups only.
-pub(super) fn has_column(table: &std::ffi::CStr, column: &std::ffi::CStr) -> bool {
-    // SAFETY: catalogue lookups by name, inside a transaction; each answers
-    // InvalidOid (or 0) when the object does not exist.
-    unsafe {
-        let schema = pg_sys::get_namespace_oid(c"synapse".as_ptr(), true);
-        if schema == pg_sys::InvalidOid {
-            return false;
-        }
-        let relation = pg_sys::get_relname_relid(table.as_ptr(), schema);
-        relation != pg_sys::InvalidOid && pg_sys::get_attnum(relation, column.as_ptr()) > 0
-    }
 }
 
 /// Whether goals have owners (0.5.0): until `ALTER EXTENSION synapse

@@ -1,4 +1,4 @@
-//! Events: every goal and task state change writes one outbox row in the
+//! Events: every goal and task state change is recorded in the outbox in the
 //! same transaction, and the forwarder is woken when it commits.
 //!
 //! Row triggers ([`state`]) enforce the state machines and keep the
@@ -15,4 +15,5 @@ pub mod state;
 pub mod wake;
 pub mod written;
 
+pub use outbox::payloads_of_row;
 pub use wake::wake_at_commit;

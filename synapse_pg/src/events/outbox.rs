@@ -1,10 +1,13 @@
-//! Recording events: one outbox row per event, in the transaction that made
-//! the change, written with one statement for all the events of a statement.
+//! Recording events in the outbox, in the transaction that made the change,
+//! with one INSERT for all the events of a statement: a row of its own for
+//! each event that dispatches work, one row for the events of one name that
+//! only observers read (their payloads one a line).
 use pgrx::composite_type;
 use pgrx::prelude::*;
 
 use super::wake::{timers_due, writing_observed_only};
 use crate::gucs::{self, Observe};
+use crate::installed::has_column;
 use crate::prepared::{oid, prepared};
 
 extension_sql!(
@@ -95,14 +98,97 @@ fn observed(observe: Observe, event: &Event) -> bool {
     }
 }
 
+/// What separates the payloads of the events an outbox row carries: a
+/// payload is compact JSON, on one line.
+const PAYLOAD_SEPARATOR: char = '\n';
+
+/// The payloads of the events an outbox row carries, in order.
+pub fn payloads_of_row(payload: &str) -> impl Iterator<Item = &str> {
+    payload.split(PAYLOAD_SEPARATOR)
+}
+
+/// One outbox row: one event, or several of one name that only observers
+/// read.
+#[derive(Debug, PartialEq)]
+struct Row {
+    event: String,
+    /// None when the events concern several goals.
+    goal_id: Option<i64>,
+    /// None unless the row is one task event.
+    task_id: Option<i64>,
+    dispatch: Option<String>,
+    payload: String,
+    due_at: Option<i64>,
+    events: i32,
+}
+
+impl From<Event> for Row {
+    fn from(event: Event) -> Self {
+        Row {
+            event: event.name,
+            goal_id: Some(event.goal_id),
+            task_id: event.task_id,
+            dispatch: event.dispatch,
+            payload: event.payload,
+            due_at: event.due_at,
+            events: 1,
+        }
+    }
+}
+
+/// The rows for `events`: each event that dispatches work alone (the
+/// forwarder pushes it to a list, the sweep looks for it), the others one row
+/// per name, where the first of them was. Writing a row (its index entry, its
+/// WAL, the forwarder's read and delete) costs more than building an event:
+/// the claim of 60 tasks writes one row, not 60.
+fn rows(events: Vec<Event>) -> Vec<Row> {
+    let mut rows: Vec<Row> = Vec::with_capacity(events.len());
+    // The row of each name's observed events: there are a few names at most.
+    let mut shared: Vec<(String, usize)> = Vec::new();
+    for event in events {
+        if event.dispatch.is_some() {
+            rows.push(event.into());
+            continue;
+        }
+        let Some(&(_, at)) = shared.iter().find(|(name, _)| *name == event.name) else {
+            shared.push((event.name.clone(), rows.len()));
+            rows.push(event.into());
+            continue;
+        };
+        let row = &mut rows[at];
+        if row.goal_id != Some(event.goal_id) {
+            row.goal_id = None;
+        }
+        row.task_id = None;
+        row.payload.push(PAYLOAD_SEPARATOR);
+        row.payload.push_str(&event.payload);
+        row.due_at = match (row.due_at, event.due_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        row.events += 1;
+    }
+    rows
+}
+
 const INSERT: &str =
+    "INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload, due_at, events, notify)
+     SELECT e.event, e.goal_id, e.task_id, e.dispatch, e.payload, e.due_at, e.events, $8
+       FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3),
+                       pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6),
+                       pg_catalog.unnest($7))
+            AS e(event, goal_id, task_id, dispatch, payload, due_at, events)";
+
+/// Until `ALTER EXTENSION synapse UPDATE` to 0.17.0 the outbox has no
+/// `events` column: one event a row (`$7` is left unread).
+const INSERT_EVENT_A_ROW: &str =
     "INSERT INTO synapse.outbox (event, goal_id, task_id, dispatch, payload, due_at, notify)
-     SELECT e.event, e.goal_id, e.task_id, e.dispatch, e.payload, e.due_at, $7
+     SELECT e.event, e.goal_id, e.task_id, e.dispatch, e.payload, e.due_at, $8
        FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3),
                        pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6))
             AS e(event, goal_id, task_id, dispatch, payload, due_at)";
 
-/// Records `events` in order; returns how many rows it wrote. Writes nothing
+/// Records `events` in order; returns how many it recorded. Writes nothing
 /// at all for no events: even an INSERT of no rows would wake the forwarder.
 ///
 /// The deadlines the events `synapse.observe` leaves out carried (a lease
@@ -139,27 +225,39 @@ pub fn emit(mut events: Vec<Event>, owner: Option<pg_sys::Oid>) -> usize {
     unsafe { pg_sys::GetTopTransactionId() };
     let count = events.len();
     let dispatches = events.iter().any(|event| event.dispatch.is_some());
+    let shared_rows = has_column(c"outbox", c"events");
+    let rows = if shared_rows {
+        rows(events)
+    } else {
+        events.into_iter().map(Row::from).collect()
+    };
     let mut columns = (
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
+        Vec::with_capacity(rows.len()),
+        Vec::with_capacity(rows.len()),
+        Vec::with_capacity(rows.len()),
+        Vec::with_capacity(rows.len()),
+        Vec::with_capacity(rows.len()),
+        Vec::with_capacity(rows.len()),
+        Vec::with_capacity(rows.len()),
     );
-    for event in events {
-        columns.0.push(event.name);
-        columns.1.push(event.goal_id);
-        columns.2.push(event.task_id);
-        columns.3.push(event.dispatch);
-        columns.4.push(event.payload);
-        columns.5.push(event.due_at.and_then(timestamptz));
+    for row in rows {
+        columns.0.push(row.event);
+        columns.1.push(row.goal_id);
+        columns.2.push(row.task_id);
+        columns.3.push(row.dispatch);
+        columns.4.push(row.payload);
+        columns.5.push(row.due_at.and_then(timestamptz));
+        columns.6.push(row.events);
     }
     let write = || {
         Spi::connect_mut(|client| {
             let insert = prepared(
                 client,
-                INSERT,
+                if shared_rows {
+                    INSERT
+                } else {
+                    INSERT_EVENT_A_ROW
+                },
                 &[
                     oid(PgBuiltInOids::TEXTARRAYOID),
                     oid(PgBuiltInOids::INT8ARRAYOID),
@@ -167,6 +265,7 @@ pub fn emit(mut events: Vec<Event>, owner: Option<pg_sys::Oid>) -> usize {
                     oid(PgBuiltInOids::TEXTARRAYOID),
                     oid(PgBuiltInOids::TEXTARRAYOID),
                     oid(PgBuiltInOids::TIMESTAMPTZARRAYOID),
+                    oid(PgBuiltInOids::INT4ARRAYOID),
                     oid(PgBuiltInOids::BOOLOID),
                 ],
             )?;
@@ -181,6 +280,7 @@ pub fn emit(mut events: Vec<Event>, owner: Option<pg_sys::Oid>) -> usize {
                         columns.3.into(),
                         columns.4.into(),
                         columns.5.into(),
+                        columns.6.into(),
                         gucs::notify().into(),
                     ],
                 )
@@ -250,6 +350,70 @@ mod tests {
             payload: String::new(),
             due_at: None,
         }
+    }
+
+    fn task_event(name: &str, goal_id: i64, task_id: i64, due_at: Option<i64>) -> Event {
+        Event {
+            goal_id,
+            payload: format!(r#"{{"event":"{name}","task_id":{task_id}}}"#),
+            due_at,
+            ..event(name, Some(task_id), None)
+        }
+    }
+
+    #[test]
+    fn events_only_observers_read_share_a_row_per_name_where_the_first_was() {
+        let queued = Event {
+            payload: "q".to_owned(),
+            ..event("task.queued", Some(5), Some("queue:q"))
+        };
+        let rows = rows(vec![
+            task_event("task.succeeded", 1, 2, None),
+            queued.clone(),
+            task_event("task.failed", 1, 3, None),
+            task_event("task.succeeded", 1, 4, Some(20)),
+            task_event("task.succeeded", 7, 6, Some(10)),
+        ]);
+        assert_eq!(rows.len(), 3);
+        let succeeded = &rows[0];
+        assert_eq!(
+            (
+                succeeded.event.as_str(),
+                succeeded.events,
+                succeeded.goal_id,
+                succeeded.task_id
+            ),
+            ("task.succeeded", 3, None, None)
+        );
+        assert_eq!(succeeded.due_at, Some(10));
+        let payloads: Vec<&str> = payloads_of_row(&succeeded.payload).collect();
+        assert_eq!(
+            payloads,
+            [
+                r#"{"event":"task.succeeded","task_id":2}"#,
+                r#"{"event":"task.succeeded","task_id":4}"#,
+                r#"{"event":"task.succeeded","task_id":6}"#
+            ]
+        );
+        // What dispatches work keeps a row of its own, and its place.
+        assert_eq!(rows[1], Row::from(queued));
+        // One event alone is the row it always was; one goal's events keep it.
+        let failed = &rows[2];
+        assert_eq!(
+            (failed.events, failed.goal_id, failed.task_id),
+            (1, Some(1), Some(3))
+        );
+        let one_goal = rows_of_one_goal();
+        assert_eq!((one_goal.events, one_goal.goal_id), (2, Some(1)));
+    }
+
+    fn rows_of_one_goal() -> Row {
+        let mut rows = rows(vec![
+            task_event("task.cancelled", 1, 2, None),
+            task_event("task.cancelled", 1, 3, None),
+        ]);
+        assert_eq!(rows.len(), 1);
+        rows.remove(0)
     }
 
     #[test]

@@ -13,6 +13,7 @@
 use pgrx::prelude::*;
 use std::cell::Cell;
 
+use crate::events::payloads_of_row;
 use crate::prepared::{oid, prepared};
 
 /// Beyond this share of the NOTIFY queue in use (a listener idle in a
@@ -25,12 +26,14 @@ thread_local! {
     static TOO_FULL_LOGGED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Sends `payloads` on `synapse_events`, in order, at this transaction's
-/// commit; leaves them out (with a warning) while the queue is too full.
-pub fn send(payloads: Vec<String>) -> Result<(), pgrx::spi::Error> {
-    if payloads.is_empty() {
+/// Sends the payloads of outbox rows (`rows`, each one or more events) on
+/// `synapse_events`, in order, at this transaction's commit; leaves them out
+/// (with a warning) while the queue is too full.
+pub fn send(rows: Vec<String>) -> Result<(), pgrx::spi::Error> {
+    if rows.is_empty() {
         return Ok(());
     }
+    let payloads: Vec<&str> = rows.iter().flat_map(|row| payloads_of_row(row)).collect();
     Spi::connect(|client| {
         let usage = prepared(client, "SELECT pg_notification_queue_usage()", &[])?;
         let usage = client

@@ -2,6 +2,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::events::payloads_of_row;
+
 /// Bound on connecting and on each round trip, so a hung Redis shows up as an
 /// error in `forwarder_status()` instead of a stuck forwarder.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -12,10 +14,17 @@ const STREAM_MAXLEN: u64 = 100_000;
 pub struct Event {
     /// Redis list (without prefix) that also gets the payload, if any.
     pub dispatch: Option<String>,
-    /// The JSON payload.
+    /// The JSON payload: for a row of several events, theirs one a line.
     pub payload: String,
     /// Already in the event stream (an earlier round trip added it).
     pub streamed: bool,
+}
+
+impl Event {
+    /// How many events the row carries.
+    pub fn events(&self) -> u64 {
+        payloads_of_row(&self.payload).count() as u64
+    }
 }
 
 /// What Redis did with one event of a batch.
@@ -132,24 +141,28 @@ impl RedisSink {
                 .arg(payloads);
         }
         let stream = format!("{prefix}:events");
-        let unstreamed: Vec<usize> = (0..events.len()).filter(|&i| !events[i].streamed).collect();
-        for &index in &unstreamed {
-            pipe.cmd("XADD")
-                .arg(&stream)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(STREAM_MAXLEN)
-                .arg("*")
-                .arg("payload")
-                .arg(&events[index].payload);
+        // The event each XADD is for: a row of several events has one each.
+        let mut stream_commands: Vec<usize> = Vec::new();
+        for (index, event) in events.iter().enumerate().filter(|(_, e)| !e.streamed) {
+            for payload in payloads_of_row(&event.payload) {
+                pipe.cmd("XADD")
+                    .arg(&stream)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(STREAM_MAXLEN)
+                    .arg("*")
+                    .arg("payload")
+                    .arg(payload);
+                stream_commands.push(index);
+            }
         }
         let replies: Vec<redis::RedisResult<redis::Value>> =
             pipe.query(connection).map_err(|error| describe(&error))?;
-        if replies.len() != lists.len() + unstreamed.len() {
+        if replies.len() != lists.len() + stream_commands.len() {
             return Err(format!(
                 "redis answered {} of {} commands",
                 replies.len(),
-                lists.len() + unstreamed.len()
+                lists.len() + stream_commands.len()
             ));
         }
         // A refusal that concerns the server, not a key, refuses everything:
@@ -178,10 +191,14 @@ impl RedisSink {
                 }
             }
         }
-        for (&index, reply) in unstreamed.iter().zip(stream_replies) {
-            match reply {
-                Ok(_) => deliveries[index].streamed = true,
-                Err(error) => deliveries[index].error = Some(describe(error)),
+        // Streamed once every XADD of the row went in.
+        for &index in &stream_commands {
+            deliveries[index].streamed = true;
+        }
+        for (&index, reply) in stream_commands.iter().zip(stream_replies) {
+            if let Err(error) = reply {
+                deliveries[index].streamed = false;
+                deliveries[index].error = Some(describe(error));
             }
         }
         Ok(deliveries)

@@ -420,7 +420,13 @@ impl Forwarder {
             // retry (its NOTIFY mark cleared) by now.
             notify::send(std::mem::take(&mut batch.notify))?;
             batch.due.redrain = earliest(batch.due.redrain, recorded.retry);
-            let acknowledged = recorded.acknowledged;
+            let acknowledged: u64 = batch
+                .events
+                .iter()
+                .zip(&deliveries)
+                .filter(|(_, delivery)| delivery.complete())
+                .map(|(event, _)| event.events())
+                .sum();
             let now = unsafe { pg_sys::GetCurrentTimestamp() };
             update_state(|state| {
                 state.redis_connected = true;
@@ -727,8 +733,6 @@ impl From<&str> for Failure {
 
 /// What became of a batch Redis answered.
 struct Recorded {
-    /// Events acknowledged in full (deleted).
-    acknowledged: u64,
     /// When the first event kept for a retry may be sent again.
     retry: Option<Duration>,
     /// The lowest id kept for a retry.
@@ -798,9 +802,9 @@ fn record_deliveries(ids: &[i64], deliveries: &[Delivery]) -> Result<Recorded, F
         Spi::run_with_args(
             "WITH parked AS (
                  DELETE FROM synapse.outbox WHERE id = ANY($1) AND failures >= $2
-              RETURNING id, event, goal_id, task_id, dispatch, payload, streamed, created_at, failures, error)
+              RETURNING id, event, goal_id, task_id, dispatch, payload, streamed, created_at, failures, error, events)
              INSERT INTO synapse.outbox_parked
-                    (id, event, goal_id, task_id, dispatch, payload, streamed, created_at, failures, error)
+                    (id, event, goal_id, task_id, dispatch, payload, streamed, created_at, failures, error, events)
              SELECT * FROM parked",
             &[partial_ids.into(), MAX_EVENT_FAILURES.into()],
         )?;
@@ -808,7 +812,6 @@ fn record_deliveries(ids: &[i64], deliveries: &[Delivery]) -> Result<Recorded, F
         lowest_refused = partial.iter().map(|(id, _)| **id).min();
     }
     Ok(Recorded {
-        acknowledged: complete.len() as u64,
         retry,
         lowest_refused,
         xid,

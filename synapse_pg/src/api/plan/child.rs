@@ -145,7 +145,7 @@ fn insert(
 ) -> Result<i64> {
     // A child belongs to its parent's owner (0.5.0 on; before the update,
     // goals have none).
-    let insert = if super::has_column(c"goals", c"owner") {
+    let insert = if crate::installed::has_column(c"goals", c"owner") {
         "INSERT INTO synapse.goals (goal, input, planner, blueprint, status, parent_goal_id,
                                     parent_task_id, depth, owner)
          SELECT $1, $2, $3, $4, $5, $6, $7, $8, p.owner FROM synapse.goals p WHERE p.id = $6

@@ -218,3 +218,43 @@ fn a_worker_refuses_an_extension_older_than_its_statements_need() {
         "actions registered by a worker that refused to run"
     );
 }
+
+#[test]
+fn a_running_worker_carries_on_when_a_column_its_statements_return_changes() {
+    // An update may change the type or collation of a column a worker's
+    // prepared statements return: Postgres then refuses to run them again
+    // ("cached plan must not change result type") on every connection that
+    // prepared them. No sweep here to hide a message lost to that.
+    let stack = Stack::start("column-changed", &["synapse.sweep_interval = '1h'"]);
+    let mut client = stack.pg();
+    let worker = stack.start_worker("w", &["--concurrency", "1"]);
+    let chain = r#"{"steps":[{"id":"a","action":"noop"},{"id":"b","action":"noop"},{"id":"c","action":"noop"}],
+                    "edges":[{"from":"a","to":"b"},{"from":"b","to":"c"}]}"#;
+    // Every connection the worker claims and records on prepares its statements.
+    for _ in 0..4 {
+        let goal = submit_plan(&mut client, chain);
+        assert_eq!(wait_for_goal(&stack, goal, WAIT)["status"], "succeeded");
+    }
+    client
+        .batch_execute(
+            r#"ALTER TABLE synapse.tasks ALTER COLUMN step TYPE synapse.step_id COLLATE "C""#,
+        )
+        .unwrap();
+    for _ in 0..4 {
+        let goal = submit_plan(&mut client, chain);
+        let status = wait_for_goal(&stack, goal, Duration::from_secs(30));
+        assert_eq!(
+            status["status"],
+            "succeeded",
+            "{status}\n{}",
+            worker.log_text()
+        );
+    }
+    assert!(
+        worker
+            .log_text()
+            .contains("the schema changed under prepared statements: preparing them again"),
+        "the change did not reach a prepared statement: {}",
+        worker.log_text()
+    );
+}

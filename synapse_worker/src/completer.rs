@@ -293,7 +293,7 @@ async fn record_batch(
     outcomes: &[(&ClaimedTask, &AttemptOutcome)],
     continuation: Option<&Continuation>,
 ) -> Result<Vec<Handled>, StoreError> {
-    with_retries(|| async {
+    with_retries(pool, || async {
         let open = kept.take_or_begin(pool).await?;
         let client = open.client();
         let (handled, carried) = record_in(client, outcomes, continuation.is_some()).await?;

@@ -117,7 +117,7 @@ pub async fn claim(shared: &Shared, list: &str, payloads: &[String]) -> Vec<Clai
     // One statement, committed on its own: no BEGIN and COMMIT round trips
     // between the message and the handler (the pool's sessions are READ
     // COMMITTED whatever the database's default, see worker::pool).
-    let claimed = with_retries(|| async {
+    let claimed = with_retries(&shared.pool, || async {
         let client = shared.pool.get().await?;
         let claim = store::Claim {
             task_ids: &task_ids,
@@ -159,7 +159,7 @@ pub async fn claim(shared: &Shared, list: &str, payloads: &[String]) -> Vec<Clai
 /// locked first, as everywhere. If this fails the goal waits for the next
 /// such message (a duplicate, or none): logged loudly.
 async fn carry_on_after(shared: &Shared, task_ids: &[i64]) {
-    let carried = with_retries(|| async {
+    let carried = with_retries(&shared.pool, || async {
         let mut client = shared.pool.get().await?;
         let tx = store::begin(&mut client).await?;
         let goal_ids = store::goals_of_tasks(&tx, task_ids).await?;
@@ -188,7 +188,7 @@ async fn carry_on_after(shared: &Shared, task_ids: &[i64]) {
 async fn resume_goals(shared: &Shared, goal_ids: &mut Vec<i64>) {
     goal_ids.sort_unstable();
     goal_ids.dedup();
-    let resumed = with_retries(|| async {
+    let resumed = with_retries(&shared.pool, || async {
         let mut client = shared.pool.get().await?;
         let tx = store::begin(&mut client).await?;
         let queued = crate::engine::resume(&tx, goal_ids).await?;

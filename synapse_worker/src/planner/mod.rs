@@ -152,7 +152,7 @@ async fn attempt_planning(
     shared: &crate::worker::Shared,
     goal_id: i64,
 ) -> Result<Option<Planned>, StoreError> {
-    let attempt = with_retries(|| async {
+    let attempt = with_retries(&shared.pool, || async {
         let mut client = shared.pool.get().await?;
         store::count_plan_attempt(&mut client, goal_id).await
     })
@@ -167,13 +167,13 @@ async fn attempt_planning(
             .unwrap_or_else(|| "the worker planning it stopped before it finished".to_owned());
         return give_up(shared, goal_id, &last).await.map(Some);
     }
-    match with_retries(|| plan_once(shared, goal_id)).await {
+    match with_retries(&shared.pool, || plan_once(shared, goal_id)).await {
         Err(error) if !error.is_unavailable() => {
             let message = error.to_string();
             if attempt.number >= store::MAX_PLAN_ATTEMPTS {
                 return give_up(shared, goal_id, &message).await.map(Some);
             }
-            let noted = with_retries(|| async {
+            let noted = with_retries(&shared.pool, || async {
                 let client = shared.pool.get().await?;
                 store::note_planning_error(&client, goal_id, &message).await
             })
@@ -197,7 +197,7 @@ async fn give_up(
         "planning failed {} times: {last_error}",
         store::MAX_PLAN_ATTEMPTS
     );
-    with_retries(|| async {
+    with_retries(&shared.pool, || async {
         let mut client = shared.pool.get().await?;
         let tx = store::begin(&mut client).await?;
         store::fail_planning(&tx, goal_id, &message).await?;

@@ -51,6 +51,21 @@ impl StoreError {
         }
     }
 
+    /// A statement this connection prepared before a column it returns
+    /// changed type or collation (an extension update did it): Postgres
+    /// refuses to run it again, so it must be prepared anew.
+    pub fn is_stale_statement(&self) -> bool {
+        let StoreError::Postgres(error) = self else {
+            return false;
+        };
+        error.as_db_error().is_some_and(|db| {
+            *db.code() == SqlState::FEATURE_NOT_SUPPORTED
+                && db
+                    .message()
+                    .starts_with("cached plan must not change result type")
+        })
+    }
+
     /// Deadlocks and serialization failures: run the transaction again.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -66,7 +81,8 @@ impl StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-/// How often a transaction that deadlocked or failed to serialize is tried.
+/// How often a transaction that deadlocked, failed to serialize or ran a
+/// stale statement is tried.
 const TRANSACTION_TRIES: u32 = 5;
 
 /// Starts a READ COMMITTED transaction, whatever the database's
@@ -87,8 +103,11 @@ pub async fn begin(client: &mut deadpool_postgres::Client) -> Result<Transaction
 /// `Transaction` ([`open`]).
 const START_READ_COMMITTED: &str = "START TRANSACTION ISOLATION LEVEL READ COMMITTED";
 
-/// Runs a transaction again when it deadlocked or failed to serialize.
-pub async fn with_retries<T, F, Fut>(mut attempt: F) -> Result<T>
+/// Runs a transaction again when it deadlocked or failed to serialize, or
+/// ran a statement prepared before the schema changed under it: then every
+/// connection of `pool` forgets what it prepared (each would fail the same
+/// way), and the statements are prepared again on their next use.
+pub async fn with_retries<T, F, Fut>(pool: &deadpool_postgres::Pool, mut attempt: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
@@ -100,6 +119,10 @@ where
             Err(error) if error.is_transient() && tries < TRANSACTION_TRIES => {
                 debug!(%error, tries, "transaction retried");
                 tokio::time::sleep(Duration::from_millis(5 * u64::from(tries))).await;
+            }
+            Err(error) if error.is_stale_statement() && tries < TRANSACTION_TRIES => {
+                warn!(%error, "the schema changed under prepared statements: preparing them again");
+                pool.manager().statement_caches.clear();
             }
             other => return other,
         }

@@ -7,7 +7,7 @@
 use deadpool_postgres::GenericClient;
 use serde_json::Value;
 
-use super::{EndedStep, Outcome};
+use super::decide::{EndedStep, Outcome};
 use crate::store::map::{self as statements, Progress};
 use crate::store::{Queued, StoreError};
 

@@ -1,0 +1,232 @@
+//! Outbound edges: reading those still pending, writing how they resolved.
+use std::collections::HashMap;
+
+use deadpool_postgres::GenericClient;
+use serde_json::{Map, Value};
+use tokio_postgres::types::ToSql;
+
+use super::ready::{ready_arguments, ready_task, ready_tasks, READY_TASKS};
+use super::{column, Result, StoreError};
+use crate::blueprint::{EdgeOn, Join};
+use crate::engine::decide::{Inbound, ReadyTask};
+
+/// An outbound edge.
+#[derive(Debug)]
+pub struct OutboundEdge {
+    /// Step it leads to.
+    pub to: String,
+    /// Condition.
+    pub when: Option<String>,
+    /// Outcome it follows.
+    pub on: EdgeOn,
+    /// The step it leads to, pending, when this is its one inbound edge
+    /// (known only where the edge was read with it): how the edge resolves
+    /// decides it ([`crate::engine::decide::decided_by_sole_edge`]).
+    pub sole: Option<ReadyTask>,
+}
+
+fn parse_on(on: &str) -> Result<EdgeOn> {
+    EdgeOn::from_column(on).ok_or_else(|| StoreError::Data(format!("edge outcome {on:?}")))
+}
+
+/// The still pending outbound edges of `step`, in blueprint order.
+pub async fn outbound_edges(
+    tx: &impl GenericClient,
+    goal_id: i64,
+    step: &str,
+) -> Result<Vec<OutboundEdge>> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT array_agg(to_step ORDER BY position), array_agg(when_expr ORDER BY position),
+                    array_agg(on_outcome::text ORDER BY position)
+               FROM synapse.edges
+              WHERE goal_id = $1 AND from_step = $2 AND state = 'pending'",
+        )
+        .await?;
+    let row = tx.query_one(&statement, &[&goal_id, &step]).await?;
+    outbound_from_arrays(column(&row, 0)?, column(&row, 1)?, column(&row, 2)?)
+}
+
+/// Outbound edges from parallel arrays (NULL: none).
+pub(super) fn outbound_from_arrays(
+    to: Option<Vec<String>>,
+    when: Option<Vec<Option<String>>>,
+    on: Option<Vec<String>>,
+) -> Result<Vec<OutboundEdge>> {
+    let (to, when, on) = (
+        to.unwrap_or_default(),
+        when.unwrap_or_default(),
+        on.unwrap_or_default(),
+    );
+    to.into_iter()
+        .zip(when)
+        .zip(on)
+        .map(|((to, when), on)| {
+            Ok(OutboundEdge {
+                to,
+                when,
+                on: parse_on(&on)?,
+                sole: None,
+            })
+        })
+        .collect()
+}
+
+/// A successor as the record of its parent's outcome reads it.
+#[derive(serde::Deserialize)]
+struct SoleSuccessor {
+    step: String,
+    id: i64,
+    join: String,
+    input_expr: Option<String>,
+    is_map: bool,
+    cancel_others: bool,
+    looping: bool,
+    is_wait: bool,
+    queue: String,
+}
+
+/// `edges` of a step of `goal_id`, with the successors whose one inbound edge
+/// each is (`sole`: a JSON list, NULL for none).
+pub(super) fn with_sole_successors(
+    goal_id: i64,
+    mut edges: Vec<OutboundEdge>,
+    sole: Option<Value>,
+) -> Result<Vec<OutboundEdge>> {
+    let Some(sole) = sole else {
+        return Ok(edges);
+    };
+    let successors: Vec<SoleSuccessor> = serde_json::from_value(sole)
+        .map_err(|error| StoreError::Data(format!("sole successors: {error}")))?;
+    let position: HashMap<String, usize> = edges
+        .iter()
+        .enumerate()
+        .map(|(index, edge)| (edge.to.clone(), index))
+        .collect();
+    for successor in successors {
+        let Some(&index) = position.get(&successor.step) else {
+            continue;
+        };
+        edges[index].sole = Some(ReadyTask {
+            goal_id,
+            id: successor.id,
+            join: Join::from_column(&successor.join)
+                .ok_or_else(|| StoreError::Data(format!("join mode {:?}", successor.join)))?,
+            step: successor.step,
+            input_expr: successor.input_expr,
+            inbound: Inbound {
+                total: 1,
+                pending: 1,
+                taken: 0,
+            },
+            not_taken_from: Vec::new(),
+            taken_parent_results: Map::new(),
+            is_map: successor.is_map,
+            cancel_others: successor.cancel_others,
+            looping: successor.looping,
+            is_wait: successor.is_wait,
+            queue: successor.queue,
+        });
+    }
+    Ok(edges)
+}
+
+/// How one outbound edge resolved.
+pub struct EdgeResolution {
+    /// The goal.
+    pub goal_id: i64,
+    /// Step it leaves.
+    pub from: String,
+    /// Step it leads to.
+    pub to: String,
+    /// `taken`, `not_taken` or `error`.
+    pub state: &'static str,
+    /// Why its condition failed.
+    pub error: Option<String>,
+}
+
+/// Records how edges resolved (of any steps and goals), then reads which of
+/// `steps` (goal, step) are ready ([`ready_tasks`]): both statements go out
+/// together, one round trip. Postgres runs the read once the resolutions are
+/// written, so it sees them, as if each had been awaited.
+pub async fn resolve_edges_then_ready(
+    tx: &impl GenericClient,
+    resolutions: &[EdgeResolution],
+    steps: &[(i64, String)],
+) -> Result<Vec<ReadyTask>> {
+    if resolutions.is_empty() {
+        return ready_tasks(tx, steps).await;
+    }
+    // Both prepared first: a statement still to be prepared would go out
+    // after the other.
+    let resolve = tx.prepare_cached(RESOLVE_EDGES).await?;
+    let ready = tx.prepare_cached(READY_TASKS).await?;
+    let columns = ResolveColumns::of(resolutions);
+    let parameters = columns.parameters();
+    let resolve = tx.execute(&resolve, &parameters);
+    if steps.is_empty() {
+        resolve.await?;
+        return Ok(Vec::new());
+    }
+    let (goal_ids, step_ids) = ready_arguments(steps);
+    let (_, rows) =
+        futures_util::future::try_join(resolve, tx.query(&ready, &[&goal_ids, &step_ids])).await?;
+    rows.iter().map(ready_task).collect()
+}
+
+/// Records how edges resolved, and nothing else.
+pub async fn resolve_edges(tx: &impl GenericClient, resolutions: &[EdgeResolution]) -> Result<()> {
+    resolve_edges_then_ready(tx, resolutions, &[]).await?;
+    Ok(())
+}
+
+/// The parameters of [`RESOLVE_EDGES`], one array per column.
+pub(super) struct ResolveColumns<'a> {
+    goal_ids: Vec<i64>,
+    from: Vec<&'a str>,
+    to: Vec<&'a str>,
+    states: Vec<&'static str>,
+    errors: Vec<Option<&'a str>>,
+}
+
+impl<'a> ResolveColumns<'a> {
+    pub(super) fn of(resolutions: &'a [EdgeResolution]) -> Self {
+        ResolveColumns {
+            goal_ids: resolutions.iter().map(|r| r.goal_id).collect(),
+            from: resolutions.iter().map(|r| r.from.as_str()).collect(),
+            to: resolutions.iter().map(|r| r.to.as_str()).collect(),
+            states: resolutions.iter().map(|r| r.state).collect(),
+            errors: resolutions.iter().map(|r| r.error.as_deref()).collect(),
+        }
+    }
+
+    pub(crate) fn parameters(&self) -> [&(dyn ToSql + Sync); 5] {
+        [
+            &self.goal_ids,
+            &self.from,
+            &self.to,
+            &self.states,
+            &self.errors,
+        ]
+    }
+}
+
+/// Each edge resolved counts on its target, in the same statement (pending,
+/// and taken): its join is decided from the counts, and no later read has to
+/// look for its edges. A step with one inbound edge keeps no counts: that
+/// edge says how it stands, and the row is written once, when the step is
+/// decided (a second write of each of a 2 000-wide fan-out's steps in one
+/// transaction doubled the cost of queueing them).
+pub(super) const RESOLVE_EDGES: &str = "WITH resolved AS (
+                 UPDATE synapse.edges e SET state = r.state, error = r.error, resolved_at = statement_timestamp()
+                   FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
+                        AS r(goal_id, from_step, to_step, state, error)
+                  WHERE e.goal_id = r.goal_id AND e.from_step = r.from_step AND e.to_step = r.to_step
+                    AND e.state = 'pending'
+              RETURNING e.goal_id, e.to_step, e.state)
+             UPDATE synapse.tasks t
+                SET pending_inbound = t.pending_inbound - c.resolved, taken_inbound = t.taken_inbound + c.taken
+               FROM (SELECT goal_id, to_step, count(*)::int AS resolved,
+                            count(*) FILTER (WHERE state = 'taken')::int AS taken
+                       FROM resolved GROUP BY 1, 2) c
+              WHERE t.goal_id = c.goal_id AND t.step = c.to_step AND t.inbound > 1";

@@ -1,0 +1,166 @@
+//! Goal rows: their locks, what expressions see of them, their end.
+use std::collections::HashMap;
+
+use deadpool_postgres::GenericClient;
+use serde_json::Value;
+use tokio_postgres::Row;
+
+use super::{column, Result};
+use crate::engine::decide::{goal_value, GoalVariables};
+
+/// What expressions see of each of `goal_ids`.
+pub async fn goal_variables(
+    tx: &impl GenericClient,
+    goal_ids: &[i64],
+) -> Result<HashMap<i64, GoalVariables>> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT id, goal, input, params FROM synapse.goals WHERE id = ANY($1::bigint[])",
+        )
+        .await?;
+    tx.query(&statement, &[&goal_ids])
+        .await?
+        .iter()
+        .map(|row| {
+            let goal_id: i64 = column(row, 0)?;
+            let goal = goal_value(goal_id, column(row, 1)?, column(row, 2)?, column(row, 3)?);
+            Ok((goal_id, GoalVariables { goal }))
+        })
+        .collect()
+}
+
+/// `steps` for expressions: step id → `{status, result}`.
+pub async fn steps_map(tx: &impl GenericClient, goal_id: i64) -> Result<Value> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT coalesce(jsonb_object_agg(step, jsonb_build_object('status', status, 'result', result)), '{}')
+               FROM synapse.tasks WHERE goal_id = $1 AND map_index IS NULL",
+        )
+        .await?;
+    column(&tx.query_one(&statement, &[&goal_id]).await?, 0)
+}
+
+/// Locks those of `goal_ids` that are running, in id order, and returns
+/// their ids. Nothing else is read: a goal's blueprint (its `output`) is read
+/// only when the goal ends ([`goal_endings`]).
+///
+/// Lock order, everywhere: a goal row first, then its task rows. The
+/// completer takes these locks before it records any outcome, as
+/// `cancel_goal` locks the goal before cancelling its tasks, so the two never
+/// wait for each other in a cycle; the id order keeps engine runs that touch
+/// several goals from deadlocking each other.
+pub async fn lock_running_goals(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<i64>> {
+    let statement = tx.prepare_cached(LOCK_RUNNING_GOALS).await?;
+    goal_ids_of(tx.query(&statement, &[&goal_ids]).await?)
+}
+
+pub(super) const LOCK_RUNNING_GOALS: &str = "SELECT id FROM synapse.goals
+                                   WHERE id IN (SELECT unnest($1::bigint[])) AND status = 'running'
+                                   ORDER BY id FOR NO KEY UPDATE";
+
+pub(super) fn goal_ids_of(rows: Vec<Row>) -> Result<Vec<i64>> {
+    rows.iter().map(|row| column(row, 0)).collect()
+}
+
+/// How a goal whose steps have all ended comes out.
+pub struct GoalEnding {
+    /// Goal id.
+    pub goal_id: i64,
+    /// The blueprint's `output` expression, if it has one.
+    pub output: Option<String>,
+    /// Failed steps with no taken `failure`/`always` edge out of them, and steps failed
+    /// by a definition error whatever their edges: `(step, error)`.
+    pub unhandled_failures: Vec<(String, String)>,
+    /// The default result: the results of the succeeded leaf steps.
+    pub leaf_results: Value,
+}
+
+/// The endings of those of `goal_ids` whose every step has ended, in one
+/// statement. Whether a goal has a task left is one index probe; an ended
+/// goal's steps are then read once, each with a probe of its edges (a
+/// subquery per row, so that the planner never merges every step of a goal
+/// with every edge: a plan it chose on tables still empty read W² rows to end
+/// a W-wide goal). `OFFSET 0` keeps the goals still running out before their
+/// steps are read.
+pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<GoalEnding>> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT ended.id, ended.output, steps.unhandled, steps.errors, steps.leaf_results
+               FROM (SELECT g.id, g.blueprint ->> 'output' AS output
+                       FROM synapse.goals g
+                       LEFT JOIN LATERAL (SELECT true AS found FROM synapse.tasks t
+                                           WHERE t.goal_id = g.id AND t.finished_at IS NULL
+                                           LIMIT 1) unfinished ON true
+                      WHERE g.id = ANY($1::bigint[]) AND unfinished.found IS NULL
+                     OFFSET 0) ended
+              CROSS JOIN LATERAL (
+                    SELECT coalesce(array_agg(s.step::text ORDER BY s.id) FILTER (WHERE s.unhandled), '{}') AS unhandled,
+                           coalesce(array_agg(coalesce(s.error, 'failed') ORDER BY s.id) FILTER (WHERE s.unhandled), '{}')
+                             AS errors,
+                           coalesce(jsonb_object_agg(s.step, s.result) FILTER (WHERE s.leaf), '{}') AS leaf_results
+                      FROM (SELECT t.id, t.step, t.error, t.result,
+                                   -- A failure no taken failure/always edge handles, or a definition error.
+                                   t.status = 'failed'
+                                     AND (t.failure_kind IS NOT DISTINCT FROM 'definition'
+                                          OR NOT EXISTS (SELECT FROM synapse.edges e
+                                                          WHERE e.goal_id = t.goal_id AND e.from_step = t.step
+                                                            AND e.state = 'taken'
+                                                            AND e.on_outcome IN ('failure', 'always'))) AS unhandled,
+                                   -- A succeeded step with no edge out of it.
+                                   t.status = 'succeeded'
+                                     AND NOT EXISTS (SELECT FROM synapse.edges e
+                                                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step) AS leaf
+                              FROM synapse.tasks t
+                             WHERE t.goal_id = ended.id AND t.map_index IS NULL
+                               AND t.status IN ('failed', 'succeeded')) s) steps
+              ORDER BY ended.id",
+        )
+        .await?;
+    tx.query(&statement, &[&goal_ids])
+        .await?
+        .iter()
+        .map(|row| {
+            let steps: Vec<String> = column(row, 2)?;
+            let errors: Vec<String> = column(row, 3)?;
+            Ok(GoalEnding {
+                goal_id: column(row, 0)?,
+                output: column(row, 1)?,
+                unhandled_failures: steps.into_iter().zip(errors).collect(),
+                leaf_results: column(row, 4)?,
+            })
+        })
+        .collect()
+}
+
+/// How a goal finished.
+pub struct GoalFinish {
+    /// Goal id.
+    pub goal_id: i64,
+    /// `succeeded` or `failed`.
+    pub status: &'static str,
+    /// Result of a succeeded goal.
+    pub result: Option<Value>,
+    /// Why a goal failed.
+    pub error: Option<String>,
+}
+
+/// `running → succeeded | failed`, for many goals in one statement.
+pub async fn finish_goals(tx: &impl GenericClient, finishes: &[GoalFinish]) -> Result<()> {
+    if finishes.is_empty() {
+        return Ok(());
+    }
+    let statement = tx
+        .prepare_cached(
+            "UPDATE synapse.goals g SET status = r.status, result = r.result, error = r.error
+               FROM unnest($1::bigint[], $2::text[], $3::jsonb[], $4::text[]) AS r(id, status, result, error)
+              WHERE g.id = r.id AND g.status = 'running'",
+        )
+        .await?;
+    let ids: Vec<i64> = finishes.iter().map(|f| f.goal_id).collect();
+    let statuses: Vec<&str> = finishes.iter().map(|f| f.status).collect();
+    let results: Vec<Option<&Value>> = finishes.iter().map(|f| f.result.as_ref()).collect();
+    let errors: Vec<Option<&str>> = finishes.iter().map(|f| f.error.as_deref()).collect();
+    tx.execute(&statement, &[&ids, &statuses, &results, &errors])
+        .await?;
+    Ok(())
+}

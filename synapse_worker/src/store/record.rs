@@ -1,0 +1,389 @@
+//! Recording attempts' outcomes, and reading back the steps that ended
+//! with what the engine needs to carry on.
+use std::collections::HashMap;
+use std::time::Duration;
+
+use deadpool_postgres::GenericClient;
+use serde_json::Value;
+
+use super::claim::ClaimedTask;
+use super::edges::{outbound_from_arrays, with_sole_successors, OutboundEdge};
+use super::goals::{goal_ids_of, LOCK_RUNNING_GOALS};
+use super::{column, millis, Result, StoreError};
+use crate::engine::decide::{goal_value, EndedStep, GoalVariables, Outcome};
+
+/// The outcome of one attempt.
+#[derive(Debug, Clone)]
+pub enum AttemptOutcome {
+    /// Succeeded with this result.
+    Succeeded(Value),
+    /// Failed; another attempt runs after `delay`.
+    Retry {
+        /// The error.
+        error: String,
+        /// Backoff before the next attempt.
+        delay: Duration,
+    },
+    /// Failed for good.
+    Failed(String),
+    /// Failed for good because an expression of the step could not be evaluated: a
+    /// definition error, which takes only `always` edges and fails the goal.
+    DefinitionError(String),
+    /// A loop's run succeeded and `until` did not hold: it runs again with
+    /// this input, `previous` being this result.
+    Again {
+        /// This run's result.
+        result: Value,
+        /// The next run's input.
+        input: Value,
+    },
+}
+
+/// What recording an outcome did.
+#[derive(Debug)]
+pub enum Recorded {
+    /// This attempt no longer holds the task: nothing written.
+    Fenced,
+    /// The task waits for its next attempt.
+    Retrying,
+    /// A loop was queued for its next iteration.
+    Again,
+    /// The step ended; the engine takes it from here.
+    Ended(StepEnd),
+}
+
+/// A step that ended, with what the engine needs to carry on.
+#[derive(Debug)]
+pub struct StepEnd {
+    /// The goal it belongs to.
+    pub goal_id: i64,
+    /// `goal` for expressions.
+    pub goal: GoalVariables,
+    /// How it ended.
+    pub ended: EndedStep,
+    /// Its outbound edges, still pending, in blueprint order (none for an
+    /// instance of a map step: the step's edges resolve once, for all).
+    pub outbound: Vec<OutboundEdge>,
+    /// Instance of a map step: its index.
+    pub map_index: Option<i32>,
+}
+
+/// The outcomes' write, returning what the engine needs of each that
+/// ended (see [`lock_goals_and_record`]).
+macro_rules! recorded_outcomes {
+    () => {
+        "WITH recorded AS (
+             UPDATE synapse.tasks t
+                SET status = r.status, result = r.result, error = r.error, failure_kind = r.kind,
+                    -- A retry's delay from now, not from the transaction's start
+                    -- (a sql step's began before its query ran).
+                    run_at = statement_timestamp() + r.delay_ms * interval '1 millisecond',
+                    -- A loop's next iteration: its own input, and retries of its own.
+                    input = coalesce(r.input, t.input),
+                    iteration = t.iteration + (r.status = 'queued')::int,
+                    attempts_before = CASE WHEN r.status = 'queued' THEN t.attempts ELSE t.attempts_before END
+               FROM unnest($1::bigint[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[], $7::text[],
+                           $8::text[], $9::jsonb[])
+                    AS r(id, attempt, status, result, error, delay_ms, kind, worker, input),
+                    synapse.goals g
+              WHERE t.id = r.id AND t.status || '' = 'running' AND t.attempts = r.attempt AND g.id = t.goal_id
+          RETURNING t.id, r.attempt,
+                    -- What expressions see of the goal, for a step's end only: an
+                    -- instance's end reads neither (a goal's input may be a large list).
+                    CASE WHEN t.map_index IS NULL THEN g.goal END AS goal,
+                    CASE WHEN t.map_index IS NULL THEN g.input END AS input,
+                    CASE WHEN t.map_index IS NULL THEN g.params END AS params,
+                    r.status, r.error, r.worker, t.started_at, t.goal_id, t.step, t.map_index)"
+    };
+}
+
+/// The steps' pending outbound edges and sole successors, read for each
+/// outcome [`recorded_outcomes`] wrote.
+macro_rules! outbound_of_recorded {
+    () => {
+        "
+             SELECT r.id, r.attempt, r.goal, r.input, r.params, o.to_steps, o.whens, o.ons, r.map_index, o.sole
+               FROM recorded r
+               -- The step's pending outbound edges, in one look. An instance's end
+               -- resolves no edge: its map step's does, once.
+               LEFT JOIN LATERAL (
+                    SELECT array_agg(e.to_step ORDER BY e.position) AS to_steps,
+                           array_agg(e.when_expr ORDER BY e.position) AS whens,
+                           array_agg(e.on_outcome::text ORDER BY e.position) AS ons,
+                           -- The successors whose one inbound edge this is: how it
+                           -- resolves decides them, with nothing more to read. (json:
+                           -- half the cost of jsonb, which sorts every object's keys.)
+                           json_agg(json_build_object('step', c.step, 'id', c.id, 'join', c.join_mode,
+                                                        'input_expr', c.input_expr,
+                                                        'is_map', c.for_each_expr IS NOT NULL,
+                                                        'cancel_others', c.cancel_others,
+                                                        'looping', c.until_expr IS NOT NULL,
+                                                        'is_wait', c.action = 'wait', 'queue', c.queue))
+                               FILTER (WHERE c.inbound = 1 AND c.status = 'pending') AS sole
+                      FROM synapse.edges e
+                      LEFT JOIN synapse.tasks c
+                        ON c.goal_id = e.goal_id AND c.step = e.to_step AND coalesce(c.map_index, -1) = -1
+                     WHERE r.map_index IS NULL AND e.goal_id = r.goal_id AND e.from_step = r.step
+                       AND e.state = 'pending') o ON true"
+    };
+}
+
+/// Records outcomes of every kind: an instance's end counts on its map step,
+/// a failure or retry keeps its attempt.
+const RECORD_OUTCOMES: &str = concat!(
+    recorded_outcomes!(),
+    ",
+             -- Each instance that ended counts on its map step, in this statement
+             -- (the goal lock orders the counts); the engine decides the step.
+             counted AS (
+                 UPDATE synapse.tasks m SET map_ended = m.map_ended + c.ended, map_failed = m.map_failed + c.failed
+                   FROM (SELECT goal_id, step, count(*)::int AS ended,
+                                count(*) FILTER (WHERE status = 'failed')::int AS failed
+                           FROM recorded WHERE map_index IS NOT NULL AND status IN ('succeeded', 'failed')
+                          GROUP BY goal_id, step) c
+                  WHERE m.goal_id = c.goal_id AND m.step = c.step AND coalesce(m.map_index, -1) = -1 AND m.status = 'waiting'),
+             -- Only a failure costs a row: the attempt, kept with its error.
+             kept AS (
+                 INSERT INTO synapse.attempts (task_id, attempt, worker, started_at, error)
+                 SELECT id, attempt, worker, started_at, error FROM recorded
+                  WHERE status IN ('retrying', 'failed'))
+",
+    outbound_of_recorded!()
+);
+
+/// Records outcomes that are successes (or loop runs) of steps that are not
+/// map instances.
+const RECORD_SUCCESSES: &str = concat!(recorded_outcomes!(), "\n", outbound_of_recorded!());
+
+/// Locks those of `goal_ids` that are running (as [`super::lock_running_goals`]),
+/// then records many attempts' outcomes in one statement, each only if its
+/// attempt still holds the task: the attempt number fences out a worker whose
+/// lease expired. Outcomes are told apart by task *and* attempt, so two
+/// attempts of one task in the same batch each get their own answer (the stale
+/// one is [`Recorded::Fenced`]). Returns the goals locked, and the answers in
+/// the order of `outcomes`.
+///
+/// Lock order: the goals first, like every writer of task rows that may wait.
+/// The two statements go out together, one round trip: Postgres runs the
+/// second once the first holds its locks, on a snapshot taken then, as if
+/// each had been awaited.
+pub async fn lock_goals_and_record(
+    tx: &impl GenericClient,
+    goal_ids: &[i64],
+    outcomes: &[(&ClaimedTask, &AttemptOutcome)],
+) -> Result<(Vec<i64>, Vec<Recorded>)> {
+    let mut ids = Vec::with_capacity(outcomes.len());
+    let mut attempts = Vec::with_capacity(outcomes.len());
+    let mut statuses = Vec::with_capacity(outcomes.len());
+    let mut results: Vec<Option<&Value>> = Vec::with_capacity(outcomes.len());
+    let mut errors: Vec<Option<&str>> = Vec::with_capacity(outcomes.len());
+    let mut delays: Vec<Option<f64>> = Vec::with_capacity(outcomes.len());
+    let mut kinds: Vec<Option<&str>> = Vec::with_capacity(outcomes.len());
+    let mut workers: Vec<&str> = Vec::with_capacity(outcomes.len());
+    let mut inputs: Vec<Option<&Value>> = Vec::with_capacity(outcomes.len());
+    for (task, outcome) in outcomes {
+        ids.push(task.id);
+        workers.push(task.worker.as_str());
+        attempts.push(task.attempt);
+        let (status, result, error, delay) = match outcome {
+            AttemptOutcome::Succeeded(result) => ("succeeded", Some(result), None, None),
+            AttemptOutcome::Retry { error, delay } => {
+                ("retrying", None, Some(error.as_str()), Some(millis(*delay)))
+            }
+            AttemptOutcome::Failed(error) | AttemptOutcome::DefinitionError(error) => {
+                ("failed", None, Some(error.as_str()), None)
+            }
+            AttemptOutcome::Again { result, .. } => ("queued", Some(result), None, None),
+        };
+        inputs.push(match outcome {
+            AttemptOutcome::Again { input, .. } => Some(input),
+            _ => None,
+        });
+        kinds.push(match outcome {
+            AttemptOutcome::Failed(_) => Some("action"),
+            AttemptOutcome::DefinitionError(_) => Some("definition"),
+            _ => None,
+        });
+        statuses.push(status);
+        results.push(result);
+        errors.push(error);
+        delays.push(delay);
+    }
+    // `t.status || '' = 'running'` rather than `t.status = 'running'`: the
+    // plain form lets the planner scan the partial index of running tasks
+    // (tasks_lease_due) instead of looking the batch up by id, and that index
+    // holds a dead entry for every task that ran since the last vacuum.
+    // Both prepared first: a statement still to be prepared would go out
+    // after the other.
+    let lock = tx.prepare_cached(LOCK_RUNNING_GOALS).await?;
+    // An outcome that counts on its map step or keeps its attempt's error
+    // needs the statement that writes those; others leave them out (their
+    // empty writes cost a fifth of a lone outcome's record).
+    let writes_more = outcomes.iter().any(|(task, outcome)| {
+        task.map_index.is_some()
+            || matches!(
+                outcome,
+                AttemptOutcome::Retry { .. }
+                    | AttemptOutcome::Failed(_)
+                    | AttemptOutcome::DefinitionError(_)
+            )
+    });
+    let record = tx
+        .prepare_cached(if writes_more {
+            RECORD_OUTCOMES
+        } else {
+            RECORD_SUCCESSES
+        })
+        .await?;
+    let (locked, rows) = futures_util::future::try_join(
+        tx.query(&lock, &[&goal_ids]),
+        tx.query(
+            &record,
+            &[
+                &ids, &attempts, &statuses, &results, &errors, &delays, &kinds, &workers, &inputs,
+            ],
+        ),
+    )
+    .await?;
+    // (task id, attempt) → the position of that outcome in `outcomes`.
+    let asked: HashMap<(i64, i32), usize> = outcomes
+        .iter()
+        .enumerate()
+        .map(|(index, (task, _))| ((task.id, task.attempt), index))
+        .collect();
+    let mut recorded: HashMap<usize, Recorded> = HashMap::new();
+    for row in rows {
+        let key: (i64, i32) = (column(&row, 0)?, column(&row, 1)?);
+        let Some(&index) = asked.get(&key) else {
+            return Err(StoreError::Data(format!(
+                "recorded attempt {} of task {} was not asked for",
+                key.1, key.0
+            )));
+        };
+        let (task, outcome) = outcomes[index];
+        let ended = |outcome, result: Option<&Value>, error: Option<&String>| EndedStep {
+            step: task.step.clone(),
+            outcome,
+            result: result.cloned().unwrap_or(Value::Null),
+            error: error.cloned(),
+            input: task.input.clone(),
+            definition_error: false,
+        };
+        let ended = match outcome {
+            AttemptOutcome::Succeeded(result) => ended(Outcome::Succeeded, Some(result), None),
+            AttemptOutcome::Failed(error) => ended(Outcome::Failed, None, Some(error)),
+            AttemptOutcome::DefinitionError(error) => EndedStep {
+                definition_error: true,
+                ..ended(Outcome::Failed, None, Some(error))
+            },
+            AttemptOutcome::Retry { .. } => {
+                recorded.insert(index, Recorded::Retrying);
+                continue;
+            }
+            AttemptOutcome::Again { .. } => {
+                recorded.insert(index, Recorded::Again);
+                continue;
+            }
+        };
+        let goal = GoalVariables {
+            goal: match column::<Option<String>>(&row, 2)? {
+                Some(text) => goal_value(task.goal_id, &text, column(&row, 3)?, column(&row, 4)?),
+                None => Value::Null,
+            },
+        };
+        recorded.insert(
+            index,
+            Recorded::Ended(StepEnd {
+                goal_id: task.goal_id,
+                goal,
+                ended,
+                outbound: with_sole_successors(
+                    task.goal_id,
+                    outbound_from_arrays(column(&row, 5)?, column(&row, 6)?, column(&row, 7)?)?,
+                    column(&row, 9)?,
+                )?,
+                map_index: column(&row, 8)?,
+            }),
+        );
+    }
+    let recorded = (0..outcomes.len())
+        .map(|index| recorded.remove(&index).unwrap_or(Recorded::Fenced))
+        .collect();
+    Ok((goal_ids_of(locked)?, recorded))
+}
+
+/// The goals of `task_ids`, in id order: what to lock before touching them.
+pub async fn goals_of_tasks(tx: &impl GenericClient, task_ids: &[i64]) -> Result<Vec<i64>> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT DISTINCT goal_id FROM synapse.tasks WHERE id = ANY($1::bigint[]) ORDER BY goal_id",
+        )
+        .await?;
+    tx.query(&statement, &[&task_ids])
+        .await?
+        .iter()
+        .map(|row| column(row, 0))
+        .collect()
+}
+
+/// Those of `task_ids` that ended with no worker to carry on while their goal
+/// runs, as steps that ended, with their still pending outbound edges: tasks
+/// the forwarder failed when their last lease lapsed, and root map steps
+/// whose list was empty when their plan was installed. The caller holds the
+/// goal locks. A task already carried on has no pending edge left and costs
+/// the engine nothing more than a look at its goal.
+pub async fn ended_without_a_worker(
+    tx: &impl GenericClient,
+    task_ids: &[i64],
+) -> Result<Vec<StepEnd>> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT t.goal_id, t.step, t.error, coalesce(t.input, 'null'::jsonb), g.goal, g.input, g.params,
+                    t.failure_kind IS NOT DISTINCT FROM 'definition',
+                    (SELECT array_agg(e.to_step ORDER BY e.position) FROM synapse.edges e
+                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending'),
+                    (SELECT array_agg(e.when_expr ORDER BY e.position) FROM synapse.edges e
+                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending'),
+                    (SELECT array_agg(e.on_outcome::text ORDER BY e.position) FROM synapse.edges e
+                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending'),
+                    t.status = 'succeeded', coalesce(t.result, 'null'::jsonb), t.map_index
+               FROM synapse.tasks t JOIN synapse.goals g ON g.id = t.goal_id
+              WHERE t.id = ANY($1::bigint[]) AND t.status IN ('failed', 'succeeded') AND g.status = 'running'
+              ORDER BY t.id",
+        )
+        .await?;
+    tx.query(&statement, &[&task_ids])
+        .await?
+        .iter()
+        .map(|row| {
+            let goal_id: i64 = column(row, 0)?;
+            let map_index: Option<i32> = column(row, 13)?;
+            let succeeded: bool = column(row, 11)?;
+            Ok(StepEnd {
+                goal_id,
+                goal: GoalVariables {
+                    goal: goal_value(goal_id, column(row, 4)?, column(row, 5)?, column(row, 6)?),
+                },
+                ended: EndedStep {
+                    step: column(row, 1)?,
+                    outcome: if succeeded {
+                        Outcome::Succeeded
+                    } else {
+                        Outcome::Failed
+                    },
+                    result: column(row, 12)?,
+                    error: column(row, 2)?,
+                    input: column(row, 3)?,
+                    definition_error: column(row, 7)?,
+                },
+                outbound: match map_index {
+                    Some(_) => Vec::new(),
+                    None => {
+                        outbound_from_arrays(column(row, 8)?, column(row, 9)?, column(row, 10)?)?
+                    }
+                },
+                map_index,
+            })
+        })
+        .collect()
+}

@@ -121,8 +121,16 @@ macro_rules! outbound_of_recorded {
                                                         'is_wait', c.action = 'wait', 'queue', c.queue))
                                FILTER (WHERE c.inbound = 1 AND c.status = 'pending') AS sole
                       FROM synapse.edges e
-                      LEFT JOIN synapse.tasks c
-                        ON c.goal_id = e.goal_id AND c.step = e.to_step AND coalesce(c.map_index, -1) = -1
+                      -- Each successor by its key, one probe an edge: joined
+                      -- instead, on statistics of tables still empty, the
+                      -- planner read every step of a W-wide goal for each of
+                      -- the W edges of its root (LIMIT keeps it a probe).
+                      LEFT JOIN LATERAL (
+                           SELECT c.step, c.id, c.join_mode, c.input_expr, c.for_each_expr, c.cancel_others,
+                                  c.until_expr, c.action, c.queue, c.inbound, c.status
+                             FROM synapse.tasks c
+                            WHERE c.goal_id = e.goal_id AND c.step = e.to_step AND coalesce(c.map_index, -1) = -1
+                            LIMIT 1) c ON true
                      WHERE r.map_index IS NULL AND e.goal_id = r.goal_id AND e.from_step = r.step
                        AND e.state = 'pending') o ON true"
     };

@@ -941,6 +941,81 @@ fn a_fan_outs_root_finds_each_successor_by_its_key_whatever_the_statistics_say()
 }
 
 #[test]
+fn the_engine_finds_its_batches_by_id_whatever_the_statistics_say() {
+    // After most goals are deleted and the tables vacuumed, the statistics
+    // say a table of thousands of rows holds one. A claim or record that
+    // joined its batch to the tasks (or the goals) was then planned with the
+    // whole table as the outer side: every claim read every task.
+    let stack = Stack::start("stale-statistics", &[]);
+    let mut client = stack.pg();
+    client
+        .batch_execute(
+            "ALTER TABLE synapse.tasks SET (autovacuum_enabled = off);
+             ALTER TABLE synapse.goals SET (autovacuum_enabled = off)",
+        )
+        .unwrap();
+    let park = "SELECT synapse.submit_plans('{\"steps\": [{\"id\": \"a\", \"action\": \"noop\", \"queue\": \"parked\"}]}',
+                                          array_fill('{}'::jsonb, ARRAY[3000]))";
+    client.execute(park, &[]).unwrap();
+    client
+        .execute(
+            "DELETE FROM synapse.goals WHERE id < (SELECT max(id) FROM synapse.goals)",
+            &[],
+        )
+        .unwrap();
+    // VACUUM runs alone: not inside a batch of statements.
+    client
+        .batch_execute("VACUUM synapse.goals, synapse.tasks")
+        .unwrap();
+    client.execute(park, &[]).unwrap();
+    let (estimated, parked): (f32, i64) = {
+        let row = client
+            .query_one(
+                "SELECT reltuples, (SELECT count(*) FROM synapse.tasks)
+                   FROM pg_class WHERE oid = 'synapse.tasks'::regclass",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert!(
+        estimated < 10.0 && parked > 3000,
+        "statistics not stale: {estimated} estimated, {parked} tasks"
+    );
+
+    // What this session read so far, reported now rather than within a second.
+    client
+        .execute("SELECT pg_stat_force_next_flush()", &[])
+        .unwrap();
+    let (tasks_updated, tasks_read) =
+        index_reads_once_reported(&mut client, "synapse.tasks", 0, "tasks%");
+    let (_, goals_read) = index_reads_once_reported(&mut client, "synapse.goals", 0, "goals%");
+
+    let mut worker = stack.start_worker("w", &["--concurrency", "32"]);
+    let width = 200;
+    let goal = submit_plan(&mut client, &fan_in(width));
+    let status = wait_for_goal(&stack, goal, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    worker.signal("TERM");
+    worker.wait(WAIT);
+
+    // Each task of the fan-in claimed and recorded.
+    let updates = tasks_updated + 2 * (width as i64 + 2);
+    let (_, tasks_after) =
+        index_reads_once_reported(&mut client, "synapse.tasks", updates, "tasks%");
+    let (_, goals_after) = index_reads_once_reported(&mut client, "synapse.goals", 0, "goals%");
+    let (tasks_read, goals_read) = (tasks_after - tasks_read, goals_after - goals_read);
+    assert!(
+        tasks_read < 50 * width as i64,
+        "{tasks_read} entries of the tasks' indexes read to run a {width}-wide fan-in beside {parked} tasks"
+    );
+    assert!(
+        goals_read < 20 * width as i64,
+        "{goals_read} entries of the goals' indexes read to run a {width}-wide fan-in"
+    );
+}
+
+#[test]
 fn ending_a_goal_looks_at_its_own_unfinished_tasks_not_at_those_of_older_goals() {
     // Whether a goal has a task left is one probe of the unfinished tasks'
     // index for that goal. Planned as a merge with the whole index, every
@@ -1458,7 +1533,18 @@ fn index_reads_once_stopped(
 ) -> i64 {
     worker.signal("TERM");
     worker.wait(WAIT);
-    wait_until("the worker's sessions to report", WAIT, || {
+    index_reads_once_reported(client, table, updates, indexes).1
+}
+
+/// Once `table` shows `updates` row updates in the statistics: (its row
+/// updates, the entries read from its indexes named like `indexes`).
+fn index_reads_once_reported(
+    client: &mut postgres::Client,
+    table: &str,
+    updates: i64,
+    indexes: &str,
+) -> (i64, i64) {
+    wait_until("the sessions to report", WAIT, || {
         let row = client
             .query_one(
                 "SELECT (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = $1::text::regclass),
@@ -1467,6 +1553,7 @@ fn index_reads_once_stopped(
                 &[&table, &indexes],
             )
             .unwrap();
-        (row.get::<_, i64>(0) >= updates).then(|| row.get(1))
+        let updated: i64 = row.get(0);
+        (updated >= updates).then(|| (updated, row.get(1)))
     })
 }

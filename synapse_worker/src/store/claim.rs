@@ -3,11 +3,11 @@ use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
 use serde_json::{Map, Value};
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::Row;
 use tracing::warn;
 
-use super::decided::queue_arguments;
+use super::by_id::{by_id, ids, ById};
 use super::{column, data_message, millis, Result};
 
 /// A task this worker claimed.
@@ -119,17 +119,16 @@ pub(super) struct ClaimArguments<'c> {
     claim: &'c Claim<'c>,
     lease_ms: f64,
     pending_ids: Vec<i64>,
-    pending_inputs: Vec<&'c Value>,
+    pending_inputs: Json<ById<'c, Value>>,
 }
 
 impl<'c> ClaimArguments<'c> {
     pub(super) fn of(claim: &'c Claim<'c>) -> Self {
-        let (pending_ids, pending_inputs) = queue_arguments(claim.pending);
         ClaimArguments {
             claim,
             lease_ms: millis(claim.lease),
-            pending_ids,
-            pending_inputs,
+            pending_ids: ids(claim.pending),
+            pending_inputs: by_id(claim.pending),
         }
     }
 
@@ -145,49 +144,53 @@ impl<'c> ClaimArguments<'c> {
     }
 }
 
+// Each table read by id or by key, joined to nothing (see by_id).
 // `status || ''`: the rows are found by id, never by scanning the
 // partial index of all queued tasks (see lock_goals_and_record).
-// The pending tasks ($5, inputs $6) are not skipped when locked: left
+// The pending tasks ($5, inputs $6 by id) are not skipped when locked: left
 // pending, nothing would ever queue them; the claim waits for them instead.
 pub(super) const CLAIM_TASKS: &str = "WITH c AS (
-                 SELECT c.id, c.params, c.until_expr, c.input_expr, c.action, c.status FROM synapse.tasks c
+                 SELECT c.id FROM synapse.tasks c
                   WHERE c.id = ANY($1::bigint[]) AND c.status || '' = 'queued' AND c.queue = ANY($4::text[])
                   ORDER BY c.id
                     FOR NO KEY UPDATE OF c SKIP LOCKED),
              p AS (
-                 SELECT c.id, c.params, c.until_expr, c.input_expr, c.action, c.status, p.input FROM synapse.tasks c
-                   JOIN unnest($5::bigint[], $6::jsonb[]) AS p(id, input) ON c.id = p.id
-                  WHERE c.status = 'pending' AND c.queue = ANY($4::text[])),
-             m AS (
-                 -- The expressions the worker evaluates: only those that mention
-                 -- goal or steps pay for them.
-                 SELECT c.id, c.status, c.input, concat(c.params ->> 'expr', ' ', c.params ->> 'args', ' ', c.until_expr, ' ',
-                                     CASE WHEN c.until_expr IS NOT NULL THEN c.input_expr END, ' ',
-                                     CASE WHEN c.action = 'goal' THEN concat(c.params ->> 'goal', ' ', c.params ->> 'blueprint') END)
-                        AS expressions
-                   FROM (SELECT *, NULL::jsonb AS input FROM c UNION ALL SELECT * FROM p) c)
-             UPDATE synapse.tasks t
-                SET status = 'running', attempts = t.attempts + 1,
-                    input = CASE WHEN m.status = 'pending' THEN m.input ELSE t.input END,
-                    -- From now: a transaction that ran a sql step claims its
-                    -- successors too, long after it began.
-                    lease_expires_at = statement_timestamp() + $2 * interval '1 millisecond', leased_by = $3
-               FROM m, synapse.goals g
-              WHERE t.id = m.id AND t.status || '' = m.status AND g.id = t.goal_id
-          RETURNING t.id, t.goal_id, t.step, t.action, t.params, coalesce(t.input, 'null'::jsonb), t.attempts,
-                    t.max_attempts, t.backoff_ms, t.timeout_ms, t.error,
-                    greatest(extract(epoch FROM statement_timestamp() - t.queued_at), 0)::float8,
-                    -- Only a parameter expression that mentions them pays for goal and steps.
-                    CASE WHEN m.expressions LIKE '%goal%'
-                         THEN jsonb_build_object('id', g.id, 'goal', g.goal, 'input', g.input, 'params', g.params)
+                 SELECT c.id FROM synapse.tasks c
+                  WHERE c.id = ANY($5::bigint[]) AND c.status = 'pending' AND c.queue = ANY($4::text[])
+                  ORDER BY c.id
+                    FOR NO KEY UPDATE OF c),
+             claimed AS (
+                 UPDATE synapse.tasks t
+                    SET status = 'running', attempts = t.attempts + 1,
+                        input = CASE WHEN t.status = 'pending' THEN $6::jsonb -> t.id::text ELSE t.input END,
+                        -- From now: a transaction that ran a sql step claims its
+                        -- successors too, long after it began.
+                        lease_expires_at = statement_timestamp() + $2 * interval '1 millisecond', leased_by = $3
+                  WHERE t.id = ANY(ARRAY(SELECT id FROM c UNION ALL SELECT id FROM p))
+              RETURNING t.id, t.goal_id, t.step, t.action, t.params, t.input, t.attempts, t.max_attempts,
+                        t.backoff_ms, t.timeout_ms, t.error, t.queued_at, t.map_index, t.map_item, t.until_expr,
+                        t.input_expr, t.iteration, t.max_iterations, t.attempts_before, t.result,
+                        -- The expressions the worker evaluates: only those that
+                        -- mention goal or steps pay for them.
+                        concat(t.params ->> 'expr', ' ', t.params ->> 'args', ' ', t.until_expr, ' ',
+                               CASE WHEN t.until_expr IS NOT NULL THEN t.input_expr END, ' ',
+                               CASE WHEN t.action = 'goal' THEN concat(t.params ->> 'goal', ' ', t.params ->> 'blueprint') END)
+                          AS expressions)
+             SELECT c.id, c.goal_id, c.step, c.action, c.params, coalesce(c.input, 'null'::jsonb), c.attempts,
+                    c.max_attempts, c.backoff_ms, c.timeout_ms, c.error,
+                    greatest(extract(epoch FROM statement_timestamp() - c.queued_at), 0)::float8,
+                    CASE WHEN c.expressions LIKE '%goal%'
+                         THEN (SELECT jsonb_build_object('id', g.id, 'goal', g.goal, 'input', g.input, 'params', g.params)
+                                 FROM synapse.goals g WHERE g.id = c.goal_id)
                          ELSE 'null'::jsonb END,
-                    CASE WHEN m.expressions LIKE '%steps%'
+                    CASE WHEN c.expressions LIKE '%steps%'
                          THEN (SELECT coalesce(jsonb_object_agg(s.step, jsonb_build_object('status', s.status, 'result', s.result)), '{}')
-                                 FROM synapse.tasks s WHERE s.goal_id = t.goal_id AND s.map_index IS NULL)
+                                 FROM synapse.tasks s WHERE s.goal_id = c.goal_id AND s.map_index IS NULL)
                          ELSE 'null'::jsonb END,
-                    t.map_index, CASE WHEN t.map_index IS NOT NULL THEN coalesce(t.map_item, t.input) END,
-                    t.until_expr, t.input_expr, t.iteration, t.max_iterations, t.attempts_before,
-                    CASE WHEN t.iteration > 1 THEN t.result END";
+                    c.map_index, CASE WHEN c.map_index IS NOT NULL THEN coalesce(c.map_item, c.input) END,
+                    c.until_expr, c.input_expr, c.iteration, c.max_iterations, c.attempts_before,
+                    CASE WHEN c.iteration > 1 THEN c.result END
+               FROM claimed c";
 
 /// The tasks a claim's rows hold; a row whose identity cannot be read is
 /// left out (its lease lapses and the timers deal with it).

@@ -3,6 +3,7 @@
 use deadpool_postgres::GenericClient;
 use serde_json::Value;
 
+use super::by_id::{by_id, ids};
 use super::claim::{claimed_tasks, Claim, ClaimArguments, ClaimedTask, CLAIM_TASKS};
 use super::edges::{EdgeResolution, ResolveColumns, RESOLVE_EDGES};
 use super::{column, Result};
@@ -39,8 +40,7 @@ pub async fn queue_tasks(tx: &impl GenericClient, tasks: &[(i64, Value)]) -> Res
         return Ok(Vec::new());
     }
     let statement = tx.prepare_cached(QUEUE_TASKS).await?;
-    let (ids, inputs) = queue_arguments(tasks);
-    tx.query(&statement, &[&ids, &inputs])
+    tx.query(&statement, &[&ids(tasks), &by_id(tasks)])
         .await?
         .iter()
         .map(|row| {
@@ -79,7 +79,7 @@ pub async fn queue_claim_and_commit(
     let claiming = client.prepare_cached(CLAIM_TASKS).await?;
     let LastWrites { resolutions, tasks } = last;
     let resolve_columns = ResolveColumns::of(resolutions);
-    let (ids, inputs) = queue_arguments(tasks);
+    let (ids, inputs) = (ids(tasks), by_id(tasks));
     let claim_arguments = claim.map(ClaimArguments::of);
     let resolving = async {
         if resolutions.is_empty() {
@@ -121,14 +121,11 @@ pub async fn commit_and_chain(client: &deadpool_postgres::Client) -> Result<()> 
     Ok(client.batch_execute("COMMIT AND CHAIN").await?)
 }
 
-const QUEUE_TASKS: &str = "UPDATE synapse.tasks t SET status = 'queued', input = r.input
-                             FROM unnest($1::bigint[], $2::jsonb[]) AS r(id, input)
-                            WHERE t.id = r.id AND t.status = 'pending'
+// By id, joined to nothing (see by_id).
+const QUEUE_TASKS: &str =
+    "UPDATE synapse.tasks t SET status = 'queued', input = $2::jsonb -> t.id::text
+                            WHERE t.id = ANY($1::bigint[]) AND t.status = 'pending'
                         RETURNING t.id, t.queue";
-
-pub(super) fn queue_arguments(tasks: &[(i64, Value)]) -> (Vec<i64>, Vec<&Value>) {
-    tasks.iter().map(|(id, input)| (*id, input)).unzip()
-}
 
 /// A task the engine queued.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,13 +171,12 @@ pub async fn skip_tasks(tx: &impl GenericClient, tasks: &[(i64, String)]) -> Res
     }
     let statement = tx
         .prepare_cached(
-            "UPDATE synapse.tasks t SET status = 'skipped', error = r.reason
-               FROM unnest($1::bigint[], $2::text[]) AS r(id, reason)
-              WHERE t.id = r.id AND t.status = 'pending'",
+            // By id, joined to nothing (see by_id).
+            "UPDATE synapse.tasks t SET status = 'skipped', error = $2::jsonb ->> t.id::text
+              WHERE t.id = ANY($1::bigint[]) AND t.status = 'pending'",
         )
         .await?;
-    let ids: Vec<i64> = tasks.iter().map(|(id, _)| *id).collect();
-    let reasons: Vec<&str> = tasks.iter().map(|(_, reason)| reason.as_str()).collect();
-    tx.execute(&statement, &[&ids, &reasons]).await?;
+    tx.execute(&statement, &[&ids(tasks), &by_id(tasks)])
+        .await?;
     Ok(())
 }

@@ -223,10 +223,23 @@ pub(super) const RESOLVE_EDGES: &str = "WITH resolved AS (
                         AS r(goal_id, from_step, to_step, state, error)
                   WHERE e.goal_id = r.goal_id AND e.from_step = r.from_step AND e.to_step = r.to_step
                     AND e.state = 'pending'
-              RETURNING e.goal_id, e.to_step, e.state)
+              RETURNING e.goal_id, e.to_step, e.state),
+             -- The steps that keep counts (more than one inbound edge), each
+             -- found by its key, one probe an edge, and counted.
+             counted AS (
+                 SELECT s.id, count(*)::int AS resolved, count(*) FILTER (WHERE r.state = 'taken')::int AS taken
+                   FROM resolved r
+                  CROSS JOIN LATERAL (
+                        SELECT s.id FROM synapse.tasks s
+                         WHERE s.goal_id = r.goal_id AND s.step = r.to_step AND coalesce(s.map_index, -1) = -1
+                           AND s.inbound > 1
+                         LIMIT 1) s
+                  GROUP BY s.id),
+             -- By id, joined to nothing (see by_id): the counts as one object.
+             counts AS (
+                 SELECT jsonb_object_agg(id, jsonb_build_array(resolved, taken)) AS by_id FROM counted)
              UPDATE synapse.tasks t
-                SET pending_inbound = t.pending_inbound - c.resolved, taken_inbound = t.taken_inbound + c.taken
-               FROM (SELECT goal_id, to_step, count(*)::int AS resolved,
-                            count(*) FILTER (WHERE state = 'taken')::int AS taken
-                       FROM resolved GROUP BY 1, 2) c
-              WHERE t.goal_id = c.goal_id AND t.step = c.to_step AND t.inbound > 1";
+                SET (pending_inbound, taken_inbound) = (
+                    SELECT t.pending_inbound - (k.counts ->> 0)::int, t.taken_inbound + (k.counts ->> 1)::int
+                      FROM (SELECT (SELECT by_id FROM counts) -> t.id::text) AS k(counts))
+              WHERE t.id = ANY(ARRAY(SELECT id FROM counted))";

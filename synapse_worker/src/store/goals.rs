@@ -2,9 +2,11 @@
 use std::collections::HashMap;
 
 use deadpool_postgres::GenericClient;
+use serde::Serialize;
 use serde_json::Value;
 use tokio_postgres::Row;
 
+use super::by_id::{by_id, ids};
 use super::{column, Result};
 use crate::engine::decide::{goal_value, GoalVariables};
 
@@ -55,7 +57,7 @@ pub async fn lock_running_goals(tx: &impl GenericClient, goal_ids: &[i64]) -> Re
 }
 
 pub(super) const LOCK_RUNNING_GOALS: &str = "SELECT id FROM synapse.goals
-                                   WHERE id IN (SELECT unnest($1::bigint[])) AND status = 'running'
+                                   WHERE id = ANY($1::bigint[]) AND status = 'running'
                                    ORDER BY id FOR NO KEY UPDATE";
 
 pub(super) fn goal_ids_of(rows: Vec<Row>) -> Result<Vec<i64>> {
@@ -151,16 +153,37 @@ pub async fn finish_goals(tx: &impl GenericClient, finishes: &[GoalFinish]) -> R
     }
     let statement = tx
         .prepare_cached(
-            "UPDATE synapse.goals g SET status = r.status, result = r.result, error = r.error
-               FROM unnest($1::bigint[], $2::text[], $3::jsonb[], $4::text[]) AS r(id, status, result, error)
-              WHERE g.id = r.id AND g.status = 'running'",
+            // By id, joined to nothing (see by_id).
+            "UPDATE synapse.goals g SET (status, result, error) = (
+                    SELECT r.f ->> 'status', r.f -> 'result', r.f ->> 'error'
+                      FROM (SELECT $2::jsonb -> g.id::text) AS r(f))
+              WHERE g.id = ANY($1::bigint[]) AND g.status = 'running'",
         )
         .await?;
-    let ids: Vec<i64> = finishes.iter().map(|f| f.goal_id).collect();
-    let statuses: Vec<&str> = finishes.iter().map(|f| f.status).collect();
-    let results: Vec<Option<&Value>> = finishes.iter().map(|f| f.result.as_ref()).collect();
-    let errors: Vec<Option<&str>> = finishes.iter().map(|f| f.error.as_deref()).collect();
-    tx.execute(&statement, &[&ids, &statuses, &results, &errors])
+    let finishes: Vec<(i64, Finish)> = finishes
+        .iter()
+        .map(|finish| {
+            (
+                finish.goal_id,
+                Finish {
+                    status: finish.status,
+                    result: finish.result.as_ref(),
+                    error: finish.error.as_deref(),
+                },
+            )
+        })
+        .collect();
+    tx.execute(&statement, &[&ids(&finishes), &by_id(&finishes)])
         .await?;
     Ok(())
+}
+
+/// A goal's finish as [`finish_goals`] reads it.
+#[derive(Debug, Serialize)]
+struct Finish<'a> {
+    status: &'static str,
+    /// Absent, not null: a goal may succeed with null for its result.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'a Value>,
+    error: Option<&'a str>,
 }

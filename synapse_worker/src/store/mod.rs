@@ -10,6 +10,7 @@ use tokio_postgres::types::FromSql;
 use tokio_postgres::{IsolationLevel, Row};
 use tracing::{debug, warn};
 
+mod by_id;
 pub mod child;
 mod claim;
 mod decided;

@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
+use serde::{Serialize, Serializer};
 use serde_json::Value;
+use tokio_postgres::types::Json;
 
 use super::claim::ClaimedTask;
 use super::edges::{outbound_from_arrays, with_sole_successors, OutboundEdge};
@@ -69,31 +71,28 @@ pub struct StepEnd {
 }
 
 /// The outcomes' write, returning what the engine needs of each that
-/// ended (see [`lock_goals_and_record`]).
+/// ended (see [`lock_goals_and_record`]). The batch is one jsonb object
+/// keyed by task and attempt: each row finds its own outcome by its current
+/// attempt, joined to nothing (see by_id), and an attempt that no
+/// longer holds its task finds none.
 macro_rules! recorded_outcomes {
     () => {
         "WITH recorded AS (
              UPDATE synapse.tasks t
-                SET status = r.status, result = r.result, error = r.error, failure_kind = r.kind,
-                    -- A retry's delay from now, not from the transaction's start
-                    -- (a sql step's began before its query ran).
-                    run_at = statement_timestamp() + r.delay_ms * interval '1 millisecond',
-                    -- A loop's next iteration: its own input, and retries of its own.
-                    input = coalesce(r.input, t.input),
-                    iteration = t.iteration + (r.status = 'queued')::int,
-                    attempts_before = CASE WHEN r.status = 'queued' THEN t.attempts ELSE t.attempts_before END
-               FROM unnest($1::bigint[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[], $7::text[],
-                           $8::text[], $9::jsonb[])
-                    AS r(id, attempt, status, result, error, delay_ms, kind, worker, input),
-                    synapse.goals g
-              WHERE t.id = r.id AND t.status || '' = 'running' AND t.attempts = r.attempt AND g.id = t.goal_id
-          RETURNING t.id, r.attempt,
-                    -- What expressions see of the goal, for a step's end only: an
-                    -- instance's end reads neither (a goal's input may be a large list).
-                    CASE WHEN t.map_index IS NULL THEN g.goal END AS goal,
-                    CASE WHEN t.map_index IS NULL THEN g.input END AS input,
-                    CASE WHEN t.map_index IS NULL THEN g.params END AS params,
-                    r.status, r.error, r.worker, t.started_at, t.goal_id, t.step, t.map_index)"
+                SET (status, result, error, failure_kind, run_at, input, iteration, attempts_before) = (
+                    SELECT r.o ->> 'status', r.o -> 'result', r.o ->> 'error', r.o ->> 'kind',
+                           -- A retry's delay from now, not from the transaction's start
+                           -- (a sql step's began before its query ran).
+                           statement_timestamp() + (r.o ->> 'delay_ms')::float8 * interval '1 millisecond',
+                           -- A loop's next iteration: its own input, and retries of its own.
+                           coalesce(r.o -> 'input', t.input),
+                           t.iteration + (r.o ->> 'status' = 'queued')::int,
+                           CASE WHEN r.o ->> 'status' = 'queued' THEN t.attempts ELSE t.attempts_before END
+                      FROM (SELECT $1::jsonb -> concat(t.id, ':', t.attempts)) AS r(o))
+              WHERE t.id = ANY($2::bigint[]) AND t.status || '' = 'running' AND $1::jsonb ? concat(t.id, ':', t.attempts)
+          RETURNING t.id, t.attempts AS attempt, t.status, t.error,
+                    $1::jsonb -> concat(t.id, ':', t.attempts) ->> 'worker' AS worker,
+                    t.started_at, t.goal_id, t.step, t.map_index)"
     };
 }
 
@@ -102,8 +101,15 @@ macro_rules! recorded_outcomes {
 macro_rules! outbound_of_recorded {
     () => {
         "
-             SELECT r.id, r.attempt, r.goal, r.input, r.params, o.to_steps, o.whens, o.ons, r.map_index, o.sole
+             SELECT r.id, r.attempt, g.goal, g.input, g.params, o.to_steps, o.whens, o.ons, r.map_index, o.sole
                FROM recorded r
+               -- What expressions see of the goal, for a step's end only: an
+               -- instance's end reads neither (a goal's input may be a large
+               -- list). A probe by key (LIMIT keeps it one; see by_id).
+               LEFT JOIN LATERAL (
+                    SELECT g.goal, g.input, g.params FROM synapse.goals g
+                     WHERE r.map_index IS NULL AND g.id = r.goal_id
+                     LIMIT 1) g ON true
                -- The step's pending outbound edges, in one look. An instance's end
                -- resolves no edge: its map step's does, once.
                LEFT JOIN LATERAL (
@@ -163,6 +169,74 @@ const RECORD_OUTCOMES: &str = concat!(
 /// map instances.
 const RECORD_SUCCESSES: &str = concat!(recorded_outcomes!(), "\n", outbound_of_recorded!());
 
+/// A batch of outcomes as one JSON object keyed by `task:attempt`, written
+/// straight from the borrowed outcomes.
+#[derive(Debug)]
+struct OutcomesByAttempt<'a>(&'a [(&'a ClaimedTask, &'a AttemptOutcome)]);
+
+/// One outcome as [`recorded_outcomes`] reads it.
+#[derive(Serialize)]
+struct OutcomeFields<'a> {
+    status: &'static str,
+    /// Absent, not null: a success may have null for its result.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'a Value>,
+    error: Option<&'a str>,
+    delay_ms: Option<f64>,
+    kind: Option<&'static str>,
+    worker: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input: Option<&'a Value>,
+}
+
+impl<'a> OutcomeFields<'a> {
+    fn of(task: &'a ClaimedTask, outcome: &'a AttemptOutcome) -> Self {
+        let (status, result, error, delay_ms, kind, input) = match outcome {
+            AttemptOutcome::Succeeded(result) => {
+                ("succeeded", Some(result), None, None, None, None)
+            }
+            AttemptOutcome::Retry { error, delay } => (
+                "retrying",
+                None,
+                Some(error.as_str()),
+                Some(millis(*delay)),
+                None,
+                None,
+            ),
+            AttemptOutcome::Failed(error) | AttemptOutcome::DefinitionError(error) => {
+                let kind = match outcome {
+                    AttemptOutcome::DefinitionError(_) => "definition",
+                    _ => "action",
+                };
+                ("failed", None, Some(error.as_str()), None, Some(kind), None)
+            }
+            AttemptOutcome::Again { result, input } => {
+                ("queued", Some(result), None, None, None, Some(input))
+            }
+        };
+        OutcomeFields {
+            status,
+            result,
+            error,
+            delay_ms,
+            kind,
+            worker: &task.worker,
+            input,
+        }
+    }
+}
+
+impl Serialize for OutcomesByAttempt<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(task, outcome)| {
+            (
+                format!("{}:{}", task.id, task.attempt),
+                OutcomeFields::of(task, outcome),
+            )
+        }))
+    }
+}
+
 /// Locks those of `goal_ids` that are running (as [`super::lock_running_goals`]),
 /// then records many attempts' outcomes in one statement, each only if its
 /// attempt still holds the task: the attempt number fences out a worker whose
@@ -180,43 +254,7 @@ pub async fn lock_goals_and_record(
     goal_ids: &[i64],
     outcomes: &[(&ClaimedTask, &AttemptOutcome)],
 ) -> Result<(Vec<i64>, Vec<Recorded>)> {
-    let mut ids = Vec::with_capacity(outcomes.len());
-    let mut attempts = Vec::with_capacity(outcomes.len());
-    let mut statuses = Vec::with_capacity(outcomes.len());
-    let mut results: Vec<Option<&Value>> = Vec::with_capacity(outcomes.len());
-    let mut errors: Vec<Option<&str>> = Vec::with_capacity(outcomes.len());
-    let mut delays: Vec<Option<f64>> = Vec::with_capacity(outcomes.len());
-    let mut kinds: Vec<Option<&str>> = Vec::with_capacity(outcomes.len());
-    let mut workers: Vec<&str> = Vec::with_capacity(outcomes.len());
-    let mut inputs: Vec<Option<&Value>> = Vec::with_capacity(outcomes.len());
-    for (task, outcome) in outcomes {
-        ids.push(task.id);
-        workers.push(task.worker.as_str());
-        attempts.push(task.attempt);
-        let (status, result, error, delay) = match outcome {
-            AttemptOutcome::Succeeded(result) => ("succeeded", Some(result), None, None),
-            AttemptOutcome::Retry { error, delay } => {
-                ("retrying", None, Some(error.as_str()), Some(millis(*delay)))
-            }
-            AttemptOutcome::Failed(error) | AttemptOutcome::DefinitionError(error) => {
-                ("failed", None, Some(error.as_str()), None)
-            }
-            AttemptOutcome::Again { result, .. } => ("queued", Some(result), None, None),
-        };
-        inputs.push(match outcome {
-            AttemptOutcome::Again { input, .. } => Some(input),
-            _ => None,
-        });
-        kinds.push(match outcome {
-            AttemptOutcome::Failed(_) => Some("action"),
-            AttemptOutcome::DefinitionError(_) => Some("definition"),
-            _ => None,
-        });
-        statuses.push(status);
-        results.push(result);
-        errors.push(error);
-        delays.push(delay);
-    }
+    let ids: Vec<i64> = outcomes.iter().map(|(task, _)| task.id).collect();
     // `t.status || '' = 'running'` rather than `t.status = 'running'`: the
     // plain form lets the planner scan the partial index of running tasks
     // (tasks_lease_due) instead of looking the batch up by id, and that index
@@ -245,12 +283,7 @@ pub async fn lock_goals_and_record(
         .await?;
     let (locked, rows) = futures_util::future::try_join(
         tx.query(&lock, &[&goal_ids]),
-        tx.query(
-            &record,
-            &[
-                &ids, &attempts, &statuses, &results, &errors, &delays, &kinds, &workers, &inputs,
-            ],
-        ),
+        tx.query(&record, &[&Json(OutcomesByAttempt(outcomes)), &ids]),
     )
     .await?;
     // (task id, attempt) → the position of that outcome in `outcomes`.

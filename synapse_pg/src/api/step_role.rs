@@ -59,8 +59,9 @@ fn enter(task_id: i64, attempt: i32) -> Result<String> {
         }
     }
     let owner = Spi::get_two_with_args::<pg_sys::Oid, String>(
-        "SELECT g.owner::oid, g.owner::text FROM synapse.tasks t JOIN synapse.goals g ON g.id = t.goal_id
-          WHERE t.id = $1 AND t.attempts = $2 AND t.status = 'running' AND t.action = 'sql'",
+        "SELECT g.owner::oid, g.owner::text FROM synapse.goals g
+          WHERE g.id = (SELECT t.goal_id FROM synapse.tasks t
+                         WHERE t.id = $1 AND t.attempts = $2 AND t.status = 'running' AND t.action = 'sql')",
         &[task_id.into(), attempt.into()],
     );
     let owner = match owner {

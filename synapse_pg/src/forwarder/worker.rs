@@ -781,13 +781,16 @@ fn record_deliveries(ids: &[i64], deliveries: &[Delivery]) -> Result<Recorded, F
         let retry_in = Spi::get_one_with_args::<f64>(
             "WITH refused AS (
                  UPDATE synapse.outbox o
-                    SET failures = o.failures + 1, error = r.error, streamed = r.streamed, notify = false,
-                        dispatch = CASE WHEN r.dispatched THEN NULL ELSE o.dispatch END,
-                        retry_at = clock_timestamp() + least(interval '200 ms' * power(2, o.failures),
-                                                             interval '30 s')
-                   FROM unnest($1::bigint[], $2::bool[], $3::bool[], $4::text[])
-                        AS r(id, dispatched, streamed, error)
-                  WHERE o.id = r.id
+                    SET (failures, error, streamed, notify, dispatch, retry_at) = (
+                        SELECT o.failures + 1, r.o ->> 2, (r.o ->> 1)::bool, false,
+                               CASE WHEN (r.o ->> 0)::bool THEN NULL ELSE o.dispatch END,
+                               clock_timestamp() + least(interval '200 ms' * power(2, o.failures), interval '30 s')
+                          FROM (SELECT (SELECT jsonb_object_agg(id, jsonb_build_array(dispatched, streamed, error))
+                                          FROM unnest($1::bigint[], $2::bool[], $3::bool[], $4::text[])
+                                               AS r(id, dispatched, streamed, error)) -> o.id::text) AS r(o))
+                  -- By id, joined to nothing: the outbox's statistics are
+                  -- as stale as a table emptied as fast as it fills.
+                  WHERE o.id = ANY($1::bigint[])
               RETURNING o.retry_at, o.failures)
              SELECT extract(epoch FROM min(retry_at) - clock_timestamp())::float8
                FROM refused WHERE failures < $5",

@@ -2,8 +2,9 @@
 use std::collections::HashMap;
 
 use deadpool_postgres::GenericClient;
+use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{Json, ToSql};
 
 use super::ready::{ready_arguments, ready_task, ready_tasks, READY_TASKS};
 use super::{column, Result, StoreError};
@@ -132,6 +133,7 @@ pub(super) fn with_sole_successors(
 }
 
 /// How one outbound edge resolved.
+#[derive(Debug)]
 pub struct EdgeResolution {
     /// The goal.
     pub goal_id: i64,
@@ -180,13 +182,13 @@ pub async fn resolve_edges(tx: &impl GenericClient, resolutions: &[EdgeResolutio
     Ok(())
 }
 
-/// The parameters of [`RESOLVE_EDGES`], one array per column.
+/// The parameters of [`RESOLVE_EDGES`]: each edge's key, one array per
+/// column, and how each resolved, keyed by edge.
 pub(super) struct ResolveColumns<'a> {
     goal_ids: Vec<i64>,
     from: Vec<&'a str>,
     to: Vec<&'a str>,
-    states: Vec<&'static str>,
-    errors: Vec<Option<&'a str>>,
+    states: Json<ResolutionsByEdge<'a>>,
 }
 
 impl<'a> ResolveColumns<'a> {
@@ -195,19 +197,39 @@ impl<'a> ResolveColumns<'a> {
             goal_ids: resolutions.iter().map(|r| r.goal_id).collect(),
             from: resolutions.iter().map(|r| r.from.as_str()).collect(),
             to: resolutions.iter().map(|r| r.to.as_str()).collect(),
-            states: resolutions.iter().map(|r| r.state).collect(),
-            errors: resolutions.iter().map(|r| r.error.as_deref()).collect(),
+            states: Json(ResolutionsByEdge(resolutions)),
         }
     }
 
-    pub(crate) fn parameters(&self) -> [&(dyn ToSql + Sync); 5] {
-        [
-            &self.goal_ids,
-            &self.from,
-            &self.to,
-            &self.states,
-            &self.errors,
-        ]
+    pub(crate) fn parameters(&self) -> [&(dyn ToSql + Sync); 4] {
+        [&self.goal_ids, &self.from, &self.to, &self.states]
+    }
+}
+
+/// Resolutions as `{"goal:from:to": [state, error], …}` (step ids hold no
+/// `:`), written straight from the borrowed resolutions.
+#[derive(Debug)]
+struct ResolutionsByEdge<'a>(&'a [EdgeResolution]);
+
+impl Serialize for ResolutionsByEdge<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_map(
+            self.0
+                .iter()
+                .map(|r| (EdgeKey(r), (r.state, r.error.as_deref()))),
+        )
+    }
+}
+
+/// An edge's key in [`ResolutionsByEdge`].
+struct EdgeKey<'a>(&'a EdgeResolution);
+
+impl Serialize for EdgeKey<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        let EdgeResolution {
+            goal_id, from, to, ..
+        } = self.0;
+        serializer.collect_str(&format_args!("{goal_id}:{from}:{to}"))
     }
 }
 
@@ -218,11 +240,20 @@ impl<'a> ResolveColumns<'a> {
 /// decided (a second write of each of a 2 000-wide fan-out's steps in one
 /// transaction doubled the cost of queueing them).
 pub(super) const RESOLVE_EDGES: &str = "WITH resolved AS (
-                 UPDATE synapse.edges e SET state = r.state, error = r.error, resolved_at = statement_timestamp()
-                   FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
-                        AS r(goal_id, from_step, to_step, state, error)
-                  WHERE e.goal_id = r.goal_id AND e.from_step = r.from_step AND e.to_step = r.to_step
-                    AND e.state = 'pending'
+                 UPDATE synapse.edges e SET (state, error, resolved_at) = (
+                        SELECT r.o ->> 0, r.o ->> 1, statement_timestamp()
+                          FROM (SELECT $4::jsonb -> concat(e.goal_id, ':', e.from_step, ':', e.to_step)) AS r(o))
+                  -- Each edge found by its key, one probe an edge, and updated
+                  -- by the row found, joined to nothing (see by_id). Every writer
+                  -- of a goal's edges holds the goal's row lock first, so the
+                  -- row cannot move between the probe and the update.
+                  WHERE e.ctid = ANY(ARRAY(
+                            SELECT p.ctid FROM unnest($1::bigint[], $2::text[], $3::text[]) AS r(goal_id, from_step, to_step)
+                             CROSS JOIN LATERAL (
+                                   SELECT p.ctid FROM synapse.edges p
+                                    WHERE p.goal_id = r.goal_id AND p.from_step = r.from_step AND p.to_step = r.to_step
+                                    LIMIT 1) p))
+                    AND e.state = 'pending' AND $4::jsonb ? concat(e.goal_id, ':', e.from_step, ':', e.to_step)
               RETURNING e.goal_id, e.to_step, e.state),
              -- The steps that keep counts (more than one inbound edge), each
              -- found by its key, one probe an edge, and counted.
@@ -243,3 +274,29 @@ pub(super) const RESOLVE_EDGES: &str = "WITH resolved AS (
                     SELECT t.pending_inbound - (k.counts ->> 0)::int, t.taken_inbound + (k.counts ->> 1)::int
                       FROM (SELECT (SELECT by_id FROM counts) -> t.id::text) AS k(counts))
               WHERE t.id = ANY(ARRAY(SELECT id FROM counted))";
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn resolutions_are_keyed_by_goal_from_and_to_with_their_state_and_error() {
+        let resolution = |goal_id, to: &str, state, error: Option<&str>| EdgeResolution {
+            goal_id,
+            from: "check".into(),
+            to: to.into(),
+            state,
+            error: error.map(Into::into),
+        };
+        let resolutions = [
+            resolution(7, "refund", "taken", None),
+            resolution(12, "notify", "error", Some("no such key")),
+        ];
+        assert_eq!(
+            serde_json::to_value(ResolutionsByEdge(&resolutions)).unwrap(),
+            json!({"7:check:refund": ["taken", null], "12:check:notify": ["error", "no such key"]})
+        );
+    }
+}

@@ -8,6 +8,7 @@
 use deadpool_postgres::GenericClient;
 use serde_json::Value;
 
+use super::by_id::{by_id, ids};
 use super::{column, Queued, Result};
 
 /// How a map step that started came out at once.
@@ -73,7 +74,10 @@ pub async fn progress(tx: &impl GenericClient, maps: &[(i64, String)]) -> Result
             "SELECT m.id, m.goal_id, m.step, m.map_size, m.map_next, m.map_ended, m.map_failed, m.max_parallel,
                     m.tolerate
                FROM unnest($1::bigint[], $2::text[]) AS s(goal_id, step)
-               JOIN synapse.tasks m ON m.goal_id = s.goal_id AND m.step = s.step AND coalesce(m.map_index, -1) = -1
+              CROSS JOIN LATERAL (
+                    SELECT m.* FROM synapse.tasks m
+                     WHERE m.goal_id = s.goal_id AND m.step = s.step AND coalesce(m.map_index, -1) = -1
+                     LIMIT 1) m
               WHERE m.status = 'waiting'
               ORDER BY m.id",
         )
@@ -113,9 +117,14 @@ pub async fn recount(tx: &impl GenericClient, instance_ids: &[i64]) -> Result<()
                     map_failed = (SELECT count(*) FROM synapse.tasks i
                                    WHERE i.goal_id = m.goal_id AND i.step = m.step AND i.map_index IS NOT NULL
                                      AND i.status = 'failed')
-               FROM (SELECT DISTINCT goal_id, step FROM synapse.tasks
-                      WHERE id = ANY($1::bigint[]) AND map_index IS NOT NULL) s
-              WHERE m.goal_id = s.goal_id AND m.step = s.step AND coalesce(m.map_index, -1) = -1 AND m.status = 'waiting'",
+              WHERE m.id = ANY(ARRAY(
+                        SELECT s.id FROM synapse.tasks i
+                         CROSS JOIN LATERAL (
+                               SELECT s.id FROM synapse.tasks s
+                                WHERE s.goal_id = i.goal_id AND s.step = i.step AND coalesce(s.map_index, -1) = -1
+                                LIMIT 1) s
+                         WHERE i.id = ANY($1::bigint[]) AND i.map_index IS NOT NULL))
+                AND m.status = 'waiting'",
         )
         .await?;
     tx.execute(&statement, &[&instance_ids]).await?;
@@ -131,25 +140,30 @@ pub async fn queue_instances(
     if ranges.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<i64> = ranges.iter().map(|(id, _, _)| *id).collect();
-    let from: Vec<i32> = ranges.iter().map(|(_, from, _)| *from).collect();
-    let to: Vec<i32> = ranges.iter().map(|(_, _, to)| *to).collect();
+    let ranges: Vec<(i64, (i32, i32))> = ranges
+        .iter()
+        .map(|&(id, from, to)| (id, (from, to)))
+        .collect();
     let statement = tx
         .prepare_cached(
             "WITH advanced AS (
-                 UPDATE synapse.tasks m SET map_next = r.to_index
-                   FROM unnest($1::bigint[], $2::int[], $3::int[]) AS r(id, from_index, to_index)
-                  WHERE m.id = r.id AND m.map_next = r.from_index
-              RETURNING m.goal_id, m.step, r.from_index, r.to_index)
+                 UPDATE synapse.tasks m SET map_next = ($2::jsonb -> m.id::text ->> 1)::int
+                  WHERE m.id = ANY($1::bigint[]) AND m.map_next = ($2::jsonb -> m.id::text ->> 0)::int
+              RETURNING m.goal_id, m.step, m.map_next AS to_index, ($2::jsonb -> m.id::text ->> 0)::int AS from_index)
              UPDATE synapse.tasks i SET status = 'queued'
-               FROM advanced a
-              WHERE i.goal_id = a.goal_id AND i.step = a.step
-                AND coalesce(i.map_index, -1) >= a.from_index AND coalesce(i.map_index, -1) < a.to_index
+              WHERE i.id = ANY(ARRAY(
+                        SELECT i.id FROM advanced a
+                         CROSS JOIN LATERAL (
+                               -- OFFSET 0: a scan of each step's range, not a join.
+                               SELECT i.id FROM synapse.tasks i
+                                WHERE i.goal_id = a.goal_id AND i.step = a.step
+                                  AND coalesce(i.map_index, -1) >= a.from_index AND coalesce(i.map_index, -1) < a.to_index
+                               OFFSET 0) i))
                 AND i.status = 'pending'
           RETURNING i.id, i.queue",
         )
         .await?;
-    tx.query(&statement, &[&ids, &from, &to])
+    tx.query(&statement, &[&ids(&ranges), &by_id(&ranges)])
         .await?
         .iter()
         .map(|row| {
@@ -205,12 +219,10 @@ pub async fn fail(tx: &impl GenericClient, failures: &[(i64, String)]) -> Result
     if failures.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<i64> = failures.iter().map(|(id, _)| *id).collect();
-    let reasons: Vec<&str> = failures.iter().map(|(_, reason)| reason.as_str()).collect();
     let statement = tx
         .prepare_cached(
             "WITH failing AS (
-                 SELECT m.id, m.goal_id, m.step, r.reason,
+                 SELECT m.id, m.goal_id, m.step, m.reason,
                         (SELECT format('instance %s: %s', i.map_index, coalesce(i.error, 'failed'))
                            FROM synapse.tasks i
                           WHERE i.goal_id = m.goal_id AND i.step = m.step AND i.map_index IS NOT NULL
@@ -219,24 +231,31 @@ pub async fn fail(tx: &impl GenericClient, failures: &[(i64, String)]) -> Result
                         EXISTS (SELECT FROM synapse.tasks i
                                  WHERE i.goal_id = m.goal_id AND i.step = m.step AND i.map_index IS NOT NULL
                                    AND i.status = 'failed' AND i.failure_kind = 'definition') AS definition
-                   FROM unnest($1::bigint[], $2::text[]) AS r(id, reason)
-                   JOIN synapse.tasks m ON m.id = r.id
-                  WHERE m.status = 'waiting'),
+                   FROM (SELECT m.*, $2::jsonb ->> m.id::text AS reason FROM synapse.tasks m
+                          WHERE m.id = ANY($1::bigint[]) AND m.status = 'waiting') m),
              cancelled AS (
                  UPDATE synapse.tasks i
-                    SET status = 'cancelled', error = format('step %s failed: %s', f.step, f.reason)
-                   FROM failing f
-                  WHERE i.goal_id = f.goal_id AND i.step = f.step AND i.map_index IS NOT NULL
+                    SET status = 'cancelled',
+                        error = (SELECT format('step %s failed: %s', f.step, f.reason) FROM failing f
+                                  WHERE f.goal_id = i.goal_id AND f.step = i.step)
+                  WHERE i.id = ANY(ARRAY(
+                            SELECT i.id FROM failing f
+                             CROSS JOIN LATERAL (
+                                   -- OFFSET 0: a scan of each step's instances, not a join.
+                                   SELECT i.id FROM synapse.tasks i
+                                    WHERE i.goal_id = f.goal_id AND i.step = f.step AND i.map_index IS NOT NULL
+                                   OFFSET 0) i))
                     AND i.status IN ('pending', 'queued', 'running', 'retrying'))
              UPDATE synapse.tasks m
-                SET status = 'failed', error = concat_ws('; ', f.reason, f.first_error),
-                    failure_kind = CASE WHEN f.definition THEN 'definition' ELSE 'action' END
-               FROM failing f
-              WHERE m.id = f.id
-          RETURNING m.id, m.error, f.definition",
+                SET (status, error, failure_kind) = (
+                    SELECT 'failed', concat_ws('; ', f.reason, f.first_error),
+                           CASE WHEN f.definition THEN 'definition' ELSE 'action' END
+                      FROM failing f WHERE f.id = m.id)
+              WHERE m.id = ANY(ARRAY(SELECT id FROM failing))
+          RETURNING m.id, m.error, m.failure_kind = 'definition'",
         )
         .await?;
-    tx.query(&statement, &[&ids, &reasons])
+    tx.query(&statement, &[&ids(failures), &by_id(failures)])
         .await?
         .iter()
         .map(|row| {

@@ -149,13 +149,24 @@ const RECORD_OUTCOMES: &str = concat!(
     ",
              -- Each instance that ended counts on its map step, in this statement
              -- (the goal lock orders the counts); the engine decides the step.
+             -- Each map step found by its key, one probe an instance, and
+             -- updated by id, joined to nothing (see by_id).
+             instances_ended AS (
+                 SELECT m.id, count(*)::int AS ended, count(*) FILTER (WHERE r.status = 'failed')::int AS failed
+                   FROM recorded r
+                  CROSS JOIN LATERAL (
+                        SELECT m.id FROM synapse.tasks m
+                         WHERE m.goal_id = r.goal_id AND m.step = r.step AND coalesce(m.map_index, -1) = -1
+                         LIMIT 1) m
+                  WHERE r.map_index IS NOT NULL AND r.status IN ('succeeded', 'failed')
+                  GROUP BY m.id),
              counted AS (
-                 UPDATE synapse.tasks m SET map_ended = m.map_ended + c.ended, map_failed = m.map_failed + c.failed
-                   FROM (SELECT goal_id, step, count(*)::int AS ended,
-                                count(*) FILTER (WHERE status = 'failed')::int AS failed
-                           FROM recorded WHERE map_index IS NOT NULL AND status IN ('succeeded', 'failed')
-                          GROUP BY goal_id, step) c
-                  WHERE m.goal_id = c.goal_id AND m.step = c.step AND coalesce(m.map_index, -1) = -1 AND m.status = 'waiting'),
+                 UPDATE synapse.tasks m
+                    SET (map_ended, map_failed) = (
+                        SELECT m.map_ended + (k.counts ->> 0)::int, m.map_failed + (k.counts ->> 1)::int
+                          FROM (SELECT (SELECT jsonb_object_agg(id, jsonb_build_array(ended, failed))
+                                          FROM instances_ended) -> m.id::text) AS k(counts))
+                  WHERE m.id = ANY(ARRAY(SELECT id FROM instances_ended)) AND m.status = 'waiting'),
              -- Only a failure costs a row: the attempt, kept with its error.
              kept AS (
                  INSERT INTO synapse.attempts (task_id, attempt, worker, started_at, error)

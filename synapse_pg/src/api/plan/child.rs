@@ -73,8 +73,8 @@ fn start_child(
 /// child to exist and cancels it too.
 fn lock_parent(task_id: i64, attempt: i32) -> Result<Option<Parent>> {
     let goal = Spi::get_two_with_args::<i64, i32>(
-        "SELECT g.id, g.depth FROM synapse.goals g JOIN synapse.tasks t ON t.goal_id = g.id
-          WHERE t.id = $1 AND g.status = 'running'
+        "SELECT g.id, g.depth FROM synapse.goals g
+          WHERE g.id = (SELECT t.goal_id FROM synapse.tasks t WHERE t.id = $1) AND g.status = 'running'
             FOR NO KEY UPDATE OF g",
         &[task_id.into()],
     );

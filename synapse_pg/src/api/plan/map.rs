@@ -105,8 +105,8 @@ pub(super) fn start(task_id: i64, expansion: Expansion) -> Result<&'static str> 
         // row inserted, once (schema.sql says why tasks have no key).
         let hold = prepared(
             client,
-            "SELECT g.id FROM synapse.goals g JOIN synapse.tasks t ON t.goal_id = g.id
-              WHERE t.id = $1 FOR KEY SHARE OF g",
+            "SELECT g.id FROM synapse.goals g
+              WHERE g.id = (SELECT t.goal_id FROM synapse.tasks t WHERE t.id = $1) FOR KEY SHARE OF g",
             &[oid(PgBuiltInOids::INT8OID)],
         )?;
         if client.update(&*hold, None, &[task_id.into()])?.is_empty() {
@@ -241,8 +241,9 @@ fn pending_map(task_id: i64) -> Result<Option<PendingMap>> {
     Ok(Spi::connect(|client| {
         let row = client.select(
             "SELECT t.goal_id, t.step, t.for_each_expr, t.input_expr,
-                    jsonb_build_object('id', g.id, 'goal', g.goal, 'input', g.input, 'params', g.params)
-               FROM synapse.tasks t JOIN synapse.goals g ON g.id = t.goal_id
+                    (SELECT jsonb_build_object('id', g.id, 'goal', g.goal, 'input', g.input, 'params', g.params)
+                       FROM synapse.goals g WHERE g.id = t.goal_id)
+               FROM synapse.tasks t
               WHERE t.id = $1 AND t.status = 'pending' AND t.for_each_expr IS NOT NULL",
             Some(1),
             &[task_id.into()],

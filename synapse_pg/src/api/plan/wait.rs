@@ -237,7 +237,7 @@ fn start_waits(
 fn goal_of(task_id: i64) -> Result<Value> {
     Ok(Spi::get_one_with_args::<JsonB>(
         "SELECT jsonb_build_object('id', g.id, 'goal', g.goal, 'input', g.input, 'params', g.params)
-           FROM synapse.tasks t JOIN synapse.goals g ON g.id = t.goal_id WHERE t.id = $1",
+           FROM synapse.goals g WHERE g.id = (SELECT t.goal_id FROM synapse.tasks t WHERE t.id = $1)",
         &[task_id.into()],
     )
     .or_else(none_if_no_row)?

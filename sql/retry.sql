@@ -41,7 +41,8 @@ BEGIN
     END IF;
     -- The steps to run again: those named and everything downstream of them.
     WITH RECURSIVE downstream(step) AS (
-        SELECT unnest(from_steps)
+        -- In byte order, as the edges' steps it meets.
+        SELECT unnest(from_steps) COLLATE "C"
         UNION
         SELECT e.to_step FROM synapse.edges AS e JOIN downstream AS d ON e.from_step = d.step
          WHERE e.goal_id = retry_goal.goal_id)

@@ -94,7 +94,10 @@ CREATE INDEX goals_children ON synapse.goals (parent_goal_id) WHERE parent_goal_
 CREATE TABLE synapse.tasks (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     goal_id          bigint      NOT NULL,
-    step             synapse.step_id NOT NULL,
+    -- Byte order ("C"): step ids are ASCII, and every index that holds one
+    -- compares them at each insert and lookup; the database's collation would
+    -- call the C library's strcoll for each comparison.
+    step             synapse.step_id COLLATE "C" NOT NULL,
     action           text        NOT NULL,
     params           jsonb       NOT NULL DEFAULT '{}',
     input_expr       text,
@@ -187,8 +190,9 @@ CREATE UNIQUE INDEX tasks_step ON synapse.tasks (goal_id, step, coalesce(map_ind
 CREATE TABLE synapse.edges (
     goal_id     bigint      NOT NULL,
     position    integer     NOT NULL,
-    from_step   text        NOT NULL,
-    to_step     text        NOT NULL,
+    -- Byte order, as tasks.step.
+    from_step   text        COLLATE "C" NOT NULL,
+    to_step     text        COLLATE "C" NOT NULL,
     when_expr   text,
     on_outcome  synapse.edge_on NOT NULL DEFAULT 'success',
     state       synapse.edge_state NOT NULL DEFAULT 'pending',

@@ -14,7 +14,7 @@ const WAIT: Duration = Duration::from_secs(60);
 /// and updated to this release.
 const RELEASES: &[&str] = &[
     "0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0", "0.8.0", "0.9.0", "0.10.0",
-    "0.11.0", "0.12.0", "0.13.0", "0.14.0", "0.15.0", "0.16.0",
+    "0.11.0", "0.12.0", "0.13.0", "0.14.0", "0.15.0", "0.16.0", "0.17.0",
 ];
 
 /// One line per object of the `synapse` schema and its extension: columns,
@@ -23,7 +23,8 @@ const RELEASES: &[&str] = &[
 /// that the order objects were created in does not matter.
 const DESCRIBE_SCHEMA: &str = r#"
 SELECT line FROM (
-    SELECT format('column %s.%s %s%s%s%s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
+    SELECT format('column %s.%s %s%s%s%s%s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
+                  CASE WHEN a.attcollation <> 0 THEN ' collate ' || a.attcollation::regcollation::text ELSE '' END,
                   CASE WHEN a.attnotnull THEN ' not null' ELSE '' END,
                   coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), ''),
                   CASE WHEN a.attidentity <> '' THEN ' identity ' || a.attidentity::text ELSE '' END) AS line
@@ -237,7 +238,7 @@ fn a_running_worker_carries_on_when_a_column_its_statements_return_changes() {
     }
     client
         .batch_execute(
-            r#"ALTER TABLE synapse.tasks ALTER COLUMN step TYPE synapse.step_id COLLATE "C""#,
+            r#"ALTER TABLE synapse.tasks ALTER COLUMN action TYPE text COLLATE "C""#,
         )
         .unwrap();
     for _ in 0..4 {

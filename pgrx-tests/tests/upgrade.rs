@@ -237,9 +237,7 @@ fn a_running_worker_carries_on_when_a_column_its_statements_return_changes() {
         assert_eq!(wait_for_goal(&stack, goal, WAIT)["status"], "succeeded");
     }
     client
-        .batch_execute(
-            r#"ALTER TABLE synapse.tasks ALTER COLUMN action TYPE text COLLATE "C""#,
-        )
+        .batch_execute(r#"ALTER TABLE synapse.tasks ALTER COLUMN action TYPE text COLLATE "C""#)
         .unwrap();
     for _ in 0..4 {
         let goal = submit_plan(&mut client, chain);

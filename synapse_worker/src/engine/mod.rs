@@ -114,6 +114,7 @@ async fn decide_outbound(
             to: edge.to.clone(),
             state: resolution.state(),
             error,
+            may_count: edge.sole.is_none(),
         });
         // A successor whose condition failed fails first (see `propagate`).
         if let (Some(task), false) = (edge.sole, matches!(resolution, Resolution::Error(_))) {

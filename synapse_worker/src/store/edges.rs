@@ -145,6 +145,10 @@ pub struct EdgeResolution {
     pub state: &'static str,
     /// Why its condition failed.
     pub error: Option<String>,
+    /// The step it leads to may keep counts of its inbound edges (it was
+    /// not read as a pending step with this edge its only one): the
+    /// resolution then looks for it, to count on it.
+    pub may_count: bool,
 }
 
 /// Records how edges resolved (of any steps and goals), then reads which of
@@ -206,8 +210,8 @@ impl<'a> ResolveColumns<'a> {
     }
 }
 
-/// Resolutions as `{"goal:from:to": [state, error], …}` (step ids hold no
-/// `:`), written straight from the borrowed resolutions.
+/// Resolutions as `{"goal:from:to": [state, error, may_count], …}` (step
+/// ids hold no `:`), written straight from the borrowed resolutions.
 #[derive(Debug)]
 struct ResolutionsByEdge<'a>(&'a [EdgeResolution]);
 
@@ -216,7 +220,7 @@ impl Serialize for ResolutionsByEdge<'_> {
         serializer.collect_map(
             self.0
                 .iter()
-                .map(|r| (EdgeKey(r), (r.state, r.error.as_deref()))),
+                .map(|r| (EdgeKey(r), (r.state, r.error.as_deref(), r.may_count))),
         )
     }
 }
@@ -254,16 +258,19 @@ pub(super) const RESOLVE_EDGES: &str = "WITH resolved AS (
                                     WHERE p.goal_id = r.goal_id AND p.from_step = r.from_step AND p.to_step = r.to_step
                                     LIMIT 1) p))
                     AND e.state = 'pending' AND $4::jsonb ? concat(e.goal_id, ':', e.from_step, ':', e.to_step)
-              RETURNING e.goal_id, e.to_step, e.state),
+              RETURNING e.goal_id, e.to_step, e.state,
+                        ($4::jsonb -> concat(e.goal_id, ':', e.from_step, ':', e.to_step) ->> 2)::bool AS may_count),
              -- The steps that keep counts (more than one inbound edge), each
-             -- found by its key, one probe an edge, and counted.
+             -- found by its key, one probe an edge, and counted; not looked
+             -- for when the edge is known to be its step's only one (a wide
+             -- fan-out's root resolves thousands of those).
              counted AS (
                  SELECT s.id, count(*)::int AS resolved, count(*) FILTER (WHERE r.state = 'taken')::int AS taken
                    FROM resolved r
                   CROSS JOIN LATERAL (
                         SELECT s.id FROM synapse.tasks s
-                         WHERE s.goal_id = r.goal_id AND s.step = r.to_step AND coalesce(s.map_index, -1) = -1
-                           AND s.inbound > 1
+                         WHERE r.may_count AND s.goal_id = r.goal_id AND s.step = r.to_step
+                           AND coalesce(s.map_index, -1) = -1 AND s.inbound > 1
                          LIMIT 1) s
                   GROUP BY s.id),
              -- By id, joined to nothing (see by_id): the counts as one object.
@@ -289,6 +296,7 @@ mod tests {
             to: to.into(),
             state,
             error: error.map(Into::into),
+            may_count: error.is_none(),
         };
         let resolutions = [
             resolution(7, "refund", "taken", None),
@@ -296,7 +304,8 @@ mod tests {
         ];
         assert_eq!(
             serde_json::to_value(ResolutionsByEdge(&resolutions)).unwrap(),
-            json!({"7:check:refund": ["taken", null], "12:check:notify": ["error", "no such key"]})
+            json!({"7:check:refund": ["taken", null, true],
+                   "12:check:notify": ["error", "no such key", false]})
         );
     }
 }

@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use super::by_id::{by_id, ids};
 use super::claim::{claimed_tasks, Claim, ClaimArguments, ClaimedTask, CLAIM_TASKS};
-use super::edges::{EdgeResolution, ResolveColumns, RESOLVE_EDGES};
+use super::edges::{resolve_statement, EdgeResolution, ResolveColumns};
 use super::{column, Result};
 use crate::engine::decide::{EndedStep, Outcome};
 
@@ -74,7 +74,9 @@ pub async fn queue_claim_and_commit(
 ) -> Result<Vec<ClaimedTask>> {
     // Prepared first (cached after a connection's first use): a statement
     // still to be prepared would go out after the COMMIT.
-    let resolve = client.prepare_cached(RESOLVE_EDGES).await?;
+    let resolve = client
+        .prepare_cached(resolve_statement(last.resolutions))
+        .await?;
     let queue = client.prepare_cached(QUEUE_TASKS).await?;
     let claiming = client.prepare_cached(CLAIM_TASKS).await?;
     let LastWrites { resolutions, tasks } = last;

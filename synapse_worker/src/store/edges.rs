@@ -165,7 +165,7 @@ pub async fn resolve_edges_then_ready(
     }
     // Both prepared first: a statement still to be prepared would go out
     // after the other.
-    let resolve = tx.prepare_cached(RESOLVE_EDGES).await?;
+    let resolve = tx.prepare_cached(resolve_statement(resolutions)).await?;
     let ready = tx.prepare_cached(READY_TASKS).await?;
     let columns = ResolveColumns::of(resolutions);
     let parameters = columns.parameters();
@@ -186,7 +186,7 @@ pub async fn resolve_edges(tx: &impl GenericClient, resolutions: &[EdgeResolutio
     Ok(())
 }
 
-/// The parameters of [`RESOLVE_EDGES`]: each edge's key, one array per
+/// The parameters of [`resolve_statement`]: each edge's key, one array per
 /// column, and how each resolved, keyed by edge.
 pub(super) struct ResolveColumns<'a> {
     goal_ids: Vec<i64>,
@@ -237,13 +237,10 @@ impl Serialize for EdgeKey<'_> {
     }
 }
 
-/// Each edge resolved counts on its target, in the same statement (pending,
-/// and taken): its join is decided from the counts, and no later read has to
-/// look for its edges. A step with one inbound edge keeps no counts: that
-/// edge says how it stands, and the row is written once, when the step is
-/// decided (a second write of each of a 2 000-wide fan-out's steps in one
-/// transaction doubled the cost of queueing them).
-pub(super) const RESOLVE_EDGES: &str = "WITH resolved AS (
+/// The edges' own write: how each resolved, found by its key.
+macro_rules! update_edges {
+    () => {
+        "
                  UPDATE synapse.edges e SET (state, error, resolved_at) = (
                         SELECT r.o ->> 0, r.o ->> 1, statement_timestamp()
                           FROM (SELECT $4::jsonb -> concat(e.goal_id, ':', e.from_step, ':', e.to_step)) AS r(o))
@@ -257,7 +254,20 @@ pub(super) const RESOLVE_EDGES: &str = "WITH resolved AS (
                                    SELECT p.ctid FROM synapse.edges p
                                     WHERE p.goal_id = r.goal_id AND p.from_step = r.from_step AND p.to_step = r.to_step
                                     LIMIT 1) p))
-                    AND e.state = 'pending' AND $4::jsonb ? concat(e.goal_id, ':', e.from_step, ':', e.to_step)
+                    AND e.state = 'pending' AND $4::jsonb ? concat(e.goal_id, ':', e.from_step, ':', e.to_step)"
+    };
+}
+
+/// Each edge resolved counts on its target, in the same statement (pending,
+/// and taken): its join is decided from the counts, and no later read has to
+/// look for its edges. A step with one inbound edge keeps no counts: that
+/// edge says how it stands, and the row is written once, when the step is
+/// decided (a second write of each of a 2 000-wide fan-out's steps in one
+/// transaction doubled the cost of queueing them).
+const RESOLVE_EDGES: &str = concat!(
+    "WITH resolved AS (",
+    update_edges!(),
+    "
               RETURNING e.goal_id, e.to_step, e.state,
                         ($4::jsonb -> concat(e.goal_id, ':', e.from_step, ':', e.to_step) ->> 2)::bool AS may_count),
              -- The steps that keep counts (more than one inbound edge), each
@@ -280,7 +290,23 @@ pub(super) const RESOLVE_EDGES: &str = "WITH resolved AS (
                 SET (pending_inbound, taken_inbound) = (
                     SELECT t.pending_inbound - (k.counts ->> 0)::int, t.taken_inbound + (k.counts ->> 1)::int
                       FROM (SELECT (SELECT by_id FROM counts) -> t.id::text) AS k(counts))
-              WHERE t.id = ANY(ARRAY(SELECT id FROM counted))";
+              WHERE t.id = ANY(ARRAY(SELECT id FROM counted))"
+);
+
+/// The edges alone, when none may count on its step (a chain's, a fan-out's
+/// root's): no write of `tasks`, so none of its statement triggers either.
+const RESOLVE_EDGES_ALONE: &str = update_edges!();
+
+/// The statement that records `resolutions`: [`RESOLVE_EDGES`], or the
+/// edges alone when none may count on its step. Both take
+/// [`ResolveColumns::parameters`].
+pub(super) fn resolve_statement(resolutions: &[EdgeResolution]) -> &'static str {
+    if resolutions.iter().any(|r| r.may_count) {
+        RESOLVE_EDGES
+    } else {
+        RESOLVE_EDGES_ALONE
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -288,16 +314,36 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn resolutions_are_keyed_by_goal_from_and_to_with_their_state_and_error() {
-        let resolution = |goal_id, to: &str, state, error: Option<&str>| EdgeResolution {
+    fn resolution(
+        goal_id: i64,
+        to: &str,
+        state: &'static str,
+        error: Option<&str>,
+    ) -> EdgeResolution {
+        EdgeResolution {
             goal_id,
             from: "check".into(),
             to: to.into(),
             state,
             error: error.map(Into::into),
             may_count: error.is_none(),
-        };
+        }
+    }
+
+    #[test]
+    fn only_edges_that_may_count_on_their_step_write_tasks_too() {
+        let sole = resolution(7, "notify", "error", Some("no such key"));
+        let join = resolution(7, "join", "taken", None);
+        assert_eq!(
+            resolve_statement(std::slice::from_ref(&sole)),
+            RESOLVE_EDGES_ALONE
+        );
+        assert!(!RESOLVE_EDGES_ALONE.contains("synapse.tasks"));
+        assert_eq!(resolve_statement(&[sole, join]), RESOLVE_EDGES);
+    }
+
+    #[test]
+    fn resolutions_are_keyed_by_goal_from_and_to_with_their_state_and_error() {
         let resolutions = [
             resolution(7, "refund", "taken", None),
             resolution(12, "notify", "error", Some("no such key")),

@@ -319,6 +319,7 @@ mod tests {
         to: &str,
         state: &'static str,
         error: Option<&str>,
+        may_count: bool,
     ) -> EdgeResolution {
         EdgeResolution {
             goal_id,
@@ -326,14 +327,14 @@ mod tests {
             to: to.into(),
             state,
             error: error.map(Into::into),
-            may_count: error.is_none(),
+            may_count,
         }
     }
 
     #[test]
     fn only_edges_that_may_count_on_their_step_write_tasks_too() {
-        let sole = resolution(7, "notify", "error", Some("no such key"));
-        let join = resolution(7, "join", "taken", None);
+        let sole = resolution(7, "notify", "error", Some("no such key"), false);
+        let join = resolution(7, "join", "taken", None, true);
         assert_eq!(
             resolve_statement(std::slice::from_ref(&sole)),
             RESOLVE_EDGES_ALONE
@@ -345,8 +346,8 @@ mod tests {
     #[test]
     fn resolutions_are_keyed_by_goal_from_and_to_with_their_state_and_error() {
         let resolutions = [
-            resolution(7, "refund", "taken", None),
-            resolution(12, "notify", "error", Some("no such key")),
+            resolution(7, "refund", "taken", None, true),
+            resolution(12, "notify", "error", Some("no such key"), false),
         ];
         assert_eq!(
             serde_json::to_value(ResolutionsByEdge(&resolutions)).unwrap(),

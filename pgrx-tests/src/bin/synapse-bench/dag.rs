@@ -5,13 +5,16 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use synapse_e2e::{postgres, Stack};
+use synapse_e2e::{postgres, Stack, WorkerProcess};
 
+use crate::cost::{cost_figures, measured, Cost, CostWindow};
 use crate::figure::{median, median_of, ms, Baseline, Figure};
 use crate::goals::{run_plan, submit_goals, wait_for_goals};
 use crate::latency::serial_commit_to_start;
 use crate::options::Sizes;
+use crate::sessions::meter;
 use crate::targets::Metric;
+use crate::wal;
 use crate::workers;
 
 /// A chain of `length` no-op steps; returns ms per step.
@@ -113,8 +116,15 @@ struct DiamondsRun {
 }
 
 /// `count` goals a → b, a → c, b → d, c → d (d joins all) submitted in one
-/// transaction; from its commit returned until every goal has ended.
-fn diamonds(client: &mut postgres::Client, count: usize) -> DiamondsRun {
+/// transaction; from its commit returned until every goal has ended, with
+/// its cost over the same window (`workers` running).
+fn diamonds(
+    stack: &Stack,
+    client: &mut postgres::Client,
+    meter: &mut postgres::Client,
+    workers: &[u32],
+    count: usize,
+) -> (DiamondsRun, Cost) {
     let blueprint = json!({
         "steps": [
             {"id": "a", "action": "noop"},
@@ -132,8 +142,10 @@ fn diamonds(client: &mut postgres::Client, count: usize) -> DiamondsRun {
     let sent = Instant::now();
     let ids = submit_goals(client, &blueprint, count);
     let committed = Instant::now();
+    let window = CostWindow::open(stack, meter, workers);
     wait_for_goals(client, ids, Duration::from_secs(600));
     let elapsed = committed.elapsed();
+    let cost = window.close(stack, meter, workers, (4 * count) as f64);
     let failed = client
         .query_one(
             "SELECT count(*) FROM synapse.goals WHERE id BETWEEN $1 AND $2 AND status <> 'succeeded'",
@@ -142,15 +154,18 @@ fn diamonds(client: &mut postgres::Client, count: usize) -> DiamondsRun {
         .unwrap()
         .get::<_, i64>(0);
     assert_eq!(failed, 0, "some diamonds did not succeed");
-    DiamondsRun {
+    let run = DiamondsRun {
         wall_ms: ms(elapsed),
         tasks_per_s: (4 * count) as f64 / elapsed.as_secs_f64(),
         submit_ms: ms(committed - sent),
-    }
+    };
+    (run, cost)
 }
 
 pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
     let client = &mut stack.pg();
+    let meter = &mut meter(stack);
+    wal::install(meter);
     let mut figures = Vec::new();
     let worker = workers::start_one(stack, "dag", 32);
     // The chain's reference: single tasks one after another on the same worker.
@@ -202,14 +217,25 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
     // Not measured: the new workers' sessions prepare and plan their
     // statements (a first fan-out took 460–570 ms against 400–430 after it).
     fan_out(stack, client, width);
-    let fans: Vec<FanOutRun> = (0..runs).map(|_| fan_out(stack, client, width)).collect();
+    let pids: Vec<u32> = pair.iter().map(WorkerProcess::pid).collect();
+    let (fans, fan_costs): (Vec<FanOutRun>, Vec<Cost>) = (0..runs)
+        .map(|_| {
+            measured(stack, meter, &pids, width + 2, || {
+                fan_out(stack, client, width)
+            })
+        })
+        .unzip();
     let size = sizes.map;
-    let maps: Vec<(f64, f64)> = (0..runs).map(|_| map(stack, client, size)).collect();
+    // The instances and their map step.
+    let (maps, map_costs): (Vec<(f64, f64)>, Vec<Cost>) = (0..runs)
+        .map(|_| measured(stack, meter, &pids, size + 1, || map(stack, client, size)))
+        .unzip();
     drop(pair);
 
+    let name = format!("fan-out 1 → {width} → 1, 2 workers × concurrency 64");
     figures.push(
         Figure::new(
-            format!("fan-out 1 → {width} → 1, 2 workers × concurrency 64"),
+            name.clone(),
             median_of(&fans, |run| run.tasks_per_s),
             "tasks/s",
         )
@@ -221,6 +247,7 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
         .versus(Baseline::PgLifecycle)
         .metric(Metric::FanOut),
     );
+    figures.extend(cost_figures(&name, &fan_costs, ""));
     figures.push(
         Figure::new(
             format!("fan-out 1 → {width} → 1: join-start delay"),
@@ -230,9 +257,10 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
         .note("join's started_at − last parent's finished_at: the statements that claimed it and recorded its last parent")
         .metric(Metric::JoinStart),
     );
+    let name = format!("map step of {size} no-op instances, 2 workers × concurrency 64");
     figures.push(
         Figure::new(
-            format!("map step of {size} no-op instances, 2 workers × concurrency 64"),
+            name.clone(),
             median_of(&maps, |run| run.0),
             "instances/s",
         )
@@ -242,13 +270,17 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
         ))
         .versus(Baseline::PgLifecycle),
     );
+    figures.extend(cost_figures(&name, &map_costs, ""));
 
     let worker = workers::start_one(stack, "diamonds", 32);
     let count = sizes.diamonds;
-    let shapes: Vec<DiamondsRun> = (0..runs).map(|_| diamonds(client, count)).collect();
+    let (shapes, shape_costs): (Vec<DiamondsRun>, Vec<Cost>) = (0..runs)
+        .map(|_| diamonds(stack, client, meter, &[worker.pid()], count))
+        .unzip();
+    let name = format!("{count} diamonds in one transaction, one worker, concurrency 32");
     figures.push(
         Figure::new(
-            format!("{count} diamonds in one transaction, one worker, concurrency 32"),
+            name.clone(),
             median_of(&shapes, |run| run.tasks_per_s),
             "tasks/s",
         )
@@ -260,6 +292,7 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
         ))
         .versus(Baseline::PgLifecycle),
     );
+    figures.extend(cost_figures(&name, &shape_costs, ""));
     drop(worker);
     figures
 }

@@ -38,6 +38,7 @@
 //! - `--width N`: fan-out width (default 2000; quick 100).
 //! - `--only SECTION[,SECTION...]`: run only these sections.
 //! - `--json FILE`: also write every figure there.
+mod cost;
 mod cpu;
 mod dag;
 mod figure;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use synapse_e2e::{postgres, wait_until, Stack, WorkerProcess};
 
+use crate::cost::{cost_figures, Cost, CostWindow};
 use crate::cpu::{CpuUse, CpuWindow};
 use crate::figure::{median, median_of, ms, Baseline, Figure};
 use crate::goals::{
@@ -210,9 +211,7 @@ pub fn pre_queued_drain(stack: &Stack, tasks: usize, config: &Config) -> DrainRu
 /// What a steady-state window measured.
 struct SteadyRun {
     tasks_per_s: f64,
-    cpu_us_per_task: f64,
-    wal_commits_per_task: f64,
-    wal_bytes_per_task: f64,
+    cost: Cost,
 }
 
 /// Workers running while a producer submits batches of no-op goals in a loop,
@@ -256,24 +255,19 @@ fn steady_state(stack: &Stack, config: &Config, sizes: &Sizes) -> SteadyRun {
         let stopper = StopOnDrop(&stop);
         // The warm-up and the window are durations, not waits for a condition.
         std::thread::sleep(sizes.warm_up);
-        let wal = WalWindow::open(&mut meter);
-        let cpu = CpuWindow::open(stack, &pids(&workers));
+        let window = CostWindow::open(stack, &mut meter, &pids(&workers));
         let started = Instant::now();
         let before = finished_goals(&mut observer);
         std::thread::sleep(sizes.window);
         let elapsed = started.elapsed();
         let done = finished_goals(&mut observer) - before;
-        let cpu = cpu.close(stack, &pids(&workers));
-        let wal = wal.close(&mut meter);
+        let cost = window.close(stack, &mut meter, &pids(&workers), done.max(1) as f64);
         drop(stopper);
         producer.join().unwrap();
         assert!(done > 0, "no goal finished in the window");
-        let done = done as f64;
         SteadyRun {
-            tasks_per_s: done / elapsed.as_secs_f64(),
-            cpu_us_per_task: cpu.per_task_us(done).total(),
-            wal_commits_per_task: wal.commits as f64 / done,
-            wal_bytes_per_task: wal.bytes as f64 / done,
+            tasks_per_s: done as f64 / elapsed.as_secs_f64(),
+            cost,
         }
     });
     // Leave nothing queued for the next run's workers.
@@ -328,30 +322,8 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
             rate = rate.metric(crate::targets::Metric::Steady);
         }
         figures.push(rate);
-        figures.push(
-            Figure::new(
-                format!("{name}: CPU/task, all processes"),
-                median_of(&steady, |run| run.cpu_us_per_task),
-                "µs",
-            )
-            .note("/proc utime+stime over the window; the producer's backend included"),
-        );
-        figures.push(
-            Figure::new(
-                format!("{name}: WAL commit records/task"),
-                median_of(&steady, |run| run.wal_commits_per_task),
-                "",
-            )
-            .note("pg_walinspect over the window; the producer's commits included"),
-        );
-        figures.push(
-            Figure::new(
-                format!("{name}: WAL bytes/task"),
-                median_of(&steady, |run| run.wal_bytes_per_task),
-                "B",
-            )
-            .note("pg_wal_lsn_diff over the window"),
-        );
+        let costs: Vec<Cost> = steady.into_iter().map(|run| run.cost).collect();
+        figures.extend(cost_figures(&name, &costs, "; the producer's included"));
     }
     set_notify(stack, &mut admin, None);
     forget_goals(&mut stack.pg());

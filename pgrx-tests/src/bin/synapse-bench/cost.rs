@@ -77,9 +77,16 @@ pub fn measured<T>(
     (result, window.close(stack, meter, workers, tasks as f64))
 }
 
-/// The figures of the runs' costs, to follow the rate named `name`.
-pub fn cost_figures(name: &str, costs: &[Cost], whose: &str) -> Vec<Figure> {
-    let cpu = |side: fn(&CpuUse) -> f64| median_of(costs, |cost| side(&cost.cpu_us_per_task));
+/// The figures of the costs of `runs` (each its `cost`), to follow the rate
+/// named `name`; `whose` says what else the window counted.
+pub fn cost_figures<T>(
+    name: &str,
+    runs: &[T],
+    cost: impl Fn(&T) -> &Cost,
+    whose: &str,
+) -> Vec<Figure> {
+    let median = |field: fn(&Cost) -> f64| median_of(runs, |run| field(cost(run)));
+    let cpu = |side: fn(&CpuUse) -> f64| median_of(runs, |run| side(&cost(run).cpu_us_per_task));
     vec![
         Figure::new(
             format!("{name}: CPU/task, all processes"),
@@ -91,17 +98,17 @@ pub fn cost_figures(name: &str, costs: &[Cost], whose: &str) -> Vec<Figure> {
             cpu(|c| c.postgres),
             cpu(|c| c.workers),
             cpu(|c| c.redis),
-            median_of(costs, |cost| cost.busy_percent),
+            median(|cost| cost.busy_percent),
         )),
         Figure::new(
             format!("{name}: WAL commit records/task"),
-            median_of(costs, |cost| cost.wal_commits_per_task),
+            median(|cost| cost.wal_commits_per_task),
             "",
         )
         .note(format!("pg_walinspect over the window{whose}")),
         Figure::new(
             format!("{name}: WAL bytes/task"),
-            median_of(costs, |cost| cost.wal_bytes_per_task),
+            median(|cost| cost.wal_bytes_per_task),
             "B",
         )
         .note("pg_wal_lsn_diff over the window"),

@@ -247,7 +247,7 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
         .versus(Baseline::PgLifecycle)
         .metric(Metric::FanOut),
     );
-    figures.extend(cost_figures(&name, &fan_costs, ""));
+    figures.extend(cost_figures(&name, &fan_costs, |cost| cost, ""));
     figures.push(
         Figure::new(
             format!("fan-out 1 → {width} → 1: join-start delay"),
@@ -270,7 +270,7 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
         ))
         .versus(Baseline::PgLifecycle),
     );
-    figures.extend(cost_figures(&name, &map_costs, ""));
+    figures.extend(cost_figures(&name, &map_costs, |cost| cost, ""));
 
     let worker = workers::start_one(stack, "diamonds", 32);
     let count = sizes.diamonds;
@@ -292,7 +292,7 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
         ))
         .versus(Baseline::PgLifecycle),
     );
-    figures.extend(cost_figures(&name, &shape_costs, ""));
+    figures.extend(cost_figures(&name, &shape_costs, |cost| cost, ""));
     drop(worker);
     figures
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use synapse_e2e::{postgres, Stack};
 
-use crate::cpu::CpuWindow;
+use crate::cost::CostWindow;
 use crate::figure::{ms, Baseline, Figure};
 use crate::options::Sizes;
 use crate::sessions::{backend_pid, flush_stats, meter, wait_for_sessions_to_exit, xact_commit};
@@ -20,7 +20,7 @@ use crate::targets::Metric;
 use crate::throughput::{
     drain_figures, pre_queued_drain, set_notify, Config, DrainRun, SYNAPSE_DRAIN,
 };
-use crate::wal::{self, WalWindow};
+use crate::wal;
 
 const VERSION: &str = "0.17.3";
 /// The runner the bench writes next to the npm install (ES modules resolve
@@ -194,9 +194,8 @@ fn graphile_drain(stack: &Stack, runner: &PathBuf, jobs: usize) -> DrainRun {
                FROM (SELECT last_error FROM graphile_worker._private_jobs LIMIT 1000) j",
         )
         .expect("preparing the poll");
-    let wal = WalWindow::open(&mut meter);
     let commits_before = xact_commit(&mut meter, DATABASE);
-    let cpu = CpuWindow::open(stack, &[]);
+    let window = CostWindow::open(stack, &mut meter, &[]);
     let started = Instant::now();
     let mut workers: Vec<NodeWorker> = (0..WORKERS)
         .map(|i| NodeWorker::start(stack, runner, i))
@@ -233,21 +232,18 @@ fn graphile_drain(stack: &Stack, runner: &PathBuf, jobs: usize) -> DrainRun {
     }
     let elapsed = started.elapsed();
     let pids: Vec<u32> = workers.iter().map(NodeWorker::pid).collect();
-    let cpu = cpu.close(stack, &pids);
-    let wal = wal.close(&mut meter);
+    let jobs = jobs as f64;
+    let cost = window.close(stack, &mut meter, &pids, jobs);
     drop(workers);
     drop(poller);
     wait_for_sessions_to_exit(&mut meter, DATABASE, &[]);
     let commits = xact_commit(&mut meter, DATABASE) - commits_before - polls;
-    let jobs = jobs as f64;
     let statements = statements.close(stack, DATABASE, jobs);
     DrainRun {
         tasks_per_s: jobs / elapsed.as_secs_f64(),
         startup_ms: startup.map(ms),
-        cpu_us_per_task: cpu.per_task_us(jobs),
+        cost,
         xact_commits_per_task: commits as f64 / jobs,
-        wal_commits_per_task: wal.commits as f64 / jobs,
-        wal_bytes_per_task: wal.bytes as f64 / jobs,
         statements,
     }
 }

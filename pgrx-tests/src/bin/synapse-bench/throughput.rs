@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use synapse_e2e::{postgres, wait_until, Stack, WorkerProcess};
 
 use crate::cost::{cost_figures, Cost, CostWindow};
-use crate::cpu::{CpuUse, CpuWindow};
 use crate::figure::{median, median_of, ms, Baseline, Figure};
 use crate::goals::{
     finished_goals, forget_goals, submit_goals, submit_plans, wait_for_goals, GoalsWatch, NOOP,
@@ -15,7 +14,7 @@ use crate::goals::{
 use crate::options::Sizes;
 use crate::sessions::{backend_pid, flush_stats, meter, wait_for_sessions_to_exit, xact_commit};
 use crate::statements::{StatementUse, StatementWindow};
-use crate::wal::{self, WalWindow};
+use crate::wal;
 use crate::workers;
 
 /// One point of the throughput matrix.
@@ -76,11 +75,9 @@ pub struct DrainRun {
     /// From the window's start until the first worker process was ready
     /// (inside the window), ms; None if the drain ended before it was seen.
     pub startup_ms: Option<f64>,
-    /// CPU of every process, by side, µs per task.
-    pub cpu_us_per_task: CpuUse,
+    /// CPU, WAL commit records and WAL bytes per task.
+    pub cost: Cost,
     pub xact_commits_per_task: f64,
-    pub wal_commits_per_task: f64,
-    pub wal_bytes_per_task: f64,
     /// Where the run's Postgres time went, the costliest statements first.
     pub statements: Vec<StatementUse>,
 }
@@ -108,23 +105,14 @@ pub fn drain_figures(
     runs: &[DrainRun],
     database: &str,
 ) -> Vec<Figure> {
-    let cpu = |side: fn(&CpuUse) -> f64| median_of(runs, |run| side(&run.cpu_us_per_task));
-    vec![
-        Figure::new(name, median_of(runs, |run| run.tasks_per_s), unit).note(format!(
-            "{what}; {}",
-            startup_note(runs)
-        )),
-        Figure::new(
-            format!("{name}: CPU/task, all processes"),
-            cpu(CpuUse::total),
-            "µs",
-        )
-        .note(format!(
-            "postgres {:.0}, workers {:.0}, redis {:.0} µs; /proc utime+stime over the window",
-            cpu(|c| c.postgres),
-            cpu(|c| c.workers),
-            cpu(|c| c.redis),
-        )),
+    let mut figures = vec![
+        Figure::new(name, median_of(runs, |run| run.tasks_per_s), unit)
+            .note(format!("{what}; {}", startup_note(runs))),
+    ];
+    figures.extend(cost_figures(name, runs, |run| &run.cost, ""));
+    // Beside the CPU: the sessions' commits, read-only ones too.
+    figures.insert(
+        2,
         Figure::new(
             format!("{name}: commits/task (xact_commit)"),
             median_of(runs, |run| run.xact_commits_per_task),
@@ -133,19 +121,8 @@ pub fn drain_figures(
         .note(format!(
             "pg_stat_database '{database}': sessions' commits, read-only ones too, background workers' not"
         )),
-        Figure::new(
-            format!("{name}: WAL commit records/task"),
-            median_of(runs, |run| run.wal_commits_per_task),
-            "",
-        )
-        .note("pg_walinspect: writing commits of the whole cluster"),
-        Figure::new(
-            format!("{name}: WAL bytes/task"),
-            median_of(runs, |run| run.wal_bytes_per_task),
-            "B",
-        )
-        .note("pg_wal_lsn_diff over the drain"),
-    ]
+    );
+    figures
 }
 
 /// `tasks` single-step no-op goals queued (and forwarded to Redis) with no
@@ -172,9 +149,8 @@ pub fn pre_queued_drain(stack: &Stack, tasks: usize, config: &Config) -> DrainRu
     let poller_pid = backend_pid(&mut poller);
     wait_for_sessions_to_exit(&mut meter, synapse_e2e::DATABASE, &[poller_pid]);
     flush_stats(&mut poller);
-    let wal = WalWindow::open(&mut meter);
     let commits_before = xact_commit(&mut meter, synapse_e2e::DATABASE);
-    let cpu = CpuWindow::open(stack, &[]);
+    let window = CostWindow::open(stack, &mut meter, &[]);
     let started = Instant::now();
     let workers = workers::spawn(stack, "drain", config.workers, config.concurrency);
     workers[0].wait_started();
@@ -189,21 +165,18 @@ pub fn pre_queued_drain(stack: &Stack, tasks: usize, config: &Config) -> DrainRu
         watch.all_finished(&mut poller).then_some(())
     });
     let elapsed = started.elapsed();
-    let cpu = cpu.close(stack, &pids(&workers));
-    let wal = wal.close(&mut meter);
+    let tasks = tasks as f64;
+    let cost = window.close(stack, &mut meter, &pids(&workers), tasks);
     drop(workers);
     drop(poller);
     wait_for_sessions_to_exit(&mut meter, synapse_e2e::DATABASE, &[]);
     let commits = xact_commit(&mut meter, synapse_e2e::DATABASE) - commits_before - polls;
-    let tasks = tasks as f64;
     let statements = statements.close(stack, synapse_e2e::DATABASE, tasks);
     DrainRun {
         tasks_per_s: tasks / elapsed.as_secs_f64(),
         startup_ms: Some(ms(startup)),
-        cpu_us_per_task: cpu.per_task_us(tasks),
+        cost,
         xact_commits_per_task: commits as f64 / tasks,
-        wal_commits_per_task: wal.commits as f64 / tasks,
-        wal_bytes_per_task: wal.bytes as f64 / tasks,
         statements,
     }
 }
@@ -322,8 +295,12 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
             rate = rate.metric(crate::targets::Metric::Steady);
         }
         figures.push(rate);
-        let costs: Vec<Cost> = steady.into_iter().map(|run| run.cost).collect();
-        figures.extend(cost_figures(&name, &costs, "; the producer's included"));
+        figures.extend(cost_figures(
+            &name,
+            &steady,
+            |run| &run.cost,
+            "; the producer's included",
+        ));
     }
     set_notify(stack, &mut admin, None);
     forget_goals(&mut stack.pg());

@@ -489,6 +489,42 @@ mod tests {
         );
     }
 
+    /// The step id domain, the last word on every task row, and the
+    /// blueprint's check accept exactly the same ids.
+    #[pg_test]
+    fn the_step_id_domain_accepts_exactly_the_ids_a_blueprint_may_use() {
+        Spi::run(
+            "CREATE FUNCTION pg_temp.a_step_id(id text) RETURNS bool LANGUAGE plpgsql AS $$
+             BEGIN
+                 PERFORM id::synapse.step_id;
+                 RETURN true;
+             EXCEPTION WHEN check_violation THEN
+                 RETURN false;
+             END $$",
+        )
+        .unwrap();
+        let longest = "a".repeat(63);
+        let too_long = "a".repeat(64);
+        for id in [
+            "a", "a_1", "fetch", &longest, &too_long, "", "A", "aB", "1a", "_a", "a-b", "a.b",
+            "a b", "é", "aé", "a\n", "\na",
+        ] {
+            let blueprint = json!({"steps": [{"id": id, "action": "noop"}]}).to_string();
+            let plan_accepts = json_of(&format!(
+                "SELECT synapse.validate_blueprint({})",
+                quote_literal(&blueprint)
+            )) == json!([]);
+            let domain_accepts =
+                one::<bool>(&format!("SELECT pg_temp.a_step_id({})", quote_literal(id)));
+            assert_eq!(domain_accepts, plan_accepts, "step id {id:?}");
+            assert_eq!(
+                domain_accepts,
+                id == "a" || id == "a_1" || id == "fetch" || id == longest,
+                "step id {id:?}"
+            );
+        }
+    }
+
     #[pg_test]
     fn validate_blueprint_lists_problems_as_json() {
         assert_eq!(

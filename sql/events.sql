@@ -36,11 +36,10 @@ ALTER TABLE synapse.outbox ADD COLUMN notify boolean NOT NULL DEFAULT false;
 COMMENT ON COLUMN synapse.outbox.notify IS 'The writing session had synapse.notify on: the forwarder still owes a pg_notify(''synapse_events'', payload).';
 
 -- Writing a row is most of what an event costs: the events of one statement
--- that only observers read (not goal.submitted, not task.queued, ...) share a
--- row per event name, their payloads one a line. An event that dispatches
--- work always has a row of its own.
+-- share a row per event name and list they dispatch to (none for those only
+-- observers read), their payloads one a line.
 ALTER TABLE synapse.outbox ADD COLUMN events integer NOT NULL DEFAULT 1;
-COMMENT ON COLUMN synapse.outbox.events IS 'How many events the row carries: one, or several of one name that only observers read, written by one statement (payload has one a line).';
+COMMENT ON COLUMN synapse.outbox.events IS 'How many events the row carries: one, or several of one name (and list dispatched to) written by one statement (payload has one a line).';
 
 -- Why a failed task failed: its action failed ('action'), or one of its
 -- expressions (or the condition of an edge into it) could not be evaluated

@@ -188,6 +188,65 @@ fn events_wait_while_redis_is_down_and_all_arrive_once_it_is_back() {
     assert_eq!(notified_goals(&mut listener, 1), vec![last]);
 }
 
+#[test]
+fn the_tasks_one_statement_queues_share_a_row_and_reach_their_list_one_message_each() {
+    let stack = Stack::start("shared-dispatch", &["synapse.sweep_interval = '1h'"]);
+    let mut client = stack.pg();
+    stack.stop_redis();
+    let goal = submit_plan(
+        &mut client,
+        r#"{"steps": [{"id": "a", "action": "noop"}, {"id": "b", "action": "noop"},
+                      {"id": "c", "action": "noop"}, {"id": "d", "action": "noop", "queue": "other"}]}"#,
+    );
+    let rows = client
+        .query(
+            "SELECT dispatch, events, task_id FROM synapse.outbox
+              WHERE event = 'task.queued' ORDER BY id",
+            &[],
+        )
+        .unwrap();
+    let rows: Vec<(String, i32, Option<i64>)> = rows
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("queue:default".to_owned(), 3, None),
+            (
+                "queue:other".to_owned(),
+                1,
+                Some(task_id(&mut client, goal, "d"))
+            )
+        ]
+    );
+
+    stack.start_redis();
+    let mut redis = stack.redis();
+    let mut seen = BTreeSet::new();
+    for _ in 0..3 {
+        let payload = brpop(&mut redis, "synapse:queue:default", WAIT).expect("a message each");
+        let event: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        seen.insert(event["task_id"].as_i64().unwrap());
+    }
+    let expected: BTreeSet<i64> = ["a", "b", "c"]
+        .iter()
+        .map(|step| task_id(&mut client, goal, step))
+        .collect();
+    assert_eq!(seen, expected);
+    assert!(brpop(&mut redis, "synapse:queue:other", WAIT).is_some());
+    let status = wait_until("the outbox to drain", WAIT, || {
+        let status = stack.forwarder_status(&mut client);
+        (status["pending"] == 0).then_some(status)
+    });
+    assert!(status["last_error"].is_null(), "{status}");
+    let queued_events = stream_events(&mut redis)
+        .into_iter()
+        .filter(|event| event["event"] == "task.queued")
+        .count();
+    assert_eq!(queued_events, 4, "each event in the stream");
+}
+
 /// The goal ids of the next `count` notifications (waiting for each).
 fn notified_goals(listener: &mut postgres::Client, count: usize) -> Vec<i64> {
     let mut notifications = listener.notifications();

@@ -1,7 +1,7 @@
 //! Recording events in the outbox, in the transaction that made the change,
-//! with one INSERT for all the events of a statement: a row of its own for
-//! each event that dispatches work, one row for the events of one name that
-//! only observers read (their payloads one a line).
+//! with one INSERT for all the events of a statement: one row for the events
+//! of one name and list they dispatch to (or of one name that only observers
+//! read), their payloads one a line.
 use pgrx::composite_type;
 use pgrx::prelude::*;
 
@@ -136,22 +136,22 @@ impl From<Event> for Row {
     }
 }
 
-/// The rows for `events`: each event that dispatches work alone (the
-/// forwarder pushes it to a list, the sweep looks for it), the others one row
-/// per name, where the first of them was. Writing a row (its index entry, its
-/// WAL, the forwarder's read and delete) costs more than building an event:
-/// the claim of 60 tasks writes one row, not 60.
+/// The rows for `events`: one row per name and list dispatched to (none for
+/// the events only observers read), where the first of them was, their
+/// payloads in order. Writing a row (its index entry, its WAL, the
+/// forwarder's read and delete) costs more than building an event: the claim
+/// of 60 tasks writes one row, not 60, and a fan-out's root queueing 2 000
+/// steps one row, which the forwarder pushes to their list in one `LPUSH`.
 fn rows(events: Vec<Event>) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::with_capacity(events.len());
-    // The row of each name's observed events: there are a few names at most.
-    let mut shared: Vec<(String, usize)> = Vec::new();
+    // The row of each name and list: there are a few of them at most.
+    let mut shared: Vec<((String, Option<String>), usize)> = Vec::new();
     for event in events {
-        if event.dispatch.is_some() {
-            rows.push(event.into());
-            continue;
-        }
-        let Some(&(_, at)) = shared.iter().find(|(name, _)| *name == event.name) else {
-            shared.push((event.name.clone(), rows.len()));
+        let Some(&(_, at)) = shared
+            .iter()
+            .find(|((name, dispatch), _)| *name == event.name && *dispatch == event.dispatch)
+        else {
+            shared.push(((event.name.clone(), event.dispatch.clone()), rows.len()));
             rows.push(event.into());
             continue;
         };
@@ -362,19 +362,21 @@ mod tests {
     }
 
     #[test]
-    fn events_only_observers_read_share_a_row_per_name_where_the_first_was() {
-        let queued = Event {
-            payload: "q".to_owned(),
-            ..event("task.queued", Some(5), Some("queue:q"))
+    fn events_share_a_row_per_name_and_list_where_the_first_was() {
+        let queued = |task_id: i64, queue: &str| Event {
+            payload: format!("q{task_id}"),
+            ..event("task.queued", Some(task_id), Some(queue))
         };
         let rows = rows(vec![
             task_event("task.succeeded", 1, 2, None),
-            queued.clone(),
+            queued(5, "queue:q"),
             task_event("task.failed", 1, 3, None),
             task_event("task.succeeded", 1, 4, Some(20)),
+            queued(8, "queue:other"),
             task_event("task.succeeded", 7, 6, Some(10)),
+            queued(9, "queue:q"),
         ]);
-        assert_eq!(rows.len(), 3);
+        assert_eq!(rows.len(), 4);
         let succeeded = &rows[0];
         assert_eq!(
             (
@@ -395,14 +397,23 @@ mod tests {
                 r#"{"event":"task.succeeded","task_id":6}"#
             ]
         );
-        // What dispatches work keeps a row of its own, and its place.
-        assert_eq!(rows[1], Row::from(queued));
+        // What dispatches to one list shares a row too, its payloads in order.
+        let to_q = &rows[1];
+        assert_eq!(
+            (to_q.dispatch.as_deref(), to_q.events, to_q.task_id),
+            (Some("queue:q"), 2, None)
+        );
+        assert_eq!(
+            payloads_of_row(&to_q.payload).collect::<Vec<_>>(),
+            ["q5", "q9"]
+        );
         // One event alone is the row it always was; one goal's events keep it.
         let failed = &rows[2];
         assert_eq!(
             (failed.events, failed.goal_id, failed.task_id),
             (1, Some(1), Some(3))
         );
+        assert_eq!(rows[3], Row::from(queued(8, "queue:other")));
         let one_goal = rows_of_one_goal();
         assert_eq!((one_goal.events, one_goal.goal_id), (2, Some(1)));
     }

@@ -132,9 +132,10 @@ impl RedisSink {
             }
         }
         for (list, members) in &lists {
+            // A row of several events pushes each as its own message.
             let payloads: Vec<&str> = members
                 .iter()
-                .map(|&i| events[i].payload.as_str())
+                .flat_map(|&i| payloads_of_row(&events[i].payload))
                 .collect();
             pipe.cmd("LPUSH")
                 .arg(format!("{prefix}:{list}"))

@@ -645,8 +645,9 @@ struct Batch {
 
 /// A `task.queued` event whose task is no longer queued dispatches nothing
 /// (it still reaches the stream): its message would only cost a claim that
-/// finds nothing. That is the rule for a successor a worker claimed in the
-/// transaction that queued it (local continuation).
+/// finds nothing (a task cancelled before its event went out). A row of
+/// several events (no `task_id`) is dispatched whole: a message too many
+/// costs no more than that claim.
 fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Batch, Failure> {
     Spi::connect(|client| {
         // One row at least: the snapshot's xmin comes with the events.
@@ -662,7 +663,7 @@ fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Bat
                            -- The status is read, not filtered on, by primary key: a plan made
                            -- while the tasks were few would walk the partial index of queued
                            -- tasks, every one of them, at each batch.
-                           CASE WHEN event = 'task.queued' AND dispatch IS NOT NULL
+                           CASE WHEN event = 'task.queued' AND dispatch IS NOT NULL AND task_id IS NOT NULL
                                 THEN coalesce((SELECT t.status = 'queued' FROM synapse.tasks t
                                                 WHERE t.id = outbox.task_id), false)
                            END AS still_queued

@@ -1,8 +1,11 @@
 //! Local continuation: the successors a worker's own completions queue, on
 //! queues it serves, are claimed in the same transaction for its free slots,
 //! and run here without waiting for the forwarder, Redis and a claim of their
-//! own (their dispatch message is dropped by the forwarder, the task being no
-//! longer queued when it reads the event).
+//! own. A task queued by one statement and claimed here by the next still
+//! has its `task.queued` event: the forwarder drops its message when the
+//! event has a row of its own (the task no longer queued when it reads it);
+//! one sharing its row with others is sent, and costs the worker that pops
+//! it a claim that finds nothing.
 //!
 //! They are claimed with the transaction's last round trip, beside its
 //! COMMIT: what a task sees of its goal is what the transaction leaves, and

@@ -645,9 +645,10 @@ struct Batch {
 
 /// A `task.queued` event whose task is no longer queued dispatches nothing
 /// (it still reaches the stream): its message would only cost a claim that
-/// finds nothing (a task cancelled before its event went out). A row of
-/// several events (no `task_id`) is dispatched whole: a message too many
-/// costs no more than that claim.
+/// finds nothing (a task cancelled before its event went out, or claimed by
+/// local continuation in the transaction that queued it). A row of several
+/// events (no `task_id`) is dispatched whole: a message too many costs no
+/// more than that claim.
 fn read_batch(floor: i64, sweep: Duration, retention_seconds: i32) -> Result<Batch, Failure> {
     Spi::connect(|client| {
         // One row at least: the snapshot's xmin comes with the events.

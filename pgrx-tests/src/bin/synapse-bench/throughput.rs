@@ -105,14 +105,14 @@ pub fn drain_figures(
     runs: &[DrainRun],
     database: &str,
 ) -> Vec<Figure> {
+    let mut cost = cost_figures(name, runs, |run| &run.cost, "").into_iter();
     let mut figures = vec![
         Figure::new(name, median_of(runs, |run| run.tasks_per_s), unit)
             .note(format!("{what}; {}", startup_note(runs))),
     ];
-    figures.extend(cost_figures(name, runs, |run| &run.cost, ""));
-    // Beside the CPU: the sessions' commits, read-only ones too.
-    figures.insert(
-        2,
+    // The CPU, then the sessions' commits (read-only ones too), then the WAL.
+    figures.extend(cost.next());
+    figures.push(
         Figure::new(
             format!("{name}: commits/task (xact_commit)"),
             median_of(runs, |run| run.xact_commits_per_task),
@@ -122,6 +122,7 @@ pub fn drain_figures(
             "pg_stat_database '{database}': sessions' commits, read-only ones too, background workers' not"
         )),
     );
+    figures.extend(cost);
     figures
 }
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use synapse_e2e::{
     assert_quiet, chain_of, edge_state, noop_chain, postgres, redis, run_plan, statement_counts,
-    stream_events, submit_plan, task, wait_for_goal, wait_for_running_task, wait_for_step,
-    wait_until, Stack,
+    stream_events, submit_plan, submit_plan_with_input, task, wait_for_goal, wait_for_running_task,
+    wait_for_step, wait_until, Stack,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -806,13 +806,21 @@ fn a_slot_is_free_for_the_next_task_while_an_outcome_waits_to_be_recorded() {
 
 /// `fan` → `width` parents → `join` (all).
 fn fan_in(width: usize) -> Value {
+    fan_in_when(width, None)
+}
+
+/// [`fan_in`], each edge into the join taken if `when` holds.
+fn fan_in_when(width: usize, when: Option<&str>) -> Value {
     let mut steps = vec![json!({"id": "fan", "action": "noop"})];
     let mut edges = Vec::new();
     for i in 0..width {
         let id = format!("p{i}");
         steps.push(json!({"id": id, "action": "noop"}));
         edges.push(json!({"from": "fan", "to": id}));
-        edges.push(json!({"from": id, "to": "join"}));
+        edges.push(match when {
+            Some(when) => json!({"from": id, "to": "join", "when": when}),
+            None => json!({"from": id, "to": "join"}),
+        });
     }
     steps.push(json!({"id": "join", "action": "noop", "join": "all"}));
     json!({"steps": steps, "edges": edges, "output": "{}"})
@@ -898,6 +906,61 @@ fn a_wide_fan_in_reads_each_edge_a_few_times_not_once_per_sibling() {
         reads <= 8 * edge_count,
         "{reads} index entries of edges read for {edge_count} edges"
     );
+}
+
+#[test]
+fn the_steps_of_a_goal_that_end_together_read_the_goal_once() {
+    // What expressions see of a goal (its input may be large) was read
+    // with every step end a batch recorded: a fan-in's batch of parents
+    // returned it once per parent, parsed and copied it once per parent. It
+    // is read once a goal and batch now, and each goal's ends share it: two
+    // goals whose ends share batches still see each their own input.
+    let stack = Stack::start("goal-once", &[]);
+    let mut client = stack.pg();
+    let width = 300;
+    let blueprint = fan_in_when(width, Some("goal.input.go"));
+    let go = submit_plan_with_input(&mut client, &blueprint, &json!({"go": true}));
+    let stay = submit_plan_with_input(&mut client, &blueprint, &json!({"go": false}));
+    let reads_before = goal_index_reads(&mut client);
+    let mut worker = stack.start_worker("w", &["--concurrency", "32"]);
+    // Polled on the joins' rows, not the goals': a look at a goal reads its index.
+    wait_until("both joins to end", WAIT, || {
+        let ended: i64 = client
+            .query_one(
+                "SELECT count(*) FROM synapse.tasks
+                  WHERE goal_id = ANY($1) AND step = 'join' AND finished_at IS NOT NULL",
+                &[&vec![go, stay]],
+            )
+            .unwrap()
+            .get(0);
+        (ended == 2).then_some(())
+    });
+    let reads =
+        index_reads_once_stopped(&mut client, &mut worker, "synapse.goals", 2, "goals_pkey")
+            - reads_before;
+    let status = wait_for_goal(&stack, go, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(task(&status, "join")["status"], "succeeded", "{status}");
+    let status = wait_for_goal(&stack, stay, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(task(&status, "join")["status"], "skipped", "{status}");
+    // Read once a step end, it was more than the 2 × 302 steps that ended.
+    let ends = 2 * (width as i64 + 2);
+    assert!(
+        reads < ends / 2,
+        "{reads} entries of goals_pkey read for {ends} steps that ended"
+    );
+}
+
+/// Entries read so far from the goals' primary key.
+fn goal_index_reads(client: &mut postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = 'goals_pkey'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
 }
 
 #[test]

@@ -28,6 +28,9 @@ thread_local! {
     // Every task of a blueprint evaluates the same few expressions, and parsing one
     // cost a seventh of a chain step's worker CPU: each thread keeps what it compiled.
     static COMPILED: RefCell<Compiled> = RefCell::new(Compiled::default());
+    // How many variables this thread's runs converted (tests count them).
+    #[cfg(test)]
+    static CONVERTED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Expressions compiled on this thread, by source, within a budget of source bytes;
@@ -103,6 +106,10 @@ pub struct Expression {
     /// The program's tree with its comprehensions metered: what runs.
     metered: Arc<IdedExpr>,
     source: String,
+    /// The variables it reads (its free variables), the only ones a run
+    /// converts: a large `goal` costs nothing to a condition on `result`.
+    /// None when its tree could not be read: a run then converts them all.
+    reads: Option<Arc<[String]>>,
 }
 
 impl fmt::Debug for Expression {
@@ -342,11 +349,18 @@ fn compile_anew(expr: &str) -> Result<Expression, String> {
     }
     let compiled = guarded("compiling", || with_root(|env, _| env.compile(expr)))?;
     match compiled {
-        Ok(program) => Ok(Expression {
-            metered: Arc::new(cel_budget::metered(program.expression().clone())),
-            program: Arc::new(program),
-            source: expr.to_owned(),
-        }),
+        Ok(program) => {
+            let mut expression = Expression {
+                metered: Arc::new(cel_budget::metered(program.expression().clone())),
+                program: Arc::new(program),
+                source: expr.to_owned(),
+                reads: None,
+            };
+            expression.reads = expression
+                .read_references()
+                .map(|refs| refs.variables.into());
+            Ok(expression)
+        }
         Err(errors) => {
             let messages: Vec<String> = errors
                 .errors
@@ -391,17 +405,27 @@ impl Expression {
         to_json(&value, &mut restore).map_err(|e| explain(e, &self.references(), vars))
     }
 
+    /// Whether a run needs `name` (see [`Expression::reads`]).
+    fn reads_variable(&self, name: &str) -> bool {
+        self.reads
+            .as_ref()
+            .is_none_or(|reads| reads.iter().any(|read| read == name))
+    }
+
     /// The variables and steps the expression refers to.
     pub fn references(&self) -> References {
+        self.read_references().unwrap_or_default()
+    }
+
+    /// What it refers to, or None if its tree cannot be read.
+    fn read_references(&self) -> Option<References> {
         let mut refs = References::default();
         // The tree is as shallow as `compile` allows (MAX_COMPLEXITY), so recursing is safe.
-        let walked = guarded("reading", || {
+        guarded("reading", || {
             walk(self.program.expression(), &mut Vec::new(), &mut refs);
-        });
-        if walked.is_err() {
-            return References::default();
-        }
-        refs
+        })
+        .ok()?;
+        Some(refs)
     }
 
     /// Evaluates a condition: the result must be a CEL `bool`.
@@ -421,7 +445,9 @@ impl Expression {
         let outcome = guarded("evaluating", || {
             with_root(|_, root| {
                 let mut scope = root.new_inner_scope();
-                for (name, value) in vars {
+                for (name, value) in vars.iter().filter(|(name, _)| self.reads_variable(name)) {
+                    #[cfg(test)]
+                    CONVERTED.with(|converted| converted.set(converted.get() + 1));
                     let val: Box<dyn Val> = Box::<dyn Val>::try_from(json_to_cel(value))
                         .map_err(|e| format!("variable {name}: {e}"))?;
                     scope.add_variable_as_val(name.as_str(), val);
@@ -1055,5 +1081,27 @@ mod tests {
         let expr = compile("a * 2").unwrap();
         let handle = std::thread::spawn(move || expr.evaluate(&vars(json!({"a": 21}))));
         assert_eq!(handle.join().unwrap(), Ok(json!(42)));
+    }
+
+    #[test]
+    fn a_run_converts_only_the_variables_its_expression_reads() {
+        let vars = json!({
+            "goal": {"input": {"doc": "x".repeat(1000)}},
+            "result": {"ok": true},
+            "steps": {},
+        });
+        let vars = vars.as_object().unwrap();
+        let converted = || CONVERTED.with(std::cell::Cell::get);
+        let before = converted();
+        assert_eq!(compile("result.ok").unwrap().evaluate_bool(vars), Ok(true));
+        assert_eq!(converted() - before, 1, "only `result`");
+        let before = converted();
+        let expression = compile("[1, 2].exists(result, result == 2) && goal.input.doc != ''");
+        assert_eq!(expression.unwrap().evaluate_bool(vars), Ok(true));
+        assert_eq!(
+            converted() - before,
+            1,
+            "a macro's own `result` reads no variable"
+        );
     }
 }

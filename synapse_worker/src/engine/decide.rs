@@ -1,6 +1,8 @@
 //! The engine's decisions, as plain functions of what the store read: how
 //! an edge resolves, whether a step runs, waits or is skipped. Nothing here
 //! reads or writes the database.
+use std::sync::Arc;
+
 use serde_json::{json, Map, Value};
 
 use crate::blueprint::{cel, EdgeOn, Join};
@@ -78,7 +80,7 @@ pub fn resolve_edge(
     on: EdgeOn,
     when: Option<&str>,
     from: &EndedStep,
-    variables: impl FnOnce() -> Map<String, Value>,
+    variables: &Map<String, Value>,
 ) -> Resolution {
     let matches = match (from.outcome, on) {
         (Outcome::Skipped | Outcome::Cancelled, _) => false,
@@ -93,7 +95,7 @@ pub fn resolve_edge(
     let Some(source) = when else {
         return Resolution::Taken;
     };
-    match cel::compile(source).and_then(|expression| expression.evaluate_bool(&variables())) {
+    match cel::compile(source).and_then(|expression| expression.evaluate_bool(variables)) {
         Ok(true) => Resolution::Taken,
         Ok(false) => Resolution::NotTaken,
         Err(error) => Resolution::Error(error),
@@ -188,8 +190,9 @@ pub fn decided_by_sole_edge(
 pub struct GoalVariables {
     /// `goal`: `{id, goal, input, params}`; null until an expression needs it
     /// (the end of a map step's instance does not read it: a goal's input
-    /// may be the large list the step maps over).
-    pub goal: Value,
+    /// may be the large list the step maps over). Shared by the steps of one
+    /// goal that end together: read once, not once a step.
+    pub goal: Arc<Value>,
 }
 
 /// A pending step whose inbound edges have all resolved.
@@ -329,12 +332,10 @@ pub(crate) mod tests {
         ));
     }
 
-    fn vars_with_result(result: Value) -> impl FnOnce() -> Map<String, Value> {
-        move || {
-            let mut vars = Map::new();
-            vars.insert("result".into(), result);
-            vars
-        }
+    fn vars_with_result(result: Value) -> Map<String, Value> {
+        let mut vars = Map::new();
+        vars.insert("result".into(), result);
+        vars
     }
 
     #[test]
@@ -346,7 +347,7 @@ pub(crate) mod tests {
                 EdgeOn::Success,
                 when,
                 &ok,
-                vars_with_result(ok.result.clone())
+                &vars_with_result(ok.result.clone())
             ),
             Resolution::Taken
         );
@@ -356,29 +357,29 @@ pub(crate) mod tests {
                 EdgeOn::Success,
                 when,
                 &low,
-                vars_with_result(low.result.clone())
+                &vars_with_result(low.result.clone())
             ),
             Resolution::NotTaken
         );
         assert_eq!(
-            resolve_edge(EdgeOn::Failure, None, &ok, Map::new),
+            resolve_edge(EdgeOn::Failure, None, &ok, &Map::new()),
             Resolution::NotTaken
         );
         assert_eq!(
-            resolve_edge(EdgeOn::Always, None, &ok, Map::new),
+            resolve_edge(EdgeOn::Always, None, &ok, &Map::new()),
             Resolution::Taken
         );
         let failed = ended(Outcome::Failed, Value::Null);
         assert_eq!(
-            resolve_edge(EdgeOn::Failure, None, &failed, Map::new),
+            resolve_edge(EdgeOn::Failure, None, &failed, &Map::new()),
             Resolution::Taken
         );
         assert_eq!(
-            resolve_edge(EdgeOn::Success, None, &failed, Map::new),
+            resolve_edge(EdgeOn::Success, None, &failed, &Map::new()),
             Resolution::NotTaken
         );
         assert_eq!(
-            resolve_edge(EdgeOn::Always, None, &failed, Map::new),
+            resolve_edge(EdgeOn::Always, None, &failed, &Map::new()),
             Resolution::Taken
         );
     }
@@ -390,11 +391,11 @@ pub(crate) mod tests {
             ..ended(Outcome::Failed, Value::Null)
         };
         assert_eq!(
-            resolve_edge(EdgeOn::Failure, None, &broken, Map::new),
+            resolve_edge(EdgeOn::Failure, None, &broken, &Map::new()),
             Resolution::NotTaken
         );
         assert_eq!(
-            resolve_edge(EdgeOn::Always, None, &broken, Map::new),
+            resolve_edge(EdgeOn::Always, None, &broken, &Map::new()),
             Resolution::Taken
         );
     }
@@ -403,7 +404,12 @@ pub(crate) mod tests {
     fn a_skipped_or_cancelled_step_takes_no_edge() {
         for outcome in [Outcome::Skipped, Outcome::Cancelled] {
             assert_eq!(
-                resolve_edge(EdgeOn::Always, None, &ended(outcome, Value::Null), Map::new),
+                resolve_edge(
+                    EdgeOn::Always,
+                    None,
+                    &ended(outcome, Value::Null),
+                    &Map::new()
+                ),
                 Resolution::NotTaken
             );
         }
@@ -416,13 +422,13 @@ pub(crate) mod tests {
             EdgeOn::Success,
             Some("result.missing > 1"),
             &ok,
-            vars_with_result(json!({})),
+            &vars_with_result(json!({})),
         );
         assert!(
             matches!(resolution, Resolution::Error(ref message) if message.contains("missing")),
             "{resolution:?}"
         );
-        let not_bool = resolve_edge(EdgeOn::Success, Some("1 + 1"), &ok, Map::new);
+        let not_bool = resolve_edge(EdgeOn::Success, Some("1 + 1"), &ok, &Map::new());
         assert!(
             matches!(not_bool, Resolution::Error(ref message) if message.contains("boolean")),
             "{not_bool:?}"

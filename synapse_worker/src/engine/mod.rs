@@ -14,6 +14,7 @@
 //! them queues the join; the run that ends the last step sees no unfinished
 //! step and finishes the goal. Goals run in parallel with each other.
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use deadpool_postgres::GenericClient;
 use serde_json::{Map, Value};
@@ -37,18 +38,30 @@ fn reads_steps(source: &str) -> bool {
     source.contains("steps")
 }
 
+/// Whether an expression may read `goal` (so the goal must be copied in:
+/// its input may be large).
+fn reads_goal(source: &str) -> bool {
+    source.contains("goal")
+}
+
+/// What expressions of `goal_id` see: `goal` (null unless `with_goal`) and
+/// `steps` (empty unless `with_steps`).
 async fn variables_for(
     tx: &impl GenericClient,
     goal_id: i64,
     goal: &GoalVariables,
+    with_goal: bool,
     with_steps: bool,
 ) -> Result<Map<String, Value>, StoreError> {
     let mut vars = Map::new();
-    let goal = match &goal.goal {
+    let goal = match goal.goal.as_ref() {
+        _ if !with_goal => Value::Null,
         Value::Null => store::goal_variables(tx, &[goal_id])
             .await?
             .remove(&goal_id)
-            .map_or(Value::Null, |variables| variables.goal),
+            .map_or(Value::Null, |variables| {
+                Arc::unwrap_or_clone(variables.goal)
+            }),
         goal => goal.clone(),
     };
     vars.insert("goal".into(), goal);
@@ -75,26 +88,34 @@ async fn decide_outbound(
     if edges.is_empty() {
         return Ok(Resolved::default());
     }
-    // One `steps` snapshot serves every condition of this step.
-    let needs_steps = edges
-        .iter()
-        .any(|edge| edge.when.as_deref().is_some_and(reads_steps));
-    let mut condition_vars = variables_for(tx, goal_id, goal, needs_steps).await?;
-    condition_vars.insert("result".into(), from.result.clone());
-    condition_vars.insert(
-        "error".into(),
-        from.error.clone().map_or(Value::Null, Value::String),
-    );
-    condition_vars.insert(
-        "status".into(),
-        Value::String(from.outcome.status().to_owned()),
-    );
-    condition_vars.insert("input".into(), from.input.clone());
+    // Built once for every condition of this step, and only if an edge has
+    // one: the goal they copy may be large.
+    let condition_vars = if edges.iter().any(|edge| edge.when.is_some()) {
+        // One `steps` snapshot serves every condition of this step.
+        let reads = |what: fn(&str) -> bool| {
+            edges
+                .iter()
+                .any(|edge| edge.when.as_deref().is_some_and(what))
+        };
+        let mut vars =
+            variables_for(tx, goal_id, goal, reads(reads_goal), reads(reads_steps)).await?;
+        vars.insert("result".into(), from.result.clone());
+        vars.insert(
+            "error".into(),
+            from.error.clone().map_or(Value::Null, Value::String),
+        );
+        vars.insert(
+            "status".into(),
+            Value::String(from.outcome.status().to_owned()),
+        );
+        vars.insert("input".into(), from.input.clone());
+        vars
+    } else {
+        Map::new()
+    };
     let mut resolved = Resolved::default();
     for edge in edges {
-        let resolution = resolve_edge(edge.on, edge.when.as_deref(), from, || {
-            condition_vars.clone()
-        });
+        let resolution = resolve_edge(edge.on, edge.when.as_deref(), from, &condition_vars);
         let error = match &resolution {
             Resolution::Error(message) => {
                 let error = format!(
@@ -330,7 +351,9 @@ pub async fn resume(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<Que
         );
     }
     let running = store::lock_running_goals(tx, &running).await?;
-    let goal = GoalVariables { goal: Value::Null };
+    let goal = GoalVariables {
+        goal: Arc::default(),
+    };
     for goal_id in &running {
         let steps = store::undecided_steps(tx, *goal_id).await?;
         if !steps.is_empty() {
@@ -518,10 +541,18 @@ async fn propagate(
         };
         ready.extend(resolved.decided);
         ready.sort_unstable_by_key(|task| task.id);
-        let needs_steps = ready
-            .iter()
-            .any(|task| task.input_expr.as_deref().is_some_and(reads_steps));
-        let input_vars = variables_for(tx, goal_id, goal, needs_steps).await?;
+        let reads = |what: fn(&str) -> bool| {
+            ready
+                .iter()
+                .any(|task| task.input_expr.as_deref().is_some_and(what))
+        };
+        // A root's default input is the goal's.
+        let needs_goal = reads(reads_goal) || ready.iter().any(|task| task.inbound.total == 0);
+        let input_vars = if needs_goal || reads(|_| true) {
+            variables_for(tx, goal_id, goal, needs_goal, reads(reads_steps)).await?
+        } else {
+            Map::new()
+        };
         let mut queued = Vec::new();
         let mut queues = Vec::new();
         let mut skipped = Vec::new();
@@ -707,7 +738,8 @@ async fn goal_finish(
     }
     let result = match output {
         Some(source) => {
-            let vars = variables_for(tx, goal_id, goal, reads_steps(source)).await?;
+            let vars =
+                variables_for(tx, goal_id, goal, reads_goal(source), reads_steps(source)).await?;
             cel::compile(source).and_then(|expression| expression.evaluate(&vars))
         }
         None => Ok(ending.leaf_results),

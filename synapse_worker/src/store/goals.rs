@@ -26,7 +26,7 @@ pub async fn goal_variables(
         .map(|row| {
             let goal_id: i64 = column(row, 0)?;
             let goal = goal_value(goal_id, column(row, 1)?, column(row, 2)?, column(row, 3)?);
-            Ok((goal_id, GoalVariables { goal }))
+            Ok((goal_id, GoalVariables { goal: goal.into() }))
         })
         .collect()
 }

@@ -1,12 +1,14 @@
 //! Recording attempts' outcomes, and reading back the steps that ended
 //! with what the engine needs to carry on.
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
 use serde::{Serialize, Serializer};
 use serde_json::Value;
 use tokio_postgres::types::Json;
+use tokio_postgres::Row;
 
 use super::claim::ClaimedTask;
 use super::edges::{outbound_from_arrays, with_sole_successors, OutboundEdge};
@@ -102,13 +104,18 @@ macro_rules! outbound_of_recorded {
     () => {
         "
              SELECT r.id, r.attempt, g.goal, g.input, g.params, o.to_steps, o.whens, o.ons, r.map_index, o.sole
-               FROM recorded r
-               -- What expressions see of the goal, for a step's end only: an
-               -- instance's end reads neither (a goal's input may be a large
-               -- list). A probe by key (LIMIT keeps it one; see by_id).
+               FROM (SELECT r.*, r.map_index IS NULL
+                                 AND row_number() OVER (PARTITION BY r.goal_id, r.map_index IS NULL ORDER BY r.id) = 1
+                                 AS reads_goal
+                       FROM recorded r) r
+               -- What expressions see of the goal, once a goal: with the first
+               -- of its steps' ends, shared by the others (a goal's input may be
+               -- large; a wide fan-in ends many steps of one goal at once). An
+               -- instance's end reads none (the input may be the list it maps
+               -- over). A probe by key (LIMIT keeps it one; see by_id).
                LEFT JOIN LATERAL (
                     SELECT g.goal, g.input, g.params FROM synapse.goals g
-                     WHERE r.map_index IS NULL AND g.id = r.goal_id
+                     WHERE r.reads_goal AND g.id = r.goal_id
                      LIMIT 1) g ON true
                -- The step's pending outbound edges, in one look. An instance's end
                -- resolves no edge: its map step's does, once.
@@ -303,15 +310,28 @@ pub async fn lock_goals_and_record(
         .enumerate()
         .map(|(index, (task, _))| ((task.id, task.attempt), index))
         .collect();
-    let mut recorded: HashMap<usize, Recorded> = HashMap::new();
-    for row in rows {
-        let key: (i64, i32) = (column(&row, 0)?, column(&row, 1)?);
-        let Some(&index) = asked.get(&key) else {
-            return Err(StoreError::Data(format!(
+    let at = |row: &Row| -> Result<usize> {
+        let key: (i64, i32) = (column(row, 0)?, column(row, 1)?);
+        asked.get(&key).copied().ok_or_else(|| {
+            StoreError::Data(format!(
                 "recorded attempt {} of task {} was not asked for",
                 key.1, key.0
-            )));
-        };
+            ))
+        })
+    };
+    // One row of each goal carries what expressions see of it; every step
+    // end of that goal shares it.
+    let mut goals: HashMap<i64, Arc<Value>> = HashMap::new();
+    for row in &rows {
+        if let Some(text) = column::<Option<String>>(row, 2)? {
+            let goal_id = outcomes[at(row)?].0.goal_id;
+            let value = goal_value(goal_id, &text, column(row, 3)?, column(row, 4)?);
+            goals.insert(goal_id, Arc::new(value));
+        }
+    }
+    let mut recorded: HashMap<usize, Recorded> = HashMap::new();
+    for row in rows {
+        let index = at(&row)?;
         let (task, outcome) = outcomes[index];
         let ended = |outcome, result: Option<&Value>, error: Option<&String>| EndedStep {
             step: task.step.clone(),
@@ -338,10 +358,7 @@ pub async fn lock_goals_and_record(
             }
         };
         let goal = GoalVariables {
-            goal: match column::<Option<String>>(&row, 2)? {
-                Some(text) => goal_value(task.goal_id, &text, column(&row, 3)?, column(&row, 4)?),
-                None => Value::Null,
-            },
+            goal: goals.get(&task.goal_id).cloned().unwrap_or_default(),
         };
         recorded.insert(
             index,
@@ -414,7 +431,12 @@ pub async fn ended_without_a_worker(
             Ok(StepEnd {
                 goal_id,
                 goal: GoalVariables {
-                    goal: goal_value(goal_id, column(row, 4)?, column(row, 5)?, column(row, 6)?),
+                    goal: Arc::new(goal_value(
+                        goal_id,
+                        column(row, 4)?,
+                        column(row, 5)?,
+                        column(row, 6)?,
+                    )),
                 },
                 ended: EndedStep {
                     step: column(row, 1)?,

@@ -405,8 +405,9 @@ impl Expression {
         to_json(&value, &mut restore).map_err(|e| explain(e, &self.references(), vars))
     }
 
-    /// Whether a run needs `name` (see [`Expression::reads`]).
-    fn reads_variable(&self, name: &str) -> bool {
+    /// Whether it reads the variable `name` (one of its free variables): the
+    /// only variables a run converts. True when its tree cannot be read.
+    pub fn reads(&self, name: &str) -> bool {
         self.reads
             .as_ref()
             .is_none_or(|reads| reads.iter().any(|read| read == name))
@@ -445,7 +446,7 @@ impl Expression {
         let outcome = guarded("evaluating", || {
             with_root(|_, root| {
                 let mut scope = root.new_inner_scope();
-                for (name, value) in vars.iter().filter(|(name, _)| self.reads_variable(name)) {
+                for (name, value) in vars.iter().filter(|(name, _)| self.reads(name)) {
                     #[cfg(test)]
                     CONVERTED.with(|converted| converted.set(converted.get() + 1));
                     let val: Box<dyn Val> = Box::<dyn Val>::try_from(json_to_cel(value))

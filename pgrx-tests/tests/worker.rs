@@ -952,6 +952,65 @@ fn the_steps_of_a_goal_that_end_together_read_the_goal_once() {
     );
 }
 
+#[test]
+fn a_batch_of_parents_whose_join_still_waits_does_not_look_for_its_goals_end() {
+    // Each batch of a fan-in's parents looked for its goal's end (a probe of
+    // the goal's unfinished tasks, a statement and a round trip under the
+    // goal's lock) though the join it had just read still waited for the
+    // other parents. Only the join's own end looks now: once for the goal.
+    let stack = Stack::start("join-waits", &[]);
+    let mut client = stack.pg();
+    let width = 300;
+    let goal = submit_plan(&mut client, &fan_in(width));
+    let scans_before = unfinished_index_scans(&mut client);
+    let mut worker = stack.start_worker("w", &["--concurrency", "16"]);
+    let status = wait_for_goal(&stack, goal, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(task(&status, "join")["status"], "succeeded", "{status}");
+    worker.signal("TERM");
+    worker.wait(WAIT);
+    // The parents' ends and the join's: every task of the goal updated
+    // at least twice (claimed, recorded), once the sessions reported.
+    let updates = 2 * (width as i64 + 2);
+    index_reads_once_reported(&mut client, "synapse.tasks", updates, "tasks_pkey");
+    let scans = unfinished_index_scans(&mut client) - scans_before;
+    assert_eq!(scans, 1, "looks for the end of a goal of {width} parents");
+}
+
+#[test]
+fn a_join_seen_waiting_then_skipped_in_the_same_transaction_ends_its_goal() {
+    // Recording `x` reads `join` still waiting (the edge from `b` pending),
+    // then skips `b`, whose edge decides `join` (skipped: join all) in the
+    // same transaction: the goal has nothing left and ends there.
+    let stack = Stack::start("join-then-skip", &[]);
+    let _worker = stack.start_worker("w", &[]);
+    let mut client = stack.pg();
+    let blueprint = json!({
+        "steps": [{"id": "x", "action": "noop"}, {"id": "b", "action": "noop"},
+                  {"id": "join", "action": "noop", "join": "all"}],
+        "edges": [{"from": "x", "to": "join"}, {"from": "x", "to": "b", "when": "false"},
+                  {"from": "b", "to": "join"}],
+        "output": "{}"
+    });
+    let goal = submit_plan(&mut client, &blueprint);
+    let status = wait_for_goal(&stack, goal, WAIT);
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(task(&status, "b")["status"], "skipped", "{status}");
+    assert_eq!(task(&status, "join")["status"], "skipped", "{status}");
+}
+
+/// Scans so far of the index of unfinished tasks (only the look for a
+/// goal's end reads it).
+fn unfinished_index_scans(client: &mut postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = 'tasks_unfinished'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
 /// Entries read so far from the goals' primary key.
 fn goal_index_reads(client: &mut postgres::Client) -> i64 {
     client
@@ -1604,7 +1663,7 @@ fn a_wide_join_is_decided_from_its_counts_and_reads_its_edges_only_for_its_input
         let (ready, reads) = rt.block_on(async {
             let mut session = pool.get().await.unwrap();
             let tx = synapse_worker::store::begin(&mut session).await.unwrap();
-            let ready = synapse_worker::store::ready_tasks(&tx, &[(goal, "join".to_owned())])
+            let ready = synapse_worker::store::pending_steps(&tx, &[(goal, "join".to_owned())])
                 .await
                 .unwrap();
             let reads: i64 = tx

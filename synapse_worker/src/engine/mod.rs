@@ -263,7 +263,7 @@ pub async fn steps_ended_in_locked_goals(
     let mut ready = if reads.is_empty() && caller_queues_last {
         Vec::new()
     } else {
-        store::resolve_edges_then_ready(tx, &std::mem::take(&mut unwritten.0), &reads).await?
+        store::resolve_edges_then_read(tx, &std::mem::take(&mut unwritten.0), &reads).await?
     };
     let mut carrying_on = Vec::new();
     for (goal_id, first) in firsts {
@@ -280,11 +280,11 @@ pub async fn steps_ended_in_locked_goals(
             goal,
             caller_queues_last,
         };
-        let queued_here = propagate(tx, round, first, first_ready, &mut unwritten).await?;
-        if !queued_here.is_empty() {
+        let propagated = propagate(tx, round, first, first_ready, &mut unwritten).await?;
+        if !propagated.carried.is_empty() || propagated.left_waiting {
             carrying_on.push(goal_id);
         }
-        carried.extend(queued_here);
+        carried.extend(propagated.carried);
     }
     let may_have_ended = may_have_ended(&running, &carrying_on);
     if !may_have_ended.is_empty() {
@@ -376,6 +376,7 @@ pub async fn resume(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<Que
             queued.extend(
                 propagate(tx, round, first, None, &mut unwritten)
                     .await?
+                    .carried
                     .queued,
             );
         }
@@ -384,10 +385,11 @@ pub async fn resume(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<Que
     Ok(queued)
 }
 
-/// Finishes those of the `running` goals (locked) whose steps have all ended.
 /// The goals of `running` that may have nothing left to run: not those a
-/// task was just queued for (`carrying_on`), which is still to run. A chain
-/// step then skips the look at its goal's tasks.
+/// task was just queued for, which is still to run, nor those with a step
+/// left waiting for more of its inbound edges (`carrying_on`). A chain step,
+/// and each batch of a fan-in's parents but the last, then skip the look at
+/// their goal's tasks.
 fn may_have_ended(running: &[i64], carrying_on: &[i64]) -> Vec<i64> {
     running
         .iter()
@@ -489,24 +491,36 @@ impl Unwritten {
     }
 }
 
+/// What [`propagate`] left of a goal.
+struct Propagated {
+    /// The tasks it queued, or left to the caller to queue.
+    carried: Carried,
+    /// A successor it read still waits for more of its inbound edges: the
+    /// goal has a step left, so it cannot have ended.
+    left_waiting: bool,
+}
+
 /// Queues or skips the successors of `first` whose inbound edges have all
 /// resolved, following skips and failures until nothing more is decided;
 /// returns the tasks it queued, or left to the caller to queue (see
-/// [`steps_ended_in_locked_goals`]). `first_ready`: those successors that
-/// are ready, when already read.
+/// [`steps_ended_in_locked_goals`]), and whether a successor still waits.
+/// `first_ready`: those successors that are pending, when already read.
 async fn propagate(
     tx: &impl GenericClient,
     round: Round<'_>,
     first: Resolved,
     first_ready: Option<Vec<ReadyTask>>,
     unwritten: &mut Unwritten,
-) -> Result<Carried, StoreError> {
+) -> Result<Propagated, StoreError> {
     let Round {
         goal_id,
         goal,
         caller_queues_last,
     } = round;
     let mut carried = Carried::default();
+    // The steps last seen waiting, and not decided since: a later round may
+    // decide one (its last edge resolved by a skip), and a cancel may end one.
+    let mut waiting: HashSet<String> = HashSet::new();
     let mut next = Some((first, first_ready));
     let mut worklist: Vec<EndedStep> = Vec::new();
     loop {
@@ -520,11 +534,16 @@ async fn propagate(
                     let resolved =
                         decide_outbound(tx, goal_id, goal, &from, edges, &mut resolutions).await?;
                     let reads = ready_reads(goal_id, &resolved);
-                    let ready = store::resolve_edges_then_ready(tx, &resolutions, &reads).await?;
+                    let ready = store::resolve_edges_then_read(tx, &resolutions, &reads).await?;
                     let ready = resolved.broken.is_empty().then_some(ready);
                     (resolved, ready)
                 }
-                None => return Ok(carried),
+                None => {
+                    return Ok(Propagated {
+                        carried,
+                        left_waiting: !waiting.is_empty(),
+                    })
+                }
             },
         };
         if resolved.successors.is_empty() {
@@ -534,6 +553,7 @@ async fn propagate(
             unwritten.write(tx).await?;
         }
         for (to, error) in &resolved.broken {
+            waiting.remove(to);
             if let Some(failed) = store::fail_pending_task(tx, goal_id, to, error).await? {
                 worklist.push(failed);
             }
@@ -542,7 +562,7 @@ async fn propagate(
             Some(ready) => ready,
             None => {
                 unwritten.write(tx).await?;
-                store::ready_tasks(tx, &of_goal(goal_id, resolved.to_read())).await?
+                store::pending_steps(tx, &of_goal(goal_id, resolved.to_read())).await?
             }
         };
         ready.extend(resolved.decided);
@@ -566,8 +586,11 @@ async fn propagate(
         let mut waits = Vec::new();
         let mut cancelling = Vec::new();
         for task in ready {
+            waiting.remove(&task.step);
             match decide_join(task.join, task.inbound, &task.not_taken_from) {
-                JoinDecision::Wait => {}
+                JoinDecision::Wait => {
+                    waiting.insert(task.step);
+                }
                 JoinDecision::Run if task.is_map => {
                     if task.cancel_others {
                         cancelling.push(task.step.clone());
@@ -703,6 +726,10 @@ async fn propagate(
                 "failed" => worklist.push(ended(Outcome::Failed, Value::Null, started.error, true)),
                 _ => {}
             }
+        }
+        if !cancelling.is_empty() {
+            // A cancel may end a step seen waiting: no longer known to wait.
+            waiting.clear();
         }
         for step in cancelling {
             for parent in store::cancel_parents(tx, goal_id, &step).await? {

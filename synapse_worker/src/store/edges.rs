@@ -6,7 +6,7 @@ use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 use tokio_postgres::types::{Json, ToSql};
 
-use super::ready::{ready_arguments, ready_task, ready_tasks, READY_TASKS};
+use super::ready::{pending_steps, ready_arguments, ready_task, PENDING_STEPS};
 use super::{column, Result, StoreError};
 use crate::blueprint::{EdgeOn, Join};
 use crate::engine::decide::{Inbound, ReadyTask};
@@ -151,22 +151,22 @@ pub struct EdgeResolution {
     pub may_count: bool,
 }
 
-/// Records how edges resolved (of any steps and goals), then reads which of
-/// `steps` (goal, step) are ready ([`ready_tasks`]): both statements go out
+/// Records how edges resolved (of any steps and goals), then reads those of
+/// `steps` (goal, step) still pending ([`pending_steps`]): both statements go out
 /// together, one round trip. Postgres runs the read once the resolutions are
 /// written, so it sees them, as if each had been awaited.
-pub async fn resolve_edges_then_ready(
+pub async fn resolve_edges_then_read(
     tx: &impl GenericClient,
     resolutions: &[EdgeResolution],
     steps: &[(i64, String)],
 ) -> Result<Vec<ReadyTask>> {
     if resolutions.is_empty() {
-        return ready_tasks(tx, steps).await;
+        return pending_steps(tx, steps).await;
     }
     // Both prepared first: a statement still to be prepared would go out
     // after the other.
     let resolve = tx.prepare_cached(resolve_statement(resolutions)).await?;
-    let ready = tx.prepare_cached(READY_TASKS).await?;
+    let ready = tx.prepare_cached(PENDING_STEPS).await?;
     let columns = ResolveColumns::of(resolutions);
     let parameters = columns.parameters();
     let resolve = tx.execute(&resolve, &parameters);
@@ -182,7 +182,7 @@ pub async fn resolve_edges_then_ready(
 
 /// Records how edges resolved, and nothing else.
 pub async fn resolve_edges(tx: &impl GenericClient, resolutions: &[EdgeResolution]) -> Result<()> {
-    resolve_edges_then_ready(tx, resolutions, &[]).await?;
+    resolve_edges_then_read(tx, resolutions, &[]).await?;
     Ok(())
 }
 

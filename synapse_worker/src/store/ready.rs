@@ -7,22 +7,24 @@ use super::{column, Result, StoreError};
 use crate::blueprint::Join;
 use crate::engine::decide::{Inbound, ReadyTask};
 
-/// Those of `steps` (goal, step) that are pending with every inbound edge
-/// resolved (or, for a join `first` or n, with any resolved), in goal and id
-/// order. Each step is looked at through index probes only (the LATERAL
+/// Those of `steps` (goal, step) that are pending, in goal and id order,
+/// each with how its inbound edges stand: [`crate::engine::decide::decide_join`]
+/// tells whether it runs, is skipped or still waits (a step that waits is
+/// returned too: its goal has a step left, and needs no look for its end).
+/// Each step is looked at through index probes only (the LATERAL
 /// subqueries keep the planner from scanning the whole goal, which made long
 /// chains quadratic), and decided from its counts (a step with one inbound
 /// edge: from that edge): its inbound edges are read only for what a
 /// decision cannot do without, the parents' results of a default input, or
-/// the edges a join `all` missed.
-pub async fn ready_tasks(
+/// the edges a join `all` missed, and only once nothing is pending.
+pub async fn pending_steps(
     tx: &impl GenericClient,
     steps: &[(i64, String)],
 ) -> Result<Vec<ReadyTask>> {
     if steps.is_empty() {
         return Ok(Vec::new());
     }
-    let statement = tx.prepare_cached(READY_TASKS).await?;
+    let statement = tx.prepare_cached(PENDING_STEPS).await?;
     let (goal_ids, step_ids) = ready_arguments(steps);
     tx.query(&statement, &[&goal_ids, &step_ids])
         .await?
@@ -46,7 +48,7 @@ macro_rules! inbound_counts {
     };
 }
 
-pub(super) const READY_TASKS: &str = concat!("SELECT s.goal_id, t.id, t.step, t.join_mode, t.input_expr, t.inbound, t.pending_inbound,
+pub(super) const PENDING_STEPS: &str = concat!("SELECT s.goal_id, t.id, t.step, t.join_mode, t.input_expr, t.inbound, t.pending_inbound,
                     t.taken_inbound, coalesce(edges.not_taken_from, '{}'), coalesce(edges.parent_results, '{}'),
                     t.for_each_expr IS NOT NULL, t.cancel_others, t.until_expr IS NOT NULL, t.action = 'wait',
                     t.queue
@@ -57,7 +59,6 @@ pub(super) const READY_TASKS: &str = concat!("SELECT s.goal_id, t.id, t.step, t.
                      FROM synapse.tasks c
                     CROSS JOIN LATERAL (SELECT ", inbound_counts!(), ") k
                     WHERE c.goal_id = s.goal_id AND c.step = s.step AND coalesce(c.map_index, -1) = -1 AND c.status = 'pending'
-                      AND (k.pending_inbound = 0 OR c.join_mode NOT IN ('any', 'all'))
                     LIMIT 1) t
               LEFT JOIN LATERAL (
                    SELECT array_agg(e.from_step ORDER BY e.position) FILTER (WHERE e.state <> 'taken') AS not_taken_from,
@@ -68,7 +69,11 @@ pub(super) const READY_TASKS: &str = concat!("SELECT s.goal_id, t.id, t.step, t.
                      FROM synapse.edges e
                     WHERE e.goal_id = s.goal_id AND e.to_step = t.step
                       -- Only when the decision needs them (a one-time filter: no
-                      -- scan otherwise).
+                      -- scan otherwise): a step that may run, and has its own
+                      -- input or parents' results to read; or a join `all`
+                      -- that missed an edge. Never a join that still waits (a
+                      -- wide fan-in's join is read with each batch of parents).
+                      AND (t.pending_inbound = 0 OR t.join_mode NOT IN ('any', 'all'))
                       AND ((t.input_expr IS NULL AND t.taken_inbound > 0)
                            OR (t.join_mode = 'all' AND t.pending_inbound = 0 AND t.taken_inbound < t.inbound))) edges
                 ON true

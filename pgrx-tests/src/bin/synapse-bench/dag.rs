@@ -9,7 +9,7 @@ use synapse_e2e::{postgres, Stack, WorkerProcess};
 
 use crate::cost::{cost_figures, measured, Cost, CostWindow};
 use crate::figure::{median, median_of, ms, Baseline, Figure};
-use crate::goals::{run_plan, submit_goals, wait_for_goals};
+use crate::goals::{forget_goals, run_plan, submit_goals, wait_for_goals};
 use crate::latency::serial_commit_to_start;
 use crate::options::Sizes;
 use crate::sessions::meter;
@@ -164,6 +164,9 @@ fn diamonds(
 
 pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
     let client = &mut stack.pg();
+    // From empty tables, as the drains start: not from the history the
+    // sections before left (the figures then do not depend on which ran).
+    forget_goals(client);
     let meter = &mut meter(stack);
     wal::install(meter);
     let mut figures = Vec::new();

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use synapse_e2e::{error_of, noop_chain, postgres, run_plan, task, wait_for_goal, Stack};
+use synapse_e2e::{
+    error_of, noop_chain, postgres, run_plan, submit_plan_with_input, task, wait_for_goal, Stack,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -304,6 +306,43 @@ fn a_chain_whose_default_inputs_nest_past_the_limit_fails_at_that_step_saying_so
     );
     assert_eq!(task(&status, "s64")["attempts"], 0, "it never ran");
     assert_eq!(task(&status, "s65")["status"], "skipped", "{status}");
+}
+
+#[test]
+fn a_large_result_before_a_wide_fan_out_reaches_every_successor() {
+    // Each successor's default input holds the root's result: 300 copies of
+    // a 1 MB result. Built by the worker and sent in one parameter (but for
+    // the few its free slots claim at once), they outgrew what one jsonb
+    // value may hold (256 MB): the root's outcome could not be recorded, and
+    // the root failed once its lease lapsed.
+    const WIDTH: usize = 300;
+    let stack = Stack::start("input-limits-wide-fan-out", &[]);
+    let _worker = stack.start_worker("fan-out", &["--lease", "5s", "--concurrency", "4"]);
+    let mut steps = vec![json!({"id": "root", "action": "noop"})];
+    let mut edges = Vec::new();
+    for i in 0..WIDTH {
+        steps.push(json!({"id": format!("s{i}"), "action": "transform", "params": {"expr": "1"}}));
+        edges.push(json!({"from": "root", "to": format!("s{i}")}));
+    }
+    let mut client = stack.pg();
+    let id = submit_plan_with_input(
+        &mut client,
+        &json!({"steps": steps, "edges": edges}),
+        &json!({"blob": "x".repeat(1_000_000)}),
+    );
+    let status = wait_for_goal(&stack, id, WAIT);
+    assert_eq!(status["status"], "succeeded", "{}", status["error"]);
+    // The root's result is its input, the goal's: each successor holds it.
+    let holding: i64 = client
+        .query_one(
+            "SELECT count(*) FROM synapse.tasks t, synapse.goals g
+              WHERE t.goal_id = $1 AND g.id = $1 AND t.step LIKE 's%'
+                AND t.input = jsonb_build_object('root', g.input)",
+            &[&id],
+        )
+        .expect("the successors' inputs")
+        .get(0);
+    assert_eq!(holding, WIDTH as i64);
 }
 
 #[test]

@@ -15,7 +15,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -78,7 +77,7 @@ impl Continuation {
     fn claim_of<'r>(
         &'r self,
         reservation: &'r Reservation,
-        pending: &'r [(i64, Value)],
+        pending: &'r [(i64, store::TaskInput)],
         served: &'r [&'r str],
     ) -> store::Claim<'r> {
         store::Claim {

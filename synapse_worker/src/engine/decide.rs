@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
-use crate::blueprint::{cel, EdgeOn, Join};
+use crate::blueprint::{cel, limits, EdgeOn, Join};
 
 /// How a step ended, as edges see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,7 +168,7 @@ pub fn decide_join(join: Join, inbound: Inbound, not_taken_from: &[String]) -> J
 pub fn decided_by_sole_edge(
     mut task: ReadyTask,
     resolution: &Resolution,
-    from: &EndedStep,
+    from: &ParentResult,
 ) -> ReadyTask {
     let taken = *resolution == Resolution::Taken;
     task.inbound = Inbound {
@@ -179,10 +179,61 @@ pub fn decided_by_sole_edge(
     if !taken {
         task.not_taken_from = vec![from.step.clone()];
     } else if task.input_expr.is_none() {
-        task.taken_parent_results
-            .insert(from.step.clone(), from.result.clone());
+        task.parent_results.0.push(from.clone());
     }
     task
+}
+
+/// A parent's result in a step's default input: shared, not copied (one
+/// parent may feed thousands of successors), with how deeply it nests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParentResult {
+    /// The parent step.
+    pub step: String,
+    /// Its result.
+    pub result: Arc<Value>,
+    /// How deeply the result nests ([`limits::json_depth`]).
+    pub depth: usize,
+}
+
+impl ParentResult {
+    /// `step`'s result, as its successors' default inputs hold it.
+    pub fn of(step: &EndedStep) -> Self {
+        ParentResult::new(step.step.clone(), step.result.clone())
+    }
+
+    /// `step`'s `result`.
+    pub fn new(step: String, result: Value) -> Self {
+        ParentResult {
+            step,
+            depth: limits::json_depth(&result),
+            result: Arc::new(result),
+        }
+    }
+}
+
+/// A step's default input: parent → result, of its taken inbound edges.
+/// Postgres assembles it from the parents' rows where the step is queued
+/// ([`crate::store::TaskInput::ParentResults`]); the engine only checks how
+/// deep it nests, and builds it for a wait step, which starts at once.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ParentResults(pub Vec<ParentResult>);
+
+impl ParentResults {
+    /// How deeply the input nests: a level above its deepest result.
+    pub fn depth(&self) -> usize {
+        1 + self.0.iter().map(|parent| parent.depth).max().unwrap_or(0)
+    }
+
+    /// The input itself.
+    pub fn to_value(&self) -> Value {
+        Value::Object(
+            self.0
+                .iter()
+                .map(|parent| (parent.step.clone(), Value::clone(&parent.result)))
+                .collect(),
+        )
+    }
 }
 
 /// What expressions see of the goal.
@@ -213,9 +264,9 @@ pub struct ReadyTask {
     /// The steps of its inbound edges not taken, in blueprint order: read
     /// only for a join `all` that is to be skipped (they say why).
     pub not_taken_from: Vec<String>,
-    /// Parent id → result for the taken inbound edges: the default input
+    /// The results of the taken inbound edges' parents: the default input
     /// (read only for a step with one and a taken edge).
-    pub taken_parent_results: Map<String, Value>,
+    pub parent_results: ParentResults,
     /// A map step: it starts its instances instead of being queued.
     pub is_map: bool,
     /// When it starts, its parents that have not ended are cancelled.
@@ -261,7 +312,7 @@ pub(crate) mod tests {
                 taken: 0,
             },
             not_taken_from: Vec::new(),
-            taken_parent_results: Map::new(),
+            parent_results: ParentResults::default(),
             is_map: false,
             cancel_others: false,
             looping: false,
@@ -272,7 +323,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_successor_decided_by_its_one_edge_taken_runs_with_its_parents_result() {
-        let parent = ended(Outcome::Succeeded, json!({"amount": "12.50"}));
+        let parent = ParentResult::of(&ended(Outcome::Succeeded, json!({"amount": "12.50"})));
         let task =
             decided_by_sole_edge(sole_successor(Join::All, None), &Resolution::Taken, &parent);
         let expected = Inbound {
@@ -282,9 +333,10 @@ pub(crate) mod tests {
         };
         assert_eq!(task.inbound, expected);
         assert_eq!(
-            Value::Object(task.taken_parent_results.clone()),
+            task.parent_results.to_value(),
             json!({"a": {"amount": "12.50"}})
         );
+        assert_eq!(task.parent_results.depth(), 2);
         assert_eq!(
             decide_join(task.join, task.inbound, &task.not_taken_from),
             JoinDecision::Run
@@ -295,12 +347,23 @@ pub(crate) mod tests {
             &Resolution::Taken,
             &parent,
         );
-        assert!(own.taken_parent_results.is_empty());
+        assert!(own.parent_results.0.is_empty());
+    }
+
+    #[test]
+    fn a_default_input_nests_a_level_above_its_deepest_parent_result() {
+        let results = ParentResults(vec![
+            ParentResult::new("a".into(), json!([[1]])),
+            ParentResult::new("b".into(), json!(3)),
+        ]);
+        assert_eq!(results.depth(), 3);
+        assert_eq!(results.to_value(), json!({"a": [[1]], "b": 3}));
+        assert_eq!(ParentResults::default().depth(), 1);
     }
 
     #[test]
     fn a_successor_whose_one_edge_is_not_taken_is_skipped_and_says_why() {
-        let parent = ended(Outcome::Failed, Value::Null);
+        let parent = ParentResult::of(&ended(Outcome::Failed, Value::Null));
         let all = decided_by_sole_edge(
             sole_successor(Join::All, None),
             &Resolution::NotTaken,

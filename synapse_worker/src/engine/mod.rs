@@ -22,10 +22,11 @@ use serde_json::{Map, Value};
 use crate::blueprint::{cel, limits};
 use crate::store::{
     self, EdgeResolution, GoalEnding, GoalFinish, OutboundEdge, Queued, StepEnd, StoreError,
+    TaskInput,
 };
 use decide::{
     decide_join, decided_by_sole_edge, resolve_edge, EndedStep, GoalVariables, JoinDecision,
-    Outcome, ReadyTask, Resolution,
+    Outcome, ParentResult, ParentResults, ReadyTask, Resolution,
 };
 
 pub mod child;
@@ -119,6 +120,11 @@ async fn decide_outbound(
     } else {
         Map::new()
     };
+    // Shared by the successors it decides: one copy of its result, not one each.
+    let parent = edges
+        .iter()
+        .any(|edge| edge.sole.is_some())
+        .then(|| ParentResult::of(from));
     let mut resolved = Resolved::default();
     for edge in edges {
         let resolution = resolve_edge(edge.on, edge.when.as_deref(), from, &condition_vars);
@@ -144,10 +150,14 @@ async fn decide_outbound(
             may_count: edge.sole.is_none(),
         });
         // A successor whose condition failed fails first (see `propagate`).
-        if let (Some(task), false) = (edge.sole, matches!(resolution, Resolution::Error(_))) {
+        if let (Some(task), Some(parent), false) = (
+            edge.sole,
+            &parent,
+            matches!(resolution, Resolution::Error(_)),
+        ) {
             resolved
                 .decided
-                .push(decided_by_sole_edge(task, &resolution, from));
+                .push(decided_by_sole_edge(task, &resolution, parent));
         }
         resolved.successors.push(edge.to);
     }
@@ -299,6 +309,69 @@ pub async fn steps_ended_in_locked_goals(
     Ok(carried)
 }
 
+/// The input `task` is queued with: its `input` expression's value, else
+/// the goal's input for a root, else its parents' results (made where it is
+/// written); an error says why it cannot run.
+fn task_input(task: &ReadyTask, input_vars: &Map<String, Value>) -> Result<TaskInput, String> {
+    match &task.input_expr {
+        None if task.inbound.total == 0 => {
+            let goal_input = input_vars
+                .get("goal")
+                .and_then(|goal| goal.get("input"))
+                .cloned()
+                .unwrap_or(Value::Null);
+            checked_input(&task.step, goal_input).map(TaskInput::Given)
+        }
+        None => parent_results_within_depth(&task.step, &task.parent_results)
+            .map(|()| TaskInput::ParentResults),
+        Some(source) => evaluate_input(source, task.looping, input_vars)
+            .map_err(|message| {
+                format!(
+                    "cannot evaluate the input \"{source}\" of step {}: {message}",
+                    task.step
+                )
+            })
+            .and_then(|input| checked_input(&task.step, input))
+            .map(TaskInput::Given),
+    }
+}
+
+/// A step's `input` expression evaluated (a loop's first run sees no
+/// `previous` result yet).
+fn evaluate_input(
+    source: &str,
+    looping: bool,
+    input_vars: &Map<String, Value>,
+) -> Result<Value, String> {
+    let expression = cel::compile(source)?;
+    if looping {
+        let mut first_run = input_vars.clone();
+        first_run.insert("previous".into(), Value::Null);
+        first_run.insert("iteration".into(), Value::from(1));
+        return expression.evaluate(&first_run);
+    }
+    expression.evaluate(input_vars)
+}
+
+/// `input`, if it nests no deeper than a stored document may. (Not its size:
+/// a wide join's input holds many results.)
+fn checked_input(step: &str, input: Value) -> Result<Value, String> {
+    limits::check_depth(&format!("the input of step {step}"), &input).map(|()| input)
+}
+
+/// Whether a default input of these parents' results nests no deeper than a
+/// stored document may: each nests one level deeper in it.
+fn parent_results_within_depth(step: &str, parents: &ParentResults) -> Result<(), String> {
+    let depth = parents.depth();
+    if depth > limits::MAX_JSON_DEPTH {
+        return Err(limits::depth_message(
+            &format!("the input of step {step}"),
+            depth,
+        ));
+    }
+    Ok(())
+}
+
 /// Whose successors [`propagate`] decides, and how it leaves them.
 #[derive(Clone, Copy)]
 struct Round<'g> {
@@ -315,7 +388,7 @@ pub struct Carried {
     /// The tasks (id, input) the caller queues as the transaction's last
     /// write: nothing more is written for their goals, so a claim of them
     /// then (local continuation) sees each goal as the transaction leaves it.
-    pub to_queue: Vec<(i64, Value)>,
+    pub to_queue: Vec<(i64, TaskInput)>,
     /// The queues of `to_queue` (id, queue).
     pub to_queue_on: Vec<(i64, String)>,
     /// Edge resolutions the caller writes with its last round trip, before
@@ -602,41 +675,15 @@ async fn propagate(
                     if task.cancel_others {
                         cancelling.push(task.step.clone());
                     }
-                    let input = match &task.input_expr {
-                        // A root's default input is the goal's.
-                        None if task.inbound.total == 0 => Ok(input_vars
-                            .get("goal")
-                            .and_then(|goal| goal.get("input"))
-                            .cloned()
-                            .unwrap_or(Value::Null)),
-                        None => Ok(Value::Object(task.taken_parent_results)),
-                        Some(source) if task.looping => {
-                            // A loop's first run: no previous result yet.
-                            let mut first_run = input_vars.clone();
-                            first_run.insert("previous".into(), Value::Null);
-                            first_run.insert("iteration".into(), Value::from(1));
-                            cel::compile(source)
-                                .and_then(|expression| expression.evaluate(&first_run))
-                        }
-                        Some(source) => cel::compile(source)
-                            .and_then(|expression| expression.evaluate(&input_vars)),
-                    }
-                    .map_err(|message| {
-                        format!(
-                            "cannot evaluate the input \"{}\" of step {}: {message}",
-                            task.input_expr.as_deref().unwrap_or_default(),
-                            task.step
-                        )
-                    })
-                    // As deep as a stored document may be: parents' results
-                    // nest one level deeper in each default input. (Not its
-                    // size: a wide join's input holds many results.)
-                    .and_then(|input| {
-                        limits::check_depth(&format!("the input of step {}", task.step), &input)
-                            .map(|()| input)
-                    });
+                    let input = task_input(&task, &input_vars);
                     match input {
-                        Ok(input) if task.is_wait => waits.push((task.id, task.step, input)),
+                        Ok(input) if task.is_wait => {
+                            let input = match input {
+                                TaskInput::Given(input) => input,
+                                TaskInput::ParentResults => task.parent_results.to_value(),
+                            };
+                            waits.push((task.id, task.step, input));
+                        }
                         Ok(input) => {
                             queues.push((task.id, task.queue));
                             queued.push((task.id, input));
@@ -806,8 +853,44 @@ mod tests {
     }
 
     #[test]
+    fn a_step_is_queued_with_its_own_input_else_the_goals_else_its_parents_results() {
+        let mut vars = Map::new();
+        vars.insert("goal".into(), json!({"input": {"n": 2}}));
+        let mut root = sole_successor(Join::Any, None);
+        root.inbound.total = 0;
+        assert_eq!(
+            task_input(&root, &vars),
+            Ok(TaskInput::Given(json!({"n": 2})))
+        );
+        let own = sole_successor(Join::Any, Some("goal.input.n + 1"));
+        assert_eq!(task_input(&own, &vars), Ok(TaskInput::Given(json!(3))));
+        let broken = sole_successor(Join::Any, Some("goal.input.missing"));
+        assert!(task_input(&broken, &vars)
+            .unwrap_err()
+            .starts_with("cannot evaluate the input \"goal.input.missing\" of step b: "));
+        let parent = ParentResult::of(&ended(Outcome::Succeeded, json!([1])));
+        let default =
+            decided_by_sole_edge(sole_successor(Join::Any, None), &Resolution::Taken, &parent);
+        assert_eq!(task_input(&default, &vars), Ok(TaskInput::ParentResults));
+        // A result as deep as a document may be nests one level too deep.
+        let deepest = nested(limits::MAX_JSON_DEPTH);
+        let parent = ParentResult::of(&ended(Outcome::Succeeded, deepest));
+        let too_deep =
+            decided_by_sole_edge(sole_successor(Join::Any, None), &Resolution::Taken, &parent);
+        assert_eq!(
+            task_input(&too_deep, &vars),
+            Err("the input of step b is nested 65 levels deep; the limit is 64".to_owned())
+        );
+    }
+
+    /// `levels` arrays nested around a number.
+    fn nested(levels: usize) -> Value {
+        (0..levels).fold(json!(1), |inner, _| json!([inner]))
+    }
+
+    #[test]
     fn only_the_successors_no_edge_decided_alone_are_read() {
-        let parent = ended(Outcome::Succeeded, json!(1));
+        let parent = ParentResult::of(&ended(Outcome::Succeeded, json!(1)));
         let resolved = Resolved {
             successors: vec!["b".into(), "join".into()],
             broken: Vec::new(),

@@ -7,7 +7,8 @@ use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::Row;
 use tracing::warn;
 
-use super::by_id::{by_id, ids, ById};
+use super::by_id::ids;
+use super::input::{given_by_id, GivenById, TaskInput};
 use super::{column, data_message, millis, Result};
 
 /// A task this worker claimed.
@@ -105,7 +106,7 @@ pub struct Claim<'a> {
     /// Tasks still pending, (id, input), that the claim queues and claims
     /// in one write (local continuation): a step its transaction decided
     /// to run, which no other worker could have been told of yet.
-    pub pending: &'a [(i64, Value)],
+    pub pending: &'a [(i64, TaskInput)],
     /// Only tasks of these queues are claimed.
     pub queues: &'a [&'a str],
     /// How long the claim holds them.
@@ -119,7 +120,7 @@ pub(super) struct ClaimArguments<'c> {
     claim: &'c Claim<'c>,
     lease_ms: f64,
     pending_ids: Vec<i64>,
-    pending_inputs: Json<ById<'c, Value>>,
+    pending_inputs: Json<GivenById<'c>>,
 }
 
 impl<'c> ClaimArguments<'c> {
@@ -128,7 +129,7 @@ impl<'c> ClaimArguments<'c> {
             claim,
             lease_ms: millis(claim.lease),
             pending_ids: ids(claim.pending),
-            pending_inputs: by_id(claim.pending),
+            pending_inputs: given_by_id(claim.pending),
         }
     }
 
@@ -147,9 +148,9 @@ impl<'c> ClaimArguments<'c> {
 // Each table read by id or by key, joined to nothing (see by_id).
 // `status || ''`: the rows are found by id, never by scanning the
 // partial index of all queued tasks (see lock_goals_and_record).
-// The pending tasks ($5, inputs $6 by id) are not skipped when locked: left
+// The pending tasks ($5, given inputs $6 by id) are not skipped when locked: left
 // pending, nothing would ever queue them; the claim waits for them instead.
-pub(super) const CLAIM_TASKS: &str = "WITH c AS (
+pub(super) const CLAIM_TASKS: &str = concat!("WITH c AS (
                  SELECT c.id FROM synapse.tasks c
                   WHERE c.id = ANY($1::bigint[]) AND c.status || '' = 'queued' AND c.queue = ANY($4::text[])
                   ORDER BY c.id
@@ -162,7 +163,7 @@ pub(super) const CLAIM_TASKS: &str = "WITH c AS (
              claimed AS (
                  UPDATE synapse.tasks t
                     SET status = 'running', attempts = t.attempts + 1,
-                        input = CASE WHEN t.status = 'pending' THEN $6::jsonb -> t.id::text ELSE t.input END,
+                        input = CASE WHEN t.status = 'pending' THEN ", given_or_parent_results!("$6"), " ELSE t.input END,
                         -- From now: a transaction that ran a sql step claims its
                         -- successors too, long after it began.
                         lease_expires_at = statement_timestamp() + $2 * interval '1 millisecond', leased_by = $3
@@ -190,7 +191,7 @@ pub(super) const CLAIM_TASKS: &str = "WITH c AS (
                     c.map_index, CASE WHEN c.map_index IS NOT NULL THEN coalesce(c.map_item, c.input) END,
                     c.until_expr, c.input_expr, c.iteration, c.max_iterations, c.attempts_before,
                     CASE WHEN c.iteration > 1 THEN c.result END
-               FROM claimed c";
+               FROM claimed c");
 
 /// The tasks a claim's rows hold; a row whose identity cannot be read is
 /// left out (its lease lapses and the timers deal with it).

@@ -6,6 +6,7 @@ use serde_json::Value;
 use super::by_id::{by_id, ids};
 use super::claim::{claimed_tasks, Claim, ClaimArguments, ClaimedTask, CLAIM_TASKS};
 use super::edges::{resolve_statement, EdgeResolution, ResolveColumns};
+use super::input::{given_by_id, TaskInput};
 use super::{column, Result};
 use crate::engine::decide::{EndedStep, Outcome};
 
@@ -35,12 +36,15 @@ pub async fn fail_pending_task(
 }
 
 /// Queues `tasks` (id, input): `pending → queued`.
-pub async fn queue_tasks(tx: &impl GenericClient, tasks: &[(i64, Value)]) -> Result<Vec<Queued>> {
+pub async fn queue_tasks(
+    tx: &impl GenericClient,
+    tasks: &[(i64, TaskInput)],
+) -> Result<Vec<Queued>> {
     if tasks.is_empty() {
         return Ok(Vec::new());
     }
     let statement = tx.prepare_cached(QUEUE_TASKS).await?;
-    tx.query(&statement, &[&ids(tasks), &by_id(tasks)])
+    tx.query(&statement, &[&ids(tasks), &given_by_id(tasks)])
         .await?
         .iter()
         .map(|row| {
@@ -57,7 +61,7 @@ pub struct LastWrites<'a> {
     /// Edge resolutions, written first.
     pub resolutions: &'a [EdgeResolution],
     /// Tasks to queue (id, input).
-    pub tasks: &'a [(i64, Value)],
+    pub tasks: &'a [(i64, TaskInput)],
 }
 
 /// The transaction's last round trip: writes `last` (the edge resolutions,
@@ -81,7 +85,7 @@ pub async fn queue_claim_and_commit(
     let claiming = client.prepare_cached(CLAIM_TASKS).await?;
     let LastWrites { resolutions, tasks } = last;
     let resolve_columns = ResolveColumns::of(resolutions);
-    let (ids, inputs) = (ids(tasks), by_id(tasks));
+    let (ids, inputs) = (ids(tasks), given_by_id(tasks));
     let claim_arguments = claim.map(ClaimArguments::of);
     let resolving = async {
         if resolutions.is_empty() {
@@ -124,10 +128,13 @@ pub async fn commit_and_chain(client: &deadpool_postgres::Client) -> Result<()> 
 }
 
 // By id, joined to nothing (see by_id).
-const QUEUE_TASKS: &str =
-    "UPDATE synapse.tasks t SET status = 'queued', input = $2::jsonb -> t.id::text
-                            WHERE t.id = ANY($1::bigint[]) AND t.status = 'pending'
-                        RETURNING t.id, t.queue";
+const QUEUE_TASKS: &str = concat!(
+    "UPDATE synapse.tasks t SET status = 'queued', input = ",
+    given_or_parent_results!("$2"),
+    "
+      WHERE t.id = ANY($1::bigint[]) AND t.status = 'pending'
+  RETURNING t.id, t.queue"
+);
 
 /// A task the engine queued.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,13 +3,13 @@ use std::collections::HashMap;
 
 use deadpool_postgres::GenericClient;
 use serde::{Serialize, Serializer};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio_postgres::types::{Json, ToSql};
 
 use super::ready::{pending_steps, ready_arguments, ready_task, PENDING_STEPS};
 use super::{column, Result, StoreError};
 use crate::blueprint::{EdgeOn, Join};
-use crate::engine::decide::{Inbound, ReadyTask};
+use crate::engine::decide::{Inbound, ParentResults, ReadyTask};
 
 /// An outbound edge.
 #[derive(Debug)]
@@ -121,7 +121,7 @@ pub(super) fn with_sole_successors(
                 taken: 0,
             },
             not_taken_from: Vec::new(),
-            taken_parent_results: Map::new(),
+            parent_results: ParentResults::default(),
             is_map: successor.is_map,
             cancel_others: successor.cancel_others,
             looping: successor.looping,

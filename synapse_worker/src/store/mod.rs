@@ -11,6 +11,9 @@ use tokio_postgres::{IsolationLevel, Row};
 use tracing::{debug, warn};
 
 mod by_id;
+// Its statement fragment serves the modules after it.
+#[macro_use]
+mod input;
 pub mod child;
 mod claim;
 mod decided;
@@ -28,6 +31,7 @@ pub use claim::*;
 pub use decided::*;
 pub use edges::*;
 pub use goals::*;
+pub use input::TaskInput;
 pub use planning::*;
 pub use ready::*;
 pub use record::*;

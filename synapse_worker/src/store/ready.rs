@@ -5,7 +5,7 @@ use tokio_postgres::Row;
 
 use super::{column, Result, StoreError};
 use crate::blueprint::Join;
-use crate::engine::decide::{Inbound, ReadyTask};
+use crate::engine::decide::{Inbound, ParentResult, ParentResults, ReadyTask};
 
 /// Those of `steps` (goal, step) that are pending, in goal and id order,
 /// each with how its inbound edges stand: [`crate::engine::decide::decide_join`]
@@ -91,9 +91,15 @@ pub(super) fn ready_task(row: &Row) -> Result<ReadyTask> {
         let count: i32 = column(row, index)?;
         u32::try_from(count).map_err(|_| StoreError::Data(format!("inbound count {count}")))
     };
-    let Value::Object(taken_parent_results) = column::<Value>(row, 9)? else {
+    let Value::Object(parent_results) = column::<Value>(row, 9)? else {
         return Err(StoreError::Data("parent results are not an object".into()));
     };
+    let parent_results = ParentResults(
+        parent_results
+            .into_iter()
+            .map(|(step, result)| ParentResult::new(step, result))
+            .collect(),
+    );
     Ok(ReadyTask {
         goal_id: column(row, 0)?,
         id: column(row, 1)?,
@@ -110,7 +116,7 @@ pub(super) fn ready_task(row: &Row) -> Result<ReadyTask> {
             taken: count(7)?,
         },
         not_taken_from: column(row, 8)?,
-        taken_parent_results,
+        parent_results,
         is_map: column(row, 10)?,
         cancel_others: column(row, 11)?,
         looping: column(row, 12)?,

@@ -3,7 +3,7 @@
 //! leaves no row behind; a planner's output over the limits fails its goal
 //! saying why; the largest blueprint allowed validates, and a long validation
 //! honours `statement_timeout`.
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use synapse_e2e::{
@@ -308,6 +308,25 @@ fn a_chain_whose_default_inputs_nest_past_the_limit_fails_at_that_step_saying_so
     assert_eq!(task(&status, "s65")["status"], "skipped", "{status}");
 }
 
+/// A goal input holding a string of a million characters.
+fn a_mb() -> Value {
+    json!({"blob": "x".repeat(1_000_000)})
+}
+
+/// A `noop` root (whose result is its input, the goal's) before `width`
+/// successors `s0`… like `successor`, each with a default input.
+fn fan_out_of_a_mb(width: usize, successor: Value) -> Value {
+    let mut steps = vec![json!({"id": "root", "action": "noop"})];
+    let mut edges = Vec::new();
+    for i in 0..width {
+        let mut step = successor.clone();
+        step["id"] = json!(format!("s{i}"));
+        steps.push(step);
+        edges.push(json!({"from": "root", "to": format!("s{i}")}));
+    }
+    json!({"steps": steps, "edges": edges})
+}
+
 #[test]
 fn a_large_result_before_a_wide_fan_out_reaches_every_successor() {
     // Each successor's default input holds the root's result: 300 copies of
@@ -318,18 +337,12 @@ fn a_large_result_before_a_wide_fan_out_reaches_every_successor() {
     const WIDTH: usize = 300;
     let stack = Stack::start("input-limits-wide-fan-out", &[]);
     let _worker = stack.start_worker("fan-out", &["--lease", "5s", "--concurrency", "4"]);
-    let mut steps = vec![json!({"id": "root", "action": "noop"})];
-    let mut edges = Vec::new();
-    for i in 0..WIDTH {
-        steps.push(json!({"id": format!("s{i}"), "action": "transform", "params": {"expr": "1"}}));
-        edges.push(json!({"from": "root", "to": format!("s{i}")}));
-    }
-    let mut client = stack.pg();
-    let id = submit_plan_with_input(
-        &mut client,
-        &json!({"steps": steps, "edges": edges}),
-        &json!({"blob": "x".repeat(1_000_000)}),
+    let blueprint = fan_out_of_a_mb(
+        WIDTH,
+        json!({"action": "transform", "params": {"expr": "1"}}),
     );
+    let mut client = stack.pg();
+    let id = submit_plan_with_input(&mut client, &blueprint, &a_mb());
     let status = wait_for_goal(&stack, id, WAIT);
     assert_eq!(status["status"], "succeeded", "{}", status["error"]);
     // The root's result is its input, the goal's: each successor holds it.
@@ -343,6 +356,61 @@ fn a_large_result_before_a_wide_fan_out_reaches_every_successor() {
         .expect("the successors' inputs")
         .get(0);
     assert_eq!(holding, WIDTH as i64);
+}
+
+#[test]
+fn a_join_whose_parents_results_cannot_be_one_value_fails_saying_so() {
+    // 270 parents' results of 1 MB make a default input of 270 MB, over the
+    // 256 MB one jsonb value holds. Read whole, they failed the statement
+    // that decides the join with every attempt to record the last parent's
+    // outcome: the goal was left running, the join pending.
+    const WIDTH: usize = 270;
+    let stack = Stack::start("input-limits-oversized-join", &[]);
+    let _worker = stack.start_worker("join", &["--lease", "5s", "--concurrency", "16"]);
+    let mut blueprint = fan_out_of_a_mb(WIDTH, json!({"action": "noop"}));
+    for i in 0..WIDTH {
+        blueprint["edges"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"from": format!("s{i}"), "to": "j"}));
+    }
+    blueprint["steps"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"id": "j", "action": "transform", "join": "all", "params": {"expr": "1"}}));
+    blueprint["output"] = json!("{}");
+    let mut client = stack.pg();
+    let id = submit_plan_with_input(&mut client, &blueprint, &a_mb());
+    // Not goal_status(): the goal's results together are too large for it.
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        let status: String = client
+            .query_one("SELECT status FROM synapse.goals WHERE id = $1", &[&id])
+            .expect("the goal")
+            .get(0);
+        if status != "running" || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status, "failed");
+    let join = client
+        .query_one(
+            "SELECT status, error, attempts FROM synapse.tasks WHERE goal_id = $1 AND step = 'j'",
+            &[&id],
+        )
+        .expect("the join");
+    let (status, error, attempts): (String, String, i32) = (join.get(0), join.get(1), join.get(2));
+    assert_eq!(status, "failed");
+    assert!(
+        error.starts_with("the input of step j would hold 27")
+            && error.ends_with(
+                "bytes of its parents' results; one stored JSON value holds at most \
+                 268435455: give the step an input expression"
+            ),
+        "{error}"
+    );
+    assert_eq!(attempts, 0, "it never ran");
 }
 
 #[test]

@@ -1683,7 +1683,7 @@ fn a_wide_join_is_decided_from_its_counts_and_reads_its_edges_only_for_its_input
             (join.inbound.total, join.inbound.pending, join.inbound.taken),
             (width as u32, 0, width as u32)
         );
-        assert_eq!(join.parent_results.0.len() as i64, expected_reads);
+        assert_eq!(join.parent_results.results.len() as i64, expected_reads);
         assert_eq!(
             reads, expected_reads,
             "edges read to decide the join of goal {goal}"

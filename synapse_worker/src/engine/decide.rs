@@ -179,10 +179,14 @@ pub fn decided_by_sole_edge(
     if !taken {
         task.not_taken_from = vec![from.step.clone()];
     } else if task.input_expr.is_none() {
-        task.parent_results.0.push(from.clone());
+        task.parent_results.results.push(from.clone());
     }
     task
 }
+
+/// The most a jsonb value holds, in Postgres's own encoding (past it, the
+/// statement building one fails).
+pub const MAX_STORED_JSON_BYTES: i64 = 268_435_455;
 
 /// A parent's result in a step's default input: shared, not copied (one
 /// parent may feed thousands of successors), with how deeply it nests.
@@ -214,21 +218,48 @@ impl ParentResult {
 
 /// A step's default input: parent → result, of its taken inbound edges.
 /// Postgres assembles it from the parents' rows where the step is queued
-/// ([`crate::store::TaskInput::ParentResults`]); the engine only checks how
-/// deep it nests, and builds it for a wait step, which starts at once.
+/// ([`crate::store::TaskInput::ParentResults`]); the engine only checks that
+/// it can be stored, and builds it for a wait step, which starts at once.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ParentResults(pub Vec<ParentResult>);
+pub struct ParentResults {
+    /// The results.
+    pub results: Vec<ParentResult>,
+    /// Set when together they are more than one stored JSON value may hold
+    /// (then `results` is empty): their size in bytes.
+    pub oversized: Option<i64>,
+}
 
 impl ParentResults {
+    /// Why the input cannot be stored (`what` names it): too large for one
+    /// value, or nested a level above its deepest result, too deep.
+    pub fn check(&self, what: &str) -> Result<(), String> {
+        if let Some(bytes) = self.oversized {
+            return Err(format!(
+                "{what} would hold {bytes} bytes of its parents' results; one stored JSON value \
+                 holds at most {MAX_STORED_JSON_BYTES}: give the step an input expression"
+            ));
+        }
+        let depth = self.depth();
+        if depth > limits::MAX_JSON_DEPTH {
+            return Err(limits::depth_message(what, depth));
+        }
+        Ok(())
+    }
+
     /// How deeply the input nests: a level above its deepest result.
     pub fn depth(&self) -> usize {
-        1 + self.0.iter().map(|parent| parent.depth).max().unwrap_or(0)
+        1 + self
+            .results
+            .iter()
+            .map(|parent| parent.depth)
+            .max()
+            .unwrap_or(0)
     }
 
     /// The input itself.
     pub fn to_value(&self) -> Value {
         Value::Object(
-            self.0
+            self.results
                 .iter()
                 .map(|parent| (parent.step.clone(), Value::clone(&parent.result)))
                 .collect(),
@@ -347,18 +378,34 @@ pub(crate) mod tests {
             &Resolution::Taken,
             &parent,
         );
-        assert!(own.parent_results.0.is_empty());
+        assert!(own.parent_results.results.is_empty());
     }
 
     #[test]
     fn a_default_input_nests_a_level_above_its_deepest_parent_result() {
-        let results = ParentResults(vec![
-            ParentResult::new("a".into(), json!([[1]])),
-            ParentResult::new("b".into(), json!(3)),
-        ]);
+        let results = ParentResults {
+            results: vec![
+                ParentResult::new("a".into(), json!([[1]])),
+                ParentResult::new("b".into(), json!(3)),
+            ],
+            oversized: None,
+        };
         assert_eq!(results.depth(), 3);
         assert_eq!(results.to_value(), json!({"a": [[1]], "b": 3}));
         assert_eq!(ParentResults::default().depth(), 1);
+        assert_eq!(results.check("the input of step j"), Ok(()));
+        let oversized = ParentResults {
+            results: Vec::new(),
+            oversized: Some(294_000_000),
+        };
+        assert_eq!(
+            oversized.check("the input of step j"),
+            Err(
+                "the input of step j would hold 294000000 bytes of its parents' results; one \
+                 stored JSON value holds at most 268435455: give the step an input expression"
+                    .to_owned()
+            )
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::store::{
 };
 use decide::{
     decide_join, decided_by_sole_edge, resolve_edge, EndedStep, GoalVariables, JoinDecision,
-    Outcome, ParentResult, ParentResults, ReadyTask, Resolution,
+    Outcome, ParentResult, ReadyTask, Resolution,
 };
 
 pub mod child;
@@ -322,7 +322,9 @@ fn task_input(task: &ReadyTask, input_vars: &Map<String, Value>) -> Result<TaskI
                 .unwrap_or(Value::Null);
             checked_input(&task.step, goal_input).map(TaskInput::Given)
         }
-        None => parent_results_within_depth(&task.step, &task.parent_results)
+        None => task
+            .parent_results
+            .check(&format!("the input of step {}", task.step))
             .map(|()| TaskInput::ParentResults),
         Some(source) => evaluate_input(source, task.looping, input_vars)
             .map_err(|message| {
@@ -357,19 +359,6 @@ fn evaluate_input(
 /// a wide join's input holds many results.)
 fn checked_input(step: &str, input: Value) -> Result<Value, String> {
     limits::check_depth(&format!("the input of step {step}"), &input).map(|()| input)
-}
-
-/// Whether a default input of these parents' results nests no deeper than a
-/// stored document may: each nests one level deeper in it.
-fn parent_results_within_depth(step: &str, parents: &ParentResults) -> Result<(), String> {
-    let depth = parents.depth();
-    if depth > limits::MAX_JSON_DEPTH {
-        return Err(limits::depth_message(
-            &format!("the input of step {step}"),
-            depth,
-        ));
-    }
-    Ok(())
 }
 
 /// Whose successors [`propagate`] decides, and how it leaves them.

@@ -36,21 +36,30 @@ pub(super) fn given_by_id(pairs: &[(i64, TaskInput)]) -> Json<GivenById<'_>> {
     Json(GivenById(pairs))
 }
 
+/// The result of the parent step of edge `e` (`null` for none), found by
+/// its key: one probe.
+macro_rules! parent_result {
+    () => {
+        "SELECT coalesce(p.result, 'null'::jsonb) AS result FROM synapse.tasks p
+          WHERE p.goal_id = e.goal_id AND p.step = e.from_step AND coalesce(p.map_index, -1) = -1
+          LIMIT 1"
+    };
+}
+
 /// The input of task row `t`: its entry in `$given` (a jsonb object by id,
-/// [`given_by_id`]), or else its parents' results, each parent read by its
-/// key (the edges' resolutions must be written before).
+/// [`given_by_id`]), or else its parents' results, of its taken inbound
+/// edges (whose resolutions must be written before).
 macro_rules! given_or_parent_results {
     ($given:literal) => {
         concat!(
             "coalesce(",
             $given,
             "::jsonb -> t.id::text,
-                  (SELECT coalesce(jsonb_object_agg(e.from_step, coalesce(p.result, 'null'::jsonb)), '{}')
+                  (SELECT coalesce(jsonb_object_agg(e.from_step, p.result), '{}')
                      FROM synapse.edges e
-                    CROSS JOIN LATERAL (
-                          SELECT p.result FROM synapse.tasks p
-                           WHERE p.goal_id = e.goal_id AND p.step = e.from_step AND coalesce(p.map_index, -1) = -1
-                           LIMIT 1) p
+                    CROSS JOIN LATERAL (",
+            parent_result!(),
+            ") p
                     WHERE e.goal_id = t.goal_id AND e.to_step = t.step AND e.state = 'taken'))"
         )
     };

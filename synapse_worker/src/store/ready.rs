@@ -51,7 +51,7 @@ macro_rules! inbound_counts {
 pub(super) const PENDING_STEPS: &str = concat!("SELECT s.goal_id, t.id, t.step, t.join_mode, t.input_expr, t.inbound, t.pending_inbound,
                     t.taken_inbound, coalesce(edges.not_taken_from, '{}'), coalesce(edges.parent_results, '{}'),
                     t.for_each_expr IS NOT NULL, t.cancel_others, t.until_expr IS NOT NULL, t.action = 'wait',
-                    t.queue
+                    t.queue, CASE WHEN edges.input_bytes > 268435455 THEN edges.input_bytes END
               FROM unnest($1::bigint[], $2::text[]) AS s(goal_id, step)
              CROSS JOIN LATERAL (
                    SELECT c.id, c.step, c.join_mode, c.input_expr, c.for_each_expr, c.cancel_others, c.until_expr,
@@ -62,20 +62,32 @@ pub(super) const PENDING_STEPS: &str = concat!("SELECT s.goal_id, t.id, t.step, 
                     LIMIT 1) t
               LEFT JOIN LATERAL (
                    SELECT array_agg(e.from_step ORDER BY e.position) FILTER (WHERE e.state <> 'taken') AS not_taken_from,
-                          jsonb_object_agg(e.from_step,
-                                       (SELECT coalesce(p.result, 'null'::jsonb) FROM synapse.tasks p
-                                         WHERE p.goal_id = s.goal_id AND p.step = e.from_step AND coalesce(p.map_index, -1) = -1))
-                                   FILTER (WHERE e.state = 'taken' AND t.input_expr IS NULL) AS parent_results
-                     FROM synapse.edges e
-                    WHERE e.goal_id = s.goal_id AND e.to_step = t.step
-                      -- Only when the decision needs them (a one-time filter: no
-                      -- scan otherwise): a step that may run, and has its own
-                      -- input or parents' results to read; or a join `all`
-                      -- that missed an edge. Never a join that still waits (a
-                      -- wide fan-in's join is read with each batch of parents).
-                      AND (t.pending_inbound = 0 OR t.join_mode NOT IN ('any', 'all'))
-                      AND ((t.input_expr IS NULL AND t.taken_inbound > 0)
-                           OR (t.join_mode = 'all' AND t.pending_inbound = 0 AND t.taken_inbound < t.inbound))) edges
+                          -- Only if they fit the one jsonb value Postgres can hold
+                          -- (268 435 455 bytes): built past it, the statement would
+                          -- fail, and with it the outcomes that decided the step, at
+                          -- every attempt.
+                          jsonb_object_agg(e.from_step, e.result)
+                            FILTER (WHERE e.result IS NOT NULL AND e.input_bytes <= 268435455) AS parent_results,
+                          max(e.input_bytes) AS input_bytes
+                     FROM (SELECT e.from_step, e.position, e.state, p.result,
+                                  -- The default input's size as one jsonb value (each
+                                  -- result rebuilt, to measure it uncompressed), with
+                                  -- room for its keys.
+                                  sum(octet_length(e.from_step) + 8
+                                      + pg_column_size(p.result || CASE WHEN jsonb_typeof(p.result) = 'object'
+                                                                        THEN '{}'::jsonb ELSE '[]'::jsonb END))
+                                    OVER () AS input_bytes
+                             FROM synapse.edges e
+                             LEFT JOIN LATERAL (", parent_result!(), ") p ON e.state = 'taken' AND t.input_expr IS NULL
+                            WHERE e.goal_id = s.goal_id AND e.to_step = t.step
+                              -- Only when the decision needs them (a one-time filter: no
+                              -- scan otherwise): a step that may run, and has its own
+                              -- input or parents' results to read; or a join `all`
+                              -- that missed an edge. Never a join that still waits (a
+                              -- wide fan-in's join is read with each batch of parents).
+                              AND (t.pending_inbound = 0 OR t.join_mode NOT IN ('any', 'all'))
+                              AND ((t.input_expr IS NULL AND t.taken_inbound > 0)
+                                   OR (t.join_mode = 'all' AND t.pending_inbound = 0 AND t.taken_inbound < t.inbound))) e) edges
                 ON true
              ORDER BY s.goal_id, t.id");
 
@@ -94,12 +106,13 @@ pub(super) fn ready_task(row: &Row) -> Result<ReadyTask> {
     let Value::Object(parent_results) = column::<Value>(row, 9)? else {
         return Err(StoreError::Data("parent results are not an object".into()));
     };
-    let parent_results = ParentResults(
-        parent_results
+    let parent_results = ParentResults {
+        results: parent_results
             .into_iter()
             .map(|(step, result)| ParentResult::new(step, result))
             .collect(),
-    );
+        oversized: column(row, 15)?,
+    };
     Ok(ReadyTask {
         goal_id: column(row, 0)?,
         id: column(row, 1)?,

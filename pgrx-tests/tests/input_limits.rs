@@ -336,7 +336,7 @@ fn a_large_result_before_a_wide_fan_out_reaches_every_successor() {
     // the root failed once its lease lapsed.
     const WIDTH: usize = 300;
     let stack = Stack::start("input-limits-wide-fan-out", &[]);
-    let _worker = stack.start_worker("fan-out", &["--lease", "5s", "--concurrency", "4"]);
+    let _worker = stack.start_worker("fan-out", &["--concurrency", "4"]);
     let blueprint = fan_out_of_a_mb(
         WIDTH,
         json!({"action": "transform", "params": {"expr": "1"}}),
@@ -366,7 +366,7 @@ fn a_join_whose_parents_results_cannot_be_one_value_fails_saying_so() {
     // outcome: the goal was left running, the join pending.
     const WIDTH: usize = 270;
     let stack = Stack::start("input-limits-oversized-join", &[]);
-    let _worker = stack.start_worker("join", &["--lease", "5s", "--concurrency", "16"]);
+    let _worker = stack.start_worker("join", &["--concurrency", "16"]);
     let mut blueprint = fan_out_of_a_mb(WIDTH, json!({"action": "noop"}));
     for i in 0..WIDTH {
         blueprint["edges"]

@@ -381,18 +381,7 @@ fn a_join_whose_parents_results_cannot_be_one_value_fails_saying_so() {
     blueprint["output"] = json!("{}");
     let mut client = stack.pg();
     let id = submit_plan_with_input(&mut client, &blueprint, &a_mb());
-    // Not goal_status(): the goal's results together are too large for it.
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        let status: String = client
-            .query_one("SELECT status FROM synapse.goals WHERE id = $1", &[&id])
-            .expect("the goal")
-            .get(0);
-        if status != "running" || Instant::now() > deadline {
-            break status;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (status, _) = goal_ended(&mut client, id);
     assert_eq!(status, "failed");
     let join = client
         .query_one(
@@ -411,6 +400,59 @@ fn a_join_whose_parents_results_cannot_be_one_value_fails_saying_so() {
         "{error}"
     );
     assert_eq!(attempts, 0, "it never ran");
+}
+
+#[test]
+fn a_goal_whose_leaf_results_cannot_be_one_value_fails_saying_so() {
+    // 270 leaf steps' results of 1 MB: the goal's default result would be
+    // 270 MB, over the 256 MB one jsonb value holds. Read whole, they failed
+    // the statement that ends the goal with every attempt to record the last
+    // leaf's outcome: the goal was left running.
+    let stack = Stack::start("input-limits-oversized-result", &[]);
+    let _worker = stack.start_worker("leaves", &["--concurrency", "16"]);
+    let mut client = stack.pg();
+    let id = submit_plan_with_input(
+        &mut client,
+        &fan_out_of_a_mb(270, json!({"action": "noop"})),
+        &a_mb(),
+    );
+    let (status, error) = goal_ended(&mut client, id);
+    assert_eq!(status, "failed");
+    assert!(
+        error.starts_with("the goal's result would hold 27")
+            && error.ends_with(
+                "bytes of its leaf steps' results; one stored JSON value holds at most \
+                 268435455: give the blueprint an output expression"
+            ),
+        "{error}"
+    );
+    let succeeded: i64 = client
+        .query_one(
+            "SELECT count(*) FROM synapse.tasks WHERE goal_id = $1 AND status = 'succeeded'",
+            &[&id],
+        )
+        .expect("the steps")
+        .get(0);
+    assert_eq!(succeeded, 271, "every step ran");
+}
+
+/// The status and error of goal `id` once it is no longer running (not
+/// from goal_status(): a goal's results together may be too large for it).
+fn goal_ended(client: &mut postgres::Client, id: i64) -> (String, String) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let row = client
+            .query_one(
+                "SELECT status, coalesce(error, '') FROM synapse.goals WHERE id = $1",
+                &[&id],
+            )
+            .expect("the goal");
+        let (status, error): (String, String) = (row.get(0), row.get(1));
+        if status != "running" || Instant::now() > deadline {
+            return (status, error);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

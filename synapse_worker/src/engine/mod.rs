@@ -26,7 +26,7 @@ use crate::store::{
 };
 use decide::{
     decide_join, decided_by_sole_edge, resolve_edge, EndedStep, GoalVariables, JoinDecision,
-    Outcome, ParentResult, ReadyTask, Resolution,
+    Outcome, ParentResult, ReadyTask, Resolution, MAX_STORED_JSON_BYTES,
 };
 
 pub mod child;
@@ -811,7 +811,10 @@ async fn goal_finish(
                 variables_for(tx, goal_id, goal, reads_goal(source), reads_steps(source)).await?;
             cel::compile(source).and_then(|expression| expression.evaluate(&vars))
         }
-        None => Ok(ending.leaf_results),
+        None => match ending.leaf_results_oversized {
+            Some(bytes) => return Ok(failed(oversized_result_message(bytes))),
+            None => Ok(ending.leaf_results),
+        },
     };
     Ok(match result {
         Ok(result) => GoalFinish {
@@ -825,6 +828,15 @@ async fn goal_finish(
             output.unwrap_or_default()
         )),
     })
+}
+
+/// Why a goal with no `output` cannot succeed: its leaf steps' results,
+/// `bytes` together, are more than one stored value may hold.
+fn oversized_result_message(bytes: i64) -> String {
+    format!(
+        "the goal's result would hold {bytes} bytes of its leaf steps' results; one stored JSON \
+         value holds at most {MAX_STORED_JSON_BYTES}: give the blueprint an output expression"
+    )
 }
 
 #[cfg(test)]

@@ -73,8 +73,12 @@ pub struct GoalEnding {
     /// Failed steps with no taken `failure`/`always` edge out of them, and steps failed
     /// by a definition error whatever their edges: `(step, error)`.
     pub unhandled_failures: Vec<(String, String)>,
-    /// The default result: the results of the succeeded leaf steps.
+    /// The default result: the results of the succeeded leaf steps (read
+    /// only for a goal with no `output`).
     pub leaf_results: Value,
+    /// Set when those results together are more than one stored JSON value
+    /// may hold (then `leaf_results` is empty): their size in bytes.
+    pub leaf_results_oversized: Option<i64>,
 }
 
 /// The endings of those of `goal_ids` whose every step has ended, in one
@@ -87,7 +91,7 @@ pub struct GoalEnding {
 pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<GoalEnding>> {
     let statement = tx
         .prepare_cached(
-            "SELECT ended.id, ended.output, steps.unhandled, steps.errors, steps.leaf_results
+            "SELECT ended.id, ended.output, steps.unhandled, steps.errors, steps.leaf_results, steps.oversized
                FROM (SELECT g.id, g.blueprint ->> 'output' AS output
                        FROM synapse.goals g
                        LEFT JOIN LATERAL (SELECT true AS found FROM synapse.tasks t
@@ -99,8 +103,24 @@ pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<V
                     SELECT coalesce(array_agg(s.step::text ORDER BY s.id) FILTER (WHERE s.unhandled), '{}') AS unhandled,
                            coalesce(array_agg(coalesce(s.error, 'failed') ORDER BY s.id) FILTER (WHERE s.unhandled), '{}')
                              AS errors,
-                           coalesce(jsonb_object_agg(s.step, s.result) FILTER (WHERE s.leaf), '{}') AS leaf_results
-                      FROM (SELECT t.id, t.step, t.error, t.result,
+                           -- The default result, only for a goal with no output, and
+                           -- only if it fits one jsonb value (268 435 455 bytes): built
+                           -- past it, the statement would fail, and with it the
+                           -- outcomes that ended the goal, at every attempt.
+                           coalesce(jsonb_object_agg(s.step, s.result)
+                                      FILTER (WHERE s.leaf AND ended.output IS NULL AND s.leaf_bytes <= 268435455),
+                                    '{}') AS leaf_results,
+                           max(s.leaf_bytes) FILTER (WHERE s.leaf_bytes > 268435455) AS oversized
+                      FROM (SELECT s.*,
+                                   -- Its size as one jsonb value (each result rebuilt, to
+                                   -- measure it uncompressed), with room for its keys.
+                                   sum(CASE WHEN s.leaf AND ended.output IS NULL
+                                            THEN octet_length(s.step) + 8
+                                                 + pg_column_size(coalesce(s.result, 'null'::jsonb)
+                                                                  || CASE WHEN jsonb_typeof(s.result) = 'object'
+                                                                          THEN '{}'::jsonb ELSE '[]'::jsonb END)
+                                       END) OVER () AS leaf_bytes
+                              FROM (SELECT t.id, t.step, t.error, t.result,
                                    -- A failure no taken failure/always edge handles, or a definition error.
                                    t.status = 'failed'
                                      AND (t.failure_kind IS NOT DISTINCT FROM 'definition'
@@ -114,7 +134,7 @@ pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<V
                                                       WHERE e.goal_id = t.goal_id AND e.from_step = t.step) AS leaf
                               FROM synapse.tasks t
                              WHERE t.goal_id = ended.id AND t.map_index IS NULL
-                               AND t.status IN ('failed', 'succeeded')) s) steps
+                               AND t.status IN ('failed', 'succeeded')) s) s) steps
               ORDER BY ended.id",
         )
         .await?;
@@ -129,6 +149,7 @@ pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<V
                 output: column(row, 1)?,
                 unhandled_failures: steps.into_iter().zip(errors).collect(),
                 leaf_results: column(row, 4)?,
+                leaf_results_oversized: column(row, 5)?,
             })
         })
         .collect()

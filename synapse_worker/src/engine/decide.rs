@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 
 use crate::blueprint::{cel, limits, EdgeOn, Join};
+use crate::store::MAX_STORED_JSON_BYTES;
 
 /// How a step ended, as edges see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,10 +184,6 @@ pub fn decided_by_sole_edge(
     }
     task
 }
-
-/// The most a jsonb value holds, in Postgres's own encoding (past it, the
-/// statement building one fails).
-pub const MAX_STORED_JSON_BYTES: i64 = 268_435_455;
 
 /// A parent's result in a step's default input: shared, not copied (one
 /// parent may feed thousands of successors), with how deeply it nests.

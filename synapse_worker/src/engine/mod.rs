@@ -22,11 +22,11 @@ use serde_json::{Map, Value};
 use crate::blueprint::{cel, limits};
 use crate::store::{
     self, EdgeResolution, GoalEnding, GoalFinish, OutboundEdge, Queued, StepEnd, StoreError,
-    TaskInput,
+    TaskInput, MAX_STORED_JSON_BYTES,
 };
 use decide::{
     decide_join, decided_by_sole_edge, resolve_edge, EndedStep, GoalVariables, JoinDecision,
-    Outcome, ParentResult, ReadyTask, Resolution, MAX_STORED_JSON_BYTES,
+    Outcome, ParentResult, ReadyTask, Resolution,
 };
 
 pub mod child;

@@ -90,7 +90,7 @@ pub struct GoalEnding {
 /// steps are read.
 pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<GoalEnding>> {
     let statement = tx
-        .prepare_cached(
+        .prepare_cached(concat!(
             "SELECT ended.id, ended.output, steps.unhandled, steps.errors, steps.leaf_results, steps.oversized
                FROM (SELECT g.id, g.blueprint ->> 'output' AS output
                        FROM synapse.goals g
@@ -104,21 +104,17 @@ pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<V
                            coalesce(array_agg(coalesce(s.error, 'failed') ORDER BY s.id) FILTER (WHERE s.unhandled), '{}')
                              AS errors,
                            -- The default result, only for a goal with no output, and
-                           -- only if it fits one jsonb value (268 435 455 bytes): built
-                           -- past it, the statement would fail, and with it the
-                           -- outcomes that ended the goal, at every attempt.
+                           -- only if it fits one jsonb value: built past it, the
+                           -- statement would fail, and with it the outcomes that ended
+                           -- the goal, at every attempt.
                            coalesce(jsonb_object_agg(s.step, s.result)
-                                      FILTER (WHERE s.leaf AND ended.output IS NULL AND s.leaf_bytes <= 268435455),
+                                      FILTER (WHERE s.leaf AND ended.output IS NULL AND s.leaf_bytes <= ", max_stored_json_bytes!(), "),
                                     '{}') AS leaf_results,
-                           max(s.leaf_bytes) FILTER (WHERE s.leaf_bytes > 268435455) AS oversized
+                           max(s.leaf_bytes) FILTER (WHERE s.leaf_bytes > ", max_stored_json_bytes!(), ") AS oversized
                       FROM (SELECT s.*,
-                                   -- Its size as one jsonb value (each result rebuilt, to
-                                   -- measure it uncompressed), with room for its keys.
+                                   -- Its size as one jsonb value.
                                    sum(CASE WHEN s.leaf AND ended.output IS NULL
-                                            THEN octet_length(s.step) + 8
-                                                 + pg_column_size(coalesce(s.result, 'null'::jsonb)
-                                                                  || CASE WHEN jsonb_typeof(s.result) = 'object'
-                                                                          THEN '{}'::jsonb ELSE '[]'::jsonb END)
+                                            THEN ", stored_size!("s.step", "coalesce(s.result, 'null'::jsonb)"), "
                                        END) OVER () AS leaf_bytes
                               FROM (SELECT t.id, t.step, t.error, t.result,
                                    -- A failure no taken failure/always edge handles, or a definition error.
@@ -135,8 +131,8 @@ pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<V
                               FROM synapse.tasks t
                              WHERE t.goal_id = ended.id AND t.map_index IS NULL
                                AND t.status IN ('failed', 'succeeded')) s) s) steps
-              ORDER BY ended.id",
-        )
+              ORDER BY ended.id"
+        ))
         .await?;
     tx.query(&statement, &[&goal_ids])
         .await?

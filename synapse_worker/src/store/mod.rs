@@ -31,7 +31,7 @@ pub use claim::*;
 pub use decided::*;
 pub use edges::*;
 pub use goals::*;
-pub use input::TaskInput;
+pub use input::{TaskInput, MAX_STORED_JSON_BYTES};
 pub use planning::*;
 pub use ready::*;
 pub use record::*;

@@ -51,7 +51,7 @@ macro_rules! inbound_counts {
 pub(super) const PENDING_STEPS: &str = concat!("SELECT s.goal_id, t.id, t.step, t.join_mode, t.input_expr, t.inbound, t.pending_inbound,
                     t.taken_inbound, coalesce(edges.not_taken_from, '{}'), coalesce(edges.parent_results, '{}'),
                     t.for_each_expr IS NOT NULL, t.cancel_others, t.until_expr IS NOT NULL, t.action = 'wait',
-                    t.queue, CASE WHEN edges.input_bytes > 268435455 THEN edges.input_bytes END
+                    t.queue, CASE WHEN edges.input_bytes > ", max_stored_json_bytes!(), " THEN edges.input_bytes END
               FROM unnest($1::bigint[], $2::text[]) AS s(goal_id, step)
              CROSS JOIN LATERAL (
                    SELECT c.id, c.step, c.join_mode, c.input_expr, c.for_each_expr, c.cancel_others, c.until_expr,
@@ -62,20 +62,15 @@ pub(super) const PENDING_STEPS: &str = concat!("SELECT s.goal_id, t.id, t.step, 
                     LIMIT 1) t
               LEFT JOIN LATERAL (
                    SELECT array_agg(e.from_step ORDER BY e.position) FILTER (WHERE e.state <> 'taken') AS not_taken_from,
-                          -- Only if they fit the one jsonb value Postgres can hold
-                          -- (268 435 455 bytes): built past it, the statement would
-                          -- fail, and with it the outcomes that decided the step, at
-                          -- every attempt.
+                          -- Only if they fit the one jsonb value Postgres can hold:
+                          -- built past it, the statement would fail, and with it the
+                          -- outcomes that decided the step, at every attempt.
                           jsonb_object_agg(e.from_step, e.result)
-                            FILTER (WHERE e.result IS NOT NULL AND e.input_bytes <= 268435455) AS parent_results,
+                            FILTER (WHERE e.result IS NOT NULL AND e.input_bytes <= ", max_stored_json_bytes!(), ") AS parent_results,
                           max(e.input_bytes) AS input_bytes
                      FROM (SELECT e.from_step, e.position, e.state, p.result,
-                                  -- The default input's size as one jsonb value (each
-                                  -- result rebuilt, to measure it uncompressed), with
-                                  -- room for its keys.
-                                  sum(octet_length(e.from_step) + 8
-                                      + pg_column_size(p.result || CASE WHEN jsonb_typeof(p.result) = 'object'
-                                                                        THEN '{}'::jsonb ELSE '[]'::jsonb END))
+                                  -- The default input's size as one jsonb value.
+                                  sum(", stored_size!("e.from_step", "p.result"), ")
                                     OVER () AS input_bytes
                              FROM synapse.edges e
                              LEFT JOIN LATERAL (", parent_result!(), ") p ON e.state = 'taken' AND t.input_expr IS NULL

@@ -358,26 +358,241 @@ fn a_large_result_before_a_wide_fan_out_reaches_every_successor() {
     assert_eq!(holding, WIDTH as i64);
 }
 
+/// [`fan_out_of_a_mb`] of 270 `noop` successors (a result of 1 MB each:
+/// 270 MB together, over the 256 MB one jsonb value holds), all before
+/// `join`.
+fn fan_in_of_a_mb(join: Value) -> Value {
+    const WIDTH: usize = 270;
+    let mut blueprint = fan_out_of_a_mb(WIDTH, json!({"action": "noop"}));
+    for i in 0..WIDTH {
+        blueprint["edges"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"from": format!("s{i}"), "to": join["id"]}));
+    }
+    blueprint["steps"].as_array_mut().unwrap().push(join);
+    blueprint
+}
+
+/// What `steps` would hold in [`fan_in_of_a_mb`]: "27… bytes".
+fn assert_steps_oversized(error: &str, context: &str) {
+    let message = "`steps` would hold 27";
+    let limit = "bytes of the goal's step results; one stored JSON value holds at most 268435455";
+    assert!(
+        error.starts_with(context) && error.contains(message) && error.ends_with(limit),
+        "{error}"
+    );
+}
+
+/// The status, error, failure kind and attempts of step `step` of goal `id`.
+fn step_row(client: &mut postgres::Client, id: i64, step: &str) -> (String, String, String, i32) {
+    let row = client
+        .query_one(
+            "SELECT status, coalesce(error, ''), coalesce(failure_kind, ''), attempts
+               FROM synapse.tasks WHERE goal_id = $1 AND step = $2 AND map_index IS NULL",
+            &[&id, &step],
+        )
+        .expect("the step");
+    (row.get(0), row.get(1), row.get(2), row.get(3))
+}
+
+#[test]
+fn a_condition_reading_steps_too_large_for_one_value_fails_its_successor_saying_so() {
+    // Built whole, `steps` failed the statement that decides the join's
+    // edges, with every attempt to record the join's outcome: the goal was
+    // left running.
+    let stack = Stack::start("input-limits-steps-condition", &[]);
+    let _worker = stack.start_worker("conditions", &["--concurrency", "16"]);
+    let mut blueprint =
+        fan_in_of_a_mb(json!({"id": "j", "action": "noop", "join": "all", "input": "{}"}));
+    blueprint["steps"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"id": "k", "action": "noop"}));
+    blueprint["edges"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"from": "j", "to": "k", "when": "size(steps) > 0"}));
+    blueprint["output"] = json!("{}");
+    let mut client = stack.pg();
+    let id = submit_plan_with_input(&mut client, &blueprint, &a_mb());
+    let (status, _) = goal_ended(&mut client, id);
+    assert_eq!(status, "failed");
+    assert_eq!(step_row(&mut client, id, "j").0, "succeeded");
+    let (status, error, kind, attempts) = step_row(&mut client, id, "k");
+    assert_eq!(
+        (status.as_str(), kind.as_str(), attempts),
+        ("failed", "definition", 0)
+    );
+    assert_steps_oversized(
+        &error,
+        "edge j -> k: condition failed (when \"size(steps) > 0\"): ",
+    );
+}
+
+#[test]
+fn an_expression_reading_steps_too_large_for_one_value_fails_its_step_saying_so() {
+    // Built whole, `steps` failed the claim of the step (and of any task
+    // claimed with it) at every attempt: the goal was left running.
+    let stack = Stack::start("input-limits-steps-claim", &[]);
+    let _worker = stack.start_worker("expressions", &["--concurrency", "16"]);
+    let mut blueprint = fan_in_of_a_mb(json!({"id": "j", "action": "transform",
+        "join": "all", "input": "{}", "params": {"expr": "size(steps)"}}));
+    blueprint["output"] = json!("{}");
+    let mut client = stack.pg();
+    let id = submit_plan_with_input(&mut client, &blueprint, &a_mb());
+    let (status, _) = goal_ended(&mut client, id);
+    assert_eq!(status, "failed");
+    let (status, error, kind, attempts) = step_row(&mut client, id, "j");
+    assert_eq!(
+        (status.as_str(), kind.as_str(), attempts),
+        ("failed", "definition", 1)
+    );
+    assert_steps_oversized(&error, "cannot evaluate the expressions of step j: ");
+    // The worker goes on.
+    let next = synapse_e2e::submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "a", "action": "noop"}]}),
+    );
+    assert_eq!(wait_for_goal(&stack, next, WAIT)["status"], "succeeded");
+}
+
+#[test]
+fn an_output_reading_steps_too_large_for_one_value_fails_the_goal_saying_so() {
+    let stack = Stack::start("input-limits-steps-output", &[]);
+    let _worker = stack.start_worker("output", &["--concurrency", "16"]);
+    let mut blueprint = fan_out_of_a_mb(270, json!({"action": "noop"}));
+    blueprint["output"] = json!("size(steps)");
+    let mut client = stack.pg();
+    let id = submit_plan_with_input(&mut client, &blueprint, &a_mb());
+    let (status, error) = goal_ended(&mut client, id);
+    assert_eq!(status, "failed");
+    assert_steps_oversized(
+        &error,
+        "cannot evaluate the blueprint output \"size(steps)\": ",
+    );
+}
+
+#[test]
+fn a_map_whose_results_cannot_be_one_value_fails_saying_so() {
+    // 270 instances' results of 1 MB. Built whole, the map's result failed
+    // the statement that ends it, with every attempt to record the last
+    // instance's outcome: the goal was left running.
+    let stack = Stack::start("input-limits-oversized-map", &[]);
+    let _worker = stack.start_worker("map", &["--concurrency", "16"]);
+    let blueprint = json!({"steps": [
+        {"id": "m", "action": "sql", "for_each": range(270),
+         "params": {"query": "SELECT repeat('x', 1000000) AS s"}},
+        {"id": "after", "action": "noop"}
+    ], "edges": [{"from": "m", "to": "after", "on": "always"}], "output": "{}"});
+    let mut client = stack.pg();
+    let id = synapse_e2e::submit_plan(&mut client, &blueprint);
+    let (status, _) = goal_ended(&mut client, id);
+    assert_eq!(status, "failed");
+    let (status, error, kind, _) = step_row(&mut client, id, "m");
+    assert_eq!((status.as_str(), kind.as_str()), ("failed", "definition"));
+    assert!(
+        error.starts_with("the result of map step m would hold 27")
+            && error.ends_with(
+                "bytes of its instances' results; one stored JSON value holds at most 268435455"
+            ),
+        "{error}"
+    );
+    // A definition error takes only `always` edges.
+    assert_eq!(step_row(&mut client, id, "after").0, "succeeded");
+}
+
+#[test]
+fn a_map_whose_instances_inputs_together_pass_one_value_starts() {
+    // 270 instances' inputs of 1 MB, written in one array parameter, failed
+    // the statement starting the map: at the submit (a root map) with
+    // Postgres's own error, and in a worker with every attempt to record the
+    // outcome of the step before it, leaving the goal running.
+    let stack = Stack::start("input-limits-wide-map", &[]);
+    let _worker = stack.start_worker("map", &["--concurrency", "16"]);
+    let map = json!({"id": "m", "action": "transform", "for_each": range(270),
+                     "input": "goal.input", "params": {"expr": "size(input.blob)"}});
+    let mut client = stack.pg();
+    let root = submit_plan_with_input(
+        &mut client,
+        &json!({"steps": [map], "output": "size(steps.m.result)"}),
+        &a_mb(),
+    );
+    let mut after_root = map.clone();
+    after_root["id"] = json!("m");
+    let later = submit_plan_with_input(
+        &mut client,
+        &json!({"steps": [{"id": "first", "action": "noop", "input": "{}"}, after_root],
+                "edges": [{"from": "first", "to": "m"}], "output": "size(steps.m.result)"}),
+        &a_mb(),
+    );
+    for id in [root, later] {
+        assert_eq!(goal_ended(&mut client, id).0, "succeeded");
+        let result: Value = client
+            .query_one("SELECT result FROM synapse.goals WHERE id = $1", &[&id])
+            .expect("the goal")
+            .get(0);
+        assert_eq!(result, json!(270));
+        let holding: i64 = client
+            .query_one(
+                "SELECT count(*) FROM synapse.tasks t, synapse.goals g
+                  WHERE t.goal_id = $1 AND g.id = $1 AND t.map_index IS NOT NULL AND t.input = g.input
+                    AND t.result = '1000000'",
+                &[&id],
+            )
+            .expect("the instances")
+            .get(0);
+        assert_eq!(holding, 270);
+    }
+}
+
+#[test]
+fn a_map_or_a_wait_reading_steps_too_large_for_one_value_fails_saying_so() {
+    // Built whole, `steps` failed the statement that starts the step, with
+    // every attempt to record the outcome of the last step before it: the
+    // goal was left running.
+    let stack = Stack::start("input-limits-steps-start", &[]);
+    let _worker = stack.start_worker("starts", &["--concurrency", "16"]);
+    let mut client = stack.pg();
+    let steps = [
+        json!({"id": "m", "action": "noop", "join": "all", "for_each": "[size(steps)]"}),
+        json!({"id": "w", "action": "wait", "join": "all", "input": "{}",
+               "params": {"until": "steps.root.status == 'succeeded' ? '2030-01-01T00:00:00Z' : ''"}}),
+    ];
+    for step in steps {
+        let id = step["id"].as_str().unwrap().to_owned();
+        let mut blueprint = fan_in_of_a_mb(step);
+        blueprint["output"] = json!("{}");
+        let goal = submit_plan_with_input(&mut client, &blueprint, &a_mb());
+        assert_eq!(goal_ended(&mut client, goal).0, "failed", "{id}");
+        let (status, error, kind, _) = step_row(&mut client, goal, &id);
+        assert_eq!(
+            (status.as_str(), kind.as_str()),
+            ("failed", "definition"),
+            "{id}"
+        );
+        let context = match id.as_str() {
+            "m" => "cannot evaluate the expressions of step m: ".to_owned(),
+            _ => format!(
+                "cannot evaluate the params.until \"{}\" of step w: ",
+                blueprint["steps"][271]["params"]["until"].as_str().unwrap()
+            ),
+        };
+        assert_steps_oversized(&error, &context);
+    }
+}
+
 #[test]
 fn a_join_whose_parents_results_cannot_be_one_value_fails_saying_so() {
     // 270 parents' results of 1 MB make a default input of 270 MB, over the
     // 256 MB one jsonb value holds. Read whole, they failed the statement
     // that decides the join with every attempt to record the last parent's
     // outcome: the goal was left running, the join pending.
-    const WIDTH: usize = 270;
     let stack = Stack::start("input-limits-oversized-join", &[]);
     let _worker = stack.start_worker("join", &["--concurrency", "16"]);
-    let mut blueprint = fan_out_of_a_mb(WIDTH, json!({"action": "noop"}));
-    for i in 0..WIDTH {
-        blueprint["edges"]
-            .as_array_mut()
-            .unwrap()
-            .push(json!({"from": format!("s{i}"), "to": "j"}));
-    }
-    blueprint["steps"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"id": "j", "action": "transform", "join": "all", "params": {"expr": "1"}}));
+    let mut blueprint = fan_in_of_a_mb(
+        json!({"id": "j", "action": "transform", "join": "all", "params": {"expr": "1"}}),
+    );
     blueprint["output"] = json!("{}");
     let mut client = stack.pg();
     let id = submit_plan_with_input(&mut client, &blueprint, &a_mb());

@@ -13,6 +13,7 @@ use crate::actions::{ActionContext, ActionError};
 use crate::engine::child;
 use crate::slots::Slot;
 use crate::store::{self, AttemptOutcome, ClaimedTask, StoreError};
+use crate::stored::Steps;
 use crate::worker::Shared;
 
 /// The transaction-retry policy lives with the transactions, in the store;
@@ -277,6 +278,15 @@ async fn run_claimed(
         // Poison data: this task fails alone, saying why; its neighbours run.
         warn!(task_id = task.id, %error, "task cannot be read; failed");
         return record(shared, task, AttemptOutcome::Failed(error.clone()), slot).await;
+    }
+    if let Some(bytes) = task.steps_oversized {
+        let error = format!(
+            "cannot evaluate the expressions of step {}: {}",
+            task.step,
+            Steps::oversized_error(bytes)
+        );
+        warn!(task_id = task.id, %error, "task cannot run");
+        return record(shared, task, AttemptOutcome::DefinitionError(error), slot).await;
     }
     if task.attempt_in_iteration() > task.max_attempts {
         // Re-queued after the lease of its last attempt expired: nothing left to try.

@@ -1,12 +1,16 @@
 //! Synapse worker library.
 //!
-//! The [`blueprint`], [`template`] and [`graph`] modules are built without any
+//! The [`blueprint`], [`template`], [`graph`] and [`stored`] modules are built without any
 //! runtime dependency and are shared with the `synapse` Postgres extension.
 //! With the `runtime` feature (the default), the rest is the worker itself:
 //! the consumer pops Redis lists, the planner turns goals into plans, the
 //! executor claims and runs tasks, the completer records their outcomes in
 //! batches, and the engine resolves the DAG — all state
 //! lives in Postgres, reached through the store.
+
+// Its statement fragments serve every module after it.
+#[macro_use]
+pub mod stored;
 
 pub mod blueprint;
 pub mod graph;

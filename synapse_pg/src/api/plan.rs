@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use crate::error::{Error, Result};
 use pgrx::pg_sys::panic::ErrorReport;
 use synapse_worker::blueprint::{self, cel, limits, Blueprint, Problem};
+use synapse_worker::stored::{Steps, STEPS_OF_GOAL};
 
 mod child;
 mod grown;
@@ -388,14 +389,17 @@ fn goals_with_keys(keys: &[&str]) -> Result<HashMap<String, i64>> {
     .collect())
 }
 
-/// `steps` as expressions see it: step id → `{status, result}`.
-fn steps_variable(goal_id: i64) -> std::result::Result<Value, pgrx::spi::Error> {
-    Ok(Spi::get_one_with_args::<JsonB>(
-        "SELECT coalesce(jsonb_object_agg(step, jsonb_build_object('status', status, 'result', result)), '{}')
-           FROM synapse.tasks WHERE goal_id = $1 AND map_index IS NULL",
-        &[goal_id.into()],
-    )?
-    .map_or(Value::Null, |JsonB(steps)| steps))
+/// `steps` as expressions see it: step id → `{status, result}`; or why an
+/// expression reading them cannot be evaluated (they cannot be one value).
+fn steps_variable(
+    goal_id: i64,
+) -> std::result::Result<std::result::Result<Value, String>, pgrx::spi::Error> {
+    let steps = Spi::get_one_with_args::<JsonB>(STEPS_OF_GOAL, &[goal_id.into()])?
+        .map_or(Value::Null, |JsonB(steps)| steps);
+    Ok(match Steps::of(steps) {
+        Steps::Map(steps) => Ok(steps),
+        Steps::Oversized(bytes) => Err(Steps::oversized_error(bytes)),
+    })
 }
 
 /// What expressions see as `goal`.

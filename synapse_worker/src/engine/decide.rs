@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 
 use crate::blueprint::{cel, limits, EdgeOn, Join};
-use crate::store::MAX_STORED_JSON_BYTES;
+use crate::stored::{Steps, MAX_STORED_JSON_BYTES};
 
 /// How a step ended, as edges see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +81,7 @@ pub fn resolve_edge(
     on: EdgeOn,
     when: Option<&str>,
     from: &EndedStep,
-    variables: &Map<String, Value>,
+    variables: &Variables,
 ) -> Resolution {
     let matches = match (from.outcome, on) {
         (Outcome::Skipped | Outcome::Cancelled, _) => false,
@@ -96,7 +96,10 @@ pub fn resolve_edge(
     let Some(source) = when else {
         return Resolution::Taken;
     };
-    match cel::compile(source).and_then(|expression| expression.evaluate_bool(variables)) {
+    match variables
+        .expression(source)
+        .and_then(|expression| expression.evaluate_bool(&variables.values))
+    {
         Ok(true) => Resolution::Taken,
         Ok(false) => Resolution::NotTaken,
         Err(error) => Resolution::Error(error),
@@ -261,6 +264,29 @@ impl ParentResults {
                 .map(|parent| (parent.step.clone(), Value::clone(&parent.result)))
                 .collect(),
         )
+    }
+}
+
+/// What a goal's expressions see, by name: `goal`, `steps`, and what their
+/// place adds (`result`, `previous`, …).
+#[derive(Debug, Clone, Default)]
+pub struct Variables {
+    /// By name.
+    pub values: Map<String, Value>,
+    /// Set when the goal's `steps` cannot be one value (`steps` is then
+    /// missing): their size in bytes.
+    pub steps_oversized: Option<i64>,
+}
+
+impl Variables {
+    /// `source` compiled; an error if it cannot be, or if it reads `steps`
+    /// and they are missing.
+    pub fn expression(&self, source: &str) -> Result<cel::Expression, String> {
+        let expression = cel::compile(source)?;
+        match self.steps_oversized {
+            Some(bytes) if expression.reads("steps") => Err(Steps::oversized_error(bytes)),
+            _ => Ok(expression),
+        }
     }
 }
 
@@ -439,9 +465,9 @@ pub(crate) mod tests {
         ));
     }
 
-    fn vars_with_result(result: Value) -> Map<String, Value> {
-        let mut vars = Map::new();
-        vars.insert("result".into(), result);
+    fn vars_with_result(result: Value) -> Variables {
+        let mut vars = Variables::default();
+        vars.values.insert("result".into(), result);
         vars
     }
 
@@ -469,24 +495,24 @@ pub(crate) mod tests {
             Resolution::NotTaken
         );
         assert_eq!(
-            resolve_edge(EdgeOn::Failure, None, &ok, &Map::new()),
+            resolve_edge(EdgeOn::Failure, None, &ok, &Variables::default()),
             Resolution::NotTaken
         );
         assert_eq!(
-            resolve_edge(EdgeOn::Always, None, &ok, &Map::new()),
+            resolve_edge(EdgeOn::Always, None, &ok, &Variables::default()),
             Resolution::Taken
         );
         let failed = ended(Outcome::Failed, Value::Null);
         assert_eq!(
-            resolve_edge(EdgeOn::Failure, None, &failed, &Map::new()),
+            resolve_edge(EdgeOn::Failure, None, &failed, &Variables::default()),
             Resolution::Taken
         );
         assert_eq!(
-            resolve_edge(EdgeOn::Success, None, &failed, &Map::new()),
+            resolve_edge(EdgeOn::Success, None, &failed, &Variables::default()),
             Resolution::NotTaken
         );
         assert_eq!(
-            resolve_edge(EdgeOn::Always, None, &failed, &Map::new()),
+            resolve_edge(EdgeOn::Always, None, &failed, &Variables::default()),
             Resolution::Taken
         );
     }
@@ -498,11 +524,11 @@ pub(crate) mod tests {
             ..ended(Outcome::Failed, Value::Null)
         };
         assert_eq!(
-            resolve_edge(EdgeOn::Failure, None, &broken, &Map::new()),
+            resolve_edge(EdgeOn::Failure, None, &broken, &Variables::default()),
             Resolution::NotTaken
         );
         assert_eq!(
-            resolve_edge(EdgeOn::Always, None, &broken, &Map::new()),
+            resolve_edge(EdgeOn::Always, None, &broken, &Variables::default()),
             Resolution::Taken
         );
     }
@@ -515,11 +541,31 @@ pub(crate) mod tests {
                     EdgeOn::Always,
                     None,
                     &ended(outcome, Value::Null),
-                    &Map::new()
+                    &Variables::default()
                 ),
                 Resolution::NotTaken
             );
         }
+    }
+
+    #[test]
+    fn a_condition_reading_steps_too_large_to_be_one_value_is_an_error() {
+        let ok = ended(Outcome::Succeeded, json!({"n": 2}));
+        let mut vars = vars_with_result(json!({"n": 2}));
+        vars.steps_oversized = Some(300_000_000);
+        assert_eq!(
+            resolve_edge(EdgeOn::Success, Some("size(steps) > 0"), &ok, &vars),
+            Resolution::Error(
+                "`steps` would hold 300000000 bytes of the goal's step results; one stored JSON \
+                 value holds at most 268435455"
+                    .into()
+            )
+        );
+        // A condition that does not read them is decided as ever.
+        assert_eq!(
+            resolve_edge(EdgeOn::Success, Some("result.n > 1"), &ok, &vars),
+            Resolution::Taken
+        );
     }
 
     #[test]
@@ -535,7 +581,7 @@ pub(crate) mod tests {
             matches!(resolution, Resolution::Error(ref message) if message.contains("missing")),
             "{resolution:?}"
         );
-        let not_bool = resolve_edge(EdgeOn::Success, Some("1 + 1"), &ok, &Map::new());
+        let not_bool = resolve_edge(EdgeOn::Success, Some("1 + 1"), &ok, &Variables::default());
         assert!(
             matches!(not_bool, Resolution::Error(ref message) if message.contains("boolean")),
             "{not_bool:?}"

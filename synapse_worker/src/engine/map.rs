@@ -68,12 +68,13 @@ pub async fn instances_ended(
     }
     let queued = statements::queue_instances(tx, &ranges).await?;
     let mut ended = Vec::new();
-    for (task_id, result) in statements::succeed(tx, &succeeded).await? {
-        let (goal_id, step) = goals[&task_id].clone();
-        ended.push((
-            goal_id,
-            map_ended(step, Outcome::Succeeded, result, None, false),
-        ));
+    for end in statements::end(tx, &succeeded).await? {
+        let (goal_id, step) = goals[&end.task_id].clone();
+        let ended_step = match end.result {
+            Ok(result) => map_ended(step, Outcome::Succeeded, result, None, false),
+            Err(error) => map_ended(step, Outcome::Failed, Value::Null, Some(error), true),
+        };
+        ended.push((goal_id, ended_step));
     }
     for failure in statements::fail(tx, &failed).await? {
         let (goal_id, step) = goals[&failure.task_id].clone();

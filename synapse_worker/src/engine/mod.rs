@@ -22,11 +22,12 @@ use serde_json::{Map, Value};
 use crate::blueprint::{cel, limits};
 use crate::store::{
     self, EdgeResolution, GoalEnding, GoalFinish, OutboundEdge, Queued, StepEnd, StoreError,
-    TaskInput, MAX_STORED_JSON_BYTES,
+    TaskInput,
 };
+use crate::stored::{Steps, MAX_STORED_JSON_BYTES};
 use decide::{
     decide_join, decided_by_sole_edge, resolve_edge, EndedStep, GoalVariables, JoinDecision,
-    Outcome, ParentResult, ReadyTask, Resolution,
+    Outcome, ParentResult, ReadyTask, Resolution, Variables,
 };
 
 pub mod child;
@@ -52,15 +53,15 @@ fn reads(source: &str, variable: &str) -> bool {
 }
 
 /// What expressions of `goal_id` see: `goal` (null unless `with_goal`) and
-/// `steps` (empty unless `with_steps`).
+/// `steps` (empty unless `with_steps`; missing if they cannot be one value).
 async fn variables_for(
     tx: &impl GenericClient,
     goal_id: i64,
     goal: &GoalVariables,
     with_goal: bool,
     with_steps: bool,
-) -> Result<Map<String, Value>, StoreError> {
-    let mut vars = Map::new();
+) -> Result<Variables, StoreError> {
+    let mut vars = Variables::default();
     let goal = match goal.goal.as_ref() {
         _ if !with_goal => Value::Null,
         Value::Null => store::goal_variables(tx, &[goal_id])
@@ -71,13 +72,17 @@ async fn variables_for(
             }),
         goal => goal.clone(),
     };
-    vars.insert("goal".into(), goal);
-    let steps = if with_steps {
-        store::steps_map(tx, goal_id).await?
-    } else {
-        Value::Object(Map::new())
+    vars.values.insert("goal".into(), goal);
+    let steps = match with_steps {
+        true => store::steps_of(tx, goal_id).await?,
+        false => Steps::Map(Value::Object(Map::new())),
     };
-    vars.insert("steps".into(), steps);
+    match steps {
+        Steps::Map(steps) => {
+            vars.values.insert("steps".into(), steps);
+        }
+        Steps::Oversized(bytes) => vars.steps_oversized = Some(bytes),
+    }
     Ok(vars)
 }
 
@@ -106,19 +111,19 @@ async fn decide_outbound(
         };
         let mut vars =
             variables_for(tx, goal_id, goal, reads(reads_goal), reads(reads_steps)).await?;
-        vars.insert("result".into(), from.result.clone());
-        vars.insert(
+        vars.values.insert("result".into(), from.result.clone());
+        vars.values.insert(
             "error".into(),
             from.error.clone().map_or(Value::Null, Value::String),
         );
-        vars.insert(
+        vars.values.insert(
             "status".into(),
             Value::String(from.outcome.status().to_owned()),
         );
-        vars.insert("input".into(), from.input.clone());
+        vars.values.insert("input".into(), from.input.clone());
         vars
     } else {
-        Map::new()
+        Variables::default()
     };
     // Shared by the successors it decides: one copy of its result, not one each.
     let parent = edges
@@ -312,10 +317,11 @@ pub async fn steps_ended_in_locked_goals(
 /// The input `task` is queued with: its `input` expression's value, else
 /// the goal's input for a root, else its parents' results (made where it is
 /// written); an error says why it cannot run.
-fn task_input(task: &ReadyTask, input_vars: &Map<String, Value>) -> Result<TaskInput, String> {
+fn task_input(task: &ReadyTask, input_vars: &Variables) -> Result<TaskInput, String> {
     match &task.input_expr {
         None if task.inbound.total == 0 => {
             let goal_input = input_vars
+                .values
                 .get("goal")
                 .and_then(|goal| goal.get("input"))
                 .cloned()
@@ -340,19 +346,15 @@ fn task_input(task: &ReadyTask, input_vars: &Map<String, Value>) -> Result<TaskI
 
 /// A step's `input` expression evaluated (a loop's first run sees no
 /// `previous` result yet).
-fn evaluate_input(
-    source: &str,
-    looping: bool,
-    input_vars: &Map<String, Value>,
-) -> Result<Value, String> {
-    let expression = cel::compile(source)?;
+fn evaluate_input(source: &str, looping: bool, input_vars: &Variables) -> Result<Value, String> {
+    let expression = input_vars.expression(source)?;
     if looping {
-        let mut first_run = input_vars.clone();
+        let mut first_run = input_vars.values.clone();
         first_run.insert("previous".into(), Value::Null);
         first_run.insert("iteration".into(), Value::from(1));
         return expression.evaluate(&first_run);
     }
-    expression.evaluate(input_vars)
+    expression.evaluate(&input_vars.values)
 }
 
 /// `input`, if it nests no deeper than a stored document may. (Not its size:
@@ -639,7 +641,7 @@ async fn propagate(
         let input_vars = if needs_goal || reads(|_| true) {
             variables_for(tx, goal_id, goal, needs_goal, reads(reads_steps)).await?
         } else {
-            Map::new()
+            Variables::default()
         };
         let mut queued = Vec::new();
         let mut queues = Vec::new();
@@ -809,7 +811,8 @@ async fn goal_finish(
         Some(source) => {
             let vars =
                 variables_for(tx, goal_id, goal, reads_goal(source), reads_steps(source)).await?;
-            cel::compile(source).and_then(|expression| expression.evaluate(&vars))
+            vars.expression(source)
+                .and_then(|expression| expression.evaluate(&vars.values))
         }
         None => match ending.leaf_results_oversized {
             Some(bytes) => return Ok(failed(oversized_result_message(bytes))),
@@ -855,8 +858,9 @@ mod tests {
 
     #[test]
     fn a_step_is_queued_with_its_own_input_else_the_goals_else_its_parents_results() {
-        let mut vars = Map::new();
-        vars.insert("goal".into(), json!({"input": {"n": 2}}));
+        let mut vars = Variables::default();
+        vars.values
+            .insert("goal".into(), json!({"input": {"n": 2}}));
         let mut root = sole_successor(Join::Any, None);
         root.inbound.total = 0;
         assert_eq!(
@@ -881,6 +885,19 @@ mod tests {
         assert_eq!(
             task_input(&too_deep, &vars),
             Err("the input of step b is nested 65 levels deep; the limit is 64".to_owned())
+        );
+        // `steps` too large to be one value: only an expression reading them fails.
+        vars.steps_oversized = Some(300_000_000);
+        assert_eq!(task_input(&own, &vars), Ok(TaskInput::Given(json!(3))));
+        let reading_steps = sole_successor(Join::Any, Some("size(steps)"));
+        assert_eq!(
+            task_input(&reading_steps, &vars),
+            Err(
+                "cannot evaluate the input \"size(steps)\" of step b: `steps` would hold \
+                 300000000 bytes of the goal's step results; one stored JSON value holds at most \
+                 268435455"
+                    .to_owned()
+            )
         );
     }
 

@@ -10,6 +10,7 @@ use tracing::warn;
 use super::by_id::ids;
 use super::input::{given_by_id, GivenById, TaskInput};
 use super::{column, data_message, millis, Result};
+use crate::stored::Steps;
 
 /// A task this worker claimed.
 #[derive(Debug, Clone)]
@@ -47,6 +48,9 @@ pub struct ClaimedTask {
     /// Why its `params` or `input` could not be read (`params` and `input`
     /// are then null): the attempt fails with this error, unrun.
     pub unreadable: Option<String>,
+    /// Set when its expressions read `steps` and they cannot be one value
+    /// (`steps` is then null): their size in bytes. The attempt fails, unrun.
+    pub steps_oversized: Option<i64>,
     /// Instance of a map step: its index.
     pub map_index: Option<i32>,
     /// What its expressions see besides `goal`, `steps` and `input`: `item`
@@ -184,10 +188,7 @@ pub(super) const CLAIM_TASKS: &str = concat!("WITH c AS (
                          THEN (SELECT jsonb_build_object('id', g.id, 'goal', g.goal, 'input', g.input, 'params', g.params)
                                  FROM synapse.goals g WHERE g.id = c.goal_id)
                          ELSE 'null'::jsonb END,
-                    CASE WHEN c.expressions LIKE '%steps%'
-                         THEN (SELECT coalesce(jsonb_object_agg(s.step, jsonb_build_object('status', s.status, 'result', s.result)), '{}')
-                                 FROM synapse.tasks s WHERE s.goal_id = c.goal_id AND s.map_index IS NULL)
-                         ELSE 'null'::jsonb END,
+                    CASE WHEN c.expressions LIKE '%steps%' THEN (", steps_of_goal!("c.goal_id"), ") ELSE 'null'::jsonb END,
                     c.map_index, CASE WHEN c.map_index IS NOT NULL THEN coalesce(c.map_item, c.input) END,
                     c.until_expr, c.input_expr, c.iteration, c.max_iterations, c.attempts_before,
                     CASE WHEN c.iteration > 1 THEN c.result END
@@ -223,7 +224,10 @@ fn claimed_task(row: &Row, worker: &str) -> Result<ClaimedTask> {
     let params = user_json(4, "params");
     let input = user_json(5, "input");
     let goal = user_json(12, "goal");
-    let steps = user_json(13, "steps");
+    let (steps, steps_oversized) = match Steps::of(user_json(13, "steps")) {
+        Steps::Map(steps) => (steps, None),
+        Steps::Oversized(bytes) => (Value::Null, Some(bytes)),
+    };
     let map_index: Option<i32> = column(row, 14)?;
     let mut extras = Map::new();
     if let Some(index) = map_index {
@@ -272,6 +276,7 @@ fn claimed_task(row: &Row, worker: &str) -> Result<ClaimedTask> {
                 .unwrap_or(0.0),
         ),
         unreadable,
+        steps_oversized,
         map_index,
         extras,
         looping,

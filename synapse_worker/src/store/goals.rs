@@ -9,6 +9,7 @@ use tokio_postgres::Row;
 use super::by_id::{by_id, ids};
 use super::{column, Result};
 use crate::engine::decide::{goal_value, GoalVariables};
+use crate::stored::{Steps, STEPS_OF_GOAL};
 
 /// What expressions see of each of `goal_ids`.
 pub async fn goal_variables(
@@ -31,15 +32,11 @@ pub async fn goal_variables(
         .collect()
 }
 
-/// `steps` for expressions: step id → `{status, result}`.
-pub async fn steps_map(tx: &impl GenericClient, goal_id: i64) -> Result<Value> {
-    let statement = tx
-        .prepare_cached(
-            "SELECT coalesce(jsonb_object_agg(step, jsonb_build_object('status', status, 'result', result)), '{}')
-               FROM synapse.tasks WHERE goal_id = $1 AND map_index IS NULL",
-        )
-        .await?;
-    column(&tx.query_one(&statement, &[&goal_id]).await?, 0)
+/// `steps` of goal `goal_id`.
+pub async fn steps_of(tx: &impl GenericClient, goal_id: i64) -> Result<Steps> {
+    let statement = tx.prepare_cached(STEPS_OF_GOAL).await?;
+    let row = tx.query_one(&statement, &[&goal_id]).await?;
+    Ok(Steps::of(column(&row, 0)?))
 }
 
 /// Locks those of `goal_ids` that are running, in id order, and returns

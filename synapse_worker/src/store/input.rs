@@ -36,35 +36,6 @@ pub(super) fn given_by_id(pairs: &[(i64, TaskInput)]) -> Json<GivenById<'_>> {
     Json(GivenById(pairs))
 }
 
-/// The most a jsonb value holds, in Postgres's own encoding: past it, the
-/// statement building one fails. (A macro, for the statements' text.)
-macro_rules! max_stored_json_bytes {
-    () => {
-        268435455
-    };
-}
-
-/// [`max_stored_json_bytes`], for the engine's messages.
-pub const MAX_STORED_JSON_BYTES: i64 = max_stored_json_bytes!();
-
-/// What `$value` (a jsonb result, keyed by `$key` in an object of results)
-/// adds to that object, as Postgres stores it: the value rebuilt, to measure
-/// it uncompressed, with room for its key (NULL for a NULL value).
-macro_rules! stored_size {
-    ($key:literal, $value:literal) => {
-        concat!(
-            "octet_length(",
-            $key,
-            ") + 8 + pg_column_size(",
-            $value,
-            "
-              || CASE WHEN jsonb_typeof(",
-            $value,
-            ") = 'object' THEN '{}'::jsonb ELSE '[]'::jsonb END)"
-        )
-    };
-}
-
 /// The result of the parent step of edge `e` (`null` for none), found by
 /// its key: one probe.
 macro_rules! parent_result {

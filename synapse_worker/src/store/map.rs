@@ -175,29 +175,68 @@ pub async fn queue_instances(
         .collect()
 }
 
+/// A map step whose instances all ended within its tolerance.
+pub struct Ended {
+    /// The map step's task id.
+    pub task_id: i64,
+    /// Its result, the instances' results in index order (`null` for a
+    /// failed one); or, when they cannot be one value, why it failed (a
+    /// definition error).
+    pub result: std::result::Result<Value, String>,
+}
+
 /// Ends map steps whose instances have all ended within their tolerance:
 /// `succeeded`, with the instances' results in index order (`null` for a
-/// failed one). Returns `(task_id, result)`.
-pub async fn succeed(tx: &impl GenericClient, task_ids: &[i64]) -> Result<Vec<(i64, Value)>> {
+/// failed one); or `failed` by a definition error if those results are more
+/// than one jsonb value holds. Built past it, the statement would fail, and
+/// with it the outcome of the last instance, at every attempt: they are
+/// measured in the same pass.
+pub async fn end(tx: &impl GenericClient, task_ids: &[i64]) -> Result<Vec<Ended>> {
     if task_ids.is_empty() {
         return Ok(Vec::new());
     }
     let statement = tx
-        .prepare_cached(
-            "UPDATE synapse.tasks m
-                SET status = 'succeeded',
-                    result = (SELECT coalesce(jsonb_agg(CASE WHEN i.status = 'succeeded' THEN i.result END
-                                                        ORDER BY i.map_index), '[]')
-                                FROM synapse.tasks i
-                               WHERE i.goal_id = m.goal_id AND i.step = m.step AND i.map_index IS NOT NULL)
-              WHERE m.id = ANY($1::bigint[]) AND m.status = 'waiting'
-          RETURNING m.id, m.result",
-        )
+        .prepare_cached(concat!(
+            "WITH ending AS (
+                 SELECT m.id, r.results, r.bytes,
+                        format('the result of map step %s would hold %s bytes of its instances'' results; '
+                               'one stored JSON value holds at most %s', m.step, r.bytes, ", max_stored_json_bytes!(), ") AS error
+                   FROM synapse.tasks m
+                  CROSS JOIN LATERAL (
+                        SELECT coalesce(jsonb_agg(i.result ORDER BY i.map_index)
+                                          FILTER (WHERE i.bytes <= ", max_stored_json_bytes!(), "), '[]') AS results,
+                               max(i.bytes) AS bytes
+                          FROM (SELECT i.map_index, i.result,
+                                       sum(", stored_size!("''", "coalesce(i.result, 'null'::jsonb)"), ") OVER () AS bytes
+                                  FROM (SELECT i.map_index, CASE WHEN i.status = 'succeeded' THEN i.result END AS result
+                                          FROM synapse.tasks i
+                                         WHERE i.goal_id = m.goal_id AND i.step = m.step AND i.map_index IS NOT NULL) i) i) r
+                  WHERE m.id = ANY($1::bigint[]) AND m.status = 'waiting')
+             UPDATE synapse.tasks m
+                SET (status, result, error, failure_kind) = (
+                    SELECT CASE WHEN fits THEN 'succeeded' ELSE 'failed' END,
+                           CASE WHEN fits THEN e.results END,
+                           CASE WHEN NOT fits THEN e.error END,
+                           CASE WHEN NOT fits THEN 'definition' END
+                      FROM ending e, LATERAL (SELECT coalesce(e.bytes <= ", max_stored_json_bytes!(), ", true) AS fits) f
+                     WHERE e.id = m.id)
+              WHERE m.id = ANY(ARRAY(SELECT id FROM ending))
+          RETURNING m.id, m.status = 'succeeded', m.result, m.error"
+        ))
         .await?;
     tx.query(&statement, &[&task_ids])
         .await?
         .iter()
-        .map(|row| Ok((column(row, 0)?, column(row, 1)?)))
+        .map(|row| {
+            let succeeded: bool = column(row, 1)?;
+            Ok(Ended {
+                task_id: column(row, 0)?,
+                result: match succeeded {
+                    true => Ok(column(row, 2)?),
+                    false => Err(column(row, 3)?),
+                },
+            })
+        })
         .collect()
 }
 

@@ -11,7 +11,7 @@ use tokio_postgres::{IsolationLevel, Row};
 use tracing::{debug, warn};
 
 mod by_id;
-// Its statement fragment serves the modules after it.
+// Its statement fragments serve the modules after it.
 #[macro_use]
 mod input;
 pub mod child;
@@ -31,7 +31,7 @@ pub use claim::*;
 pub use decided::*;
 pub use edges::*;
 pub use goals::*;
-pub use input::{TaskInput, MAX_STORED_JSON_BYTES};
+pub use input::TaskInput;
 pub use planning::*;
 pub use ready::*;
 pub use record::*;

@@ -12,6 +12,7 @@ use super::INTERRUPT_EVERY;
 use crate::error::{Error, Result};
 use crate::prepared::{oid, prepared};
 use synapse_worker::blueprint::{cel, limits, MAX_MAP_ITEMS};
+use synapse_worker::stored::{json_text_size, run_ends};
 
 /// A map step's list and the input of each of its instances.
 pub(super) struct Expansion {
@@ -123,13 +124,16 @@ pub(super) fn start(task_id: i64, expansion: Expansion) -> Result<&'static str> 
             &[oid(PgBuiltInOids::INT8OID), oid(PgBuiltInOids::INT4OID)],
         )?;
         client.update(&*started, None, &[task_id.into(), size.into()])?;
+        // The instances from index $4 on, `inputs` ($2) and `items` ($3) as
+        // arrays: in runs of at most RUN_BYTES of JSON text each, never one
+        // array past what one jsonb value holds.
         let instances = prepared(
             client,
             "INSERT INTO synapse.tasks (goal_id, step, action, params, input, queue, max_attempts, backoff_ms,
                                         timeout_ms, status, map_index, map_item)
              SELECT m.goal_id, m.step, m.action, m.params, i.input, m.queue, m.max_attempts, m.backoff_ms,
-                    m.timeout_ms, CASE WHEN i.n <= m.map_next THEN 'queued' ELSE 'pending' END,
-                    (i.n - 1)::integer, i.item
+                    m.timeout_ms, CASE WHEN i.n + $4 <= m.map_next THEN 'queued' ELSE 'pending' END,
+                    (i.n - 1 + $4)::integer, i.item
                FROM synapse.tasks m,
                     ROWS FROM (jsonb_array_elements($2), jsonb_array_elements($3)) WITH ORDINALITY AS i(input, item, n)
               WHERE m.id = $1
@@ -138,20 +142,36 @@ pub(super) fn start(task_id: i64, expansion: Expansion) -> Result<&'static str> 
                 oid(PgBuiltInOids::INT8OID),
                 oid(PgBuiltInOids::JSONBOID),
                 oid(PgBuiltInOids::JSONBOID),
+                oid(PgBuiltInOids::INT4OID),
             ],
         )?;
-        client
-            .update(
+        let ends = run_ends(inputs.iter().enumerate().map(|(index, input)| {
+            json_text_size(input)
+                + items
+                    .as_ref()
+                    .map_or(0, |items| json_text_size(&items[index]))
+        }));
+        let mut inputs = inputs.into_iter();
+        let mut items = items.map(Vec::into_iter);
+        let mut first = 0;
+        for end in ends {
+            let run = |values: &mut std::vec::IntoIter<Value>| {
+                JsonB(Value::Array(values.by_ref().take(end - first).collect()))
+            };
+            let (inputs, items) = (run(&mut inputs), items.as_mut().map(run));
+            client.update(
                 &*instances,
                 None,
                 &[
                     task_id.into(),
-                    JsonB(Value::Array(inputs)).into(),
-                    items.map(|items| JsonB(Value::Array(items))).into(),
+                    inputs.into(),
+                    items.into(),
+                    (first as i32).into(),
                 ],
-            )
-            .map_err(Error::from)
-            .map(drop)
+            )?;
+            first = end;
+        }
+        Ok::<_, Error>(())
     })?;
     Ok("waiting")
 }
@@ -192,12 +212,10 @@ fn start_maps(
         let Some(map) = pending_map(task_id)? else {
             continue;
         };
-        match expand(
-            &map.step,
-            &map.for_each,
-            map.input_expr.as_deref(),
-            &map.variables()?,
-        ) {
+        let expansion = map
+            .variables()?
+            .and_then(|vars| expand(&map.step, &map.for_each, map.input_expr.as_deref(), &vars));
+        match expansion {
             Ok(expansion) => started.push((task_id, start(task_id, expansion)?.to_owned(), None)),
             Err(error) => {
                 fail(task_id, &error)?;
@@ -218,8 +236,9 @@ struct PendingMap {
 }
 
 impl PendingMap {
-    /// `goal`, and `steps` when an expression reads it.
-    fn variables(&self) -> Result<Map<String, Value>> {
+    /// `goal`, and `steps` when an expression reads it; an error when they
+    /// cannot be one value.
+    fn variables(&self) -> Result<std::result::Result<Map<String, Value>, String>> {
         let mut vars = Map::new();
         vars.insert("goal".into(), self.goal.clone());
         let reads_steps = self.for_each.contains("steps")
@@ -227,13 +246,21 @@ impl PendingMap {
                 .input_expr
                 .as_deref()
                 .is_some_and(|source| source.contains("steps"));
-        let steps = if reads_steps {
-            super::steps_variable(self.goal_id)?
-        } else {
-            Value::Object(Map::new())
+        let steps = match reads_steps {
+            true => super::steps_variable(self.goal_id)?,
+            false => Ok(Value::Object(Map::new())),
         };
-        vars.insert("steps".into(), steps);
-        Ok(vars)
+        Ok(steps
+            .map(|steps| {
+                vars.insert("steps".into(), steps);
+                vars
+            })
+            .map_err(|message| {
+                format!(
+                    "cannot evaluate the expressions of step {}: {message}",
+                    self.step
+                )
+            }))
     }
 }
 

@@ -133,7 +133,7 @@ fn until_time(
     let mut vars = Map::new();
     vars.insert("goal".into(), goal.clone());
     let steps = if source.contains("steps") {
-        super::steps_variable(goal_id).map_err(|error| error.to_string())?
+        super::steps_variable(goal_id).map_err(|error| error.to_string())??
     } else {
         Value::Object(Map::new())
     };

@@ -3,6 +3,8 @@
 //! goal's `steps` built only when they fit. Past the limit, a statement
 //! building one value fails, and with it the transaction around it at every
 //! attempt: the value is measured in the same pass and refused instead.
+use std::fmt::Write;
+
 use serde_json::Value;
 
 /// The most a jsonb value holds, in Postgres's own encoding: past it, the
@@ -81,32 +83,48 @@ impl Steps {
     }
 }
 
-/// The most JSON text a statement writing many values in one array
-/// parameter carries: well under what one jsonb value holds, even where a
-/// value's binary form is larger than its text.
+/// How much JSON text a statement writing many values as arrays carries:
+/// far under what one jsonb value holds, even where a value's binary form
+/// is larger than its text.
 pub const RUN_BYTES: usize = 16 << 20;
 
-/// `value`'s size as JSON text.
-pub fn json_text_size(value: &Value) -> usize {
-    serde_json::to_vec(value).map_or(0, |text| text.len())
+/// A run of rows as JSON arrays, one per column.
+#[derive(Debug, PartialEq)]
+pub struct JsonRun {
+    /// Each column's values of the run, as a JSON array's text.
+    pub arrays: Vec<String>,
+    /// How many rows it holds.
+    pub rows: usize,
 }
 
-/// Values of `sizes` (in order) cut into runs of at most [`RUN_BYTES`] (a
-/// larger value is a run of its own): where each run ends, the last at
-/// their count.
-pub fn run_ends(sizes: impl IntoIterator<Item = usize>) -> Vec<usize> {
-    let mut ends = Vec::new();
-    let (mut count, mut bytes) = (0, 0);
-    for size in sizes {
-        if bytes > 0 && bytes + size > RUN_BYTES {
-            ends.push(count);
-            bytes = 0;
+/// Rows of `columns` (of one length) as JSON arrays of text, cut into runs:
+/// a run ends once its values hold [`RUN_BYTES`] (so a run passes it by one
+/// row at most). Each value is written once, straight into its array.
+pub fn json_array_runs(columns: &[&[Value]]) -> Vec<JsonRun> {
+    let rows = columns.first().map_or(0, |column| column.len());
+    let mut runs = Vec::new();
+    let mut run = JsonRun {
+        arrays: vec![String::new(); columns.len()],
+        rows: 0,
+    };
+    for row in 0..rows {
+        for (array, column) in run.arrays.iter_mut().zip(columns) {
+            let separator = if run.rows == 0 { '[' } else { ',' };
+            // Writing to a String cannot fail.
+            let _ = write!(array, "{separator}{}", column[row]);
         }
-        bytes += size;
-        count += 1;
+        run.rows += 1;
+        if run.arrays.iter().map(String::len).sum::<usize>() >= RUN_BYTES || row + 1 == rows {
+            let next = JsonRun {
+                arrays: vec![String::new(); columns.len()],
+                rows: 0,
+            };
+            let mut ended = std::mem::replace(&mut run, next);
+            ended.arrays.iter_mut().for_each(|array| array.push(']'));
+            runs.push(ended);
+        }
     }
-    ends.push(count);
-    ends
+    runs
 }
 
 #[cfg(test)]
@@ -127,15 +145,23 @@ mod tests {
     }
 
     #[test]
-    fn values_are_cut_into_runs_within_the_limit() {
-        assert_eq!(run_ends([]), vec![0]);
-        assert_eq!(run_ends([1, 2, 3]), vec![3]);
-        let half = RUN_BYTES / 2;
-        assert_eq!(run_ends([half, half, 1, half]), vec![2, 4]);
-        assert_eq!(run_ends([RUN_BYTES * 2, 1]), vec![1, 2]);
+    fn rows_are_written_as_arrays_in_runs_within_the_limit() {
+        let inputs = [json!({"a": [1, 2]}), json!("x")];
+        let items = [json!(1), Value::Null];
         assert_eq!(
-            json_text_size(&json!({"a": [1, 2]})),
-            r#"{"a":[1,2]}"#.len()
+            json_array_runs(&[&inputs, &items]),
+            [JsonRun {
+                arrays: vec![r#"[{"a":[1,2]},"x"]"#.into(), "[1,null]".into()],
+                rows: 2
+            }]
         );
+        assert_eq!(json_array_runs(&[&[]]), []);
+        // A run ends once it holds RUN_BYTES.
+        let half = json!("x".repeat(RUN_BYTES / 2));
+        let runs = json_array_runs(&[&[half.clone(), half.clone(), json!(1), half]]);
+        assert_eq!(runs.iter().map(|run| run.rows).collect::<Vec<_>>(), [2, 2]);
+        assert!(runs[1].arrays[0].starts_with("[1,\""));
+        let parsed: Value = serde_json::from_str(&runs[0].arrays[0]).unwrap();
+        assert_eq!(parsed.as_array().unwrap().len(), 2);
     }
 }

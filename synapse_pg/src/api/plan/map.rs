@@ -12,7 +12,7 @@ use super::INTERRUPT_EVERY;
 use crate::error::{Error, Result};
 use crate::prepared::{oid, prepared};
 use synapse_worker::blueprint::{cel, limits, MAX_MAP_ITEMS};
-use synapse_worker::stored::{json_text_size, run_ends};
+use synapse_worker::stored::json_array_runs;
 
 /// A map step's list and the input of each of its instances.
 pub(super) struct Expansion {
@@ -125,8 +125,8 @@ pub(super) fn start(task_id: i64, expansion: Expansion) -> Result<&'static str> 
         )?;
         client.update(&*started, None, &[task_id.into(), size.into()])?;
         // The instances from index $4 on, `inputs` ($2) and `items` ($3) as
-        // arrays: in runs of at most RUN_BYTES of JSON text each, never one
-        // array past what one jsonb value holds.
+        // JSON arrays' text, in runs of about RUN_BYTES: never one array
+        // past what one jsonb value holds.
         let instances = prepared(
             client,
             "INSERT INTO synapse.tasks (goal_id, step, action, params, input, queue, max_attempts, backoff_ms,
@@ -135,41 +135,35 @@ pub(super) fn start(task_id: i64, expansion: Expansion) -> Result<&'static str> 
                     m.timeout_ms, CASE WHEN i.n + $4 <= m.map_next THEN 'queued' ELSE 'pending' END,
                     (i.n - 1 + $4)::integer, i.item
                FROM synapse.tasks m,
-                    ROWS FROM (jsonb_array_elements($2), jsonb_array_elements($3)) WITH ORDINALITY AS i(input, item, n)
+                    ROWS FROM (jsonb_array_elements($2::jsonb), jsonb_array_elements($3::jsonb))
+                      WITH ORDINALITY AS i(input, item, n)
               WHERE m.id = $1
               ORDER BY i.n",
             &[
                 oid(PgBuiltInOids::INT8OID),
-                oid(PgBuiltInOids::JSONBOID),
-                oid(PgBuiltInOids::JSONBOID),
+                oid(PgBuiltInOids::TEXTOID),
+                oid(PgBuiltInOids::TEXTOID),
                 oid(PgBuiltInOids::INT4OID),
             ],
         )?;
-        let ends = run_ends(inputs.iter().enumerate().map(|(index, input)| {
-            json_text_size(input)
-                + items
-                    .as_ref()
-                    .map_or(0, |items| json_text_size(&items[index]))
-        }));
-        let mut inputs = inputs.into_iter();
-        let mut items = items.map(Vec::into_iter);
+        let columns: Vec<&[Value]> = match &items {
+            Some(items) => vec![&inputs, items],
+            None => vec![&inputs],
+        };
         let mut first = 0;
-        for end in ends {
-            let run = |values: &mut std::vec::IntoIter<Value>| {
-                JsonB(Value::Array(values.by_ref().take(end - first).collect()))
-            };
-            let (inputs, items) = (run(&mut inputs), items.as_mut().map(run));
+        for run in json_array_runs(&columns) {
+            let mut arrays = run.arrays.into_iter();
             client.update(
                 &*instances,
                 None,
                 &[
                     task_id.into(),
-                    inputs.into(),
-                    items.into(),
+                    arrays.next().into(),
+                    arrays.next().into(),
                     (first as i32).into(),
                 ],
             )?;
-            first = end;
+            first += run.rows;
         }
         Ok::<_, Error>(())
     })?;

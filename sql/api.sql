@@ -48,7 +48,18 @@ COMMENT ON FUNCTION synapse.submit_goal(text, jsonb, text, text) IS 'Records a g
 CREATE FUNCTION synapse.goal_status(goal_id bigint) RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
 DECLARE
     status jsonb;
+    -- The answer is one JSON value, which holds 256 MB at most: the tasks'
+    -- largest results are left out (result_omitted) until the others, with
+    -- the goal's, hold 192 MB.
+    omitted bigint[];
 BEGIN
+    SELECT coalesce(array_agg(r.id), '{}') INTO omitted
+      FROM (SELECT t.id, sum(pg_column_size(t.result || '[]'::jsonb)) OVER (ORDER BY pg_column_size(t.result || '[]'::jsonb), t.id)
+                         + (SELECT coalesce(pg_column_size(g.result || '[]'::jsonb), 0)
+                              FROM synapse.goals AS g WHERE g.id = goal_status.goal_id) AS held
+              FROM synapse.tasks AS t
+             WHERE t.goal_id = goal_status.goal_id AND t.result IS NOT NULL) AS r
+     WHERE r.held > 201326592;
     SELECT jsonb_build_object(
         'id', g.id, 'goal', g.goal, 'status', g.status, 'error', g.error, 'result', g.result,
         'planner', g.planner, 'template', g.template, 'input', g.input, 'params', g.params,
@@ -62,7 +73,8 @@ BEGIN
         'tasks', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
                        'step', t.step, 'action', t.action, 'status', t.status, 'attempts', t.attempts,
-                       'result', t.result, 'error', t.error, 'failure_kind', t.failure_kind,
+                       'result', CASE WHEN t.id <> ALL (omitted) THEN t.result END, 'error', t.error,
+                       'failure_kind', t.failure_kind,
                        'started_at', t.started_at,
                        'finished_at', t.finished_at, 'queue', t.queue, 'run_at', t.run_at,
                        'attempts_history', coalesce((
@@ -71,6 +83,7 @@ BEGIN
                                       'finished_at', a.finished_at, 'error', a.error)
                                   ORDER BY a.finished_at, a.attempt)
                              FROM synapse.attempts AS a WHERE a.task_id = t.id), '[]'))
+                   || CASE WHEN t.id = ANY (omitted) THEN '{"result_omitted": true}'::jsonb ELSE '{}' END
                    -- A map step once, with its instances; a loop with its iteration.
                    || CASE WHEN t.for_each_expr IS NOT NULL THEN jsonb_build_object(
                           'for_each', t.for_each_expr, 'size', t.map_size, 'ended', t.map_ended,
@@ -78,8 +91,11 @@ BEGIN
                           'instances', coalesce((
                               SELECT jsonb_agg(jsonb_build_object(
                                          'index', i.map_index, 'status', i.status, 'attempts', i.attempts,
-                                         'result', i.result, 'error', i.error, 'started_at', i.started_at,
+                                         'result', CASE WHEN i.id <> ALL (omitted) THEN i.result END,
+                                         'error', i.error, 'started_at', i.started_at,
                                          'finished_at', i.finished_at)
+                                     || CASE WHEN i.id = ANY (omitted) THEN '{"result_omitted": true}'::jsonb
+                                             ELSE '{}' END
                                      || CASE WHEN i.child_goal_id IS NOT NULL
                                              THEN jsonb_build_object('child_goal_id', i.child_goal_id)
                                              ELSE '{}' END
@@ -134,7 +150,7 @@ BEGIN
     END IF;
     RETURN status;
 END $$;
-COMMENT ON FUNCTION synapse.goal_status(bigint) IS 'The goal, its tasks (with their failed attempts) and its edges (with how each resolved) as JSON, and notes on work no live worker serves.';
+COMMENT ON FUNCTION synapse.goal_status(bigint) IS 'The goal, its tasks (with their failed attempts) and its edges (with how each resolved) as JSON, and notes on work no live worker serves; past 192 MB of results, the largest are left out (result_omitted).';
 
 CREATE FUNCTION synapse.cancel_goal(goal_id bigint) RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE

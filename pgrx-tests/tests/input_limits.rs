@@ -651,6 +651,32 @@ fn a_goal_whose_leaf_results_cannot_be_one_value_fails_saying_so() {
     assert_eq!(succeeded, 271, "every step ran");
 }
 
+#[test]
+fn goal_status_leaves_out_the_largest_results_past_what_one_value_holds() {
+    // 271 results of 1 MB: answered whole, the status was one JSON value of
+    // 271 MB, over the 256 MB one holds, and goal_status() failed (54000).
+    let stack = Stack::start("input-limits-large-status", &[]);
+    let _worker = stack.start_worker("status", &["--concurrency", "16"]);
+    let mut client = stack.pg();
+    let mut blueprint = fan_out_of_a_mb(270, json!({"action": "noop"}));
+    blueprint["output"] = json!("{}");
+    let id = submit_plan_with_input(&mut client, &blueprint, &a_mb());
+    assert_eq!(goal_ended(&mut client, id).0, "succeeded");
+    let status: Value = client
+        .query_one("SELECT synapse.goal_status($1)", &[&id])
+        .expect("goal_status answers")
+        .get(0);
+    let tasks = status["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 271);
+    let (omitted, kept): (Vec<&Value>, Vec<&Value>) = tasks
+        .iter()
+        .partition(|task| task.get("result_omitted") == Some(&json!(true)));
+    // 192 MB hold about 201 results of 1 MB: the rest are left out.
+    assert!((60..=80).contains(&omitted.len()), "{}", omitted.len());
+    assert!(omitted.iter().all(|task| task["result"].is_null()));
+    assert!(kept.iter().all(|task| task["result"].is_object()));
+}
+
 /// The status and error of goal `id` once it is no longer running (not
 /// from goal_status(): a goal's results together may be too large for it).
 fn goal_ended(client: &mut postgres::Client, id: i64) -> (String, String) {

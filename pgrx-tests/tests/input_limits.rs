@@ -433,7 +433,8 @@ fn a_condition_reading_steps_too_large_for_one_value_fails_its_successor_saying_
 #[test]
 fn an_expression_reading_steps_too_large_for_one_value_fails_its_step_saying_so() {
     // Built whole, `steps` failed the claim of the step (and of any task
-    // claimed with it) at every attempt: the goal was left running.
+    // claimed with it) at every attempt: the join ended skipped, for its
+    // parents' lapsed leases.
     let stack = Stack::start("input-limits-steps-claim", &[]);
     let _worker = stack.start_worker("expressions", &["--concurrency", "16"]);
     let mut blueprint = fan_in_of_a_mb(json!({"id": "j", "action": "transform",
@@ -477,7 +478,8 @@ fn an_output_reading_steps_too_large_for_one_value_fails_the_goal_saying_so() {
 fn a_map_whose_results_cannot_be_one_value_fails_saying_so() {
     // 270 instances' results of 1 MB. Built whole, the map's result failed
     // the statement that ends it, with every attempt to record the last
-    // instance's outcome: the goal was left running.
+    // instance's outcome: the goal ended succeeded, through the map's
+    // `always` edge.
     let stack = Stack::start("input-limits-oversized-map", &[]);
     let _worker = stack.start_worker("map", &["--concurrency", "16"]);
     let blueprint = json!({"steps": [
@@ -506,8 +508,8 @@ fn a_map_whose_results_cannot_be_one_value_fails_saying_so() {
 fn a_map_whose_instances_inputs_together_pass_one_value_starts() {
     // 270 instances' inputs of 1 MB, written in one array parameter, failed
     // the statement starting the map: at the submit (a root map) with
-    // Postgres's own error, and in a worker with every attempt to record the
-    // outcome of the step before it, leaving the goal running.
+    // Postgres's own error; in a worker, the same statement runs in the
+    // transaction recording the outcome of the step before it.
     let stack = Stack::start("input-limits-wide-map", &[]);
     let _worker = stack.start_worker("map", &["--concurrency", "16"]);
     let map = json!({"id": "m", "action": "transform", "for_each": range(270),
@@ -550,7 +552,7 @@ fn a_map_whose_instances_inputs_together_pass_one_value_starts() {
 fn a_map_or_a_wait_reading_steps_too_large_for_one_value_fails_saying_so() {
     // Built whole, `steps` failed the statement that starts the step, with
     // every attempt to record the outcome of the last step before it: the
-    // goal was left running.
+    // map ended skipped, for its parents' lapsed leases.
     let stack = Stack::start("input-limits-steps-start", &[]);
     let _worker = stack.start_worker("starts", &["--concurrency", "16"]);
     let mut client = stack.pg();

@@ -1056,8 +1056,11 @@ fn a_fan_outs_root_finds_each_successor_by_its_key_whatever_the_statistics_say()
         updates,
         "tasks_step",
     );
+    // Linear, not W² (160 000 here): since a step's default input is made
+    // from its parents' rows (one more probe an edge), six runs read 6 656–
+    // 8 532 entries, across the 8 000 this bound had been.
     assert!(
-        reads < 20 * width as i64,
+        reads < 40 * width as i64,
         "{reads} entries of tasks_step read to run a {width}-wide fan-out"
     );
 }

@@ -434,11 +434,19 @@ fn a_condition_reading_steps_too_large_for_one_value_fails_its_successor_saying_
 fn an_expression_reading_steps_too_large_for_one_value_fails_its_step_saying_so() {
     // Built whole, `steps` failed the claim of the step (and of any task
     // claimed with it) at every attempt: the join ended skipped, for its
-    // parents' lapsed leases.
+    // parents' lapsed leases. A step whose expressions only say "steps" in a
+    // string runs (it failed too, for the word).
     let stack = Stack::start("input-limits-steps-claim", &[]);
     let _worker = stack.start_worker("expressions", &["--concurrency", "16"]);
     let mut blueprint = fan_in_of_a_mb(json!({"id": "j", "action": "transform",
         "join": "all", "input": "{}", "params": {"expr": "size(steps)"}}));
+    blueprint["steps"].as_array_mut().unwrap().push(
+        json!({"id": "k", "action": "transform", "input": "{}", "params": {"expr": "'next steps'"}}),
+    );
+    blueprint["edges"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"from": "j", "to": "k", "on": "always"}));
     blueprint["output"] = json!("{}");
     let mut client = stack.pg();
     let id = submit_plan_with_input(&mut client, &blueprint, &a_mb());
@@ -449,7 +457,17 @@ fn an_expression_reading_steps_too_large_for_one_value_fails_its_step_saying_so(
         (status.as_str(), kind.as_str(), attempts),
         ("failed", "definition", 1)
     );
-    assert_steps_oversized(&error, "cannot evaluate the expressions of step j: ");
+    assert_steps_oversized(&error, "cannot evaluate params.expr \"size(steps)\": ");
+    let (status, error, ..) = step_row(&mut client, id, "k");
+    assert_eq!(status, "succeeded", "{error}");
+    let result: Value = client
+        .query_one(
+            "SELECT result FROM synapse.tasks WHERE goal_id = $1 AND step = 'k'",
+            &[&id],
+        )
+        .expect("k")
+        .get(0);
+    assert_eq!(result, json!("next steps"));
     // The worker goes on.
     let next = synapse_e2e::submit_plan(
         &mut client,
@@ -552,18 +570,32 @@ fn a_map_whose_instances_inputs_together_pass_one_value_starts() {
 fn a_map_or_a_wait_reading_steps_too_large_for_one_value_fails_saying_so() {
     // Built whole, `steps` failed the statement that starts the step, with
     // every attempt to record the outcome of the last step before it: the
-    // map ended skipped, for its parents' lapsed leases.
+    // map ended skipped, for its parents' lapsed leases. After each, a step
+    // of the same kind whose expressions only say "steps" in a string starts
+    // (it failed too, for the word).
     let stack = Stack::start("input-limits-steps-start", &[]);
     let _worker = stack.start_worker("starts", &["--concurrency", "16"]);
     let mut client = stack.pg();
     let steps = [
-        json!({"id": "m", "action": "noop", "join": "all", "for_each": "[size(steps)]"}),
-        json!({"id": "w", "action": "wait", "join": "all", "input": "{}",
-               "params": {"until": "steps.root.status == 'succeeded' ? '2030-01-01T00:00:00Z' : ''"}}),
+        (
+            json!({"id": "m", "action": "noop", "join": "all", "for_each": "[size(steps)]"}),
+            json!({"id": "after", "action": "noop", "for_each": "['next steps']"}),
+        ),
+        (
+            json!({"id": "w", "action": "wait", "join": "all", "input": "{}",
+                   "params": {"until": "steps.root.status == 'succeeded' ? '2030-01-01T00:00:00Z' : ''"}}),
+            json!({"id": "after", "action": "wait", "input": "{}",
+                   "params": {"until": "'steps' == 'steps' ? '2000-01-01T00:00:00Z' : ''"}}),
+        ),
     ];
-    for step in steps {
+    for (step, after) in steps {
         let id = step["id"].as_str().unwrap().to_owned();
         let mut blueprint = fan_in_of_a_mb(step);
+        blueprint["steps"].as_array_mut().unwrap().push(after);
+        blueprint["edges"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"from": id, "to": "after", "on": "always"}));
         blueprint["output"] = json!("{}");
         let goal = submit_plan_with_input(&mut client, &blueprint, &a_mb());
         assert_eq!(goal_ended(&mut client, goal).0, "failed", "{id}");
@@ -581,6 +613,8 @@ fn a_map_or_a_wait_reading_steps_too_large_for_one_value_fails_saying_so() {
             ),
         };
         assert_steps_oversized(&error, &context);
+        let (status, error, ..) = step_row(&mut client, goal, "after");
+        assert_eq!(status, "succeeded", "{id}: {error}");
     }
 }
 

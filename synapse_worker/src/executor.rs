@@ -13,7 +13,6 @@ use crate::actions::{ActionContext, ActionError};
 use crate::engine::child;
 use crate::slots::Slot;
 use crate::store::{self, AttemptOutcome, ClaimedTask, StoreError};
-use crate::stored::Steps;
 use crate::worker::Shared;
 
 /// The transaction-retry policy lives with the transactions, in the store;
@@ -279,15 +278,6 @@ async fn run_claimed(
         warn!(task_id = task.id, %error, "task cannot be read; failed");
         return record(shared, task, AttemptOutcome::Failed(error.clone()), slot).await;
     }
-    if let Some(bytes) = task.steps_oversized {
-        let error = format!(
-            "cannot evaluate the expressions of step {}: {}",
-            task.step,
-            Steps::oversized_error(bytes)
-        );
-        warn!(task_id = task.id, %error, "task cannot run");
-        return record(shared, task, AttemptOutcome::DefinitionError(error), slot).await;
-    }
     if task.attempt_in_iteration() > task.max_attempts {
         // Re-queued after the lease of its last attempt expired: nothing left to try.
         let error = task
@@ -305,6 +295,7 @@ async fn run_claimed(
         input: task.input.clone(),
         goal: task.goal.clone(),
         steps: task.steps.clone(),
+        steps_oversized: task.steps_oversized,
         extras: task.extras.clone(),
         timeout: task.timeout,
     };

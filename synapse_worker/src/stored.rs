@@ -7,6 +7,8 @@ use std::fmt::Write;
 
 use serde_json::Value;
 
+use crate::blueprint::cel;
+
 /// The most a jsonb value holds, in Postgres's own encoding: past it, the
 /// statement building one fails. (A macro, for the statements' text.)
 macro_rules! max_stored_json_bytes {
@@ -74,6 +76,25 @@ impl Steps {
         )
     }
 
+    /// `source` compiled where `steps` may be missing for being `oversized`
+    /// bytes: an error if it does not compile, or if it reads `steps` then.
+    /// Only an expression that really reads it fails (not one that says
+    /// "steps" in a string).
+    pub fn compile(source: &str, oversized: Option<i64>) -> Result<cel::Expression, String> {
+        let expression = cel::compile(source)?;
+        Steps::check(&expression, oversized)?;
+        Ok(expression)
+    }
+
+    /// An error if `expression` reads `steps` while they are missing for
+    /// being `oversized` bytes.
+    pub fn check(expression: &cel::Expression, oversized: Option<i64>) -> Result<(), String> {
+        match oversized {
+            Some(bytes) if expression.reads("steps") => Err(Steps::oversized_error(bytes)),
+            _ => Ok(()),
+        }
+    }
+
     /// From what [`steps_of_goal`] gives.
     pub fn of(steps: Value) -> Steps {
         match steps.as_i64() {
@@ -132,6 +153,18 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn with_steps_too_large_only_an_expression_reading_them_is_refused() {
+        let refused = Steps::compile("size(steps) > 0", Some(300_000_000)).unwrap_err();
+        assert_eq!(refused, Steps::oversized_error(300_000_000));
+        assert!(Steps::compile("'next steps' + input.steps", Some(300_000_000)).is_ok());
+        assert!(Steps::compile("size(steps) > 0", None).is_ok());
+        // Not compiled: the compiler's error, whatever the size.
+        assert!(Steps::compile("steps +", Some(300_000_000))
+            .unwrap_err()
+            .contains("Syntax error"));
+    }
 
     #[test]
     fn steps_are_an_object_or_else_their_size() {

@@ -45,6 +45,9 @@ pub struct ActionContext {
     /// `steps` for the step's expressions (id → `{status, result}`); null when no
     /// parameter expression of the step reads it.
     pub steps: Value,
+    /// Set when `steps` cannot be one value (it is then null): their size in
+    /// bytes. An expression that reads `steps` then fails ([`Self::expression`]).
+    pub steps_oversized: Option<i64>,
     /// What the step's expressions see besides `goal`, `steps` and `input`:
     /// `item` and `index` in an instance of a map step, `previous` and
     /// `iteration` in a loop; empty otherwise.
@@ -55,6 +58,12 @@ pub struct ActionContext {
 }
 
 impl ActionContext {
+    /// `source` compiled, to be evaluated over [`Self::variables`]: an error
+    /// if it does not compile, or reads `steps` when they are missing.
+    pub fn expression(&self, source: &str) -> Result<crate::blueprint::cel::Expression, String> {
+        crate::stored::Steps::compile(source, self.steps_oversized)
+    }
+
     /// What the step's expressions see (SPEC §4 contexts): `goal`, `steps`,
     /// `input`, and the extras of a map instance or a loop.
     pub fn variables(&self) -> serde_json::Map<String, Value> {

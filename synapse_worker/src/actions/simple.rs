@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use super::{Action, ActionContext, ActionError, ActionFuture};
 use crate::blueprint::cel;
+use crate::stored::Steps;
 
 /// The longest `sleep`, as validation allows it (24 h).
 const MAX_SLEEP_MS: u64 = 86_400_000;
@@ -81,9 +82,11 @@ pub(super) fn evaluate_param(
     let program = cel::compile(expr).map_err(|e| {
         ActionError::Definition(format!("params.{key}: invalid CEL expression: {e}"))
     })?;
-    program.evaluate(&context.variables()).map_err(|e| {
+    let cannot = |e: String| {
         ActionError::Definition(format!("cannot evaluate params.{key} \"{expr}\": {e}"))
-    })
+    };
+    Steps::check(&program, context.steps_oversized).map_err(cannot)?;
+    program.evaluate(&context.variables()).map_err(cannot)
 }
 
 /// `noop`: the result is the input. Useful for joins and as a placeholder.
@@ -229,6 +232,7 @@ pub(super) mod tests {
             goal: json!({"id": 1, "goal": "g", "input": {"threshold": 3}, "params": {}}),
             steps: json!({"a": {"status": "succeeded", "result": {"n": 7}},
                           "skipped": {"status": "skipped", "result": null}}),
+            steps_oversized: None,
             extras: serde_json::Map::new(),
             timeout: Duration::from_secs(10),
         }
@@ -353,6 +357,25 @@ pub(super) mod tests {
             err.message(),
             "cannot evaluate params.expr \"input.missing + 1\": No such key: missing"
         );
+    }
+
+    #[tokio::test]
+    async fn with_steps_too_large_only_an_expression_reading_them_fails() {
+        let mut context = context(json!({"expr": "'next steps'"}), json!({}));
+        context.steps = Value::Null;
+        context.steps_oversized = Some(300_000_000);
+        assert_eq!(Transform.run(&context).await, Ok(json!("next steps")));
+        context.params = json!({"expr": "size(steps)"});
+        match Transform.run(&context).await {
+            Err(ActionError::Definition(message)) => assert_eq!(
+                message,
+                format!(
+                    "cannot evaluate params.expr \"size(steps)\": {}",
+                    Steps::oversized_error(300_000_000)
+                )
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -320,6 +320,12 @@ fn skip_string(b: &[u8], i: usize, raw: bool) -> usize {
     b.len()
 }
 
+/// Whether `variable` is one of `source`'s free variables; if it does not
+/// compile, as if it were (its evaluation reports the error).
+pub fn reads(source: &str, variable: &str) -> bool {
+    compile(source).map_or(true, |expression| expression.reads(variable))
+}
+
 /// Compiles a CEL expression.
 ///
 /// Never panics: a parser panic is caught and reported as an error, and an expression

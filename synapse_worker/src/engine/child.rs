@@ -4,7 +4,6 @@
 use serde_json::Value;
 
 use crate::actions::ActionContext;
-use crate::blueprint::cel;
 
 /// The built-in action that runs a child goal.
 pub const ACTION: &str = "goal";
@@ -31,7 +30,8 @@ pub fn child_of(context: &ActionContext) -> Result<Child, String> {
     let params = context.params.as_object().cloned().unwrap_or_default();
     let vars = context.variables();
     let evaluate = |key: &str, source: &str| -> Result<Value, String> {
-        cel::compile(source)
+        context
+            .expression(source)
             .and_then(|expression| expression.evaluate(&vars))
             .map_err(|message| format!("cannot evaluate params.{key} \"{source}\": {message}"))
     };
@@ -80,6 +80,7 @@ mod tests {
             input,
             goal: json!({"id": 1, "goal": "g", "input": {}, "params": {}}),
             steps: json!({"plan": {"status": "succeeded", "result": {"steps": [{"id": "a", "action": "noop"}]}}}),
+            steps_oversized: None,
             extras: Map::new(),
             timeout: Duration::from_secs(1),
         }

@@ -282,11 +282,7 @@ impl Variables {
     /// `source` compiled; an error if it cannot be, or if it reads `steps`
     /// and they are missing.
     pub fn expression(&self, source: &str) -> Result<cel::Expression, String> {
-        let expression = cel::compile(source)?;
-        match self.steps_oversized {
-            Some(bytes) if expression.reads("steps") => Err(Steps::oversized_error(bytes)),
-            _ => Ok(expression),
-        }
+        Steps::compile(source, self.steps_oversized)
     }
 }
 

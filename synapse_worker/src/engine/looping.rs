@@ -5,7 +5,7 @@
 use serde_json::{Map, Value};
 
 use crate::actions::ActionContext;
-use crate::blueprint::{cel, limits};
+use crate::blueprint::limits;
 use crate::store::{AttemptOutcome, Looping};
 
 /// What a loop's successful run leads to: success once `until` holds, the
@@ -15,7 +15,9 @@ pub fn after_run(context: &ActionContext, looping: &Looping, result: Value) -> A
     let mut vars = context.variables();
     vars.insert("result".into(), result.clone());
     let until = &looping.until;
-    let met = cel::compile(until).and_then(|expression| expression.evaluate_bool(&vars));
+    let met = context
+        .expression(until)
+        .and_then(|expression| expression.evaluate_bool(&vars));
     match met {
         Err(message) => AttemptOutcome::DefinitionError(format!(
             "cannot evaluate the until \"{until}\" of step {}: {message}",
@@ -47,7 +49,8 @@ fn next_input(context: &ActionContext, looping: &Looping, result: &Value) -> Res
     vars.insert("steps".into(), context.steps.clone());
     vars.insert("previous".into(), result.clone());
     vars.insert("iteration".into(), Value::from(looping.iteration + 1));
-    cel::compile(source)
+    context
+        .expression(source)
         .and_then(|expression| expression.evaluate(&vars))
         .map_err(|message| {
             format!(
@@ -85,6 +88,7 @@ mod tests {
             input,
             goal: Value::Null,
             steps: Value::Null,
+            steps_oversized: None,
             extras,
             timeout: Duration::from_secs(1),
         }
@@ -156,6 +160,20 @@ mod tests {
         assert!(
             matches!(outcome, AttemptOutcome::DefinitionError(ref e) if e.contains("until")),
             "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn with_steps_too_large_only_an_until_reading_them_fails() {
+        let mut context = context(json!({}), 1);
+        context.steps_oversized = Some(300_000_000);
+        let met = after_run(&context, &looping("'steps' != ''", None, 1), json!(1));
+        assert!(matches!(met, AttemptOutcome::Succeeded(_)), "{met:?}");
+        let reading = after_run(&context, &looping("size(steps) > 0", None, 1), json!(1));
+        assert!(
+            matches!(reading, AttemptOutcome::DefinitionError(ref e)
+                if e.ends_with(&crate::stored::Steps::oversized_error(300_000_000))),
+            "{reading:?}"
         );
     }
 }

@@ -37,19 +37,13 @@ pub mod map;
 
 /// Whether an expression reads `steps` (so the step map must be loaded).
 fn reads_steps(source: &str) -> bool {
-    reads(source, "steps")
+    cel::reads(source, "steps")
 }
 
 /// Whether an expression reads `goal` (so the goal must be copied in: its
 /// input may be large).
 fn reads_goal(source: &str) -> bool {
-    reads(source, "goal")
-}
-
-/// Whether `variable` is one of the expression's free variables; if it does
-/// not compile, as if it were (its evaluation reports the error).
-fn reads(source: &str, variable: &str) -> bool {
-    cel::compile(source).map_or(true, |expression| expression.reads(variable))
+    cel::reads(source, "goal")
 }
 
 /// What expressions of `goal_id` see: `goal` (null unless `with_goal`) and

@@ -48,8 +48,9 @@ pub struct ClaimedTask {
     /// Why its `params` or `input` could not be read (`params` and `input`
     /// are then null): the attempt fails with this error, unrun.
     pub unreadable: Option<String>,
-    /// Set when its expressions read `steps` and they cannot be one value
-    /// (`steps` is then null): their size in bytes. The attempt fails, unrun.
+    /// Set when its expressions mention `steps` and they cannot be one value
+    /// (`steps` is then null): their size in bytes. An expression that reads
+    /// `steps` then fails the attempt (see `ActionContext::expression`).
     pub steps_oversized: Option<i64>,
     /// Instance of a map step: its index.
     pub map_index: Option<i32>,

@@ -235,11 +235,11 @@ impl PendingMap {
     fn variables(&self) -> Result<std::result::Result<Map<String, Value>, String>> {
         let mut vars = Map::new();
         vars.insert("goal".into(), self.goal.clone());
-        let reads_steps = self.for_each.contains("steps")
+        let reads_steps = cel::reads(&self.for_each, "steps")
             || self
                 .input_expr
                 .as_deref()
-                .is_some_and(|source| source.contains("steps"));
+                .is_some_and(|source| cel::reads(source, "steps"));
         let steps = match reads_steps {
             true => super::steps_variable(self.goal_id)?,
             false => Ok(Value::Object(Map::new())),

@@ -132,7 +132,7 @@ fn until_time(
 ) -> std::result::Result<String, String> {
     let mut vars = Map::new();
     vars.insert("goal".into(), goal.clone());
-    let steps = if source.contains("steps") {
+    let steps = if cel::reads(source, "steps") {
         super::steps_variable(goal_id).map_err(|error| error.to_string())??
     } else {
         Value::Object(Map::new())

@@ -19,6 +19,8 @@ pub enum Baseline {
     GraphileFirstAdd,
     /// Graphile Worker's `add_jobs` of many no-op jobs, ms per job.
     GraphileBulkAdd,
+    /// Tasks/s of pgbench writing only the rows a drained one-step goal writes.
+    DrainRows,
 }
 
 impl Baseline {
@@ -30,6 +32,7 @@ impl Baseline {
             Baseline::Graphile => "Graphile",
             Baseline::GraphileFirstAdd => "Graphile's first add_job",
             Baseline::GraphileBulkAdd => "Graphile's add_jobs",
+            Baseline::DrainRows => "its rows alone",
         }
     }
 }

@@ -293,6 +293,7 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
         synapse_e2e::DATABASE,
     );
     figures[0].versus.push(Baseline::Graphile);
+    figures[0].versus.push(Baseline::DrainRows);
     figures[0].metric = Some(Metric::DrainVsPeer);
     let mut leanest = drain_figures(
         &format!(

@@ -25,16 +25,18 @@ pub fn submit_goals(client: &mut postgres::Client, blueprint: &str, count: usize
 }
 
 /// `count` goals of `blueprint` with `submit_plans`, one call (autocommit),
-/// each with the input `{}`.
-pub fn submit_plans(client: &mut postgres::Client, blueprint: &str, count: usize) {
-    let submitted: i32 = client
+/// each with the input `{}`; returns the highest goal id it gave.
+pub fn submit_plans(client: &mut postgres::Client, blueprint: &str, count: usize) -> i64 {
+    let row = client
         .query_one(
-            "SELECT cardinality(synapse.submit_plans($1::text::jsonb, array_fill('{}'::jsonb, ARRAY[$2::int])))",
+            "SELECT cardinality(ids), (SELECT max(id) FROM unnest(ids) AS id)
+               FROM synapse.submit_plans($1::text::jsonb, array_fill('{}'::jsonb, ARRAY[$2::int])) AS ids",
             &[&blueprint, &(count as i32)],
         )
-        .expect("submit_plans")
-        .get(0);
+        .expect("submit_plans");
+    let submitted: i32 = row.get(0);
     assert_eq!(submitted, count as i32);
+    row.get(1)
 }
 
 /// Watches the goals with ids in `first..=last` until all have ended.

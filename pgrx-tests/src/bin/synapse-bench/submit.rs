@@ -112,7 +112,9 @@ pub fn section(stack: &Stack, sizes: &Sizes, runs: usize) -> Vec<Figure> {
         per_goal.push(per_item(count, || {
             submit_goals(&mut client, NOOP, count);
         }));
-        per_goal_at_once.push(per_item(count, || submit_plans(&mut client, NOOP, count)));
+        per_goal_at_once.push(per_item(count, || {
+            submit_plans(&mut client, NOOP, count);
+        }));
         per_job.push(per_item(count, || {
             peer::add_noop_jobs(&mut peer_client, count)
         }));

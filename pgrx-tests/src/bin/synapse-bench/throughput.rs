@@ -8,7 +8,9 @@ use synapse_e2e::{postgres, wait_until, Stack, WorkerProcess};
 
 use crate::cost::{cost_figures, Cost, CostWindow};
 use crate::figure::{median, median_of, ms, Baseline, Figure};
-use crate::goals::{finished_goals, forget_goals, submit_goals, wait_for_goals, GoalsWatch, NOOP};
+use crate::goals::{
+    finished_goals, forget_goals, submit_goals, submit_plans, wait_for_goals, GoalsWatch, NOOP,
+};
 use crate::options::Sizes;
 use crate::sessions::{backend_pid, flush_stats, meter, wait_for_sessions_to_exit, xact_commit};
 use crate::statements::{StatementUse, StatementWindow};
@@ -210,12 +212,6 @@ fn steady_state(stack: &Stack, config: &Config, sizes: &Sizes) -> SteadyRun {
     let run = std::thread::scope(|scope| {
         let producer = scope.spawn(|| {
             let mut client = stack.pg();
-            let submit = client
-                .prepare(
-                    "SELECT max(id) FROM unnest(synapse.submit_plans($1::text::jsonb,
-                                                  array_fill('{}'::jsonb, ARRAY[$2::int]))) AS s(id)",
-                )
-                .unwrap();
             // The backlog is taken as the goals from the first still running
             // to the last submitted (goals end roughly in id order, so it is
             // a close upper bound), and each look reads only the goals that
@@ -242,11 +238,7 @@ fn steady_state(stack: &Stack, config: &Config, sizes: &Sizes) -> SteadyRun {
                 }
                 if last - first + 1 < backlog {
                     // A batch as a producer of batches submits it: one call.
-                    let submitted: Option<i64> = client
-                        .query_one(&submit, &[&NOOP, &(batch as i32)])
-                        .unwrap()
-                        .get(0);
-                    last = submitted.expect("submit_plans gave no goal");
+                    last = submit_plans(&mut client, NOOP, batch);
                 } else {
                     // Polled (with notify off, nothing announces completions),
                     // not so often that the look takes the workers' CPU: the

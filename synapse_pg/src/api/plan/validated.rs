@@ -1,17 +1,15 @@
 //! The last blueprint `submit_plan` validated in this session, kept with
 //! what it was checked against: a bulk submission of one blueprint
 //! (`SELECT submit_plan(b) FROM …`) reads and validates it once. A
-//! validation depends on the document and the registered actions (their
-//! names and `params_schema`s) alone, so the plan is reused only when both
-//! are what they were.
+//! validation depends on the document and, if it names an action that is not
+//! built in, the registered actions (their names and `params_schema`s)
+//! alone, so the plan is reused only when both are what they were.
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
-use serde_json::Value;
 use synapse_worker::blueprint::Blueprint;
 
-use super::{known_actions, validate_with, JsonbArg};
+use super::{registered_actions, validate_reading, JsonbArg, Registered};
 use crate::error::{Error, Result};
 
 /// Larger blueprints are validated on every call rather than kept (in every
@@ -21,7 +19,9 @@ const MAX_KEPT_BYTES: usize = 64 * 1024;
 struct Validated {
     /// The blueprint's binary `jsonb` form.
     bytes: Vec<u8>,
-    actions: HashMap<String, Option<Value>>,
+    /// The registered actions it was checked against; `None` if it names
+    /// built-in actions alone.
+    actions: Option<Registered>,
     plan: Rc<Blueprint>,
 }
 
@@ -48,19 +48,30 @@ pub(super) fn check_limits(blueprint: JsonbArg) -> Result<()> {
 /// `blueprint`, its limits checked ([`check_limits`]), validated, failing
 /// with every problem listed.
 pub(super) fn validated(blueprint: JsonbArg) -> Result<Rc<Blueprint>> {
-    let actions = known_actions()?;
     let kept = blueprint.with_bytes(|bytes| {
         LAST.with_borrow(|last| {
             last.as_ref()
-                .filter(|last| last.bytes == bytes && last.actions == actions)
-                .map(|last| last.plan.clone())
+                .filter(|last| last.bytes == bytes)
+                .map(|last| (last.plan.clone(), last.actions.is_some()))
         })
     });
-    if let Some(plan) = kept {
-        return Ok(plan);
+    match kept {
+        Some((plan, false)) => return Ok(plan),
+        Some((plan, true)) => {
+            let actions = registered_actions()?;
+            let unchanged = LAST.with_borrow(|last| {
+                last.as_ref()
+                    .is_some_and(|last| last.actions.as_ref() == Some(&actions))
+            });
+            if unchanged {
+                return Ok(plan);
+            }
+        }
+        None => {}
     }
     let doc = blueprint.parse("blueprint")?;
-    let plan = Rc::new(validate_with(&doc, &actions)?.map_err(Error::InvalidBlueprint)?);
+    let (outcome, actions) = validate_reading(&doc)?;
+    let plan = Rc::new(outcome.map_err(Error::InvalidBlueprint)?);
     blueprint.with_bytes(|bytes| {
         if bytes.len() <= MAX_KEPT_BYTES {
             LAST.set(Some(Validated {

@@ -635,6 +635,21 @@ pub fn noop_chain(length: usize) -> serde_json::Value {
     )
 }
 
+/// A blueprint 1 → `width` → 1: a `noop` root `r`, `noop` steps `l0` to
+/// `l{width - 1}` after it, and `join` (whose id is `j`) after them all.
+/// Short ids keep wide fan-outs under the 1 MiB blueprint limit.
+pub fn fan_out_of(width: usize, join: serde_json::Value) -> serde_json::Value {
+    let mut steps = vec![serde_json::json!({"id": "r", "action": "noop"})];
+    let mut edges = Vec::new();
+    for i in 0..width {
+        steps.push(serde_json::json!({"id": format!("l{i}"), "action": "noop"}));
+        edges.push(serde_json::json!({"from": "r", "to": format!("l{i}")}));
+        edges.push(serde_json::json!({"from": format!("l{i}"), "to": "j"}));
+    }
+    steps.push(join);
+    serde_json::json!({"steps": steps, "edges": edges})
+}
+
 /// Submits `blueprint` and waits for its goal to end: its `goal_status()`.
 pub fn run_plan(stack: &Stack, blueprint: serde_json::Value) -> serde_json::Value {
     let mut client = stack.pg();

@@ -80,11 +80,14 @@ pub struct GoalEnding {
 
 /// The endings of those of `goal_ids` whose every step has ended, in one
 /// statement. Whether a goal has a task left is one index probe; an ended
-/// goal's steps are then read once, each with a probe of its edges (a
-/// subquery per row, so that the planner never merges every step of a goal
-/// with every edge: a plan it chose on tables still empty read W² rows to end
-/// a W-wide goal). `OFFSET 0` keeps the goals still running out before their
-/// steps are read.
+/// goal's steps are then read once (its failures alone if it has an
+/// `output`), each with a probe of its edges (a subquery per row, so that
+/// the planner never merges every step of a goal with every edge: a plan it
+/// chose on tables still empty read W² rows to end a W-wide goal). `OFFSET 0`
+/// keeps the goals still running out before their steps are read, each
+/// step's columns computed once, and each probe a probe: without it the
+/// planner may look the steps up in a hash of every edge in the table, read
+/// whole to end one wide goal.
 pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<GoalEnding>> {
     let statement = tx
         .prepare_cached(concat!(
@@ -100,17 +103,16 @@ pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<V
                     SELECT coalesce(array_agg(s.step::text ORDER BY s.id) FILTER (WHERE s.unhandled), '{}') AS unhandled,
                            coalesce(array_agg(coalesce(s.error, 'failed') ORDER BY s.id) FILTER (WHERE s.unhandled), '{}')
                              AS errors,
-                           -- The default result, only for a goal with no output, and
-                           -- only if it fits one jsonb value: built past it, the
-                           -- statement would fail, and with it the outcomes that ended
-                           -- the goal, at every attempt.
+                           -- The default result, only if it fits one jsonb value:
+                           -- built past it, the statement would fail, and with it
+                           -- the outcomes that ended the goal, at every attempt.
                            coalesce(jsonb_object_agg(s.step, s.result)
-                                      FILTER (WHERE s.leaf AND ended.output IS NULL AND s.leaf_bytes <= ", max_stored_json_bytes!(), "),
+                                      FILTER (WHERE s.leaf AND s.leaf_bytes <= ", max_stored_json_bytes!(), "),
                                     '{}') AS leaf_results,
                            max(s.leaf_bytes) FILTER (WHERE s.leaf_bytes > ", max_stored_json_bytes!(), ") AS oversized
                       FROM (SELECT s.*,
                                    -- Its size as one jsonb value.
-                                   sum(CASE WHEN s.leaf AND ended.output IS NULL
+                                   sum(CASE WHEN s.leaf
                                             THEN ", stored_size!("s.step", "coalesce(s.result, 'null'::jsonb)"), "
                                        END) OVER () AS leaf_bytes
                               FROM (SELECT t.id, t.step, t.error, t.result,
@@ -120,14 +122,19 @@ pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<V
                                           OR NOT EXISTS (SELECT FROM synapse.edges e
                                                           WHERE e.goal_id = t.goal_id AND e.from_step = t.step
                                                             AND e.state = 'taken'
-                                                            AND e.on_outcome IN ('failure', 'always'))) AS unhandled,
-                                   -- A succeeded step with no edge out of it.
-                                   t.status = 'succeeded'
+                                                            AND e.on_outcome IN ('failure', 'always')
+                                                         OFFSET 0)) AS unhandled,
+                                   -- A succeeded step with no edge out of it, read only
+                                   -- for the default result.
+                                   t.status = 'succeeded' AND ended.output IS NULL
                                      AND NOT EXISTS (SELECT FROM synapse.edges e
-                                                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step) AS leaf
+                                                      WHERE e.goal_id = t.goal_id AND e.from_step = t.step
+                                                     OFFSET 0) AS leaf
                               FROM synapse.tasks t
                              WHERE t.goal_id = ended.id AND t.map_index IS NULL
-                               AND t.status IN ('failed', 'succeeded')) s) s) steps
+                               -- A goal with an output reads its failures alone.
+                               AND (t.status = 'failed' OR (t.status = 'succeeded' AND ended.output IS NULL))
+                            OFFSET 0) s) s) steps
               ORDER BY ended.id"
         ))
         .await?;

@@ -41,16 +41,11 @@ struct FanOutRun {
 
 /// 1 → width → 1 fan-out/fan-in in one goal, from submit sent to the goal's end.
 fn fan_out(stack: &Stack, client: &mut postgres::Client, width: usize) -> FanOutRun {
-    // Short ids keep wide fan-outs under the 1 MiB blueprint limit.
-    let mut steps = vec![json!({"id": "r", "action": "noop"})];
-    let mut edges = Vec::new();
-    for i in 0..width {
-        steps.push(json!({"id": format!("l{i}"), "action": "noop"}));
-        edges.push(json!({"from": "r", "to": format!("l{i}")}));
-        edges.push(json!({"from": format!("l{i}"), "to": "j"}));
-    }
-    steps.push(json!({"id": "j", "action": "noop", "join": "all", "input": "{}"}));
-    let blueprint = json!({"steps": steps, "edges": edges, "output": "{}"});
+    let mut blueprint = synapse_e2e::fan_out_of(
+        width,
+        json!({"id": "j", "action": "noop", "join": "all", "input": "{}"}),
+    );
+    blueprint["output"] = json!("{}");
     let (id, elapsed, submitted) = run_plan(stack, client, &blueprint);
     let join_delay_ms: f64 = client
         .query_one(

@@ -710,42 +710,66 @@ pub fn refused(
     (db.code().code().to_owned(), db.message().to_owned())
 }
 
-/// Waits, on NOTIFY events rather than by polling, until goal `id` has ended;
-/// returns its `goal_status()`.
-pub fn wait_for_goal(stack: &Stack, id: i64, limit: Duration) -> serde_json::Value {
-    use postgres::fallible_iterator::FallibleIterator;
-    let mut listener = stack.pg();
-    listener
-        .batch_execute("LISTEN synapse_events")
-        .expect("LISTEN");
-    let deadline = Instant::now() + limit;
-    loop {
-        let status: serde_json::Value = listener
-            .query_one("SELECT synapse.goal_status($1)::text", &[&id])
-            .map(|row| serde_json::from_str(row.get::<_, &str>(0)).expect("JSON"))
-            .expect("goal_status");
-        if matches!(
-            status["status"].as_str(),
-            Some("succeeded" | "failed" | "cancelled")
-        ) {
-            return status;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            !left.is_zero(),
-            "goal {id} did not end within {limit:?}: {status}\n{}",
-            stack.diagnostics()
-        );
-        // Any goal event may be ours; look again after each, and at least
-        // every second (with synapse.observe or notify off, none may come).
-        let mut notifications = listener.notifications();
-        let mut iter = notifications.timeout_iter(left.min(Duration::from_secs(1)));
-        while let Ok(Some(note)) = iter.next() {
-            if note.payload().contains(&format!("\"goal_id\":{id}}}")) {
-                break;
+/// Waits for goals to end, on one connection that listens for their events:
+/// a measurement that waits goal after goal pays for no new session (whose
+/// start would compete with the goal's own dispatch for the CPU). Drop it
+/// when done: a listener that stops reading holds up Postgres's
+/// notification queue.
+pub struct GoalWaiter<'s> {
+    stack: &'s Stack,
+    listener: postgres::Client,
+}
+
+impl<'s> GoalWaiter<'s> {
+    /// A waiter on a new connection to `stack`, listening.
+    pub fn new(stack: &'s Stack) -> Self {
+        let mut listener = stack.pg();
+        listener
+            .batch_execute("LISTEN synapse_events")
+            .expect("LISTEN");
+        GoalWaiter { stack, listener }
+    }
+
+    /// Waits for goal `id` to end (or fails the test after `limit`): its
+    /// `goal_status()`.
+    pub fn wait(&mut self, id: i64, limit: Duration) -> serde_json::Value {
+        use postgres::fallible_iterator::FallibleIterator;
+        let deadline = Instant::now() + limit;
+        loop {
+            let status: serde_json::Value = self
+                .listener
+                .query_one("SELECT synapse.goal_status($1)::text", &[&id])
+                .map(|row| serde_json::from_str(row.get::<_, &str>(0)).expect("JSON"))
+                .expect("goal_status");
+            if matches!(
+                status["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                return status;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "goal {id} did not end within {limit:?}: {status}\n{}",
+                self.stack.diagnostics()
+            );
+            // Any goal event may be ours; look again after each, and at least
+            // every second (with synapse.observe or notify off, none may come).
+            let mut notifications = self.listener.notifications();
+            let mut iter = notifications.timeout_iter(left.min(Duration::from_secs(1)));
+            while let Ok(Some(note)) = iter.next() {
+                if note.payload().contains(&format!("\"goal_id\":{id}}}")) {
+                    break;
+                }
             }
         }
     }
+}
+
+/// Waits, on NOTIFY events rather than by polling, until goal `id` has ended;
+/// returns its `goal_status()`.
+pub fn wait_for_goal(stack: &Stack, id: i64, limit: Duration) -> serde_json::Value {
+    GoalWaiter::new(stack).wait(id, limit)
 }
 
 /// Step → task row fields, from a `goal_status()`.

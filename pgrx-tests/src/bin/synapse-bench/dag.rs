@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use synapse_e2e::{postgres, Stack, WorkerProcess};
+use synapse_e2e::{postgres, GoalWaiter, Stack, WorkerProcess};
 
 use crate::cost::{cost_figures, measured, Cost, CostWindow};
 use crate::figure::{median, median_of, ms, Baseline, Figure};
@@ -26,7 +26,7 @@ fn chain(stack: &Stack, client: &mut postgres::Client, length: usize) -> f64 {
         .map(|i| json!({"from": format!("s{}", i - 1), "to": format!("s{i}")}))
         .collect();
     let blueprint = json!({"steps": steps, "edges": edges, "output": "{}"});
-    let (_, elapsed, _) = run_plan(stack, client, &blueprint);
+    let (_, elapsed, _) = run_plan(&mut GoalWaiter::new(stack), client, &blueprint);
     ms(elapsed) / length as f64
 }
 
@@ -46,7 +46,7 @@ fn fan_out(stack: &Stack, client: &mut postgres::Client, width: usize) -> FanOut
         json!({"id": "j", "action": "noop", "join": "all", "input": "{}"}),
     );
     blueprint["output"] = json!("{}");
-    let (id, elapsed, submitted) = run_plan(stack, client, &blueprint);
+    let (id, elapsed, submitted) = run_plan(&mut GoalWaiter::new(stack), client, &blueprint);
     let join_delay_ms: f64 = client
         .query_one(
             "SELECT (extract(epoch FROM j.started_at - p.last) * 1000)::float8
@@ -72,6 +72,7 @@ fn map(stack: &Stack, client: &mut postgres::Client, size: usize) -> (f64, f64) 
     let blueprint = json!({"steps": [{"id": "each", "action": "noop", "for_each": "goal.input.items"}],
                            "output": "size(steps.each.result)"});
     let input = json!({ "items": (0..size).collect::<Vec<usize>>() });
+    let mut waiter = GoalWaiter::new(stack);
     let started = Instant::now();
     let id: i64 = client
         .query_one(
@@ -80,7 +81,7 @@ fn map(stack: &Stack, client: &mut postgres::Client, size: usize) -> (f64, f64) 
         )
         .unwrap()
         .get(0);
-    let status = synapse_e2e::wait_for_goal(stack, id, Duration::from_secs(600));
+    let status = waiter.wait(id, Duration::from_secs(600));
     let elapsed = started.elapsed();
     assert_eq!(status["result"], json!(size), "{}", status["error"]);
     (size as f64 / elapsed.as_secs_f64(), ms(elapsed))
@@ -96,9 +97,10 @@ fn child_goal(stack: &Stack, client: &mut postgres::Client, samples: usize) -> (
                        "output": "{}"});
     let mut plain_ms = Vec::with_capacity(samples);
     let mut child_ms = Vec::with_capacity(samples);
+    let mut waiter = GoalWaiter::new(stack);
     for _ in 0..samples {
-        plain_ms.push(ms(run_plan(stack, client, &plain).1));
-        child_ms.push(ms(run_plan(stack, client, &child).1));
+        plain_ms.push(ms(run_plan(&mut waiter, client, &plain).1));
+        child_ms.push(ms(run_plan(&mut waiter, client, &child).1));
     }
     (median(plain_ms), median(child_ms))
 }

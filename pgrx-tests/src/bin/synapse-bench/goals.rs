@@ -2,7 +2,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use synapse_e2e::{postgres, wait_for_goal, wait_until, Stack};
+use synapse_e2e::{postgres, wait_until, GoalWaiter};
 
 /// Blueprint of the no-op tasks the throughput and latency figures use.
 pub const NOOP: &str = r#"{"steps":[{"id":"t","action":"noop"}],"output":"{}"}"#;
@@ -92,10 +92,11 @@ pub fn finished_goals(client: &mut postgres::Client) -> i64 {
     )
 }
 
-/// Submits `blueprint` and waits for its goal to succeed; returns the goal
-/// id, the time from submit sent to the goal's end, and the submit's own time.
+/// Submits `blueprint` and waits (on `waiter`) for its goal to succeed;
+/// returns the goal id, the time from submit sent to the goal's end, and the
+/// submit's own time.
 pub fn run_plan(
-    stack: &Stack,
+    waiter: &mut GoalWaiter,
     client: &mut postgres::Client,
     blueprint: &Value,
 ) -> (i64, Duration, Duration) {
@@ -106,7 +107,7 @@ pub fn run_plan(
         .unwrap()
         .get(0);
     let submitted = started.elapsed();
-    let status = wait_for_goal(stack, id, Duration::from_secs(600));
+    let status = waiter.wait(id, Duration::from_secs(600));
     assert_eq!(status["status"], "succeeded");
     (id, started.elapsed(), submitted)
 }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use synapse_e2e::{brpop, postgres, redis, wait_for_goal, wait_until, Stack};
+use synapse_e2e::{brpop, postgres, redis, wait_until, GoalWaiter, Stack};
 
 use crate::figure::{latency_figures, median, median_of, ms, ms_between, Baseline, Figure};
 use crate::goals::{one_i64, wait_for_goals, NOOP};
@@ -90,12 +90,13 @@ fn submit_to_pop(stack: &Stack, samples: usize) -> Vec<f64> {
 /// submit_goal → the M3 goal (planned from a template, 4 steps, conditional
 /// edges) has ended.
 fn m3_wall(stack: &Stack, client: &mut postgres::Client) -> f64 {
+    let mut waiter = GoalWaiter::new(stack);
     let started = Instant::now();
     let id = one_i64(
         client,
         "SELECT synapse.submit_goal('triage incident 7 severity 5')",
     );
-    let status = wait_for_goal(stack, id, Duration::from_secs(60));
+    let status = waiter.wait(id, Duration::from_secs(60));
     assert_eq!(status["status"], "succeeded", "{status}");
     ms(started.elapsed())
 }
@@ -144,12 +145,13 @@ pub fn serial_commit_to_start(stack: &Stack, samples: usize) -> (Vec<f64>, f64) 
     let statement = client
         .prepare("SELECT synapse.submit_plan($1::text::jsonb)")
         .unwrap();
+    let mut waiter = GoalWaiter::new(stack);
     let submitted: Vec<Submitted> = (0..samples)
         .map(|_| {
             let sent = SystemTime::now();
             let goal: i64 = client.query_one(&statement, &[&NOOP]).unwrap().get(0);
             let committed = SystemTime::now();
-            let status = wait_for_goal(stack, goal, Duration::from_secs(30));
+            let status = waiter.wait(goal, Duration::from_secs(30));
             assert_eq!(status["status"], "succeeded");
             Submitted {
                 goal,

@@ -671,3 +671,84 @@ fn row_security_calls_no_function_of_its_own_in_a_workers_statements() {
         }
     }
 }
+
+/// Whether `client`'s plan for `sql` carries subplans (row security's tests).
+fn plans_subplans(client: &mut postgres::Client, sql: &str) -> bool {
+    client
+        .query(&format!("EXPLAIN {sql}"), &[])
+        .unwrap()
+        .iter()
+        .any(|row| {
+            let line: String = row.get(0);
+            line.contains("SubPlan") || line.contains("InitPlan")
+        })
+}
+
+#[test]
+fn the_roles_that_see_every_row_read_without_row_security_subplans() {
+    let stack = Stack::start("roles-seeing-all", &[]);
+    let mut admin = stack.pg();
+    roles(
+        &mut admin,
+        &[
+            ("alice", Some("submitter")),
+            ("boss", Some("admin")),
+            ("carol", Some("submitter")),
+        ],
+    );
+    admin
+        .execute("SELECT synapse.grant_worker('carol')", &[])
+        .unwrap();
+    submit_plan(&mut admin, WAITING);
+    let tables = ["goals", "tasks", "edges", "attempts", "signals"];
+    for role in [synapse_e2e::WORKER_ROLE, "boss", "carol"] {
+        let mut client = stack.pg_as(role);
+        for table in tables {
+            let sql = format!("SELECT count(*) FROM synapse.{table}");
+            assert!(!plans_subplans(&mut client, &sql), "{role}: {sql}");
+        }
+    }
+    let mut alice = stack.pg_as("alice");
+    for table in tables {
+        let sql = format!("SELECT count(*) FROM synapse.{table}");
+        assert!(plans_subplans(&mut alice, &sql), "alice: {sql}");
+    }
+
+    // A capability granted again, or one that does not see every row,
+    // leaves the policies alone: re-creating one locks its table.
+    let policy = "SELECT oid::bigint FROM pg_policy WHERE polname = 'seeing_all' AND polrelid = 'synapse.tasks'::regclass";
+    let before = one_i64(&mut admin, policy);
+    admin
+        .batch_execute(
+            "SELECT synapse.grant_worker('carol'); SELECT synapse.grant_submitter('boss')",
+        )
+        .unwrap();
+    assert_eq!(one_i64(&mut admin, policy), before);
+
+    // A plan made while carol saw every goal is made again once she no
+    // longer does, as the workers' sessions keep theirs.
+    let mut carol = stack.pg_as("carol");
+    carol
+        .batch_execute("SET plan_cache_mode = force_generic_plan")
+        .unwrap();
+    let goals = carol.prepare("SELECT count(*) FROM synapse.goals").unwrap();
+    assert_eq!(carol.query_one(&goals, &[]).unwrap().get::<_, i64>(0), 1);
+    admin
+        .execute("SELECT synapse.revoke_worker('carol')", &[])
+        .unwrap();
+    assert_eq!(carol.query_one(&goals, &[]).unwrap().get::<_, i64>(0), 0);
+    // With no role left that sees every row, no policy is left either.
+    admin
+        .batch_execute(&format!(
+            "SELECT synapse.revoke_worker('{}'); SELECT synapse.revoke_admin('boss')",
+            synapse_e2e::WORKER_ROLE
+        ))
+        .unwrap();
+    assert_eq!(
+        one_i64(
+            &mut admin,
+            "SELECT count(*) FROM pg_policy WHERE polname = 'seeing_all'"
+        ),
+        0
+    );
+}

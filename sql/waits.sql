@@ -65,11 +65,10 @@ BEGIN
         RAISE EXCEPTION 'payload must be JSON, not NULL (use ''{}'')' USING ERRCODE = '22023';
     END IF;
     PERFORM synapse._check_json(signal.payload, 'payload');
-    -- The goal's lock FOR UPDATE: it waits for the engine runs of the goal
-    -- (they hold it FOR KEY SHARE, one of them maybe starting a wait step),
-    -- so a wait and a signal never miss each other.
+    -- The goal's lock, as the engine holds it when a step starts to wait:
+    -- a wait and a signal never miss each other.
     SELECT g.status INTO goal_status FROM synapse.goals AS g
-     WHERE g.id = signal.goal_id AND synapse._may_act_on(g.owner) FOR UPDATE;
+     WHERE g.id = signal.goal_id AND synapse._may_act_on(g.owner) FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'goal % does not exist', signal.goal_id USING ERRCODE = 'P0002';
     END IF;

@@ -43,67 +43,19 @@ pub async fn steps_of(tx: &impl GenericClient, goal_id: i64) -> Result<Steps> {
 /// their ids. Nothing else is read: a goal's blueprint (its `output`) is read
 /// only when the goal ends ([`goal_endings`]).
 ///
-/// The engine runs of one goal share this lock (`FOR KEY SHARE`): they
-/// record outcomes and resolve edges side by side, and take turns only where
-/// they meet, on the row of a join (whose counts they update) and when they
-/// look for the goal's end ([`goal_endings`]). The runs of a goal with a step
-/// that cancels running tasks (a join with `cancel_others`, a map step,
-/// which fails fast) take turns (`FOR NO KEY UPDATE`): such a cancel waits for
-/// a task whose end another run is recording, while that run waits for the
-/// row the cancelling run holds (the join's, the map step's), and one of the
-/// two would be ended by Postgres's deadlock detection, a second later.
-/// `cancel_goal`, `retry_goal` and `signal` lock the goal `FOR UPDATE`, which
-/// waits for the engine runs in flight and holds off new ones. Lock order,
-/// everywhere: the goal row first, then its task rows.
+/// Lock order, everywhere: a goal row first, then its task rows. The
+/// completer takes these locks before it records any outcome, as
+/// `cancel_goal` locks the goal before cancelling its tasks, so the two never
+/// wait for each other in a cycle; the id order keeps engine runs that touch
+/// several goals from deadlocking each other.
 pub async fn lock_running_goals(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<i64>> {
     let statement = tx.prepare_cached(LOCK_RUNNING_GOALS).await?;
     goal_ids_of(tx.query(&statement, &[&goal_ids]).await?)
 }
 
-/// Whether the engine runs of goal `g` take turns: one probe of an index
-/// that holds few rows (`OFFSET 0` keeps it a probe: made a join, on the
-/// statistics of tables still empty, it may be planned as a scan of every
-/// task, kept for the session's life).
-macro_rules! taking_turns {
-    () => {
-        "EXISTS (SELECT FROM synapse.tasks t
-                  WHERE t.goal_id = g.id AND (t.cancel_others OR t.for_each_expr IS NOT NULL)
-                 OFFSET 0)"
-    };
-}
-
-/// The statement of [`lock_running_goals`].
-pub const LOCK_RUNNING_GOALS: &str = concat!(
-    "WITH alone AS (
-          SELECT g.id FROM synapse.goals g
-           WHERE g.id = ANY($1::bigint[]) AND g.status = 'running' AND ",
-    taking_turns!(),
-    "
-           ORDER BY g.id FOR NO KEY UPDATE),
-     shared AS (
-          SELECT g.id FROM synapse.goals g
-           WHERE g.id = ANY($1::bigint[]) AND g.status = 'running' AND NOT ",
-    taking_turns!(),
-    "
-           ORDER BY g.id FOR KEY SHARE)
-     SELECT id FROM (SELECT id FROM alone UNION ALL SELECT id FROM shared) locked ORDER BY id"
-);
-
-/// Locks those of `goal_ids` that are running, in id order, for one engine
-/// run at a time: for the rare runs that must not overlap another of the
-/// same goal (carrying on after lapsed leases, a goal run again), and for
-/// the look at a goal's end ([`goal_endings`]).
-pub async fn lock_running_goals_alone(
-    tx: &impl GenericClient,
-    goal_ids: &[i64],
-) -> Result<Vec<i64>> {
-    let statement = tx.prepare_cached(LOCK_RUNNING_GOALS_ALONE).await?;
-    goal_ids_of(tx.query(&statement, &[&goal_ids]).await?)
-}
-
-const LOCK_RUNNING_GOALS_ALONE: &str = "SELECT id FROM synapse.goals
-                                         WHERE id = ANY($1::bigint[]) AND status = 'running'
-                                         ORDER BY id FOR NO KEY UPDATE";
+pub(super) const LOCK_RUNNING_GOALS: &str = "SELECT id FROM synapse.goals
+                                   WHERE id = ANY($1::bigint[]) AND status = 'running'
+                                   ORDER BY id FOR NO KEY UPDATE";
 
 pub(super) fn goal_ids_of(rows: Vec<Row>) -> Result<Vec<i64>> {
     rows.iter().map(|row| column(row, 0)).collect()
@@ -126,13 +78,8 @@ pub struct GoalEnding {
     pub leaf_results_oversized: Option<i64>,
 }
 
-/// The endings of those of `goal_ids` whose every step has ended. The goals
-/// are locked for one engine run at a time first ([`lock_running_goals_alone`]),
-/// the caller having written its steps' ends: of the runs that end a goal's
-/// last steps at once, the last to take the lock sees every other's ends
-/// committed, and finishes the goal. The lock and the read go out together,
-/// one round trip; the read runs once the lock is held, on a snapshot taken
-/// then. Whether a goal has a task left is one index probe; an ended
+/// The endings of those of `goal_ids` whose every step has ended, in one
+/// statement. Whether a goal has a task left is one index probe; an ended
 /// goal's steps are then read once (its failures alone if it has an
 /// `output`), each with a probe of its edges (a subquery per row, so that
 /// the planner never merges every step of a goal with every edge: a plan it
@@ -191,15 +138,9 @@ pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<V
               ORDER BY ended.id"
         ))
         .await?;
-    // Both prepared first: a statement still to be prepared would go out
-    // after the other.
-    let lock = tx.prepare_cached(LOCK_RUNNING_GOALS_ALONE).await?;
-    let (_, rows) = futures_util::future::try_join(
-        tx.query(&lock, &[&goal_ids]),
-        tx.query(&statement, &[&goal_ids]),
-    )
-    .await?;
-    rows.iter()
+    tx.query(&statement, &[&goal_ids])
+        .await?
+        .iter()
         .map(|row| {
             let steps: Vec<String> = column(row, 2)?;
             let errors: Vec<String> = column(row, 3)?;

@@ -155,9 +155,7 @@ const RECORD_OUTCOMES: &str = concat!(
     recorded_outcomes!(),
     ",
              -- Each instance that ended counts on its map step, in this statement
-             -- (the map step's row lock orders the counts: a batch counting
-             -- after another reads the step once that one committed); the
-             -- engine decides the step.
+             -- (the goal lock orders the counts); the engine decides the step.
              -- Each map step found by its key, one probe an instance, and
              -- updated by id, joined to nothing (see by_id).
              instances_ended AS (
@@ -265,8 +263,7 @@ impl Serialize for OutcomesByAttempt<'_> {
 /// one is [`Recorded::Fenced`]). Returns the goals locked, and the answers in
 /// the order of `outcomes`.
 ///
-/// Lock order: the goals first (`FOR KEY SHARE`: shared with the goal's
-/// other engine runs), like every writer of task rows that may wait.
+/// Lock order: the goals first, like every writer of task rows that may wait.
 /// The two statements go out together, one round trip: Postgres runs the
 /// second once the first holds its locks, on a snapshot taken then, as if
 /// each had been awaited.

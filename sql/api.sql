@@ -156,6 +156,10 @@ CREATE FUNCTION synapse.cancel_goal(goal_id bigint) RETURNS boolean LANGUAGE plp
 DECLARE
     current_status text;
 BEGIN
+    -- The goal to itself: its gate closed first, so that engine runs still to
+    -- come wait behind this cancel, then its row, once the runs in flight
+    -- (which share it) have ended.
+    PERFORM synapse._hold_goal(cancel_goal.goal_id);
     SELECT g.status INTO current_status FROM synapse.goals AS g
      WHERE g.id = cancel_goal.goal_id AND synapse._may_act_on(g.owner) FOR UPDATE;
     IF NOT FOUND THEN

@@ -10,9 +10,13 @@ DECLARE
     unknown text;
     reset text[];
 BEGIN
-    -- The goal's lock first, as the engine and cancel_goal take it.
+    -- The goal to itself first, as cancel_goal takes it: its gate, then its
+    -- row FOR UPDATE, which waits for the completions of the goal's
+    -- stragglers (they hold it FOR KEY SHARE) and holds off new ones until
+    -- the goal runs again.
+    PERFORM synapse._hold_goal(retry_goal.goal_id);
     SELECT g.status INTO goal_status FROM synapse.goals AS g
-     WHERE g.id = retry_goal.goal_id AND synapse._may_act_on(g.owner) FOR NO KEY UPDATE;
+     WHERE g.id = retry_goal.goal_id AND synapse._may_act_on(g.owner) FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'goal % does not exist', retry_goal.goal_id USING ERRCODE = 'P0002';
     END IF;

@@ -188,6 +188,10 @@ CREATE INDEX tasks_queued_since ON synapse.tasks (queued_at) WHERE status = 'que
 CREATE INDEX tasks_unfinished ON synapse.tasks (goal_id) WHERE finished_at IS NULL;
 -- A step once per goal; the instances of a map step once per index.
 CREATE UNIQUE INDEX tasks_step ON synapse.tasks (goal_id, step, coalesce(map_index, -1));
+-- The goals whose engine runs take turns: a step of theirs cancels running
+-- tasks that other runs may be recording at that moment (a join with
+-- cancel_others, a map step failing fast). Few rows: most goals have none.
+CREATE INDEX tasks_taking_turns ON synapse.tasks (goal_id) WHERE cancel_others OR for_each_expr IS NOT NULL;
 
 CREATE TABLE synapse.edges (
     goal_id     bigint      NOT NULL,

@@ -88,7 +88,8 @@ BEGIN
         functions := functions || ARRAY[
             'synapse._restoring()', 'synapse._install_plan(bigint, jsonb, text, jsonb)',
             'synapse._start_child(bigint, integer, text, text, jsonb, jsonb)', 'synapse._start_maps(bigint[])',
-            'synapse._start_waits(jsonb)', 'synapse._enter_step(bigint, integer)', 'synapse._leave_step(text)'];
+            'synapse._start_waits(jsonb)', 'synapse._enter_step(bigint, integer)', 'synapse._leave_step(text)',
+            'synapse._share_goals(bigint[])'];
         readable := readable || ARRAY['templates'];
         SELECT string_agg(quote_ident(a.attname), ', ') INTO goal_columns
           FROM pg_catalog.pg_attribute AS a

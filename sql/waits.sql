@@ -65,10 +65,13 @@ BEGIN
         RAISE EXCEPTION 'payload must be JSON, not NULL (use ''{}'')' USING ERRCODE = '22023';
     END IF;
     PERFORM synapse._check_json(signal.payload, 'payload');
-    -- The goal's lock, as the engine holds it when a step starts to wait:
-    -- a wait and a signal never miss each other.
+    -- The goal to itself, as cancel_goal takes it (its gate, then its row FOR
+    -- UPDATE): it waits for the engine runs of the goal (they hold it FOR
+    -- KEY SHARE, one of them maybe starting a wait step), so a wait and a
+    -- signal never miss each other.
+    PERFORM synapse._hold_goal(signal.goal_id);
     SELECT g.status INTO goal_status FROM synapse.goals AS g
-     WHERE g.id = signal.goal_id AND synapse._may_act_on(g.owner) FOR NO KEY UPDATE;
+     WHERE g.id = signal.goal_id AND synapse._may_act_on(g.owner) FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'goal % does not exist', signal.goal_id USING ERRCODE = 'P0002';
     END IF;

@@ -176,3 +176,95 @@ fn a_signal_sent_while_its_wait_step_starts_is_never_missed() {
         assert_eq!(task(&status, "ask")["result"]["signal"], "go", "{status}");
     }
 }
+
+/// Runs the engine's goal lock, as a worker's batch begins, for `goal` on
+/// `client` inside an open transaction; returns the goals it locked.
+fn lock_as_an_engine_run(client: &mut postgres::Transaction<'_>, goal: i64) -> Vec<i64> {
+    client
+        .execute(synapse_worker::store::PASS_GATES, &[&vec![goal]])
+        .unwrap();
+    client
+        .query(
+            synapse_worker::store::LOCK_RUNNING_GOALS,
+            &[&vec![goal], &vec![goal]],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// What session `pid` waits for: its wait event, while it waits for a lock.
+fn lock_waited_for(client: &mut postgres::Client, pid: i32) -> Option<String> {
+    client
+        .query_one(
+            "SELECT wait_event FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+            &[&pid],
+        )
+        .ok()
+        .map(|row| row.get(0))
+}
+
+#[test]
+fn a_cancel_waits_for_the_engine_runs_in_flight_and_holds_off_those_after_it() {
+    // Engine runs share a goal's row (FOR KEY SHARE), which a cancel's FOR
+    // UPDATE waits for. A shared row lock does not queue behind that wait: a
+    // run arriving later would be let through at once, and runs arriving one
+    // after another would keep the cancel waiting for as long as they came.
+    // The goal's gate makes the later run wait behind the cancel; it then
+    // finds the goal cancelled.
+    let stack = Stack::start("gate", &[]);
+    let _worker = stack.start_worker("w", &[]);
+    let mut client = stack.pg();
+    let goal = submit_plan(
+        &mut client,
+        &json!({"steps": [{"id": "long", "action": "sleep", "params": {"ms": 600000}}]}),
+    );
+    synapse_e2e::wait_for_running_task(&mut client, goal);
+    let mut first = stack.pg();
+    let mut in_flight = first.transaction().unwrap();
+    assert_eq!(lock_as_an_engine_run(&mut in_flight, goal), vec![goal]);
+
+    let mut canceller = stack.pg();
+    let canceller_pid: i32 = canceller
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let cancel = std::thread::spawn(move || -> bool {
+        canceller
+            .query_one("SELECT synapse.cancel_goal($1)", &[&goal])
+            .unwrap()
+            .get(0)
+    });
+    synapse_e2e::wait_until("the cancel to wait for the run in flight", WAIT, || {
+        lock_waited_for(&mut client, canceller_pid).map(|_| ())
+    });
+
+    let mut later = stack.pg();
+    let later_pid: i32 = later
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let later_run = std::thread::spawn(move || {
+        let mut tx = later.transaction().unwrap();
+        let locked = lock_as_an_engine_run(&mut tx, goal);
+        tx.commit().unwrap();
+        locked
+    });
+    let waited_for = synapse_e2e::wait_until("the later run to wait", WAIT, || {
+        assert!(
+            !later_run.is_finished(),
+            "the later run went past the waiting cancel"
+        );
+        lock_waited_for(&mut client, later_pid)
+    });
+    assert_eq!(waited_for, "object", "it waits at the goal's gate");
+
+    in_flight.commit().unwrap();
+    assert!(cancel.join().unwrap(), "the cancel went through");
+    assert_eq!(
+        later_run.join().unwrap(),
+        Vec::<i64>::new(),
+        "the later run found the goal cancelled"
+    );
+}

@@ -581,15 +581,14 @@ fn the_engines_plans_made_on_empty_tables_still_find_goals_by_id() {
     let plan: String = rt.block_on(async {
         let client = pool.get().await.expect("a pooled connection");
         client
-            .batch_execute(
-                "PREPARE lock_goals(bigint[]) AS
-                 SELECT id FROM synapse.goals WHERE id IN (SELECT unnest($1::bigint[]))
-                    AND status = 'running' ORDER BY id FOR NO KEY UPDATE",
-            )
+            .batch_execute(&format!(
+                "PREPARE lock_goals(bigint[], bigint[]) AS {}",
+                synapse_worker::store::LOCK_RUNNING_GOALS
+            ))
             .await
             .expect("PREPARE");
         client
-            .simple_query("EXPLAIN (COSTS OFF) EXECUTE lock_goals('{1,2,3}')")
+            .simple_query("EXPLAIN (COSTS OFF) EXECUTE lock_goals('{1,2,3}', '{1,2}')")
             .await
             .expect("EXPLAIN")
             .into_iter()
@@ -602,8 +601,13 @@ fn the_engines_plans_made_on_empty_tables_still_find_goals_by_id() {
             .collect::<Vec<_>>()
             .join("\n")
     });
-    assert!(plan.contains("Index Scan using goals_pkey"), "{plan}");
-    assert!(!plan.contains("Seq Scan on goals"), "{plan}");
+    assert!(plan.contains("Index Cond: (id = ANY ($1))"), "{plan}");
+    assert!(plan.contains("Index Cond: (id = ANY ($2))"), "{plan}");
+    assert!(
+        plan.contains("Index Only Scan using tasks_taking_turns"),
+        "{plan}"
+    );
+    assert!(!plan.contains("Seq Scan"), "{plan}");
 }
 
 #[test]

@@ -15,7 +15,7 @@ const WAIT: Duration = Duration::from_secs(60);
 const RELEASES: &[&str] = &[
     "0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0", "0.8.0", "0.9.0", "0.10.0",
     "0.11.0", "0.12.0", "0.13.0", "0.14.0", "0.15.0", "0.16.0", "0.17.0", "0.18.0", "0.19.0",
-    "0.20.0",
+    "0.20.0", "0.21.0",
 ];
 
 /// One line per object of the `synapse` schema and its extension: columns,
@@ -178,9 +178,9 @@ fn every_release_updates_to_this_one_with_goals_in_flight() {
 
 #[test]
 fn a_worker_refuses_an_extension_older_than_its_statements_need() {
-    // 0.14.0's library refuses a step going from pending to running, which
-    // this release's workers write: such a worker would fail every batch
-    // that continues a chain. It says so and stops, having written nothing.
+    // 0.21.0's `signal` locks a goal in a mode this release's engine runs
+    // do not wait for: a signal could miss a wait step starting at that
+    // moment. Such a worker says so and stops, having written nothing.
     // A database of its own: no forwarder works in it while its extension
     // is made.
     let stack = Stack::start("old-extension", &[]);
@@ -188,7 +188,7 @@ fn a_worker_refuses_an_extension_older_than_its_statements_need() {
     admin.batch_execute("CREATE DATABASE old").unwrap();
     let mut client = stack.pg_database("old");
     client
-        .batch_execute("CREATE EXTENSION synapse VERSION '0.14.0'")
+        .batch_execute("CREATE EXTENSION synapse VERSION '0.21.0'")
         .unwrap();
     let url = stack
         .database_url()
@@ -204,7 +204,7 @@ fn a_worker_refuses_an_extension_older_than_its_statements_need() {
     let log = worker.log_text();
     assert!(
         log.contains(
-            "the synapse extension in this database is 0.14.0; this worker needs 0.15.0 or later"
+            "the synapse extension in this database is 0.21.0; this worker needs 0.22.0 or later"
         ) && log.contains("ALTER EXTENSION synapse UPDATE"),
         "{log}"
     );

@@ -5,9 +5,9 @@
 //! answer. Whatever arrived while earlier batches ran goes into the next:
 //! outcomes, fencing checks and the engine for the whole batch, then one
 //! commit. One batch is in flight at a time: a second one beside it mostly
-//! waited for the first's goal locks (a fan-in's parents share one goal) or
-//! for the CPU, and split the outcomes into smaller batches (pre-queued
-//! drain, 2 workers × 64: 8 000–9 000 → 10 100–11 400 tasks/s; fan-out
+//! waited for the CPU (or, before the engine runs of one goal could go side
+//! by side, for the first's goal locks), and split the outcomes into smaller
+//! batches (pre-queued drain, 2 workers × 64: 8 000–9 000 → 10 100–11 400 tasks/s; fan-out
 //! 1 → 2 000 → 1: 2 300–3 000 → 3 100–4 000 tasks/s). Only when the batch in
 //! flight is stalled (a goal it must lock is held elsewhere: a cancel, an
 //! operator's transaction) does a second start beside it, so that one held
@@ -23,10 +23,12 @@
 //! which the next batch uses if it comes within a few milliseconds
 //! ([`store::open`]).
 //!
-//! Each transaction locks the goals of its batch (in id order) before it
-//! writes any task row: goal first, then tasks, the order `cancel_goal`
-//! follows too, so a completion and a cancel never deadlock, nor do the
-//! batches of two workers.
+//! Each transaction locks the goals of its batch (in id order, their gates
+//! and then `FOR KEY SHARE`: batches of one goal go side by side) before it
+//! writes any task
+//! row: goal first, then tasks, the order `cancel_goal` follows too, so a
+//! completion and a cancel never deadlock ([`crate::engine`] says where
+//! batches of one goal take turns).
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;

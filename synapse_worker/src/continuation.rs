@@ -117,8 +117,9 @@ impl Continuation {
             store::commit_and_chain(client).await?;
             return Ok(Vec::new());
         }
-        // The goal locks keep these tasks pending until the claim writes
-        // them: a task given a slot is never left unqueued.
+        // Only this run decided these tasks, and a cancel waits for its goal
+        // locks: they stay pending until the claim writes them, and a task
+        // given a slot is never left unqueued.
         let reserved: HashSet<i64> = reservation
             .iter()
             .flat_map(|reservation| reservation.task_ids.iter().copied())

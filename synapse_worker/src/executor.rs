@@ -156,14 +156,15 @@ pub async fn claim(shared: &Shared, list: &str, payloads: &[String]) -> Vec<Clai
 /// failed them when their last lease lapsed, or they are root map steps whose
 /// list was empty. None resolved their edges (nor counted an instance on its
 /// map step). Goals are
-/// locked first, as everywhere. If this fails the goal waits for the next
-/// such message (a duplicate, or none): logged loudly.
+/// locked first, as everywhere, for one such run at a time: a duplicate
+/// message then finds the work done. If this fails the goal waits for the
+/// next such message (a duplicate, or none): logged loudly.
 async fn carry_on_after(shared: &Shared, task_ids: &[i64]) {
     let carried = with_retries(&shared.pool, || async {
         let mut client = shared.pool.get().await?;
         let tx = store::begin(&mut client).await?;
         let goal_ids = store::goals_of_tasks(&tx, task_ids).await?;
-        let running = store::lock_running_goals(&tx, &goal_ids).await?;
+        let running = store::lock_running_goals_alone(&tx, &goal_ids).await?;
         store::child::settle(&tx, task_ids).await?;
         let ends = store::ended_without_a_worker(&tx, task_ids).await?;
         store::map::recount(&tx, task_ids).await?;

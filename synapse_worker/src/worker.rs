@@ -471,10 +471,12 @@ fn same_redis(a: &str, b: &str) -> bool {
     }
 }
 
-/// The oldest extension whose library this worker's statements run on:
-/// 0.15.0 lets a worker queue and claim a step in one write (local
-/// continuation), which an older library refuses.
-const MIN_EXTENSION_VERSION: &str = "0.15.0";
+/// The oldest extension this worker's engine is safe on: from 0.22.0,
+/// `signal` and `retry_goal` lock a goal `FOR UPDATE`, which waits for the
+/// engine runs that hold it `FOR KEY SHARE` (an older `signal` would miss a
+/// wait step this worker starts meanwhile), and those runs pass the goal's
+/// gate (`synapse._share_goals`), which 0.22.0 brings.
+const MIN_EXTENSION_VERSION: &str = "0.22.0";
 
 /// Whether the extension `version` (`major.minor.patch`) is older than
 /// [`MIN_EXTENSION_VERSION`]; a version that does not read as one is not.
@@ -595,6 +597,7 @@ mod tests {
 
     #[test]
     fn an_extension_older_than_the_worker_needs_is_told_apart_by_its_numbers() {
+        assert!(older_than_needed("0.21.0"));
         assert!(older_than_needed("0.14.0"));
         assert!(older_than_needed("0.9.0"));
         assert!(!older_than_needed(MIN_EXTENSION_VERSION));

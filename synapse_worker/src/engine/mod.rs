@@ -6,13 +6,29 @@
 //! has ended. The decisions are plain functions ([`decide`]); [`steps_ended`]
 //! applies them through the store.
 //!
-//! Concurrency: the goal rows are locked (in id order) before any task row
-//! is written, so the engine runs of one goal take turns. They run in READ
-//! COMMITTED transactions ([`store::begin`]): each statement after the lock
-//! sees what the previous holder committed. Two parents of a join finishing
-//! at once therefore see each other's edge resolutions, and exactly one of
-//! them queues the join; the run that ends the last step sees no unfinished
-//! step and finishes the goal. Goals run in parallel with each other.
+//! Concurrency: the engine runs of one goal go side by side. Each passes its
+//! goals' gates and holds their rows `FOR KEY SHARE` (in id order) before it
+//! writes a task row, which only `cancel_goal`, `retry_goal` and `signal`
+//! wait for, and runs arriving after one of those wait for it (the runs of
+//! a goal with a step that cancels running tasks take turns instead:
+//! [`store::lock_running_goals`]). They run in
+//! READ COMMITTED transactions ([`store::begin`]): a statement that waited
+//! for a row lock, and every statement after it, sees what the holder
+//! committed. Where runs meet they take turns on a row:
+//! - a join keeps counts of its inbound edges on its row, updated by the
+//!   statement that resolves them; of two parents finishing at once, the one
+//!   whose update comes second reads the join after the first committed,
+//!   and it alone sees no edge pending and decides the join;
+//! - a map step counts its instances that ended the same way (its goal's
+//!   runs take turns anyway);
+//! - the run that may have ended a goal (it queued nothing and left no step
+//!   waiting) locks the goal for itself before it looks at its tasks: the
+//!   last of the runs ending a goal's last steps sees every other's ends,
+//!   and finishes the goal.
+//!
+//! Runs that meet on rows in opposite orders (skips cascading into two joins
+//! from both ends at once) deadlock; Postgres ends one, and its transaction
+//! runs again ([`store::with_retries`]).
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
@@ -398,9 +414,10 @@ impl Carried {
 /// ended with edges left unresolved (the goal was cancelled before their
 /// carry-on), then the pending steps with no inbound edge left to resolve,
 /// as if those edges had just resolved; and goes on from there. A goal
-/// asked twice has nothing left to decide the second time.
+/// asked twice has nothing left to decide the second time: its goals are
+/// locked for one such run at a time.
 pub async fn resume(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<Queued>, StoreError> {
-    let running = store::lock_running_goals(tx, goal_ids).await?;
+    let running = store::lock_running_goals_alone(tx, goal_ids).await?;
     let mut unresolved = Vec::new();
     for goal_id in &running {
         unresolved.extend(store::ended_with_pending_edges(tx, *goal_id).await?);
@@ -414,7 +431,7 @@ pub async fn resume(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<Que
                 .queued,
         );
     }
-    let running = store::lock_running_goals(tx, &running).await?;
+    let running = store::lock_running_goals_alone(tx, &running).await?;
     let goal = GoalVariables {
         goal: Arc::default(),
     };

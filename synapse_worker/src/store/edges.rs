@@ -245,8 +245,9 @@ macro_rules! update_edges {
                         SELECT r.o ->> 0, r.o ->> 1, statement_timestamp()
                           FROM (SELECT $4::jsonb -> concat(e.goal_id, ':', e.from_step, ':', e.to_step)) AS r(o))
                   -- Each edge found by its key, one probe an edge, and updated
-                  -- by the row found, joined to nothing (see by_id). Every writer
-                  -- of a goal's edges holds the goal's row lock first, so the
+                  -- by the row found, joined to nothing (see by_id). An edge is
+                  -- resolved by the one engine run that ended its step, or by a
+                  -- cancel, which holds off engine runs (its goal lock): the
                   -- row cannot move between the probe and the update.
                   WHERE e.ctid = ANY(ARRAY(
                             SELECT p.ctid FROM unnest($1::bigint[], $2::text[], $3::text[]) AS r(goal_id, from_step, to_step)

@@ -43,19 +43,106 @@ pub async fn steps_of(tx: &impl GenericClient, goal_id: i64) -> Result<Steps> {
 /// their ids. Nothing else is read: a goal's blueprint (its `output`) is read
 /// only when the goal ends ([`goal_endings`]).
 ///
-/// Lock order, everywhere: a goal row first, then its task rows. The
-/// completer takes these locks before it records any outcome, as
-/// `cancel_goal` locks the goal before cancelling its tasks, so the two never
-/// wait for each other in a cycle; the id order keeps engine runs that touch
-/// several goals from deadlocking each other.
+/// The engine runs of one goal share this lock (`FOR KEY SHARE`): they
+/// record outcomes and resolve edges side by side, and take turns only where
+/// they meet, on the row of a join (whose counts they update) and when they
+/// look for the goal's end ([`goal_endings`]). The runs of a goal with a step
+/// that cancels running tasks (a join with `cancel_others`, a map step,
+/// which fails fast) take turns (`FOR NO KEY UPDATE`): such a cancel waits for
+/// a task whose end another run is recording, while that run waits for the
+/// row the cancelling run holds (the join's, the map step's), and one of the
+/// two would be ended by Postgres's deadlock detection, a second later.
+///
+/// `cancel_goal`, `retry_goal` and `signal` lock the goal `FOR UPDATE`, which
+/// waits for the engine runs in flight. A shared row lock does not queue
+/// behind it, so runs pass the goal's gate first (`synapse._share_goals`, a
+/// lock the lock manager queues: those three close it before they wait for
+/// the row), and a run arriving after them waits its turn. The gate holds an
+/// entry of Postgres's lock table until commit: a batch passes the gates of
+/// its first [`MOST_GATES`] goals, and takes turns on the rows of the rest.
+/// Lock order, everywhere: the goal (gate, then row) first, then its task
+/// rows.
 pub async fn lock_running_goals(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<i64>> {
-    let statement = tx.prepare_cached(LOCK_RUNNING_GOALS).await?;
+    let (gates, statement) = futures_util::future::try_join(
+        tx.prepare_cached(PASS_GATES),
+        tx.prepare_cached(LOCK_RUNNING_GOALS),
+    )
+    .await?;
+    let shared = gated(goal_ids);
+    // One round trip: the lock runs once the gates are passed, on a snapshot
+    // taken then.
+    let (_, rows) = futures_util::future::try_join(
+        tx.execute(&gates, &[&shared]),
+        tx.query(&statement, &[&goal_ids, &shared]),
+    )
+    .await?;
+    goal_ids_of(rows)
+}
+
+/// The most goals whose gates one transaction holds (see
+/// [`lock_running_goals`]): Postgres's lock table has room for about 64 locks
+/// a connection, shared by all.
+pub const MOST_GATES: usize = 64;
+
+/// Those of `goal_ids` whose gates a batch passes: the first [`MOST_GATES`]
+/// in id order.
+pub fn gated(goal_ids: &[i64]) -> Vec<i64> {
+    let mut ids = goal_ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.truncate(MOST_GATES);
+    ids
+}
+
+/// The statement that passes the gates of `$1` (see [`lock_running_goals`]).
+pub const PASS_GATES: &str = "SELECT synapse._share_goals($1::bigint[])";
+
+/// Whether the engine runs of goal `g` take turns: one probe of an index
+/// that holds few rows (`OFFSET 0` keeps it a probe: made a join, on the
+/// statistics of tables still empty, it may be planned as a scan of every
+/// task, kept for the session's life).
+macro_rules! taking_turns {
+    () => {
+        "EXISTS (SELECT FROM synapse.tasks t
+                  WHERE t.goal_id = g.id AND (t.cancel_others OR t.for_each_expr IS NOT NULL)
+                 OFFSET 0)"
+    };
+}
+
+/// The statement of [`lock_running_goals`]: `$1` the goals, `$2` those of
+/// them whose gates the transaction passed; the others take turns.
+pub const LOCK_RUNNING_GOALS: &str = concat!(
+    "WITH alone AS (
+          SELECT g.id FROM synapse.goals g
+           WHERE g.id = ANY($1::bigint[]) AND g.status = 'running'
+             AND (g.id <> ALL($2::bigint[]) OR ",
+    taking_turns!(),
+    ")
+           ORDER BY g.id FOR NO KEY UPDATE),
+     shared AS (
+          SELECT g.id FROM synapse.goals g
+           WHERE g.id = ANY($2::bigint[]) AND g.status = 'running' AND NOT ",
+    taking_turns!(),
+    "
+           ORDER BY g.id FOR KEY SHARE)
+     SELECT id FROM (SELECT id FROM alone UNION ALL SELECT id FROM shared) locked ORDER BY id"
+);
+
+/// Locks those of `goal_ids` that are running, in id order, for one engine
+/// run at a time: for the rare runs that must not overlap another of the
+/// same goal (carrying on after lapsed leases, a goal run again), and for
+/// the look at a goal's end ([`goal_endings`]).
+pub async fn lock_running_goals_alone(
+    tx: &impl GenericClient,
+    goal_ids: &[i64],
+) -> Result<Vec<i64>> {
+    let statement = tx.prepare_cached(LOCK_RUNNING_GOALS_ALONE).await?;
     goal_ids_of(tx.query(&statement, &[&goal_ids]).await?)
 }
 
-pub(super) const LOCK_RUNNING_GOALS: &str = "SELECT id FROM synapse.goals
-                                   WHERE id = ANY($1::bigint[]) AND status = 'running'
-                                   ORDER BY id FOR NO KEY UPDATE";
+const LOCK_RUNNING_GOALS_ALONE: &str = "SELECT id FROM synapse.goals
+                                         WHERE id = ANY($1::bigint[]) AND status = 'running'
+                                         ORDER BY id FOR NO KEY UPDATE";
 
 pub(super) fn goal_ids_of(rows: Vec<Row>) -> Result<Vec<i64>> {
     rows.iter().map(|row| column(row, 0)).collect()
@@ -78,8 +165,13 @@ pub struct GoalEnding {
     pub leaf_results_oversized: Option<i64>,
 }
 
-/// The endings of those of `goal_ids` whose every step has ended, in one
-/// statement. Whether a goal has a task left is one index probe; an ended
+/// The endings of those of `goal_ids` whose every step has ended. The goals
+/// are locked for one engine run at a time first ([`lock_running_goals_alone`]),
+/// the caller having written its steps' ends: of the runs that end a goal's
+/// last steps at once, the last to take the lock sees every other's ends
+/// committed, and finishes the goal. The lock and the read go out together,
+/// one round trip; the read runs once the lock is held, on a snapshot taken
+/// then. Whether a goal has a task left is one index probe; an ended
 /// goal's steps are then read once (its failures alone if it has an
 /// `output`), each with a probe of its edges (a subquery per row, so that
 /// the planner never merges every step of a goal with every edge: a plan it
@@ -138,9 +230,15 @@ pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<V
               ORDER BY ended.id"
         ))
         .await?;
-    tx.query(&statement, &[&goal_ids])
-        .await?
-        .iter()
+    // Both prepared first: a statement still to be prepared would go out
+    // after the other.
+    let lock = tx.prepare_cached(LOCK_RUNNING_GOALS_ALONE).await?;
+    let (_, rows) = futures_util::future::try_join(
+        tx.query(&lock, &[&goal_ids]),
+        tx.query(&statement, &[&goal_ids]),
+    )
+    .await?;
+    rows.iter()
         .map(|row| {
             let steps: Vec<String> = column(row, 2)?;
             let errors: Vec<String> = column(row, 3)?;
@@ -207,4 +305,19 @@ struct Finish<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     result: Option<&'a Value>,
     error: Option<&'a str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_passes_the_gates_of_its_first_goals_once_each_in_id_order() {
+        assert_eq!(gated(&[9, 3, 9, 1]), vec![1, 3, 9]);
+        let many: Vec<i64> = (0..200).rev().collect();
+        let shared = gated(&many);
+        assert_eq!(shared.len(), MOST_GATES);
+        assert_eq!(shared.first(), Some(&0));
+        assert_eq!(shared.last(), Some(&(MOST_GATES as i64 - 1)));
+    }
 }

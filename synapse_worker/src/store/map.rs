@@ -101,15 +101,40 @@ pub async fn progress(tx: &impl GenericClient, maps: &[(i64, String)]) -> Result
         .collect()
 }
 
+/// The map steps of the instances among `$1` (task ids), one probe each.
+macro_rules! map_steps_of_instances {
+    () => {
+        "SELECT s.id FROM synapse.tasks i
+          CROSS JOIN LATERAL (
+                SELECT s.id FROM synapse.tasks s
+                 WHERE s.goal_id = i.goal_id AND s.step = i.step AND coalesce(s.map_index, -1) = -1
+                 LIMIT 1) s
+          WHERE i.id = ANY($1::bigint[]) AND i.map_index IS NOT NULL"
+    };
+}
+
 /// Counts again the instances of the map steps of `instance_ids` that ended:
 /// for instances no worker recorded (the forwarder failed them when their
 /// last lease lapsed). Counting afresh makes a repeated message harmless.
+/// The map steps are locked first, by a statement of their own: the count
+/// then runs on a snapshot taken once no other batch can still be counting
+/// an instance on them (a count waiting for such a batch inside its own
+/// statement would go on with the snapshot it began with, missing that
+/// instance, and the map step would wait for it forever).
 pub async fn recount(tx: &impl GenericClient, instance_ids: &[i64]) -> Result<()> {
     if instance_ids.is_empty() {
         return Ok(());
     }
+    let lock = tx
+        .prepare_cached(concat!(
+            "SELECT m.id FROM synapse.tasks m WHERE m.id = ANY(ARRAY(",
+            map_steps_of_instances!(),
+            "))
+              ORDER BY m.id FOR NO KEY UPDATE"
+        ))
+        .await?;
     let statement = tx
-        .prepare_cached(
+        .prepare_cached(concat!(
             "UPDATE synapse.tasks m
                 SET map_ended = (SELECT count(*) FROM synapse.tasks i
                                   WHERE i.goal_id = m.goal_id AND i.step = m.step AND i.map_index IS NOT NULL
@@ -117,17 +142,15 @@ pub async fn recount(tx: &impl GenericClient, instance_ids: &[i64]) -> Result<()
                     map_failed = (SELECT count(*) FROM synapse.tasks i
                                    WHERE i.goal_id = m.goal_id AND i.step = m.step AND i.map_index IS NOT NULL
                                      AND i.status = 'failed')
-              WHERE m.id = ANY(ARRAY(
-                        SELECT s.id FROM synapse.tasks i
-                         CROSS JOIN LATERAL (
-                               SELECT s.id FROM synapse.tasks s
-                                WHERE s.goal_id = i.goal_id AND s.step = i.step AND coalesce(s.map_index, -1) = -1
-                                LIMIT 1) s
-                         WHERE i.id = ANY($1::bigint[]) AND i.map_index IS NOT NULL))
-                AND m.status = 'waiting'",
-        )
+              WHERE m.id = ANY(ARRAY(", map_steps_of_instances!(), "))
+                AND m.status = 'waiting'"
+        ))
         .await?;
-    tx.execute(&statement, &[&instance_ids]).await?;
+    futures_util::future::try_join(
+        tx.query(&lock, &[&instance_ids]),
+        tx.execute(&statement, &[&instance_ids]),
+    )
+    .await?;
     Ok(())
 }
 

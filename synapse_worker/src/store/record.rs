@@ -12,7 +12,7 @@ use tokio_postgres::Row;
 
 use super::claim::ClaimedTask;
 use super::edges::{outbound_from_arrays, with_sole_successors, OutboundEdge};
-use super::goals::{goal_ids_of, LOCK_RUNNING_GOALS};
+use super::goals::{gated, goal_ids_of, LOCK_RUNNING_GOALS, PASS_GATES};
 use super::{column, millis, Result, StoreError};
 use crate::engine::decide::{goal_value, EndedStep, GoalVariables, Outcome};
 
@@ -155,7 +155,9 @@ const RECORD_OUTCOMES: &str = concat!(
     recorded_outcomes!(),
     ",
              -- Each instance that ended counts on its map step, in this statement
-             -- (the goal lock orders the counts); the engine decides the step.
+             -- (the map step's row lock orders the counts: a batch counting
+             -- after another reads the step once that one committed); the
+             -- engine decides the step.
              -- Each map step found by its key, one probe an instance, and
              -- updated by id, joined to nothing (see by_id).
              instances_ended AS (
@@ -263,10 +265,11 @@ impl Serialize for OutcomesByAttempt<'_> {
 /// one is [`Recorded::Fenced`]). Returns the goals locked, and the answers in
 /// the order of `outcomes`.
 ///
-/// Lock order: the goals first, like every writer of task rows that may wait.
-/// The two statements go out together, one round trip: Postgres runs the
-/// second once the first holds its locks, on a snapshot taken then, as if
-/// each had been awaited.
+/// Lock order: the goals first (their gates, then `FOR KEY SHARE`: shared
+/// with the goal's other engine runs), like every writer of task rows that
+/// may wait. The three statements go out together, one round trip: Postgres
+/// runs each once the one before it holds its locks, on a snapshot taken
+/// then, as if each had been awaited.
 pub async fn lock_goals_and_record(
     tx: &impl GenericClient,
     goal_ids: &[i64],
@@ -279,6 +282,7 @@ pub async fn lock_goals_and_record(
     // holds a dead entry for every task that ran since the last vacuum.
     // Both prepared first: a statement still to be prepared would go out
     // after the other.
+    let gates = tx.prepare_cached(PASS_GATES).await?;
     let lock = tx.prepare_cached(LOCK_RUNNING_GOALS).await?;
     // An outcome that counts on its map step or keeps its attempt's error
     // needs the statement that writes those; others leave them out (their
@@ -299,8 +303,10 @@ pub async fn lock_goals_and_record(
             RECORD_SUCCESSES
         })
         .await?;
-    let (locked, rows) = futures_util::future::try_join(
-        tx.query(&lock, &[&goal_ids]),
+    let shared = gated(goal_ids);
+    let (_, locked, rows) = futures_util::future::try_join3(
+        tx.execute(&gates, &[&shared]),
+        tx.query(&lock, &[&goal_ids, &shared]),
         tx.query(&record, &[&Json(OutcomesByAttempt(outcomes)), &ids]),
     )
     .await?;

@@ -55,12 +55,10 @@ pub async fn consume(
     let mut popper: Option<Popper> = None;
     let mut reconnect = crate::backoff::Backoff::default();
     loop {
-        let slot = tokio::select! {
+        let free = tokio::select! {
             () = shutdown.cancelled() => break,
-            slot = slots.acquire() => slot,
+            free = slots.wait_for_free() => free,
         };
-        let mut free = vec![slot];
-        free.extend(slots.take_free());
         if shutdown.is_cancelled() {
             break;
         }

@@ -7,9 +7,9 @@
 //! commit. One batch is in flight at a time: a second one beside it mostly
 //! waited for the CPU (or, before the engine runs of one goal could go side
 //! by side, for the first's goal locks), and split the outcomes into smaller
-//! batches (pre-queued drain, 2 workers × 64: 8 000–9 000 → 10 100–11 400 tasks/s; fan-out
-//! 1 → 2 000 → 1: 2 300–3 000 → 3 100–4 000 tasks/s). Only when the batch in
-//! flight is stalled (a goal it must lock is held elsewhere: a cancel, an
+//! batches (pre-queued drain, 2 workers × 64: 8 000–9 000 → 10 100–11 400
+//! tasks/s; fan-out 1 → 2 000 → 1: 2 300–3 000 → 3 100–4 000 tasks/s). Only
+//! when the batch in flight is stalled (a goal it must lock is held elsewhere: a cancel, an
 //! operator's transaction) does a second start beside it, so that one held
 //! goal does not hold up the outcomes of every other. A lone outcome is
 //! recorded at once, so batching adds no latency; under load the batches grow
@@ -25,10 +25,9 @@
 //!
 //! Each transaction locks the goals of its batch (in id order, their gates
 //! and then `FOR KEY SHARE`: batches of one goal go side by side) before it
-//! writes any task
-//! row: goal first, then tasks, the order `cancel_goal` follows too, so a
-//! completion and a cancel never deadlock ([`crate::engine`] says where
-//! batches of one goal take turns).
+//! writes any task row: goal first, then tasks, the order `cancel_goal`
+//! follows too, so a completion and a cancel never deadlock
+//! ([`crate::engine`] says where batches of one goal take turns).
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
 use serde_json::Value;
-use tokio_postgres::Row;
+use tokio_postgres::{Row, Statement};
 
 use super::by_id::{by_id, ids};
 use super::{column, Result};
@@ -63,20 +63,45 @@ pub async fn steps_of(tx: &impl GenericClient, goal_id: i64) -> Result<Steps> {
 /// Lock order, everywhere: the goal (gate, then row) first, then its task
 /// rows.
 pub async fn lock_running_goals(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<i64>> {
-    let (gates, statement) = futures_util::future::try_join(
-        tx.prepare_cached(PASS_GATES),
-        tx.prepare_cached(LOCK_RUNNING_GOALS),
-    )
-    .await?;
-    let shared = gated(goal_ids);
-    // One round trip: the lock runs once the gates are passed, on a snapshot
-    // taken then.
-    let (_, rows) = futures_util::future::try_join(
-        tx.execute(&gates, &[&shared]),
-        tx.query(&statement, &[&goal_ids, &shared]),
-    )
-    .await?;
-    goal_ids_of(rows)
+    GoalLock::prepare(tx, goal_ids).await?.take(tx).await
+}
+
+/// [`lock_running_goals`]'s statements, prepared, so that a caller can send
+/// them with its next statement, in one round trip.
+pub(super) struct GoalLock<'a> {
+    goal_ids: &'a [i64],
+    /// Those of `goal_ids` whose gates the run passes.
+    shared: Vec<i64>,
+    gates: Statement,
+    rows: Statement,
+}
+
+impl<'a> GoalLock<'a> {
+    pub(super) async fn prepare(tx: &impl GenericClient, goal_ids: &'a [i64]) -> Result<Self> {
+        let (gates, rows) = futures_util::future::try_join(
+            tx.prepare_cached(PASS_GATES),
+            tx.prepare_cached(LOCK_RUNNING_GOALS),
+        )
+        .await?;
+        Ok(GoalLock {
+            goal_ids,
+            shared: gated(goal_ids),
+            gates,
+            rows,
+        })
+    }
+
+    /// Passes the gates, then locks the rows (sent together: the lock runs
+    /// once the gates are passed, on a snapshot taken then); returns the
+    /// running goals' ids.
+    pub(super) async fn take(&self, tx: &impl GenericClient) -> Result<Vec<i64>> {
+        let (_, rows) = futures_util::future::try_join(
+            tx.execute(&self.gates, &[&self.shared]),
+            tx.query(&self.rows, &[&self.goal_ids, &self.shared]),
+        )
+        .await?;
+        goal_ids_of(rows)
+    }
 }
 
 /// The most goals whose gates one transaction holds (see
@@ -86,7 +111,7 @@ pub const MOST_GATES: usize = 64;
 
 /// Those of `goal_ids` whose gates a batch passes: the first [`MOST_GATES`]
 /// in id order.
-pub fn gated(goal_ids: &[i64]) -> Vec<i64> {
+fn gated(goal_ids: &[i64]) -> Vec<i64> {
     let mut ids = goal_ids.to_vec();
     ids.sort_unstable();
     ids.dedup();

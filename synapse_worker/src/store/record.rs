@@ -12,7 +12,7 @@ use tokio_postgres::Row;
 
 use super::claim::ClaimedTask;
 use super::edges::{outbound_from_arrays, with_sole_successors, OutboundEdge};
-use super::goals::{gated, goal_ids_of, LOCK_RUNNING_GOALS, PASS_GATES};
+use super::goals::GoalLock;
 use super::{column, millis, Result, StoreError};
 use crate::engine::decide::{goal_value, EndedStep, GoalVariables, Outcome};
 
@@ -282,8 +282,7 @@ pub async fn lock_goals_and_record(
     // holds a dead entry for every task that ran since the last vacuum.
     // Both prepared first: a statement still to be prepared would go out
     // after the other.
-    let gates = tx.prepare_cached(PASS_GATES).await?;
-    let lock = tx.prepare_cached(LOCK_RUNNING_GOALS).await?;
+    let lock = GoalLock::prepare(tx, goal_ids).await?;
     // An outcome that counts on its map step or keeps its attempt's error
     // needs the statement that writes those; others leave them out (their
     // empty writes cost a fifth of a lone outcome's record).
@@ -303,12 +302,11 @@ pub async fn lock_goals_and_record(
             RECORD_SUCCESSES
         })
         .await?;
-    let shared = gated(goal_ids);
-    let (_, locked, rows) = futures_util::future::try_join3(
-        tx.execute(&gates, &[&shared]),
-        tx.query(&lock, &[&goal_ids, &shared]),
-        tx.query(&record, &[&Json(OutcomesByAttempt(outcomes)), &ids]),
-    )
+    let (locked, rows) = futures_util::future::try_join(lock.take(tx), async {
+        Ok(tx
+            .query(&record, &[&Json(OutcomesByAttempt(outcomes)), &ids])
+            .await?)
+    })
     .await?;
     // (task id, attempt) → the position of that outcome in `outcomes`.
     let asked: HashMap<(i64, i32), usize> = outcomes
@@ -384,7 +382,7 @@ pub async fn lock_goals_and_record(
     let recorded = (0..outcomes.len())
         .map(|index| recorded.remove(&index).unwrap_or(Recorded::Fenced))
         .collect();
-    Ok((goal_ids_of(locked)?, recorded))
+    Ok((locked, recorded))
 }
 
 /// The goals of `task_ids`, in id order: what to lock before touching them.

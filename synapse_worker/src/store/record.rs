@@ -420,8 +420,14 @@ pub async fn ended_without_a_worker(
                     (SELECT array_agg(e.on_outcome::text ORDER BY e.position) FROM synapse.edges e
                       WHERE e.goal_id = t.goal_id AND e.from_step = t.step AND e.state = 'pending'),
                     t.status = 'succeeded', coalesce(t.result, 'null'::jsonb), t.map_index
-               FROM synapse.tasks t JOIN synapse.goals g ON g.id = t.goal_id
-              WHERE t.id = ANY($1::bigint[]) AND t.status IN ('failed', 'succeeded') AND g.status = 'running'
+               FROM synapse.tasks t
+               -- A probe by key (see by_id): joined, on stale statistics, every
+               -- goal was read, and every task of each.
+               CROSS JOIN LATERAL (
+                    SELECT g.goal, g.input, g.params FROM synapse.goals g
+                     WHERE g.id = t.goal_id AND g.status = 'running'
+                     LIMIT 1) g
+              WHERE t.id = ANY($1::bigint[]) AND t.status IN ('failed', 'succeeded')
               ORDER BY t.id",
         )
         .await?;

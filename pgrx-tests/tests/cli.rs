@@ -384,6 +384,15 @@ fn usage_and_configuration_errors_have_their_own_exit_codes() {
         "{}",
         stderr(&config)
     );
+    for threads in ["0", "257"] {
+        let config = cli(&stack, &["run", "--threads", threads]);
+        assert_eq!(config.status.code(), Some(64), "{}", stderr(&config));
+        assert!(
+            stderr(&config).contains("--threads must be between 1 and 256"),
+            "{}",
+            stderr(&config)
+        );
+    }
     let bad_url = cli(
         &stack,
         &["--database-url", "postgresql://[bad", "status", "1"],

@@ -12,9 +12,17 @@ use synapse_e2e::{
 
 const WAIT: Duration = Duration::from_secs(120);
 
+/// Four workers, two of them on several threads (each run of the engine
+/// then also races those of its own process).
 fn four_workers(stack: &Stack) -> Vec<WorkerProcess> {
     (0..4)
-        .map(|i| stack.start_worker(&format!("w{i}"), &["--concurrency", "16"]))
+        .map(|i| {
+            let threads = if i % 2 == 0 { "1" } else { "4" };
+            stack.start_worker(
+                &format!("w{i}"),
+                &["--concurrency", "16", "--threads", threads],
+            )
+        })
         .collect()
 }
 

@@ -231,6 +231,12 @@ struct RunArgs {
     /// Most tasks running at once.
     #[arg(long, env = "SYNAPSE_CONCURRENCY", default_value_t = 16)]
     concurrency: usize,
+    /// Threads the worker runs on. One costs least per task: a task's claim, action and
+    /// outcome hand it from one part of the worker to the next, and across threads each
+    /// hand-over wakes another. More let one process use more cores for heavy steps (large
+    /// inputs and results, many expressions); so do more worker processes.
+    #[arg(long, env = "SYNAPSE_THREADS", default_value_t = 1)]
+    threads: usize,
     /// Lease on a claimed task; renewed every third of it.
     #[arg(long, env = "SYNAPSE_LEASE", default_value = "30s", value_parser = parse_duration)]
     lease: Duration,
@@ -252,6 +258,21 @@ struct RunArgs {
     /// Largest result a step may produce, as JSON (bytes, or e.g. 64KiB, 1MiB); beyond it the step fails.
     #[arg(long, env = "SYNAPSE_MAX_RESULT_SIZE", default_value = "1MiB", value_parser = ResultLimit::parse)]
     max_result_size: ResultLimit,
+}
+
+/// Most threads `run --threads` takes.
+const MOST_THREADS: usize = 256;
+
+/// The runtime every command runs on: one thread, or `threads` (see `run --threads`).
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    builder.enable_all().build()
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -406,10 +427,15 @@ fn main() -> ExitCode {
             }
         }
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = match &cli.command {
+        Command::Run(args) => args.threads,
+        _ => 1,
+    };
+    if !(1..=MOST_THREADS).contains(&threads) {
+        eprintln!("error: --threads must be between 1 and {MOST_THREADS}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match runtime(threads) {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the runtime: {error}");

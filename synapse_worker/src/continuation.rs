@@ -93,8 +93,8 @@ impl Continuation {
         self.queues.iter().map(String::as_str).collect()
     }
 
-    /// Ends the transaction on `client`: writes the edge resolutions and
-    /// queues the tasks the engine left to write last, claims for its free
+    /// Ends the transaction on `client`: writes the edge resolutions, queues
+    /// the tasks and finishes the goals the engine left to write last, claims for its free
     /// slots those of every task the transaction queued that they can run,
     /// and commits (and chains), in one round trip
     /// ([`store::queue_claim_and_commit`]). A task left to write last that
@@ -113,7 +113,11 @@ impl Continuation {
             .iter()
             .map(|(id, queue)| (*id, queue.as_str()));
         let reservation = self.reserve(queued.chain(to_queue));
-        if carried.to_resolve.is_empty() && carried.to_queue.is_empty() && reservation.is_none() {
+        if carried.to_resolve.is_empty()
+            && carried.to_queue.is_empty()
+            && carried.to_finish.is_empty()
+            && reservation.is_none()
+        {
             store::commit_and_chain(client).await?;
             return Ok(Vec::new());
         }
@@ -135,6 +139,7 @@ impl Continuation {
         let last_writes = store::LastWrites {
             resolutions: &carried.to_resolve,
             tasks: &to_queue,
+            finishes: &carried.to_finish,
         };
         let claimed = store::queue_claim_and_commit(client, last_writes, claim.as_ref()).await?;
         Ok(reservation.map_or_else(Vec::new, |reservation| reservation.fill(claimed)))

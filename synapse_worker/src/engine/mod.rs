@@ -203,7 +203,8 @@ pub async fn steps_ended(
 /// goals costs the same handful of statements as one goal. With
 /// `caller_queues_last`, the tasks queued after which nothing more is written
 /// for their goal are left to the caller, who queues them with the
-/// transaction's last round trip ([`Carried::to_queue`]).
+/// transaction's last round trip ([`Carried::to_queue`]), and so are the
+/// goals' finishes ([`Carried::to_finish`]).
 pub async fn steps_ended_in_locked_goals(
     tx: &impl GenericClient,
     ends: Vec<StepEnd>,
@@ -315,11 +316,15 @@ pub async fn steps_ended_in_locked_goals(
     if !may_have_ended.is_empty() {
         unwritten.write(tx).await?;
     }
-    finish_goals_with_nothing_left(tx, &may_have_ended, |goal_id| &goals[&goal_id].0).await?;
+    let finishes =
+        finishes_of_goals_with_nothing_left(tx, &may_have_ended, |goal_id| &goals[&goal_id].0)
+            .await?;
     if caller_queues_last {
         carried.to_resolve = unwritten.0;
+        carried.to_finish = finishes;
     } else {
         unwritten.write(tx).await?;
+        store::finish_goals(tx, &finishes).await?;
     }
     Ok(carried)
 }
@@ -395,6 +400,9 @@ pub struct Carried {
     /// Edge resolutions the caller writes with its last round trip, before
     /// `to_queue`: nothing the engine did after them read an edge.
     pub to_resolve: Vec<EdgeResolution>,
+    /// The goals that finished, which the caller writes with its last round
+    /// trip: nothing after them is written for those goals.
+    pub to_finish: Vec<GoalFinish>,
 }
 
 impl Carried {
@@ -403,6 +411,7 @@ impl Carried {
         self.to_queue.extend(other.to_queue);
         self.to_queue_on.extend(other.to_queue_on);
         self.to_resolve.extend(other.to_resolve);
+        self.to_finish.extend(other.to_finish);
     }
 
     fn is_empty(&self) -> bool {
@@ -456,7 +465,8 @@ pub async fn resume(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<Que
             );
         }
     }
-    finish_goals_with_nothing_left(tx, &running, |_| &goal).await?;
+    let finishes = finishes_of_goals_with_nothing_left(tx, &running, |_| &goal).await?;
+    store::finish_goals(tx, &finishes).await?;
     Ok(queued)
 }
 
@@ -473,24 +483,23 @@ fn may_have_ended(running: &[i64], carrying_on: &[i64]) -> Vec<i64> {
         .collect()
 }
 
-async fn finish_goals_with_nothing_left<'g>(
+/// How those of `running` whose steps have all ended finish, to be written
+/// ([`store::finish_goals`]) before the transaction commits.
+async fn finishes_of_goals_with_nothing_left<'g>(
     tx: &impl GenericClient,
     running: &[i64],
     goal_of: impl Fn(i64) -> &'g GoalVariables,
-) -> Result<(), StoreError> {
+) -> Result<Vec<GoalFinish>, StoreError> {
     if running.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let endings = store::goal_endings(tx, running).await?;
-    if endings.is_empty() {
-        return Ok(());
-    }
     let mut finishes = Vec::with_capacity(endings.len());
     for ending in endings {
         let goal = goal_of(ending.goal_id);
         finishes.push(goal_finish(tx, goal, ending).await?);
     }
-    store::finish_goals(tx, &finishes).await
+    Ok(finishes)
 }
 
 /// What resolving the outbound edges of steps that ended leads to.

@@ -6,6 +6,7 @@ use serde_json::Value;
 use super::by_id::{by_id, ids};
 use super::claim::{claimed_tasks, Claim, ClaimArguments, ClaimedTask, CLAIM_TASKS};
 use super::edges::{resolve_statement, EdgeResolution, ResolveColumns};
+use super::goals::{finish_goals_with, GoalFinish, FINISH_GOALS};
 use super::input::{given_by_id, TaskInput};
 use super::{column, Result};
 use crate::engine::decide::{EndedStep, Outcome};
@@ -62,10 +63,12 @@ pub struct LastWrites<'a> {
     pub resolutions: &'a [EdgeResolution],
     /// Tasks to queue (id, input).
     pub tasks: &'a [(i64, TaskInput)],
+    /// Goals that finished, written last.
+    pub finishes: &'a [GoalFinish],
 }
 
 /// The transaction's last round trip: writes `last` (the edge resolutions,
-/// then the tasks queued), claims for the worker what `claim` names (tasks
+/// the tasks queued, the goals finished), claims for the worker what `claim` names (tasks
 /// queued earlier in the transaction, and pending ones it queues as it
 /// claims them) and commits with
 /// [`commit_and_chain`], the statements sent together. A statement that fails
@@ -82,8 +85,13 @@ pub async fn queue_claim_and_commit(
         .prepare_cached(resolve_statement(last.resolutions))
         .await?;
     let queue = client.prepare_cached(QUEUE_TASKS).await?;
+    let finish = client.prepare_cached(FINISH_GOALS).await?;
     let claiming = client.prepare_cached(CLAIM_TASKS).await?;
-    let LastWrites { resolutions, tasks } = last;
+    let LastWrites {
+        resolutions,
+        tasks,
+        finishes,
+    } = last;
     let resolve_columns = ResolveColumns::of(resolutions);
     let (ids, inputs) = (ids(tasks), given_by_id(tasks));
     let claim_arguments = claim.map(ClaimArguments::of);
@@ -101,6 +109,7 @@ pub async fn queue_claim_and_commit(
         }
         client.execute(&queue, &[&ids, &inputs]).await
     };
+    let finishing = finish_goals_with(client, &finish, finishes);
     let claimed = async {
         match &claim_arguments {
             Some(arguments) => client.query(&claiming, &arguments.parameters()).await,
@@ -108,10 +117,11 @@ pub async fn queue_claim_and_commit(
         }
     };
     let committed = commit_and_chain(client);
-    let (resolved, queued, claimed, committed) =
-        futures_util::join!(resolving, queuing, claimed, committed);
+    let (resolved, queued, finished, claimed, committed) =
+        futures_util::join!(resolving, queuing, finishing, claimed, committed);
     resolved?;
     queued?;
+    finished?;
     let claimed = claimed?;
     committed?;
     Ok(claimed_tasks(

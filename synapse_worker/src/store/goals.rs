@@ -295,15 +295,20 @@ pub async fn finish_goals(tx: &impl GenericClient, finishes: &[GoalFinish]) -> R
     if finishes.is_empty() {
         return Ok(());
     }
-    let statement = tx
-        .prepare_cached(
-            // By id, joined to nothing (see by_id).
-            "UPDATE synapse.goals g SET (status, result, error) = (
-                    SELECT r.f ->> 'status', r.f -> 'result', r.f ->> 'error'
-                      FROM (SELECT $2::jsonb -> g.id::text) AS r(f))
-              WHERE g.id = ANY($1::bigint[]) AND g.status = 'running'",
-        )
-        .await?;
+    let statement = tx.prepare_cached(FINISH_GOALS).await?;
+    finish_goals_with(tx, &statement, finishes).await
+}
+
+/// [`finish_goals`] with its statement already prepared, so that a caller
+/// can send it with others in one round trip.
+pub(super) async fn finish_goals_with(
+    tx: &impl GenericClient,
+    statement: &Statement,
+    finishes: &[GoalFinish],
+) -> Result<()> {
+    if finishes.is_empty() {
+        return Ok(());
+    }
     let finishes: Vec<(i64, Finish)> = finishes
         .iter()
         .map(|finish| {
@@ -317,10 +322,16 @@ pub async fn finish_goals(tx: &impl GenericClient, finishes: &[GoalFinish]) -> R
             )
         })
         .collect();
-    tx.execute(&statement, &[&ids(&finishes), &by_id(&finishes)])
+    tx.execute(statement, &[&ids(&finishes), &by_id(&finishes)])
         .await?;
     Ok(())
 }
+
+/// The statement of [`finish_goals`]: by id, joined to nothing (see by_id).
+pub(super) const FINISH_GOALS: &str = "UPDATE synapse.goals g SET (status, result, error) = (
+        SELECT r.f ->> 'status', r.f -> 'result', r.f ->> 'error'
+          FROM (SELECT $2::jsonb -> g.id::text) AS r(f))
+  WHERE g.id = ANY($1::bigint[]) AND g.status = 'running'";
 
 /// A goal's finish as [`finish_goals`] reads it.
 #[derive(Debug, Serialize)]

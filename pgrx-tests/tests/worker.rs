@@ -978,6 +978,49 @@ fn a_batch_of_parents_whose_join_still_waits_does_not_look_for_its_goals_end() {
 }
 
 #[test]
+fn a_goal_of_one_step_ends_without_the_lock_a_goal_of_more_steps_takes_for_its_end() {
+    // The end of a goal's only step is the only end that can end the goal:
+    // its ending is read with the outcome, and the goal is not locked again
+    // to look at its steps. A goal of two steps takes that lock for its end.
+    let stack = Stack::start("one-step-ends", &[]);
+    let _worker = stack.start_worker("w", &[]);
+    let mut client = stack.pg();
+    let locks = |client: &mut postgres::Client| {
+        statement_counts(client, "%ORDER BY id FOR NO KEY UPDATE%").0
+    };
+    let before = locks(&mut client);
+    let leaf = run_plan(&stack, json!({"steps": [{"id": "only", "action": "noop"}]}));
+    assert_eq!(leaf["status"], "succeeded", "{leaf}");
+    assert_eq!(leaf["result"], json!({"only": {}}), "{leaf}");
+    let output = run_plan(
+        &stack,
+        json!({"steps": [{"id": "only", "action": "noop"}], "output": "size(steps)"}),
+    );
+    assert_eq!(output["result"], json!(1), "{output}");
+    let failed = run_plan(
+        &stack,
+        json!({"steps": [{"id": "only", "action": "fail", "params": {"message": "boom"}}]}),
+    );
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("step only failed: ") && error.contains("boom"),
+        "{failed}"
+    );
+    assert_eq!(
+        locks(&mut client),
+        before,
+        "goals of one step locked for their end"
+    );
+    let two = run_plan(&stack, noop_chain(2));
+    assert_eq!(two["status"], "succeeded", "{two}");
+    assert!(
+        locks(&mut client) > before,
+        "a goal of two steps ended unlocked"
+    );
+}
+
+#[test]
 fn a_join_seen_waiting_then_skipped_in_the_same_transaction_ends_its_goal() {
     // Recording `x` reads `join` still waiting (the edge from `b` pending),
     // then skips `b`, whose edge decides `join` (skipped: join all) in the

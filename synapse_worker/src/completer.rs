@@ -261,7 +261,11 @@ pub(crate) async fn record_in(
     goal_ids.dedup();
     // A goal that is not running (cancelled) is not locked: its tasks are
     // not running either, so their outcomes are fenced.
-    let (running, recorded) = store::lock_goals_and_record(tx, &goal_ids, outcomes).await?;
+    let store::Recording {
+        running,
+        recorded,
+        goals_ended,
+    } = store::lock_goals_and_record(tx, &goal_ids, outcomes).await?;
     let mut handled = Vec::with_capacity(recorded.len());
     let mut ends = Vec::new();
     for recorded in recorded {
@@ -279,7 +283,8 @@ pub(crate) async fn record_in(
     let carried = if ends.is_empty() {
         Carried::default()
     } else {
-        engine::steps_ended_in_locked_goals(tx, ends, running, caller_queues_last).await?
+        engine::steps_ended_in_locked_goals(tx, ends, running, goals_ended, caller_queues_last)
+            .await?
     };
     Ok((handled, carried))
 }

@@ -170,7 +170,8 @@ async fn carry_on_after(shared: &Shared, task_ids: &[i64]) {
         store::map::recount(&tx, task_ids).await?;
         let carried = ends.len();
         if carried > 0 {
-            crate::engine::steps_ended_in_locked_goals(&tx, ends, running, false).await?;
+            crate::engine::steps_ended_in_locked_goals(&tx, ends, running, Vec::new(), false)
+                .await?;
         }
         tx.commit().await?;
         Ok(carried)

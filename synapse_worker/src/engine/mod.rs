@@ -191,16 +191,20 @@ pub async fn steps_ended(
     goal_ids.sort_unstable();
     goal_ids.dedup();
     let running = store::lock_running_goals(tx, &goal_ids).await?;
-    Ok(steps_ended_in_locked_goals(tx, ends, running, false)
-        .await?
-        .queued)
+    Ok(
+        steps_ended_in_locked_goals(tx, ends, running, Vec::new(), false)
+            .await?
+            .queued,
+    )
 }
 
 /// [`steps_ended`] for a caller that already holds the goal locks:
 /// `running` is what [`store::lock_running_goals`] answered for the goals of
 /// `ends` (those not in it are no longer running, and nothing is decided
-/// for them). The statements serve the whole batch: a batch of single-step
-/// goals costs the same handful of statements as one goal. With
+/// for them); `goals_ended`: endings the caller already read, of goals whose
+/// one step ended ([`store::Recording::goals_ended`]). The statements serve
+/// the whole batch: a batch of single-step goals costs the same handful of
+/// statements as one goal. With
 /// `caller_queues_last`, the tasks queued after which nothing more is written
 /// for their goal are left to the caller, who queues them with the
 /// transaction's last round trip ([`Carried::to_queue`]), and so are the
@@ -209,6 +213,7 @@ pub async fn steps_ended_in_locked_goals(
     tx: &impl GenericClient,
     ends: Vec<StepEnd>,
     running: Vec<i64>,
+    goals_ended: Vec<GoalEnding>,
     caller_queues_last: bool,
 ) -> Result<Carried, StoreError> {
     let mut goals: BTreeMap<i64, (GoalVariables, Vec<Resolved>)> = BTreeMap::new();
@@ -313,12 +318,12 @@ pub async fn steps_ended_in_locked_goals(
         carried.extend(propagated.carried);
     }
     let may_have_ended = may_have_ended(&running, &carrying_on);
-    if !may_have_ended.is_empty() {
+    let (mut endings, to_look_at) = already_ended(goals_ended, may_have_ended);
+    if !to_look_at.is_empty() {
         unwritten.write(tx).await?;
+        endings.extend(store::goal_endings(tx, &to_look_at).await?);
     }
-    let finishes =
-        finishes_of_goals_with_nothing_left(tx, &may_have_ended, |goal_id| &goals[&goal_id].0)
-            .await?;
+    let finishes = goal_finishes(tx, endings, |goal_id| &goals[&goal_id].0).await?;
     if caller_queues_last {
         carried.to_resolve = unwritten.0;
         carried.to_finish = finishes;
@@ -435,7 +440,7 @@ pub async fn resume(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<Que
     if !unresolved.is_empty() {
         let ends = store::ended_without_a_worker(tx, &unresolved).await?;
         queued.extend(
-            steps_ended_in_locked_goals(tx, ends, running.clone(), false)
+            steps_ended_in_locked_goals(tx, ends, running.clone(), Vec::new(), false)
                 .await?
                 .queued,
         );
@@ -465,7 +470,12 @@ pub async fn resume(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<Que
             );
         }
     }
-    let finishes = finishes_of_goals_with_nothing_left(tx, &running, |_| &goal).await?;
+    let endings = if running.is_empty() {
+        Vec::new()
+    } else {
+        store::goal_endings(tx, &running).await?
+    };
+    let finishes = goal_finishes(tx, endings, |_| &goal).await?;
     store::finish_goals(tx, &finishes).await?;
     Ok(queued)
 }
@@ -483,17 +493,31 @@ fn may_have_ended(running: &[i64], carrying_on: &[i64]) -> Vec<i64> {
         .collect()
 }
 
-/// How those of `running` whose steps have all ended finish, to be written
-/// ([`store::finish_goals`]) before the transaction commits.
-async fn finishes_of_goals_with_nothing_left<'g>(
+/// Of the goals that may have ended, those whose endings were read with
+/// their outcomes (kept), and the others, still to be looked at.
+fn already_ended(
+    goals_ended: Vec<GoalEnding>,
+    may_have_ended: Vec<i64>,
+) -> (Vec<GoalEnding>, Vec<i64>) {
+    let ended: Vec<GoalEnding> = goals_ended
+        .into_iter()
+        .filter(|ending| may_have_ended.contains(&ending.goal_id))
+        .collect();
+    let read: HashSet<i64> = ended.iter().map(|ending| ending.goal_id).collect();
+    let to_look_at = may_have_ended
+        .into_iter()
+        .filter(|goal_id| !read.contains(goal_id))
+        .collect();
+    (ended, to_look_at)
+}
+
+/// How the goals of `endings` finish, to be written ([`store::finish_goals`])
+/// before the transaction commits.
+async fn goal_finishes<'g>(
     tx: &impl GenericClient,
-    running: &[i64],
+    endings: Vec<GoalEnding>,
     goal_of: impl Fn(i64) -> &'g GoalVariables,
 ) -> Result<Vec<GoalFinish>, StoreError> {
-    if running.is_empty() {
-        return Ok(Vec::new());
-    }
-    let endings = store::goal_endings(tx, running).await?;
     let mut finishes = Vec::with_capacity(endings.len());
     for ending in endings {
         let goal = goal_of(ending.goal_id);
@@ -944,6 +968,22 @@ mod tests {
             ..resolved
         };
         assert_eq!(ready_reads(1, &broken), Vec::new());
+    }
+
+    #[test]
+    fn goals_whose_endings_were_read_with_their_outcomes_are_not_looked_at_again() {
+        let ending = |goal_id| GoalEnding {
+            goal_id,
+            output: None,
+            unhandled_failures: Vec::new(),
+            leaf_results: json!({}),
+            leaf_results_oversized: None,
+        };
+        // 4 was read but carries on (or is no longer running): not ended here.
+        let (ended, to_look_at) = already_ended(vec![ending(1), ending(4)], vec![1, 2, 3]);
+        let ended: Vec<i64> = ended.iter().map(|ending| ending.goal_id).collect();
+        assert_eq!(ended, vec![1]);
+        assert_eq!(to_look_at, vec![2, 3]);
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub struct ClaimedTask {
     /// Attempts spent by earlier iterations of a loop: this iteration's
     /// attempt is `attempt - attempts_before`.
     pub attempts_before: i32,
+    /// A root step (no inbound edge): its end may be its goal's last.
+    pub root: bool,
 }
 
 /// A step that runs again until `until` holds (§4.8).
@@ -181,7 +183,8 @@ pub(super) const CLAIM_TASKS: &str = concat!("WITH c AS (
                         concat(t.params ->> 'expr', ' ', t.params ->> 'args', ' ', t.until_expr, ' ',
                                CASE WHEN t.until_expr IS NOT NULL THEN t.input_expr END, ' ',
                                CASE WHEN t.action = 'goal' THEN concat(t.params ->> 'goal', ' ', t.params ->> 'blueprint') END)
-                          AS expressions)
+                          AS expressions,
+                        t.inbound = 0 AS root)
              SELECT c.id, c.goal_id, c.step, c.action, c.params, coalesce(c.input, 'null'::jsonb), c.attempts,
                     c.max_attempts, c.backoff_ms, c.timeout_ms, c.error,
                     greatest(extract(epoch FROM statement_timestamp() - c.queued_at), 0)::float8,
@@ -192,7 +195,7 @@ pub(super) const CLAIM_TASKS: &str = concat!("WITH c AS (
                     CASE WHEN c.expressions LIKE '%steps%' THEN (", steps_of_goal!("c.goal_id"), ") ELSE 'null'::jsonb END,
                     c.map_index, CASE WHEN c.map_index IS NOT NULL THEN coalesce(c.map_item, c.input) END,
                     c.until_expr, c.input_expr, c.iteration, c.max_iterations, c.attempts_before,
-                    CASE WHEN c.iteration > 1 THEN c.result END
+                    CASE WHEN c.iteration > 1 THEN c.result END, c.root
                FROM claimed c");
 
 /// The tasks a claim's rows hold; a row whose identity cannot be read is
@@ -282,6 +285,7 @@ fn claimed_task(row: &Row, worker: &str) -> Result<ClaimedTask> {
         extras,
         looping,
         attempts_before: column(row, 20)?,
+        root: column(row, 22)?,
     })
 }
 

@@ -190,24 +190,11 @@ pub struct GoalEnding {
     pub leaf_results_oversized: Option<i64>,
 }
 
-/// The endings of those of `goal_ids` whose every step has ended. The goals
-/// are locked for one engine run at a time first ([`lock_running_goals_alone`]),
-/// the caller having written its steps' ends: of the runs that end a goal's
-/// last steps at once, the last to take the lock sees every other's ends
-/// committed, and finishes the goal. The lock and the read go out together,
-/// one round trip; the read runs once the lock is held, on a snapshot taken
-/// then. Whether a goal has a task left is one index probe; an ended
-/// goal's steps are then read once (its failures alone if it has an
-/// `output`), each with a probe of its edges (a subquery per row, so that
-/// the planner never merges every step of a goal with every edge: a plan it
-/// chose on tables still empty read W² rows to end a W-wide goal). `OFFSET 0`
-/// keeps the goals still running out before their steps are read, each
-/// step's columns computed once, and each probe a probe: without it the
-/// planner may look the steps up in a hash of every edge in the table, read
-/// whole to end one wide goal.
-pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<GoalEnding>> {
-    let statement = tx
-        .prepare_cached(concat!(
+/// The statement reading goals' endings (see [`goal_endings`]), for the
+/// goals of `$1` whose steps have all ended and that meet `$only`.
+macro_rules! goal_endings {
+    ($only:expr) => {
+        concat!(
             "SELECT ended.id, ended.output, steps.unhandled, steps.errors, steps.leaf_results, steps.oversized
                FROM (SELECT g.id, g.blueprint ->> 'output' AS output
                        FROM synapse.goals g
@@ -215,6 +202,7 @@ pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<V
                                            WHERE t.goal_id = g.id AND t.finished_at IS NULL
                                            LIMIT 1) unfinished ON true
                       WHERE g.id = ANY($1::bigint[]) AND unfinished.found IS NULL
+                        AND ", $only, "
                      OFFSET 0) ended
               CROSS JOIN LATERAL (
                     SELECT coalesce(array_agg(s.step::text ORDER BY s.id) FILTER (WHERE s.unhandled), '{}') AS unhandled,
@@ -253,8 +241,27 @@ pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<V
                                AND (t.status = 'failed' OR (t.status = 'succeeded' AND ended.output IS NULL))
                             OFFSET 0) s) s) steps
               ORDER BY ended.id"
-        ))
-        .await?;
+        )
+    };
+}
+
+/// The endings of those of `goal_ids` whose every step has ended. The goals
+/// are locked for one engine run at a time first ([`lock_running_goals_alone`]),
+/// the caller having written its steps' ends: of the runs that end a goal's
+/// last steps at once, the last to take the lock sees every other's ends
+/// committed, and finishes the goal. The lock and the read go out together,
+/// one round trip; the read runs once the lock is held, on a snapshot taken
+/// then. Whether a goal has a task left is one index probe; an ended
+/// goal's steps are then read once (its failures alone if it has an
+/// `output`), each with a probe of its edges (a subquery per row, so that
+/// the planner never merges every step of a goal with every edge: a plan it
+/// chose on tables still empty read W² rows to end a W-wide goal). `OFFSET 0`
+/// keeps the goals still running out before their steps are read, each
+/// step's columns computed once, and each probe a probe: without it the
+/// planner may look the steps up in a hash of every edge in the table, read
+/// whole to end one wide goal.
+pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<GoalEnding>> {
+    let statement = tx.prepare_cached(GOAL_ENDINGS).await?;
     // Both prepared first: a statement still to be prepared would go out
     // after the other.
     let lock = tx.prepare_cached(LOCK_RUNNING_GOALS_ALONE).await?;
@@ -263,6 +270,20 @@ pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<V
         tx.query(&statement, &[&goal_ids]),
     )
     .await?;
+    endings_of(&rows)
+}
+
+const GOAL_ENDINGS: &str = goal_endings!("true");
+
+/// [`goal_endings`] of goals that have one step, with no lock: that step's
+/// end is the only one that can end its goal, and the caller wrote it. Sent
+/// with the outcomes ([`super::lock_goals_and_record`]), it saves such a goal
+/// the lock and the round trip of the look every other goal takes.
+pub(super) const ENDINGS_OF_ONE_STEP_GOALS: &str =
+    goal_endings!("NOT EXISTS (SELECT FROM synapse.tasks o WHERE o.goal_id = g.id OFFSET 1)");
+
+/// The endings an endings statement's `rows` hold.
+pub(super) fn endings_of(rows: &[Row]) -> Result<Vec<GoalEnding>> {
     rows.iter()
         .map(|row| {
             let steps: Vec<String> = column(row, 2)?;

@@ -12,7 +12,7 @@ use tokio_postgres::Row;
 
 use super::claim::ClaimedTask;
 use super::edges::{outbound_from_arrays, with_sole_successors, OutboundEdge};
-use super::goals::GoalLock;
+use super::goals::{endings_of, GoalEnding, GoalLock, ENDINGS_OF_ONE_STEP_GOALS};
 use super::{column, millis, Result, StoreError};
 use crate::engine::decide::{goal_value, EndedStep, GoalVariables, Outcome};
 
@@ -41,6 +41,18 @@ pub enum AttemptOutcome {
         /// The next run's input.
         input: Value,
     },
+}
+
+impl AttemptOutcome {
+    /// Whether the step ends with it (no retry, no next run of a loop).
+    fn ends_the_step(&self) -> bool {
+        matches!(
+            self,
+            AttemptOutcome::Succeeded(_)
+                | AttemptOutcome::Failed(_)
+                | AttemptOutcome::DefinitionError(_)
+        )
+    }
 }
 
 /// What recording an outcome did.
@@ -257,24 +269,35 @@ impl Serialize for OutcomesByAttempt<'_> {
     }
 }
 
+/// What [`lock_goals_and_record`] did.
+pub struct Recording {
+    /// The goals it locked: those of the batch still running.
+    pub running: Vec<i64>,
+    /// What became of each outcome, in the order asked.
+    pub recorded: Vec<Recorded>,
+    /// The endings of goals of one step that the batch ended, read with the
+    /// outcomes ([`ENDINGS_OF_ONE_STEP_GOALS`]).
+    pub goals_ended: Vec<GoalEnding>,
+}
+
 /// Locks those of `goal_ids` that are running (as [`super::lock_running_goals`]),
 /// then records many attempts' outcomes in one statement, each only if its
 /// attempt still holds the task: the attempt number fences out a worker whose
 /// lease expired. Outcomes are told apart by task *and* attempt, so two
 /// attempts of one task in the same batch each get their own answer (the stale
-/// one is [`Recorded::Fenced`]). Returns the goals locked, and the answers in
-/// the order of `outcomes`.
+/// one is [`Recorded::Fenced`]). The root steps that end may be all their
+/// goal has: those goals' endings are read after the outcomes.
 ///
 /// Lock order: the goals first (their gates, then `FOR KEY SHARE`: shared
 /// with the goal's other engine runs), like every writer of task rows that
-/// may wait. The three statements go out together, one round trip: Postgres
-/// runs each once the one before it holds its locks, on a snapshot taken
-/// then, as if each had been awaited.
+/// may wait. The statements go out together, one round trip: Postgres runs
+/// each once the one before it holds its locks, on a snapshot taken then, as
+/// if each had been awaited.
 pub async fn lock_goals_and_record(
     tx: &impl GenericClient,
     goal_ids: &[i64],
     outcomes: &[(&ClaimedTask, &AttemptOutcome)],
-) -> Result<(Vec<i64>, Vec<Recorded>)> {
+) -> Result<Recording> {
     let ids: Vec<i64> = outcomes.iter().map(|(task, _)| task.id).collect();
     // `t.status || '' = 'running'` rather than `t.status = 'running'`: the
     // plain form lets the planner scan the partial index of running tasks
@@ -302,11 +325,32 @@ pub async fn lock_goals_and_record(
             RECORD_SUCCESSES
         })
         .await?;
-    let (locked, rows) = futures_util::future::try_join(lock.take(tx), async {
-        Ok(tx
-            .query(&record, &[&Json(OutcomesByAttempt(outcomes)), &ids])
-            .await?)
-    })
+    let mut ending_alone: Vec<i64> = outcomes
+        .iter()
+        .filter(|(task, outcome)| task.root && task.map_index.is_none() && outcome.ends_the_step())
+        .map(|(task, _)| task.goal_id)
+        .collect();
+    ending_alone.sort_unstable();
+    ending_alone.dedup();
+    let endings = if ending_alone.is_empty() {
+        None
+    } else {
+        Some(tx.prepare_cached(ENDINGS_OF_ONE_STEP_GOALS).await?)
+    };
+    let (locked, rows, ended) = futures_util::future::try_join3(
+        lock.take(tx),
+        async {
+            Ok(tx
+                .query(&record, &[&Json(OutcomesByAttempt(outcomes)), &ids])
+                .await?)
+        },
+        async {
+            Ok(match &endings {
+                Some(endings) => tx.query(endings, &[&ending_alone]).await?,
+                None => Vec::new(),
+            })
+        },
+    )
     .await?;
     // (task id, attempt) → the position of that outcome in `outcomes`.
     let asked: HashMap<(i64, i32), usize> = outcomes
@@ -382,7 +426,11 @@ pub async fn lock_goals_and_record(
     let recorded = (0..outcomes.len())
         .map(|index| recorded.remove(&index).unwrap_or(Recorded::Fenced))
         .collect();
-    Ok((locked, recorded))
+    Ok(Recording {
+        running: locked,
+        recorded,
+        goals_ended: endings_of(&ended)?,
+    })
 }
 
 /// The goals of `task_ids`, in id order: what to lock before touching them.

@@ -278,9 +278,13 @@ const GOAL_ENDINGS: &str = goal_endings!("true");
 /// [`goal_endings`] of goals that have one step, with no lock: that step's
 /// end is the only one that can end its goal, and the caller wrote it. Sent
 /// with the outcomes ([`super::lock_goals_and_record`]), it saves such a goal
-/// the lock and the round trip of the look every other goal takes.
-pub(super) const ENDINGS_OF_ONE_STEP_GOALS: &str =
-    goal_endings!("NOT EXISTS (SELECT FROM synapse.tasks o WHERE o.goal_id = g.id OFFSET 1)");
+/// the lock and the round trip of the look every other goal takes. The
+/// blueprint says how many steps (a map step's instances are rows of their
+/// own): a look at the goal's tasks would read each version of the task the
+/// caller just wrote.
+pub(super) const ENDINGS_OF_ONE_STEP_GOALS: &str = goal_endings!(
+    "g.blueprint -> 'steps' -> 1 IS NULL AND g.blueprint -> 'steps' -> 0 ->> 'for_each' IS NULL"
+);
 
 /// The endings an endings statement's `rows` hold.
 pub(super) fn endings_of(rows: &[Row]) -> Result<Vec<GoalEnding>> {

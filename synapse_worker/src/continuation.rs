@@ -94,9 +94,9 @@ impl Continuation {
     }
 
     /// Ends the transaction on `client`: writes the edge resolutions, queues
-    /// the tasks and finishes the goals the engine left to write last, claims for its free
-    /// slots those of every task the transaction queued that they can run,
-    /// and commits (and chains), in one round trip
+    /// the tasks and finishes the goals the engine left to write last, claims
+    /// for its free slots those of every task the transaction queued that
+    /// they can run, and commits (and chains), in one round trip
     /// ([`store::queue_claim_and_commit`]). A task left to write last that
     /// gets a slot is queued and claimed in one write.
     pub async fn queue_claim_and_commit(

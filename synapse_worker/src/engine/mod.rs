@@ -470,11 +470,7 @@ pub async fn resume(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<Que
             );
         }
     }
-    let endings = if running.is_empty() {
-        Vec::new()
-    } else {
-        store::goal_endings(tx, &running).await?
-    };
+    let endings = store::goal_endings(tx, &running).await?;
     let finishes = goal_finishes(tx, endings, |_| &goal).await?;
     store::finish_goals(tx, &finishes).await?;
     Ok(queued)
@@ -499,9 +495,10 @@ fn already_ended(
     goals_ended: Vec<GoalEnding>,
     may_have_ended: Vec<i64>,
 ) -> (Vec<GoalEnding>, Vec<i64>) {
+    let may_end: HashSet<i64> = may_have_ended.iter().copied().collect();
     let ended: Vec<GoalEnding> = goals_ended
         .into_iter()
-        .filter(|ending| may_have_ended.contains(&ending.goal_id))
+        .filter(|ending| may_end.contains(&ending.goal_id))
         .collect();
     let read: HashSet<i64> = ended.iter().map(|ending| ending.goal_id).collect();
     let to_look_at = may_have_ended

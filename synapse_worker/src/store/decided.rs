@@ -68,9 +68,9 @@ pub struct LastWrites<'a> {
 }
 
 /// The transaction's last round trip: writes `last` (the edge resolutions,
-/// the tasks queued, the goals finished), claims for the worker what `claim` names (tasks
-/// queued earlier in the transaction, and pending ones it queues as it
-/// claims them) and commits with
+/// the tasks queued, the goals finished), claims for the worker what `claim`
+/// names (tasks queued earlier in the transaction, and pending ones it queues
+/// as it claims them) and commits with
 /// [`commit_and_chain`], the statements sent together. A statement that fails
 /// aborts the transaction, whose COMMIT then fails too: its error is the
 /// answer. Returns the tasks claimed.

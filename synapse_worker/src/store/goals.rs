@@ -261,6 +261,9 @@ macro_rules! goal_endings {
 /// planner may look the steps up in a hash of every edge in the table, read
 /// whole to end one wide goal.
 pub async fn goal_endings(tx: &impl GenericClient, goal_ids: &[i64]) -> Result<Vec<GoalEnding>> {
+    if goal_ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let statement = tx.prepare_cached(GOAL_ENDINGS).await?;
     // Both prepared first: a statement still to be prepared would go out
     // after the other.
